@@ -1,0 +1,106 @@
+"""Gated DeltaNet linear-attention mixer (architecture.md §5).
+
+`in_proj_qkvz` / `in_proj_ba` keep the checkpoint's per-key-head grouped row layout (§5.1): the
+split below reads it through a [T, Hk, ...] view, so no load-time permutation is needed and a
+tensor-parallel shard can later own whole key-head groups. Conv channels are [q_all|k_all|v_all].
+State per sequence: conv `[conv_dim, K-1]` (pre-conv inputs) and recurrent `[Hv, dk, dv]` fp32,
+read/written at `batch.state_slots` in `cache.conv[i]` / `cache.recurrent[i]`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..forward_batch import ForwardBatch
+from ..kernels import ops
+from .norm import GatedRMSNorm
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum x^2 + eps) over the last dim (eps inside the sqrt)."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_k_heads, self.num_v_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.head_k_dim, self.head_v_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.ratio = self.num_v_heads // self.num_k_heads
+        self.key_dim = self.num_k_heads * self.head_k_dim
+        self.value_dim = self.num_v_heads * self.head_v_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.kernel_size = cfg.linear_conv_kernel_dim
+        H = cfg.hidden_size
+        self.in_proj_qkvz = nn.Linear(H, 2 * self.key_dim + 2 * self.value_dim, bias=False)
+        self.in_proj_ba = nn.Linear(H, 2 * self.num_v_heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel_size, groups=self.conv_dim, bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.num_v_heads).uniform_(1, 16)))
+        self.norm = GatedRMSNorm(self.head_v_dim, cfg.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, H, bias=False)
+
+    def _split(self, x: torch.Tensor):
+        """-> m [T, conv_dim] (conv input), z [T, Hv, dv], b, a [T, Hv] from the grouped projections."""
+        T, Hk, dk, dv, r = x.shape[0], self.num_k_heads, self.head_k_dim, self.head_v_dim, self.ratio
+        p = self.in_proj_qkvz(x).view(T, Hk, 2 * dk + 2 * r * dv)
+        q, k, v, z = torch.split(p, [dk, dk, r * dv, r * dv], dim=-1)
+        pb = self.in_proj_ba(x).view(T, Hk, 2 * r)
+        b, a = pb[..., :r].reshape(T, -1), pb[..., r:].reshape(T, -1)
+        m = torch.cat([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], dim=-1)
+        return m, z.reshape(T, self.num_v_heads, dv), b, a
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        T = x.shape[0]
+        m, z, b, a = self._split(x)
+        w = self.conv1d.weight[:, 0, :]  # [C, K]
+        cache = batch.cache
+        decode = cache is not None and batch.is_decode and batch.per_token_state_slots is None
+        if cache is None:
+            m = ops.causal_conv1d_varlen(m, w, batch.cu_seqlens)
+        elif decode:
+            m = ops.causal_conv1d_update(m, w, cache.conv[self.layer_idx], batch.state_slots)
+        else:
+            m = self._conv_with_state(m, w, batch)
+        q, k, v = torch.split(m, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = l2norm(q.reshape(T, self.num_k_heads, self.head_k_dim).float()) * self.head_k_dim ** -0.5
+        k = l2norm(k.reshape(T, self.num_k_heads, self.head_k_dim).float())
+        v = v.reshape(T, self.num_v_heads, self.head_v_dim)
+        beta = torch.sigmoid(b).float()
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        if cache is None:
+            o = ops.gated_delta_rule_chunked(q, k, v, g, beta, batch.cu_seqlens)
+        else:
+            state = cache.recurrent[self.layer_idx]
+            has_init = torch.tensor([c > 0 for c in batch.context_lens], device=x.device)
+            if decode or batch.per_token_state_slots is not None:
+                o = ops.gated_delta_rule_recurrent(
+                    q, k, v, g, beta, batch.cu_seqlens, state, batch.state_slots, has_init,
+                    **({} if decode else {"per_token_state_slots": batch.per_token_state_slots}),
+                )
+            else:
+                o = ops.gated_delta_rule_chunked(q, k, v, g, beta, batch.cu_seqlens, state, batch.state_slots, has_init)
+        o = self.norm(o, z)  # [T, Hv, dv]
+        return self.out_proj(o.reshape(T, self.value_dim))
+
+    def _conv_with_state(self, m: torch.Tensor, w: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Varlen conv continuing from the cached conv state; with per-token state slots (speculative
+        verify) also store the conv window after every token."""
+        conv = batch.cache.conv[self.layer_idx]
+        has_init = torch.tensor([c > 0 for c in batch.context_lens], device=m.device)
+        pts = batch.per_token_state_slots
+        if pts is not None:
+            # the state after token t is the last K-1 inputs up to t: gather them before conv updates
+            K1 = self.kernel_size - 1
+            prev = conv[batch.state_slots].transpose(1, 2) * has_init.view(-1, 1, 1).to(conv.dtype)  # [B, K-1, C]
+            for i, (s, n) in enumerate(zip(batch.cu_seqlens.tolist()[:-1], batch.seq_lens)):
+                run = torch.cat([prev[i].to(m.dtype), m[s : s + n]])  # [K-1+n, C]
+                for t in range(n):
+                    slot = int(pts[s + t])
+                    if slot >= 0:
+                        conv[slot] = run[t + 1 : t + 1 + K1].transpose(0, 1).to(conv.dtype)
+        return ops.causal_conv1d_varlen(m, w, batch.cu_seqlens, conv, batch.state_slots, has_init)
