@@ -1,0 +1,153 @@
+"""The engine stepping in its own thread while the HTTP side (asyncio) stays responsive.
+
+One background thread owns the `LLMEngine`: it applies queued commands (add / abort), calls
+`step()` while work is pending, and hands each `RequestOutput` to the asyncio queue of its request
+(`loop.call_soon_threadsafe`). Nothing else touches the engine, so the engine needs no locks.
+Admission is bounded: more than `max_running + max_waiting` live sequences -> 503 + Retry-After.
+Leaving `generate()` early (client gone, stop string, error) aborts the request and frees its cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from qwen3next.api.errors import APIError
+
+log = logging.getLogger("qwen3next.api")
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    num_seqs: int
+
+
+class AsyncEngine:
+    def __init__(self, engine, max_running: int, max_waiting: int):
+        self.engine = engine
+        self.capacity = max_running + max_waiting
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._live_seqs = 0  # sequences admitted and not finished (guarded by _lock)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.dead: BaseException | None = None
+        self.snapshot: dict = {"running": 0, "waiting": 0, "cache_usage": 0.0}
+        self._thread = threading.Thread(target=self._run, name="qwen3next-engine", daemon=True)
+
+    # ---- lifecycle ----
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Abort whatever is still running and stop the thread."""
+        for rid in list(self._streams):
+            self.abort(rid)
+        self._stop.set()
+        self._commands.put(("wake",))
+        self._thread.join(timeout)
+
+    @property
+    def num_live_requests(self) -> int:
+        return len(self._streams)
+
+    # ---- the asyncio side ----
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params) -> AsyncIterator:
+        """Yield the request's RequestOutputs as the engine produces them (incremental outputs)."""
+        if self.dead is not None:
+            raise APIError(f"the engine has stopped: {self.dead}", 503)
+        n = getattr(params, "n", 1)
+        with self._lock:
+            if self._live_seqs + n > self.capacity:
+                raise APIError("The server is at capacity (waiting queue full); retry shortly.", 503,
+                               headers={"Retry-After": "1"})
+            self._live_seqs += n
+            stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), n)
+            self._streams[request_id] = stream
+        self._commands.put(("add", request_id, prompt_token_ids, params))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    # ---- the engine thread ----
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                busy = self.engine.has_unfinished_requests()
+                try:
+                    # block only when idle; otherwise just drain what arrived since the last step
+                    cmd = self._commands.get(block=not busy, timeout=None if not busy else 0)
+                    self._apply(cmd)
+                    while True:
+                        self._apply(self._commands.get_nowait())
+                except queue.Empty:
+                    pass
+                if self._stop.is_set():
+                    break
+                if self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        self._deliver(out.request_id, out, out.finished)
+                self._update_snapshot()
+        except BaseException as e:  # the engine is broken: fail every open request, /health -> 503
+            log.exception("engine loop died")
+            self.dead = e
+            err = EngineDeadError(f"engine error: {e}")
+            for rid in list(self._streams):
+                self._deliver(rid, err, True)
+
+    def _apply(self, cmd: tuple) -> None:
+        if cmd[0] == "add":
+            _, rid, ids, params = cmd
+            if rid not in self._streams:  # aborted before it was added
+                return
+            try:
+                self.engine.add_request(rid, ids, params)
+            except ValueError as e:
+                self._deliver(rid, APIError(str(e), 400), True)
+        elif cmd[0] == "abort":
+            rid = cmd[1]
+            if rid in self._streams:
+                self.engine.abort_request(rid)
+                self._release(rid)
+
+    def _deliver(self, rid: str, item, final: bool) -> None:
+        stream = self._streams.get(rid)
+        if stream is None:
+            return
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        if final:
+            self._release(rid)
+
+    def _release(self, rid: str) -> None:
+        with self._lock:
+            stream = self._streams.pop(rid, None)
+            if stream is not None:
+                self._live_seqs -= stream.num_seqs
+
+    def _update_snapshot(self) -> None:
+        stats = getattr(self.engine, "stats", None)
+        if callable(stats):
+            self.snapshot = dict(stats())

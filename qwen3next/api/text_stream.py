@@ -1,0 +1,57 @@
+"""Token ids -> text deltas of one choice, with stop strings applied (the engine knows ids only).
+
+`TextStream.add(ids)` detokenizes incrementally and holds back the tail that could still become a
+stop string; when one appears, the text is cut before it (or after it, with
+`include_stop_str_in_output`) and `stopped` names it. `finish()` releases what was held back.
+"""
+
+from __future__ import annotations
+
+from qwen3next.detokenizer import IncrementalDetokenizer
+
+
+class TextStream:
+    def __init__(self, tokenizer, stop: list[str] | None, skip_special_tokens: bool = True,
+                 include_stop_str_in_output: bool = False):
+        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
+        self._stops = [s for s in (stop or []) if s]
+        self._hold = max((len(s) for s in self._stops), default=1) - 1
+        self._include = include_stop_str_in_output
+        self._pending = ""  # decoded but not yet released (may be the start of a stop string)
+        self.text = ""  # released text
+        self.stopped: str | None = None  # the stop string that ended this choice
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._detok.token_ids
+
+    def add(self, token_ids) -> str:
+        """Feed new ids; return the newly released text ("" while held back or after a stop)."""
+        if self.stopped is not None:
+            return ""
+        self._pending += self._detok.add_many(token_ids)
+        if not self._stops:
+            return self._release(len(self._pending))
+        # search from where a stop string could start that was not fully visible before
+        hit = None
+        for s in self._stops:
+            i = self._pending.find(s)
+            if i >= 0 and (hit is None or i < hit[0]):
+                hit = (i, s)
+        if hit is not None:
+            i, s = hit
+            self.stopped = s
+            return self._release(i + len(s) if self._include else i, drop_rest=True)
+        return self._release(max(0, len(self._pending) - self._hold))
+
+    def finish(self) -> str:
+        """End of generation: release the held-back tail (and any incomplete bytes as U+FFFD)."""
+        if self.stopped is not None:
+            return ""
+        self._pending += self._detok.flush()
+        return self._release(len(self._pending))
+
+    def _release(self, upto: int, drop_rest: bool = False) -> str:
+        out, self._pending = self._pending[:upto], "" if drop_rest else self._pending[upto:]
+        self.text += out
+        return out
