@@ -17,7 +17,7 @@ from ..config import RopeConfig
 def rope_inv_freq(rope: RopeConfig) -> tuple[torch.Tensor, float]:
     """-> (inv_freq [rotary_dim/2] fp32, attention factor m). Matches transformers' fp32 maths."""
     d = rope.rotary_dim
-    pos_freqs = rope.theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)
+    pos_freqs = rope.theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d)
     base_inv = 1.0 / pos_freqs
     if rope.rope_type == "default":
         return base_inv, 1.0
@@ -43,7 +43,7 @@ def rope_inv_freq(rope: RopeConfig) -> tuple[torch.Tensor, float]:
     low, high = max(low, 0), min(high, d - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(d // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrap = 1 - ramp  # weight of the original (extrapolated) frequency
     inv = (base_inv / f) * (1 - extrap) + base_inv * extrap
     return inv, float(m)

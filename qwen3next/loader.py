@@ -1,0 +1,257 @@
+"""Checkpoint I/O: safetensors (sharded with model.safetensors.index.json, or a single
+model.safetensors), bf16/fp32 or block-FP8 (architecture.md §10), local dirs or hub ids.
+
+`load_weights` maps the checkpoint's per-expert tensors into the stacked expert parameters,
+dequantises FP8 (`weight` * `weight_scale_inv` per 128x128 block) and stops with an error naming
+any missing, unexpected or wrongly shaped tensor. `save_checkpoint` writes the official
+(per-expert, `mtp.*`) names back out, plus config.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .config import ModelConfig
+
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LEGACY_KEYS = ("rope_theta", "partial_rotary_factor", "rope_scaling", "full_attention_interval", "torch_dtype")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message names the tensor(s)."""
+
+
+def resolve_model_dir(path_or_id: str) -> str:
+    """A local directory as is; otherwise a hub id fetched with huggingface_hub.snapshot_download."""
+    path_or_id = os.path.expanduser(str(path_or_id))
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    if os.path.exists(path_or_id) or path_or_id.count("/") != 1 or path_or_id.startswith((".", "/")):
+        raise CheckpointError(f"model path {path_or_id!r} is not a directory (nor a hub id 'org/name')")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"])
+    except Exception as e:  # offline, unknown repo, no auth: one line saying what to do
+        raise CheckpointError(
+            f"could not fetch {path_or_id!r} from the Hugging Face hub ({type(e).__name__}); download it "
+            f"first (huggingface-cli download {path_or_id} --local-dir DIR) and pass DIR"
+        ) from None
+
+
+def _weight_map(path: str) -> dict[str, str]:
+    """tensor name -> shard file (absolute)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            wm = json.load(f).get("weight_map")
+        if not isinstance(wm, dict):
+            raise CheckpointError(f"{index} has no weight_map")
+        return {k: os.path.join(path, v) for k, v in wm.items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    with safe_open(single, framework="pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def _dequant_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """W_real = fp8 weight * scale_inv[i // bn, j // bk] (a multiplication, §10)."""
+    n, k = w.shape
+    s = scale.float().repeat_interleave(block[0], 0)[:n].repeat_interleave(block[1], 1)[:, :k]
+    return w.float() * s
+
+
+@torch.no_grad()
+def load_weights(model, path_or_id: str, progress: bool = True) -> None:
+    """Copy a checkpoint into `model` (cast to each parameter's dtype/device).
+
+    A checkpoint without any mtp.* tensor sets `model.mtp = None`; mtp.* tensors are ignored when
+    the model was built without MTP. Anything else unaccounted for raises CheckpointError.
+    """
+    path = resolve_model_dir(path_or_id)
+    wmap = _weight_map(path)
+    cfg: ModelConfig = model.config
+    if model.mtp is not None and not any(k.startswith("mtp.") for k in wmap):
+        model.mtp = None
+    targets = dict(model.state_dict(keep_vars=True))  # stacked experts kept whole
+    tied = cfg.tie_word_embeddings
+    qcfg = cfg.quantization_config or {}
+    block = tuple(qcfg.get("weight_block_size") or (128, 128))
+    filled: set[str] = set()
+    expert_filled: dict[str, set] = {}
+    unexpected: list[str] = []
+    names = [n for n in wmap if not n.endswith(".weight_scale_inv")]
+    with contextlib.ExitStack() as stack:
+        handles: dict[str, object] = {}
+
+        def read(name: str) -> torch.Tensor:
+            file = wmap[name]
+            if file not in handles:
+                handles[file] = stack.enter_context(safe_open(file, framework="pt"))
+            return handles[file].get_tensor(name)
+
+        for name in tqdm(names, desc="loading weights", unit="tensor", disable=not progress):
+            if name.startswith("mtp.") and model.mtp is None:
+                continue
+            m = _EXPERT.match(name)
+            target_name = f"{m.group(1)}.{'down_proj' if m.group(3) == 'down_proj' else 'gate_up_proj'}" if m else name
+            if target_name not in targets:
+                if not (tied and name == "lm_head.weight"):
+                    unexpected.append(name)
+                continue
+            t = read(name)
+            if t.dtype == torch.float8_e4m3fn:
+                scale_name = name + "_scale_inv"
+                if scale_name not in wmap:
+                    raise CheckpointError(f"{name} is float8 but {scale_name} is missing")
+                t = _dequant_fp8(t, read(scale_name), block)
+            param = targets[target_name]
+            if m:
+                e, part = int(m.group(2)), m.group(3)
+                if e >= param.shape[0]:
+                    raise CheckpointError(f"{name}: expert index {e} >= num_experts {param.shape[0]}")
+                inter = param.shape[1] // 2 if part != "down_proj" else param.shape[2]
+                dst = {"gate_proj": param[e, :inter], "up_proj": param[e, inter:], "down_proj": param[e]}[part]
+                key = (e, part)
+                expert_filled.setdefault(target_name, set()).add(key)
+            else:
+                dst = param
+                filled.add(name)
+            if tuple(t.shape) != tuple(dst.shape):
+                raise CheckpointError(f"{name} has shape {list(t.shape)}, the model expects {list(dst.shape)}")
+            dst.copy_(t)
+    if unexpected:
+        raise CheckpointError(f"unexpected tensors in checkpoint: {_few(unexpected)}")
+    missing = []
+    for n, p in targets.items():
+        if n.endswith("mlp.experts.gate_up_proj") or n.endswith("mlp.experts.down_proj"):
+            parts = ("gate_proj", "up_proj") if n.endswith("gate_up_proj") else ("down_proj",)
+            got = expert_filled.get(n, set())
+            if n in filled:  # a checkpoint that already holds the stacked tensor
+                continue
+            base = n.rsplit(".", 1)[0]
+            missing += [f"{base}.{e}.{pt}.weight" for e in range(p.shape[0]) for pt in parts if (e, pt) not in got]
+        elif n not in filled and not (tied and n == "lm_head.weight"):
+            missing.append(n)
+    if missing:
+        raise CheckpointError(f"tensors missing from checkpoint: {_few(missing)}")
+
+
+def _few(names: list[str], k: int = 5) -> str:
+    return ", ".join(names[:k]) + (f" (+{len(names) - k} more)" if len(names) > k else "")
+
+
+def load_model(path_or_id: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+               with_mtp: bool | None = None, progress: bool = True):
+    """-> (model in eval mode, ModelConfig). Parameters are allocated uninitialised, then loaded."""
+    from .model import Qwen3NextForCausalLM
+
+    path = resolve_model_dir(path_or_id)
+    cfg = ModelConfig.from_dir(path)
+    with torch.device("meta"):
+        model = Qwen3NextForCausalLM(cfg, with_mtp=with_mtp)
+    model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:  # to_empty re-creates parameters, which unties them
+        model.lm_head.weight = model.model.embed_tokens.weight
+    load_weights(model, path, progress=progress)
+    return model.eval(), cfg
+
+
+# ---- writing ------------------------------------------------------------------------------
+def checkpoint_tensors(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's tensors under the official names (per-expert experts, mtp.*), on CPU."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if model.config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        t = t.detach().to("cpu", dtype or t.dtype)
+        if name.endswith("mlp.experts.gate_up_proj"):
+            base, inter = name[: -len(".gate_up_proj")], t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{base}.{e}.gate_proj.weight"] = t[e, :inter].contiguous()
+                out[f"{base}.{e}.up_proj.weight"] = t[e, inter:].contiguous()
+        elif name.endswith("mlp.experts.down_proj"):
+            base = name[: -len(".down_proj")]
+            for e in range(t.shape[0]):
+                out[f"{base}.{e}.down_proj.weight"] = t[e].contiguous()
+        else:
+            out[name] = t.contiguous()
+    return out
+
+
+def config_to_hf_dict(cfg: ModelConfig) -> dict:
+    """A transformers-5 layout config.json dict (explicit layer_types, rope_parameters)."""
+    r = cfg.rope
+    rope = {"rope_type": r.rope_type, "rope_theta": r.theta, "partial_rotary_factor": r.rotary_dim / cfg.head_dim}
+    if r.rope_type == "yarn":
+        rope.update(factor=r.factor, original_max_position_embeddings=r.original_max_position_embeddings,
+                    beta_fast=r.beta_fast, beta_slow=r.beta_slow, truncate=r.truncate)
+        for k in ("attention_factor", "mscale", "mscale_all_dim"):
+            if getattr(r, k) is not None:
+                rope[k] = getattr(r, k)
+    d = {k: v for k, v in cfg.raw.items() if k not in _LEGACY_KEYS}
+    d.update(
+        architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next",
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+        layer_types=list(cfg.layer_types), num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rope_parameters=rope,
+        max_position_embeddings=cfg.max_position_embeddings, linear_conv_kernel_dim=cfg.linear_conv_kernel_dim,
+        linear_key_head_dim=cfg.linear_key_head_dim, linear_value_head_dim=cfg.linear_value_head_dim,
+        linear_num_key_heads=cfg.linear_num_key_heads, linear_num_value_heads=cfg.linear_num_value_heads,
+        intermediate_size=cfg.intermediate_size, num_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.num_experts_per_tok, moe_intermediate_size=cfg.moe_intermediate_size,
+        shared_expert_intermediate_size=cfg.shared_expert_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
+        decoder_sparse_step=cfg.decoder_sparse_step, mlp_only_layers=list(cfg.mlp_only_layers),
+        rms_norm_eps=cfg.rms_norm_eps, hidden_act=cfg.hidden_act, tie_word_embeddings=cfg.tie_word_embeddings,
+        router_aux_loss_coef=cfg.router_aux_loss_coef, initializer_range=cfg.initializer_range,
+        bos_token_id=cfg.bos_token_id, pad_token_id=cfg.pad_token_id,
+        eos_token_id=(list(cfg.eos_token_id) if len(cfg.eos_token_id) != 1 else cfg.eos_token_id[0])
+        if cfg.eos_token_id else None,
+    )
+    if cfg.dtype:
+        d["dtype"] = cfg.dtype
+    return d
+
+
+def save_checkpoint(model, out_dir: str, max_shard_size: int = 2 * 1024**3, dtype: torch.dtype | None = None,
+                    write_config: bool = True) -> None:
+    """Write HF-style safetensors (sharded with an index when over max_shard_size bytes) and,
+    by default, config.json in the transformers-5 layout."""
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = checkpoint_tensors(model, dtype)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata=meta)
+    else:
+        wmap = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(out_dir, fname), metadata=meta)
+            wmap.update({n: fname for n in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": wmap}, f, indent=2)
+    if write_config:
+        d = config_to_hf_dict(model.config)
+        if dtype is not None:
+            d["dtype"] = str(dtype).replace("torch.", "")
+        with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(d, f, indent=2)
