@@ -1,0 +1,72 @@
+"""EngineArgs: the engine's knobs (vLLM names), checked once with one-line ValueErrors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None  # model dir or hub id (None: the caller passes a built model)
+    dtype: str = "auto"  # "auto": the checkpoint's dtype on GPU, float32 on CPU
+    device: str | None = None  # "cpu" | "cuda" | "cuda:N"; None: cuda when available
+    seed: int = 0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None  # None: gpu_memory_utilization on GPU, 4 GiB on CPU
+    gpu_memory_utilization: float = 0.9
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        def pos_int(name: str, allow_none: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            pos_int(name)
+        pos_int("max_model_len", allow_none=True)
+        pos_int("kv_cache_memory_bytes", allow_none=True)
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.device is not None:
+            try:
+                dev = torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}") from None
+            if dev.type not in ("cpu", "cuda"):
+                raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if (not self.enable_chunked_prefill and self.max_model_len is not None
+                and self.max_num_batched_tokens < self.max_model_len):
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
+                f"({self.max_model_len}) when enable_chunked_prefill is False"
+            )
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def torch_device(self) -> torch.device:
+        if self.device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if device.type == "cpu":
+            return torch.float32
+        return _DTYPES.get(checkpoint_dtype or "bfloat16", torch.bfloat16)

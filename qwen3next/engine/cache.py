@@ -1,0 +1,189 @@
+"""The engine's cache memory: paged KV blocks for attention layers, state slots for DeltaNet.
+
+One byte budget is split at start-up: `num_slots` state slots (conv + fp32 recurrent state per
+linear layer, one per running sequence) come first, the rest becomes KV blocks of `block_size`
+tokens. `CacheManager` hands blocks and slots to sequences, keeps a persistent block table per
+slot (rows gathered per step, never rebuilt), copies a sequence's cache for n > 1 forks, and
+frees everything when a sequence finishes, is aborted or is preempted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from qwen3next.forward_batch import ModelCache, StateSpec
+
+logger = logging.getLogger("qwen3next.engine")
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    num_blocks: int
+    block_size: int
+    num_slots: int
+    bytes_per_block: int  # all attention layers together
+    bytes_per_slot: int  # all linear layers together
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_blocks * self.bytes_per_block + self.num_slots * self.bytes_per_slot
+
+
+def bytes_per_block(spec: StateSpec, block_size: int, dtype: torch.dtype) -> int:
+    item = torch.empty((), dtype=dtype).element_size()
+    return sum(2 * block_size * h * d * item for h, d in spec.kv_layers.values())
+
+
+def bytes_per_slot(spec: StateSpec, dtype: torch.dtype) -> int:
+    item = torch.empty((), dtype=dtype).element_size()
+    conv = sum(c * k * item for c, k in spec.conv_layers.values())
+    rec = sum(h * dk * dv * 4 for h, dk, dv in spec.recurrent_layers.values())
+    return conv + rec
+
+
+def plan_cache(spec: StateSpec, dtype: torch.dtype, block_size: int, num_slots: int,
+               budget_bytes: int, max_blocks: int | None = None) -> CachePlan:
+    """Slots first, the rest of `budget_bytes` to KV blocks (at most `max_blocks`)."""
+    per_block = bytes_per_block(spec, block_size, dtype)
+    per_slot = bytes_per_slot(spec, dtype)
+    left = budget_bytes - num_slots * per_slot
+    if per_block == 0:  # a model without attention layers still needs block bookkeeping
+        num_blocks = max_blocks or 1
+    else:
+        num_blocks = left // per_block if left > 0 else 0
+        if max_blocks is not None:
+            num_blocks = min(num_blocks, max_blocks)
+    if num_blocks < 1:
+        need = num_slots * per_slot + per_block
+        raise ValueError(
+            f"kv_cache_memory_bytes={budget_bytes} is too small: {num_slots} state slots "
+            f"({per_slot} bytes each) and one KV block ({per_block} bytes) need {need} bytes"
+        )
+    return CachePlan(int(num_blocks), block_size, num_slots, per_block, per_slot)
+
+
+def allocate_cache(spec: StateSpec, plan: CachePlan, dtype: torch.dtype,
+                   device: torch.device) -> ModelCache:
+    cache = ModelCache(block_size=plan.block_size)
+    for i, (h, d) in spec.kv_layers.items():
+        cache.kv[i] = torch.zeros(plan.num_blocks, 2, plan.block_size, h, d, dtype=dtype, device=device)
+    for i, (c, k) in spec.conv_layers.items():
+        cache.conv[i] = torch.zeros(plan.num_slots, c, k, dtype=dtype, device=device)
+    for i, shape in spec.recurrent_layers.items():
+        cache.recurrent[i] = torch.zeros(plan.num_slots, *shape, dtype=torch.float32, device=device)
+    return cache
+
+
+class CacheManager:
+    """Blocks (ref-counted, so forked sequences share their prompt) and slots for sequences."""
+
+    def __init__(self, spec: StateSpec, plan: CachePlan, dtype: torch.dtype,
+                 device: torch.device, max_model_len: int):
+        self.plan = plan
+        self.block_size = plan.block_size
+        self.cache = allocate_cache(spec, plan, dtype, device)
+        self.max_blocks_per_seq = -(-max_model_len // plan.block_size)
+        # popping from the end hands out low ids first
+        self._free_blocks = list(range(plan.num_blocks - 1, -1, -1))
+        self._refs = [0] * plan.num_blocks
+        self._free_slots = list(range(plan.num_slots - 1, -1, -1))
+        # [num_slots, max_blocks_per_seq]: row `slot` is the block table of the sequence in it
+        self.block_tables = torch.zeros(plan.num_slots, self.max_blocks_per_seq,
+                                        dtype=torch.long, device=device)
+
+    # ---- accounting ---------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free_blocks)
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- per-sequence operations ------------------------------------------------------------
+    def allocate_slot(self, seq) -> bool:
+        if not self._free_slots:
+            return False
+        seq.slot = self._free_slots.pop()
+        if seq.block_ids:
+            self._write_table(seq, 0)
+        return True
+
+    def grow(self, seq, num_new_tokens: int) -> bool:
+        """Make room for `num_new_tokens` more tokens after the computed ones; False if full."""
+        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_ids)
+        if need <= 0:
+            return True
+        if need > len(self._free_blocks):
+            return False
+        start = len(seq.block_ids)
+        for _ in range(need):
+            b = self._free_blocks.pop()
+            self._refs[b] = 1
+            seq.block_ids.append(b)
+        if seq.slot >= 0:
+            self._write_table(seq, start)
+        return True
+
+    def free(self, seq) -> None:
+        """Give back the sequence's blocks (shared ones when their last user goes) and slot."""
+        for b in seq.block_ids:
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                self._free_blocks.append(b)
+        seq.block_ids = []
+        if seq.slot >= 0:
+            self._free_slots.append(seq.slot)
+            seq.slot = -1
+
+    def fork(self, parent, child) -> bool:
+        """Give `child` a copy of `parent`'s cache: shared full blocks, a copied partial last block
+        and a copied state slot. False (nothing taken) when no slot or block is free."""
+        n = parent.num_computed_tokens
+        partial = n % self.block_size != 0
+        if not self._free_slots or (partial and not self._free_blocks):
+            return False
+        child.slot = self._free_slots.pop()
+        blocks = list(parent.block_ids)
+        if partial:
+            # the child will write its own tokens into the last block: copy it
+            src, dst = blocks[-1], self._free_blocks.pop()
+            self._refs[dst] = 0
+            for kv in self.cache.kv.values():
+                kv[dst].copy_(kv[src])
+            blocks[-1] = dst
+        for b in blocks:
+            self._refs[b] += 1
+        child.block_ids = blocks
+        for conv in self.cache.conv.values():
+            conv[child.slot].copy_(conv[parent.slot])
+        for rec in self.cache.recurrent.values():
+            rec[child.slot].copy_(rec[parent.slot])
+        child.num_computed_tokens = n
+        self._write_table(child, 0)
+        return True
+
+    def _write_table(self, seq, start: int) -> None:
+        new = seq.block_ids[start:]
+        self.block_tables[seq.slot, start:start + len(new)] = torch.tensor(new, dtype=torch.long)
+
+    def log_plan(self, max_model_len: int) -> None:
+        p = self.plan
+        gib = 1 << 30
+        logger.info(
+            "cache: %d KV blocks x %d tokens = %d tokens (%.3f GiB) + %d state slots (%.1f MiB each); "
+            "%d sequences run at once, %.2f of them at max_model_len=%d",
+            p.num_blocks, p.block_size, p.num_tokens, p.num_blocks * p.bytes_per_block / gib,
+            p.num_slots, p.bytes_per_slot / (1 << 20), p.num_slots,
+            p.num_tokens / max_model_len, max_model_len,
+        )

@@ -1,0 +1,234 @@
+"""LLMEngine: requests in (token ids + SamplingParams), incremental RequestOutputs out, one step
+at a time.
+
+`add_request` validates and queues; `step` schedules, runs the model once, samples, applies stop
+rules, forks n > 1 samples off their shared prompt, frees what finished and reports what changed;
+`abort_request` frees a request at once (reported as "abort" by the next step). The engine is
+single-threaded; the async server drives it from one thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import torch
+
+from qwen3next.engine.args import EngineArgs
+from qwen3next.engine.cache import CacheManager, plan_cache
+from qwen3next.engine.model_runner import ModelRunner
+from qwen3next.engine.sampler import Sampler
+from qwen3next.engine.scheduler import Scheduler
+from qwen3next.engine.sequence import Request, Sequence, Status
+from qwen3next.outputs import CompletionOutput, RequestOutput
+from qwen3next.sampling_params import SamplingParams
+
+logger = logging.getLogger("qwen3next.engine")
+
+
+class LLMEngine:
+    def __init__(self, model: torch.nn.Module, args: EngineArgs,
+                 eos_token_ids: list[int] | tuple[int, ...] = ()):
+        """`model` follows the docs/structure.md contract and already sits on its device."""
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.model = model
+        self.args = args
+        cfg = model.config
+        self.vocab_size = cfg.vocab_size
+        self.max_model_len = args.max_model_len or cfg.max_position_embeddings
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's "
+                             f"max_position_embeddings ({cfg.max_position_embeddings})")
+        if not args.enable_chunked_prefill and args.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens ({args.max_num_batched_tokens}) must be >= "
+                             f"max_model_len ({self.max_model_len}) when enable_chunked_prefill is False")
+        self.eos_token_ids = frozenset(eos_token_ids)
+        spec = model.state_spec()
+        # one state slot per running sequence
+        num_slots = args.max_num_seqs
+        blocks_per_seq = -(-self.max_model_len // args.block_size)
+        plan = plan_cache(spec, self.dtype, args.block_size, num_slots,
+                          self._budget_bytes(), max_blocks=num_slots * blocks_per_seq)
+        self.cache = CacheManager(spec, plan, self.dtype, self.device, self.max_model_len)
+        self.cache.log_plan(self.max_model_len)
+        self.scheduler = Scheduler(self.cache, args.max_num_seqs, args.max_num_batched_tokens,
+                                   args.enable_chunked_prefill)
+        self.runner = ModelRunner(model, self.cache, Sampler(self.device, args.seed), self.device)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._pending: list[RequestOutput] = []  # aborts, reported by the next step()
+
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> "LLMEngine":
+        """Build the model from `args.model` (a dir or hub id), load its weights, make the engine."""
+        from qwen3next.engine.loading import load_model
+
+        model, eos = load_model(args)
+        return cls(model, args, eos)
+
+    def _budget_bytes(self) -> int:
+        a = self.args
+        if a.kv_cache_memory_bytes is not None:
+            return a.kv_cache_memory_bytes
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            free, total = torch.cuda.mem_get_info(self.device)
+            # keep room for activations: a rough 2 GiB until a profiling pass exists
+            return int(free - (1 - a.gpu_memory_utilization) * total) - (2 << 30)
+        return 4 << 30  # CPU: vLLM's default KV space (capped by what max_num_seqs can use)
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    sampling_params: SamplingParams | None = None) -> None:
+        params = sampling_params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        ids = list(prompt_token_ids)
+        if not ids:
+            raise ValueError("prompt_token_ids must not be empty")
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
+            raise ValueError(f"prompt_token_ids must be integers in [0, {self.vocab_size})")
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = self.max_model_len - len(ids)
+        total = len(ids) + max_tokens
+        if max_tokens < 1 or total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"max_model_len ({self.max_model_len})"
+            )
+        # the last sampled token is never written to the cache
+        if self.cache.blocks_needed(total - 1) > self.cache.plan.num_blocks:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) needs more KV blocks "
+                f"than the whole cache holds ({self.cache.plan.num_tokens} tokens); raise "
+                f"kv_cache_memory_bytes or lower max_tokens"
+            )
+        req = Request(request_id, ids, params, self.eos_token_ids, total)
+        for i in range(params.n):
+            req.seqs.append(Sequence(next(self._seq_ids), req, i, self.device))
+        first = req.seqs[0]
+        first.children = req.seqs[1:]
+        for child in first.children:
+            child.status = Status.FORK
+        self.requests[request_id] = req
+        self.scheduler.add(first)
+
+    def abort_request(self, request_id: str) -> None:
+        """Free the request's cache now; the next step() reports it finished with "abort".
+        Unknown or already finished ids are ignored."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        out = RequestOutput(request_id, None, req.prompt_token_ids, finished=True)
+        for seq in req.seqs:
+            if seq.status is Status.FINISHED:
+                continue
+            self.scheduler.remove(seq)
+            self.cache.free(seq)
+            seq.status = Status.FINISHED
+            seq.finish_reason = "abort"
+            out.outputs.append(self._delta(seq))
+        self._pending.append(out)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests or self._pending)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    @property
+    def stats(self) -> dict:
+        c, s = self.cache, self.scheduler
+        return {
+            "num_requests_running": len(s.running),
+            "num_requests_waiting": len(s.waiting),
+            "num_preemptions": s.num_preemptions,
+            "kv_blocks_total": c.plan.num_blocks,
+            "kv_blocks_used": c.plan.num_blocks - c.num_free_blocks,
+            "state_slots_total": c.plan.num_slots,
+            "state_slots_used": c.plan.num_slots - c.num_free_slots,
+        }
+
+    # ---- the step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        if not sched.seqs:
+            return outputs
+        rows, sampled = self.runner.execute(sched)
+        for seq, n in zip(sched.seqs, sched.num_new_tokens):
+            seq.num_computed_tokens += n
+        if not rows:
+            return outputs
+        finished = []
+        for i, seq in enumerate(rows):
+            tok = sampled.token_ids[i]
+            seq.token_ids.append(tok)
+            if seq.logprobs is not None:
+                seq.logprobs.append(sampled.logprobs[i])
+                seq.cumulative_logprob += sampled.chosen_logprobs[i]
+            if self._check_stop(seq, tok):
+                finished.append(seq)
+        for seq in rows:
+            if seq.children:
+                self._fork(seq)
+        for seq in finished:
+            self.cache.free(seq)
+            seq.status = Status.FINISHED
+        if finished:
+            self.scheduler.drop_finished()
+        by_request: dict[str, RequestOutput] = {}
+        for seq in rows:
+            req = seq.request
+            out = by_request.get(req.request_id)
+            if out is None:
+                out = by_request[req.request_id] = RequestOutput(
+                    req.request_id, None, req.prompt_token_ids)
+            out.outputs.append(self._delta(seq))
+        for rid, out in by_request.items():
+            if self.requests[rid].finished:
+                out.finished = True
+                del self.requests[rid]
+            outputs.append(out)
+        return outputs
+
+    def _check_stop(self, seq: Sequence, tok: int) -> bool:
+        req = seq.request
+        if seq.num_output_tokens >= req.params.min_tokens:
+            if tok in req.eos_ids:
+                seq.finish_reason = "stop"
+                return True
+            if tok in req.stop_ids:
+                seq.finish_reason, seq.stop_reason = "stop", tok
+                return True
+        if seq.num_tokens >= req.max_len:
+            seq.finish_reason = "length"
+            return True
+        return False
+
+    def _fork(self, parent: Sequence) -> None:
+        """The prompt is prefilled and every sample has its first token: give each unfinished
+        child a copy of the parent's cache, or queue it for recompute when none is free."""
+        for child in parent.children:
+            if child.finish_reason is not None:
+                continue
+            if len(self.scheduler.running) < self.args.max_num_seqs and self.cache.fork(parent, child):
+                child.status = Status.RUNNING
+                self.scheduler.running.append(child)
+            else:
+                self.scheduler.add(child)
+        parent.children = []
+
+    @staticmethod
+    def _delta(seq: Sequence) -> CompletionOutput:
+        """What the sequence produced since it was last reported."""
+        start = seq.num_prompt_tokens + seq.num_reported
+        new = seq.token_ids[start:]
+        lps = None
+        if seq.logprobs is not None:
+            lps = seq.logprobs[seq.num_reported:]
+        seq.num_reported += len(new)
+        cum = seq.cumulative_logprob if seq.logprobs is not None else None
+        return CompletionOutput(seq.index, "", new, cum, lps, seq.finish_reason, seq.stop_reason)

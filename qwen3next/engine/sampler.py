@@ -1,0 +1,173 @@
+"""Next-token sampling for a batch of rows, each with its own SamplingParams (vLLM semantics).
+
+Order per row: penalties (repetition over prompt + output, then frequency and presence over the
+output), min_tokens (stop tokens masked), greedy = argmax of that; otherwise temperature, min_p,
+top_k, top_p, then an exponential race `argmax(p / q)`, q ~ Exp(1) over the whole vocabulary,
+drawn from the row's own torch.Generator when it has a seed, so a seeded row samples the same
+tokens whatever else is in the batch. Logprobs are the model's raw log-softmax (vLLM's default
+"raw_logprobs"): top-N plus the chosen token, with ranks. All vocabulary work is batched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from qwen3next.engine.sequence import Sequence
+from qwen3next.outputs import Logprob
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]  # one per row
+    logprobs: list[dict[int, Logprob] | None]  # per row; None where not asked
+    chosen_logprobs: list[float | None]  # raw logprob of the chosen token, where asked
+
+
+def _padded(lists: list[list[int]], pad: int, device) -> torch.Tensor:
+    """[B, max_len] long, right-padded with `pad`."""
+    width = max(1, max(len(x) for x in lists))
+    return torch.tensor([x + [pad] * (width - len(x)) for x in lists], dtype=torch.long, device=device)
+
+
+def token_counts(lists: list[list[int]], vocab: int, device) -> torch.Tensor:
+    """[B, V] float: how often each token occurs in each row's list."""
+    ids = _padded(lists, vocab, device)
+    counts = torch.zeros(len(lists), vocab + 1, device=device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
+    return counts[:, :vocab]
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[Sequence]) -> torch.Tensor:
+    """logits [B, V] -> a penalised copy (vLLM's apply_penalties)."""
+    B, V = logits.shape
+    dev = logits.device
+    params = [s.params for s in rows]
+    counts = token_counts([s.output_token_ids for s in rows], V, dev)
+    out_mask = counts > 0
+    logits = logits.clone()
+    rep = [p.repetition_penalty for p in params]
+    if any(r != 1.0 for r in rep):
+        seen = out_mask | (token_counts([s.token_ids[:s.num_prompt_tokens] for s in rows], V, dev) > 0)
+        r = torch.tensor(rep, dtype=logits.dtype, device=dev)[:, None].expand(B, V)
+        r = torch.where(seen, r, torch.ones_like(r))
+        logits = torch.where(logits > 0, logits / r, logits * r)
+    freq = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype, device=dev)
+    pres = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype, device=dev)
+    logits -= freq[:, None] * counts + pres[:, None] * out_mask
+    return logits
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0):
+        self.device = device
+        # draws for rows without a seed of their own
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, rows: list[Sequence]) -> SamplerOutput:
+        """logits [B, V] float32 (row i belongs to rows[i]) -> one token per row."""
+        params = [s.params for s in rows]
+        raw = logits
+        if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
+            logits = apply_penalties(logits, rows)
+        logits = self._mask_min_tokens(logits, rows)
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            ids = logits.argmax(-1)
+        else:
+            ids = self._sample(logits, rows)
+            if any(greedy):
+                g = torch.tensor(greedy, device=logits.device)
+                ids = torch.where(g, logits.argmax(-1), ids)
+        return self._finish(raw, ids, params)
+
+    # ---- steps ----------------------------------------------------------------------------
+    @staticmethod
+    def _mask_min_tokens(logits: torch.Tensor, rows: list[Sequence]) -> torch.Tensor:
+        r_idx, t_idx = [], []
+        for i, s in enumerate(rows):
+            if s.num_output_tokens < s.params.min_tokens:
+                stops = s.request.eos_ids | s.request.stop_ids
+                r_idx += [i] * len(stops)
+                t_idx += list(stops)
+        if not r_idx:
+            return logits
+        logits = logits.clone()  # the raw logits stay intact for logprobs
+        V = logits.shape[1]
+        keep = [(r, t) for r, t in zip(r_idx, t_idx) if t < V]
+        if keep:
+            r, t = zip(*keep)
+            logits[list(r), list(t)] = -math.inf
+        return logits
+
+    def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> torch.Tensor:
+        """Random rows: temperature, min_p, top_k, top_p, then the exponential race -> [B] long."""
+        B, V = logits.shape
+        dev = logits.device
+        params = [s.params for s in rows]
+        temp = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)
+        x = logits / temp[:, None]
+        min_p = [p.min_p for p in params]
+        if any(min_p):
+            # p_i < min_p * p_max  <=>  x_i < x_max + log(min_p)
+            log_mp = torch.tensor([math.log(m) if m > 0 else -math.inf for m in min_p], device=dev)
+            x = x.masked_fill(x < x.max(-1, keepdim=True).values + log_mp[:, None], -math.inf)
+        # q ~ Exp(1) for every (row, token); seeded rows redraw from their own generator
+        q = torch.empty_like(x).exponential_(generator=self.generator)
+        for i, s in enumerate(rows):
+            if s.generator is not None:
+                q[i].exponential_(generator=s.generator)
+        ks = [p.top_k if 0 < p.top_k < V else V for p in params]
+        trunc = [i for i, p in enumerate(params) if ks[i] < V or p.top_p < 1.0]
+        ids = (torch.softmax(x, -1) / q).argmax(-1)
+        if not trunc:
+            return ids
+        # truncated rows work on their K best candidates, sorted descending
+        t = torch.tensor(trunc, device=dev)
+        k_max = max(ks[i] for i in trunc)
+        vals, cand = x[t].topk(k_max, dim=-1)  # [R, K]
+        pos = torch.arange(k_max, device=dev)
+        k_t = torch.tensor([ks[i] for i in trunc], device=dev)
+        vals = vals.masked_fill(pos[None, :] >= k_t[:, None], -math.inf)
+        top_p = [params[i].top_p for i in trunc]
+        if any(p < 1.0 for p in top_p):
+            probs = torch.softmax(vals, -1)
+            before = probs.cumsum(-1) - probs  # mass of the better candidates
+            p_t = torch.tensor(top_p, device=dev)
+            drop = before >= p_t[:, None]
+            drop[:, 0] = False
+            vals = vals.masked_fill(drop, -math.inf)
+        race = torch.softmax(vals, -1) / q[t].gather(1, cand)
+        ids[t] = cand.gather(1, race.argmax(-1, keepdim=True)).squeeze(1)
+        return ids
+
+    @staticmethod
+    def _finish(raw: torch.Tensor, ids: torch.Tensor, params) -> SamplerOutput:
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        n = len(params)
+        if not want:
+            return SamplerOutput(ids.tolist(), [None] * n, [None] * n)
+        w = torch.tensor(want, device=raw.device)
+        lp = torch.log_softmax(raw[w].float(), -1)  # [R, V]
+        chosen = ids[w]
+        chosen_lp = lp.gather(1, chosen[:, None]).squeeze(1)
+        rank = (lp > chosen_lp[:, None]).sum(-1) + 1
+        top_n = max(params[i].logprobs for i in want)
+        top_v, top_i = lp.topk(top_n, dim=-1) if top_n else (lp[:, :0], chosen[:, None][:, :0])
+        ids_l, c_lp, rank_l = ids.tolist(), chosen_lp.tolist(), rank.tolist()
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        dicts: list = [None] * n
+        chosen_out: list = [None] * n
+        for j, i in enumerate(want):
+            tok = ids_l[i]
+            d = {tok: Logprob(c_lp[j], rank_l[j])}
+            for r in range(params[i].logprobs):
+                t = top_i[j][r]
+                if t != tok:
+                    d[t] = Logprob(top_v[j][r], r + 1)
+            dicts[i] = d
+            chosen_out[i] = c_lp[j]
+        return SamplerOutput(ids_l, dicts, chosen_out)

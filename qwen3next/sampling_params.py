@@ -1,0 +1,137 @@
+"""SamplingParams: how one request is sampled and when it stops (vLLM names and semantics).
+
+Fields a model's generation_config.json may supply (temperature, top_p, top_k, min_p,
+repetition_penalty, max_tokens <- max_new_tokens) remember whether the caller set them:
+`with_generation_config` fills only the unset ones (vLLM `--generation-config auto`).
+Every invalid value raises a one-line ValueError naming the field.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+# Below this a temperature means greedy (vLLM's _SAMPLING_EPS).
+GREEDY_EPS = 1e-5
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+
+# field -> (built-in default, generation_config.json key)
+_GEN_DEFAULTS = {
+    "temperature": (1.0, "temperature"),
+    "top_p": (1.0, "top_p"),
+    "top_k": (0, "top_k"),
+    "min_p": (0.0, "min_p"),
+    "repetition_penalty": (1.0, "repetition_penalty"),
+    "max_tokens": (16, "max_new_tokens"),
+}
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = UNSET
+    top_p: float = UNSET
+    top_k: int = UNSET  # 0 or -1: all tokens
+    min_p: float = UNSET
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = UNSET
+    max_tokens: int | None = UNSET  # None: up to max_model_len
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None  # top-N per generated token (the chosen token is always added)
+    skip_special_tokens: bool = True
+    _unset: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        unset = set()
+        for name, (default, _) in _GEN_DEFAULTS.items():
+            if getattr(self, name) is UNSET:
+                unset.add(name)
+                setattr(self, name, default)
+        self._unset = frozenset(unset)
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self._validate()
+
+    # ---- derived ------------------------------------------------------------------------------
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_EPS
+
+    def is_set(self, name: str) -> bool:
+        """Whether the caller gave `name` explicitly (vs. the built-in default)."""
+        return name not in self._unset
+
+    def with_generation_config(self, gen: dict[str, Any] | None) -> "SamplingParams":
+        """A copy whose unset fields take the model's generation_config values."""
+        out = copy.copy(self)
+        if not gen:
+            return out
+        unset = set(self._unset)
+        for name, (_, key) in _GEN_DEFAULTS.items():
+            if name in unset and gen.get(key) is not None:
+                setattr(out, name, gen[key])
+                unset.discard(name)
+        if out.top_k == -1:
+            out.top_k = 0
+        out._unset = frozenset(unset)
+        out._validate()
+        return out
+
+    # ---- validation ---------------------------------------------------------------------------
+    def _validate(self) -> None:
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        if not is_int(self.n) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        if not is_num(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not is_num(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be -1, 0 (all tokens) or a positive integer, got {self.top_k!r}")
+        if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not is_num(v) or not -2 <= v <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {v!r}")
+        if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens must be an integer >= 1 or None, got {self.max_tokens!r}")
+        if not is_int(self.min_tokens) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
+            )
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if self.seed is not None and not is_int(self.seed):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.logprobs is not None and (not is_int(self.logprobs) or self.logprobs < 0):
+            raise ValueError(f"logprobs must be an integer >= 0 or None, got {self.logprobs!r}")
