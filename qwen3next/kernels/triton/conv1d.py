@@ -1,0 +1,144 @@
+"""Triton causal depthwise conv1d + SiLU: varlen prefill (with conv-state pool) and 1-token update.
+
+Same signatures as kernels/conv1d.py. y[t, c] = silu(sum_j w[c, j] * x[t - (K-1) + j, c]); inputs
+before a sequence's first token come from its conv state (the last K-1 pre-conv inputs) when it
+has one, else are zero. Prefill is two launches: the conv reads the old states, then a second
+kernel writes the new ones (a single launch would race: tiles of one sequence read the state
+another tile would be shifting). Negative state slots (graph padding) are skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _conv_varlen_kernel(x_ptr, w_ptr, y_ptr, seq_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr,
+                        T, C, K: tl.constexpr, HAS_STATE: tl.constexpr,
+                        BT: tl.constexpr, BC: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    t = pid_t * BT + tl.arange(0, BT)                  # [BT] flat token index
+    c = pid_c * BC + tl.arange(0, BC)                  # [BC] channel
+    tm = t < T
+    cm = c < C
+    seq = tl.load(seq_ptr + t, mask=tm, other=0)
+    bos = tl.load(cu_ptr + seq, mask=tm, other=0)
+    if HAS_STATE:
+        slot = tl.load(slot_ptr + seq, mask=tm, other=0)
+        init = tl.load(init_ptr + seq, mask=tm, other=0) != 0
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
+    for j in tl.static_range(K):
+        src = t - (K - 1) + j                          # [BT]
+        inside = src >= bos
+        xv = tl.load(x_ptr + src.to(tl.int64)[:, None] * C + c[None, :],
+                     mask=(tm & inside)[:, None] & cm[None, :], other=0.0).to(tl.float32)
+        if HAS_STATE:
+            # position src - bos < 0 lives in the state column (K-1) + (src - bos)
+            col = (K - 1) + src - bos
+            sm = tm & (~inside) & init & (slot >= 0)
+            sv = tl.load(st_ptr + (slot.to(tl.int64)[:, None] * C + c[None, :]) * (K - 1) + col[:, None],
+                         mask=sm[:, None] & cm[None, :], other=0.0).to(tl.float32)
+            xv += sv
+        wj = tl.load(w_ptr + c * K + j, mask=cm, other=0.0).to(tl.float32)
+        acc += xv * wj[None, :]
+    y = acc / (1.0 + tl.exp(-acc))
+    tl.store(y_ptr + t.to(tl.int64)[:, None] * C + c[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=tm[:, None] & cm[None, :])
+
+
+@triton.jit
+def _conv_state_kernel(x_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, C,
+                       K: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr):
+    b = tl.program_id(0)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    cm = c < C
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    if slot >= 0:
+        bos = tl.load(cu_ptr + b)
+        n = tl.load(cu_ptr + b + 1) - bos
+        i = tl.arange(0, KP)                           # state column
+        im = i < K - 1
+        init = tl.load(init_ptr + b + 0 * i) != 0      # [KP] (a vector: scalar masks upset the interpreter)
+        src = n - (K - 1) + i                          # position in the sequence, <0: old state
+        from_x = src >= 0
+        xv = tl.load(x_ptr + (bos + src).to(tl.int64)[None, :] * C + c[:, None],
+                     mask=cm[:, None] & (im & from_x)[None, :], other=0.0)
+        old = tl.load(st_ptr + (slot * C + c[:, None]) * (K - 1) + ((K - 1) + src)[None, :],
+                      mask=cm[:, None] & (im & (~from_x) & init)[None, :], other=0.0)
+        # every column is read before any is overwritten (the shift reads columns to the right)
+        tl.debug_barrier()
+        new = tl.where(from_x[None, :], xv.to(st_ptr.dtype.element_ty), old)
+        tl.store(st_ptr + (slot * C + c[:, None]) * (K - 1) + i[None, :], new, mask=cm[:, None] & im[None, :])
+
+
+def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor,
+                         conv_state: torch.Tensor | None = None, state_slots: torch.Tensor | None = None,
+                         has_initial_state: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, C] pre-conv, weight [C, K] -> silu(conv) [T, C]; conv_state [N, C, K-1] updated in place."""
+    T, C = x.shape
+    K = weight.shape[-1]
+    x = x.contiguous()
+    weight = weight.reshape(C, K).contiguous()
+    y = torch.empty_like(x)
+    B = cu_seqlens.numel() - 1
+    if T == 0 or B == 0:
+        return y
+    cu = cu_seqlens.to(torch.int64).contiguous()
+    seq = torch.searchsorted(cu[1:], torch.arange(T, device=x.device), right=True)
+    has_state = conv_state is not None
+    if has_state:
+        slots = state_slots.to(torch.int64).contiguous()
+        init = (has_initial_state if has_initial_state is not None
+                else torch.ones(B, dtype=torch.bool, device=x.device)).to(torch.int32).contiguous()
+    else:
+        slots, init = cu, cu
+    BT, BC = 32, 128
+    grid = (triton.cdiv(T, BT), triton.cdiv(C, BC))
+    _conv_varlen_kernel[grid](x, weight, y, seq, cu, conv_state if has_state else x, slots, init,
+                              T, C, K=K, HAS_STATE=has_state, BT=BT, BC=BC, num_warps=4)
+    if has_state:
+        _conv_state_kernel[(B, triton.cdiv(C, 256))](x, cu, conv_state, slots, init, C, K=K,
+                                                    KP=triton.next_power_of_2(max(K - 1, 1)), BC=256)
+    return y
+
+
+@triton.jit
+def _conv_update_kernel(x_ptr, w_ptr, y_ptr, st_ptr, slot_ptr, C,
+                        K: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    cm = c < C
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    if slot >= 0:
+        i = tl.arange(0, KP)
+        im = i < K - 1
+        st = tl.load(st_ptr + (slot * C + c[:, None]) * (K - 1) + i[None, :],
+                     mask=cm[:, None] & im[None, :], other=0.0)          # [BC, KP]
+        xv = tl.load(x_ptr + b * C + c, mask=cm, other=0.0)              # [BC]
+        w = tl.load(w_ptr + c[:, None] * K + i[None, :], mask=cm[:, None] & im[None, :], other=0.0)
+        wl = tl.load(w_ptr + c * K + (K - 1), mask=cm, other=0.0).to(tl.float32)
+        acc = tl.sum(st.to(tl.float32) * w.to(tl.float32), axis=1) + xv.to(tl.float32) * wl
+        tl.store(y_ptr + b * C + c, (acc / (1.0 + tl.exp(-acc))).to(y_ptr.dtype.element_ty), mask=cm)
+        # shift left by one and append x: new[i] = old[i + 1] (i < K-2), new[K-2] = x
+        nxt = tl.load(st_ptr + (slot * C + c[:, None]) * (K - 1) + (i + 1)[None, :],
+                      mask=cm[:, None] & (i + 1 < K - 1)[None, :], other=0.0)
+        new = tl.where((i == K - 2)[None, :], xv[:, None].to(nxt.dtype), nxt)
+        tl.debug_barrier()
+        tl.store(st_ptr + (slot * C + c[:, None]) * (K - 1) + i[None, :], new, mask=cm[:, None] & im[None, :])
+
+
+def causal_conv1d_update(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor,
+                         state_slots: torch.Tensor) -> torch.Tensor:
+    """One token per sequence: x [B, C] -> silu(conv) [B, C]; conv_state[state_slots] shifted in place."""
+    B, C = x.shape
+    K = weight.shape[-1]
+    y = torch.empty_like(x)
+    if B:
+        BC = 256
+        _conv_update_kernel[(B, triton.cdiv(C, BC))](x.contiguous(), weight.reshape(C, K).contiguous(), y,
+                                                     conv_state, state_slots.to(torch.int64).contiguous(), C,
+                                                     K=K, KP=triton.next_power_of_2(max(K - 1, 1)), BC=BC)
+    return y

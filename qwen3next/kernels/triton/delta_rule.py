@@ -1,0 +1,404 @@
+"""Triton gated delta rule: chunked prefill over a packed varlen batch, and the recurrent form.
+
+Same signatures as kernels/delta_rule.py (spec §5.5-5.6). The chunked path is three launches:
+  1. `_wy_kernel`    per (chunk, v-head): G = cumsum(g), A = beta K K^T * decay (16x16 blocks),
+                     T = (I + A)^-1 (forward substitution on diagonal blocks, block merge), and
+                     U = T beta V, Kd = T (beta e^G) K.
+  2. `_state_kernel` per (sequence, v-head, dv block), sequential over chunks: reads the initial
+                     state from the pool slot, keeps S in registers, stores each chunk's S_0 and
+                     W = U - Kd S_0, writes the final S back to the slot.
+  3. `_out_kernel`   per (chunk, v-head, dv block): O = e^G Q S_0 + (causal decay-masked Q K^T) W.
+Matrix products take the input dtype (bf16 on GPU) with fp32 accumulation; the state is fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._util import chunk_table, pow2
+
+BT = 64  # chunk length (the spec's 64)
+BC = 16  # sub-block of the (I + A) inverse
+
+
+@triton.jit
+def _sub_rows(cu_ptr, tab_ptr, i_c, BT: tl.constexpr):
+    seq = tl.load(tab_ptr + 2 * i_c)
+    ci = tl.load(tab_ptr + 2 * i_c + 1)
+    bos = tl.load(cu_ptr + seq).to(tl.int64)
+    eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
+    return bos + ci * BT, eos
+
+
+@triton.jit
+def _inv_unit_lower(a, BC: tl.constexpr):
+    """(I + a)^-1 for a strictly lower-triangular [BC, BC] block, by forward substitution."""
+    o = tl.arange(0, BC)
+    n = -a
+    for r in range(2, BC):
+        row = tl.sum(tl.where(o[:, None] == r, n, 0.0), 0)            # -a[r, :]
+        row = row + tl.sum(row[:, None] * n, 0)                       # - a[r] - a[r] N
+        n = tl.where(o[:, None] == r, row[None, :], n)
+    return n + tl.where(o[:, None] == o[None, :], 1.0, 0.0)
+
+
+@triton.jit
+def _blk_a(kk, beta_i, G_i, G_j, DIAG: tl.constexpr, BC: tl.constexpr):
+    """beta_i (k_i . k_j) exp(G_i - G_j), strictly lower on the diagonal block."""
+    d = G_i[:, None] - G_j[None, :]
+    if DIAG:
+        o = tl.arange(0, BC)
+        low = o[:, None] > o[None, :]
+        return tl.where(low, kk * beta_i[:, None] * tl.exp(tl.where(low, d, 0.0)), 0.0)
+    return kk * beta_i[:, None] * tl.exp(d)
+
+
+@triton.jit
+def _wy_kernel(k_ptr, v_ptr, g_ptr, b_ptr, cu_ptr, tab_ptr, G_ptr, u_ptr, kd_ptr,
+               HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+               BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               PREC: tl.constexpr):
+    i_c = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // (HV // HK)
+    t0, eos = _sub_rows(cu_ptr, tab_ptr, i_c, BT)
+    o = tl.arange(0, BC)
+    r0 = t0 + o
+    r1 = r0 + BC
+    r2 = r1 + BC
+    r3 = r2 + BC
+    m0 = r0 < eos
+    m1 = r1 < eos
+    m2 = r2 < eos
+    m3 = r3 < eos
+    # cumulative log-decay over the chunk, per 16-row sub-block  [BC] each
+    g0 = tl.load(g_ptr + r0 * HV + h, mask=m0, other=0.0)
+    g1 = tl.load(g_ptr + r1 * HV + h, mask=m1, other=0.0)
+    g2 = tl.load(g_ptr + r2 * HV + h, mask=m2, other=0.0)
+    g3 = tl.load(g_ptr + r3 * HV + h, mask=m3, other=0.0)
+    G0 = tl.cumsum(g0, 0)
+    G1 = tl.cumsum(g1, 0) + tl.sum(g0, 0)
+    G2 = tl.cumsum(g2, 0) + tl.sum(g0, 0) + tl.sum(g1, 0)
+    G3 = tl.cumsum(g3, 0) + tl.sum(g0, 0) + tl.sum(g1, 0) + tl.sum(g2, 0)
+    tl.store(G_ptr + r0 * HV + h, G0, mask=m0)
+    tl.store(G_ptr + r1 * HV + h, G1, mask=m1)
+    tl.store(G_ptr + r2 * HV + h, G2, mask=m2)
+    tl.store(G_ptr + r3 * HV + h, G3, mask=m3)
+    b0 = tl.load(b_ptr + r0 * HV + h, mask=m0, other=0.0)
+    b1 = tl.load(b_ptr + r1 * HV + h, mask=m1, other=0.0)
+    b2 = tl.load(b_ptr + r2 * HV + h, mask=m2, other=0.0)
+    b3 = tl.load(b_ptr + r3 * HV + h, mask=m3, other=0.0)
+
+    # the ten lower blocks of K K^T  [BC, BC]
+    a00 = tl.zeros([BC, BC], dtype=tl.float32)
+    a10 = tl.zeros([BC, BC], dtype=tl.float32)
+    a11 = tl.zeros([BC, BC], dtype=tl.float32)
+    a20 = tl.zeros([BC, BC], dtype=tl.float32)
+    a21 = tl.zeros([BC, BC], dtype=tl.float32)
+    a22 = tl.zeros([BC, BC], dtype=tl.float32)
+    a30 = tl.zeros([BC, BC], dtype=tl.float32)
+    a31 = tl.zeros([BC, BC], dtype=tl.float32)
+    a32 = tl.zeros([BC, BC], dtype=tl.float32)
+    a33 = tl.zeros([BC, BC], dtype=tl.float32)
+    kbase = k_ptr + hk * DK
+    for kk in range(0, DK, BK):
+        ck = kk + tl.arange(0, BK)
+        k0 = tl.load(kbase + r0[:, None] * (HK * DK) + ck[None, :], mask=m0[:, None], other=0.0)
+        k1 = tl.load(kbase + r1[:, None] * (HK * DK) + ck[None, :], mask=m1[:, None], other=0.0)
+        k2 = tl.load(kbase + r2[:, None] * (HK * DK) + ck[None, :], mask=m2[:, None], other=0.0)
+        k3 = tl.load(kbase + r3[:, None] * (HK * DK) + ck[None, :], mask=m3[:, None], other=0.0)
+        a00 += tl.dot(k0, tl.trans(k0), input_precision=PREC)
+        a10 += tl.dot(k1, tl.trans(k0), input_precision=PREC)
+        a11 += tl.dot(k1, tl.trans(k1), input_precision=PREC)
+        a20 += tl.dot(k2, tl.trans(k0), input_precision=PREC)
+        a21 += tl.dot(k2, tl.trans(k1), input_precision=PREC)
+        a22 += tl.dot(k2, tl.trans(k2), input_precision=PREC)
+        a30 += tl.dot(k3, tl.trans(k0), input_precision=PREC)
+        a31 += tl.dot(k3, tl.trans(k1), input_precision=PREC)
+        a32 += tl.dot(k3, tl.trans(k2), input_precision=PREC)
+        a33 += tl.dot(k3, tl.trans(k3), input_precision=PREC)
+    a00 = _blk_a(a00, b0, G0, G0, True, BC)
+    a11 = _blk_a(a11, b1, G1, G1, True, BC)
+    a22 = _blk_a(a22, b2, G2, G2, True, BC)
+    a33 = _blk_a(a33, b3, G3, G3, True, BC)
+    a10 = _blk_a(a10, b1, G1, G0, False, BC)
+    a20 = _blk_a(a20, b2, G2, G0, False, BC)
+    a21 = _blk_a(a21, b2, G2, G1, False, BC)
+    a30 = _blk_a(a30, b3, G3, G0, False, BC)
+    a31 = _blk_a(a31, b3, G3, G1, False, BC)
+    a32 = _blk_a(a32, b3, G3, G2, False, BC)
+
+    # T = (I + A)^-1 by blocks: T_ii = (I + A_ii)^-1, T_ij = -T_ii sum_{j<=m<i} A_im T_mj
+    t00 = _inv_unit_lower(a00, BC)
+    t11 = _inv_unit_lower(a11, BC)
+    t22 = _inv_unit_lower(a22, BC)
+    t33 = _inv_unit_lower(a33, BC)
+    t10 = -tl.dot(t11, tl.dot(a10, t00, input_precision=PREC), input_precision=PREC)
+    t21 = -tl.dot(t22, tl.dot(a21, t11, input_precision=PREC), input_precision=PREC)
+    t32 = -tl.dot(t33, tl.dot(a32, t22, input_precision=PREC), input_precision=PREC)
+    t20 = -tl.dot(t22, tl.dot(a20, t00, input_precision=PREC) + tl.dot(a21, t10, input_precision=PREC),
+                  input_precision=PREC)
+    t31 = -tl.dot(t33, tl.dot(a31, t11, input_precision=PREC) + tl.dot(a32, t21, input_precision=PREC),
+                  input_precision=PREC)
+    t30 = -tl.dot(t33, tl.dot(a30, t00, input_precision=PREC) + tl.dot(a31, t10, input_precision=PREC)
+                  + tl.dot(a32, t20, input_precision=PREC), input_precision=PREC)
+    dt = k_ptr.dtype.element_ty
+    t00 = t00.to(dt)
+    t10 = t10.to(dt)
+    t11 = t11.to(dt)
+    t20 = t20.to(dt)
+    t21 = t21.to(dt)
+    t22 = t22.to(dt)
+    t30 = t30.to(dt)
+    t31 = t31.to(dt)
+    t32 = t32.to(dt)
+    t33 = t33.to(dt)
+
+    # U = T diag(beta) V   [BT, DV]
+    for vv in range(0, DV, BV):
+        cv = vv + tl.arange(0, BV)
+        vb = v_ptr + h * DV + cv[None, :]
+        v0 = (tl.load(vb + r0[:, None] * (HV * DV), mask=m0[:, None], other=0.0) * b0[:, None]).to(dt)
+        v1 = (tl.load(vb + r1[:, None] * (HV * DV), mask=m1[:, None], other=0.0) * b1[:, None]).to(dt)
+        v2 = (tl.load(vb + r2[:, None] * (HV * DV), mask=m2[:, None], other=0.0) * b2[:, None]).to(dt)
+        v3 = (tl.load(vb + r3[:, None] * (HV * DV), mask=m3[:, None], other=0.0) * b3[:, None]).to(dt)
+        ub = u_ptr + h * DV + cv[None, :]
+        tl.store(ub + r0[:, None] * (HV * DV), tl.dot(t00, v0, input_precision=PREC).to(dt), mask=m0[:, None])
+        u1 = tl.dot(t10, v0, input_precision=PREC) + tl.dot(t11, v1, input_precision=PREC)
+        tl.store(ub + r1[:, None] * (HV * DV), u1.to(dt), mask=m1[:, None])
+        u2 = (tl.dot(t20, v0, input_precision=PREC) + tl.dot(t21, v1, input_precision=PREC)
+              + tl.dot(t22, v2, input_precision=PREC))
+        tl.store(ub + r2[:, None] * (HV * DV), u2.to(dt), mask=m2[:, None])
+        u3 = (tl.dot(t30, v0, input_precision=PREC) + tl.dot(t31, v1, input_precision=PREC)
+              + tl.dot(t32, v2, input_precision=PREC) + tl.dot(t33, v3, input_precision=PREC))
+        tl.store(ub + r3[:, None] * (HV * DV), u3.to(dt), mask=m3[:, None])
+
+    # Kd = T diag(beta e^G) K   [BT, DK]
+    s0 = b0 * tl.exp(G0)
+    s1 = b1 * tl.exp(G1)
+    s2 = b2 * tl.exp(G2)
+    s3 = b3 * tl.exp(G3)
+    for kk in range(0, DK, BK):
+        ck = kk + tl.arange(0, BK)
+        k0 = (tl.load(kbase + r0[:, None] * (HK * DK) + ck[None, :], mask=m0[:, None], other=0.0)
+              * s0[:, None]).to(dt)
+        k1 = (tl.load(kbase + r1[:, None] * (HK * DK) + ck[None, :], mask=m1[:, None], other=0.0)
+              * s1[:, None]).to(dt)
+        k2 = (tl.load(kbase + r2[:, None] * (HK * DK) + ck[None, :], mask=m2[:, None], other=0.0)
+              * s2[:, None]).to(dt)
+        k3 = (tl.load(kbase + r3[:, None] * (HK * DK) + ck[None, :], mask=m3[:, None], other=0.0)
+              * s3[:, None]).to(dt)
+        db = kd_ptr + h * DK + ck[None, :]
+        tl.store(db + r0[:, None] * (HV * DK), tl.dot(t00, k0, input_precision=PREC).to(dt), mask=m0[:, None])
+        d1 = tl.dot(t10, k0, input_precision=PREC) + tl.dot(t11, k1, input_precision=PREC)
+        tl.store(db + r1[:, None] * (HV * DK), d1.to(dt), mask=m1[:, None])
+        d2 = (tl.dot(t20, k0, input_precision=PREC) + tl.dot(t21, k1, input_precision=PREC)
+              + tl.dot(t22, k2, input_precision=PREC))
+        tl.store(db + r2[:, None] * (HV * DK), d2.to(dt), mask=m2[:, None])
+        d3 = (tl.dot(t30, k0, input_precision=PREC) + tl.dot(t31, k1, input_precision=PREC)
+              + tl.dot(t32, k2, input_precision=PREC) + tl.dot(t33, k3, input_precision=PREC))
+        tl.store(db + r3[:, None] * (HV * DK), d3.to(dt), mask=m3[:, None])
+
+
+@triton.jit
+def _state_kernel(k_ptr, u_ptr, kd_ptr, G_ptr, w_ptr, h_ptr, cu_ptr, coff_ptr,
+                  st_ptr, slot_ptr, init_ptr,
+                  HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                  BT: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr, PREC: tl.constexpr):
+    iv = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HV
+    h = bh % HV
+    hk = h // (HV // HK)
+    bos = tl.load(cu_ptr + b).to(tl.int64)
+    eos = tl.load(cu_ptr + b + 1).to(tl.int64)
+    c0 = tl.load(coff_ptr + b).to(tl.int64)
+    ck = tl.arange(0, DK)
+    cv = iv * BV + tl.arange(0, BV)
+    S = tl.zeros([DK, BV], dtype=tl.float32)                         # state block S[:, cv]
+    if HAS_STATE:
+        slot = tl.load(slot_ptr + b).to(tl.int64)
+        init = tl.load(init_ptr + b)
+        sp = st_ptr + ((slot * HV + h) * DK + ck[:, None]) * DV + cv[None, :]
+        if (slot >= 0) & (init != 0):
+            S = tl.load(sp)
+    dt = k_ptr.dtype.element_ty
+    n_chunks = tl.cdiv(eos - bos, BT)
+    for ci in range(n_chunks):
+        t0 = bos + ci * BT
+        rows = t0 + tl.arange(0, BT)
+        rm = rows < eos
+        # this chunk's incoming state, for the output kernel
+        tl.store(h_ptr + (((c0 + ci) * HV + h) * DK + ck[:, None]) * DV + cv[None, :], S.to(h_ptr.dtype.element_ty))
+        kd = tl.load(kd_ptr + (rows[:, None] * HV + h) * DK + ck[None, :], mask=rm[:, None], other=0.0)
+        u = tl.load(u_ptr + (rows[:, None] * HV + h) * DV + cv[None, :], mask=rm[:, None], other=0.0)
+        w = u.to(tl.float32) - tl.dot(kd, S.to(dt), input_precision=PREC)      # [BT, BV]
+        tl.store(w_ptr + (rows[:, None] * HV + h) * DV + cv[None, :], w.to(dt), mask=rm[:, None])
+        G = tl.load(G_ptr + rows * HV + h, mask=rm, other=0.0)
+        last = tl.minimum(t0 + BT, eos) - 1
+        G_last = tl.load(G_ptr + last * HV + h)
+        k = tl.load(k_ptr + (rows[:, None] * HK + hk) * DK + ck[None, :], mask=rm[:, None], other=0.0)
+        kg = (k * tl.exp(G_last - G)[:, None]).to(dt)
+        S = S * tl.exp(G_last) + tl.dot(tl.trans(kg), w.to(dt), input_precision=PREC)
+    if HAS_STATE:
+        if slot >= 0:
+            tl.store(sp, S)
+
+
+@triton.jit
+def _out_kernel(q_ptr, k_ptr, w_ptr, h_ptr, G_ptr, o_ptr, cu_ptr, tab_ptr, coff_ptr,
+                HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    i_c = tl.program_id(0)
+    h = tl.program_id(1)
+    iv = tl.program_id(2)
+    hk = h // (HV // HK)
+    seq = tl.load(tab_ptr + 2 * i_c)
+    ci = tl.load(tab_ptr + 2 * i_c + 1)
+    bos = tl.load(cu_ptr + seq).to(tl.int64)
+    eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
+    c0 = tl.load(coff_ptr + seq).to(tl.int64)
+    rows = bos + ci * BT + tl.arange(0, BT)
+    rm = rows < eos
+    ck = tl.arange(0, DK)
+    cv = iv * BV + tl.arange(0, BV)
+    dt = q_ptr.dtype.element_ty
+    q = tl.load(q_ptr + (rows[:, None] * HK + hk) * DK + ck[None, :], mask=rm[:, None], other=0.0)
+    k = tl.load(k_ptr + (rows[:, None] * HK + hk) * DK + ck[None, :], mask=rm[:, None], other=0.0)
+    G = tl.load(G_ptr + rows * HV + h, mask=rm, other=0.0)
+    hs = tl.load(h_ptr + (((c0 + ci) * HV + h) * DK + ck[:, None]) * DV + cv[None, :])
+    w = tl.load(w_ptr + (rows[:, None] * HV + h) * DV + cv[None, :], mask=rm[:, None], other=0.0)
+    o_i = tl.arange(0, BT)
+    causal = o_i[:, None] >= o_i[None, :]
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    s = tl.where(causal, s * tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0)), 0.0)
+    o = tl.dot(q, hs.to(dt), input_precision=PREC) * tl.exp(G)[:, None]
+    o += tl.dot(s.to(dt), w, input_precision=PREC)
+    tl.store(o_ptr + (rows[:, None] * HV + h) * DV + cv[None, :], o.to(o_ptr.dtype.element_ty), mask=rm[:, None])
+
+
+def _check(q, k, v, g, beta, state, state_slots):
+    if q.shape != k.shape or q.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"q/k must be [T, Hk, dk] and v [T, Hv, dv]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if v.shape[1] % q.shape[1]:
+        raise ValueError(f"v heads ({v.shape[1]}) must be a multiple of key heads ({q.shape[1]})")
+    if g.shape != v.shape[:2] or beta.shape != v.shape[:2]:
+        raise ValueError("g and beta must be [T, Hv]")
+    if state is not None and state_slots is None:
+        raise ValueError("state_slots is required when state is given")
+
+
+def _state_args(state, state_slots, has_initial_state, B, dev):
+    if state is None:
+        dummy = torch.zeros(1, dtype=torch.int64, device=dev)
+        return torch.zeros(1, dtype=torch.float32, device=dev), dummy, dummy
+    init = (has_initial_state if has_initial_state is not None
+            else torch.ones(B, dtype=torch.bool, device=dev))
+    return state, state_slots.to(torch.int64).contiguous(), init.to(torch.int32).contiguous()
+
+
+def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slots=None,
+                             has_initial_state=None, *, bv_state: int = 32, bv_out: int = 64):
+    """Chunked gated delta rule over a packed varlen batch -> o [T, Hv, dv] in v's dtype.
+
+    q, k [T, Hk, dk] (L2-normalised, q scaled); v [T, Hv, dv]; g, beta [T, Hv] fp32;
+    state [N, Hv, dk, dv] fp32 pool read at `state_slots` (if `has_initial_state`) and written
+    in place with each sequence's final state.
+    """
+    _check(q, k, v, g, beta, state, state_slots)
+    T, HK, DK = q.shape
+    HV, DV = v.shape[1], v.shape[2]
+    dev = q.device
+    o = torch.empty_like(v)
+    B = cu_seqlens.numel() - 1
+    if T == 0 or B == 0:
+        return o
+    # all matrix products share one operand dtype: the activation dtype (fp32 in tests)
+    dt = v.dtype if v.dtype != torch.float32 else q.dtype
+    q, k, v = q.contiguous().to(dt), k.contiguous().to(dt), v.contiguous().to(dt)
+    g, beta = g.contiguous().float(), beta.contiguous().float()
+    cu = cu_seqlens.to(torch.int64).contiguous()
+    tab, coff, NC = chunk_table(cu, BT)
+    prec = "ieee" if dt == torch.float32 else "tf32"
+    G = torch.empty(T, HV, dtype=torch.float32, device=dev)
+    u = torch.empty(T, HV, DV, dtype=dt, device=dev)
+    kd = torch.empty(T, HV, DK, dtype=dt, device=dev)
+    _wy_kernel[(NC, HV)](k, v, g, beta, cu, tab, G, u, kd, HK=HK, HV=HV, DK=DK, DV=DV,
+                         BT=BT, BC=BC, BK=min(64, DK), BV=min(64, DV), PREC=prec, num_warps=4)
+    w = torch.empty_like(u)
+    hbuf = torch.empty(NC, HV, DK, DV, dtype=dt, device=dev)
+    st, slots, init = _state_args(state, state_slots, has_initial_state, B, dev)
+    bvs = min(bv_state, DV)
+    _state_kernel[(triton.cdiv(DV, bvs), B * HV)](k, u, kd, G, w, hbuf, cu, coff, st, slots, init,
+                                                  HK=HK, HV=HV, DK=DK, DV=DV, BT=BT, BV=bvs,
+                                                  HAS_STATE=state is not None, PREC=prec, num_warps=4)
+    bvo = min(bv_out, DV)
+    _out_kernel[(NC, HV, triton.cdiv(DV, bvo))](q, k, w, hbuf, G, o, cu, tab, coff, HK=HK, HV=HV,
+                                                DK=DK, DV=DV, BT=BT, BV=bvo, PREC=prec, num_warps=4)
+    return o
+
+
+@triton.jit
+def _recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, o_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, pts_ptr,
+                      HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                      BV: tl.constexpr, HAS_STATE: tl.constexpr, PER_TOKEN: tl.constexpr):
+    iv = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HV
+    h = bh % HV
+    hk = h // (HV // HK)
+    bos = tl.load(cu_ptr + b).to(tl.int64)
+    eos = tl.load(cu_ptr + b + 1).to(tl.int64)
+    ck = tl.arange(0, DK)
+    cv = iv * BV + tl.arange(0, BV)
+    S = tl.zeros([DK, BV], dtype=tl.float32)
+    if HAS_STATE:
+        slot = tl.load(slot_ptr + b).to(tl.int64)
+        init = tl.load(init_ptr + b)
+        sp = st_ptr + ((slot * HV + h) * DK + ck[:, None]) * DV + cv[None, :]
+        if (slot >= 0) & (init != 0):
+            S = tl.load(sp)
+    for t in range(bos, eos):
+        qv = tl.load(q_ptr + (t * HK + hk) * DK + ck).to(tl.float32)
+        kv = tl.load(k_ptr + (t * HK + hk) * DK + ck).to(tl.float32)
+        vv = tl.load(v_ptr + (t * HV + h) * DV + cv).to(tl.float32)
+        gt = tl.load(g_ptr + t * HV + h)
+        bt = tl.load(b_ptr + t * HV + h)
+        S = S * tl.exp(gt)
+        vhat = tl.sum(S * kv[:, None], 0)
+        S = S + kv[:, None] * (bt * (vv - vhat))[None, :]
+        tl.store(o_ptr + (t * HV + h) * DV + cv, tl.sum(S * qv[:, None], 0).to(o_ptr.dtype.element_ty))
+        if PER_TOKEN:
+            ps = tl.load(pts_ptr + t)
+            if ps >= 0:
+                tl.store(st_ptr + ((ps * HV + h) * DK + ck[:, None]) * DV + cv[None, :], S)
+    if HAS_STATE:
+        if slot >= 0:
+            tl.store(sp, S)
+
+
+def gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, state=None, state_slots=None,
+                               has_initial_state=None, per_token_state_slots=None, *, bv: int = 32):
+    """Token-by-token gated delta rule (spec §5.5), same arguments and result as the chunked form.
+
+    per_token_state_slots [T] long (optional, -1 = skip): also store the state after each token
+    in that slot of `state` (speculative-decoding rollback).
+    """
+    _check(q, k, v, g, beta, state, state_slots)
+    T, HK, DK = q.shape
+    HV, DV = v.shape[1], v.shape[2]
+    o = torch.empty_like(v)
+    B = cu_seqlens.numel() - 1
+    if T == 0 or B == 0:
+        return o
+    st, slots, init = _state_args(state, state_slots, has_initial_state, B, q.device)
+    bv = min(bv, DV)
+    _recurrent_kernel[(triton.cdiv(DV, bv), B * HV)](
+        q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous().float(), beta.contiguous().float(), o,
+        cu_seqlens.to(torch.int64).contiguous(), st, slots, init,
+        per_token_state_slots.to(torch.int64).contiguous() if per_token_state_slots is not None else slots,
+        HK=HK, HV=HV, DK=DK, DV=DV, BV=bv, HAS_STATE=state is not None,
+        PER_TOKEN=per_token_state_slots is not None, num_warps=4)
+    return o

@@ -1,0 +1,98 @@
+"""One decode step of the Gated DeltaNet mixer core, fused: conv update -> L2 norm -> gating ->
+delta-rule recurrence, in place on each sequence's state slots.
+
+`gdn_decode` takes the pre-conv projection m [B, conv_dim] ([q_all | k_all | v_all]), the raw
+b / a logits [B, Hv], and returns o [B, Hv, dv] (before the gated norm). Two launches: the conv
+update (it shifts the conv state, which every head program of a sequence would otherwise race
+on), then one program per (sequence, v-head, dv block) that normalises q/k, computes
+g = -exp(A_log) softplus(a + dt_bias) and beta = sigmoid(b), and updates its [dk, BV] tile of
+the fp32 state once. `gdn_decode_reference` is the same step through the plain-torch kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .conv1d import causal_conv1d_update
+
+
+@triton.jit
+def _decode_kernel(m_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, st_ptr, slot_ptr, o_ptr, scale,
+                   HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                   BV: tl.constexpr):
+    iv = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HV).to(tl.int64)
+    h = bh % HV
+    hk = h // (HV // HK)
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    if slot >= 0:
+        C = 2 * HK * DK + HV * DV
+        ck = tl.arange(0, DK)
+        cv = iv * BV + tl.arange(0, BV)
+        sp = st_ptr + ((slot * HV + h) * DK + ck[:, None]) * DV + cv[None, :]
+        S = tl.load(sp)                                               # [DK, BV] fp32, issued first
+        q = tl.load(m_ptr + b * C + hk * DK + ck).to(tl.float32)
+        k = tl.load(m_ptr + b * C + HK * DK + hk * DK + ck).to(tl.float32)
+        v = tl.load(m_ptr + b * C + 2 * HK * DK + h * DV + cv).to(tl.float32)
+        q = q / tl.sqrt(tl.sum(q * q, 0) + 1e-6) * scale
+        k = k / tl.sqrt(tl.sum(k * k, 0) + 1e-6)
+        x = tl.load(a_ptr + b * HV + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
+        softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+        g = -tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * softplus
+        # beta in b's dtype first, as the layer computes sigmoid(b) before upcasting
+        bl = tl.load(b_ptr + b * HV + h)
+        beta = (1.0 / (1.0 + tl.exp(-bl.to(tl.float32)))).to(bl.dtype).to(tl.float32)
+        S = S * tl.exp(g)
+        vhat = tl.sum(S * k[:, None], 0)
+        S = S + k[:, None] * (beta * (v - vhat))[None, :]
+        tl.store(o_ptr + (b * HV + h) * DV + cv, tl.sum(S * q[:, None], 0).to(o_ptr.dtype.element_ty))
+        tl.store(sp, S)
+
+
+def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A_log, dt_bias,
+               num_k_heads: int, *, bv: int = 32, num_warps: int = 4) -> torch.Tensor:
+    """m [B, conv_dim] pre-conv; a, b [B, Hv]; conv_state [N, conv_dim, K-1];
+    recurrent_state [N, Hv, dk, dv] fp32; state_slots [B] (negative = skip) -> o [B, Hv, dv]."""
+    B, C = m.shape
+    HV, DK, DV = recurrent_state.shape[1:]
+    HK = num_k_heads
+    if C != 2 * HK * DK + HV * DV:
+        raise ValueError(f"m has {C} channels, expected 2*{HK}*{DK} + {HV}*{DV}")
+    mc = causal_conv1d_update(m, conv_weight, conv_state, state_slots)   # [B, C] post-conv
+    o = torch.empty(B, HV, DV, dtype=m.dtype, device=m.device)
+    if B:
+        bv = min(bv, DV)
+        _decode_kernel[(triton.cdiv(DV, bv), B * HV)](
+            mc, a.contiguous(), b.contiguous(), A_log, dt_bias, recurrent_state,
+            state_slots.to(torch.int64).contiguous(), o, DK ** -0.5,
+            HK=HK, HV=HV, DK=DK, DV=DV, BV=bv, num_warps=num_warps)
+    return o
+
+
+def gdn_decode_reference(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A_log, dt_bias,
+                         num_k_heads: int) -> torch.Tensor:
+    """The same step as the model layer runs it through the plain-torch kernels."""
+    from .. import conv1d, delta_rule
+
+    B = m.shape[0]
+    HV, DK, DV = recurrent_state.shape[1:]
+    HK = num_k_heads
+    mc = conv1d.causal_conv1d_update(m, conv_weight, conv_state, state_slots)
+    q, k, v = torch.split(mc, [HK * DK, HK * DK, HV * DV], dim=-1)
+    q = _l2(q.reshape(B, HK, DK).float()) * DK ** -0.5
+    k = _l2(k.reshape(B, HK, DK).float())
+    beta = torch.sigmoid(b).float()
+    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    cu = torch.arange(B + 1, device=m.device)
+    has = torch.ones(B, dtype=torch.bool, device=m.device)
+    return delta_rule.gated_delta_rule_recurrent(q, k, v.reshape(B, HV, DV), g, beta, cu,
+                                                 recurrent_state, state_slots, has)
+
+
+def _l2(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum x^2 + eps) over the last dim, as the layer's l2norm."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)

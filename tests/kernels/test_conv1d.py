@@ -1,0 +1,68 @@
+"""Triton causal conv1d (varlen prefill with state pool, one-token update) against kernels/conv1d.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen3next.kernels import conv1d as ref
+from qwen3next.kernels.triton import conv1d as tri
+
+from .conftest import DEV, cu, randn, rel_err, seeded
+
+
+@pytest.mark.parametrize("lens", [[1], [63, 64, 65], [2, 500, 1]])
+def test_varlen_fresh(lens):
+    gen = seeded(sum(lens))
+    C, K = 40, 4
+    x, w = randn(sum(lens), C, gen=gen), randn(C, K, gen=gen)
+    assert rel_err(tri.causal_conv1d_varlen(x, w, cu(lens)), ref.causal_conv1d_varlen(x, w, cu(lens))) < 1e-6
+
+
+def test_varlen_with_state_pool_short_and_long_runs():
+    gen = seeded(5)
+    lens, C, K = [1, 2, 3, 70, 5], 24, 4
+    x, w = randn(sum(lens), C, gen=gen), randn(C, K, gen=gen)
+    pool = randn(7, C, K - 1, gen=gen)
+    slots = torch.tensor([6, 0, 2, 3, 4], device=DEV)
+    has = torch.tensor([True, True, False, True, False], device=DEV)
+    p_t, p_r = pool.clone(), pool.clone()
+    y = tri.causal_conv1d_varlen(x, w, cu(lens), p_t, slots, has)
+    y_ref = ref.causal_conv1d_varlen(x, w, cu(lens), p_r, slots, has)
+    assert rel_err(y, y_ref) < 1e-6
+    assert torch.equal(p_t, p_r)
+
+
+def test_update_steps_and_prefill_agree():
+    """Prefill of 3 tokens then 4 single-token updates == the whole run of 7 as one prefill."""
+    gen = seeded(6)
+    C, K, B = 32, 4, 2
+    x, w = randn(B, 7, C, gen=gen), randn(C, K, gen=gen)
+    pool = torch.zeros(3, C, K - 1, device=DEV)
+    slots = torch.tensor([2, 0], device=DEV)
+    has = torch.zeros(B, dtype=torch.bool, device=DEV)
+    y0 = tri.causal_conv1d_varlen(x[:, :3].reshape(-1, C), w, cu([3, 3]), pool, slots, has).view(B, 3, C)
+    ys = [tri.causal_conv1d_update(x[:, t], w, pool, slots) for t in range(3, 7)]
+    whole = ref.causal_conv1d_varlen(x.reshape(-1, C), w, cu([7, 7])).view(B, 7, C)
+    assert rel_err(torch.cat([y0, torch.stack(ys, 1)], 1), whole) < 1e-6
+    p_r = torch.zeros(3, C, K - 1, device=DEV)
+    ref.causal_conv1d_varlen(x.reshape(-1, C), w, cu([7, 7]), p_r, slots, has)
+    assert torch.equal(pool, p_r)
+
+
+@pytest.mark.gpu
+def test_conv_bf16_gpu():
+    gen = seeded(8)
+    lens, C, K = [4000, 1, 77], 8192, 4
+    x, w = randn(sum(lens), C, gen=gen, dtype=torch.bfloat16), randn(C, K, gen=gen, dtype=torch.bfloat16)
+    pool = randn(4, C, K - 1, gen=gen, dtype=torch.bfloat16)
+    slots, has = torch.tensor([1, 3, 0], device=DEV), torch.tensor([True, False, True], device=DEV)
+    p_t, p_r = pool.clone(), pool.clone()
+    y = tri.causal_conv1d_varlen(x, w, cu(lens), p_t, slots, has)
+    assert rel_err(y, ref.causal_conv1d_varlen(x, w, cu(lens), p_r, slots, has)) < 1e-2
+    assert torch.equal(p_t, p_r)
+    xb = randn(256, C, gen=gen, dtype=torch.bfloat16)
+    sl = torch.tensor([0, 1, 2] * 0 + list(range(3)), device=DEV)[:3]
+    yu = tri.causal_conv1d_update(xb[:3], w, p_t, sl)
+    assert rel_err(yu, ref.causal_conv1d_update(xb[:3], w, p_r, sl)) < 1e-2
+    assert torch.equal(p_t, p_r)
