@@ -62,24 +62,33 @@ class AsyncEngine:
         return len(self._streams)
 
     # ---- the asyncio side ----
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params) -> AsyncIterator:
-        """Yield the request's RequestOutputs as the engine produces them (incremental outputs)."""
+    def generate(self, request_id: str, prompt_token_ids: list[int], params) -> AsyncIterator:
+        """Admit the request now (503 when full) and return the iterator of its RequestOutputs.
+
+        The request reaches the engine when iteration starts; leaving the iteration early aborts it.
+        """
         if self.dead is not None:
             raise APIError(f"the engine has stopped: {self.dead}", 503)
         n = getattr(params, "n", 1)
         with self._lock:
+            if request_id in self._streams:
+                raise APIError(f"request_id {request_id!r} is already in use", 400, "request_id")
             if self._live_seqs + n > self.capacity:
                 raise APIError("The server is at capacity (waiting queue full); retry shortly.", 503,
                                headers={"Retry-After": "1"})
             self._live_seqs += n
             stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), n)
             self._streams[request_id] = stream
+        return self._outputs(request_id, stream, prompt_token_ids, params)
+
+    async def _outputs(self, request_id: str, stream: _Stream, prompt_token_ids, params):
         self._commands.put(("add", request_id, prompt_token_ids, params))
         finished = False
         try:
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
+                    finished = True
                     raise item
                 finished = item.finished
                 yield item
@@ -148,6 +157,8 @@ class AsyncEngine:
                 self._live_seqs -= stream.num_seqs
 
     def _update_snapshot(self) -> None:
-        stats = getattr(self.engine, "stats", None)
-        if callable(stats):
-            self.snapshot = dict(stats())
+        s = self.engine.stats
+        blocks = s["kv_blocks_used"] / max(1, s["kv_blocks_total"])
+        slots = s["state_slots_used"] / max(1, s["state_slots_total"])
+        self.snapshot = {"running": s["num_requests_running"], "waiting": s["num_requests_waiting"],
+                         "cache_usage": max(blocks, slots), **s}

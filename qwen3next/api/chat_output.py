@@ -1,0 +1,103 @@
+"""One chat choice's text -> reasoning / content / tool calls, whole or as stream deltas.
+
+Wraps the project parsers (`qwen3next.parsers`): the reasoning split runs first, the hermes tool
+parser sees only the content after `</think>` (openai_api.md §4.1). A forced-tool prefix (the
+prefill of tool_choice required/named) is parsed as if the model had generated it. Also turns the
+engine's per-token logprob dicts into the OpenAI `logprobs.content` entries.
+"""
+
+from __future__ import annotations
+
+import math
+
+from qwen3next.api.protocol import (DeltaMessage, DeltaToolCall, FunctionCall, ResponseMessage,
+                                    TokenLogprob, ToolCall, TopLogprob)
+from qwen3next.parsers import ReasoningParser, ReasoningStream, ToolCallStream, extract_tool_calls
+
+
+class ChoiceParser:
+    def __init__(self, reasoning: bool, tools: bool, prefix: str = "", parallel: bool = True,
+                 strip_newlines: bool = False):
+        self.reasoning = reasoning
+        self.tools = tools
+        self.prefix = prefix
+        self.parallel = parallel
+        self.strip_newlines = strip_newlines
+        self._rs = ReasoningStream(strip_newlines) if reasoning else None
+        self._ts = ToolCallStream() if tools else None
+        self._prefix_fed = False
+        self.called = False  # a tool call was emitted (finish_reason "tool_calls")
+
+    # ---- streaming ----
+    def feed(self, text: str, include_reasoning: bool = True) -> DeltaMessage | None:
+        if not self._prefix_fed:
+            text, self._prefix_fed = self.prefix + text, True
+        reasoning, content = self._rs.feed(text) if self._rs else ("", text)
+        return self._delta(reasoning, content, include_reasoning, final=False)
+
+    def flush(self, include_reasoning: bool = True) -> DeltaMessage | None:
+        """End of the choice: release held-back text and unsent tool-call fragments."""
+        reasoning, content = self._rs.finish() if self._rs else ("", "")
+        return self._delta(reasoning, content, include_reasoning, final=True)
+
+    def _delta(self, reasoning: str, content: str, include_reasoning: bool, final: bool):
+        calls: list[dict] = []
+        if self._ts is not None:
+            td = self._ts.feed(content) if content else None
+            content, calls = (td.content, td.tool_calls) if td else ("", [])
+            if final:
+                tail = self._ts.finish()
+                content, calls = content + tail.content, calls + tail.tool_calls
+            if not self.parallel:
+                calls = [c for c in calls if c["index"] == 0]
+        self.called = self.called or bool(calls)
+        if not include_reasoning:
+            reasoning = ""
+        if not (reasoning or content or calls):
+            return None
+        return DeltaMessage(
+            content=content or None, reasoning_content=reasoning or None, reasoning=reasoning or None,
+            tool_calls=[DeltaToolCall.model_validate(c) for c in calls] or None)
+
+    # ---- whole text ----
+    def final(self, text: str, include_reasoning: bool = True) -> tuple[ResponseMessage, bool]:
+        """(message, has tool calls) of the complete output text."""
+        text = self.prefix + text
+        if self.reasoning:
+            reasoning, content = ReasoningParser(self.strip_newlines).extract(text)
+        else:
+            reasoning, content = None, text
+        calls = []
+        if self.tools and content:
+            content, calls = extract_tool_calls(content)
+            if not self.parallel:
+                calls = calls[:1]
+        if not include_reasoning:
+            reasoning = None
+        message = ResponseMessage(
+            content=content, reasoning_content=reasoning, reasoning=reasoning,
+            tool_calls=[ToolCall(id=c["id"], function=FunctionCall(**c["function"])) for c in calls])
+        return message, bool(calls)
+
+
+def _clamp(lp: float) -> float:
+    return max(lp, -9999.0) if not math.isnan(lp) else -9999.0
+
+
+def token_logprobs(tok, token_ids: list[int], logprobs, top: int) -> list[TokenLogprob]:
+    """Engine logprobs (one {id: Logprob} per token, the chosen id included) -> OpenAI entries."""
+    out = []
+    table = tok.token_bytes
+    for i, tid in enumerate(token_ids):
+        entry = (logprobs or [])[i] if logprobs and i < len(logprobs) else {}
+
+        def piece(t: int, lp: float) -> dict:
+            raw = table[t] if 0 <= t < len(table) else b""
+            return {"token": tok.decode([t], skip_special_tokens=False), "logprob": _clamp(lp),
+                    "bytes": list(raw)}
+
+        chosen = entry.get(tid)
+        ranked = sorted(entry.items(), key=lambda kv: kv[1].rank)[:top] if top else []
+        out.append(TokenLogprob(**piece(tid, chosen.logprob if chosen else -9999.0),
+                                top_logprobs=[TopLogprob(**piece(t, lp.logprob)) for t, lp in ranked]))
+    return out

@@ -1,0 +1,184 @@
+"""The FastAPI app (routes, auth, error envelope) and `run_server` (engine + uvicorn).
+
+`build_app(state)` wires one `ServerState` into the endpoints of openai_api.md §0. `run_server`
+builds the engine from CLI arguments, starts the engine thread with the app's lifespan, and lets
+uvicorn handle SIGINT/SIGTERM: it stops accepting, gives open requests `--shutdown-timeout`
+seconds, then the lifespan exit aborts what is left and frees the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import os
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+import qwen3next
+from qwen3next.api.errors import APIError, error_body
+from qwen3next.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from qwen3next.api.serving_chat import create_chat_completion
+from qwen3next.api.serving_common import ServerState
+from qwen3next.api.serving_completions import create_completion
+from qwen3next.api.validate import parse_body
+
+log = logging.getLogger("qwen3next.api")
+
+
+def build_app(state: ServerState) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.engine.start()
+        try:
+            yield
+        finally:
+            state.engine.shutdown()
+
+    app = FastAPI(title="qwen3next", version=qwen3next.__version__, lifespan=lifespan)
+    app.state.server = state
+
+    app.add_middleware(AuthAndCount, state=state)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", 500), status_code=500)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        req = parse_body(await request.body(), ChatCompletionRequest)
+        return _respond(await create_chat_completion(state, req, request))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = parse_body(await request.body(), CompletionRequest)
+        return _respond(await create_completion(state, req, request))
+
+    @app.get("/v1/models")
+    async def models():
+        cards = [ModelCard(id=n, root=state.model_path, max_model_len=state.max_model_len)
+                 for n in state.served_names]
+        return JSONResponse(ModelList(data=cards).model_dump())
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=503 if state.engine.dead is not None else 200)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.exposition(), media_type=state.metrics.content_type)
+
+    @app.get("/version")
+    async def version():
+        return {"version": qwen3next.__version__}
+
+    return app
+
+
+class AuthAndCount:
+    """Pure ASGI middleware (keeps disconnects visible to streams): bearer auth on /v1, HTTP counts."""
+
+    def __init__(self, app, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, key = scope["path"], self.state.api_key
+        if key and path.startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {key}".encode()):
+                self.state.metrics.count_http(path, 401)
+                return await JSONResponse(error_body("Unauthorized", 401), status_code=401)(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.state.metrics.count_http(path, message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def _respond(result):
+    """A dict -> JSON; an async iterator of SSE strings -> event stream."""
+    if isinstance(result, dict):
+        return Response(json.dumps(result, ensure_ascii=False), media_type="application/json")
+    return StreamingResponse(result, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def build_engine(ns):
+    """An LLMEngine from the serve/chat/generate arguments (model dir or hub id)."""
+    from qwen3next.engine.args import EngineArgs
+    from qwen3next.engine.llm_engine import LLMEngine
+    from qwen3next.loader import load_model, resolve_model_dir
+    from qwen3next.tokenizer import read_generation_config
+
+    fields = {k: getattr(ns, k) for k in ("dtype", "device", "max_num_seqs", "max_num_batched_tokens",
+                                          "max_model_len", "kv_cache_memory_bytes", "seed")
+              if getattr(ns, k, None) is not None}
+    spec = getattr(ns, "speculative_config", None)
+    if spec is not None:
+        if "speculative_config" in EngineArgs.names():
+            fields["speculative_config"] = json.loads(spec) if isinstance(spec, str) else spec
+        else:
+            log.warning("--speculative-config ignored: this engine has no speculative decoding option")
+    model_dir = resolve_model_dir(ns.model)
+    args = EngineArgs(model=model_dir, **fields)
+    device = args.torch_device()
+    model, _ = load_model(model_dir, dtype=args.torch_dtype(None, device), device=device, progress=False)
+    eos = read_generation_config(model_dir).get("eos_token_id") or []
+    return LLMEngine(model, args, eos), model_dir
+
+
+def thinking_template(tokenizer) -> bool:
+    """Does the model's template open a think block for the answer (a Thinking model)?"""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True)
+    return text.rstrip("\n").endswith("<think>")
+
+
+def build_state(ns, engine=None, model_dir: str | None = None) -> ServerState:
+    """Everything the app needs, from CLI arguments (`engine` may be given pre-built, e.g. tests)."""
+    from qwen3next.api.async_engine import AsyncEngine
+    from qwen3next.api.metrics import Metrics
+    from qwen3next.tokenizer import get_tokenizer, read_generation_config
+
+    if engine is None:
+        engine, model_dir = build_engine(ns)
+    tokenizer = get_tokenizer(model_dir)
+    names = ns.served_model_name or [ns.model]
+    reasoning = ns.reasoning_parser
+    if reasoning is None:  # default: split reasoning only for templates that open <think>
+        reasoning = "qwen3" if thinking_template(tokenizer) else "none"
+    gen = read_generation_config(model_dir) if ns.generation_config == "auto" else {}
+    gen = {k: v for k, v in gen.items() if k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+    async_engine = AsyncEngine(engine, engine.args.max_num_seqs, ns.max_waiting)
+    return ServerState(
+        engine=async_engine, tokenizer=tokenizer, served_names=list(names), model_path=model_dir,
+        max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
+        metrics=Metrics(names[0], lambda: async_engine.snapshot),
+        reasoning_parser=None if reasoning == "none" else reasoning,
+        tool_parser=None if ns.tool_call_parser == "none" else ns.tool_call_parser,
+        generation_config=gen, api_key=ns.api_key or os.environ.get("QWEN3NEXT_API_KEY") or None,
+        exclude_tools_when_none=ns.exclude_tools_when_tool_choice_none,
+        strip_reasoning_newlines=ns.strip_reasoning_newlines, eos_ids=frozenset(engine.eos_token_ids))
+
+
+def run_server(ns) -> None:
+    """Load the model, serve until SIGINT/SIGTERM (uvicorn's handlers), then shut down cleanly."""
+    import uvicorn
+
+    state = build_state(ns)
+    app = build_app(state)
+    log.info("serving %s on http://%s:%d/v1", ", ".join(state.served_names), ns.host, ns.port)
+    config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level,
+                            timeout_graceful_shutdown=ns.shutdown_timeout)
+    uvicorn.Server(config).run()

@@ -1,0 +1,213 @@
+"""POST /v1/chat/completions: messages -> prompt ids -> engine -> message or SSE chunks.
+
+Render with the model's chat template, check the context, submit one engine request (n samples),
+and turn each sample's ids into text (`TextStream`) and then into reasoning / content / tool calls
+(`ChoiceParser`). tool_choice "required" or a named function is *guided by prefill*: the prompt is
+extended with the start of a hermes `<tool_call>` block (after an empty think block for Thinking
+templates), so the model can only continue the call; the parser sees that prefix as output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import jinja2
+
+from qwen3next.api.chat_output import ChoiceParser, token_logprobs
+from qwen3next.api.errors import APIError, bad_request
+from qwen3next.api.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
+                                    ChatCompletionResponse, ChatStreamChoice, ChoiceLogprobs,
+                                    CompletionTokensDetails, DeltaMessage, Usage, random_id)
+from qwen3next.api.serving_common import (SSE_DONE, ServerState, check_model, max_new_tokens,
+                                          sampling_params, sse, until_disconnect)
+from qwen3next.api.text_stream import TextStream
+from qwen3next.api.validate import check_chat, template_messages
+
+
+class _Choice:
+    """Per-sample state: text stream, parser, metrics timer, and how it ended."""
+
+    def __init__(self, state: ServerState, req: ChatCompletionRequest, index: int, prompt_len: int,
+                 reasoning: bool, tools: bool, prefix: str):
+        tok = state.tokenizer
+        self.index = index
+        self.text = TextStream(tok, req.stop if isinstance(req.stop, list) else
+                               ([req.stop] if req.stop else None), req.skip_special_tokens,
+                               req.include_stop_str_in_output)
+        self.parser = ChoiceParser(reasoning=reasoning, tools=tools, prefix=prefix,
+                                   parallel=req.parallel_tool_calls is not False and not prefix.endswith(": "),
+                                   strip_newlines=state.strip_reasoning_newlines)
+        self.timer = state.metrics.timer(prompt_len if index == 0 else 0)
+        self.eos_ids = state.eos_ids
+        self.include_stop = req.include_stop_str_in_output
+        # tokens before </think> count as reasoning (none when the prefill closed the think block)
+        self.think_end = tok.token_to_id("</think>") if reasoning and "</think>" not in prefix else None
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.logprobs: list = []
+        self.num_tokens = 0
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def absorb(self, out, tok, want_logprobs: bool, top: int) -> tuple[str, list]:
+        """One CompletionOutput step -> (released text, logprob entries)."""
+        self.num_tokens += len(out.token_ids)
+        self.timer.token(len(out.token_ids))
+        ids = out.token_ids
+        if (out.finish_reason == "stop" and ids and not self.include_stop
+                and (ids[-1] in self.eos_ids or ids[-1] == out.stop_reason)):
+            ids = ids[:-1]  # the EOS / stop token itself is not part of the text
+        text = self.text.add(ids)
+        lps = token_logprobs(tok, out.token_ids, out.logprobs, top) if want_logprobs else []
+        self.logprobs += lps
+        if self.text.stopped is not None:
+            self.finish_reason, self.stop_reason = "stop", self.text.stopped
+        elif out.finish_reason is not None:
+            self.finish_reason = "stop" if out.finish_reason == "abort" else out.finish_reason
+            self.stop_reason = out.stop_reason
+            text += self.text.finish()
+        if self.done:
+            self.timer.finish(self.finish_reason)
+        return text, lps
+
+    @property
+    def reasoning_tokens(self) -> int:
+        if self.think_end is None:
+            return 0
+        ids = self.text.token_ids
+        return ids.index(self.think_end) if self.think_end in ids else len(ids)
+
+
+def build_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[list[int], str, bool, bool]:
+    """-> (prompt ids, forced prefix text, reasoning split on, tool parsing on)."""
+    tok = state.tokenizer
+    messages = template_messages(req)
+    choice = req.tool_choice or ("auto" if req.tools else "none")
+    tools = [t.model_dump(exclude_none=True) for t in req.tools or []] or None
+    if choice == "none" and state.exclude_tools_when_none:
+        tools = None
+    try:
+        text = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=req.add_generation_prompt,
+                                       chat_template=req.chat_template,
+                                       continue_final_message=req.continue_final_message,
+                                       **(req.chat_template_kwargs or {}))
+    except (jinja2.TemplateError, ValueError, TypeError) as e:
+        raise bad_request(f"chat template failed to render: {e}", "messages") from None
+    thinking = text.endswith("<think>\n")
+    reasoning = state.reasoning_parser is not None and req.separate_reasoning is not False
+    if req.separate_reasoning and state.reasoning_parser is None:
+        reasoning = thinking
+    prefix = ""
+    if choice == "required" or not isinstance(choice, str):
+        # Guided by prefill: an empty think block (as the template renders one), then the call.
+        prefix = "\n</think>\n\n" if thinking else ""
+        prefix += '<tool_call>\n{"name": "'
+        if not isinstance(choice, str):
+            prefix += choice.function.name + '", "arguments": '
+    ids = tok.encode(text + prefix)
+    if req.truncate_prompt_tokens is not None:
+        ids = ids[-req.truncate_prompt_tokens:]
+    tools_on = state.tool_parser is not None and choice != "none" and bool(req.tools)
+    return ids, prefix, reasoning, tools_on
+
+
+async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, raw_request):
+    check_chat(req, state.vocab_size)
+    model = check_model(state, req.model)
+    ids, prefix, reasoning, tools_on = build_prompt(state, req)
+    budget = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = max_new_tokens(state, len(ids), budget, param)
+    top = req.top_logprobs or 0
+    params = sampling_params(state, req, max_tokens, top if req.logprobs else None)
+    rid = req.request_id or random_id("chatcmpl")
+    choices = [_Choice(state, req, i, len(ids), reasoning, tools_on, prefix) for i in range(req.n)]
+    gen = state.engine.generate(rid, ids, params)
+    if req.stream:
+        return _stream(state, req, rid, model, ids, choices, gen)
+    return await until_disconnect(raw_request, _full(state, req, rid, model, ids, choices, gen))
+
+
+async def _steps(state, req, choices, gen) -> AsyncIterator[tuple[_Choice, str, list]]:
+    """Yield (choice, text delta, logprobs) per engine step until every choice is done."""
+    async for out in gen:
+        for co in out.outputs:
+            c = choices[co.index]
+            if c.done:
+                continue  # stopped by a stop string; siblings may still run
+            text, lps = c.absorb(co, state.tokenizer, req.logprobs, req.top_logprobs or 0)
+            yield c, text, lps
+        if all(c.done for c in choices):
+            break
+
+
+def _usage(prompt_len: int, choices: list[_Choice]) -> Usage:
+    completion = sum(c.num_tokens for c in choices)
+    details = None
+    if choices[0].parser.reasoning:
+        details = CompletionTokensDetails(reasoning_tokens=sum(c.reasoning_tokens for c in choices))
+    return Usage(prompt_tokens=prompt_len, completion_tokens=completion,
+                 total_tokens=prompt_len + completion, completion_tokens_details=details)
+
+
+async def _full(state, req, rid, model, ids, choices, gen) -> dict:
+    try:
+        async for _ in _steps(state, req, choices, gen):
+            pass
+    finally:
+        await gen.aclose()  # aborts the request if it is still running (stop string, disconnect)
+    out = []
+    for c in choices:
+        message, called = c.parser.final(c.text.text, req.include_reasoning)
+        reason = "tool_calls" if called else c.finish_reason
+        out.append(ChatChoice(index=c.index, message=message, finish_reason=reason, stop_reason=c.stop_reason,
+                              logprobs=ChoiceLogprobs(content=c.logprobs) if req.logprobs else None))
+    resp = ChatCompletionResponse(id=rid, model=model, choices=out,
+                                  usage=_usage(len(ids), choices))
+    return resp.model_dump(exclude_none=False)
+
+
+async def _stream(state, req, rid, model, ids, choices, gen) -> AsyncIterator[str]:
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def chunk(index: int, delta: DeltaMessage, **kw) -> str:
+        return sse(ChatCompletionChunk(id=rid, model=model,
+                                       choices=[ChatStreamChoice(index=index, delta=delta, **kw)]))
+
+    try:
+        for c in choices:
+            yield chunk(c.index, DeltaMessage(role="assistant", content=""))
+        async for c, text, lps in _steps(state, req, choices, gen):
+            delta = c.parser.feed(text, req.include_reasoning)
+            logprobs = ChoiceLogprobs(content=lps) if req.logprobs and lps else None
+            if c.done:
+                tail = c.parser.flush(req.include_reasoning)
+                delta = _merge(delta, tail)
+                reason = "tool_calls" if c.parser.called else c.finish_reason
+                yield chunk(c.index, delta or DeltaMessage(), logprobs=logprobs, finish_reason=reason,
+                            stop_reason=c.stop_reason)
+            elif delta is not None or logprobs is not None:
+                yield chunk(c.index, delta or DeltaMessage(), logprobs=logprobs)
+        if include_usage:
+            usage = _usage(len(ids), choices)
+            yield sse(ChatCompletionChunk(id=rid, model=model, choices=[], usage=usage))
+    except APIError as e:
+        yield sse(e.body())
+    finally:
+        await gen.aclose()
+    yield SSE_DONE
+
+
+def _merge(a: DeltaMessage | None, b: DeltaMessage | None) -> DeltaMessage | None:
+    if a is None or b is None:
+        return a or b
+    merged = a.model_dump(exclude_none=True)
+    for key, value in b.model_dump(exclude_none=True).items():
+        if key == "tool_calls":
+            merged[key] = merged.get(key, []) + value
+        elif isinstance(value, str):
+            merged[key] = merged.get(key, "") + value
+    return DeltaMessage.model_validate(merged)
+

@@ -1,0 +1,117 @@
+"""What chat and completions share: the server state, model-name and context-length checks,
+request -> SamplingParams, SSE framing, and racing a handler against the client's disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+from qwen3next.api.async_engine import AsyncEngine
+from qwen3next.api.errors import APIError, bad_request
+from qwen3next.api.metrics import Metrics
+from qwen3next.api.protocol import SamplingFields
+from qwen3next.sampling_params import SamplingParams
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    tokenizer: object  # qwen3next.tokenizer.Tokenizer
+    served_names: list[str]
+    model_path: str
+    max_model_len: int
+    vocab_size: int
+    metrics: Metrics
+    reasoning_parser: str | None = None  # "qwen3" | "deepseek_r1" | None (all text is content)
+    tool_parser: str | None = "hermes"  # "hermes" | None (tool calls stay in content)
+    generation_config: dict = field(default_factory=dict)  # defaults for unset sampling fields
+    api_key: str | None = None
+    exclude_tools_when_none: bool = False
+    strip_reasoning_newlines: bool = False
+    eos_ids: frozenset = frozenset()
+
+
+def check_model(state: ServerState, name: str | None) -> str:
+    """The served name to echo back; unknown names -> 404 as vLLM does."""
+    if name is None:
+        return state.served_names[0]
+    if name not in state.served_names:
+        raise APIError(f"The model `{name}` does not exist.", 404, "model")
+    return name
+
+
+def max_new_tokens(state: ServerState, prompt_len: int, requested: int | None, param: str) -> int:
+    """Output budget within the context; over-long prompts or budgets -> 400 (openai_api.md §6)."""
+    limit = state.max_model_len
+    if prompt_len >= limit:
+        raise bad_request(f"This model's maximum context length is {limit} tokens. However, your "
+                          f"request has {prompt_len} input tokens. Please reduce the length of the "
+                          "input messages.", "messages" if param == "max_completion_tokens" else "prompt")
+    room = limit - prompt_len
+    if requested is None:
+        return room
+    if requested > room:
+        raise bad_request(f"This model's maximum context length is {limit} tokens. However, you "
+                          f"requested {prompt_len + requested} tokens ({prompt_len} in the input, "
+                          f"{requested} in the completion). Please reduce the length of the input "
+                          f"or the completion.", param)
+    return requested
+
+
+def sampling_params(state: ServerState, req: SamplingFields, max_tokens: int,
+                    logprobs: int | None) -> SamplingParams:
+    """Request fields -> SamplingParams; fields the client left out take generation_config values."""
+    if req.logit_bias:
+        raise bad_request("logit_bias is not supported by this engine", "logit_bias")
+    kw = dict(n=req.n, max_tokens=max_tokens, min_tokens=min(req.min_tokens, max_tokens),
+              presence_penalty=req.presence_penalty or 0.0,
+              frequency_penalty=req.frequency_penalty or 0.0,
+              stop=req.stop, stop_token_ids=req.stop_token_ids, seed=req.seed,
+              include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
+              logprobs=logprobs, skip_special_tokens=req.skip_special_tokens)
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        if getattr(req, name) is not None:
+            kw[name] = getattr(req, name)
+    try:
+        params = SamplingParams(**kw)
+        gen = {k: v for k, v in state.generation_config.items() if k != "max_new_tokens"}
+        return params.with_generation_config(gen)
+    except ValueError as e:
+        raise bad_request(str(e), str(e).split(" ", 1)[0]) from None
+
+
+def sse(obj: BaseModel | dict) -> str:
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(exclude_none=True)
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+async def until_disconnect(request, coro):
+    """Run `coro`; if the client goes away first, cancel it (its generators abort their requests)."""
+    work = asyncio.ensure_future(coro)
+
+    async def watch():
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if work not in done:
+        work.cancel()
+        raise APIError("client disconnected", 499)
+    return work.result()
