@@ -1,0 +1,195 @@
+"""The real server on loopback (uvicorn thread, tiny checkpoint) driven by the official openai client.
+
+Reasoning and tool-call paths use the harness's scripted sampler: the random model "emits" a
+given token sequence, so the assertions check the server's parsing, framing and bookkeeping.
+"""
+
+import asyncio
+import json
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from tests.helpers.server_harness import ServerHarness  # noqa: E402
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+USER = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_ckpt):
+    h = ServerHarness(tiny_ckpt, "--served-model-name", "tiny", "tiny-alias", "--max-num-seqs", "4",
+                      "--max-waiting", "4")
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def client(srv):
+    srv.sampler.queue.clear()
+    srv.sampler.sticky = None
+    yield openai.OpenAI(base_url=srv.url + "/v1", api_key="EMPTY", max_retries=0)
+    assert srv.wait_idle(), "a request left cache blocks or state slots behind"
+
+
+def test_reasoning_split_non_streaming(srv, client):
+    srv.push("Let me think.\n", "</think>", "\n\nParis is nice.")
+    r = client.chat.completions.create(model="tiny", messages=USER, max_tokens=40)
+    m = r.choices[0].message
+    assert m.reasoning_content == "Let me think.\n" and m.model_extra["reasoning"] == "Let me think.\n"
+    assert m.content == "\n\nParis is nice."
+    assert r.choices[0].finish_reason == "stop"
+    n_reason = len(srv.ids("Let me think.\n"))
+    assert r.usage.completion_tokens_details.reasoning_tokens == n_reason
+    assert r.usage.completion_tokens == len(srv.ids("Let me think.\n</think>\n\nParis is nice.")) + 1  # + EOS
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_reasoning_stream_switches_even_when_tag_is_cut(srv, client):
+    # "</think>" arrives as plain-text pieces across tokens, not as the single added token
+    srv.push("Hmm, fox. <", "/thi", "nk", ">", "\n\nThe answer.")
+    chunks = list(client.chat.completions.create(model="tiny", messages=USER, max_tokens=40, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    reasoning = "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in chunks if c.choices)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert reasoning == "Hmm, fox. " and content == "\n\nThe answer."
+    assert not any("</" in (c.choices[0].delta.content or "") for c in chunks if c.choices)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+
+
+def test_reasoning_off_per_request_gives_raw_content(srv, client):
+    srv.push("R\n", "</think>", "\n\nA")
+    r = client.chat.completions.create(model="tiny", messages=USER, max_tokens=20,
+                                       extra_body={"separate_reasoning": False})
+    assert r.choices[0].message.content == "R\n</think>\n\nA"
+    assert r.choices[0].message.model_extra.get("reasoning_content") is None
+
+
+def test_no_think_end_means_all_reasoning(srv, client):
+    srv.push("still thinking about it")
+    r = client.chat.completions.create(model="tiny", messages=USER, max_tokens=3)
+    assert r.choices[0].finish_reason == "length"
+    assert r.choices[0].message.content is None and r.choices[0].message.reasoning_content
+
+
+def test_tool_call_non_streaming(srv, client):
+    srv.push("Need weather.\n", "</think>", "\n\n", "<tool_call>",
+             '\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n', "</tool_call>")
+    r = client.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER], max_tokens=80)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls"
+    (call,) = c.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert call.id and c.message.reasoning_content == "Need weather.\n"
+    # the tools reached the template
+    assert "get_weather" in srv.tok.decode(srv.sampler.seen_prompts[-1])
+
+
+def test_tool_calls_streaming_id_and_name_once(srv, client):
+    body = '\n{"name": "get_weather", "arguments": {"city": "%s"}}\n'
+    srv.push("x", "</think>", "\n\n", "<tool_call>", body % "Paris", "</tool_call>", "\n",
+             "<tool_call>", body % "Rome", "</tool_call>")
+    chunks = list(client.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER],
+                                                 max_tokens=120, stream=True))
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    heads = [d for d in deltas if d.id]
+    assert [d.index for d in heads] == [0, 1] and all(d.function.name == "get_weather" for d in heads)
+    assert not any(d.function.name for d in deltas if not d.id)
+    for i, city in enumerate(["Paris", "Rome"]):
+        args = "".join(d.function.arguments or "" for d in deltas if d.index == i)
+        assert json.loads(args) == {"city": city}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert "<tool_call>" not in "".join(c.choices[0].delta.content or "" for c in chunks)
+
+
+def test_malformed_tool_json_stays_content(srv, client):
+    srv.push("x", "</think>", "<tool_call>", '\n{"name": "get_weather", "arguments": {bad\n', "</tool_call>")
+    r = client.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER], max_tokens=60)
+    c = r.choices[0]
+    assert c.finish_reason == "stop" and not c.message.tool_calls and "<tool_call>" in c.message.content
+
+
+def test_tool_choice_none_keeps_text_and_named_is_guided(srv, client):
+    srv.push("x", "</think>", "<tool_call>", '\n{"name": "get_weather", "arguments": {}}\n', "</tool_call>")
+    r = client.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER], tool_choice="none",
+                                       max_tokens=60)
+    assert not r.choices[0].message.tool_calls and "<tool_call>" in r.choices[0].message.content
+    # named: the prompt is prefilled up to the arguments; the model only writes them
+    srv.push('{"city": "Rome"}}\n', "</tool_call>")
+    r = client.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER], max_tokens=40,
+                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    (call,) = r.choices[0].message.tool_calls
+    assert json.loads(call.function.arguments) == {"city": "Rome"}
+    assert srv.tok.decode(srv.sampler.seen_prompts[-1]).endswith('"name": "get_weather", "arguments": ')
+    srv.push('get_weather", "arguments": {"city": "Oslo"}}\n', "</tool_call>")
+    r = client.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER], max_tokens=40,
+                                       tool_choice="required", stream=True)
+    chunks = list(r)
+    args = "".join(tc.function.arguments or "" for c in chunks for tc in (c.choices[0].delta.tool_calls or []))
+    assert json.loads(args) == {"city": "Oslo"} and chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_n_samples_and_seed(srv, client):
+    r = client.chat.completions.create(model="tiny-alias", messages=USER, max_tokens=5, n=3, seed=7,
+                                       temperature=1.0)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2] and r.model == "tiny-alias"
+    again = client.chat.completions.create(model="tiny", messages=USER, max_tokens=5, n=3, seed=7,
+                                           temperature=1.0)
+    assert [c.message.reasoning_content for c in r.choices] == [c.message.reasoning_content for c in again.choices]
+    chunks = list(client.chat.completions.create(model="tiny", messages=USER, max_tokens=4, n=2, stream=True))
+    finished = {c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason}
+    assert finished == {0, 1}
+
+
+def test_stop_string_and_logprobs(srv, client):
+    srv.push("one two ", "</think>", "alpha STOP beta")
+    r = client.chat.completions.create(model="tiny", messages=USER, max_tokens=40, stop=["STOP"],
+                                       logprobs=True, top_logprobs=2)
+    c = r.choices[0]
+    assert c.message.content == "alpha " and c.finish_reason == "stop" and c.model_extra["stop_reason"] == "STOP"
+    assert c.logprobs.content and all(len(e.top_logprobs) == 2 for e in c.logprobs.content)
+    assert all(e.logprob <= 0 for e in c.logprobs.content)
+
+
+def test_async_client_streaming(srv, client):
+    async def run():
+        ac = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="EMPTY", max_retries=0)
+        srv.push("a", "</think>", "b")
+        stream = await ac.chat.completions.create(model="tiny", messages=USER, max_tokens=10, stream=True)
+        text = [c.choices[0].delta.content async for c in stream if c.choices]
+        r = await ac.chat.completions.create(model="tiny", messages=USER, max_tokens=3)
+        await ac.close()
+        return "".join(t or "" for t in text), r
+
+    text, r = asyncio.run(run())
+    assert text == "b" and r.choices[0].finish_reason == "length"
+
+
+def test_completions_endpoint(srv, client):
+    r = client.completions.create(model="tiny", prompt=["Hello", "The fox"], max_tokens=3, n=2, logprobs=1,
+                                  echo=True)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+    assert r.choices[0].text.startswith("Hello") and len(r.choices[0].logprobs.tokens) == 3
+    assert r.usage.completion_tokens == 12
+    srv.push("quick brown")
+    chunks = list(client.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=10, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "quick brown"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_models_health_version_metrics(srv, client):
+    assert [m.id for m in client.models.list().data] == ["tiny", "tiny-alias"]
+    import httpx
+
+    assert httpx.get(srv.url + "/health").status_code == 200
+    assert "version" in httpx.get(srv.url + "/version").json()
+    text = httpx.get(srv.url + "/metrics").text
+    for name in ("qwen3next:time_to_first_token_seconds_bucket", "qwen3next:inter_token_latency_seconds",
+                 "qwen3next:e2e_request_latency_seconds", "qwen3next:num_requests_waiting",
+                 "qwen3next:kv_cache_usage_perc", "qwen3next:generation_tokens_total"):
+        assert name in text
