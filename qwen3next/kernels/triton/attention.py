@@ -1,0 +1,187 @@
+"""Triton attention over the paged KV cache: KV write, varlen prefill with a cached prefix, and
+split-KV decode; plus the fused output gate o * sigmoid(gate).
+
+Same signatures as kernels/attention.py (kv_cache [num_blocks, 2, block_size, Hkv, D], query
+head h reads KV head h // (Hq // Hkv), causal over cached prefix + new tokens, fp32 softmax).
+Prefill: one program per (64-query tile of one sequence, query head), online softmax over the
+key positions up to the tile's last query. Decode (one new token per sequence, T == B): one
+program per (sequence, KV head, split) with the whole GQA group as the matrix rows, partial
+results merged by a log-sum-exp combine; no host sync, so it can be graph-captured.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._util import chunk_table, pow2
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, kv_ptr, slot_ptr, BS: tl.constexpr, W: tl.constexpr, BW: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t)
+    if slot >= 0:
+        o = tl.arange(0, BW)
+        m = o < W
+        blk = slot // BS
+        off = slot % BS
+        base = kv_ptr + (blk * 2 * BS + off) * W
+        tl.store(base + o, tl.load(k_ptr + t * W + o, mask=m).to(kv_ptr.dtype.element_ty), mask=m)
+        tl.store(base + BS * W + o, tl.load(v_ptr + t * W + o, mask=m).to(kv_ptr.dtype.element_ty), mask=m)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k, v [T, Hkv, D] -> kv_cache at slot_mapping [T] (negative slots are skipped)."""
+    T = k.shape[0]
+    W = k.shape[1] * k.shape[2]
+    if T:
+        _write_kv_kernel[(T,)](k.contiguous(), v.contiguous(), kv_cache, slot_mapping.to(torch.int64).contiguous(),
+                               BS=kv_cache.shape[2], W=W, BW=pow2(W))
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, kv_ptr, bt_ptr, cu_ptr, ctx_ptr, tab_ptr, o_ptr, scale, max_blocks,
+                    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr):
+    i_t = tl.program_id(0)
+    h = tl.program_id(1)
+    hkv = h // (HQ // HKV)
+    seq = tl.load(tab_ptr + 2 * i_t).to(tl.int64)
+    ci = tl.load(tab_ptr + 2 * i_t + 1)
+    bos = tl.load(cu_ptr + seq)
+    eos = tl.load(cu_ptr + seq + 1)
+    ctx = tl.load(ctx_ptr + seq)
+    i = ci * BM + tl.arange(0, BM)                       # query index within the new tokens
+    rows = bos + i
+    rm = rows < eos
+    qpos = ctx + i                                       # absolute position of each query
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (rows[:, None] * HQ + h) * D + d[None, :], mask=rm[:, None], other=0.0)
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, D], dtype=tl.float32)
+    kv_end = ctx + tl.minimum((ci + 1) * BM, eos - bos)  # keys needed by the tile's last query
+    for start in range(0, kv_end, BN):
+        p = start + tl.arange(0, BN)
+        pm = p < kv_end
+        page = tl.load(bt_ptr + seq * max_blocks + p // BS, mask=pm, other=0).to(tl.int64)
+        kaddr = ((page * 2 * BS + p % BS) * HKV + hkv) * D
+        k = tl.load(kv_ptr + kaddr[:, None] + d[None, :], mask=pm[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where((p[None, :] <= qpos[:, None]) & pm[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        pe = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(pe, 1)
+        v = tl.load(kv_ptr + kaddr[:, None] + BS * HKV * D + d[None, :], mask=pm[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(pe.to(v.dtype), v)
+        m_i = m_new
+    o = acc / l_i[:, None]
+    tl.store(o_ptr + (rows[:, None] * HQ + h) * D + d[None, :], o.to(o_ptr.dtype.element_ty), mask=rm[:, None])
+
+
+@triton.jit
+def _decode_kernel(q_ptr, kv_ptr, bt_ptr, ctx_ptr, po_ptr, pm_ptr, pl_ptr, scale, max_blocks, NSPLIT,
+                   HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                   G: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    hkv = tl.program_id(1)
+    sp = tl.program_id(2)
+    g = tl.arange(0, GP)
+    gm = g < G
+    h = hkv * G + g                                      # the query heads of this KV head
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (b * HQ + h[:, None]) * D + d[None, :], mask=gm[:, None], other=0.0)
+    L = tl.load(ctx_ptr + b) + 1                         # cached tokens + the new one
+    per = tl.cdiv(tl.cdiv(L, NSPLIT), BN) * BN
+    lo = sp * per
+    hi = tl.minimum(lo + per, L)
+    m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GP], dtype=tl.float32)
+    acc = tl.zeros([GP, D], dtype=tl.float32)
+    for start in range(lo, hi, BN):
+        p = start + tl.arange(0, BN)
+        pm = p < hi
+        page = tl.load(bt_ptr + b * max_blocks + p // BS, mask=pm, other=0).to(tl.int64)
+        kaddr = ((page * 2 * BS + p % BS) * HKV + hkv) * D
+        k = tl.load(kv_ptr + kaddr[:, None] + d[None, :], mask=pm[:, None], other=0.0)
+        s = tl.where(pm[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        pe = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(pe, 1)
+        v = tl.load(kv_ptr + kaddr[:, None] + BS * HKV * D + d[None, :], mask=pm[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(pe.to(v.dtype), v)
+        m_i = m_new
+    # partial results [B, HQ, NSPLIT, (D)]: an empty split leaves m = -inf, l = 0
+    base = (b * HQ + h) * NSPLIT + sp
+    tl.store(po_ptr + base[:, None] * D + d[None, :], acc, mask=gm[:, None])
+    tl.store(pm_ptr + base, m_i, mask=gm)
+    tl.store(pl_ptr + base, l_i, mask=gm)
+
+
+@triton.jit
+def _combine_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, NSPLIT, D: tl.constexpr, SP: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, SP)
+    sm = s < NSPLIT
+    m = tl.load(pm_ptr + bh * NSPLIT + s, mask=sm, other=float("-inf"))
+    l = tl.load(pl_ptr + bh * NSPLIT + s, mask=sm, other=0.0)
+    mx = tl.max(m, 0)
+    w = tl.where(sm & (l > 0), tl.exp(m - mx), 0.0)
+    d = tl.arange(0, D)
+    po = tl.load(po_ptr + (bh * NSPLIT + s[:, None]) * D + d[None, :], mask=(sm & (l > 0))[:, None], other=0.0)
+    o = tl.sum(po * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(o_ptr + bh * D + d, o.to(o_ptr.dtype.element_ty))
+
+
+def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale, *, num_splits: int | None = None):
+    """q [T, Hq, D]; new tokens already written; context_lens [B] = cached tokens before this
+    step. Causal over cached prefix + new tokens -> o [T, Hq, D]."""
+    T, HQ, D = q.shape
+    _, _, BS, HKV, _ = kv_cache.shape
+    B = cu_seqlens.numel() - 1
+    o = torch.empty_like(q)
+    if T == 0:
+        return o
+    q = q.contiguous()
+    bt = block_tables.to(torch.int64).contiguous()
+    ctx = torch.as_tensor(context_lens, device=q.device).to(torch.int64).contiguous()
+    if T == B:  # decode: every sequence brings one token
+        G = HQ // HKV
+        nsplit = num_splits or max(1, min(32, triton.cdiv(2 * 132, B * HKV)))
+        po = torch.empty(B, HQ, nsplit, D, dtype=torch.float32, device=q.device)
+        pm = torch.empty(B, HQ, nsplit, dtype=torch.float32, device=q.device)
+        pl = torch.empty_like(pm)
+        _decode_kernel[(B, HKV, nsplit)](q, kv_cache, bt, ctx, po, pm, pl, scale, bt.shape[1], nsplit,
+                                         HQ=HQ, HKV=HKV, D=D, BS=BS, G=G, GP=pow2(G), BN=max(16, BS),
+                                         num_warps=4)
+        _combine_kernel[(B * HQ,)](po, pm, pl, o, nsplit, D=D, SP=pow2(nsplit, 2))
+        return o
+    BM = 64 if q.is_cuda else 16
+    tab, _, NT = chunk_table(cu_seqlens.to(torch.int64), BM)
+    _prefill_kernel[(NT, HQ)](q, kv_cache, bt, cu_seqlens.to(torch.int64).contiguous(), ctx, tab, o, scale,
+                              bt.shape[1], HQ=HQ, HKV=HKV, D=D, BS=BS, BM=BM, BN=32 if D > 128 else 64,
+                              num_warps=8 if D > 128 else 4)
+    return o
+
+
+@triton.jit
+def _gate_kernel(o_ptr, g_ptr, y_ptr, N, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < N
+    o = tl.load(o_ptr + i, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + i, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + i, (o / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty), mask=m)
+
+
+def gate_output(o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """o * sigmoid(gate) elementwise (the gated attention's output gate), in o's dtype."""
+    o, gate = o.contiguous(), gate.contiguous()
+    y = torch.empty_like(o)
+    N = o.numel()
+    if N:
+        _gate_kernel[(triton.cdiv(N, 1024),)](o, gate, y, N, BLOCK=1024)
+    return y

@@ -1,0 +1,157 @@
+"""Triton MoE: routing (softmax -> top-k -> renormalise) and the routed experts as a fused
+grouped GEMM over the stacked expert weights.
+
+Same signatures as kernels/moe.py. The (token, k) assignments are sorted by expert and each
+expert's run is padded to a multiple of BM rows (all with torch ops, no host sync, so decode can
+be graph-captured); one launch computes silu(x W_gate^T) * (x W_up^T) per BM-row block of one
+expert, a second multiplies by W_down^T and the routing weight; the k results of each token are
+summed in fp32. Blocks past the real ones exit at once. BM = 16 when experts see few tokens
+(decode: weight streaming dominates), 64 for big batches.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._util import pow2
+
+
+@triton.jit
+def _route_kernel(logit_ptr, w_ptr, id_ptr, E, TOPK: tl.constexpr, RENORM: tl.constexpr, BE: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BE)
+    x = tl.load(logit_ptr + t * E + e, mask=e < E, other=float("-inf")).to(tl.float32)
+    p = tl.exp(x - tl.max(x, 0))
+    p = p / tl.sum(p, 0)
+    p = tl.where(e < E, p, -1.0)
+    scale = 1.0
+    if RENORM:
+        # first pass: the sum of the top-k probabilities
+        total = 0.0
+        q = p
+        for j in tl.static_range(TOPK):
+            best = tl.max(q, 0)
+            total += best
+            q = tl.where(e == tl.min(tl.where(q == best, e, BE), 0), -1.0, q)
+        scale = 1.0 / total
+    for j in tl.static_range(TOPK):
+        best = tl.max(p, 0)
+        idx = tl.min(tl.where(p == best, e, BE), 0)                    # lowest index among ties
+        tl.store(w_ptr + t * TOPK + j, best * scale)
+        tl.store(id_ptr + t * TOPK + j, idx.to(tl.int64))
+        p = tl.where(e == idx, -1.0, p)
+
+
+def moe_route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool):
+    """router_logits [T, E] -> (weights [T, k] fp32, ids [T, k] long)."""
+    T, E = router_logits.shape
+    w = torch.empty(T, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=router_logits.device)
+    if T:
+        _route_kernel[(T,)](router_logits.contiguous(), w, ids, E, TOPK=top_k, RENORM=norm_topk_prob,
+                            BE=pow2(E), num_warps=4)
+    return w, ids
+
+
+def _align(ids: torch.Tensor, E: int, BM: int):
+    """Sort assignments by expert, pad each expert's run to BM rows.
+
+    -> rows [NB*BM] (assignment index, -1 = padding), block_expert [NB] (-1 = unused block).
+    """
+    M = ids.numel()
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=E)
+    padded = (counts + BM - 1) // BM * BM
+    pend = padded.cumsum(0)
+    cstart = counts.cumsum(0) - counts
+    e_sorted = flat[order]
+    pos = (pend - padded)[e_sorted] + torch.arange(M, device=ids.device) - cstart[e_sorted]
+    NB = triton.cdiv(M, BM) + min(E, M)  # each used expert wastes less than one block
+    rows = torch.full((NB * BM,), -1, dtype=torch.int64, device=ids.device)
+    rows[pos] = order
+    starts = torch.arange(NB, device=ids.device) * BM
+    be = torch.searchsorted(pend, starts, right=True)
+    block_expert = torch.where(be < E, be, -1)
+    return rows, block_expert, NB
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, rows_ptr, be_ptr, h_ptr, H, I, TOPK: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pm = tl.program_id(0)
+    pn = tl.program_id(1)
+    e = tl.load(be_ptr + pm).to(tl.int64)
+    if e >= 0:
+        r = pm * BM + tl.arange(0, BM)
+        a = tl.load(rows_ptr + r)
+        valid = a >= 0
+        tok = tl.where(valid, a // TOPK, 0)
+        n = pn * BN + tl.arange(0, BN)
+        nm = n < I
+        kk = tl.arange(0, BK)
+        acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+        acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+        wg_ptr = w_ptr + e * (2 * I) * H + n[None, :] * H + kk[:, None]          # [BK, BN] = W_gate^T
+        for k0 in range(0, H, BK):
+            km = (k0 + kk) < H
+            x = tl.load(x_ptr + tok[:, None] * H + (k0 + kk)[None, :], mask=valid[:, None] & km[None, :], other=0.0)
+            wg = tl.load(wg_ptr + k0, mask=km[:, None] & nm[None, :], other=0.0)
+            wu = tl.load(wg_ptr + I * H + k0, mask=km[:, None] & nm[None, :], other=0.0)
+            acc_g = tl.dot(x, wg, acc_g)
+            acc_u = tl.dot(x, wu, acc_u)
+        dt = h_ptr.dtype.element_ty
+        # round like the reference (products in the activation dtype, then the gate)
+        gt = acc_g.to(dt).to(tl.float32)
+        hv = (gt / (1.0 + tl.exp(-gt))).to(dt).to(tl.float32) * acc_u.to(dt).to(tl.float32)
+        tl.store(h_ptr + r[:, None] * I + n[None, :], hv.to(dt), mask=nm[None, :])
+
+
+@triton.jit
+def _down_kernel(h_ptr, w_ptr, rows_ptr, be_ptr, rw_ptr, y_ptr, H, I,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pm = tl.program_id(0)
+    pn = tl.program_id(1)
+    e = tl.load(be_ptr + pm).to(tl.int64)
+    if e >= 0:
+        r = pm * BM + tl.arange(0, BM)
+        a = tl.load(rows_ptr + r)
+        valid = a >= 0
+        n = pn * BN + tl.arange(0, BN)
+        nm = n < H
+        kk = tl.arange(0, BK)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        wd_ptr = w_ptr + e * H * I + n[None, :] * I + kk[:, None]                 # [BK, BN] = W_down^T
+        for k0 in range(0, I, BK):
+            km = (k0 + kk) < I
+            hv = tl.load(h_ptr + r[:, None] * I + (k0 + kk)[None, :], mask=km[None, :], other=0.0)
+            wd = tl.load(wd_ptr + k0, mask=km[:, None] & nm[None, :], other=0.0)
+            acc = tl.dot(hv, wd, acc)
+        dt = y_ptr.dtype.element_ty
+        rw = tl.load(rw_ptr + tl.where(valid, a, 0), mask=valid, other=0.0).to(dt).to(tl.float32)
+        y = acc.to(dt).to(tl.float32) * rw[:, None]
+        tl.store(y_ptr + tl.where(valid, a, 0)[:, None] * H + n[None, :], y.to(dt), mask=valid[:, None] & nm[None, :])
+
+
+def moe_experts(x, gate_up_proj, down_proj, weights, ids, *, block_m: int | None = None) -> torch.Tensor:
+    """x [T, H]; gate_up_proj [E, 2I, H]; down_proj [E, H, I]; weights/ids [T, k] -> [T, H]."""
+    T, H = x.shape
+    E, I = gate_up_proj.shape[0], down_proj.shape[-1]
+    k = ids.shape[1]
+    if T == 0:
+        return x.new_zeros(T, H)
+    M = T * k
+    BM = block_m or (16 if M <= 16 * E else 64)
+    rows, block_expert, NB = _align(ids, E, BM)
+    x = x.contiguous()
+    h = torch.empty(NB * BM, I, dtype=x.dtype, device=x.device)
+    BK1, BN1 = min(64, pow2(H)), (32 if BM == 16 else 64)
+    _gate_up_kernel[(NB, triton.cdiv(I, BN1))](x, gate_up_proj, rows, block_expert, h, H, I, TOPK=k,
+                                               BM=BM, BN=BN1, BK=BK1, num_warps=4)
+    y = torch.empty(M, H, dtype=x.dtype, device=x.device)
+    BK2, BN2 = min(64, pow2(I)), (32 if BM == 16 else 64)
+    _down_kernel[(NB, triton.cdiv(H, BN2))](h, down_proj, rows, block_expert, weights.contiguous(), y, H, I,
+                                            BM=BM, BN=BN2, BK=BK2, num_warps=4)
+    return y.view(T, k, H).sum(1, dtype=torch.float32).to(x.dtype)

@@ -1,0 +1,64 @@
+"""Triton paged attention (prefill with cached prefix, decode), KV write, output gate vs kernels/attention.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen3next.kernels import attention as ref
+from qwen3next.kernels.triton import attention as tri
+
+from .conftest import DEV, cu, randn, rel_err, seeded
+
+
+def paged_case(ctx, new, hq, hkv, D, bs, seed, dtype=torch.float32):
+    """A cache with random block tables holding ctx + new tokens per sequence (new ones written)."""
+    gen = seeded(seed)
+    B = len(ctx)
+    per = [-(-(c + n) // bs) for c, n in zip(ctx, new)]
+    nblocks = sum(per) + 3
+    kv = randn(nblocks, 2, bs, hkv, D, gen=gen, dtype=dtype)
+    perm = torch.randperm(nblocks, generator=gen)
+    bt = torch.zeros(B, max(per), dtype=torch.long)
+    used = 0
+    for b, p in enumerate(per):
+        bt[b, :p] = perm[used : used + p]
+        used += p
+    q = randn(sum(new), hq, D, gen=gen, dtype=dtype)
+    return q, kv, bt.to(DEV), cu(new), torch.tensor(ctx, device=DEV)
+
+
+@pytest.mark.parametrize("ctx,new", [([0], [1]), ([0, 5], [63, 64]), ([30, 0, 17], [65, 3, 20])])
+def test_prefill_with_prefix(ctx, new):
+    q, kv, bt, c, cl = paged_case(ctx, new, hq=4, hkv=2, D=32, bs=8, seed=sum(new))
+    o = tri.paged_attention(q, kv, bt, c, cl, 0.2)
+    assert rel_err(o, ref.paged_attention(q, kv, bt, c, cl, 0.2)) < 1e-5
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_split_kv(splits):
+    ctx = [0, 40, 7, 100]
+    q, kv, bt, c, cl = paged_case(ctx, [1] * 4, hq=4, hkv=1, D=16, bs=16, seed=splits)
+    o = tri.paged_attention(q, kv, bt, c, cl, 0.25, num_splits=splits)
+    assert rel_err(o, ref.paged_attention(q, kv, bt, c, cl, 0.25)) < 1e-5
+
+
+def test_write_kv_and_gate():
+    gen = seeded(9)
+    kv_t = randn(4, 2, 8, 2, 16, gen=gen)
+    kv_r = kv_t.clone()
+    k, v = randn(5, 2, 16, gen=gen), randn(5, 2, 16, gen=gen)
+    slots = torch.tensor([3, -1, 17, 8, 31], device=DEV)
+    tri.write_kv(k, v, kv_t, slots)
+    ref.write_kv(k, v, kv_r, slots)
+    assert torch.equal(kv_t, kv_r)
+    o, g = randn(5, 4, 16, gen=gen), randn(5, 4, 16, gen=gen)
+    assert rel_err(tri.gate_output(o, g), o * torch.sigmoid(g)) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ctx,new", [([0, 1000], [2000, 37]), ([5000] * 8, [1] * 8)])
+def test_attention_bf16_gpu(ctx, new):
+    q, kv, bt, c, cl = paged_case(ctx, new, hq=16, hkv=2, D=256, bs=16, seed=1, dtype=torch.bfloat16)
+    o = tri.paged_attention(q, kv, bt, c, cl, 1 / 16)
+    assert rel_err(o, ref.paged_attention(q, kv, bt, c, cl, 1 / 16)) < 1e-2
