@@ -3,7 +3,7 @@
 Text in, structured out (engine-agnostic). A block whose JSON is not an object with a string `name`
 stays in the content verbatim, tags included; so does a block cut by max_tokens (unclosed and not
 valid JSON). Content is the text outside valid blocks, with the whitespace that touches a valid
-block removed (None if nothing is left). `arguments` is `json.dumps(arguments, ensure_ascii=False)`.
+block removed, the pieces joined by "\n" (None if nothing is left). `arguments` is `json.dumps(arguments, ensure_ascii=False)`.
 Streaming (`ToolCallStream`) announces a call (index, id, type, name) once `"arguments": ` is
 reached and then streams the raw argument text as fragments, as vLLM's hermes parser does for this
 format; with `stream_arguments=False` each call is sent whole when its block closes.
@@ -66,15 +66,12 @@ def extract_tool_calls(text: str, id_factory=new_call_id) -> tuple[str | None, l
         pos = m.end()
     pieces.append(text[pos:])
     calls = [p for p in pieces if isinstance(p, dict)]
-    content = []
+    texts = []
     for i, p in enumerate(pieces):
         if isinstance(p, str):
-            if i > 0:
-                p = p.lstrip()
-            if i < len(pieces) - 1:
-                p = p.rstrip()
-            content.append(p)
-    return "".join(content) or None, calls
+            p = p.lstrip() if i > 0 else p
+            texts.append(p.rstrip() if i < len(pieces) - 1 else p)
+    return "\n".join(t for t in texts if t) or None, calls
 
 
 @dataclass
@@ -100,6 +97,7 @@ class ToolCallStream:
         self._ws_hold = ""  # trailing whitespace of the content, dropped if a valid call follows
         self._block_ws = ""  # that whitespace while the block is undecided
         self._after_call = False  # strip leading whitespace of the content that follows a call
+        self._emitted = False  # some content was sent
         self._args_start = -1  # announced call: where its raw arguments start in _buf
         self._args_sent = 0
 
@@ -140,9 +138,13 @@ class ToolCallStream:
         text = self._ws_hold + text
         if self._after_call:
             text = text.lstrip()
-            self._after_call = not text
+            if text:
+                self._after_call = False
+                # text on both sides of a call: keep them apart with one newline
+                text = "\n" + text if self._emitted else text
         core = text if final else text.rstrip()
         self._ws_hold = text[len(core) :]
+        self._emitted = self._emitted or bool(core)
         return core
 
     # ---- blocks ----
