@@ -10,7 +10,9 @@ single-threaded; the async server drives it from one thread.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import os
 
 import torch
 
@@ -24,6 +26,18 @@ from qwen3next.outputs import CompletionOutput, RequestOutput
 from qwen3next.sampling_params import SamplingParams
 
 logger = logging.getLogger("qwen3next.engine")
+
+
+def read_generation_config(model_dir: str) -> dict:
+    """The model's generation_config.json as a dict ({} when absent)."""
+    file = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(file):
+        return {}
+    with open(file, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file} is not valid JSON: {e}") from None
 
 
 class LLMEngine:
@@ -58,14 +72,31 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._pending: list[RequestOutput] = []  # aborts, reported by the next step()
+        self.generation_config: dict = {}
+        self.model_dir: str | None = None
 
     @classmethod
     def from_args(cls, args: EngineArgs) -> "LLMEngine":
-        """Build the model from `args.model` (a dir or hub id), load its weights, make the engine."""
-        from qwen3next.engine.loading import load_model
+        """Load `args.model` (a dir or hub id) onto its device and build the engine around it.
+        The model's generation_config.json is kept as `engine.generation_config` (a dict)."""
+        from qwen3next.config import ModelConfig
+        from qwen3next.loader import load_model, resolve_model_dir
 
-        model, eos = load_model(args)
-        return cls(model, args, eos)
+        if args.model is None:
+            raise ValueError("model must name a checkpoint directory or hub id")
+        path = resolve_model_dir(args.model)
+        device = args.torch_device()
+        dtype = args.torch_dtype(ModelConfig.from_dir(path).dtype, device)
+        torch.manual_seed(args.seed)
+        # the MTP head waits for speculative decoding; without it the cache has no MTP KV layer
+        model, cfg = load_model(path, dtype=dtype, device=device, with_mtp=False, progress=False)
+        gen = read_generation_config(path)
+        eos = gen.get("eos_token_id")
+        eos = [eos] if isinstance(eos, int) else list(eos or cfg.eos_token_id)
+        engine = cls(model, args, eos)
+        engine.generation_config = gen
+        engine.model_dir = path
+        return engine
 
     def _budget_bytes(self) -> int:
         a = self.args
