@@ -156,5 +156,6 @@ def render_chat(
             raise ValueError("continue_final_message: the template dropped part of the final message")
         loc = rendered.rindex(tag)
         # The template may have trimmed the tag's trailing space; then trim what precedes it too
-        rendered = rendered[:loc] if rendered[loc : loc + len(_CONTINUE_TAG)] == _CONTINUE_TAG else rendered[:loc].rstrip()
+        kept_space = rendered[loc : loc + len(_CONTINUE_TAG)] == _CONTINUE_TAG
+        rendered = rendered[:loc] if kept_space else rendered[:loc].rstrip()
     return rendered

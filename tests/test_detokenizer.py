@@ -75,7 +75,8 @@ def test_random_ids_match_decode(qwen):
     rng = random.Random(0)
     byte_ids = list(range(256))
     for _ in range(300):
-        ids = [rng.choice(byte_ids) if rng.random() < 0.6 else rng.randrange(151936) for _ in range(rng.randrange(1, 25))]
+        n = rng.randrange(1, 25)
+        ids = [rng.choice(byte_ids) if rng.random() < 0.6 else rng.randrange(151936) for _ in range(n)]
         deltas, tail, _ = _stream(qwen, ids)
         assert "".join(deltas) + tail == qwen.decode(ids), ids
 

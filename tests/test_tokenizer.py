@@ -104,7 +104,7 @@ def test_qwen_matches_tiktoken_on_ranks(qwen):
         special_tokens={c: 151643 + i for i, (c, _) in enumerate(QWEN3_ADDED_TOKENS)},
     )  # fmt: skip
     rng = random.Random(0)
-    pool = list("aAzZ09 \n\t\r.,'!?-_<>|/") + list("éüß中文日本語한국어Привет👍🏽👨‍👩‍\u00a0\u3000\u0301") + ["<think>", "<|im_end|>"]
+    pool = [*"aAzZ09 \n\t\r.,'!?-_<>|/", *"éüß中文日本語한국어Привет👍🏽👨‍👩‍\u00a0\u3000\u0301", "<think>", "<|im_end|>"]
     texts = [MIXED_TEXT] + ["".join(rng.choice(pool) for _ in range(rng.randrange(1, 40))) for _ in range(500)]
     for text in texts:
         want = enc.encode(unicodedata.normalize("NFC", text), allowed_special="all")

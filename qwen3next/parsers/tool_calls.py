@@ -3,7 +3,8 @@
 Text in, structured out (engine-agnostic). A block whose JSON is not an object with a string `name`
 stays in the content verbatim, tags included; so does a block cut by max_tokens (unclosed and not
 valid JSON). Content is the text outside valid blocks, with the whitespace that touches a valid
-block removed, the pieces joined by "\n" (None if nothing is left). `arguments` is `json.dumps(arguments, ensure_ascii=False)`.
+block removed, the pieces joined by "\n" (None if nothing is left). `arguments` is
+`json.dumps(arguments, ensure_ascii=False)`.
 Streaming (`ToolCallStream`) announces a call (index, id, type, name) once `"arguments": ` is
 reached and then streams the raw argument text as fragments, as vLLM's hermes parser does for this
 format; with `stream_arguments=False` each call is sent whole when its block closes.
