@@ -119,7 +119,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     ids, prefix, reasoning, tools_on = build_prompt(state, req)
     budget = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    max_tokens = max_new_tokens(state, len(ids), budget, param)
+    max_tokens = max_new_tokens(state, len(ids), budget, param, "messages")
     top = req.top_logprobs or 0
     params = sampling_params(state, req, max_tokens, top if req.logprobs else None)
     rid = req.request_id or random_id("chatcmpl")

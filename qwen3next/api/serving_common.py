@@ -44,13 +44,14 @@ def check_model(state: ServerState, name: str | None) -> str:
     return name
 
 
-def max_new_tokens(state: ServerState, prompt_len: int, requested: int | None, param: str) -> int:
+def max_new_tokens(state: ServerState, prompt_len: int, requested: int | None, param: str,
+                   prompt_param: str) -> int:
     """Output budget within the context; over-long prompts or budgets -> 400 (openai_api.md §6)."""
     limit = state.max_model_len
     if prompt_len >= limit:
         raise bad_request(f"This model's maximum context length is {limit} tokens. However, your "
                           f"request has {prompt_len} input tokens. Please reduce the length of the "
-                          "input messages.", "messages" if param == "max_completion_tokens" else "prompt")
+                          "input messages.", prompt_param)
     room = limit - prompt_len
     if requested is None:
         return room

@@ -73,7 +73,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw_requ
         ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if req.truncate_prompt_tokens is not None:
             ids = ids[-req.truncate_prompt_tokens:]
-        max_tokens = max_new_tokens(state, len(ids), req.max_tokens, "max_tokens")
+        max_tokens = max_new_tokens(state, len(ids), req.max_tokens, "max_tokens", "prompt")
         params = sampling_params(state, req, max_tokens, req.logprobs)
         echo = (prompt if isinstance(prompt, str) else tok.decode(ids)) if req.echo else ""
         samples = [_Sample(state, req, p * req.n + i, len(ids) if i == 0 else 0, echo) for i in range(req.n)]

@@ -52,6 +52,14 @@ class ServerHarness:
         eos = min(self.state.eos_ids) if self.state.eos_ids else self.tok.eos_token_id
         self.sampler = ScriptedSampler(self.engine.runner.sampler, eos)
         self.engine.runner.sampler = self.sampler
+        self.aborted: list[str] = []  # request ids the server aborted (client gone, stop string)
+        real_abort = self.engine.abort_request
+
+        def abort(request_id):
+            self.aborted.append(request_id)
+            real_abort(request_id)
+
+        self.engine.abort_request = abort
         self.app = build_app(self.state)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
