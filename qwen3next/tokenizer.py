@@ -107,6 +107,8 @@ class Tokenizer:
         if chat_template is None:
             chat_template = self.config.get("chat_template")
         if isinstance(chat_template, list):
+            if not all(isinstance(t, dict) and {"name", "template"} <= t.keys() for t in chat_template):
+                raise ValueError("chat_template: a list must hold {'name', 'template'} entries")
             chat_template = {t["name"]: t["template"] for t in chat_template}
         self.chat_template = chat_template  # str, {name: str}, or None (= built-in Thinking template)
         self.eos_token = _token_content(self.config.get("eos_token")) or "<|im_end|>"

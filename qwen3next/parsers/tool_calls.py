@@ -24,8 +24,6 @@ TOOL_END = "</tool_call>"
 _BLOCK_RE = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
 # The model's (template's) format: the name first, then arguments; at least one char of them seen
 _HEADER_RE = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*(?=\S)')
-# Held back while streaming arguments: the outer object's `}` and the whitespace around it
-_ARGS_TAIL_RE = re.compile(r"\s*\}?\s*\Z")
 
 
 def new_call_id() -> str:
@@ -48,6 +46,12 @@ def _json_string(literal: str) -> str | None:
         return json.loads(literal)
     except ValueError:
         return None
+
+
+def _without_outer_close(raw: str) -> str:
+    """Streamed arguments hold back what may be the outer object's `}` and the whitespace around it."""
+    raw = raw.rstrip()
+    return raw[:-1].rstrip() if raw.endswith("}") else raw
 
 
 def make_call(call_id: str, name: str, arguments: str) -> dict:
@@ -167,7 +171,7 @@ class ToolCallStream:
         raw = self._buf[self._args_start :]
         if not final:
             raw = raw[: len(raw) - partial_tag_len(raw, TOOL_END)]
-        safe = raw[: _ARGS_TAIL_RE.search(raw).start()]
+        safe = _without_outer_close(raw)
         if len(safe) > self._args_sent:
             fragment = safe[self._args_sent :]
             self._args_sent = len(safe)
