@@ -181,7 +181,7 @@ class CacheManager:
         p = self.plan
         gib = 1 << 30
         logger.info(
-            "cache: %d KV blocks x %d tokens = %d tokens (%.3f GiB) + %d state slots (%.1f MiB each); "
+            "cache: %d KV blocks x %d tokens = %d tokens (%.3f GiB) + %d state slots (%.3f MiB each); "
             "%d sequences run at once, %.2f of them at max_model_len=%d",
             p.num_blocks, p.block_size, p.num_tokens, p.num_blocks * p.bytes_per_block / gib,
             p.num_slots, p.bytes_per_slot / (1 << 20), p.num_slots,

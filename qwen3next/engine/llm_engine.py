@@ -163,6 +163,23 @@ class LLMEngine:
             out.outputs.append(self._delta(seq))
         self._pending.append(out)
 
+    def stop_sequence(self, request_id: str, index: int, stop_reason: int | str | None = None) -> None:
+        """Finish one sample with "stop" (a stop string found above the engine) and free its cache.
+        When that was the request's last running sample, the next step() reports it finished."""
+        req = self.requests.get(request_id)
+        if req is None or index >= len(req.seqs) or req.seqs[index].status is Status.FINISHED:
+            return
+        seq = req.seqs[index]
+        self.scheduler.remove(seq)
+        self.cache.free(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason, seq.stop_reason = "stop", stop_reason
+        if req.finished:
+            del self.requests[request_id]
+            out = RequestOutput(request_id, None, req.prompt_token_ids, finished=True)
+            out.outputs.append(self._delta(seq))
+            self._pending.append(out)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests or self._pending)
 

@@ -1,0 +1,198 @@
+"""The offline facade (vLLM names): `LLM(model=...).generate(prompts, SamplingParams(...))` and
+`.chat(messages, ...)`.
+
+Text lives here, above the token-id engine: prompts are encoded, outputs detokenized
+incrementally, stop strings searched in the new text (the text is cut at the stop string, vLLM
+semantics) and the sample stopped in the engine. Unset SamplingParams fields take the model's
+generation_config.json values.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Sequence
+
+from qwen3next.detokenizer import IncrementalDetokenizer
+from qwen3next.engine import EngineArgs, LLMEngine
+from qwen3next.outputs import CompletionOutput, RequestOutput
+from qwen3next.sampling_params import SamplingParams
+
+
+class _Completion:
+    """One sample being accumulated: token ids, logprobs, text, stop-string search."""
+
+    def __init__(self, index: int, params: SamplingParams, tokenizer):
+        self.out = CompletionOutput(index, "", [], None, [] if params.logprobs is not None else None)
+        self.params = params
+        self.tokenizer = tokenizer
+        self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens) if tokenizer else None
+        self.max_stop = max((len(s) for s in params.stop), default=0)
+        self.stopped = False  # ended by a stop string: later reports change nothing
+
+    def add(self, delta: CompletionOutput) -> str | None:
+        """Take a step's delta; -> the stop string that ended the text, if one did."""
+        if self.stopped:
+            return None
+        out = self.out
+        out.token_ids += delta.token_ids
+        out.cumulative_logprob = delta.cumulative_logprob
+        if delta.logprobs is not None:
+            if self.tokenizer is not None:
+                for d in delta.logprobs:
+                    for t, lp in d.items():
+                        lp.decoded_token = self.tokenizer.decode([t], skip_special_tokens=False)
+            out.logprobs += delta.logprobs
+        out.finish_reason, out.stop_reason = delta.finish_reason, delta.stop_reason
+        if self.detok is None:
+            return None
+        before = len(out.text)
+        for t in delta.token_ids:
+            out.text += self.detok.add(t)
+        if delta.finish_reason is not None:
+            out.text += self.detok.flush()
+        return self._find_stop(before) if self.max_stop else None
+
+    def _find_stop(self, before: int) -> str | None:
+        text = self.out.text
+        start = max(0, before - self.max_stop + 1)
+        best = None
+        for s in self.params.stop:
+            i = text.find(s, start)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is None:
+            return None
+        i, s = best
+        self.stopped = True
+        self.out.text = text[: i + len(s)] if self.params.include_stop_str_in_output else text[:i]
+        self.out.finish_reason, self.out.stop_reason = "stop", s
+        return s
+
+
+class LLM:
+    def __init__(self, model: str, tokenizer: str | None = None, dtype: str = "auto",
+                 device: str | None = None, seed: int = 0, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
+                 block_size: int = 16, kv_cache_memory_bytes: int | None = None,
+                 gpu_memory_utilization: float = 0.9, enable_chunked_prefill: bool = True,
+                 skip_tokenizer_init: bool = False, generation_config: str = "auto"):
+        if generation_config not in ("auto", "vllm"):
+            raise ValueError(f"generation_config must be 'auto' or 'vllm', got {generation_config!r}")
+        args = EngineArgs(
+            model=model, dtype=dtype, device=device, seed=seed, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+            block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
+            gpu_memory_utilization=gpu_memory_utilization, enable_chunked_prefill=enable_chunked_prefill,
+        )
+        self.llm_engine = LLMEngine.from_args(args)
+        self.tokenizer = None
+        if not skip_tokenizer_init:
+            from qwen3next.tokenizer import get_tokenizer
+
+            self.tokenizer = get_tokenizer(tokenizer or self.llm_engine.model_dir)
+        # "vllm": ignore the model's generation_config.json for sampling defaults
+        self._gen = self.llm_engine.generation_config if generation_config == "auto" else {}
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        return SamplingParams().with_generation_config(self._gen)
+
+    # ---- generation -----------------------------------------------------------------------
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """prompts: a str, {"prompt": str}, {"prompt_token_ids": [...]}, or a list of those."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if prompts and all(isinstance(p, int) for p in prompts):
+            raise ValueError("prompts: pass token ids as {'prompt_token_ids': [...]}")
+        parsed = [self._parse_prompt(p) for p in prompts]
+        if sampling_params is None:
+            params = [self.get_default_sampling_params()] * len(parsed)
+        elif isinstance(sampling_params, SamplingParams):
+            params = [sampling_params.with_generation_config(self._gen)] * len(parsed)
+        else:
+            params = [p.with_generation_config(self._gen) for p in sampling_params]
+            if len(params) != len(parsed):
+                raise ValueError(f"sampling_params has {len(params)} entries for {len(parsed)} prompts")
+        for p in params:
+            if p.stop and self.tokenizer is None:
+                raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True was given)")
+        return self._run(parsed, params, use_tqdm)
+
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = False, chat_template: str | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False, tools=None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """One conversation (a list of messages) or a list of them; rendered with the chat template."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer (skip_tokenizer_init=True was given)")
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("messages must be a non-empty list of messages (or of conversations)")
+        convs = [messages] if isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for conv in convs:
+            text = self.tokenizer.apply_chat_template(
+                conv, tools=tools, add_generation_prompt=add_generation_prompt, chat_template=chat_template,
+                continue_final_message=continue_final_message, **(chat_template_kwargs or {}),
+            )
+            prompts.append({"prompt": text})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    # ---- internals ------------------------------------------------------------------------
+    def _parse_prompt(self, p) -> tuple[str | None, list[int]]:
+        if isinstance(p, str):
+            p = {"prompt": p}
+        if not isinstance(p, dict):
+            raise ValueError(f"prompts: expected a str or a dict, got {type(p).__name__}")
+        if "prompt_token_ids" in p:
+            ids = p["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
+                raise ValueError("prompt_token_ids must be a list of integers")
+            return p.get("prompt"), list(ids)
+        if "prompt" in p:
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (skip_tokenizer_init=True was given)")
+            return p["prompt"], self.tokenizer.encode(p["prompt"])
+        raise ValueError("prompts: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+
+    def _run(self, parsed, params, use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        results: dict[str, RequestOutput] = {}
+        comps: dict[str, list[_Completion]] = {}
+        order = []
+        try:
+            for (text, ids), p in zip(parsed, params):
+                rid = str(next(self._ids))
+                engine.add_request(rid, ids, p)
+                order.append(rid)
+                results[rid] = RequestOutput(rid, text, ids)
+                comps[rid] = [_Completion(i, p, self.tokenizer) for i in range(p.n)]
+            bar = None
+            if use_tqdm:
+                from tqdm import tqdm
+
+                bar = tqdm(total=len(order), desc="Processed prompts")
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    for delta in out.outputs:
+                        stop = comps[out.request_id][delta.index].add(delta)
+                        if stop is not None:
+                            engine.stop_sequence(out.request_id, delta.index, stop)
+                    if out.finished:
+                        results[out.request_id].finished = True
+                        if bar is not None:
+                            bar.update(1)
+            if bar is not None:
+                bar.close()
+        except BaseException:
+            for rid in order:
+                engine.abort_request(rid)
+            while engine.has_unfinished_requests():  # drain the abort reports
+                engine.step()
+            raise
+        for rid in order:
+            results[rid].outputs = [c.out for c in comps[rid]]
+        return [results[rid] for rid in order]
