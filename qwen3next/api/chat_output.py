@@ -51,6 +51,11 @@ class ChoiceParser:
             if not self.parallel:
                 calls = [c for c in calls if c["index"] == 0]
         self.called = self.called or bool(calls)
+        for c in calls:
+            if "id" in c:
+                # Qwen-Agent's raw-API mode builds FunctionCall(arguments=...) from the first delta
+                # and rejects null: always send a string
+                c["function"].setdefault("arguments", "")
         if not include_reasoning:
             reasoning = ""
         if not (reasoning or content or calls):

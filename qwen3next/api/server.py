@@ -119,8 +119,6 @@ def build_engine(ns):
     """An LLMEngine from the serve/chat/generate arguments (model dir or hub id)."""
     from qwen3next.engine.args import EngineArgs
     from qwen3next.engine.llm_engine import LLMEngine
-    from qwen3next.loader import load_model, resolve_model_dir
-    from qwen3next.tokenizer import read_generation_config
 
     fields = {k: getattr(ns, k) for k in ("dtype", "device", "max_num_seqs", "max_num_batched_tokens",
                                           "max_model_len", "kv_cache_memory_bytes", "seed")
@@ -131,12 +129,8 @@ def build_engine(ns):
             fields["speculative_config"] = json.loads(spec) if isinstance(spec, str) else spec
         else:
             log.warning("--speculative-config ignored: this engine has no speculative decoding option")
-    model_dir = resolve_model_dir(ns.model)
-    args = EngineArgs(model=model_dir, **fields)
-    device = args.torch_device()
-    model, _ = load_model(model_dir, dtype=args.torch_dtype(None, device), device=device, progress=False)
-    eos = read_generation_config(model_dir).get("eos_token_id") or []
-    return LLMEngine(model, args, eos), model_dir
+    engine = LLMEngine.from_args(EngineArgs(model=ns.model, **fields))
+    return engine, engine.model_dir
 
 
 def thinking_template(tokenizer) -> bool:
