@@ -223,7 +223,7 @@ def _state_kernel(k_ptr, u_ptr, kd_ptr, G_ptr, w_ptr, h_ptr, cu_ptr, coff_ptr,
         init = tl.load(init_ptr + b)
         sp = st_ptr + ((slot * HV + h) * DK + ck[:, None]) * DV + cv[None, :]
         if (slot >= 0) & (init != 0):
-            S = tl.load(sp)
+            S = tl.load(sp).to(tl.float32)
     dt = k_ptr.dtype.element_ty
     n_chunks = tl.cdiv(eos - bos, BT)
     for ci in range(n_chunks):
@@ -359,7 +359,7 @@ def _recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, o_ptr, cu_ptr, st_ptr, 
         init = tl.load(init_ptr + b)
         sp = st_ptr + ((slot * HV + h) * DK + ck[:, None]) * DV + cv[None, :]
         if (slot >= 0) & (init != 0):
-            S = tl.load(sp)
+            S = tl.load(sp).to(tl.float32)
     for t in range(bos, eos):
         qv = tl.load(q_ptr + (t * HK + hk) * DK + ck).to(tl.float32)
         kv = tl.load(k_ptr + (t * HK + hk) * DK + ck).to(tl.float32)
