@@ -1,7 +1,16 @@
-"""Shared pytest fixtures. `tiny_ckpt`: one tiny random Qwen3-Next checkpoint (with MTP tensors
-and the tiny tokenizer) per test session; treat it as read-only."""
+"""Shared pytest fixtures and settings.
+
+`tiny_ckpt`: one tiny random Qwen3-Next checkpoint (with MTP tensors and the tiny tokenizer) per
+test session; treat it as read-only. Torch runs single-threaded in tests: the models are tiny and
+on a shared 2-core machine intra-op threads cost ~10x in contention (QWEN3NEXT_TEST_THREADS overrides).
+"""
+
+import os
 
 import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("QWEN3NEXT_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")
