@@ -101,6 +101,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    def fail_all(self, error: BaseException) -> None:
+        """Abort every open request and hand each its `error` (server shutdown)."""
+        self._commands.put(("fail_all", error))
+
     # ---- the engine thread ----
     def _run(self) -> None:
         try:
@@ -136,6 +140,10 @@ class AsyncEngine:
                 self.engine.add_request(rid, ids, params)
             except ValueError as e:
                 self._deliver(rid, APIError(str(e), 400), True)
+        elif cmd[0] == "fail_all":
+            for rid in list(self._streams):
+                self.engine.abort_request(rid)
+                self._deliver(rid, cmd[1], True)
         elif cmd[0] == "abort":
             rid = cmd[1]
             if rid in self._streams:

@@ -167,12 +167,44 @@ def build_state(ns, engine=None, model_dir: str | None = None) -> ServerState:
 
 
 def run_server(ns) -> None:
-    """Load the model, serve until SIGINT/SIGTERM (uvicorn's handlers), then shut down cleanly."""
+    """Load the model, serve until SIGINT/SIGTERM, then shut down cleanly.
+
+    On the signal uvicorn stops accepting; open requests get `--shutdown-timeout` seconds to
+    finish, then each is aborted with a 503 error (an error event + [DONE] for streams), so every
+    client sees a well-formed end and the cache is freed before the process exits.
+    """
+    import signal
+    import threading
+
     import uvicorn
 
     state = build_state(ns)
     app = build_app(state)
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises the signal after shutdown (exit 130 / killed by SIGTERM); a clean
+            # shutdown should exit 0, so only install the handlers
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in old.items():
+                    signal.signal(s, handler)
+
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:
+                timer = threading.Timer(ns.shutdown_timeout, state.engine.fail_all,
+                                        [APIError("The server is shutting down.", 503)])
+                timer.daemon = True
+                timer.start()
+            super().handle_exit(sig, frame)
+
     log.info("serving %s on http://%s:%d/v1", ", ".join(state.served_names), ns.host, ns.port)
     config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level,
-                            timeout_graceful_shutdown=ns.shutdown_timeout)
-    uvicorn.Server(config).run()
+                            timeout_graceful_shutdown=ns.shutdown_timeout + 5)
+    Server(config).run()

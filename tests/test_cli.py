@@ -1,0 +1,89 @@
+"""The `qwen3next` command: generate, errors as one line, and `serve` shutting down cleanly on SIGINT
+with a stream in flight."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from qwen3next.cli import build_parser, main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_subcommands_registered():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert {"serve", "generate", "chat"} <= set(sub.choices)
+    try:
+        import qwen3next.train.cli  # noqa: F401
+    except ImportError:
+        return
+    assert {"train", "eval"} <= set(sub.choices)
+
+
+def test_generate_prints_text(tiny_ckpt, capsys):
+    assert main(["generate", "--model", tiny_ckpt, "--prompt", "Hello", "--max-tokens", "4",
+                 "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("\n") and len(out) > 1
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+
+
+def test_missing_demo_model_is_a_clear_error(capsys, monkeypatch):
+    import qwen3next.cli as cli
+
+    monkeypatch.setattr(cli, "DEMO_MODEL", "/nonexistent/demo_model")
+    assert main(["chat"]) == 1
+    assert "pass --model" in capsys.readouterr().err
+
+
+def test_serve_sigint_shuts_down_cleanly(tiny_ckpt):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen3next", "serve", "--model", tiny_ckpt, "--port", str(port),
+         "--served-model-name", "tiny", "--shutdown-timeout", "2", "--log-level", "warning"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(0.2)
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400,
+                "ignore_eos": True, "stream": True}
+        lines = []
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                if len(lines) == 3:
+                    proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+        # the stream ended well-formed: aborted with an error event by the shutdown, then [DONE]
+        assert lines[-1] == "data: [DONE]"
+        events = [json.loads(x[6:]) for x in lines[:-1]]
+        assert events[-1]["error"]["message"] == "The server is shutting down."
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
