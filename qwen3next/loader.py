@@ -43,7 +43,7 @@ def resolve_model_dir(path_or_id: str) -> str:
     except Exception as e:  # offline, unknown repo, no auth: one line saying what to do
         raise CheckpointError(
             f"could not fetch {path_or_id!r} from the Hugging Face hub ({type(e).__name__}); download it "
-            f"first (huggingface-cli download {path_or_id} --local-dir DIR) and pass DIR"
+            f"first (`hf download {path_or_id} --local-dir DIR`) and pass DIR"
         ) from None
 
 
