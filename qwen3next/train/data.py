@@ -227,7 +227,7 @@ def make_plain(rng: random.Random) -> Conversation:
 FAMILY_WEIGHTS = {"arith": 0.5, "tool": 0.3, "plain": 0.2}
 
 
-def _with_extras(conv: Conversation, rng: random.Random) -> Conversation:
+def with_extras(conv: Conversation, rng: random.Random) -> Conversation:
     """Sometimes a system prompt, sometimes an earlier exchange (whose reasoning the template drops)."""
     msgs = conv.messages
     if rng.random() < 0.1:
@@ -241,7 +241,7 @@ def _with_extras(conv: Conversation, rng: random.Random) -> Conversation:
 def make_conversation(rng: random.Random) -> Conversation:
     family = rng.choices(list(FAMILY_WEIGHTS), weights=list(FAMILY_WEIGHTS.values()))[0]
     conv = {"arith": make_arith, "tool": make_tool, "plain": make_plain}[family](rng)
-    return _with_extras(conv, rng)
+    return with_extras(conv, rng)
 
 
 def generate(n: int, seed: int) -> list[Conversation]:

@@ -6,8 +6,13 @@ the tokens that count as targets (assistant turns). A target never crosses a seq
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
+
+from qwen3next.forward_batch import ForwardBatch
+from qwen3next.layers.moe import SparseMoeBlock
 
 
 def shift_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor, cu_seqlens: torch.Tensor, shift: int):
@@ -29,11 +34,12 @@ def shift_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor, cu_seqlens: 
     return targets, valid
 
 
-def masked_ce(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean cross entropy over valid positions; logits [T, V] (any float dtype, computed in fp32)."""
+def scored_ce(model, hidden: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy of model.compute_logits(hidden) at the valid positions only (the
+    lm_head runs just there)."""
     if not bool(valid.any()):
-        return logits.sum() * 0.0  # keeps the graph; nothing to learn from in this batch
-    return F.cross_entropy(logits[valid].float(), targets[valid])
+        return hidden.sum() * 0.0  # keeps the graph; nothing to learn from in this batch
+    return F.cross_entropy(model.compute_logits(hidden[valid]), targets[valid])
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
@@ -55,3 +61,52 @@ def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.
         ) / chosen.numel()
         losses.append(E * (f * probs.mean(0)).sum())
     return torch.stack(losses).mean()
+
+
+@contextmanager
+def capture_router_logits(module: torch.nn.Module):
+    """Collect the router logits [T, E] of every MoE block under `module` during a forward."""
+    found: list[torch.Tensor] = []
+    handles = [
+        m.register_forward_hook(lambda _m, _inp, out: found.append(out[1]))
+        for m in module.modules()
+        if isinstance(m, SparseMoeBlock)
+    ]
+    try:
+        yield found
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def model_losses(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, positions: torch.Tensor,
+                 batch: ForwardBatch, mtp_weight: float, aux_coef: float) -> dict[str, torch.Tensor]:
+    """Forward a packed batch and return {"loss", "lm", "mtp", "aux"} (mtp/aux only when present).
+
+    loss = lm + mtp_weight * mtp + aux_coef * aux. The MTP head sees the pairs (x_{t+1}, h_t) for
+    every position t but a sequence's last, and is scored on x_{t+2}; the balance loss averages
+    over every MoE layer, the MTP layer's included.
+    """
+    hidden, routers = model(input_ids, positions, batch, return_router_logits=True)
+    cu = batch.cu_seqlens
+    tgt1, valid1 = shift_targets(input_ids, loss_mask, cu, 1)
+    lm = scored_ce(model, hidden, tgt1, valid1)
+    out = {"lm": lm}
+    loss = lm
+    if model.mtp is not None and mtp_weight > 0:
+        _, has_next = shift_targets(input_ids, torch.ones_like(loss_mask), cu, 1)
+        idx = has_next.nonzero().squeeze(1)  # [T - B] positions t with an in-sequence x_{t+1}
+        mtp_batch = ForwardBatch.full([n - 1 for n in batch.seq_lens], device=input_ids.device)
+        with capture_router_logits(model.mtp) as mtp_routers:
+            y = model.mtp(input_ids[idx + 1], hidden[idx], positions[idx], mtp_batch)
+        routers = list(routers) + mtp_routers
+        tgt2, valid2 = shift_targets(input_ids, loss_mask, cu, 2)
+        mtp = scored_ce(model, y, tgt2[idx], valid2[idx])
+        out["mtp"] = mtp
+        loss = loss + mtp_weight * mtp
+    if routers:
+        aux = load_balancing_loss(routers, model.config.num_experts_per_tok)
+        out["aux"] = aux
+        loss = loss + aux_coef * aux
+    out["loss"] = loss
+    return out
