@@ -134,3 +134,20 @@ def test_disconnect_non_streaming_aborts(srv, client):
     assert srv.wait_idle(10)
     assert len(srv.aborted) == n_aborted + 1
     assert srv.state.engine.num_live_requests == 0
+
+
+def test_load_benchmark_leaves_nothing_behind(srv, client):
+    import argparse
+    import asyncio
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "bench_server_load.py")
+    spec = importlib.util.spec_from_file_location("bench_server_load", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ns = argparse.Namespace(clients=8, duration=3.0, max_tokens=12, hang_up=0.3)
+    stats = asyncio.run(bench.run(srv.url, "tiny", ns))
+    assert not stats.failures, stats.failures
+    assert stats.outcomes.get("completed", 0) > 0 and stats.outcomes.get("http_503", 0) > 0
+    assert stats.ttft and stats.itl
