@@ -217,3 +217,28 @@ def test_backward_reaches_every_trunk_parameter(tiny_ckpt):
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if not n.startswith("mtp.") and p.grad is None]
     assert no_grad == []
+
+
+@pytest.mark.parametrize("case", ["new"], indirect=True)
+@torch.no_grad()
+def test_per_token_state_slots_hold_the_state_after_each_token(case):
+    """Speculative verify: with batch.per_token_state_slots, the DeltaNet conv and recurrent states
+    after every token land in those slots, equal to a run that stopped at that token."""
+    m, seq = case.model, _ids(30, 11)
+    tc = TinyCache(m, num_seqs=6)
+    m(seq[:25], torch.arange(25), tc.batch([0], [25]))
+    pos = tc.positions([0], [5])
+    fb = tc.batch([0], [5])
+    fb.per_token_state_slots = torch.tensor([3, -1, 4, 5, 6])
+    m(seq[25:], pos, fb)
+    for t, slot in [(0, 3), (2, 4), (3, 5), (4, 6)]:
+        ref = TinyCache(m, num_seqs=1)
+        m(seq[: 26 + t], torch.arange(26 + t), ref.batch([0], [26 + t]))
+        for i in case.cfg.linear_layers:
+            torch.testing.assert_close(tc.cache.conv[i][slot], ref.cache.conv[i][1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(tc.cache.recurrent[i][slot], ref.cache.recurrent[i][1], atol=1e-4, rtol=0)
+    # and the sequence's own slot holds the state after the last token
+    ref = TinyCache(m, num_seqs=1)
+    m(seq, torch.arange(30), ref.batch([0], [30]))
+    i = case.cfg.linear_layers[-1]
+    torch.testing.assert_close(tc.cache.recurrent[i][1], ref.cache.recurrent[i][1], atol=1e-4, rtol=0)
