@@ -159,7 +159,8 @@ def load_model(path_or_id: str, dtype: torch.dtype = torch.bfloat16, device: str
     cfg = ModelConfig.from_dir(path)
     with torch.device("meta"):
         model = Qwen3NextForCausalLM(cfg, with_mtp=with_mtp)
-    model = model.to_empty(device=device).to(dtype)
+    # cast on meta first so real memory is allocated once, in the target dtype
+    model = model.to(dtype).to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty re-creates parameters, which unties them
         model.lm_head.weight = model.model.embed_tokens.weight
     load_weights(model, path, progress=progress)
