@@ -28,6 +28,8 @@ VARIANTS = {
     # YaRN with positions far past original_max_position_embeddings; value heads 4x; rotary 0.5
     "yarn": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
                  partial_rotary_factor=0.5, linear_num_key_heads=1, linear_num_value_heads=4),
+    # every weight rounded to bf16 (as released checkpoints hold them)
+    "bf16w": dict(bf16_round=True),
 }
 
 
@@ -185,11 +187,11 @@ def test_mtp_matches_oracle_and_cache(case):
     torch.testing.assert_close(m.compute_logits(torch.cat(pieces)), ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("case", ["bf16w"], indirect=True)
 @torch.no_grad()
-def test_bf16_forward_on_cpu(tmp_path):
-    path = make_tiny_checkpoint(tmp_path / "bf16", with_tokenizer=False, bf16_round=True)
-    m32, _ = load_model(path, dtype=torch.float32, progress=False)
-    m16, _ = load_model(path, dtype=torch.bfloat16, progress=False)
+def test_bf16_forward_on_cpu(case):
+    m32 = case.model
+    m16, _ = load_model(case.path, dtype=torch.bfloat16, progress=False)
     assert m16.lm_head.weight.dtype == torch.bfloat16
     ids = _ids(80, 5)
     batch = ForwardBatch.full([80])
