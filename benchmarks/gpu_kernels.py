@@ -110,7 +110,9 @@ def profile_kernels(fn) -> dict[str, float]:
 
 def chunked(quick: bool) -> None:
     cases = {"T4096": [4096], "T32768": [32768], "8x4096": [4096] * 8}
-    variants = [(32, 64), (64, 64), (16, 64), (32, 128)] if not quick else [(32, 64)]
+    # (fuse_output, bv_state, bv_out)
+    variants = [(False, 32, 64), (False, 32, 128), (True, 32, 0), (True, 64, 0), (True, 16, 0)]
+    variants = variants if not quick else variants[:1]
     for name, lens in cases.items():
         q, k, v, g, beta, cu = prefill_inputs(lens)
         B = len(lens)
@@ -131,26 +133,25 @@ def chunked(quick: bool) -> None:
             res["fla_profile_us"] = profile_kernels(run_fla)
             row(f"delta chunked {name} fla", res["fla_ms"])
         best = None
-        for bvs, bvo in variants:
+        for fuse, bvs, bvo in variants:
             p = pool.clone()
-            o = t_dr.gated_delta_rule_chunked(q, k, v, g, beta, cu, p, slots, has, bv_state=bvs, bv_out=bvo)
-            key = f"ours_bvs{bvs}_bvo{bvo}"
+            kw = dict(fuse_output=fuse, bv_state=bvs, bv_out=bvo or 64)
+            o = t_dr.gated_delta_rule_chunked(q, k, v, g, beta, cu, p, slots, has, **kw)
+            key = f"ours_fuse{int(fuse)}_bvs{bvs}_bvo{bvo}"
             if o_fla is not None:
                 res[key + "_relerr_vs_fla"] = rel(o, o_fla[0])
                 res[key + "_state_relerr_vs_fla"] = rel(p[slots], ht)
-            ms = bench(lambda: t_dr.gated_delta_rule_chunked(q, k, v, g, beta, cu, p, slots, has,
-                                                              bv_state=bvs, bv_out=bvo))
+            ms = bench(lambda: t_dr.gated_delta_rule_chunked(q, k, v, g, beta, cu, p, slots, has, **kw))
             res[key + "_ms"] = ms
             ratio = f"fla/ours = {res['fla_ms'] / ms:.2f}" if "fla_ms" in res else ""
-            row(f"delta chunked {name} ours bv_state={bvs} bv_out={bvo}", ms, ratio)
-            if best is None or ms < res[best + "_ms"]:
-                best = key
-        res["best"] = best
+            row(f"delta chunked {name} ours {key[5:]}", ms, ratio)
+            if best is None or ms < res[best[0] + "_ms"]:
+                best = (key, kw)
+        res["best"] = best[0]
         if "fla_ms" in res:
-            res["speedup_vs_fla"] = res["fla_ms"] / res[best + "_ms"]
-        bvs, bvo = (int(s[3:]) for s in best.split("_")[1:])
+            res["speedup_vs_fla"] = res["fla_ms"] / res[best[0] + "_ms"]
         res["ours_profile_us"] = profile_kernels(lambda: t_dr.gated_delta_rule_chunked(
-            q, k, v, g, beta, cu, pool, slots, has, bv_state=bvs, bv_out=bvo))
+            q, k, v, g, beta, cu, pool, slots, has, **best[1]))
         RESULTS[f"chunked_{name}"] = res
         del q, k, v, g, beta, pool
         torch.cuda.empty_cache()
@@ -173,7 +174,7 @@ def decode(quick: bool) -> None:
         slots = torch.randperm(N, device="cuda")[:B]
         traffic = 2 * B * state_bytes  # state read + written once
         res: dict = {"layers_cycled": L, "state_bytes_per_call": traffic}
-        variants = [(32, 4), (16, 2), (32, 2), (64, 4), (16, 4), (64, 8)] if not quick else [(32, 4)]
+        variants = [(64, 4), (32, 2), (32, 4), (64, 2)] if not quick else [(64, 4)]
         for bv, nw in variants:
             def run(bv=bv, nw=nw):
                 for i in range(L):
@@ -248,6 +249,7 @@ def others(quick: bool) -> None:
         y = t_moe.moe_experts(xm, gu, dn, wts, ids)
         err = rel(y, ref_moe.moe_experts(xm, gu, dn, wts, ids))
         ms = bench(lambda: t_moe.moe_experts(xm, gu, dn, wts, ids), graph=(T == 1))
+        res[f"moe_T{T}_profile_us"] = profile_kernels(lambda: t_moe.moe_experts(xm, gu, dn, wts, ids))
         active = int(torch.unique(ids).numel())
         wbytes = active * 3 * I * H * 2
         flops = 2 * T * k * 3 * I * H

@@ -32,7 +32,8 @@ def test_chunked_matches_reference_fresh(lens):
     assert rel_err(o, o_ref) < 1e-4
 
 
-def test_chunked_state_pool_carried_across_calls():
+@pytest.mark.parametrize("fuse", [False, True])
+def test_chunked_state_pool_carried_across_calls(fuse):
     """Two calls over a varlen batch through the state pool == one call over the whole sequences."""
     first, second = [70, 1, 64, 5], [30, 64, 2, 100]
     whole = [a + b for a, b in zip(first, second)]
@@ -50,7 +51,7 @@ def test_chunked_state_pool_carried_across_calls():
     for idx, lens, init in ((idx1, first, False), (idx2, second, True)):
         has = torch.full((4,), init, dtype=torch.bool, device=DEV)
         parts.append(tri.gated_delta_rule_chunked(q[idx], k[idx], v[idx], g[idx], beta[idx], cu(lens),
-                                                  pool, slots, has))
+                                                  pool, slots, has, fuse_output=fuse))
     assert rel_err(parts[0], o_whole[idx1]) < 1e-4
     assert rel_err(parts[1], o_whole[idx2]) < 1e-4
     ref_pool = torch.zeros(6, hv, dk, dv, device=DEV)
@@ -75,8 +76,9 @@ def test_recurrent_matches_reference_with_per_token_states():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fuse", [False, True])
 @pytest.mark.parametrize("lens", [[4096], [1, 700, 64, 3000, 65]])
-def test_chunked_bf16_gpu(lens):
+def test_chunked_bf16_gpu(lens, fuse):
     hk, hv, dk, dv = 16, 32, 128, 128
     q, k, v, g, beta = make(lens, hk, hv, dk, dv, seed=5, dtype=torch.bfloat16)
     c = cu(lens)
@@ -84,7 +86,7 @@ def test_chunked_bf16_gpu(lens):
     slots = torch.arange(len(lens), device=DEV) + 1
     has = torch.ones(len(lens), dtype=torch.bool, device=DEV)
     pool_ref = pool.clone()
-    o = tri.gated_delta_rule_chunked(q, k, v, g, beta, c, pool, slots, has)
+    o = tri.gated_delta_rule_chunked(q, k, v, g, beta, c, pool, slots, has, fuse_output=fuse)
     o_ref = ref.gated_delta_rule_chunked(q.float(), k.float(), v.float(), g, beta, c, pool_ref, slots, has)
     assert rel_err(o, o_ref) < 2e-2
     assert rel_err(pool, pool_ref) < 2e-2

@@ -39,8 +39,8 @@ def test_moe_bf16_gpu(T):
     x = randn(T, H, gen=gen, dtype=torch.bfloat16)
     gate_up = randn(E, 2 * I, H, gen=gen, dtype=torch.bfloat16, scale=0.02)
     down = randn(E, H, I, gen=gen, dtype=torch.bfloat16, scale=0.02)
-    logits = randn(T, E, gen=gen, dtype=torch.bfloat16)
+    logits = randn(T, E, gen=gen)  # fp32: bf16 logits tie often, and ties may pick either expert
     w, ids = tri.moe_route(logits, k, True)
     w_ref, ids_ref = ref.moe_route(logits, k, True)
-    assert (ids == ids_ref).float().mean() > 0.999 and rel_err(w, w_ref) < 1e-3
+    assert torch.equal(ids, ids_ref) and rel_err(w, w_ref) < 1e-5
     assert rel_err(tri.moe_experts(x, gate_up, down, w_ref, ids_ref), ref.moe_experts(x, gate_up, down, w_ref, ids_ref)) < 1e-2

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import chunk_table, pow2
+from ._util import autotune, chunk_table, pow2
 
 
 @triton.jit
@@ -41,6 +41,8 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
                                BS=kv_cache.shape[2], W=W, BW=pow2(W))
 
 
+@autotune([triton.Config({"BN": bn}, num_warps=w, num_stages=st)
+           for bn, w, st in ((32, 4, 2), (32, 8, 2), (64, 8, 2), (64, 4, 3), (32, 4, 3), (64, 8, 3))], key=["D"])
 @triton.jit
 def _prefill_kernel(q_ptr, kv_ptr, bt_ptr, cu_ptr, ctx_ptr, tab_ptr, o_ptr, scale, max_blocks,
                     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
@@ -49,6 +51,8 @@ def _prefill_kernel(q_ptr, kv_ptr, bt_ptr, cu_ptr, ctx_ptr, tab_ptr, o_ptr, scal
     h = tl.program_id(1)
     hkv = h // (HQ // HKV)
     seq = tl.load(tab_ptr + 2 * i_t).to(tl.int64)
+    if seq < 0:
+        return
     ci = tl.load(tab_ptr + 2 * i_t + 1)
     bos = tl.load(cu_ptr + seq)
     eos = tl.load(cu_ptr + seq + 1)
@@ -151,20 +155,20 @@ def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale, 
     ctx = torch.as_tensor(context_lens, device=q.device).to(torch.int64).contiguous()
     if T == B:  # decode: every sequence brings one token
         G = HQ // HKV
-        nsplit = num_splits or max(1, min(32, triton.cdiv(2 * 132, B * HKV)))
+        # enough programs to fill the GPU at batch 1 too (empty splits exit at once)
+        nsplit = num_splits or max(1, min(128, triton.cdiv(4 * 132, B * HKV)))
         po = torch.empty(B, HQ, nsplit, D, dtype=torch.float32, device=q.device)
         pm = torch.empty(B, HQ, nsplit, dtype=torch.float32, device=q.device)
         pl = torch.empty_like(pm)
         _decode_kernel[(B, HKV, nsplit)](q, kv_cache, bt, ctx, po, pm, pl, scale, bt.shape[1], nsplit,
-                                         HQ=HQ, HKV=HKV, D=D, BS=BS, G=G, GP=pow2(G), BN=max(16, BS),
+                                         HQ=HQ, HKV=HKV, D=D, BS=BS, G=G, GP=pow2(G), BN=max(64 if q.is_cuda else 16, BS),
                                          num_warps=4)
         _combine_kernel[(B * HQ,)](po, pm, pl, o, nsplit, D=D, SP=pow2(nsplit, 2))
         return o
     BM = 64 if q.is_cuda else 16
-    tab, _, NT = chunk_table(cu_seqlens.to(torch.int64), BM)
+    tab, _, NT = chunk_table(cu_seqlens.to(torch.int64), BM, T)
     _prefill_kernel[(NT, HQ)](q, kv_cache, bt, cu_seqlens.to(torch.int64).contiguous(), ctx, tab, o, scale,
-                              bt.shape[1], HQ=HQ, HKV=HKV, D=D, BS=BS, BM=BM, BN=32 if D > 128 else 64,
-                              num_warps=8 if D > 128 else 4)
+                              bt.shape[1], HQ=HQ, HKV=HKV, D=D, BS=BS, BM=BM)
     return o
 
 

@@ -1,14 +1,18 @@
 """Triton gated delta rule: chunked prefill over a packed varlen batch, and the recurrent form.
 
-Same signatures as kernels/delta_rule.py (spec §5.5-5.6). The chunked path is three launches:
-  1. `_wy_kernel`    per (chunk, v-head): G = cumsum(g), A = beta K K^T * decay (16x16 blocks),
-                     T = (I + A)^-1 (forward substitution on diagonal blocks, block merge), and
-                     U = T beta V, Kd = T (beta e^G) K.
-  2. `_state_kernel` per (sequence, v-head, dv block), sequential over chunks: reads the initial
-                     state from the pool slot, keeps S in registers, stores each chunk's S_0 and
-                     W = U - Kd S_0, writes the final S back to the slot.
-  3. `_out_kernel`   per (chunk, v-head, dv block): O = e^G Q S_0 + (causal decay-masked Q K^T) W.
-Matrix products take the input dtype (bf16 on GPU) with fp32 accumulation; the state is fp32.
+Same signatures as kernels/delta_rule.py (spec §5.5-5.6). The chunked path:
+  1. `_kkt_solve_kernel` per (chunk, v-head): G = cumsum(g), A = beta K K^T * decay in 16x16
+                     blocks, T = (I + A)^-1 (forward substitution on the diagonal blocks, then a
+                     block merge), stored as [T, Hv, 64] rows.
+  2. `_wu_kernel`    per (chunk, v-head): U = T beta V, Kd = T (beta e^G) K with whole 64x64 tiles.
+  3. `_state_kernel` per (sequence, v-head, dv block), sequential over chunks: reads the initial
+                     state from the pool slot, keeps S in registers, forms W = U - Kd S_0, writes
+                     the final S back to the slot. Either it also emits the output
+                     (fuse_output=True: O = e^G Q S_0 + (causal decay-masked Q K^T) W in the loop),
+                     or it stores each chunk's S_0 and W and
+  4. `_out_kernel`   computes O per (chunk, v-head, dv block) in parallel.
+Chunk tables are built on the device (no host sync). Matrix products take the activation dtype
+(bf16 on GPU) with fp32 accumulation; the state is fp32.
 """
 
 from __future__ import annotations
@@ -17,20 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import chunk_table, pow2
+from ._util import autotune, chunk_table
 
 BT = 64  # chunk length (the spec's 64)
 BC = 16  # sub-block of the (I + A) inverse
-
-
-@triton.jit
-def _sub_rows(cu_ptr, tab_ptr, i_c, BT: tl.constexpr):
-    seq = tl.load(tab_ptr + 2 * i_c)
-    ci = tl.load(tab_ptr + 2 * i_c + 1)
-    bos = tl.load(cu_ptr + seq).to(tl.int64)
-    eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
-    return bos + ci * BT, eos
-
 
 @triton.jit
 def _inv_unit_lower(a, BC: tl.constexpr):
@@ -55,15 +49,24 @@ def _blk_a(kk, beta_i, G_i, G_j, DIAG: tl.constexpr, BC: tl.constexpr):
     return kk * beta_i[:, None] * tl.exp(d)
 
 
+def _configs(warps):
+    return [triton.Config({}, num_warps=w) for w in warps]
+
+
+@autotune(_configs([4, 2, 1]), key=["DK"])
 @triton.jit
-def _wy_kernel(k_ptr, v_ptr, g_ptr, b_ptr, cu_ptr, tab_ptr, G_ptr, u_ptr, kd_ptr,
-               HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-               BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               PREC: tl.constexpr):
+def _kkt_solve_kernel(k_ptr, g_ptr, b_ptr, cu_ptr, tab_ptr, G_ptr, A_ptr,
+                      HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr,
+                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     i_c = tl.program_id(0)
     h = tl.program_id(1)
+    seq = tl.load(tab_ptr + 2 * i_c)
+    if seq < 0:
+        return
     hk = h // (HV // HK)
-    t0, eos = _sub_rows(cu_ptr, tab_ptr, i_c, BT)
+    bos = tl.load(cu_ptr + seq).to(tl.int64)
+    eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
+    t0 = bos + tl.load(tab_ptr + 2 * i_c + 1) * BT
     o = tl.arange(0, BC)
     r0 = t0 + o
     r1 = r0 + BC
@@ -144,69 +147,61 @@ def _wy_kernel(k_ptr, v_ptr, g_ptr, b_ptr, cu_ptr, tab_ptr, G_ptr, u_ptr, kd_ptr
                   input_precision=PREC)
     t30 = -tl.dot(t33, tl.dot(a30, t00, input_precision=PREC) + tl.dot(a31, t10, input_precision=PREC)
                   + tl.dot(a32, t20, input_precision=PREC), input_precision=PREC)
-    dt = k_ptr.dtype.element_ty
-    t00 = t00.to(dt)
-    t10 = t10.to(dt)
-    t11 = t11.to(dt)
-    t20 = t20.to(dt)
-    t21 = t21.to(dt)
-    t22 = t22.to(dt)
-    t30 = t30.to(dt)
-    t31 = t31.to(dt)
-    t32 = t32.to(dt)
-    t33 = t33.to(dt)
+    # rows of T as [T, Hv, BT]; blocks above the diagonal are never stored (readers mask them)
+    dt = A_ptr.dtype.element_ty
+    ap = A_ptr + h * BT + o[None, :]
+    tl.store(ap + r0[:, None] * (HV * BT), t00.to(dt), mask=m0[:, None])
+    tl.store(ap + r1[:, None] * (HV * BT), t10.to(dt), mask=m1[:, None])
+    tl.store(ap + r1[:, None] * (HV * BT) + BC, t11.to(dt), mask=m1[:, None])
+    tl.store(ap + r2[:, None] * (HV * BT), t20.to(dt), mask=m2[:, None])
+    tl.store(ap + r2[:, None] * (HV * BT) + BC, t21.to(dt), mask=m2[:, None])
+    tl.store(ap + r2[:, None] * (HV * BT) + 2 * BC, t22.to(dt), mask=m2[:, None])
+    tl.store(ap + r3[:, None] * (HV * BT), t30.to(dt), mask=m3[:, None])
+    tl.store(ap + r3[:, None] * (HV * BT) + BC, t31.to(dt), mask=m3[:, None])
+    tl.store(ap + r3[:, None] * (HV * BT) + 2 * BC, t32.to(dt), mask=m3[:, None])
+    tl.store(ap + r3[:, None] * (HV * BT) + 3 * BC, t33.to(dt), mask=m3[:, None])
 
-    # U = T diag(beta) V   [BT, DV]
+
+@autotune(_configs([4, 2, 8]), key=["DK", "DV"])
+@triton.jit
+def _wu_kernel(k_ptr, v_ptr, b_ptr, G_ptr, A_ptr, cu_ptr, tab_ptr, u_ptr, kd_ptr,
+               HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    i_c = tl.program_id(0)
+    h = tl.program_id(1)
+    seq = tl.load(tab_ptr + 2 * i_c)
+    if seq < 0:
+        return
+    hk = h // (HV // HK)
+    bos = tl.load(cu_ptr + seq).to(tl.int64)
+    eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
+    o = tl.arange(0, BT)
+    rows = bos + tl.load(tab_ptr + 2 * i_c + 1) * BT + o
+    rm = rows < eos
+    low = (o[None, :] <= o[:, None]) & rm[:, None]
+    Tm = tl.load(A_ptr + (rows[:, None] * HV + h) * BT + o[None, :], mask=low, other=0.0)     # [BT, BT]
+    beta = tl.load(b_ptr + rows * HV + h, mask=rm, other=0.0)
+    G = tl.load(G_ptr + rows * HV + h, mask=rm, other=0.0)
+    dt = u_ptr.dtype.element_ty
     for vv in range(0, DV, BV):
         cv = vv + tl.arange(0, BV)
-        vb = v_ptr + h * DV + cv[None, :]
-        v0 = (tl.load(vb + r0[:, None] * (HV * DV), mask=m0[:, None], other=0.0) * b0[:, None]).to(dt)
-        v1 = (tl.load(vb + r1[:, None] * (HV * DV), mask=m1[:, None], other=0.0) * b1[:, None]).to(dt)
-        v2 = (tl.load(vb + r2[:, None] * (HV * DV), mask=m2[:, None], other=0.0) * b2[:, None]).to(dt)
-        v3 = (tl.load(vb + r3[:, None] * (HV * DV), mask=m3[:, None], other=0.0) * b3[:, None]).to(dt)
-        ub = u_ptr + h * DV + cv[None, :]
-        tl.store(ub + r0[:, None] * (HV * DV), tl.dot(t00, v0, input_precision=PREC).to(dt), mask=m0[:, None])
-        u1 = tl.dot(t10, v0, input_precision=PREC) + tl.dot(t11, v1, input_precision=PREC)
-        tl.store(ub + r1[:, None] * (HV * DV), u1.to(dt), mask=m1[:, None])
-        u2 = (tl.dot(t20, v0, input_precision=PREC) + tl.dot(t21, v1, input_precision=PREC)
-              + tl.dot(t22, v2, input_precision=PREC))
-        tl.store(ub + r2[:, None] * (HV * DV), u2.to(dt), mask=m2[:, None])
-        u3 = (tl.dot(t30, v0, input_precision=PREC) + tl.dot(t31, v1, input_precision=PREC)
-              + tl.dot(t32, v2, input_precision=PREC) + tl.dot(t33, v3, input_precision=PREC))
-        tl.store(ub + r3[:, None] * (HV * DV), u3.to(dt), mask=m3[:, None])
-
-    # Kd = T diag(beta e^G) K   [BT, DK]
-    s0 = b0 * tl.exp(G0)
-    s1 = b1 * tl.exp(G1)
-    s2 = b2 * tl.exp(G2)
-    s3 = b3 * tl.exp(G3)
+        v = tl.load(v_ptr + (rows[:, None] * HV + h) * DV + cv[None, :], mask=rm[:, None], other=0.0)
+        u = tl.dot(Tm, (v * beta[:, None]).to(dt), input_precision=PREC)
+        tl.store(u_ptr + (rows[:, None] * HV + h) * DV + cv[None, :], u.to(dt), mask=rm[:, None])
+    sk = beta * tl.exp(G)
     for kk in range(0, DK, BK):
         ck = kk + tl.arange(0, BK)
-        k0 = (tl.load(kbase + r0[:, None] * (HK * DK) + ck[None, :], mask=m0[:, None], other=0.0)
-              * s0[:, None]).to(dt)
-        k1 = (tl.load(kbase + r1[:, None] * (HK * DK) + ck[None, :], mask=m1[:, None], other=0.0)
-              * s1[:, None]).to(dt)
-        k2 = (tl.load(kbase + r2[:, None] * (HK * DK) + ck[None, :], mask=m2[:, None], other=0.0)
-              * s2[:, None]).to(dt)
-        k3 = (tl.load(kbase + r3[:, None] * (HK * DK) + ck[None, :], mask=m3[:, None], other=0.0)
-              * s3[:, None]).to(dt)
-        db = kd_ptr + h * DK + ck[None, :]
-        tl.store(db + r0[:, None] * (HV * DK), tl.dot(t00, k0, input_precision=PREC).to(dt), mask=m0[:, None])
-        d1 = tl.dot(t10, k0, input_precision=PREC) + tl.dot(t11, k1, input_precision=PREC)
-        tl.store(db + r1[:, None] * (HV * DK), d1.to(dt), mask=m1[:, None])
-        d2 = (tl.dot(t20, k0, input_precision=PREC) + tl.dot(t21, k1, input_precision=PREC)
-              + tl.dot(t22, k2, input_precision=PREC))
-        tl.store(db + r2[:, None] * (HV * DK), d2.to(dt), mask=m2[:, None])
-        d3 = (tl.dot(t30, k0, input_precision=PREC) + tl.dot(t31, k1, input_precision=PREC)
-              + tl.dot(t32, k2, input_precision=PREC) + tl.dot(t33, k3, input_precision=PREC))
-        tl.store(db + r3[:, None] * (HV * DK), d3.to(dt), mask=m3[:, None])
+        k = tl.load(k_ptr + (rows[:, None] * HK + hk) * DK + ck[None, :], mask=rm[:, None], other=0.0)
+        kd = tl.dot(Tm, (k * sk[:, None]).to(dt), input_precision=PREC)
+        tl.store(kd_ptr + (rows[:, None] * HV + h) * DK + ck[None, :], kd.to(dt), mask=rm[:, None])
 
 
 @triton.jit
-def _state_kernel(k_ptr, u_ptr, kd_ptr, G_ptr, w_ptr, h_ptr, cu_ptr, coff_ptr,
+def _state_kernel(q_ptr, k_ptr, u_ptr, kd_ptr, G_ptr, w_ptr, h_ptr, o_ptr, cu_ptr, coff_ptr,
                   st_ptr, slot_ptr, init_ptr,
                   HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                  BT: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr, PREC: tl.constexpr):
+                  BT: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr, FUSE_O: tl.constexpr,
+                  PREC: tl.constexpr):
     iv = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HV
@@ -217,6 +212,8 @@ def _state_kernel(k_ptr, u_ptr, kd_ptr, G_ptr, w_ptr, h_ptr, cu_ptr, coff_ptr,
     c0 = tl.load(coff_ptr + b).to(tl.int64)
     ck = tl.arange(0, DK)
     cv = iv * BV + tl.arange(0, BV)
+    o_i = tl.arange(0, BT)
+    causal = o_i[:, None] >= o_i[None, :]
     S = tl.zeros([DK, BV], dtype=tl.float32)                         # state block S[:, cv]
     if HAS_STATE:
         slot = tl.load(slot_ptr + b).to(tl.int64)
@@ -228,18 +225,27 @@ def _state_kernel(k_ptr, u_ptr, kd_ptr, G_ptr, w_ptr, h_ptr, cu_ptr, coff_ptr,
     n_chunks = tl.cdiv(eos - bos, BT)
     for ci in range(n_chunks):
         t0 = bos + ci * BT
-        rows = t0 + tl.arange(0, BT)
+        rows = t0 + o_i
         rm = rows < eos
-        # this chunk's incoming state, for the output kernel
-        tl.store(h_ptr + (((c0 + ci) * HV + h) * DK + ck[:, None]) * DV + cv[None, :], S.to(h_ptr.dtype.element_ty))
         kd = tl.load(kd_ptr + (rows[:, None] * HV + h) * DK + ck[None, :], mask=rm[:, None], other=0.0)
         u = tl.load(u_ptr + (rows[:, None] * HV + h) * DV + cv[None, :], mask=rm[:, None], other=0.0)
-        w = u.to(tl.float32) - tl.dot(kd, S.to(dt), input_precision=PREC)      # [BT, BV]
-        tl.store(w_ptr + (rows[:, None] * HV + h) * DV + cv[None, :], w.to(dt), mask=rm[:, None])
-        G = tl.load(G_ptr + rows * HV + h, mask=rm, other=0.0)
-        last = tl.minimum(t0 + BT, eos) - 1
-        G_last = tl.load(G_ptr + last * HV + h)
         k = tl.load(k_ptr + (rows[:, None] * HK + hk) * DK + ck[None, :], mask=rm[:, None], other=0.0)
+        G = tl.load(G_ptr + rows * HV + h, mask=rm, other=0.0)
+        G_last = tl.load(G_ptr + (tl.minimum(t0 + BT, eos) - 1) * HV + h)
+        Sd = S.to(dt)
+        w = u.to(tl.float32) - tl.dot(kd, Sd, input_precision=PREC)            # [BT, BV]
+        if FUSE_O:
+            q = tl.load(q_ptr + (rows[:, None] * HK + hk) * DK + ck[None, :], mask=rm[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC)
+            s = tl.where(causal, s * tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0)), 0.0)
+            o = tl.dot(q, Sd, input_precision=PREC) * tl.exp(G)[:, None]
+            o += tl.dot(s.to(dt), w.to(dt), input_precision=PREC)
+            tl.store(o_ptr + (rows[:, None] * HV + h) * DV + cv[None, :], o.to(o_ptr.dtype.element_ty),
+                     mask=rm[:, None])
+        else:
+            # this chunk's incoming state and W, for the output kernel
+            tl.store(h_ptr + (((c0 + ci) * HV + h) * DK + ck[:, None]) * DV + cv[None, :], Sd)
+            tl.store(w_ptr + (rows[:, None] * HV + h) * DV + cv[None, :], w.to(dt), mask=rm[:, None])
         kg = (k * tl.exp(G_last - G)[:, None]).to(dt)
         S = S * tl.exp(G_last) + tl.dot(tl.trans(kg), w.to(dt), input_precision=PREC)
     if HAS_STATE:
@@ -254,8 +260,10 @@ def _out_kernel(q_ptr, k_ptr, w_ptr, h_ptr, G_ptr, o_ptr, cu_ptr, tab_ptr, coff_
     i_c = tl.program_id(0)
     h = tl.program_id(1)
     iv = tl.program_id(2)
-    hk = h // (HV // HK)
     seq = tl.load(tab_ptr + 2 * i_c)
+    if seq < 0:
+        return
+    hk = h // (HV // HK)
     ci = tl.load(tab_ptr + 2 * i_c + 1)
     bos = tl.load(cu_ptr + seq).to(tl.int64)
     eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
@@ -300,43 +308,49 @@ def _state_args(state, state_slots, has_initial_state, B, dev):
 
 
 def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slots=None,
-                             has_initial_state=None, *, bv_state: int = 32, bv_out: int = 64):
+                             has_initial_state=None, *, fuse_output: bool = False,
+                             bv_state: int = 32, bv_out: int = 64):
     """Chunked gated delta rule over a packed varlen batch -> o [T, Hv, dv] in v's dtype.
 
     q, k [T, Hk, dk] (L2-normalised, q scaled); v [T, Hv, dv]; g, beta [T, Hv] fp32;
     state [N, Hv, dk, dv] fp32 pool read at `state_slots` (if `has_initial_state`) and written
-    in place with each sequence's final state.
+    in place with each sequence's final state. The keywords pick kernel variants (benchmarks).
     """
     _check(q, k, v, g, beta, state, state_slots)
     T, HK, DK = q.shape
     HV, DV = v.shape[1], v.shape[2]
     dev = q.device
-    o = torch.empty_like(v)
     B = cu_seqlens.numel() - 1
     if T == 0 or B == 0:
-        return o
+        return torch.empty_like(v)
     # all matrix products share one operand dtype: the activation dtype (fp32 in tests)
     dt = v.dtype if v.dtype != torch.float32 else q.dtype
     q, k, v = q.contiguous().to(dt), k.contiguous().to(dt), v.contiguous().to(dt)
+    o = torch.empty_like(v)
     g, beta = g.contiguous().float(), beta.contiguous().float()
     cu = cu_seqlens.to(torch.int64).contiguous()
-    tab, coff, NC = chunk_table(cu, BT)
+    tab, coff, NC = chunk_table(cu, BT, T)
     prec = "ieee" if dt == torch.float32 else "tf32"
     G = torch.empty(T, HV, dtype=torch.float32, device=dev)
+    A = torch.empty(T, HV, BT, dtype=dt, device=dev)
+    _kkt_solve_kernel[(NC, HV)](k, g, beta, cu, tab, G, A, HK=HK, HV=HV, DK=DK,
+                                BT=BT, BC=BC, BK=min(64, DK), PREC=prec)
     u = torch.empty(T, HV, DV, dtype=dt, device=dev)
     kd = torch.empty(T, HV, DK, dtype=dt, device=dev)
-    _wy_kernel[(NC, HV)](k, v, g, beta, cu, tab, G, u, kd, HK=HK, HV=HV, DK=DK, DV=DV,
-                         BT=BT, BC=BC, BK=min(64, DK), BV=min(64, DV), PREC=prec, num_warps=4)
-    w = torch.empty_like(u)
-    hbuf = torch.empty(NC, HV, DK, DV, dtype=dt, device=dev)
+    _wu_kernel[(NC, HV)](k, v, beta, G, A, cu, tab, u, kd, HK=HK, HV=HV, DK=DK, DV=DV,
+                         BT=BT, BK=min(64, DK), BV=min(64, DV), PREC=prec)
     st, slots, init = _state_args(state, state_slots, has_initial_state, B, dev)
     bvs = min(bv_state, DV)
-    _state_kernel[(triton.cdiv(DV, bvs), B * HV)](k, u, kd, G, w, hbuf, cu, coff, st, slots, init,
+    w = u if fuse_output else torch.empty_like(u)
+    hbuf = u if fuse_output else torch.empty(NC, HV, DK, DV, dtype=dt, device=dev)
+    _state_kernel[(triton.cdiv(DV, bvs), B * HV)](q, k, u, kd, G, w, hbuf, o, cu, coff, st, slots, init,
                                                   HK=HK, HV=HV, DK=DK, DV=DV, BT=BT, BV=bvs,
-                                                  HAS_STATE=state is not None, PREC=prec, num_warps=4)
-    bvo = min(bv_out, DV)
-    _out_kernel[(NC, HV, triton.cdiv(DV, bvo))](q, k, w, hbuf, G, o, cu, tab, coff, HK=HK, HV=HV,
-                                                DK=DK, DV=DV, BT=BT, BV=bvo, PREC=prec, num_warps=4)
+                                                  HAS_STATE=state is not None, FUSE_O=fuse_output,
+                                                  PREC=prec, num_warps=4)
+    if not fuse_output:
+        bvo = min(bv_out, DV)
+        _out_kernel[(NC, HV, triton.cdiv(DV, bvo))](q, k, w, hbuf, G, o, cu, tab, coff, HK=HK, HV=HV,
+                                                    DK=DK, DV=DV, BT=BT, BV=bvo, PREC=prec, num_warps=4)
     return o
 
 

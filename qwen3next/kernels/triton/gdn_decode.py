@@ -54,7 +54,7 @@ def _decode_kernel(m_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, st_ptr, slot_ptr, o_p
 
 
 def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A_log, dt_bias,
-               num_k_heads: int, *, bv: int = 32, num_warps: int = 4) -> torch.Tensor:
+               num_k_heads: int, *, bv: int = 64, num_warps: int = 4) -> torch.Tensor:
     """m [B, conv_dim] pre-conv; a, b [B, Hv]; conv_state [N, conv_dim, K-1];
     recurrent_state [N, Hv, dk, dv] fp32; state_slots [B] (negative = skip) -> o [B, Hv, dv]."""
     B, C = m.shape

@@ -1,5 +1,5 @@
 """Triton MoE: routing (softmax -> top-k -> renormalise) and the routed experts as a fused
-grouped GEMM over the stacked expert weights.
+grouped GEMM over the stacked expert weights (tile sizes autotuned per shape on the GPU).
 
 Same signatures as kernels/moe.py. The (token, k) assignments are sorted by expert and each
 expert's run is padded to a multiple of BM rows (all with torch ops, no host sync, so decode can
@@ -15,7 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import pow2
+from ._util import autotune, pow2
+
+# (BN, BK, warps, stages); the first is the interpreter's
+_GEMM_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
+                 for bn, bk, w, st in ((32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3),
+                                       (128, 64, 4, 4), (32, 128, 4, 4))]
 
 
 @triton.jit
@@ -78,6 +83,7 @@ def _align(ids: torch.Tensor, E: int, BM: int):
     return rows, block_expert, NB
 
 
+@autotune(_GEMM_CONFIGS, key=["H", "I", "BM"])
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, rows_ptr, be_ptr, h_ptr, H, I, TOPK: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -109,6 +115,7 @@ def _gate_up_kernel(x_ptr, w_ptr, rows_ptr, be_ptr, h_ptr, H, I, TOPK: tl.conste
         tl.store(h_ptr + r[:, None] * I + n[None, :], hv.to(dt), mask=nm[None, :])
 
 
+@autotune(_GEMM_CONFIGS, key=["H", "I", "BM"])
 @triton.jit
 def _down_kernel(h_ptr, w_ptr, rows_ptr, be_ptr, rw_ptr, y_ptr, H, I,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -147,11 +154,9 @@ def moe_experts(x, gate_up_proj, down_proj, weights, ids, *, block_m: int | None
     rows, block_expert, NB = _align(ids, E, BM)
     x = x.contiguous()
     h = torch.empty(NB * BM, I, dtype=x.dtype, device=x.device)
-    BK1, BN1 = min(64, pow2(H)), (32 if BM == 16 else 64)
-    _gate_up_kernel[(NB, triton.cdiv(I, BN1))](x, gate_up_proj, rows, block_expert, h, H, I, TOPK=k,
-                                               BM=BM, BN=BN1, BK=BK1, num_warps=4)
+    _gate_up_kernel[lambda meta: (NB, triton.cdiv(I, meta["BN"]))](x, gate_up_proj, rows, block_expert, h,
+                                                                   H, I, TOPK=k, BM=BM)
     y = torch.empty(M, H, dtype=x.dtype, device=x.device)
-    BK2, BN2 = min(64, pow2(I)), (32 if BM == 16 else 64)
-    _down_kernel[(NB, triton.cdiv(H, BN2))](h, down_proj, rows, block_expert, weights.contiguous(), y, H, I,
-                                            BM=BM, BN=BN2, BK=BK2, num_warps=4)
+    _down_kernel[lambda meta: (NB, triton.cdiv(H, meta["BN"]))](h, down_proj, rows, block_expert,
+                                                                weights.contiguous(), y, H, I, BM=BM)
     return y.view(T, k, H).sum(1, dtype=torch.float32).to(x.dtype)
