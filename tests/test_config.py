@@ -61,7 +61,8 @@ def test_tiny_checkpoint_layouts_agree(overrides):
 
 
 def test_irregular_layer_types_and_dense_layers():
-    d = hf_config(num_hidden_layers=5, layer_types=[FULL, LINEAR, LINEAR, FULL, LINEAR], mlp_only_layers=[1, 3]).to_dict()
+    types = [FULL, LINEAR, LINEAR, FULL, LINEAR]
+    d = hf_config(num_hidden_layers=5, layer_types=types, mlp_only_layers=[1, 3]).to_dict()
     c = ModelConfig.from_hf(d)
     assert c.full_layers == [0, 3] and c.linear_layers == [1, 2, 4]
     assert [c.is_moe_layer(i) for i in range(5)] == [True, False, True, False, True]

@@ -14,7 +14,8 @@ import torch
 CHUNK = 64
 
 
-def _lens(cu_seqlens) -> list[int]:
+def _lens(cu_seqlens) -> tuple[list[int], list[int]]:
+    """-> (length of each sequence, its start offset)."""
     cu = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
     return [cu[i + 1] - cu[i] for i in range(len(cu) - 1)], cu[:-1]
 
