@@ -22,9 +22,10 @@ VARIANTS = {
     "new": dict(layout="new"),
     # legacy config.json; interval 2; rotary 0.5; MoE only on odd layers (decoder_sparse_step 2)
     "legacy": dict(layout="legacy", full_attention_interval=2, partial_rotary_factor=0.5, decoder_sparse_step=2),
-    # irregular layer types, dense layers listed explicitly, no top-k renormalisation, value heads 1x
+    # irregular layer types, dense layers listed explicitly, no top-k renormalisation, value heads
+    # 1x, value head dim != key head dim (a transposed state would fail loudly)
     "irregular": dict(num_hidden_layers=5, layer_types=[F_, L_, L_, F_, L_], mlp_only_layers=[1, 3],
-                      norm_topk_prob=False, linear_num_value_heads=2),
+                      norm_topk_prob=False, linear_num_value_heads=2, linear_value_head_dim=8),
     # YaRN with positions far past original_max_position_embeddings; value heads 4x; rotary 0.5
     "yarn": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
                  partial_rotary_factor=0.5, linear_num_key_heads=1, linear_num_value_heads=4),
@@ -244,3 +245,22 @@ def test_per_token_state_slots_hold_the_state_after_each_token(case):
     m(seq, torch.arange(30), ref.batch([0], [30]))
     i = case.cfg.linear_layers[-1]
     torch.testing.assert_close(tc.cache.recurrent[i][1], ref.cache.recurrent[i][1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_larger_model_long_sequence_matches_transformers(tmp_path):
+    """Wider heads, more experts and a 300-token sequence (several delta-rule chunks)."""
+    from transformers import Qwen3NextForCausalLM as HF
+
+    path = make_tiny_checkpoint(
+        tmp_path / "big", with_tokenizer=False, hidden_size=256, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=64, linear_key_head_dim=32, linear_value_head_dim=48,
+        linear_num_key_heads=4, linear_num_value_heads=8, num_experts=64, num_experts_per_tok=8,
+        moe_intermediate_size=64, shared_expert_intermediate_size=128, max_shard_size="5MB",
+    )
+    hf = HF.from_pretrained(path, dtype=torch.float32).eval()
+    model, _ = load_model(path, dtype=torch.float32, progress=False)
+    ids = _ids(300, 12)
+    ours = model.compute_logits(model(ids, torch.arange(300), ForwardBatch.full([300])))
+    torch.testing.assert_close(ours, _hf_logits(hf, ids), atol=1e-4, rtol=0)
