@@ -102,19 +102,26 @@ def test_penalties_follow_vllm():
     params = [SamplingParams(repetition_penalty=1.5, presence_penalty=0.4, frequency_penalty=0.3),
               SamplingParams(frequency_penalty=-0.5)]
     rows = rows_for(params, prompt=(1, 2, 2), outputs={0: [2, 5, 5, 7], 1: [3, 3, 3]})
-    got = apply_penalties(logits, rows)
-    want = logits.clone()
-    for i, s in enumerate(rows):
-        p = s.params
-        outs = s.output_token_ids
-        for t in range(12):
-            x = want[i, t].item()
-            if t in outs or t in s.token_ids[: s.num_prompt_tokens]:
-                x = x / p.repetition_penalty if x > 0 else x * p.repetition_penalty
-            c = outs.count(t)
-            x -= p.frequency_penalty * c + p.presence_penalty * (c > 0)
-            want[i, t] = x
-    torch.testing.assert_close(got, want)
+
+    def definition():
+        want = logits.clone()
+        for i, s in enumerate(rows):
+            p = s.params
+            outs = s.output_token_ids
+            for t in range(12):
+                x = want[i, t].item()
+                if t in outs or t in s.token_ids[: s.num_prompt_tokens]:
+                    x = x / p.repetition_penalty if x > 0 else x * p.repetition_penalty
+                c = outs.count(t)
+                x -= p.frequency_penalty * c + p.presence_penalty * (c > 0)
+                want[i, t] = x
+        return want
+
+    torch.testing.assert_close(apply_penalties(logits, rows), definition())
+    # counts are kept per sequence and updated with the tokens generated since
+    rows[0].token_ids += [9, 5]
+    rows[1].token_ids += [11]
+    torch.testing.assert_close(apply_penalties(logits, rows), definition())
 
 
 def test_min_tokens_masks_stop_tokens():

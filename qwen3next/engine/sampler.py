@@ -26,18 +26,26 @@ class SamplerOutput:
     chosen_logprobs: list[float | None]  # raw logprob of the chosen token, where asked
 
 
-def _padded(lists: list[list[int]], pad: int, device) -> torch.Tensor:
-    """[B, max_len] long, right-padded with `pad`."""
-    width = max(1, max(len(x) for x in lists))
-    return torch.tensor([x + [pad] * (width - len(x)) for x in lists], dtype=torch.long, device=device)
+def output_counts(seq: Sequence, vocab: int, device) -> torch.Tensor:
+    """[V] float: occurrences of each token in the sequence's output, kept up to date in place."""
+    c = seq.output_counts
+    if c is None:
+        c = seq.output_counts = torch.zeros(vocab, device=device)
+    new = seq.token_ids[seq.num_prompt_tokens + seq.num_counted:]
+    if new:
+        c.index_add_(0, torch.tensor(new, device=device), torch.ones(len(new), device=device))
+        seq.num_counted += len(new)
+    return c
 
 
-def token_counts(lists: list[list[int]], vocab: int, device) -> torch.Tensor:
-    """[B, V] float: how often each token occurs in each row's list."""
-    ids = _padded(lists, vocab, device)
-    counts = torch.zeros(len(lists), vocab + 1, device=device)
-    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
-    return counts[:, :vocab]
+def prompt_mask(seq: Sequence, vocab: int, device) -> torch.Tensor:
+    """[V] bool: which tokens occur in the prompt (built once per request)."""
+    req = seq.request
+    if req.prompt_mask is None:
+        m = torch.zeros(vocab, dtype=torch.bool, device=device)
+        m[torch.tensor(req.prompt_token_ids, device=device)] = True
+        req.prompt_mask = m
+    return req.prompt_mask
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[Sequence]) -> torch.Tensor:
@@ -45,12 +53,12 @@ def apply_penalties(logits: torch.Tensor, rows: list[Sequence]) -> torch.Tensor:
     B, V = logits.shape
     dev = logits.device
     params = [s.params for s in rows]
-    counts = token_counts([s.output_token_ids for s in rows], V, dev)
+    counts = torch.stack([output_counts(s, V, dev) for s in rows])  # [B, V]
     out_mask = counts > 0
     logits = logits.clone()
     rep = [p.repetition_penalty for p in params]
     if any(r != 1.0 for r in rep):
-        seen = out_mask | (token_counts([s.token_ids[:s.num_prompt_tokens] for s in rows], V, dev) > 0)
+        seen = out_mask | torch.stack([prompt_mask(s, V, dev) for s in rows])
         r = torch.tensor(rep, dtype=logits.dtype, device=dev)[:, None].expand(B, V)
         r = torch.where(seen, r, torch.ones_like(r))
         logits = torch.where(logits > 0, logits / r, logits * r)

@@ -24,7 +24,7 @@ class Status(enum.Enum):
 
 class Request:
     __slots__ = ("request_id", "prompt_token_ids", "params", "seqs", "eos_ids", "stop_ids",
-                 "max_len")
+                 "max_len", "prompt_mask")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_ids: frozenset[int], max_len: int):
@@ -36,6 +36,7 @@ class Request:
         # total tokens (prompt + generated) at which a sequence stops with "length"
         self.max_len = max_len
         self.seqs: list[Sequence] = []
+        self.prompt_mask: torch.Tensor | None = None  # [V] bool, built by the sampler when needed
 
     @property
     def finished(self) -> bool:
@@ -46,7 +47,7 @@ class Sequence:
     __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt_tokens",
                  "num_computed_tokens", "status", "block_ids", "slot", "generator",
                  "logprobs", "cumulative_logprob", "num_reported", "finish_reason",
-                 "stop_reason", "children")
+                 "stop_reason", "children", "output_counts", "num_counted")
 
     def __init__(self, seq_id: int, request: Request, index: int, device: torch.device):
         self.seq_id = seq_id
@@ -70,6 +71,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.children: list[Sequence] = []  # FORK siblings sampled with this one's prompt
+        # penalties: [V] occurrences of each token among the first `num_counted` outputs
+        self.output_counts: torch.Tensor | None = None
+        self.num_counted = 0
 
     @property
     def params(self) -> SamplingParams:

@@ -1,0 +1,111 @@
+"""Engine vs transformers on CPU: the same greedy requests through LLMEngine and through
+transformers' batched (left-padded) generate, on one tiny checkpoint, in one run.
+
+    .venv/bin/python benchmarks/bench_engine_cpu.py [--model DIR] [--requests 64] [--max-tokens 64]
+
+Without --model a tiny random checkpoint (tests/helpers/checkpoints.py) is built in a temp dir.
+Prints generated tokens per second of each, the ratio, and how many outputs agree token for token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from qwen3next.engine import EngineArgs, LLMEngine  # noqa: E402
+from qwen3next.sampling_params import SamplingParams  # noqa: E402
+
+
+def make_prompts(n: int, vocab: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(0, vocab, (L,), generator=g).tolist() for L in lens]
+
+
+def run_engine(model_dir: str, prompts, max_tokens: int, max_num_seqs: int) -> tuple[float, list[list[int]]]:
+    engine = LLMEngine.from_args(EngineArgs(model=model_dir, dtype="float32", device="cpu",
+                                            max_num_seqs=max_num_seqs, max_num_batched_tokens=2048))
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    engine.add_request("warmup", prompts[0][:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    out: dict[str, list[int]] = {}
+    t = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+        out[str(i)] = []
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out[o.request_id] += o.outputs[0].token_ids
+    return time.perf_counter() - t, [out[str(i)] for i in range(len(prompts))]
+
+
+@torch.inference_mode()
+def run_transformers(model_dir: str, prompts, max_tokens: int, batch: int) -> tuple[float, list[list[int]]]:
+    from transformers import Qwen3NextForCausalLM
+
+    model = Qwen3NextForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+
+    def generate(chunk, n):
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        gen = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+        return [row[width:].tolist() for row in gen]
+
+    generate([prompts[0][:8]], 4)  # warm-up
+    t = time.perf_counter()
+    out = []
+    for i in range(0, len(prompts), batch):
+        out += generate(prompts[i:i + batch], max_tokens)
+    return time.perf_counter() - t, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="checkpoint dir (default: build a tiny random one)")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--min-prompt", type=int, default=16)
+    ap.add_argument("--max-prompt", type=int, default=128)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--hf-batch", type=int, default=64, help="transformers' batch size")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    tmp = None
+    model_dir = a.model
+    if model_dir is None:
+        from tests.helpers.checkpoints import make_tiny_checkpoint
+
+        tmp = tempfile.TemporaryDirectory()
+        model_dir = make_tiny_checkpoint(tmp.name, with_tokenizer=False, with_mtp=False)
+    from qwen3next.config import ModelConfig
+
+    cfg = ModelConfig.from_dir(model_dir)
+    prompts = make_prompts(a.requests, cfg.vocab_size, a.min_prompt, a.max_prompt)
+    n_gen = a.requests * a.max_tokens
+    t_eng, out_eng = run_engine(model_dir, prompts, a.max_tokens, a.max_num_seqs)
+    t_hf, out_hf = run_transformers(model_dir, prompts, a.max_tokens, a.hf_batch)
+    same = sum(x == y for x, y in zip(out_eng, out_hf))
+    print(f"requests {a.requests}, prompt {a.min_prompt}-{a.max_prompt} tokens, {a.max_tokens} new tokens each, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"engine:       {t_eng:7.2f} s  {n_gen / t_eng:8.1f} tok/s")
+    print(f"transformers: {t_hf:7.2f} s  {n_gen / t_hf:8.1f} tok/s  (batch {a.hf_batch}, left-padded)")
+    print(f"ratio engine/transformers: {t_hf / t_eng:.2f}x; identical greedy outputs: {same}/{a.requests}")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
