@@ -147,7 +147,6 @@ def make_tiny_checkpoint(path, layout: str = "new", with_tokenizer: bool = True,
                 config_overrides.setdefault("eos_token_id", eos)
     config = hf_config(**config_overrides)
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     model = Qwen3NextForCausalLM(config).float()
     randomize_(model, gen)
     extra = make_mtp_tensors(config, gen) if with_mtp else {}
