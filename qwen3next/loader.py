@@ -199,7 +199,8 @@ def config_to_hf_dict(cfg: ModelConfig) -> dict:
         for k in ("attention_factor", "mscale", "mscale_all_dim"):
             if getattr(r, k) is not None:
                 rope[k] = getattr(r, k)
-    d = {k: v for k, v in cfg.raw.items() if k not in _LEGACY_KEYS}
+    # save_checkpoint writes dequantised weights, so a quantization_config would be a lie
+    d = {k: v for k, v in cfg.raw.items() if k not in _LEGACY_KEYS and k != "quantization_config"}
     d.update(
         architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next",
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
