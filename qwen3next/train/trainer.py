@@ -156,6 +156,17 @@ def load_state(path: str, model, opt) -> int:
     return int(state["step"])
 
 
+def _open_log(path: str, start: int):
+    """The metrics log, keeping only the lines of steps <= start (a resumed run rewrites the rest)."""
+    kept = []
+    if start and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+    log = open(path, "w", encoding="utf-8")
+    log.writelines(kept)
+    return log
+
+
 # ---- the loop ------------------------------------------------------------------------------
 def build_model(hf_config: dict, seed: int) -> Qwen3NextForCausalLM:
     torch.manual_seed(seed)
@@ -177,7 +188,7 @@ def train(model: Qwen3NextForCausalLM, tokenizer_dir: str, examples: list[Exampl
         start = load_state(state_path, model, opt)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args), last_epoch=start - 1)
     model.train()
-    log = open(os.path.join(args.out_dir, LOG_FILE), "a" if start else "w", encoding="utf-8")
+    log = _open_log(os.path.join(args.out_dir, LOG_FILE), start)
     bar = tqdm(total=args.steps, initial=start, disable=not args.progress, dynamic_ncols=True, desc="train")
     stream = batch_stream(examples, args.batch_tokens, args.seed, start)
     t0, tokens, metrics = time.time(), 0, {}

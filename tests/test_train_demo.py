@@ -1,0 +1,75 @@
+"""The shipped demo model (qwen3next/demo_model): shape of the artifact, transformers parity, and a
+greedy answer to one arithmetic prompt and one tool prompt."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from qwen3next.config import FULL, LINEAR, ModelConfig
+from qwen3next.forward_batch import ForwardBatch
+from qwen3next.loader import load_model
+from qwen3next.tokenizer import get_tokenizer
+from qwen3next.train.cli import default_model_dir
+from qwen3next.train.data import TOOLS
+from qwen3next.train.eval import greedy_cacheless, split_output, tool_call_grade
+
+DEMO = default_model_dir()
+pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(DEMO, "model.safetensors")),
+                                reason="demo model not built (scripts/make_demo_model.sh)")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo():
+    model, cfg = load_model(DEMO, dtype=torch.float32, progress=False)
+    return model, cfg, get_tokenizer(DEMO)
+
+
+def test_artifact_is_small_and_complete():
+    files = set(os.listdir(DEMO))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json"} <= files  # fmt: skip
+    assert sum(os.path.getsize(os.path.join(DEMO, f)) for f in files) <= 20 * 1024**2
+    cfg = ModelConfig.from_dir(DEMO)
+    assert {FULL, LINEAR} <= set(cfg.layer_types) and cfg.num_experts >= 4
+    assert cfg.shared_expert_intermediate_size > 0 and all(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    tc = json.load(open(os.path.join(DEMO, "tokenizer_config.json")))
+    assert "<think>" in tc["chat_template"] and tc["eos_token"] == "<|im_end|>"
+
+
+def test_demo_has_mtp(demo):
+    model, _, _ = demo
+    assert model.mtp is not None
+
+
+def test_transformers_matches_demo_logits(demo):
+    transformers = pytest.importorskip("transformers")
+    model, _, tok = demo
+    hf = transformers.AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval()
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 348 + 276?"}], tokenize=True)
+    n = len(ids)
+    with torch.no_grad():
+        ours = model.compute_logits(model(torch.tensor(ids), torch.arange(n), ForwardBatch.full([n])))
+        theirs = hf(input_ids=torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def _greedy(demo, messages, tools=None, max_new=200):
+    model, _, tok = demo
+    ids = tok.apply_chat_template(messages, tools=tools, tokenize=True)
+    stop = {tok.token_to_id("<|im_end|>")}
+    out = greedy_cacheless(model, [ids], max_new, stop, len(tok))[0]
+    return split_output(tok.decode(out))
+
+
+def test_demo_answers_arithmetic(demo):
+    reasoning, content = _greedy(demo, [{"role": "user", "content": "What is 348 + 276?"}])
+    assert "624" in content and "Ones" in reasoning
+
+
+def test_demo_calls_the_weather_tool(demo):
+    _, content = _greedy(demo, [{"role": "user", "content": "What's the weather in Paris?"}], TOOLS, 80)
+    assert tool_call_grade(content, "get_weather", "Paris") == (True, True)
