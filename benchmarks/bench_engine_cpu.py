@@ -2,9 +2,13 @@
 transformers' batched (left-padded) generate, on one tiny checkpoint, in one run.
 
     .venv/bin/python benchmarks/bench_engine_cpu.py [--model DIR] [--requests 64] [--max-tokens 64]
+        [--min-tokens 64] [--threads 1]
 
 Without --model a tiny random checkpoint (tests/helpers/checkpoints.py) is built in a temp dir.
-Prints generated tokens per second of each, the ratio, and how many outputs agree token for token.
+Each request asks for a number of new tokens drawn from [--min-tokens, --max-tokens] (equal by
+default); transformers generates each batch up to its longest request and is credited only with
+the tokens the requests asked for. Prints generated tokens per second of each, the ratio, and how
+many outputs agree token for token.
 """
 
 from __future__ import annotations
@@ -29,17 +33,16 @@ def make_prompts(n: int, vocab: int, lo: int, hi: int, seed: int = 0) -> list[li
     return [torch.randint(0, vocab, (L,), generator=g).tolist() for L in lens]
 
 
-def run_engine(model_dir: str, prompts, max_tokens: int, max_num_seqs: int) -> tuple[float, list[list[int]]]:
+def run_engine(model_dir: str, prompts, new_tokens: list[int], max_num_seqs: int) -> tuple[float, list[list[int]]]:
     engine = LLMEngine.from_args(EngineArgs(model=model_dir, dtype="float32", device="cpu",
                                             max_num_seqs=max_num_seqs, max_num_batched_tokens=2048))
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     engine.add_request("warmup", prompts[0][:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     while engine.has_unfinished_requests():
         engine.step()
     out: dict[str, list[int]] = {}
     t = time.perf_counter()
     for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
+        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=new_tokens[i], ignore_eos=True))
         out[str(i)] = []
     while engine.has_unfinished_requests():
         for o in engine.step():
@@ -48,7 +51,7 @@ def run_engine(model_dir: str, prompts, max_tokens: int, max_num_seqs: int) -> t
 
 
 @torch.inference_mode()
-def run_transformers(model_dir: str, prompts, max_tokens: int, batch: int) -> tuple[float, list[list[int]]]:
+def run_transformers(model_dir: str, prompts, new_tokens: list[int], batch: int) -> tuple[float, list[list[int]]]:
     from transformers import Qwen3NextForCausalLM
 
     model = Qwen3NextForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -66,7 +69,8 @@ def run_transformers(model_dir: str, prompts, max_tokens: int, batch: int) -> tu
     t = time.perf_counter()
     out = []
     for i in range(0, len(prompts), batch):
-        out += generate(prompts[i:i + batch], max_tokens)
+        n = new_tokens[i:i + batch]
+        out += [row[:k] for row, k in zip(generate(prompts[i:i + batch], max(n)), n)]
     return time.perf_counter() - t, out
 
 
@@ -75,6 +79,7 @@ def main() -> None:
     ap.add_argument("--model", help="checkpoint dir (default: build a tiny random one)")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--min-tokens", type=int, default=None, help="default: --max-tokens")
     ap.add_argument("--min-prompt", type=int, default=16)
     ap.add_argument("--max-prompt", type=int, default=128)
     ap.add_argument("--max-num-seqs", type=int, default=64)
@@ -94,12 +99,14 @@ def main() -> None:
 
     cfg = ModelConfig.from_dir(model_dir)
     prompts = make_prompts(a.requests, cfg.vocab_size, a.min_prompt, a.max_prompt)
-    n_gen = a.requests * a.max_tokens
-    t_eng, out_eng = run_engine(model_dir, prompts, a.max_tokens, a.max_num_seqs)
-    t_hf, out_hf = run_transformers(model_dir, prompts, a.max_tokens, a.hf_batch)
+    lo = a.max_tokens if a.min_tokens is None else a.min_tokens
+    new_tokens = torch.randint(lo, a.max_tokens + 1, (a.requests,), generator=torch.Generator().manual_seed(1)).tolist()
+    n_gen = sum(new_tokens)
+    t_eng, out_eng = run_engine(model_dir, prompts, new_tokens, a.max_num_seqs)
+    t_hf, out_hf = run_transformers(model_dir, prompts, new_tokens, a.hf_batch)
     same = sum(x == y for x, y in zip(out_eng, out_hf))
-    print(f"requests {a.requests}, prompt {a.min_prompt}-{a.max_prompt} tokens, {a.max_tokens} new tokens each, "
-          f"torch threads {torch.get_num_threads()}")
+    print(f"requests {a.requests}, prompt {a.min_prompt}-{a.max_prompt} tokens, {lo}-{a.max_tokens} new tokens each "
+          f"({n_gen} in all), torch threads {torch.get_num_threads()}")
     print(f"engine:       {t_eng:7.2f} s  {n_gen / t_eng:8.1f} tok/s")
     print(f"transformers: {t_hf:7.2f} s  {n_gen / t_hf:8.1f} tok/s  (batch {a.hf_batch}, left-padded)")
     print(f"ratio engine/transformers: {t_hf / t_eng:.2f}x; identical greedy outputs: {same}/{a.requests}")
