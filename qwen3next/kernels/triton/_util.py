@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-import torch
 import triton
+import triton.language as tl
 
 
 def autotune(configs: list, key: list[str], **kw):
@@ -21,22 +21,24 @@ def pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
 
 
-def chunk_table(cu_seqlens: torch.Tensor, chunk: int, total: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-chunk (sequence, chunk-within-sequence) pairs for a packed varlen batch of `total` tokens.
+@triton.jit
+def chunk_of(cu_ptr, B, i_c, BT: tl.constexpr, BB: tl.constexpr):
+    """Flat chunk i_c of a packed varlen batch -> (sequence, chunk within it); sequence -1 past
+    the last chunk. Computed in the kernel from cu_seqlens (no host-side table, no sync): grids
+    are sized by the bound total // BT + B, since each sequence wastes less than one chunk."""
+    j = tl.arange(0, BB)
+    lo = tl.load(cu_ptr + j, mask=j < B, other=0)
+    hi = tl.load(cu_ptr + j + 1, mask=j < B, other=0)
+    n = (hi - lo + BT - 1) // BT                                  # chunks per sequence  [BB]
+    seq = tl.sum((tl.cumsum(n, 0) <= i_c).to(tl.int32), 0)      # sequences wholly before i_c
+    start = tl.sum(tl.where(j < seq, n, 0), 0)
+    return tl.where(seq < B, seq, -1), i_c - start
 
-    Built on the device with no host sync (no pipeline bubble, graph-capturable): the table has
-    the upper bound NC = total // chunk + B rows (each sequence wastes less than one chunk);
-    rows past the real chunks hold sequence -1 and their programs exit at once.
-    Returns (table [NC, 2] int32, chunk_offsets [B+1] int64 = first chunk of each sequence, NC).
-    """
-    B = cu_seqlens.numel() - 1
-    NC = total // chunk + B
-    n_chunks = (cu_seqlens[1:] - cu_seqlens[:-1] + chunk - 1) // chunk      # [B]
-    offsets = torch.zeros(B + 1, dtype=torch.int64, device=cu_seqlens.device)
-    offsets[1:] = n_chunks.cumsum(0)
-    i = torch.arange(NC, device=cu_seqlens.device)
-    seq = torch.searchsorted(offsets[1:], i, right=True)                      # [NC]
-    valid = seq < B
-    seq_c = seq.clamp(max=max(B - 1, 0))
-    table = torch.stack([torch.where(valid, seq_c, -1), torch.where(valid, i - offsets[seq_c], 0)], 1)
-    return table.to(torch.int32).contiguous(), offsets, NC
+
+@triton.jit
+def chunk_start(cu_ptr, B, b, BT: tl.constexpr, BB: tl.constexpr):
+    """Index of sequence b's first chunk in the flat chunk order."""
+    j = tl.arange(0, BB)
+    lo = tl.load(cu_ptr + j, mask=j < B, other=0)
+    hi = tl.load(cu_ptr + j + 1, mask=j < B, other=0)
+    return tl.sum(tl.where(j < b, (hi - lo + BT - 1) // BT, 0), 0)

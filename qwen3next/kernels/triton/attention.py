@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import autotune, chunk_table, pow2
+from ._util import autotune, chunk_of, pow2
 
 
 @triton.jit
@@ -44,16 +44,16 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
 @autotune([triton.Config({"BN": bn}, num_warps=w, num_stages=st)
            for bn, w, st in ((32, 4, 2), (32, 8, 2), (64, 8, 2), (64, 4, 3), (32, 4, 3), (64, 8, 3))], key=["D"])
 @triton.jit
-def _prefill_kernel(q_ptr, kv_ptr, bt_ptr, cu_ptr, ctx_ptr, tab_ptr, o_ptr, scale, max_blocks,
+def _prefill_kernel(q_ptr, kv_ptr, bt_ptr, cu_ptr, B, ctx_ptr, o_ptr, scale, max_blocks,
                     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr):
+                    BB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     i_t = tl.program_id(0)
     h = tl.program_id(1)
     hkv = h // (HQ // HKV)
-    seq = tl.load(tab_ptr + 2 * i_t).to(tl.int64)
+    seq, ci = chunk_of(cu_ptr, B, i_t, BM, BB)
     if seq < 0:
         return
-    ci = tl.load(tab_ptr + 2 * i_t + 1)
+    seq = seq.to(tl.int64)
     bos = tl.load(cu_ptr + seq)
     eos = tl.load(cu_ptr + seq + 1)
     ctx = tl.load(ctx_ptr + seq)
@@ -161,14 +161,13 @@ def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale, 
         pm = torch.empty(B, HQ, nsplit, dtype=torch.float32, device=q.device)
         pl = torch.empty_like(pm)
         _decode_kernel[(B, HKV, nsplit)](q, kv_cache, bt, ctx, po, pm, pl, scale, bt.shape[1], nsplit,
-                                         HQ=HQ, HKV=HKV, D=D, BS=BS, G=G, GP=pow2(G), BN=max(64 if q.is_cuda else 16, BS),
-                                         num_warps=4)
+                                         HQ=HQ, HKV=HKV, D=D, BS=BS, G=G, GP=pow2(G),
+                                         BN=max(64 if q.is_cuda else 16, BS), num_warps=4)
         _combine_kernel[(B * HQ,)](po, pm, pl, o, nsplit, D=D, SP=pow2(nsplit, 2))
         return o
     BM = 64 if q.is_cuda else 16
-    tab, _, NT = chunk_table(cu_seqlens.to(torch.int64), BM, T)
-    _prefill_kernel[(NT, HQ)](q, kv_cache, bt, cu_seqlens.to(torch.int64).contiguous(), ctx, tab, o, scale,
-                              bt.shape[1], HQ=HQ, HKV=HKV, D=D, BS=BS, BM=BM)
+    _prefill_kernel[(T // BM + B, HQ)](q, kv_cache, bt, cu_seqlens.to(torch.int64).contiguous(), B, ctx, o, scale,
+                                       bt.shape[1], HQ=HQ, HKV=HKV, D=D, BS=BS, BB=pow2(B, 2), BM=BM)
     return o
 
 

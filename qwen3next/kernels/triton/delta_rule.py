@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import autotune, chunk_table
+from ._util import autotune, chunk_of, chunk_start, pow2
 
 BT = 64  # chunk length (the spec's 64)
 BC = 16  # sub-block of the (I + A) inverse
@@ -55,18 +55,18 @@ def _configs(warps):
 
 @autotune(_configs([4, 2, 1]), key=["DK"])
 @triton.jit
-def _kkt_solve_kernel(k_ptr, g_ptr, b_ptr, cu_ptr, tab_ptr, G_ptr, A_ptr,
-                      HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr,
+def _kkt_solve_kernel(k_ptr, g_ptr, b_ptr, cu_ptr, B, G_ptr, A_ptr,
+                      HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, BB: tl.constexpr,
                       BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     i_c = tl.program_id(0)
     h = tl.program_id(1)
-    seq = tl.load(tab_ptr + 2 * i_c)
+    seq, ci = chunk_of(cu_ptr, B, i_c, BT, BB)
     if seq < 0:
         return
     hk = h // (HV // HK)
     bos = tl.load(cu_ptr + seq).to(tl.int64)
     eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
-    t0 = bos + tl.load(tab_ptr + 2 * i_c + 1) * BT
+    t0 = bos + ci * BT
     o = tl.arange(0, BC)
     r0 = t0 + o
     r1 = r0 + BC
@@ -164,19 +164,19 @@ def _kkt_solve_kernel(k_ptr, g_ptr, b_ptr, cu_ptr, tab_ptr, G_ptr, A_ptr,
 
 @autotune(_configs([4, 2, 8]), key=["DK", "DV"])
 @triton.jit
-def _wu_kernel(k_ptr, v_ptr, b_ptr, G_ptr, A_ptr, cu_ptr, tab_ptr, u_ptr, kd_ptr,
-               HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+def _wu_kernel(k_ptr, v_ptr, b_ptr, G_ptr, A_ptr, cu_ptr, B, u_ptr, kd_ptr,
+               HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BB: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     i_c = tl.program_id(0)
     h = tl.program_id(1)
-    seq = tl.load(tab_ptr + 2 * i_c)
+    seq, ci = chunk_of(cu_ptr, B, i_c, BT, BB)
     if seq < 0:
         return
     hk = h // (HV // HK)
     bos = tl.load(cu_ptr + seq).to(tl.int64)
     eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
     o = tl.arange(0, BT)
-    rows = bos + tl.load(tab_ptr + 2 * i_c + 1) * BT + o
+    rows = bos + ci * BT + o
     rm = rows < eos
     low = (o[None, :] <= o[:, None]) & rm[:, None]
     Tm = tl.load(A_ptr + (rows[:, None] * HV + h) * BT + o[None, :], mask=low, other=0.0)     # [BT, BT]
@@ -197,9 +197,9 @@ def _wu_kernel(k_ptr, v_ptr, b_ptr, G_ptr, A_ptr, cu_ptr, tab_ptr, u_ptr, kd_ptr
 
 
 @triton.jit
-def _state_kernel(q_ptr, k_ptr, u_ptr, kd_ptr, G_ptr, w_ptr, h_ptr, o_ptr, cu_ptr, coff_ptr,
+def _state_kernel(q_ptr, k_ptr, u_ptr, kd_ptr, G_ptr, w_ptr, h_ptr, o_ptr, cu_ptr, B,
                   st_ptr, slot_ptr, init_ptr,
-                  HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                  HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BB: tl.constexpr,
                   BT: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr, FUSE_O: tl.constexpr,
                   PREC: tl.constexpr):
     iv = tl.program_id(0)
@@ -209,7 +209,7 @@ def _state_kernel(q_ptr, k_ptr, u_ptr, kd_ptr, G_ptr, w_ptr, h_ptr, o_ptr, cu_pt
     hk = h // (HV // HK)
     bos = tl.load(cu_ptr + b).to(tl.int64)
     eos = tl.load(cu_ptr + b + 1).to(tl.int64)
-    c0 = tl.load(coff_ptr + b).to(tl.int64)
+    c0 = chunk_start(cu_ptr, B, b, BT, BB).to(tl.int64)
     ck = tl.arange(0, DK)
     cv = iv * BV + tl.arange(0, BV)
     o_i = tl.arange(0, BT)
@@ -254,20 +254,18 @@ def _state_kernel(q_ptr, k_ptr, u_ptr, kd_ptr, G_ptr, w_ptr, h_ptr, o_ptr, cu_pt
 
 
 @triton.jit
-def _out_kernel(q_ptr, k_ptr, w_ptr, h_ptr, G_ptr, o_ptr, cu_ptr, tab_ptr, coff_ptr,
-                HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+def _out_kernel(q_ptr, k_ptr, w_ptr, h_ptr, G_ptr, o_ptr, cu_ptr, B,
+                HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BB: tl.constexpr,
                 BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     i_c = tl.program_id(0)
     h = tl.program_id(1)
     iv = tl.program_id(2)
-    seq = tl.load(tab_ptr + 2 * i_c)
+    seq, ci = chunk_of(cu_ptr, B, i_c, BT, BB)
     if seq < 0:
         return
     hk = h // (HV // HK)
-    ci = tl.load(tab_ptr + 2 * i_c + 1)
     bos = tl.load(cu_ptr + seq).to(tl.int64)
     eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
-    c0 = tl.load(coff_ptr + seq).to(tl.int64)
     rows = bos + ci * BT + tl.arange(0, BT)
     rm = rows < eos
     ck = tl.arange(0, DK)
@@ -276,7 +274,8 @@ def _out_kernel(q_ptr, k_ptr, w_ptr, h_ptr, G_ptr, o_ptr, cu_ptr, tab_ptr, coff_
     q = tl.load(q_ptr + (rows[:, None] * HK + hk) * DK + ck[None, :], mask=rm[:, None], other=0.0)
     k = tl.load(k_ptr + (rows[:, None] * HK + hk) * DK + ck[None, :], mask=rm[:, None], other=0.0)
     G = tl.load(G_ptr + rows * HV + h, mask=rm, other=0.0)
-    hs = tl.load(h_ptr + (((c0 + ci) * HV + h) * DK + ck[:, None]) * DV + cv[None, :])
+    # chunk i_c's incoming state (flat chunk index = the sequence's first chunk + ci)
+    hs = tl.load(h_ptr + ((i_c.to(tl.int64) * HV + h) * DK + ck[:, None]) * DV + cv[None, :])
     w = tl.load(w_ptr + (rows[:, None] * HV + h) * DV + cv[None, :], mask=rm[:, None], other=0.0)
     o_i = tl.arange(0, BT)
     causal = o_i[:, None] >= o_i[None, :]
@@ -298,13 +297,13 @@ def _check(q, k, v, g, beta, state, state_slots):
         raise ValueError("state_slots is required when state is given")
 
 
-def _state_args(state, state_slots, has_initial_state, B, dev):
+def _state_args(state, state_slots, has_initial_state, cu):
+    """Kernel arguments for the optional pool (unused pointers get any tensor)."""
     if state is None:
-        dummy = torch.zeros(1, dtype=torch.int64, device=dev)
-        return torch.zeros(1, dtype=torch.float32, device=dev), dummy, dummy
-    init = (has_initial_state if has_initial_state is not None
-            else torch.ones(B, dtype=torch.bool, device=dev))
-    return state, state_slots.to(torch.int64).contiguous(), init.to(torch.int32).contiguous()
+        return cu, cu, cu
+    if has_initial_state is None:
+        has_initial_state = torch.ones(cu.numel() - 1, dtype=torch.bool, device=cu.device)
+    return state, state_slots.contiguous(), has_initial_state.contiguous()
 
 
 def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slots=None,
@@ -329,28 +328,28 @@ def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slo
     o = torch.empty_like(v)
     g, beta = g.contiguous().float(), beta.contiguous().float()
     cu = cu_seqlens.to(torch.int64).contiguous()
-    tab, coff, NC = chunk_table(cu, BT, T)
+    NC, BB = T // BT + B, pow2(B, 2)  # flat chunk bound; block holding all sequences
     prec = "ieee" if dt == torch.float32 else "tf32"
     G = torch.empty(T, HV, dtype=torch.float32, device=dev)
     A = torch.empty(T, HV, BT, dtype=dt, device=dev)
-    _kkt_solve_kernel[(NC, HV)](k, g, beta, cu, tab, G, A, HK=HK, HV=HV, DK=DK,
+    _kkt_solve_kernel[(NC, HV)](k, g, beta, cu, B, G, A, HK=HK, HV=HV, DK=DK, BB=BB,
                                 BT=BT, BC=BC, BK=min(64, DK), PREC=prec)
     u = torch.empty(T, HV, DV, dtype=dt, device=dev)
     kd = torch.empty(T, HV, DK, dtype=dt, device=dev)
-    _wu_kernel[(NC, HV)](k, v, beta, G, A, cu, tab, u, kd, HK=HK, HV=HV, DK=DK, DV=DV,
+    _wu_kernel[(NC, HV)](k, v, beta, G, A, cu, B, u, kd, HK=HK, HV=HV, DK=DK, DV=DV, BB=BB,
                          BT=BT, BK=min(64, DK), BV=min(64, DV), PREC=prec)
-    st, slots, init = _state_args(state, state_slots, has_initial_state, B, dev)
+    st, slots, init = _state_args(state, state_slots, has_initial_state, cu)
     bvs = min(bv_state, DV)
     w = u if fuse_output else torch.empty_like(u)
     hbuf = u if fuse_output else torch.empty(NC, HV, DK, DV, dtype=dt, device=dev)
-    _state_kernel[(triton.cdiv(DV, bvs), B * HV)](q, k, u, kd, G, w, hbuf, o, cu, coff, st, slots, init,
-                                                  HK=HK, HV=HV, DK=DK, DV=DV, BT=BT, BV=bvs,
+    _state_kernel[(triton.cdiv(DV, bvs), B * HV)](q, k, u, kd, G, w, hbuf, o, cu, B, st, slots, init,
+                                                  HK=HK, HV=HV, DK=DK, DV=DV, BB=BB, BT=BT, BV=bvs,
                                                   HAS_STATE=state is not None, FUSE_O=fuse_output,
                                                   PREC=prec, num_warps=4)
     if not fuse_output:
         bvo = min(bv_out, DV)
-        _out_kernel[(NC, HV, triton.cdiv(DV, bvo))](q, k, w, hbuf, G, o, cu, tab, coff, HK=HK, HV=HV,
-                                                    DK=DK, DV=DV, BT=BT, BV=bvo, PREC=prec, num_warps=4)
+        _out_kernel[(NC, HV, triton.cdiv(DV, bvo))](q, k, w, hbuf, G, o, cu, B, HK=HK, HV=HV,
+                                                    DK=DK, DV=DV, BB=BB, BT=BT, BV=bvo, PREC=prec, num_warps=4)
     return o
 
 
@@ -407,12 +406,13 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, state=None, state_s
     B = cu_seqlens.numel() - 1
     if T == 0 or B == 0:
         return o
-    st, slots, init = _state_args(state, state_slots, has_initial_state, B, q.device)
+    cu = cu_seqlens.to(torch.int64).contiguous()
+    st, slots, init = _state_args(state, state_slots, has_initial_state, cu)
     bv = min(bv, DV)
     _recurrent_kernel[(triton.cdiv(DV, bv), B * HV)](
         q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous().float(), beta.contiguous().float(), o,
-        cu_seqlens.to(torch.int64).contiguous(), st, slots, init,
-        per_token_state_slots.to(torch.int64).contiguous() if per_token_state_slots is not None else slots,
+        cu, st, slots, init,
+        per_token_state_slots.contiguous() if per_token_state_slots is not None else slots,
         HK=HK, HV=HV, DK=DK, DV=DV, BV=bv, HAS_STATE=state is not None,
         PER_TOKEN=per_token_state_slots is not None, num_warps=4)
     return o

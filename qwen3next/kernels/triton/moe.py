@@ -68,7 +68,8 @@ def _align(ids: torch.Tensor, E: int, BM: int):
     M = ids.numel()
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=E)
+    # scatter_add rather than bincount: bincount syncs with the host (it reads the max id)
+    counts = torch.zeros(E, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + BM - 1) // BM * BM
     pend = padded.cumsum(0)
     cstart = counts.cumsum(0) - counts
