@@ -45,6 +45,7 @@ def test_delta_rule_state_carried_across_calls(kernel):
     full = ops.gated_delta_rule_recurrent(q, k, v, g, beta, _cu(lens))
     # the same two sequences fed as (100 | 50) and (1 | 69) over two calls, states in slots 3 and 0
     pool = torch.randn(5, 4, 16, 8)  # garbage: has_initial_state=False must ignore it
+    pool[3] = float("nan")  # even a never-written slot
     slots = torch.tensor([3, 0])
     split = [(0, 100, 150, 150), (150, 151, 220, 220)]
     first = torch.cat([torch.arange(a, b) for a, b, _, _ in split])
@@ -124,7 +125,7 @@ def test_conv_varlen_state_across_calls_and_short_chunks():
     w = torch.randn(C, K, generator=gen)
     x = torch.randn(20, C, generator=gen)
     full = ops.causal_conv1d_varlen(x, w, _cu([20]))
-    pool = torch.randn(2, C, K - 1)
+    pool = torch.full((2, C, K - 1), float("nan"))  # has_initial_state=False must ignore it
     outs, off = [], 0
     for i, n in enumerate([1, 2, 1, 10, 6]):  # pieces shorter than K-1 keep older history
         outs.append(ops.causal_conv1d_varlen(x[off : off + n], w, _cu([n]), pool, torch.tensor([1]),

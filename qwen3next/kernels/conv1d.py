@@ -28,8 +28,8 @@ def causal_conv1d_varlen(x, weight, cu_seqlens, conv_state=None, state_slots=Non
     prefix = x.new_zeros(B, K - 1, C)
     if conv_state is not None:
         cached = conv_state[state_slots].transpose(1, 2).to(x.dtype)  # [B, K-1, C]
-        if has_initial_state is not None:
-            cached = cached * has_initial_state.to(x.device).view(B, 1, 1).to(x.dtype)
+        if has_initial_state is not None:  # where, not a product: a stale slot may hold NaN
+            cached = torch.where(has_initial_state.to(x.device).view(B, 1, 1), cached, torch.zeros_like(cached))
         prefix = cached
     # extended buffer: [prefix_0, seq_0, prefix_1, seq_1, ...], each sequence shifted by (b+1)(K-1)
     seq_id = torch.repeat_interleave(torch.arange(B, device=x.device), lens)  # [T]

@@ -35,8 +35,9 @@ def _initial(state, state_slots, has_initial_state, rows, shape, device):
     idx = torch.as_tensor(rows, device=state_slots.device)
     s = state[state_slots[idx]].float()
     if has_initial_state is not None:
-        keep = has_initial_state.to(s.device)[idx].view(-1, 1, 1, 1)
-        s = torch.where(keep, s, torch.zeros_like(s))
+        keep = has_initial_state.to(s.device)[idx]
+        if not bool(keep.all()):  # decode batches skip this pass over the states
+            s = torch.where(keep.view(-1, 1, 1, 1), s, torch.zeros_like(s))  # where: stale slots may hold NaN
     return s
 
 

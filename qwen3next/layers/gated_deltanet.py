@@ -96,7 +96,8 @@ class GatedDeltaNet(nn.Module):
         if pts is not None:
             # the state after token t is the last K-1 inputs up to t: gather them before conv updates
             K1 = self.kernel_size - 1
-            prev = conv[batch.state_slots].transpose(1, 2) * has_init.view(-1, 1, 1).to(conv.dtype)  # [B, K-1, C]
+            prev = conv[batch.state_slots].transpose(1, 2)  # [B, K-1, C]
+            prev = torch.where(has_init.view(-1, 1, 1), prev, torch.zeros_like(prev))
             for i, (s, n) in enumerate(zip(batch.cu_seqlens.tolist()[:-1], batch.seq_lens)):
                 run = torch.cat([prev[i].to(m.dtype), m[s : s + n]])  # [K-1+n, C]
                 for t in range(n):
