@@ -1,14 +1,24 @@
 """The kernel dispatch layer the model layers call.
 
-Today every name is the plain-torch reference; the GPU work adds Triton choices here (same
-signatures) when the inputs live on CUDA.
+Each name runs the Triton kernel (kernels/triton/, same signature) when its tensors live on CUDA,
+triton imports, no autograd is needed (the Triton kernels are forward-only) and the shapes suit
+the kernel's blocks; otherwise the plain-torch reference. QWEN3NEXT_KERNELS=torch forces the
+references everywhere (debugging, A/B timing).
 """
 
-from .attention import causal_attention, paged_attention, write_kv
-from .conv1d import causal_conv1d_update, causal_conv1d_varlen
-from .delta_rule import gated_delta_rule_chunked, gated_delta_rule_recurrent
-from .moe import moe_experts, moe_route
-from .norm import gated_rmsnorm, zc_rmsnorm
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from . import attention as _ref_attn
+from . import conv1d as _ref_conv
+from . import delta_rule as _ref_dr
+from . import moe as _ref_moe
+from . import norm as _ref_norm
+from .attention import causal_attention
 from .rotary import apply_rotary, rope_cos_sin, rope_inv_freq
 
 __all__ = [
@@ -16,3 +26,102 @@ __all__ = [
     "gated_delta_rule_chunked", "gated_delta_rule_recurrent", "gated_rmsnorm", "moe_experts",
     "moe_route", "paged_attention", "rope_cos_sin", "rope_inv_freq", "write_kv", "zc_rmsnorm",
 ]
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_ok() -> bool:
+    if os.environ.get("QWEN3NEXT_KERNELS", "").lower() == "torch":
+        return False
+    from .triton import available
+
+    return available()
+
+
+def _pow2(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
+def _use_triton(*tensors) -> bool:
+    """CUDA inputs, no gradient wanted, triton present."""
+    x = tensors[0]
+    if not x.is_cuda or not _triton_ok():
+        return False
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        return False
+    return True
+
+
+def _triton(name: str):
+    """The Triton module `name` (imported on first use, so CPU-only runs never import triton)."""
+    import importlib
+
+    return importlib.import_module(f"{__package__}.triton.{name}")
+
+
+def zc_rmsnorm(x, weight, eps, residual=None):
+    if _use_triton(x, weight, residual):
+        return _triton("norm").zc_rmsnorm(x, weight, eps, residual)
+    return _ref_norm.zc_rmsnorm(x, weight, eps, residual)
+
+
+def gated_rmsnorm(x, z, weight, eps):
+    if _use_triton(x, z, weight):
+        return _triton("norm").gated_rmsnorm(x, z, weight, eps)
+    return _ref_norm.gated_rmsnorm(x, z, weight, eps)
+
+
+def causal_conv1d_varlen(x, weight, cu_seqlens, conv_state=None, state_slots=None, has_initial_state=None):
+    if _use_triton(x, weight):
+        return _triton("conv1d").causal_conv1d_varlen(x, weight, cu_seqlens, conv_state, state_slots, has_initial_state)
+    return _ref_conv.causal_conv1d_varlen(x, weight, cu_seqlens, conv_state, state_slots, has_initial_state)
+
+
+def causal_conv1d_update(x, weight, conv_state, state_slots):
+    if _use_triton(x, weight):
+        return _triton("conv1d").causal_conv1d_update(x, weight, conv_state, state_slots)
+    return _ref_conv.causal_conv1d_update(x, weight, conv_state, state_slots)
+
+
+def _dr_ok(q, v, state) -> bool:
+    return (_pow2(q.shape[-1]) and _pow2(v.shape[-1])
+            and (state is None or state.dtype == torch.float32))
+
+
+def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slots=None, has_initial_state=None):
+    if _use_triton(q, k, v, g, beta) and _dr_ok(q, v, state):
+        return _triton("delta_rule").gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state, state_slots,
+                                                              has_initial_state)
+    return _ref_dr.gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state, state_slots, has_initial_state)
+
+
+def gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, state=None, state_slots=None,
+                               has_initial_state=None, per_token_state_slots=None):
+    if _use_triton(q, k, v, g, beta) and _dr_ok(q, v, state) and (per_token_state_slots is None or state is not None):
+        return _triton("delta_rule").gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, state, state_slots,
+                                                                has_initial_state, per_token_state_slots)
+    return _ref_dr.gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, state, state_slots, has_initial_state,
+                                              per_token_state_slots)
+
+
+def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale):
+    if _use_triton(q) and _pow2(q.shape[-1]) and kv_cache.dtype == q.dtype:
+        return _triton("attention").paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale)
+    return _ref_attn.paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale)
+
+
+def write_kv(k, v, kv_cache, slot_mapping):
+    if _use_triton(k, v):
+        return _triton("attention").write_kv(k, v, kv_cache, slot_mapping)
+    return _ref_attn.write_kv(k, v, kv_cache, slot_mapping)
+
+
+def moe_route(router_logits, top_k, norm_topk_prob):
+    if _use_triton(router_logits):
+        return _triton("moe").moe_route(router_logits, top_k, norm_topk_prob)
+    return _ref_moe.moe_route(router_logits, top_k, norm_topk_prob)
+
+
+def moe_experts(x, gate_up_proj, down_proj, weights, ids):
+    if _use_triton(x, gate_up_proj, down_proj, weights) and gate_up_proj.dtype == x.dtype == down_proj.dtype:
+        return _triton("moe").moe_experts(x, gate_up_proj, down_proj, weights, ids)
+    return _ref_moe.moe_experts(x, gate_up_proj, down_proj, weights, ids)
