@@ -104,7 +104,7 @@ def cmd_serve(ns) -> int:
 
 def _session(ns):
     """(engine, tokenizer, generation defaults) for generate/chat."""
-    from qwen3next.api.server import build_engine
+    from qwen3next.api.engine_setup import build_engine
     from qwen3next.tokenizer import get_tokenizer, read_generation_config
 
     resolve_model(ns)
@@ -156,7 +156,7 @@ def cmd_generate(ns) -> int:
 
 
 def cmd_chat(ns) -> int:
-    from qwen3next.api.server import thinking_template
+    from qwen3next.api.engine_setup import thinking_template
     from qwen3next.parsers import ReasoningStream
 
     engine, tok, gen = _session(ns)

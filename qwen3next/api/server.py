@@ -115,33 +115,10 @@ def _respond(result):
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def build_engine(ns):
-    """An LLMEngine from the serve/chat/generate arguments (model dir or hub id)."""
-    from qwen3next.engine.args import EngineArgs
-    from qwen3next.engine.llm_engine import LLMEngine
-
-    fields = {k: getattr(ns, k) for k in ("dtype", "device", "max_num_seqs", "max_num_batched_tokens",
-                                          "max_model_len", "kv_cache_memory_bytes", "seed")
-              if getattr(ns, k, None) is not None}
-    spec = getattr(ns, "speculative_config", None)
-    if spec is not None:
-        if "speculative_config" in EngineArgs.names():
-            fields["speculative_config"] = json.loads(spec) if isinstance(spec, str) else spec
-        else:
-            log.warning("--speculative-config ignored: this engine has no speculative decoding option")
-    engine = LLMEngine.from_args(EngineArgs(model=ns.model, **fields))
-    return engine, engine.model_dir
-
-
-def thinking_template(tokenizer) -> bool:
-    """Does the model's template open a think block for the answer (a Thinking model)?"""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True)
-    return text.rstrip("\n").endswith("<think>")
-
-
 def build_state(ns, engine=None, model_dir: str | None = None) -> ServerState:
     """Everything the app needs, from CLI arguments (`engine` may be given pre-built, e.g. tests)."""
     from qwen3next.api.async_engine import AsyncEngine
+    from qwen3next.api.engine_setup import build_engine, thinking_template
     from qwen3next.api.metrics import Metrics
     from qwen3next.tokenizer import get_tokenizer, read_generation_config
 
@@ -161,7 +138,7 @@ def build_state(ns, engine=None, model_dir: str | None = None) -> ServerState:
         metrics=Metrics(names[0], lambda: async_engine.snapshot),
         reasoning_parser=None if reasoning == "none" else reasoning,
         tool_parser=None if ns.tool_call_parser == "none" else ns.tool_call_parser,
-        generation_config=gen, api_key=ns.api_key or os.environ.get("QWEN3NEXT_API_KEY") or None,
+        generation_config=gen, api_key=ns.api_key or os.environ.get("QWEN3NEXT_API_KEY") or os.environ.get("VLLM_API_KEY") or None,
         exclude_tools_when_none=ns.exclude_tools_when_tool_choice_none,
         strip_reasoning_newlines=ns.strip_reasoning_newlines, eos_ids=frozenset(engine.eos_token_ids))
 

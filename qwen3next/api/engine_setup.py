@@ -1,0 +1,35 @@
+"""Building the engine from command-line arguments; shared by `serve`, `generate` and `chat`.
+
+Kept apart from server.py so the offline commands never import FastAPI / uvicorn / pydantic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+log = logging.getLogger("qwen3next.api")
+
+
+def build_engine(ns):
+    """An LLMEngine from the serve/chat/generate arguments (model dir or hub id)."""
+    from qwen3next.engine.args import EngineArgs
+    from qwen3next.engine.llm_engine import LLMEngine
+
+    fields = {k: getattr(ns, k) for k in ("dtype", "device", "max_num_seqs", "max_num_batched_tokens",
+                                          "max_model_len", "kv_cache_memory_bytes", "seed")
+              if getattr(ns, k, None) is not None}
+    spec = getattr(ns, "speculative_config", None)
+    if spec is not None:
+        if "speculative_config" in EngineArgs.names():
+            fields["speculative_config"] = json.loads(spec) if isinstance(spec, str) else spec
+        else:
+            log.warning("--speculative-config ignored: this engine has no speculative decoding option")
+    engine = LLMEngine.from_args(EngineArgs(model=ns.model, **fields))
+    return engine, engine.model_dir
+
+
+def thinking_template(tokenizer) -> bool:
+    """Does the model's template open a think block for the answer (a Thinking model)?"""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True)
+    return text.rstrip("\n").endswith("<think>")
