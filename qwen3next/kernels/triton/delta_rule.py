@@ -308,7 +308,7 @@ def _state_args(state, state_slots, has_initial_state, cu):
 
 def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slots=None,
                              has_initial_state=None, *, fuse_output: bool = False,
-                             bv_state: int = 32, bv_out: int = 64):
+                             bv_state: int = 32, bv_out: int = 128, warps_state: int = 4):
     """Chunked gated delta rule over a packed varlen batch -> o [T, Hv, dv] in v's dtype.
 
     q, k [T, Hk, dk] (L2-normalised, q scaled); v [T, Hv, dv]; g, beta [T, Hv] fp32;
@@ -345,7 +345,7 @@ def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slo
     _state_kernel[(triton.cdiv(DV, bvs), B * HV)](q, k, u, kd, G, w, hbuf, o, cu, B, st, slots, init,
                                                   HK=HK, HV=HV, DK=DK, DV=DV, BB=BB, BT=BT, BV=bvs,
                                                   HAS_STATE=state is not None, FUSE_O=fuse_output,
-                                                  PREC=prec, num_warps=4)
+                                                  PREC=prec, num_warps=warps_state)
     if not fuse_output:
         bvo = min(bv_out, DV)
         _out_kernel[(NC, HV, triton.cdiv(DV, bvo))](q, k, w, hbuf, G, o, cu, B, HK=HK, HV=HV,
