@@ -121,7 +121,7 @@ def test_one_at_a_time_equals_batched(model, prompts):
     assert run(eng, prompts[:6], GREEDY, arrivals=[0, 3, 3, 5, 9, 12]) == ref
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_property_random_arrivals_and_budgets(model, prompts, hf_greedy, data):
     k = data.draw(st.integers(2, 5), label="num requests")
@@ -132,10 +132,12 @@ def test_property_random_arrivals_and_budgets(model, prompts, hf_greedy, data):
     tokens = data.draw(st.integers(1, 80), label="max_num_batched_tokens")
     longest = max(LENGTHS[i] for i in which) + MAX_NEW
     blocks = data.draw(st.integers(-(-longest // bs), 3 * -(-longest // bs)), label="kv blocks")
+    ns = data.draw(st.lists(st.integers(1, 2), min_size=k, max_size=k), label="n per request")
     eng = make_engine(model, max_num_seqs=max_seqs, max_num_batched_tokens=tokens, block_size=bs,
                       kv_cache_memory_bytes=kv_budget(model, bs, max_seqs, blocks))
-    got = run(eng, [prompts[i] for i in which], GREEDY, arrivals=arrivals)
-    assert [got[str(j)][0] for j in range(k)] == [hf_greedy[i] for i in which]
+    params = [SamplingParams(n=n, temperature=0, max_tokens=MAX_NEW, ignore_eos=True) for n in ns]
+    got = run(eng, [prompts[i] for i in which], params, arrivals=arrivals)
+    assert [got[str(j)] for j in range(k)] == [[hf_greedy[i]] * n for i, n in zip(which, ns)]
     assert_pools_empty(eng)
 
 
@@ -205,6 +207,12 @@ def test_stop_rules(model, prompts):
     assert final["eos"] == ref[: first + 1] and final["eos.why"] == ("stop", None)
     assert final["ids"] == ref[: first + 1] and final["ids.why"] == ("stop", stop_tok)
     assert final["ign"] == ref and final["ign.why"] == ("length", None)
+
+
+def test_startup_log_says_what_fits(model, caplog):
+    with caplog.at_level("INFO", logger="qwen3next.engine"):
+        make_engine(model, max_num_seqs=3, block_size=8, kv_cache_memory_bytes=kv_budget(model, 8, 3, 20))
+    assert "20 KV blocks x 8 tokens = 160 tokens" in caplog.text and "3 state slots" in caplog.text
 
 
 def test_refuses_requests_that_can_never_fit(model):
