@@ -125,6 +125,7 @@ def test_tool_choice_none_keeps_text_and_named_is_guided(srv, client):
                                        tool_choice={"type": "function", "function": {"name": "get_weather"}})
     (call,) = r.choices[0].message.tool_calls
     assert json.loads(call.function.arguments) == {"city": "Rome"}
+    assert r.choices[0].message.reasoning_content is None and r.choices[0].finish_reason == "tool_calls"
     assert srv.tok.decode(srv.sampler.seen_prompts[-1]).endswith('"name": "get_weather", "arguments": ')
     srv.push('get_weather", "arguments": {"city": "Oslo"}}\n', "</tool_call>")
     r = client.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER], max_tokens=40,
@@ -138,9 +139,10 @@ def test_n_samples_and_seed(srv, client):
     r = client.chat.completions.create(model="tiny-alias", messages=USER, max_tokens=5, n=3, seed=7,
                                        temperature=1.0)
     assert sorted(c.index for c in r.choices) == [0, 1, 2] and r.model == "tiny-alias"
-    again = client.chat.completions.create(model="tiny", messages=USER, max_tokens=5, n=3, seed=7,
-                                           temperature=1.0)
-    assert [c.message.reasoning_content for c in r.choices] == [c.message.reasoning_content for c in again.choices]
+    # the same seed gives the same sample (n=1: the batch layout, hence the float rounding, repeats)
+    one, again = (client.chat.completions.create(model="tiny", messages=USER, max_tokens=8, seed=7,
+                                                 temperature=1.0) for _ in range(2))
+    assert one.choices[0].message.reasoning_content == again.choices[0].message.reasoning_content
     chunks = list(client.chat.completions.create(model="tiny", messages=USER, max_tokens=4, n=2, stream=True))
     finished = {c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason}
     assert finished == {0, 1}
@@ -193,3 +195,26 @@ def test_models_health_version_metrics(srv, client):
                  "qwen3next:e2e_request_latency_seconds", "qwen3next:num_requests_waiting",
                  "qwen3next:kv_cache_usage_perc", "qwen3next:generation_tokens_total"):
         assert name in text
+
+
+def test_continuous_usage_and_include_reasoning_false(srv, client):
+    srv.push("secret plan\n", "</think>", "\n\nHi")
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=20, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        extra_body={"include_reasoning": False}))
+    with_choices = [c for c in chunks if c.choices]
+    assert all(c.usage is not None for c in with_choices)
+    counts = [c.usage.completion_tokens for c in with_choices]
+    assert counts == sorted(counts) and counts[-1] == chunks[-1].usage.completion_tokens
+    assert not any(c.choices[0].delta.model_extra.get("reasoning_content") for c in with_choices)
+    assert "".join(c.choices[0].delta.content or "" for c in with_choices) == "\n\nHi"
+
+
+def test_stop_string_in_one_of_n_samples(srv, client):
+    srv.sampler.sticky = srv.ids("x", "</think>", "one two three" + " four" * 60)
+    r = client.completions.create(model="tiny", prompt="Hi", max_tokens=60, n=2, stop=["three"])
+    assert [c.text for c in r.choices] == ["x</think>one two "] * 2
+    assert all(c.finish_reason == "stop" for c in r.choices)
+    # the stopped samples were finished in the engine, not left generating to max_tokens
+    assert r.usage.completion_tokens < 30

@@ -101,6 +101,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    def stop_sample(self, request_id: str, index: int, stop_reason) -> None:
+        """One sample hit a stop string (found above the engine): finish it and free its cache."""
+        self._commands.put(("stop_sample", request_id, index, stop_reason))
+
     def fail_all(self, error: BaseException) -> None:
         """Abort every open request and hand each its `error` (server shutdown)."""
         self._commands.put(("fail_all", error))
@@ -140,6 +144,12 @@ class AsyncEngine:
                 self.engine.add_request(rid, ids, params)
             except ValueError as e:
                 self._deliver(rid, APIError(str(e), 400), True)
+            except Exception as e:  # one bad request must not stop the loop for everyone
+                log.exception("add_request failed")
+                self._deliver(rid, APIError(f"could not start the request: {e}", 500), True)
+        elif cmd[0] == "stop_sample":
+            if cmd[1] in self._streams:
+                self.engine.stop_sequence(*cmd[1:])
         elif cmd[0] == "fail_all":
             for rid in list(self._streams):
                 self.engine.abort_request(rid)

@@ -140,7 +140,8 @@ def build_state(ns, engine=None, model_dir: str | None = None) -> ServerState:
         tool_parser=None if ns.tool_call_parser == "none" else ns.tool_call_parser,
         generation_config=gen, api_key=ns.api_key or os.environ.get("QWEN3NEXT_API_KEY") or os.environ.get("VLLM_API_KEY") or None,
         exclude_tools_when_none=ns.exclude_tools_when_tool_choice_none,
-        strip_reasoning_newlines=ns.strip_reasoning_newlines, eos_ids=frozenset(engine.eos_token_ids))
+        strip_reasoning_newlines=ns.strip_reasoning_newlines, eos_ids=frozenset(engine.eos_token_ids),
+        cache_tokens=engine.cache.plan.num_tokens)
 
 
 def run_server(ns) -> None:

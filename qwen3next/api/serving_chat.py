@@ -136,8 +136,10 @@ async def _steps(state, req, choices, gen) -> AsyncIterator[tuple[_Choice, str, 
         for co in out.outputs:
             c = choices[co.index]
             if c.done:
-                continue  # stopped by a stop string; siblings may still run
+                continue  # stopped by a stop string
             text, lps = c.absorb(co, state.tokenizer, req.logprobs, req.top_logprobs or 0)
+            if c.text.stopped is not None and co.finish_reason is None:
+                state.engine.stop_sample(out.request_id, co.index, c.text.stopped)
             yield c, text, lps
         if all(c.done for c in choices):
             break
@@ -171,10 +173,13 @@ async def _full(state, req, rid, model, ids, choices, gen) -> dict:
 
 async def _stream(state, req, rid, model, ids, choices, gen) -> AsyncIterator[str]:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    # vLLM extra: every chunk carries the usage so far
+    continuous = include_usage and bool(req.stream_options.continuous_usage_stats)
 
     def chunk(index: int, delta: DeltaMessage, **kw) -> str:
         return sse(ChatCompletionChunk(id=rid, model=model,
-                                       choices=[ChatStreamChoice(index=index, delta=delta, **kw)]))
+                                       choices=[ChatStreamChoice(index=index, delta=delta, **kw)],
+                                       usage=_usage(len(ids), choices) if continuous else None))
 
     try:
         for c in choices:

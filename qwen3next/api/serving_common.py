@@ -33,6 +33,7 @@ class ServerState:
     exclude_tools_when_none: bool = False
     strip_reasoning_newlines: bool = False
     eos_ids: frozenset = frozenset()
+    cache_tokens: int | None = None  # tokens one sequence may hold in the KV cache (None: no limit)
 
 
 def check_model(state: ServerState, name: str | None) -> str:
@@ -54,6 +55,13 @@ def max_new_tokens(state: ServerState, prompt_len: int, requested: int | None, p
                           "input messages.", prompt_param)
     room = limit - prompt_len
     if requested is None:
+        # default: the rest of the context, but no more than the cache can hold for one sequence
+        # (the last sampled token is never cached, hence + 1)
+        if state.cache_tokens is not None:
+            room = min(room, state.cache_tokens + 1 - prompt_len)
+        if room < 1:
+            raise bad_request(f"The prompt ({prompt_len} tokens) does not fit in the KV cache "
+                              f"({state.cache_tokens} tokens).", prompt_param)
         return room
     if requested > room:
         raise bad_request(f"This model's maximum context length is {limit} tokens. However, you "

@@ -104,7 +104,10 @@ async def _merge(state, req, pairs) -> AsyncIterator[tuple[_Sample, str]]:
                 for co in out.outputs:
                     s = samples[co.index]
                     if s.finish_reason is None:
-                        await q.put((s, s.absorb(co, state, req.logprobs)))
+                        text = s.absorb(co, state, req.logprobs)
+                        if s.text.stopped is not None and co.finish_reason is None:
+                            state.engine.stop_sample(out.request_id, co.index, s.text.stopped)
+                        await q.put((s, text))
                 if all(s.finish_reason is not None for s in samples):
                     break
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
