@@ -1,0 +1,91 @@
+"""The MTP draft model (architecture.md §8.2): keeps the MTP layer's KV cache in step with the
+trunk and proposes up to k draft tokens per sequence.
+
+Catch-up: for every position t the trunk computed (and kept) this step, run the MTP on the pair
+(trunk hidden h_t, token x_{t+1}) at position t; its KV lands in the MTP layer's own paged cache
+(same blocks as the trunk) and the output at the last position gives draft 1. Draft j >= 2 feeds
+(d_{j-1}, the MTP's previous output) at the next position. Drafts are sampled with the request's
+own rules (penalties, min_tokens, temperature, top-k/p, min-p; argmax when greedy) and their
+distributions kept for rejection sampling. Results go to `seq.spec_token_ids` / `spec_draft_probs`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwen3next.engine.cache import CacheManager
+from qwen3next.engine.rejection_sampler import adjusted_logits, draw, final_probs, race
+from qwen3next.engine.sequence import Sequence
+from qwen3next.engine.spec_batch import pack
+
+
+class MTPProposer:
+    def __init__(self, model: torch.nn.Module, cache: CacheManager, generator: torch.Generator,
+                 device: torch.device, num_speculative_tokens: int):
+        if model.mtp is None:
+            raise ValueError("speculative_config: the model has no MTP head (mtp.* weights)")
+        self.model = model
+        self.cache = cache
+        self.generator = generator
+        self.device = device
+        self.k = num_speculative_tokens
+
+    @torch.inference_mode()
+    def run(self, entries: list[tuple[Sequence, int, int, bool]], hidden: torch.Tensor) -> None:
+        """entries: (seq, first position c, positions kept n, wants drafts); hidden [sum n, H] are
+        the trunk's outputs at those positions, in order. Each seq's tokens c+1..c+n are known."""
+        if not entries:
+            return
+        runs = [(s, c, s.token_ids[c + 1:c + 1 + n]) for s, c, n, _ in entries]
+        ids, pos, batch = pack(self.cache, self.device, runs)
+        y = self.model.mtp(ids, hidden, pos, batch)  # [T, H]
+        ends = batch.cu_seqlens[1:] - 1
+        want = [i for i, e in enumerate(entries) if e[3]]
+        if not want:
+            return
+        seqs = [entries[i][0] for i in want]
+        # drafts per sequence: the verify forward writes positions num_computed..+k, all inside
+        # max_len - 1 (the cache never holds the last token); draft steps need KV up to +k-2
+        ks = []
+        for s in seqs:
+            k = max(0, min(self.k, s.request.max_len - 1 - s.num_tokens))
+            if k > 1 and not self.cache.grow(s, k - 1):
+                k = 1
+            ks.append(k)
+            s.spec_token_ids, s.spec_draft_probs = [], None
+        live = [i for i, k in enumerate(ks) if k > 0]
+        y = y[ends[torch.tensor([want[i] for i in live], device=self.device)]] if live else y[:0]
+        probs: dict[int, list[torch.Tensor]] = {}
+        for j in range(1, self.k + 1):
+            if not live:
+                break
+            if j > 1:
+                runs = [(seqs[i], seqs[i].num_computed_tokens + j - 2, [seqs[i].spec_token_ids[-1]]) for i in live]
+                ids, pos, batch = pack(self.cache, self.device, runs)
+                y = self.model.mtp(ids, y, pos, batch)
+            logits = self.model.compute_logits(y)  # [L, V]
+            toks, p = self._sample(logits, [seqs[i] for i in live])
+            for r, i in enumerate(live):
+                seqs[i].spec_token_ids.append(toks[r])
+                if p[r] is not None:
+                    probs.setdefault(i, []).append(p[r])
+            keep = [r for r, i in enumerate(live) if ks[i] > j]
+            live = [live[r] for r in keep]
+            y = y[torch.tensor(keep, dtype=torch.long, device=self.device)]
+        for i, ps in probs.items():
+            seqs[i].spec_draft_probs = torch.stack(ps)  # [k, V]
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list]:
+        """One draft per row, as if the row's earlier drafts were already in the sequence."""
+        x = adjusted_logits(logits, seqs, [s.spec_token_ids for s in seqs])
+        toks = x.argmax(-1)
+        probs: list = [None] * len(seqs)
+        rand = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if rand:
+            rs = [seqs[i] for i in rand]
+            p = final_probs(x[torch.tensor(rand, device=x.device)], rs)
+            toks[torch.tensor(rand, device=x.device)] = race(p, draw("exp", len(rs), p.shape[1], rs,
+                                                                      self.generator, x.device))
+            for r, i in enumerate(rand):
+                probs[i] = p[r]
+        return toks.tolist(), probs

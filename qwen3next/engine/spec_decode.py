@@ -1,0 +1,264 @@
+"""MTP speculative decoding: the config, the verify step and its statistics.
+
+`SpeculativeConfig.parse` takes vLLM's `speculative_config` ({"method": "qwen3_next_mtp",
+"num_speculative_tokens": k}, as a dict or JSON text). `SpecDecoder.execute` replaces the plain
+ModelRunner step: sequences that carry drafts run [last token, d_1..d_k] through the trunk in one
+forward (DeltaNet states after every position kept in scratch state slots via
+`per_token_state_slots`), the drafts are verified (argmax match for greedy rows, rejection
+sampling otherwise), and a sequence that rejected some keeps the conv/recurrent state of its last
+accepted position; KV written for rejected positions is simply never counted. Prompts and
+draft-less decodes run as a plain forward. `SpecDecoder.propose` then brings the MTP cache up to
+date and drafts the next tokens (mtp_proposer.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from qwen3next.engine.cache import CacheManager
+from qwen3next.engine.mtp_proposer import MTPProposer
+from qwen3next.engine.rejection_sampler import (adjusted_logits, draw, final_probs, rejection_sample,
+                                                verify_greedy)
+from qwen3next.engine.sampler import Sampler
+from qwen3next.engine.scheduler import SchedulerOutput
+from qwen3next.engine.sequence import Sequence
+from qwen3next.engine.spec_batch import pack
+
+METHODS = ("qwen3_next_mtp", "mtp")
+MAX_SPEC_TOKENS = 4
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str
+    num_speculative_tokens: int
+
+    @classmethod
+    def parse(cls, value) -> "SpeculativeConfig | None":
+        """None / {} -> None; a dict or JSON object text -> a checked config (one-line ValueErrors)."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {value!r}")
+        if not value:
+            return None
+        unknown = sorted(set(value) - {"method", "num_speculative_tokens"})
+        if unknown:
+            raise ValueError(f"speculative_config: unsupported keys {unknown} (method, num_speculative_tokens)")
+        method = value.get("method", "qwen3_next_mtp")
+        if method not in METHODS:
+            raise ValueError(f"speculative_config.method must be one of {list(METHODS)}, got {method!r}")
+        k = value.get("num_speculative_tokens")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPEC_TOKENS:
+            raise ValueError(f"speculative_config.num_speculative_tokens must be an integer in "
+                             f"[1, {MAX_SPEC_TOKENS}], got {k!r}")
+        return cls("qwen3_next_mtp", k)
+
+
+@dataclass
+class SpecStats:
+    """Cumulative counts. A 'verify' is one sequence checking >= 1 draft in one step."""
+
+    k: int
+    num_verifies: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    drafted_per_pos: list[int] = field(default_factory=list)
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.drafted_per_pos = [0] * self.k
+        self.accepted_per_pos = [0] * self.k
+
+    def add(self, num_drafts: int, num_accepted: int) -> None:
+        if num_drafts == 0:
+            return
+        self.num_verifies += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        for i in range(num_drafts):
+            self.drafted_per_pos[i] += 1
+            self.accepted_per_pos[i] += i < num_accepted
+
+    def as_dict(self) -> dict:
+        v = self.num_verifies
+        return {
+            "num_speculative_tokens": self.k,
+            "num_verifies": v,
+            "num_draft_tokens": self.num_draft_tokens,
+            "num_accepted_tokens": self.num_accepted_tokens,
+            "acceptance_rate": self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0,
+            # tokens one verify emits: the accepted drafts plus the target's own token
+            "mean_accepted_length": 1 + self.num_accepted_tokens / v if v else 0.0,
+            "accepted_per_pos": list(self.accepted_per_pos),
+            "drafted_per_pos": list(self.drafted_per_pos),
+            "acceptance_rate_per_pos": [a / d if d else 0.0 for a, d in zip(self.accepted_per_pos, self.drafted_per_pos)],
+        }
+
+
+@dataclass
+class SpecStepOutput:
+    computed: list[int]  # per scheduled sequence: positions whose cache entries are now valid
+    rows: list[Sequence]  # sequences that got new tokens
+    tokens: list[list[int]]  # per row, 1..k+1 tokens
+    logprobs: list[list | None]  # per row: one dict per token (None when not asked)
+    chosen_logprobs: list[list | None]
+    hidden: list[torch.Tensor]  # per scheduled sequence: trunk hidden [computed, H] (MTP catch-up)
+
+
+class SpecDecoder:
+    def __init__(self, model: torch.nn.Module, cache: CacheManager, sampler: Sampler,
+                 device: torch.device, config: SpeculativeConfig, scratch_base: int, max_num_seqs: int):
+        """State slots [scratch_base, scratch_base + max_num_seqs * k) are this decoder's scratch:
+        verify row r keeps the state after its draft position j in slot scratch_base + r*k + j."""
+        self.model = model
+        self.cache = cache
+        self.sampler = sampler
+        self.device = device
+        self.k = config.num_speculative_tokens
+        self.scratch_base = scratch_base
+        self.max_num_seqs = max_num_seqs
+        self.proposer = MTPProposer(model, cache, sampler.generator, device, self.k)
+        self.stats = SpecStats(self.k)
+
+    # ---- the step ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> SpecStepOutput:
+        S = len(sched.seqs)
+        out = SpecStepOutput([0] * S, [], [], [], [], [None] * S)
+        plain, verify = [], []
+        for i, (seq, n) in enumerate(zip(sched.seqs, sched.num_new_tokens)):
+            decode = seq.num_tokens - seq.num_computed_tokens == 1 and not seq.children
+            (verify if decode else plain).append(i)
+        if plain:
+            self._plain(sched, plain, out)
+        if verify:
+            self._verify(sched, verify, out)
+        return out
+
+    def propose(self, sched: SchedulerOutput, out: SpecStepOutput, sampled: set[int]) -> None:
+        """After the engine committed the step's tokens: MTP catch-up for every scheduled sequence
+        still running, drafts for those that got tokens (seq ids in `sampled`)."""
+        entries, hidden = [], []
+        for i, seq in enumerate(sched.seqs):
+            if seq.finish_reason is not None or out.computed[i] == 0:
+                continue
+            n = out.computed[i]
+            entries.append((seq, seq.num_computed_tokens - n, n, seq.seq_id in sampled))
+            hidden.append(out.hidden[i])
+        if entries:
+            self.proposer.run(entries, torch.cat(hidden))
+
+    def _plain(self, sched: SchedulerOutput, idx: list[int], out: SpecStepOutput) -> None:
+        """Prompt chunks and draft-less rows: one forward, sample where a prompt completes."""
+        runs, rows, row_pos = [], [], []
+        end = 0
+        for i in idx:
+            seq, n = sched.seqs[i], sched.num_new_tokens[i]
+            c = seq.num_computed_tokens
+            runs.append((seq, c, seq.token_ids[c:c + n]))
+            end += n
+            if c + n == seq.num_tokens:
+                for s in [seq, *seq.children]:
+                    rows.append(s)
+                    row_pos.append(end - 1)
+        ids, pos, batch = pack(self.cache, self.device, runs)
+        hidden = self.model(ids, pos, batch)  # [T, H]
+        cu = batch.cu_seqlens.tolist()
+        for r, i in enumerate(idx):
+            out.computed[i] = sched.num_new_tokens[i]
+            out.hidden[i] = hidden[cu[r]:cu[r + 1]]
+        if not rows:
+            return
+        logits = self.model.compute_logits(hidden[torch.tensor(row_pos, device=self.device)])
+        s = self.sampler(logits, rows)
+        out.rows += rows
+        out.tokens += [[t] for t in s.token_ids]
+        out.logprobs += [None if lp is None else [lp] for lp in s.logprobs]
+        out.chosen_logprobs += [None if c is None else [c] for c in s.chosen_logprobs]
+
+    def _verify(self, sched: SchedulerOutput, idx: list[int], out: SpecStepOutput) -> None:
+        """Decode rows with drafts: one trunk forward over [x, d_1..d_m] per row, then verification
+        and state rollback to the last accepted position."""
+        seqs = [sched.seqs[i] for i in idx]
+        drafts = [s.spec_token_ids[:sched.num_new_tokens[i] - 1] for s, i in zip(seqs, idx)]
+        runs = [(s, s.num_computed_tokens, [s.token_ids[-1]] + d) for s, d in zip(seqs, drafts)]
+        ids, pos, batch = pack(self.cache, self.device, runs)
+        B, K = len(seqs), max(len(d) for d in drafts)
+        if K:
+            # the state after draft position j of row r goes to a scratch slot; after the last one
+            # it is the row's own slot (written anyway)
+            pts = [self.scratch_base + r * self.k + j if j < len(d) else -1
+                   for r, d in enumerate(drafts) for j in range(len(d) + 1)]
+            batch.per_token_state_slots = torch.tensor(pts, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, pos, batch)  # [T, H]
+        logits = self.model.compute_logits(hidden)  # [T, V]
+        cu = batch.cu_seqlens.tolist()
+        # every verify position as a row of its own: sequence + the drafts before it
+        p_seqs = [s for s, d in zip(seqs, drafts) for _ in range(len(d) + 1)]
+        p_extra = [d[:j] for d in drafts for j in range(len(d) + 1)]
+        adj = adjusted_logits(logits, p_seqs, p_extra)
+        n_drafts = torch.tensor([len(d) for d in drafts], device=self.device)
+        d_ids = torch.tensor([d + [0] * (K - len(d)) for d in drafts], dtype=torch.long, device=self.device)
+        pad = torch.tensor([cu[r] + min(j, len(drafts[r])) for r in range(B) for j in range(K + 1)],
+                           device=self.device).view(B, K + 1)  # flat position of (row, j), clamped
+        n_acc = torch.zeros(B, dtype=torch.long, device=self.device)
+        nxt = torch.zeros(B, dtype=torch.long, device=self.device)
+        greedy = [r for r, s in enumerate(seqs) if s.params.greedy]
+        rand = [r for r, s in enumerate(seqs) if not s.params.greedy]
+        if greedy:
+            g = torch.tensor(greedy, device=self.device)
+            target_ids = adj.argmax(-1)[pad[g]]  # [G, K+1]
+            n_acc[g], nxt[g] = verify_greedy(target_ids, d_ids[g], n_drafts[g])
+        if rand:
+            rt = torch.tensor(rand, device=self.device)
+            rs = [seqs[r] for r in rand]
+            flat = pad[rt].reshape(-1)
+            target = final_probs(adj[flat], [p_seqs[int(f)] for f in flat.tolist()]).view(len(rand), K + 1, -1)
+            V = target.shape[-1]
+            draft = torch.zeros(len(rand), K, V, device=self.device)
+            for j, r in enumerate(rand):
+                if drafts[r]:
+                    draft[j, :len(drafts[r])] = seqs[r].spec_draft_probs[:len(drafts[r])]
+            u = draw("uniform", len(rand), K, rs, self.sampler.generator, self.device)
+            q = draw("exp", len(rand), V, rs, self.sampler.generator, self.device)
+            n_acc[rt], nxt[rt] = rejection_sample(target, draft, d_ids[rt], n_drafts[rt], u, q)
+        self._commit(sched, idx, seqs, drafts, n_acc.tolist(), nxt.tolist(), hidden, logits, cu, out)
+
+    def _commit(self, sched, idx, seqs, drafts, n_acc, nxt, hidden, logits, cu, out) -> None:
+        roll_src, roll_dst = [], []
+        want_lp = []
+        for r, (i, s, d) in enumerate(zip(idx, seqs, drafts)):
+            a = n_acc[r]
+            self.stats.add(len(d), a)
+            if a < len(d):  # rejected: the state after the last accepted position is in scratch
+                roll_src.append(self.scratch_base + r * self.k + a)
+                roll_dst.append(s.slot)
+            out.computed[i] = a + 1
+            out.hidden[i] = hidden[cu[r]:cu[r] + a + 1]
+            out.rows.append(s)
+            out.tokens.append(d[:a] + [nxt[r]])
+            s.spec_token_ids, s.spec_draft_probs = [], None
+            if s.params.logprobs is not None:
+                want_lp.append(len(out.rows) - 1)
+            out.logprobs.append(None)
+            out.chosen_logprobs.append(None)
+        if roll_src:
+            src = torch.tensor(roll_src, dtype=torch.long, device=self.device)
+            dst = torch.tensor(roll_dst, dtype=torch.long, device=self.device)
+            for t in (*self.cache.cache.conv.values(), *self.cache.cache.recurrent.values()):
+                t[dst] = t[src]
+        for w in want_lp:
+            r = w - (len(out.rows) - len(seqs))
+            toks = out.tokens[w]
+            raw = logits[cu[r]:cu[r] + len(toks)]
+            so = Sampler._finish(raw, torch.tensor(toks, device=self.device), [seqs[r].params] * len(toks))
+            out.logprobs[w], out.chosen_logprobs[w] = so.logprobs, so.chosen_logprobs
