@@ -218,3 +218,13 @@ def test_stop_string_in_one_of_n_samples(srv, client):
     assert all(c.finish_reason == "stop" for c in r.choices)
     # the stopped samples were finished in the engine, not left generating to max_tokens
     assert r.usage.completion_tokens < 30
+
+
+def test_continue_final_message_and_echo(srv, client):
+    srv.push(" sunny.")
+    msgs = USER + [{"role": "assistant", "content": "It is"}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, extra_body={
+        "continue_final_message": True, "add_generation_prompt": False, "echo": True,
+        "separate_reasoning": False})
+    assert r.choices[0].message.content == "It is sunny."
+    assert srv.tok.decode(srv.sampler.seen_prompts[-1]).endswith("It is")

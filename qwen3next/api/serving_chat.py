@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import jinja2
 
 from qwen3next.api.chat_output import ChoiceParser, token_logprobs
-from qwen3next.api.errors import APIError, bad_request
+from qwen3next.api.errors import APIError, bad_request, error_body
 from qwen3next.api.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                     ChatCompletionResponse, ChatStreamChoice, ChoiceLogprobs,
                                     CompletionTokensDetails, DeltaMessage, Usage, random_id)
@@ -154,7 +154,14 @@ def _usage(prompt_len: int, choices: list[_Choice]) -> Usage:
                  total_tokens=prompt_len + completion, completion_tokens_details=details)
 
 
+def _echo(req: ChatCompletionRequest) -> str:
+    """vLLM `echo`: the last message's content is repeated in the output when it is the assistant's."""
+    last = req.messages[-1]
+    return last.content if req.echo and last.role == "assistant" and isinstance(last.content, str) else ""
+
+
 async def _full(state, req, rid, model, ids, choices, gen) -> dict:
+    echo = _echo(req)
     try:
         async for _ in _steps(state, req, choices, gen):
             pass
@@ -163,6 +170,8 @@ async def _full(state, req, rid, model, ids, choices, gen) -> dict:
     out = []
     for c in choices:
         message, called = c.parser.final(c.text.text, req.include_reasoning)
+        if echo:
+            message.content = echo + (message.content or "")
         reason = "tool_calls" if called else c.finish_reason
         out.append(ChatChoice(index=c.index, message=message, finish_reason=reason, stop_reason=c.stop_reason,
                               logprobs=ChoiceLogprobs(content=c.logprobs) if req.logprobs else None))
@@ -183,7 +192,7 @@ async def _stream(state, req, rid, model, ids, choices, gen) -> AsyncIterator[st
 
     try:
         for c in choices:
-            yield chunk(c.index, DeltaMessage(role="assistant", content=""))
+            yield chunk(c.index, DeltaMessage(role="assistant", content=_echo(req)))
         async for c, text, lps in _steps(state, req, choices, gen):
             delta = c.parser.feed(text, req.include_reasoning)
             logprobs = ChoiceLogprobs(content=lps) if req.logprobs and lps else None
@@ -200,6 +209,8 @@ async def _stream(state, req, rid, model, ids, choices, gen) -> AsyncIterator[st
             yield sse(ChatCompletionChunk(id=rid, model=model, choices=[], usage=usage))
     except APIError as e:
         yield sse(e.body())
+    except Exception as e:  # noqa: BLE001 - the stream has started: report in-band, end cleanly
+        yield sse(error_body(f"internal error: {e}", 500))
     finally:
         await gen.aclose()
     yield SSE_DONE
