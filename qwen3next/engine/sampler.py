@@ -2,10 +2,11 @@
 
 Order per row: penalties (repetition over prompt + output, then frequency and presence over the
 output), min_tokens (stop tokens masked), greedy = argmax of that; otherwise temperature, min_p,
-top_k, top_p, then an exponential race `argmax(p / q)`, q ~ Exp(1) over the whole vocabulary,
-drawn from the row's own torch.Generator when it has a seed, so a seeded row samples the same
-tokens whatever else is in the batch. Logprobs are the model's raw log-softmax (vLLM's default
-"raw_logprobs"): top-N plus the chosen token, with ranks. All vocabulary work is batched.
+top_k, top_p, then an exponential race `argmax(p / q)`, q ~ Exp(1) drawn from the row's own
+torch.Generator when it has a seed, in a number fixed by the row's own params, so a seeded row
+samples the same tokens whatever else is in the batch. Logprobs are the model's raw log-softmax
+(vLLM's default "raw_logprobs"): top-N plus the chosen token, with ranks. All vocabulary work is
+batched.
 """
 
 from __future__ import annotations
@@ -82,14 +83,14 @@ class Sampler:
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
             logits = apply_penalties(logits, rows)
         logits = self._mask_min_tokens(logits, rows)
-        greedy = [p.greedy for p in params]
-        if all(greedy):
-            ids = logits.argmax(-1)
-        else:
-            ids = self._sample(logits, rows)
-            if any(greedy):
-                g = torch.tensor(greedy, device=logits.device)
-                ids = torch.where(g, logits.argmax(-1), ids)
+        ids = logits.argmax(-1)  # greedy rows keep this
+        random = [i for i, p in enumerate(params) if not p.greedy]
+        if random:
+            if len(random) == len(rows):
+                ids = self._sample(logits, rows)
+            else:
+                r = torch.tensor(random, device=logits.device)
+                ids[r] = self._sample(logits[r], [rows[i] for i in random])
         return self._finish(raw, ids, params)
 
     # ---- steps ----------------------------------------------------------------------------
@@ -112,25 +113,29 @@ class Sampler:
         return logits
 
     def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> torch.Tensor:
-        """Random rows: temperature, min_p, top_k, top_p, then the exponential race -> [B] long."""
+        """Random rows: temperature, min_p, top_k, top_p, then the exponential race -> [B] long.
+
+        Rows without top-k/top-p race over the whole vocabulary; the others over their K best
+        candidates, drawing only as many Exp(1) values as they keep (a seeded row draws a number
+        fixed by its own params, so its stream never depends on the batch)."""
         B, V = logits.shape
         dev = logits.device
         params = [s.params for s in rows]
-        temp = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)
+        temp = torch.tensor([p.temperature for p in params], device=dev)
         x = logits / temp[:, None]
         min_p = [p.min_p for p in params]
         if any(min_p):
             # p_i < min_p * p_max  <=>  x_i < x_max + log(min_p)
             log_mp = torch.tensor([math.log(m) if m > 0 else -math.inf for m in min_p], device=dev)
             x = x.masked_fill(x < x.max(-1, keepdim=True).values + log_mp[:, None], -math.inf)
-        # q ~ Exp(1) for every (row, token); seeded rows redraw from their own generator
-        q = torch.empty_like(x).exponential_(generator=self.generator)
-        for i, s in enumerate(rows):
-            if s.generator is not None:
-                q[i].exponential_(generator=s.generator)
         ks = [p.top_k if 0 < p.top_k < V else V for p in params]
         trunc = [i for i, p in enumerate(params) if ks[i] < V or p.top_p < 1.0]
-        ids = (torch.softmax(x, -1) / q).argmax(-1)
+        full = [i for i in range(B) if ks[i] == V and params[i].top_p >= 1.0]
+        ids = torch.empty(B, dtype=torch.long, device=dev)
+        if full:
+            f = torch.tensor(full, device=dev)
+            q = self._exponentials([rows[i] for i in full], V, [V] * len(full), dev)
+            ids[f] = (torch.softmax(x[f], -1) / q).argmax(-1)
         if not trunc:
             return ids
         # truncated rows work on their K best candidates, sorted descending
@@ -148,9 +153,24 @@ class Sampler:
             drop = before >= p_t[:, None]
             drop[:, 0] = False
             vals = vals.masked_fill(drop, -math.inf)
-        race = torch.softmax(vals, -1) / q[t].gather(1, cand)
+        q = self._exponentials([rows[i] for i in trunc], k_max, [ks[i] for i in trunc], dev)
+        race = torch.softmax(vals, -1) / q
         ids[t] = cand.gather(1, race.argmax(-1, keepdim=True)).squeeze(1)
         return ids
+
+    def _exponentials(self, rows: list[Sequence], width: int, lens: list[int], dev) -> torch.Tensor:
+        """[R, width] Exp(1) draws; row j needs only its first lens[j] (the rest are masked out).
+        Unseeded rows share one draw from the engine's generator; seeded rows use their own."""
+        seeded = [j for j, s in enumerate(rows) if s.generator is not None]
+        if not seeded:
+            return torch.empty(len(rows), width, device=dev).exponential_(generator=self.generator)
+        q = torch.ones(len(rows), width, device=dev)
+        if len(seeded) < len(rows):
+            u = torch.tensor([j for j, s in enumerate(rows) if s.generator is None], device=dev)
+            q[u] = torch.empty(len(u), width, device=dev).exponential_(generator=self.generator)
+        for j in seeded:
+            q[j, :lens[j]].exponential_(generator=rows[j].generator)
+        return q
 
     @staticmethod
     def _finish(raw: torch.Tensor, ids: torch.Tensor, params) -> SamplerOutput:
