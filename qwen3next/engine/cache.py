@@ -63,7 +63,8 @@ def plan_cache(spec: StateSpec, dtype: torch.dtype, block_size: int, num_slots: 
     if num_blocks < 1:
         need = num_slots * per_slot + per_block
         raise ValueError(
-            f"kv_cache_memory_bytes={budget_bytes} is too small: {num_slots} state slots "
+            f"the cache budget of {budget_bytes} bytes (kv_cache_memory_bytes, or what "
+            f"gpu_memory_utilization leaves) is too small: {num_slots} state slots "
             f"({per_slot} bytes each) and one KV block ({per_block} bytes) need {need} bytes"
         )
     return CachePlan(int(num_blocks), block_size, num_slots, per_block, per_slot)

@@ -103,11 +103,34 @@ class LLMEngine:
         if a.kv_cache_memory_bytes is not None:
             return a.kv_cache_memory_bytes
         if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+            peak = self._profile_activations()
             free, total = torch.cuda.mem_get_info(self.device)
-            # keep room for activations: a rough 2 GiB until a profiling pass exists
-            return int(free - (1 - a.gpu_memory_utilization) * total) - (2 << 30)
+            # vLLM's rule: this process may use gpu_memory_utilization of the whole device
+            budget = int(a.gpu_memory_utilization * total - (total - free) - peak)
+            logger.info("GPU: %.2f GiB total, %.2f GiB free after loading, %.2f GiB activation peak",
+                        total / (1 << 30), free / (1 << 30), peak / (1 << 30))
+            return budget
         return 4 << 30  # CPU: vLLM's default KV space (capped by what max_num_seqs can use)
+
+    @torch.inference_mode()
+    def _profile_activations(self) -> int:
+        """Peak bytes a cache-less forward of a full step (max_num_batched_tokens) allocates."""
+        from qwen3next.forward_batch import ForwardBatch
+
+        dev = self.device
+        n = min(self.args.max_num_batched_tokens, self.max_model_len)
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        ids = torch.zeros(n, dtype=torch.long, device=dev)
+        hidden = self.model(ids, torch.arange(n, device=dev), ForwardBatch.full([n], dev))
+        self.model.compute_logits(hidden[-min(n, self.args.max_num_seqs):])
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - before
+        del ids, hidden
+        torch.cuda.empty_cache()
+        return peak
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int],
