@@ -62,10 +62,11 @@ class AsyncEngine:
         return len(self._streams)
 
     # ---- the asyncio side ----
-    def generate(self, request_id: str, prompt_token_ids: list[int], params) -> AsyncIterator:
-        """Admit the request now (503 when full) and return the iterator of its RequestOutputs.
+    def generate(self, request_id: str, prompt_token_ids: list[int], params) -> "RequestIterator":
+        """Admit the request now (503 when full) and return the async iterator of its RequestOutputs.
 
-        The request reaches the engine when iteration starts; leaving the iteration early aborts it.
+        The request reaches the engine when iteration starts; `aclose()` (or leaving early, or
+        garbage collection) before it finished aborts it and returns its capacity.
         """
         if self.dead is not None:
             raise APIError(f"the engine has stopped: {self.dead}", 503)
@@ -79,24 +80,7 @@ class AsyncEngine:
             self._live_seqs += n
             stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), n)
             self._streams[request_id] = stream
-        return self._outputs(request_id, stream, prompt_token_ids, params)
-
-    async def _outputs(self, request_id: str, stream: _Stream, prompt_token_ids, params):
-        self._commands.put(("add", request_id, prompt_token_ids, params))
-        finished = False
-        try:
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(request_id)
+        return RequestIterator(self, request_id, stream, ("add", request_id, prompt_token_ids, params))
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -180,3 +164,47 @@ class AsyncEngine:
         slots = s["state_slots_used"] / max(1, s["state_slots_total"])
         self.snapshot = {"running": s["num_requests_running"], "waiting": s["num_requests_waiting"],
                          "cache_usage": max(blocks, slots), **s}
+
+
+class RequestIterator:
+    """Async iterator over one request's outputs; closing it early aborts the request."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream, add_cmd: tuple):
+        self._engine = engine
+        self.request_id = request_id
+        self._stream = stream
+        self._add_cmd = add_cmd
+        self._started = False
+        self._closed = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self._closed:
+            raise StopAsyncIteration
+        if not self._started:
+            self._started = True
+            self._engine._commands.put(self._add_cmd)
+        try:
+            item = await self._stream.queue.get()
+        except BaseException:  # cancelled (client gone): give the request up
+            await self.aclose()
+            raise
+        if isinstance(item, BaseException):
+            self._closed = True
+            raise item
+        if item.finished:
+            self._closed = True
+        return item
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            # also right when never started: the abort only releases the admission slot then
+            self._engine.abort(self.request_id)
+
+    def __del__(self):
+        if not self._closed:
+            self._closed = True
+            self._engine.abort(self.request_id)
