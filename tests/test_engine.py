@@ -74,8 +74,27 @@ def run(engine: LLMEngine, prompts, params, arrivals=None) -> dict[str, list[lis
         for out in engine.step():
             for c in out.outputs:
                 got[out.request_id].setdefault(c.index, []).extend(c.token_ids)
+        check_pools(engine)
         step += 1
     return {r: [d[k] for k in sorted(d)] for r, d in got.items()}
+
+
+def check_pools(engine: LLMEngine) -> None:
+    """Every block is free xor referenced by exactly its holders; running sequences own distinct
+    slots whose block-table rows list their blocks; waiting ones hold nothing."""
+    c, sch = engine.cache, engine.scheduler
+    holders = [0] * c.plan.num_blocks
+    for seq in sch.running:
+        for b in seq.block_ids:
+            holders[b] += 1
+        assert len(seq.block_ids) >= c.blocks_needed(seq.num_computed_tokens)
+        assert c.block_tables[seq.slot, :len(seq.block_ids)].tolist() == seq.block_ids
+    assert holders == c._refs
+    assert sorted(c._free_blocks) == [b for b, n in enumerate(holders) if n == 0]
+    slots = [seq.slot for seq in sch.running]
+    assert len(set(slots)) == len(slots) and -1 not in slots
+    assert len(c._free_slots) + len(slots) == c.plan.num_slots
+    assert all(not s.block_ids and s.slot == -1 and s.num_computed_tokens == 0 for s in sch.waiting)
 
 
 def assert_pools_empty(engine: LLMEngine) -> None:
