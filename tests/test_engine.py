@@ -112,7 +112,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
     dict(max_num_seqs=4, max_num_batched_tokens=512),
     dict(max_num_seqs=3, max_num_batched_tokens=11, block_size=4),  # chunks cut at every offset
     dict(max_num_seqs=2, max_num_batched_tokens=1, block_size=1, only=5),  # one token per step
-], ids=["batched", "chunked11", "chunked1"])
+    dict(max_num_seqs=8, max_num_batched_tokens=512, enable_chunked_prefill=False),  # whole prompts
+], ids=["batched", "chunked11", "chunked1", "unchunked"])
 def test_greedy_matches_transformers(model, prompts, hf_greedy, knobs):
     knobs = dict(knobs)
     k = knobs.pop("only", len(prompts))
@@ -252,3 +253,5 @@ def test_refuses_requests_that_can_never_fit(model):
         make_engine(model, kv_cache_memory_bytes=1000)
     with pytest.raises(ValueError, match="max_num_seqs"):
         EngineArgs(max_num_seqs=0)
+    with pytest.raises(ValueError, match="enable_chunked_prefill"):
+        make_engine(model, max_num_batched_tokens=100, enable_chunked_prefill=False)
