@@ -179,8 +179,11 @@ def test_completions_endpoint(srv, client):
     assert r.choices[0].text.startswith("Hello") and len(r.choices[0].logprobs.tokens) == 3
     assert r.usage.completion_tokens == 12
     srv.push("quick brown")
-    chunks = list(client.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=10, stream=True))
+    chunks = list(client.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=10, stream=True,
+                                            logprobs=2))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "quick brown"
+    tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert "".join(tokens).startswith("quick brown")  # + the EOS token's entry
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
@@ -228,3 +231,15 @@ def test_continue_final_message_and_echo(srv, client):
         "separate_reasoning": False})
     assert r.choices[0].message.content == "It is sunny."
     assert srv.tok.decode(srv.sampler.seen_prompts[-1]).endswith("It is")
+
+
+def test_tokenize_detokenize(srv, client):
+    import httpx
+
+    r = httpx.post(srv.url + "/tokenize", json={"prompt": "Hello world"}).json()
+    assert r["tokens"] == srv.tok.encode("Hello world") and r["count"] == len(r["tokens"])
+    chat = httpx.post(srv.url + "/tokenize", json={"messages": USER}).json()
+    assert srv.tok.decode(chat["tokens"], skip_special_tokens=False).endswith("<think>\n")
+    back = httpx.post(srv.url + "/detokenize", json={"tokens": r["tokens"]}).json()
+    assert back["prompt"] == "Hello world"
+    assert httpx.post(srv.url + "/detokenize", json={"tokens": [-1]}).status_code == 400

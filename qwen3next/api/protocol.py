@@ -139,6 +139,21 @@ class CompletionRequest(SamplingFields):
     best_of: Optional[StrictInt] = None
 
 
+class TokenizeRequest(_Lenient):
+    """vLLM extra: POST /tokenize with a raw prompt or chat messages (rendered by the template)."""
+
+    model: Optional[StrictStr] = None
+    prompt: Optional[StrictStr] = None
+    messages: Optional[list[ChatMessage]] = None
+    tools: Optional[list[ToolDefinition]] = None
+    add_generation_prompt: StrictBool = True
+
+
+class DetokenizeRequest(_Lenient):
+    model: Optional[StrictStr] = None
+    tokens: list[StrictInt]
+
+
 # ---- response pieces ----
 
 def random_id(prefix: str) -> str:

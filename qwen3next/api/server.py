@@ -19,11 +19,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import qwen3next
 from qwen3next.api.errors import APIError, error_body
-from qwen3next.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from qwen3next.api.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard,
+                                    ModelList, TokenizeRequest)
 from qwen3next.api.serving_chat import create_chat_completion
 from qwen3next.api.serving_common import ServerState
 from qwen3next.api.serving_completions import create_completion
-from qwen3next.api.validate import parse_body
+from qwen3next.api.validate import parse_body, template_messages
 
 log = logging.getLogger("qwen3next.api")
 
@@ -61,6 +62,28 @@ def build_app(state: ServerState) -> FastAPI:
         req = parse_body(await request.body(), CompletionRequest)
         return _respond(await create_completion(state, req, request))
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = parse_body(await request.body(), TokenizeRequest)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError("give exactly one of prompt or messages", 400, "prompt")
+        if body.prompt is not None:
+            text = body.prompt
+        else:
+            chat = ChatCompletionRequest(messages=body.messages, tools=body.tools)
+            text = state.tokenizer.apply_chat_template(template_messages(chat), tools=[
+                t.model_dump(exclude_none=True) for t in body.tools or []] or None,
+                add_generation_prompt=body.add_generation_prompt)
+        ids = state.tokenizer.encode(text)
+        return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = parse_body(await request.body(), DetokenizeRequest)
+        if any(not 0 <= t < state.vocab_size for t in body.tokens):
+            raise APIError(f"tokens must be ids in [0, {state.vocab_size})", 400, "tokens")
+        return {"prompt": state.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
     @app.get("/v1/models")
     async def models():
         cards = [ModelCard(id=n, root=state.model_path, max_model_len=state.max_model_len)
@@ -82,6 +105,10 @@ def build_app(state: ServerState) -> FastAPI:
     return app
 
 
+_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/version",
+           "/tokenize", "/detokenize"}
+
+
 class AuthAndCount:
     """Pure ASGI middleware (keeps disconnects visible to streams): bearer auth on /v1, HTTP counts."""
 
@@ -93,15 +120,17 @@ class AuthAndCount:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, key = scope["path"], self.state.api_key
+        # a bounded label set: unknown paths (scanners, typos) share one label
+        label = path if path in _ROUTES else "other"
         if key and path.startswith("/v1"):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, f"Bearer {key}".encode()):
-                self.state.metrics.count_http(path, 401)
+                self.state.metrics.count_http(label, 401)
                 return await JSONResponse(error_body("Unauthorized", 401), status_code=401)(scope, receive, send)
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
-                self.state.metrics.count_http(path, message["status"])
+                self.state.metrics.count_http(label, message["status"])
             await send(message)
 
         await self.app(scope, receive, counting_send)
@@ -125,7 +154,7 @@ def build_state(ns, engine=None, model_dir: str | None = None) -> ServerState:
     if engine is None:
         engine, model_dir = build_engine(ns)
     tokenizer = get_tokenizer(model_dir)
-    names = ns.served_model_name or [ns.model]
+    names = ns.served_model_name or [ns.model]  # vLLM: the --model argument as given
     reasoning = ns.reasoning_parser
     if reasoning is None:  # default: split reasoning only for templates that open <think>
         reasoning = "qwen3" if thinking_template(tokenizer) else "none"

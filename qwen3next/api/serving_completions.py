@@ -34,6 +34,14 @@ class _Sample:
         self.stop_reason = None
         self.num_tokens = 0
         self.logprobs = CompletionLogprobs()
+        self._lp_sent = 0  # logprob entries already streamed
+
+    def new_logprobs(self) -> CompletionLogprobs:
+        """The entries gathered since the last call (streaming)."""
+        lp, k = self.logprobs, self._lp_sent
+        self._lp_sent = len(lp.tokens)
+        return CompletionLogprobs(tokens=lp.tokens[k:], token_logprobs=lp.token_logprobs[k:],
+                                  top_logprobs=lp.top_logprobs[k:], text_offset=lp.text_offset[k:])
 
     def absorb(self, out, state: ServerState, top: int | None) -> str:
         self.num_tokens += len(out.token_ids)
@@ -157,9 +165,10 @@ async def _stream(req, rid, model, merged, samples, prompt_tokens) -> AsyncItera
                 yield sse(CompletionResponse(id=rid, model=model,
                                              choices=[CompletionChoice(index=s.index, text=s.echo)]))
         async for s, text in merged:
-            if text or s.finish_reason is not None:
+            logprobs = s.new_logprobs() if req.logprobs is not None else None
+            if text or s.finish_reason is not None or (logprobs and logprobs.tokens):
                 choice = CompletionChoice(index=s.index, text=text, finish_reason=s.finish_reason,
-                                          stop_reason=s.stop_reason)
+                                          stop_reason=s.stop_reason, logprobs=logprobs)
                 yield sse(CompletionResponse(id=rid, model=model, choices=[choice]))
         if include_usage:
             yield sse(CompletionResponse(id=rid, model=model, choices=[], usage=_usage(samples, prompt_tokens)))
