@@ -151,3 +151,9 @@ def test_load_benchmark_leaves_nothing_behind(srv, client):
     assert not stats.failures, stats.failures
     assert stats.outcomes.get("completed", 0) > 0 and stats.outcomes.get("http_503", 0) > 0
     assert stats.ttft and stats.itl
+
+
+def test_wrong_path_method_and_min_tokens(srv, client):
+    error(httpx.get(srv.url + "/v1/chat/completions"), 405, None)
+    error(httpx.get(srv.url + "/v1/nothing"), 404, None)
+    error(post(srv, json={"model": "tiny", "messages": USER, "max_tokens": 2, "min_tokens": 5}), 400, "min_tokens")

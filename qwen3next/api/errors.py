@@ -11,6 +11,7 @@ _TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
     404: "NotFoundError",
+    405: "MethodNotAllowedError",
     413: "BadRequestError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",

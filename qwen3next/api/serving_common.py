@@ -76,7 +76,7 @@ def sampling_params(state: ServerState, req: SamplingFields, max_tokens: int,
     """Request fields -> SamplingParams; fields the client left out take generation_config values."""
     if req.logit_bias:
         raise bad_request("logit_bias is not supported by this engine", "logit_bias")
-    kw = dict(n=req.n, max_tokens=max_tokens, min_tokens=min(req.min_tokens, max_tokens),
+    kw = dict(n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
               presence_penalty=req.presence_penalty or 0.0,
               frequency_penalty=req.frequency_penalty or 0.0,
               stop=req.stop, stop_token_ids=req.stop_token_ids, seed=req.seed,
