@@ -46,7 +46,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
 @triton.jit
 def _prefill_kernel(q_ptr, kv_ptr, bt_ptr, cu_ptr, B, ctx_ptr, o_ptr, scale, max_blocks,
                     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                    BB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                    BB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     i_t = tl.program_id(0)
     h = tl.program_id(1)
     hkv = h // (HQ // HKV)
@@ -73,14 +73,14 @@ def _prefill_kernel(q_ptr, kv_ptr, bt_ptr, cu_ptr, B, ctx_ptr, o_ptr, scale, max
         page = tl.load(bt_ptr + seq * max_blocks + p // BS, mask=pm, other=0).to(tl.int64)
         kaddr = ((page * 2 * BS + p % BS) * HKV + hkv) * D
         k = tl.load(kv_ptr + kaddr[:, None] + d[None, :], mask=pm[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
         s = tl.where((p[None, :] <= qpos[:, None]) & pm[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         pe = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(pe, 1)
         v = tl.load(kv_ptr + kaddr[:, None] + BS * HKV * D + d[None, :], mask=pm[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(pe.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(pe.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     o = acc / l_i[:, None]
     tl.store(o_ptr + (rows[:, None] * HQ + h) * D + d[None, :], o.to(o_ptr.dtype.element_ty), mask=rm[:, None])
@@ -89,7 +89,7 @@ def _prefill_kernel(q_ptr, kv_ptr, bt_ptr, cu_ptr, B, ctx_ptr, o_ptr, scale, max
 @triton.jit
 def _decode_kernel(q_ptr, kv_ptr, bt_ptr, ctx_ptr, po_ptr, pm_ptr, pl_ptr, scale, max_blocks, NSPLIT,
                    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                   G: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr):
+                   G: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     hkv = tl.program_id(1)
     sp = tl.program_id(2)
@@ -111,13 +111,13 @@ def _decode_kernel(q_ptr, kv_ptr, bt_ptr, ctx_ptr, po_ptr, pm_ptr, pl_ptr, scale
         page = tl.load(bt_ptr + b * max_blocks + p // BS, mask=pm, other=0).to(tl.int64)
         kaddr = ((page * 2 * BS + p % BS) * HKV + hkv) * D
         k = tl.load(kv_ptr + kaddr[:, None] + d[None, :], mask=pm[:, None], other=0.0)
-        s = tl.where(pm[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        s = tl.where(pm[None, :], tl.dot(q, tl.trans(k), input_precision=PREC) * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         pe = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(pe, 1)
         v = tl.load(kv_ptr + kaddr[:, None] + BS * HKV * D + d[None, :], mask=pm[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(pe.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(pe.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     # partial results [B, HQ, NSPLIT, (D)]: an empty split leaves m = -inf, l = 0
     base = (b * HQ + h) * NSPLIT + sp
@@ -153,6 +153,7 @@ def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale, 
     q = q.contiguous()
     bt = block_tables.to(torch.int64).contiguous()
     ctx = torch.as_tensor(context_lens, device=q.device).to(torch.int64).contiguous()
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 models get fp32 products
     if T == B:  # decode: every sequence brings one token
         G = HQ // HKV
         # enough programs to fill the GPU at batch 1 too (empty splits exit at once)
@@ -162,12 +163,13 @@ def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale, 
         pl = torch.empty_like(pm)
         _decode_kernel[(B, HKV, nsplit)](q, kv_cache, bt, ctx, po, pm, pl, scale, bt.shape[1], nsplit,
                                          HQ=HQ, HKV=HKV, D=D, BS=BS, G=G, GP=pow2(G),
-                                         BN=max(64 if q.is_cuda else 16, BS), num_warps=4)
+                                         BN=max(64 if q.is_cuda else 16, BS), PREC=prec, num_warps=4)
         _combine_kernel[(B * HQ,)](po, pm, pl, o, nsplit, D=D, SP=pow2(nsplit, 2))
         return o
     BM = 64 if q.is_cuda else 16
     _prefill_kernel[(T // BM + B, HQ)](q, kv_cache, bt, cu_seqlens.to(torch.int64).contiguous(), B, ctx, o, scale,
-                                       bt.shape[1], HQ=HQ, HKV=HKV, D=D, BS=BS, BB=pow2(B, 2), BM=BM)
+                                       bt.shape[1], HQ=HQ, HKV=HKV, D=D, BS=BS, BB=pow2(B, 2), BM=BM,
+                                       PREC=prec)
     return o
 
 

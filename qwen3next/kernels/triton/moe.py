@@ -87,7 +87,7 @@ def _align(ids: torch.Tensor, E: int, BM: int):
 @autotune(_GEMM_CONFIGS, key=["H", "I", "BM"])
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, rows_ptr, be_ptr, h_ptr, H, I, TOPK: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     pm = tl.program_id(0)
     pn = tl.program_id(1)
     e = tl.load(be_ptr + pm).to(tl.int64)
@@ -107,8 +107,8 @@ def _gate_up_kernel(x_ptr, w_ptr, rows_ptr, be_ptr, h_ptr, H, I, TOPK: tl.conste
             x = tl.load(x_ptr + tok[:, None] * H + (k0 + kk)[None, :], mask=valid[:, None] & km[None, :], other=0.0)
             wg = tl.load(wg_ptr + k0, mask=km[:, None] & nm[None, :], other=0.0)
             wu = tl.load(wg_ptr + I * H + k0, mask=km[:, None] & nm[None, :], other=0.0)
-            acc_g = tl.dot(x, wg, acc_g)
-            acc_u = tl.dot(x, wu, acc_u)
+            acc_g = tl.dot(x, wg, acc_g, input_precision=PREC)
+            acc_u = tl.dot(x, wu, acc_u, input_precision=PREC)
         dt = h_ptr.dtype.element_ty
         # round like the reference (products in the activation dtype, then the gate)
         gt = acc_g.to(dt).to(tl.float32)
@@ -119,7 +119,7 @@ def _gate_up_kernel(x_ptr, w_ptr, rows_ptr, be_ptr, h_ptr, H, I, TOPK: tl.conste
 @autotune(_GEMM_CONFIGS, key=["H", "I", "BM"])
 @triton.jit
 def _down_kernel(h_ptr, w_ptr, rows_ptr, be_ptr, rw_ptr, y_ptr, H, I,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     pm = tl.program_id(0)
     pn = tl.program_id(1)
     e = tl.load(be_ptr + pm).to(tl.int64)
@@ -136,7 +136,7 @@ def _down_kernel(h_ptr, w_ptr, rows_ptr, be_ptr, rw_ptr, y_ptr, H, I,
             km = (k0 + kk) < I
             hv = tl.load(h_ptr + r[:, None] * I + (k0 + kk)[None, :], mask=km[None, :], other=0.0)
             wd = tl.load(wd_ptr + k0, mask=km[:, None] & nm[None, :], other=0.0)
-            acc = tl.dot(hv, wd, acc)
+            acc = tl.dot(hv, wd, acc, input_precision=PREC)
         dt = y_ptr.dtype.element_ty
         rw = tl.load(rw_ptr + tl.where(valid, a, 0), mask=valid, other=0.0).to(dt).to(tl.float32)
         y = acc.to(dt).to(tl.float32) * rw[:, None]
@@ -153,11 +153,12 @@ def moe_experts(x, gate_up_proj, down_proj, weights, ids, *, block_m: int | None
     M = T * k
     BM = block_m or (16 if M <= 16 * E else 64)
     rows, block_expert, NB = _align(ids, E, BM)
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 models get fp32 products
     x = x.contiguous()
     h = torch.empty(NB * BM, I, dtype=x.dtype, device=x.device)
     _gate_up_kernel[lambda meta: (NB, triton.cdiv(I, meta["BN"]))](x, gate_up_proj, rows, block_expert, h,
-                                                                   H, I, TOPK=k, BM=BM)
+                                                                   H, I, TOPK=k, BM=BM, PREC=prec)
     y = torch.empty(M, H, dtype=x.dtype, device=x.device)
     _down_kernel[lambda meta: (NB, triton.cdiv(H, meta["BN"]))](h, down_proj, rows, block_expert,
-                                                                weights.contiguous(), y, H, I, BM=BM)
+                                                                weights.contiguous(), y, H, I, BM=BM, PREC=prec)
     return y.view(T, k, H).sum(1, dtype=torch.float32).to(x.dtype)
