@@ -22,6 +22,9 @@ class EngineArgs:
     kv_cache_memory_bytes: int | None = None  # None: gpu_memory_utilization on GPU, 4 GiB on CPU
     gpu_memory_utilization: float = 0.9
     enable_chunked_prefill: bool = True
+    # vLLM's {"method": "qwen3_next_mtp", "num_speculative_tokens": k} (dict or JSON text);
+    # checked into a SpeculativeConfig (or None) at construction
+    speculative_config: object = None
 
     def __post_init__(self) -> None:
         def pos_int(name: str, allow_none: bool = False) -> None:
@@ -48,6 +51,9 @@ class EngineArgs:
                 raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}") from None
             if dev.type not in ("cpu", "cuda"):
                 raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        from qwen3next.engine.spec_decode import SpeculativeConfig
+
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if (not self.enable_chunked_prefill and self.max_model_len is not None
                 and self.max_num_batched_tokens < self.max_model_len):
             raise ValueError(

@@ -86,7 +86,9 @@ class CacheManager:
     """Blocks (ref-counted, so forked sequences share their prompt) and slots for sequences."""
 
     def __init__(self, spec: StateSpec, plan: CachePlan, dtype: torch.dtype,
-                 device: torch.device, max_model_len: int):
+                 device: torch.device, max_model_len: int, num_scratch_slots: int = 0):
+        """The last `num_scratch_slots` state slots are never handed to a sequence: speculative
+        decoding keeps per-position DeltaNet states there (slots >= `scratch_base`)."""
         self.plan = plan
         self.block_size = plan.block_size
         self.cache = allocate_cache(spec, plan, dtype, device)
@@ -94,9 +96,10 @@ class CacheManager:
         # popping from the end hands out low ids first
         self._free_blocks = list(range(plan.num_blocks - 1, -1, -1))
         self._refs = [0] * plan.num_blocks
-        self._free_slots = list(range(plan.num_slots - 1, -1, -1))
-        # [num_slots, max_blocks_per_seq]: row `slot` is the block table of the sequence in it
-        self.block_tables = torch.zeros(plan.num_slots, self.max_blocks_per_seq,
+        self.scratch_base = plan.num_slots - num_scratch_slots
+        self._free_slots = list(range(self.scratch_base - 1, -1, -1))
+        # [sequence slots, max_blocks_per_seq]: row `slot` is the block table of the sequence in it
+        self.block_tables = torch.zeros(self.scratch_base, self.max_blocks_per_seq,
                                         dtype=torch.long, device=device)
 
     # ---- accounting ---------------------------------------------------------------------------
@@ -155,7 +158,8 @@ class CacheManager:
         if not self._free_slots or (partial and not self._free_blocks):
             return False
         child.slot = self._free_slots.pop()
-        blocks = list(parent.block_ids)
+        # only the blocks holding computed tokens: speculative drafting may have reserved more
+        blocks = parent.block_ids[:self.blocks_needed(n)]
         if partial:
             # the child will write its own tokens into the last block: copy it
             src, dst = blocks[-1], self._free_blocks.pop()
@@ -185,6 +189,6 @@ class CacheManager:
             "cache: %d KV blocks x %d tokens = %d tokens (%.3f GiB) + %d state slots (%.3f MiB each); "
             "%d sequences run at once, %.2f of them at max_model_len=%d",
             p.num_blocks, p.block_size, p.num_tokens, p.num_blocks * p.bytes_per_block / gib,
-            p.num_slots, p.bytes_per_slot / (1 << 20), p.num_slots,
+            p.num_slots, p.bytes_per_slot / (1 << 20), self.scratch_base,
             p.num_tokens / max_model_len, max_model_len,
         )

@@ -22,6 +22,7 @@ from qwen3next.engine.model_runner import ModelRunner
 from qwen3next.engine.sampler import Sampler
 from qwen3next.engine.scheduler import Scheduler
 from qwen3next.engine.sequence import Request, Sequence, Status
+from qwen3next.engine.spec_decode import SpecDecoder
 from qwen3next.outputs import CompletionOutput, RequestOutput
 from qwen3next.sampling_params import SamplingParams
 
@@ -59,16 +60,23 @@ class LLMEngine:
                              f"max_model_len ({self.max_model_len}) when enable_chunked_prefill is False")
         self.eos_token_ids = frozenset(eos_token_ids)
         spec = model.state_spec()
-        # one state slot per running sequence
-        num_slots = args.max_num_seqs
+        # one state slot per running sequence, and k scratch slots each for speculative verify
+        k = args.speculative_config.num_speculative_tokens if args.speculative_config else 0
+        num_slots = args.max_num_seqs * (1 + k)
         blocks_per_seq = -(-self.max_model_len // args.block_size)
         plan = plan_cache(spec, self.dtype, args.block_size, num_slots,
                           self._budget_bytes(), max_blocks=num_slots * blocks_per_seq)
-        self.cache = CacheManager(spec, plan, self.dtype, self.device, self.max_model_len)
+        self.cache = CacheManager(spec, plan, self.dtype, self.device, self.max_model_len,
+                                  num_scratch_slots=args.max_num_seqs * k)
         self.cache.log_plan(self.max_model_len)
         self.scheduler = Scheduler(self.cache, args.max_num_seqs, args.max_num_batched_tokens,
                                    args.enable_chunked_prefill)
-        self.runner = ModelRunner(model, self.cache, Sampler(self.device, args.seed), self.device)
+        sampler = Sampler(self.device, args.seed)
+        self.runner = ModelRunner(model, self.cache, sampler, self.device)
+        self.spec: SpecDecoder | None = None
+        if args.speculative_config is not None:
+            self.spec = SpecDecoder(model, self.cache, sampler, self.device, args.speculative_config,
+                                    self.cache.scratch_base, args.max_num_seqs)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._pending: list[RequestOutput] = []  # aborts, reported by the next step()
@@ -88,8 +96,9 @@ class LLMEngine:
         device = args.torch_device()
         dtype = args.torch_dtype(ModelConfig.from_dir(path).dtype, device)
         torch.manual_seed(args.seed)
-        # the MTP head waits for speculative decoding; without it the cache has no MTP KV layer
-        model, cfg = load_model(path, dtype=dtype, device=device, with_mtp=False, progress=False)
+        # the MTP head only for speculative decoding: without it the cache has no MTP KV layer
+        model, cfg = load_model(path, dtype=dtype, device=device,
+                                with_mtp=args.speculative_config is not None, progress=False)
         gen = read_generation_config(path)
         eos = gen.get("eos_token_id")
         eos = [eos] if isinstance(eos, int) else list(eos or cfg.eos_token_id)
@@ -212,15 +221,18 @@ class LLMEngine:
     @property
     def stats(self) -> dict:
         c, s = self.cache, self.scheduler
-        return {
+        out = {
             "num_requests_running": len(s.running),
             "num_requests_waiting": len(s.waiting),
             "num_preemptions": s.num_preemptions,
             "kv_blocks_total": c.plan.num_blocks,
             "kv_blocks_used": c.plan.num_blocks - c.num_free_blocks,
-            "state_slots_total": c.plan.num_slots,
-            "state_slots_used": c.plan.num_slots - c.num_free_slots,
+            "state_slots_total": c.scratch_base,
+            "state_slots_used": c.scratch_base - c.num_free_slots,
         }
+        if self.spec is not None:
+            out["spec_decode"] = self.spec.stats.as_dict()
+        return out
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -228,6 +240,8 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched.seqs:
             return outputs
+        if self.spec is not None:
+            return self._spec_step(sched, outputs)
         rows, sampled = self.runner.execute(sched)
         for seq, n in zip(sched.seqs, sched.num_new_tokens):
             seq.num_computed_tokens += n
@@ -242,6 +256,32 @@ class LLMEngine:
                 seq.cumulative_logprob += sampled.chosen_logprobs[i]
             if self._check_stop(seq, tok):
                 finished.append(seq)
+        return self._finish_step(rows, finished, outputs)
+
+    def _spec_step(self, sched, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """step() with speculative decoding: each row may bring several tokens; a stop inside the
+        run drops the rest. The MTP then catches up and drafts (before forks copy the cache)."""
+        res = self.spec.execute(sched)
+        for seq, n in zip(sched.seqs, res.computed):
+            seq.num_computed_tokens += n
+        finished = []
+        for i, seq in enumerate(res.rows):
+            for j, tok in enumerate(res.tokens[i]):
+                seq.token_ids.append(tok)
+                if seq.logprobs is not None:
+                    seq.logprobs.append(res.logprobs[i][j])
+                    seq.cumulative_logprob += res.chosen_logprobs[i][j]
+                if self._check_stop(seq, tok):
+                    finished.append(seq)
+                    break
+        self.spec.propose(sched, res, {s.seq_id for s in res.rows})
+        if not res.rows:
+            return outputs
+        return self._finish_step(res.rows, finished, outputs)
+
+    def _finish_step(self, rows: list[Sequence], finished: list[Sequence],
+                     outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """Forks, frees what finished and reports every row's new tokens."""
         for seq in rows:
             if seq.children:
                 self._fork(seq)

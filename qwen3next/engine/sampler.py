@@ -2,9 +2,9 @@
 
 Order per row: penalties (repetition over prompt + output, then frequency and presence over the
 output), min_tokens (stop tokens masked), greedy = argmax of that; otherwise temperature, min_p,
-top_k, top_p, then an exponential race `argmax(p / q)`, q ~ Exp(1) drawn from the row's own
-torch.Generator when it has a seed, in a number fixed by the row's own params, so a seeded row
-samples the same tokens whatever else is in the batch. Logprobs are the model's raw log-softmax
+top_k, top_p, then an exponential race `argmax(p / q)`, q ~ Exp(1) over the whole vocabulary,
+drawn from the row's own torch.Generator when it has a seed, so a seeded row samples the same
+tokens whatever else is in the batch. Logprobs are the model's raw log-softmax
 (vLLM's default "raw_logprobs"): top-N plus the chosen token, with ranks. All vocabulary work is
 batched.
 """
@@ -115,27 +115,30 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> torch.Tensor:
         """Random rows: temperature, min_p, top_k, top_p, then the exponential race -> [B] long.
 
-        Rows without top-k/top-p race over the whole vocabulary; the others over their K best
-        candidates, drawing only as many Exp(1) values as they keep (a seeded row draws a number
-        fixed by its own params, so its stream never depends on the batch)."""
+        q ~ Exp(1) is drawn for every (row, token id); a seeded row redraws its whole row from its
+        own generator, so its stream never depends on the batch. (rejection_sampler.final_probs
+        mirrors these steps; its test relies on this draw layout.)"""
         B, V = logits.shape
         dev = logits.device
         params = [s.params for s in rows]
-        temp = torch.tensor([p.temperature for p in params], device=dev)
+        temp = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)
         x = logits / temp[:, None]
         min_p = [p.min_p for p in params]
         if any(min_p):
             # p_i < min_p * p_max  <=>  x_i < x_max + log(min_p)
             log_mp = torch.tensor([math.log(m) if m > 0 else -math.inf for m in min_p], device=dev)
             x = x.masked_fill(x < x.max(-1, keepdim=True).values + log_mp[:, None], -math.inf)
+        q = torch.empty_like(x).exponential_(generator=self.generator)
+        for i, s in enumerate(rows):
+            if s.generator is not None:
+                q[i].exponential_(generator=s.generator)
         ks = [p.top_k if 0 < p.top_k < V else V for p in params]
         trunc = [i for i, p in enumerate(params) if ks[i] < V or p.top_p < 1.0]
         full = [i for i in range(B) if ks[i] == V and params[i].top_p >= 1.0]
         ids = torch.empty(B, dtype=torch.long, device=dev)
         if full:
             f = torch.tensor(full, device=dev)
-            q = self._exponentials([rows[i] for i in full], V, [V] * len(full), dev)
-            ids[f] = (torch.softmax(x[f], -1) / q).argmax(-1)
+            ids[f] = (torch.softmax(x[f], -1) / q[f]).argmax(-1)
         if not trunc:
             return ids
         # truncated rows work on their K best candidates, sorted descending
@@ -153,24 +156,9 @@ class Sampler:
             drop = before >= p_t[:, None]
             drop[:, 0] = False
             vals = vals.masked_fill(drop, -math.inf)
-        q = self._exponentials([rows[i] for i in trunc], k_max, [ks[i] for i in trunc], dev)
-        race = torch.softmax(vals, -1) / q
+        race = torch.softmax(vals, -1) / q[t].gather(1, cand)
         ids[t] = cand.gather(1, race.argmax(-1, keepdim=True)).squeeze(1)
         return ids
-
-    def _exponentials(self, rows: list[Sequence], width: int, lens: list[int], dev) -> torch.Tensor:
-        """[R, width] Exp(1) draws; row j needs only its first lens[j] (the rest are masked out).
-        Unseeded rows share one draw from the engine's generator; seeded rows use their own."""
-        seeded = [j for j, s in enumerate(rows) if s.generator is not None]
-        if not seeded:
-            return torch.empty(len(rows), width, device=dev).exponential_(generator=self.generator)
-        q = torch.ones(len(rows), width, device=dev)
-        if len(seeded) < len(rows):
-            u = torch.tensor([j for j, s in enumerate(rows) if s.generator is None], device=dev)
-            q[u] = torch.empty(len(u), width, device=dev).exponential_(generator=self.generator)
-        for j in seeded:
-            q[j, :lens[j]].exponential_(generator=rows[j].generator)
-        return q
 
     @staticmethod
     def _finish(raw: torch.Tensor, ids: torch.Tensor, params) -> SamplerOutput:

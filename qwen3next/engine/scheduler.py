@@ -55,7 +55,8 @@ class Scheduler:
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            # a decode brings its drafts along (speculative decoding); the budget may cut them
+            n = min(seq.num_tokens - seq.num_computed_tokens + len(seq.spec_token_ids), budget)
             while not cache.grow(seq, n):
                 victim = running.pop()  # the newest; never one scheduled earlier in this loop
                 self._preempt(victim, out)

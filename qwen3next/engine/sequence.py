@@ -47,7 +47,8 @@ class Sequence:
     __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt_tokens",
                  "num_computed_tokens", "status", "block_ids", "slot", "generator",
                  "logprobs", "cumulative_logprob", "num_reported", "finish_reason",
-                 "stop_reason", "children", "output_counts", "num_counted")
+                 "stop_reason", "children", "output_counts", "num_counted", "spec_token_ids",
+                 "spec_draft_probs")
 
     def __init__(self, seq_id: int, request: Request, index: int, device: torch.device):
         self.seq_id = seq_id
@@ -74,6 +75,10 @@ class Sequence:
         # penalties: [V] occurrences of each token among the first `num_counted` outputs
         self.output_counts: torch.Tensor | None = None
         self.num_counted = 0
+        # speculative decoding: drafts to verify after the last token, and (sampling rows) the
+        # distributions [k, V] they were drawn from
+        self.spec_token_ids: list[int] = []
+        self.spec_draft_probs: torch.Tensor | None = None
 
     @property
     def params(self) -> SamplingParams:
@@ -95,6 +100,7 @@ class Sequence:
         """Preempted: the cache is gone; prompt + generated tokens are prefilled again later."""
         self.num_computed_tokens = 0
         self.status = Status.WAITING
+        self.spec_token_ids, self.spec_draft_probs = [], None
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request.request_id}#{self.index}, {self.status.name}, "
