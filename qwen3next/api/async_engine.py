@@ -62,11 +62,13 @@ class AsyncEngine:
         return len(self._streams)
 
     # ---- the asyncio side ----
-    def generate(self, request_id: str, prompt_token_ids: list[int], params) -> "RequestIterator":
+    def generate(self, request_id: str, prompt_token_ids: list[int], params,
+                 reserved: bool = False) -> "RequestIterator":
         """Admit the request now (503 when full) and return the async iterator of its RequestOutputs.
 
         The request reaches the engine when iteration starts; `aclose()` (or leaving early, or
-        garbage collection) before it finished aborts it and returns its capacity.
+        garbage collection) before it finished aborts it and returns its capacity. `reserved`: the
+        caller already holds admission for these sequences (a continuation), skip the bound.
         """
         if self.dead is not None:
             raise APIError(f"the engine has stopped: {self.dead}", 503)
@@ -74,7 +76,7 @@ class AsyncEngine:
         with self._lock:
             if request_id in self._streams:
                 raise APIError(f"request_id {request_id!r} is already in use", 400, "request_id")
-            if self._live_seqs + n > self.capacity:
+            if not reserved and self._live_seqs + n > self.capacity:
                 raise APIError("The server is at capacity (waiting queue full); retry shortly.", 503,
                                headers={"Retry-After": "1"})
             self._live_seqs += n

@@ -18,9 +18,6 @@ from qwen3next.parsers import ReasoningParser, ReasoningStream, ToolCallStream, 
 class ChoiceParser:
     def __init__(self, reasoning: bool, tools: bool, prefix: str = "", parallel: bool = True,
                  strip_newlines: bool = False):
-        if reasoning and "</think>" in prefix:
-            # the prefill closed an empty think block: the output is all content
-            reasoning, prefix = False, prefix.split("</think>", 1)[1]
         self.reasoning = reasoning
         self.tools = tools
         self.prefix = prefix

@@ -2,9 +2,10 @@
 
 Render with the model's chat template, check the context, submit one engine request (n samples),
 and turn each sample's ids into text (`TextStream`) and then into reasoning / content / tool calls
-(`ChoiceParser`). tool_choice "required" or a named function is *guided by prefill*: the prompt is
-extended with the start of a hermes `<tool_call>` block (after an empty think block for Thinking
-templates), so the model can only continue the call; the parser sees that prefix as output.
+(`ChoiceParser`). tool_choice "required" or a named function is *guided by prefill*: the start of
+a hermes `<tool_call>` block is appended to the prompt (Instruct) or, for Thinking templates, after
+the model's own `</think>` (`forced_tools`), so the model can only complete the call; the parser
+sees the prefill as output.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jinja2
 
 from qwen3next.api.chat_output import ChoiceParser, token_logprobs
 from qwen3next.api.errors import APIError, bad_request, error_body
+from qwen3next.api.forced_tools import reason_then_call
 from qwen3next.api.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                     ChatCompletionResponse, ChatStreamChoice, ChoiceLogprobs,
                                     CompletionTokensDetails, DeltaMessage, Usage, random_id)
@@ -28,20 +30,20 @@ class _Choice:
     """Per-sample state: text stream, parser, metrics timer, and how it ended."""
 
     def __init__(self, state: ServerState, req: ChatCompletionRequest, index: int, prompt_len: int,
-                 reasoning: bool, tools: bool, prefix: str):
+                 reasoning: bool, tools: bool, prefix: str, single_call: bool):
         tok = state.tokenizer
         self.index = index
         self.text = TextStream(tok, req.stop if isinstance(req.stop, list) else
                                ([req.stop] if req.stop else None), req.skip_special_tokens,
                                req.include_stop_str_in_output)
         self.parser = ChoiceParser(reasoning=reasoning, tools=tools, prefix=prefix,
-                                   parallel=req.parallel_tool_calls is not False and not prefix.endswith(": "),
+                                   parallel=req.parallel_tool_calls is not False and not single_call,
                                    strip_newlines=state.strip_reasoning_newlines)
         self.timer = state.metrics.timer(prompt_len if index == 0 else 0)
         self.eos_ids = state.eos_ids
         self.include_stop = req.include_stop_str_in_output
-        # tokens before </think> count as reasoning (none when the prefill closed the think block)
-        self.think_end = tok.token_to_id("</think>") if reasoning and "</think>" not in prefix else None
+        # tokens before </think> count as reasoning
+        self.think_end = tok.token_to_id("</think>") if reasoning else None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.logprobs: list = []
@@ -59,7 +61,8 @@ class _Choice:
         if (out.finish_reason == "stop" and ids and not self.include_stop
                 and (ids[-1] in self.eos_ids or ids[-1] == out.stop_reason)):
             ids = ids[:-1]  # the EOS / stop token itself is not part of the text
-        text = self.text.add(ids)
+        # a forced tool call's prefill reads as output text but is not a completion token
+        text = self.text.add(list(getattr(out, "forced_ids", ())) + ids)
         lps = token_logprobs(tok, out.token_ids, out.logprobs, top) if want_logprobs else []
         self.logprobs += lps
         if self.text.stopped is not None:
@@ -80,8 +83,8 @@ class _Choice:
         return ids.index(self.think_end) if self.think_end in ids else len(ids)
 
 
-def build_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[list[int], str, bool, bool]:
-    """-> (prompt ids, forced prefix text, reasoning split on, tool parsing on)."""
+def build_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[list[int], str, bool, bool, bool]:
+    """-> (prompt ids, forced-call text, thinking template, reasoning split on, tool parsing on)."""
     tok = state.tokenizer
     messages = template_messages(req)
     choice = req.tool_choice or ("auto" if req.tools else "none")
@@ -96,35 +99,42 @@ def build_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[list[i
     except (jinja2.TemplateError, ValueError, TypeError) as e:
         raise bad_request(f"chat template failed to render: {e}", "messages") from None
     thinking = text.endswith("<think>\n")
-    reasoning = state.reasoning_parser is not None and req.separate_reasoning is not False
-    if req.separate_reasoning and state.reasoning_parser is None:
-        reasoning = thinking
-    prefix = ""
+    # split only when the prompt opened a think block: an Instruct-style prompt has no </think> to
+    # wait for (vLLM would file its whole answer as reasoning); the request may switch it either way
+    wanted = req.separate_reasoning if req.separate_reasoning is not None else state.reasoning_parser is not None
+    reasoning = wanted and thinking
+    call = ""  # guided by prefill: the start of the hermes call the model must complete
     if choice == "required" or not isinstance(choice, str):
-        # Guided by prefill: an empty think block (as the template renders one), then the call.
-        prefix = "\n</think>\n\n" if thinking else ""
-        prefix += '<tool_call>\n{"name": "'
+        call = '<tool_call>\n{"name": "'
         if not isinstance(choice, str):
-            prefix += choice.function.name + '", "arguments": '
-    ids = tok.encode(text + prefix)
+            call += choice.function.name + '", "arguments": '
+    ids = tok.encode(text if thinking else text + call)
     if req.truncate_prompt_tokens is not None:
         ids = ids[-req.truncate_prompt_tokens:]
     tools_on = state.tool_parser is not None and choice != "none" and bool(req.tools)
-    return ids, prefix, reasoning, tools_on
+    # Thinking: the call is prefilled after the model's own </think> (forced_tools); else right away
+    return ids, ("\n\n" + call if thinking else call) if call else "", thinking, reasoning, tools_on
 
 
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, raw_request):
     check_chat(req, state.vocab_size)
     model = check_model(state, req.model)
-    ids, prefix, reasoning, tools_on = build_prompt(state, req)
+    ids, call, thinking, reasoning, tools_on = build_prompt(state, req)
     budget = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = max_new_tokens(state, len(ids), budget, param, "messages")
     top = req.top_logprobs or 0
     params = sampling_params(state, req, max_tokens, top if req.logprobs else None)
     rid = req.request_id or random_id("chatcmpl")
-    choices = [_Choice(state, req, i, len(ids), reasoning, tools_on, prefix) for i in range(req.n)]
-    gen = state.engine.generate(rid, ids, params)
+    prefix = call if not thinking else ""  # what the parser must see before the model's output
+    single = call.endswith('"arguments": ')  # a named function: exactly one call
+    choices = [_Choice(state, req, i, len(ids), reasoning, tools_on, prefix, single)
+               for i in range(req.n)]
+    if call and thinking:
+        gen = reason_then_call(state.engine, rid, ids, params, state.tokenizer.token_to_id("</think>"),
+                               state.tokenizer.encode(call))
+    else:
+        gen = state.engine.generate(rid, ids, params)
     if req.stream:
         return _stream(state, req, rid, model, ids, choices, gen)
     return await until_disconnect(raw_request, _full(state, req, rid, model, ids, choices, gen))
@@ -139,7 +149,8 @@ async def _steps(state, req, choices, gen) -> AsyncIterator[tuple[_Choice, str, 
                 continue  # stopped by a stop string
             text, lps = c.absorb(co, state.tokenizer, req.logprobs, req.top_logprobs or 0)
             if c.text.stopped is not None and co.finish_reason is None:
-                state.engine.stop_sample(out.request_id, co.index, c.text.stopped)
+                index = getattr(co, "engine_index", None)
+                state.engine.stop_sample(out.request_id, co.index if index is None else index, c.text.stopped)
             yield c, text, lps
         if all(c.done for c in choices):
             break
