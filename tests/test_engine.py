@@ -93,14 +93,14 @@ def check_pools(engine: LLMEngine) -> None:
     assert sorted(c._free_blocks) == [b for b, n in enumerate(holders) if n == 0]
     slots = [seq.slot for seq in sch.running]
     assert len(set(slots)) == len(slots) and -1 not in slots
-    assert len(c._free_slots) + len(slots) == c.plan.num_slots
+    assert len(c._free_slots) + len(slots) == c.scratch_base
     assert all(not s.block_ids and s.slot == -1 and s.num_computed_tokens == 0 for s in sch.waiting)
 
 
 def assert_pools_empty(engine: LLMEngine) -> None:
     c = engine.cache
     assert c.num_free_blocks == c.plan.num_blocks
-    assert c.num_free_slots == c.plan.num_slots
+    assert c.num_free_slots == c.scratch_base
     assert all(r == 0 for r in c._refs)
     assert not engine.scheduler.running and not engine.scheduler.waiting and not engine.requests
 

@@ -49,7 +49,7 @@ def test_stop_strings_cut_the_text(llm):
     assert b.text == text[:cut + len(stop)] and b.finish_reason == "stop"
     assert a.token_ids == full.token_ids[: len(a.token_ids)] and len(a.token_ids) < 12
     cache = llm.llm_engine.cache  # stopped samples gave their blocks and slots back
-    assert (cache.num_free_blocks, cache.num_free_slots) == (cache.plan.num_blocks, cache.plan.num_slots)
+    assert (cache.num_free_blocks, cache.num_free_slots) == (cache.plan.num_blocks, cache.scratch_base)
 
 
 def test_generation_config_supplies_defaults(llm):
