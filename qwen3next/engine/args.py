@@ -51,6 +51,8 @@ class EngineArgs:
                 raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}") from None
             if dev.type not in ("cpu", "cuda"):
                 raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device is {self.device!r} but torch sees no CUDA device")
         from qwen3next.engine.spec_decode import SpeculativeConfig
 
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)

@@ -3,8 +3,10 @@ at a time.
 
 `add_request` validates and queues; `step` schedules, runs the model once, samples, applies stop
 rules, forks n > 1 samples off their shared prompt, frees what finished and reports what changed;
-`abort_request` frees a request at once (reported as "abort" by the next step). The engine is
-single-threaded; the async server drives it from one thread.
+`abort_request` frees a request at once (reported as "abort" by the next step). With a
+speculative_config the step goes through SpecDecoder (MTP drafts, verify, state rollback) and a
+sequence may gain several tokens per step. The engine is single-threaded; the async server drives
+it from one thread.
 """
 
 from __future__ import annotations
