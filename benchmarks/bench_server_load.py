@@ -184,8 +184,8 @@ def main() -> int:
     stats = asyncio.run(run(url, ns.served_model_name, ns))
     if state is not None:
         engine = state.engine.engine
-        c = engine.cache
-        if engine.requests or c.num_free_blocks != c.plan.num_blocks or c.num_free_slots != c.plan.num_slots:
+        s = engine.stats
+        if engine.requests or s["kv_blocks_used"] or s["state_slots_used"]:
             stats.failures.append("engine still holds requests, blocks or slots after the run")
         server.should_exit = True
     for f in stats.failures[:10]:

@@ -272,3 +272,19 @@ def test_forced_call_on_instruct_template_and_budget(srv, client):
                                        tool_choice="required")
     assert [c.finish_reason for c in r.choices] == ["length", "length"]
     assert not any(c.message.tool_calls for c in r.choices)
+
+
+def test_speculative_decoding_server(tiny_ckpt):
+    h = ServerHarness(tiny_ckpt, "--served-model-name", "tiny", "--max-num-seqs", "4",
+                      "--speculative-config", '{"method": "qwen3_next_mtp", "num_speculative_tokens": 2}')
+    try:
+        assert h.engine.args.speculative_config is not None
+        c = openai.OpenAI(base_url=h.url + "/v1", api_key="EMPTY", max_retries=0)
+        kw = dict(model="tiny", messages=USER, max_tokens=20, extra_body={"ignore_eos": True}, seed=3)
+        r = c.chat.completions.create(**kw)
+        assert r.usage.completion_tokens == 20 and r.choices[0].finish_reason == "length"
+        chunks = list(c.chat.completions.create(stream=True, n=2, **kw))
+        assert {ch.choices[0].index for ch in chunks if ch.choices and ch.choices[0].finish_reason} == {0, 1}
+        assert h.wait_idle()
+    finally:
+        h.close()

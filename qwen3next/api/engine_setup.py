@@ -5,7 +5,6 @@ Kept apart from server.py so the offline commands never import FastAPI / uvicorn
 
 from __future__ import annotations
 
-import json
 import logging
 
 log = logging.getLogger("qwen3next.api")
@@ -22,7 +21,7 @@ def build_engine(ns):
     spec = getattr(ns, "speculative_config", None)
     if spec is not None:
         if "speculative_config" in EngineArgs.names():
-            fields["speculative_config"] = json.loads(spec) if isinstance(spec, str) else spec
+            fields["speculative_config"] = spec  # the engine parses (and names errors in) the JSON
         else:
             log.warning("--speculative-config ignored: this engine has no speculative decoding option")
     engine = LLMEngine.from_args(EngineArgs(model=ns.model, **fields))

@@ -83,9 +83,8 @@ class ServerHarness:
         self.sampler.queue.append(self.ids(*pieces))
 
     def cache_is_free(self) -> bool:
-        c = self.engine.cache
-        return (c.num_free_blocks == c.plan.num_blocks and c.num_free_slots == c.plan.num_slots
-                and not self.engine.requests)
+        s = self.engine.stats
+        return s["kv_blocks_used"] == 0 and s["state_slots_used"] == 0 and not self.engine.requests
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         deadline = time.time() + timeout
