@@ -286,5 +286,8 @@ def test_speculative_decoding_server(tiny_ckpt):
         chunks = list(c.chat.completions.create(stream=True, n=2, **kw))
         assert {ch.choices[0].index for ch in chunks if ch.choices and ch.choices[0].finish_reason} == {0, 1}
         assert h.wait_idle()
+        import httpx
+
+        assert "qwen3next:spec_decode_acceptance_rate" in httpx.get(h.url + "/metrics").text
     finally:
         h.close()

@@ -48,6 +48,13 @@ class Metrics:
         ]:
             g = Gauge(f"qwen3next:{name}", doc, lab, registry=r)
             g.labels(model_name).set_function(lambda k=key: float(snapshot().get(k, 0.0)))
+        for name, key, doc in [
+            ("spec_decode_acceptance_rate", "acceptance_rate", "Accepted / drafted tokens (MTP)"),
+            ("spec_decode_mean_accepted_length", "mean_accepted_length", "Tokens gained per verify step"),
+        ]:
+            g = Gauge(f"qwen3next:{name}", doc, lab, registry=r)
+            g.labels(model_name).set_function(
+                lambda k=key: float((snapshot().get("spec_decode") or {}).get(k, 0.0)))
 
     def count_http(self, endpoint: str, status: int) -> None:
         self.http_requests.labels(self.model_name, endpoint, str(status)).inc()
