@@ -197,6 +197,7 @@ def test_completions_endpoint(srv, client):
 
 def test_models_health_version_metrics(srv, client):
     assert [m.id for m in client.models.list().data] == ["tiny", "tiny-alias"]
+    client.chat.completions.create(model="tiny", messages=USER, max_tokens=3, extra_body={"ignore_eos": True})
     import httpx
 
     assert httpx.get(srv.url + "/health").status_code == 200
