@@ -100,7 +100,8 @@ def main() -> None:
     cfg = ModelConfig.from_dir(model_dir)
     prompts = make_prompts(a.requests, cfg.vocab_size, a.min_prompt, a.max_prompt)
     lo = a.max_tokens if a.min_tokens is None else a.min_tokens
-    new_tokens = torch.randint(lo, a.max_tokens + 1, (a.requests,), generator=torch.Generator().manual_seed(1)).tolist()
+    g = torch.Generator().manual_seed(1)
+    new_tokens = torch.randint(lo, a.max_tokens + 1, (a.requests,), generator=g).tolist()
     n_gen = sum(new_tokens)
     t_eng, out_eng = run_engine(model_dir, prompts, new_tokens, a.max_num_seqs)
     t_hf, out_hf = run_transformers(model_dir, prompts, new_tokens, a.hf_batch)

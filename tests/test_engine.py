@@ -50,7 +50,8 @@ def hf_greedy(tiny_ckpt, prompts):
 
 def kv_budget(model, block_size: int, num_slots: int, num_blocks: int) -> int:
     spec = model.state_spec()
-    return num_slots * bytes_per_slot(spec, torch.float32) + num_blocks * bytes_per_block(spec, block_size, torch.float32)
+    f32 = torch.float32
+    return num_slots * bytes_per_slot(spec, f32) + num_blocks * bytes_per_block(spec, block_size, f32)
 
 
 def make_engine(model, **knobs) -> LLMEngine:

@@ -40,7 +40,9 @@ def test_generate_token_and_text_prompts(llm):
 def test_stop_strings_cut_the_text(llm):
     full = llm.generate("Hello, world!", SamplingParams(**GREEDY))[0].outputs[0]
     text = full.text
-    stop = next(text[i:i + 2] for i in range(3, len(text) - 2) if text[i:i + 2].strip() and text[i:i + 2] not in text[:i + 1])
+    # a 2-character stop string first seen at offset >= 3
+    stop = next(text[i:i + 2] for i in range(3, len(text) - 2)
+                if text[i:i + 2].strip() and text[i:i + 2] not in text[:i + 1])
     cut = text.index(stop)
     got = llm.generate(["Hello, world!"] * 2, [SamplingParams(stop=[stop, "\x00never"], **GREEDY),
                                                SamplingParams(stop=stop, include_stop_str_in_output=True, **GREEDY)])
