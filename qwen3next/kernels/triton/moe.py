@@ -2,8 +2,8 @@
 grouped GEMM over the stacked expert weights (tile sizes autotuned per shape on the GPU).
 
 Same signatures as kernels/moe.py. The (token, k) assignments are sorted by expert and each
-expert's run is padded to a multiple of BM rows (all with torch ops, no host sync, so decode can
-be graph-captured); one launch computes silu(x W_gate^T) * (x W_up^T) per BM-row block of one
+expert's run is padded to a multiple of BM rows (three small Triton launches, no sort and no host
+sync, so decode can be graph-captured); one launch computes silu(x W_gate^T) * (x W_up^T) per BM-row block of one
 expert, a second multiplies by W_down^T and the routing weight; the k results of each token are
 summed in fp32. Blocks past the real ones exit at once. BM = 16 when experts see few tokens
 (decode: weight streaming dominates), 64 for big batches.
@@ -60,27 +60,69 @@ def moe_route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool):
     return w, ids
 
 
-def _align(ids: torch.Tensor, E: int, BM: int):
-    """Sort assignments by expert, pad each expert's run to BM rows.
+@triton.jit
+def _count_kernel(ids_ptr, cnt_ptr, rank_ptr, M, BLK: tl.constexpr):
+    a = tl.program_id(0) * BLK + tl.arange(0, BLK)
+    m = a < M
+    e = tl.load(ids_ptr + a, mask=m, other=0)
+    # the old count is this assignment's rank among its expert's rows (any order will do: each
+    # row of a GEMM tile is computed independently of the others)
+    r = tl.atomic_add(cnt_ptr + e, 1, mask=m)
+    tl.store(rank_ptr + a, r, mask=m)
 
-    -> rows [NB*BM] (assignment index, -1 = padding), block_expert [NB] (-1 = unused block).
+
+@triton.jit
+def _blocks_kernel(cnt_ptr, pst_ptr, be_ptr, rows_ptr, E, NB,
+                   BM: tl.constexpr, BE: tl.constexpr, BLKB: tl.constexpr):
+    e = tl.arange(0, BE)
+    em = e < E
+    cnt = tl.load(cnt_ptr + e, mask=em, other=0)
+    padded = (cnt + BM - 1) // BM * BM
+    pend = tl.cumsum(padded, 0)
+    pst = pend - padded                                               # first padded row per expert
+    if tl.program_id(0) == 0:
+        tl.store(pst_ptr + e, pst, mask=em)
+    b = tl.program_id(0) * BLKB + tl.arange(0, BLKB)                  # blocks of this program
+    bm = b < NB
+    start = b * BM
+    eb = tl.sum(((pend[None, :] <= start[:, None]) & em[None, :]).to(tl.int32), 1)   # expert of block
+    valid = eb < E
+    tl.store(be_ptr + b, tl.where(valid, eb, -1), mask=bm)
+    sel = e[None, :] == eb[:, None]
+    real_end = tl.sum(tl.where(sel, pst + cnt, 0), 1)                 # end of the expert's real rows
+    r = start[:, None] + tl.arange(0, BM)[None, :]                    # [BLKB, BM] row index
+    pad = (r >= real_end[:, None]) | (~valid)[:, None]
+    tl.store(rows_ptr + r, tl.full([BLKB, BM], -1, tl.int64), mask=bm[:, None] & pad)
+
+
+@triton.jit
+def _place_kernel(ids_ptr, rank_ptr, pst_ptr, rows_ptr, M, BLK: tl.constexpr):
+    a = tl.program_id(0) * BLK + tl.arange(0, BLK)
+    m = a < M
+    e = tl.load(ids_ptr + a, mask=m, other=0)
+    pos = tl.load(pst_ptr + e, mask=m, other=0) + tl.load(rank_ptr + a, mask=m, other=0)
+    tl.store(rows_ptr + pos, a.to(tl.int64), mask=m)
+
+
+def _align(ids: torch.Tensor, E: int, BM: int):
+    """Group assignments by expert, each expert's run padded to BM rows (three small launches,
+    no host sync, no sort).
+
+    -> rows [NB*BM] (assignment index, -1 = padding), block_expert [NB] (-1 = unused block), NB.
     """
     M = ids.numel()
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    # scatter_add rather than bincount: bincount syncs with the host (it reads the max id)
-    counts = torch.zeros(E, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + BM - 1) // BM * BM
-    pend = padded.cumsum(0)
-    cstart = counts.cumsum(0) - counts
-    e_sorted = flat[order]
-    pos = (pend - padded)[e_sorted] + torch.arange(M, device=ids.device) - cstart[e_sorted]
+    flat = ids.reshape(-1).contiguous()
+    dev = ids.device
     NB = triton.cdiv(M, BM) + min(E, M)  # each used expert wastes less than one block
-    rows = torch.full((NB * BM,), -1, dtype=torch.int64, device=ids.device)
-    rows[pos] = order
-    starts = torch.arange(NB, device=ids.device) * BM
-    be = torch.searchsorted(pend, starts, right=True)
-    block_expert = torch.where(be < E, be, -1)
+    counts = torch.zeros(E, dtype=torch.int64, device=dev)
+    rank = torch.empty(M, dtype=torch.int64, device=dev)
+    pst = torch.empty(E, dtype=torch.int64, device=dev)
+    rows = torch.empty(NB * BM, dtype=torch.int64, device=dev)
+    block_expert = torch.empty(NB, dtype=torch.int64, device=dev)
+    BLK, BLKB = 256, 32
+    _count_kernel[(triton.cdiv(M, BLK),)](flat, counts, rank, M, BLK=BLK)
+    _blocks_kernel[(triton.cdiv(NB, BLKB),)](counts, pst, block_expert, rows, E, NB, BM=BM, BE=pow2(E), BLKB=BLKB)
+    _place_kernel[(triton.cdiv(M, BLK),)](flat, rank, pst, rows, M, BLK=BLK)
     return rows, block_expert, NB
 
 
