@@ -1,0 +1,193 @@
+"""MTP speculative decoding on CPU: tokens/s and mean accepted length with and without MTP, at 1
+and 16 concurrent requests, plus the cost of the two ways to roll DeltaNet states back.
+
+    .venv/bin/python benchmarks/bench_mtp_cpu.py [--model DIR] [--ks 0,1,2,3] [--concurrency 1,16]
+        [--requests-per-slot 2] [--max-tokens 64] [--threads 2]
+
+Model: --model, else the shipped demo model (qwen3next/demo_model) when present, else a tiny random
+checkpoint (random MTP: acceptance ~0, so it shows only the overhead). Prompts: synthetic chat tasks
+(qwen3next/train/data.py) through the chat template when the model has a tokenizer, else random ids.
+Greedy; every MTP run's outputs are checked token for token against the k = 0 run.
+
+Rollback study (--rollback): a verify forward of B x (k+1) tokens keeping per-position DeltaNet
+states (per_token_state_slots) vs. the recompute alternative (save the states, run the same forward
+without per-position states, then restore and re-run the accepted tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from qwen3next.engine import EngineArgs, LLMEngine  # noqa: E402
+from qwen3next.sampling_params import SamplingParams  # noqa: E402
+
+DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "qwen3next", "demo_model")
+
+
+def make_prompts(model_dir: str, vocab: int, n: int, seed: int = 0) -> tuple[list[list[int]], str]:
+    if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+        try:
+            from qwen3next.tokenizer import get_tokenizer
+            from qwen3next.train.data import generate
+
+            tok = get_tokenizer(model_dir)
+            convs = generate(n, seed)
+            return [tok.apply_chat_template(c.messages[:-1], tools=c.tools, add_generation_prompt=True,
+                                            tokenize=True) for c in convs], "synthetic chat tasks"
+        except Exception as e:  # a tokenizer without a chat template: random ids below
+            print(f"(chat prompts unavailable: {e})")
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(16, 129, (n,), generator=g).tolist()
+    return [torch.randint(0, vocab, (L,), generator=g).tolist() for L in lens], "random ids"
+
+
+def run(model, prompts, k: int, concurrency: int, max_tokens: int, eos: list[int]):
+    """-> (seconds, generated tokens, outputs, spec stats or None)."""
+    spec = {"method": "qwen3_next_mtp", "num_speculative_tokens": k} if k else None
+    eng = LLMEngine(model, EngineArgs(max_num_seqs=concurrency, max_num_batched_tokens=2048,
+                                      max_model_len=min(2048, model.config.max_position_embeddings),
+                                      speculative_config=spec), eos_token_ids=eos)
+    p = SamplingParams(temperature=0, max_tokens=max_tokens)
+    eng.add_request("warm", prompts[0][:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    while eng.has_unfinished_requests():
+        eng.step()
+    if eng.spec is not None:
+        eng.spec.stats = type(eng.spec.stats)(k)
+    out = {str(i): [] for i in range(len(prompts))}
+    t = time.perf_counter()
+    for i, pr in enumerate(prompts):
+        eng.add_request(str(i), pr, p)
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            out[o.request_id] += o.outputs[0].token_ids
+    dt = time.perf_counter() - t
+    outs = [out[str(i)] for i in range(len(prompts))]
+    return dt, sum(map(len, outs)), outs, (eng.stats.get("spec_decode") if k else None)
+
+
+@torch.inference_mode()
+def rollback_study(model, B: int, k: int, ctx: int = 64, reps: int = 5) -> None:
+    """Per-position states in one verify forward vs. recompute after the verify."""
+    from qwen3next.engine.cache import CacheManager, plan_cache
+    from qwen3next.engine.sequence import Request, Sequence
+    from qwen3next.engine.spec_batch import pack
+
+    spec = model.state_spec()
+    plan = plan_cache(spec, torch.float32, 16, B * (2 + k), 1 << 40, max_blocks=B * (ctx // 16 + 2))
+    cm = CacheManager(spec, plan, torch.float32, torch.device("cpu"), ctx + 16, num_scratch_slots=B * (1 + k))
+    V = model.config.vocab_size
+    seqs = []
+    for i in range(B):
+        s = Sequence(i, Request(str(i), torch.randint(0, V, (ctx,)).tolist(), SamplingParams(), frozenset(), 10**6),
+                     0, torch.device("cpu"))
+        cm.allocate_slot(s)
+        cm.grow(s, ctx + k + 1)
+        seqs.append(s)
+    ids, pos, batch = pack(cm, torch.device("cpu"), [(s, 0, s.token_ids) for s in seqs])
+    model(ids, pos, batch)  # prefill the context
+    runs = [(s, ctx, torch.randint(0, V, (k + 1,)).tolist()) for s in seqs]
+    scratch = [cm.scratch_base + r * k + j for r in range(B) for j in range(k)]
+    backup = [cm.scratch_base + B * k + r for r in range(B)]
+    slots = torch.tensor([s.slot for s in seqs])
+    layers = (*cm.cache.conv.values(), *cm.cache.recurrent.values())
+
+    def verify(per_token: bool):
+        ids, pos, batch = pack(cm, torch.device("cpu"), runs)
+        if per_token:
+            batch.per_token_state_slots = torch.tensor(
+                [scratch[r * k + j] if j < k else -1 for r in range(B) for j in range(k + 1)])
+        model(ids, pos, batch)
+
+    def recompute(accepted: int):
+        for t in layers:
+            t[torch.tensor(backup)] = t[slots]
+        verify(False)
+        for t in layers:
+            t[slots] = t[torch.tensor(backup)]
+        ids, pos, batch = pack(cm, torch.device("cpu"), [(s, c, toks[:accepted + 1]) for s, c, toks in runs])
+        model(ids, pos, batch)
+
+    def timed(fn, *a):
+        fn(*a)
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn(*a)
+        return (time.perf_counter() - t) / reps * 1000
+
+    t_pt = timed(verify, True)
+    t_plain = timed(verify, False)
+    print(f"rollback study, B={B}, k={k}, context {ctx}:")
+    print(f"  verify with per-position states       {t_pt:8.1f} ms/step  (+{k} state slots per sequence)")
+    print(f"  verify without (chunked kernel)       {t_plain:8.1f} ms/step")
+    for a in (0, k):
+        print(f"  recompute: verify + redo {a + 1} token(s)   {timed(recompute, a):8.1f} ms/step  (+1 state slot per sequence)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="checkpoint dir (default: the demo model, else a tiny random one)")
+    ap.add_argument("--ks", default="0,1,2,3", help="num_speculative_tokens values (0: no MTP)")
+    ap.add_argument("--concurrency", default="1,16")
+    ap.add_argument("--requests-per-slot", type=int, default=2, help="requests = concurrency x this")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rollback", action="store_true", help="also run the rollback study")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from qwen3next.config import ModelConfig
+    from qwen3next.loader import load_model
+
+    tmp = None
+    model_dir = a.model
+    if model_dir is None and os.path.isfile(os.path.join(DEMO, "config.json")):
+        model_dir = DEMO
+    if model_dir is None:
+        from tests.helpers.checkpoints import make_tiny_checkpoint
+
+        tmp = tempfile.TemporaryDirectory()
+        model_dir = make_tiny_checkpoint(tmp.name, with_tokenizer=False)
+    model, cfg = load_model(model_dir, dtype=torch.float32, device="cpu", with_mtp=True, progress=False)
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+    try:
+        from qwen3next.engine.llm_engine import read_generation_config
+
+        gen_eos = read_generation_config(model_dir).get("eos_token_id")
+        if gen_eos is not None:
+            eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos)
+    except ValueError:
+        pass
+    ks = [int(x) for x in a.ks.split(",")]
+    conc = [int(x) for x in a.concurrency.split(",")]
+    print(f"model {os.path.relpath(model_dir) if tmp is None else 'tiny random checkpoint'}, "
+          f"torch threads {torch.get_num_threads()}, greedy, max_tokens {a.max_tokens}")
+    for c in conc:
+        n = c * a.requests_per_slot
+        prompts, kind = make_prompts(model_dir, ModelConfig.from_dir(model_dir).vocab_size, n)
+        print(f"\nconcurrency {c}: {n} requests ({kind})")
+        print(f"  {'k':>2} {'tok/s':>8} {'speed-up':>8} {'mean acc. len':>13} {'accept/pos':>22} {'same as k=0':>11}")
+        base = None
+        for k in ks:
+            dt, ntok, outs, st = run(model, prompts, k, c, a.max_tokens, eos)
+            if base is None:
+                base = (ntok / dt, outs)
+            same = sum(x == y for x, y in zip(outs, base[1]))
+            acc = "-" if st is None else " ".join(f"{r:.2f}" for r in st["acceptance_rate_per_pos"])
+            mal = "-" if st is None else f"{st['mean_accepted_length']:.2f}"
+            print(f"  {k:>2} {ntok / dt:8.1f} {ntok / dt / base[0]:7.2f}x {mal:>13} {acc:>22} {same:>6}/{len(outs)}")
+    if a.rollback:
+        print()
+        rollback_study(model, 16, max(ks[-1], 1))
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

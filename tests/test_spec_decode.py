@@ -1,0 +1,301 @@
+"""MTP speculative decoding in the engine, on the tiny checkpoint (float32, CPU).
+
+Greedy outputs with k = 1..3 equal the plain engine's under mixed batches, chunked prefill with
+small budgets (drafts cut by the budget), preemption, n > 1 and aborts, both with the random MTP
+head (acceptance near 0: every step rolls the DeltaNet states back) and with a scripted drafter
+that proposes the true continuation with planted errors (long accepted runs, partial rejects).
+Stop token / max_tokens inside an accepted run end the output exactly where the plain engine
+does. Sampling: the distribution of 3-token continuations under spec decoding matches the exact
+target distribution (chi-square) with a drafter whose proposals are often wrong.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from qwen3next.engine import EngineArgs, LLMEngine
+from qwen3next.engine.cache import bytes_per_block, bytes_per_slot
+from qwen3next.engine.mtp_proposer import MTPProposer
+from qwen3next.engine.rejection_sampler import adjusted_logits, final_probs
+from qwen3next.forward_batch import ForwardBatch
+from qwen3next.loader import load_model
+from qwen3next.sampling_params import SamplingParams
+
+LENGTHS = [1, 3, 9, 16, 17, 33, 70]
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    m, _ = load_model(tiny_ckpt, dtype=torch.float32, device="cpu", with_mtp=True, progress=False)
+    return m
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def make_engine(model, k=None, **knobs) -> LLMEngine:
+    knobs.setdefault("max_model_len", 256)
+    spec = {"method": "qwen3_next_mtp", "num_speculative_tokens": k} if k else None
+    return LLMEngine(model, EngineArgs(speculative_config=spec, **knobs), eos_token_ids=[])
+
+
+def kv_budget(model, k: int, block_size: int, num_seqs: int, num_blocks: int) -> int:
+    spec = model.state_spec()
+    return (num_seqs * (1 + k) * bytes_per_slot(spec, torch.float32)
+            + num_blocks * bytes_per_block(spec, block_size, torch.float32))
+
+
+def run(engine, prompts, params, arrivals=None, abort_at=None):
+    """Drive to completion -> request id -> (tokens per sample, finish reasons)."""
+    arrivals = arrivals or [0] * len(prompts)
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    got: dict[str, dict[int, list[int]]] = {}
+    why: dict[str, dict[int, str]] = {}
+    step = 0
+    while True:
+        for i, p in enumerate(prompts):
+            if arrivals[i] == step:
+                engine.add_request(str(i), p, params[i])
+                got[str(i)], why[str(i)] = {}, {}
+        if abort_at is not None and step == abort_at[1]:
+            engine.abort_request(abort_at[0])
+        if step > max(arrivals) and not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            for c in out.outputs:
+                got[out.request_id].setdefault(c.index, []).extend(c.token_ids)
+                if c.finish_reason:
+                    why[out.request_id][c.index] = c.finish_reason
+        step += 1
+    return {r: ([d[k] for k in sorted(d)], [why[r].get(k) for k in sorted(d)]) for r, d in got.items()}
+
+
+def assert_pools_empty(engine) -> None:
+    c = engine.cache
+    assert c.num_free_blocks == c.plan.num_blocks and all(r == 0 for r in c._refs)
+    assert c.num_free_slots == c.scratch_base
+    assert not engine.scheduler.running and not engine.scheduler.waiting and not engine.requests
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference(model, prompts):
+    return run(make_engine(model, max_num_seqs=8), prompts, GREEDY)
+
+
+class ScriptedDrafts:
+    """Replace the MTP's draft choice (the MTP forwards still run): propose the true greedy
+    continuation from `reference`, wrong wherever the draft's output index % period == bad."""
+
+    def __init__(self, reference, period=5, bad=3):
+        self.ref = {r: toks[0] for r, (toks, _) in reference.items()}
+        self.period, self.bad = period, bad
+
+    def __call__(self, logits, seqs):
+        toks = []
+        for s in seqs:
+            j = s.num_output_tokens + len(s.spec_token_ids)  # output index the draft guesses
+            ref = self.ref[s.request.request_id]
+            t = ref[j] if j < len(ref) else 0
+            if j % self.period == self.bad:
+                t = (t + 1) % logits.shape[1]
+            toks.append(t)
+        return toks, [None] * len(seqs)
+
+
+def use_drafter(monkeypatch, fn) -> None:
+    """Route MTPProposer._sample(logits, seqs) -> (tokens, draft probs or None) to `fn`."""
+    monkeypatch.setattr(MTPProposer, "_sample", lambda self, logits, seqs: fn(logits, seqs))
+
+
+CASES = {
+    "batched": dict(max_num_seqs=8),
+    "budget5": dict(max_num_seqs=3, max_num_batched_tokens=5, block_size=4),
+    "budget2": dict(max_num_seqs=2, max_num_batched_tokens=2, block_size=2),
+}
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("drafter", ["mtp", "scripted"])
+def test_greedy_identical_to_plain(model, prompts, reference, monkeypatch, k, case, drafter):
+    if drafter == "scripted":
+        use_drafter(monkeypatch, ScriptedDrafts(reference))
+    eng = make_engine(model, k, **CASES[case])
+    got = run(eng, prompts, GREEDY, arrivals=[0, 0, 1, 2, 2, 5, 6])
+    assert got == reference
+    st = eng.stats["spec_decode"]
+    assert st["num_verifies"] > 0
+    if drafter == "scripted" and case == "batched":
+        # every 5th draft is wrong: runs of 3 accepted tokens are common
+        assert st["acceptance_rate"] > 0.6 and st["accepted_per_pos"][k - 1] > 0
+    assert_pools_empty(eng)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_preemption_and_forks(model, prompts, reference, monkeypatch, k):
+    use_drafter(monkeypatch, ScriptedDrafts(reference, period=4, bad=2))
+    bs = 4
+    need = max(-(-(n + MAX_NEW + k) // bs) for n in LENGTHS)
+    eng = make_engine(model, k, max_num_seqs=4, max_num_batched_tokens=40, block_size=bs,
+                      kv_cache_memory_bytes=kv_budget(model, k, bs, 4, need + 8))
+    params = [SamplingParams(n=2 if i % 3 == 0 else 1, temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+              for i in range(len(prompts))]
+    got = run(eng, prompts, params)
+    assert eng.scheduler.num_preemptions > 0
+    for r, (toks, _) in got.items():
+        assert toks == reference[r][0] * len(toks)
+    assert_pools_empty(eng)
+
+
+def test_stops_inside_an_accepted_run(model, prompts, reference, monkeypatch):
+    ps = []
+    for i, (toks, _) in enumerate(reference.values()):
+        kind = i % 3
+        if kind == 0:  # a stop token in the middle of what will be an accepted run
+            ps.append(SamplingParams(temperature=0, max_tokens=MAX_NEW, stop_token_ids=[toks[0][5]]))
+        elif kind == 1:
+            ps.append(SamplingParams(temperature=0, max_tokens=4 + i % 4, ignore_eos=True))
+        else:
+            ps.append(SamplingParams(temperature=0, max_tokens=MAX_NEW, min_tokens=3, stop_token_ids=[toks[0][1]]))
+    plain = run(make_engine(model, max_num_seqs=8), prompts, ps)
+    use_drafter(monkeypatch, ScriptedDrafts(plain, period=100, bad=99))  # all drafts right
+    eng = make_engine(model, 3, max_num_seqs=8)
+    assert run(eng, prompts, ps) == plain
+    assert eng.stats["spec_decode"]["acceptance_rate"] > 0.75  # the runs really were accepted (drafts past a stop are not)
+    assert_pools_empty(eng)
+
+
+def test_abort_and_logprobs(model, prompts, reference, monkeypatch):
+    use_drafter(monkeypatch, ScriptedDrafts(reference))
+    p = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=2)
+    plain_eng, eng = make_engine(model, max_num_seqs=8), make_engine(model, 2, max_num_seqs=8)
+    outs = []
+    for e in (plain_eng, eng):
+        e.add_request("3", prompts[3], p)  # ids as in `reference` (the scripted drafts)
+        e.add_request("4", prompts[4], p)
+        lps = []
+        for step in range(40):
+            if step == 3:
+                e.abort_request("4")
+            for o in e.step():
+                if o.request_id == "3":
+                    lps += o.outputs[0].logprobs
+            if not e.has_unfinished_requests():
+                break
+        outs.append(lps)
+        assert_pools_empty(e)
+    assert len(outs[0]) == len(outs[1]) == MAX_NEW
+    for a, b in zip(*outs):
+        assert a.keys() == b.keys()
+        assert all(math.isclose(a[t].logprob, b[t].logprob, abs_tol=1e-4) for t in a)
+
+
+def test_refuses_without_mtp_head(tiny_ckpt):
+    m, _ = load_model(tiny_ckpt, dtype=torch.float32, device="cpu", with_mtp=False, progress=False)
+    with pytest.raises(ValueError, match="MTP"):
+        make_engine(m, 2)
+
+
+# ---- sampling: the output distribution is the target's -----------------------------------------
+TOP_K, LEN_S = 3, 3
+
+
+@torch.inference_mode()
+def exact_paths(model, prompt, params, seq_factory):
+    """The target's probability of every LEN_S-token continuation (top_k leaves TOP_K per step)."""
+    probs: dict[tuple, float] = {(): 1.0}
+    out = {}
+    frontier = [()]
+    for depth in range(LEN_S):
+        nxt = []
+        for path in frontier:
+            ids = torch.tensor(prompt + list(path))
+            h = model(ids, torch.arange(len(ids)), ForwardBatch.full([len(ids)]))
+            seq = seq_factory(list(path))
+            p = final_probs(adjusted_logits(model.compute_logits(h[-1:]), [seq], [[]]), [seq])[0]
+            for t in torch.nonzero(p).flatten().tolist():
+                probs[path + (t,)] = probs[path] * float(p[t])
+                nxt.append(path + (t,))
+        frontier = nxt
+    for path in frontier:
+        out[path] = probs[path]
+    return out
+
+
+def test_sampling_matches_the_target_distribution(model, prompts, monkeypatch):
+    from qwen3next.engine.sequence import Request, Sequence
+
+    prompt = prompts[2]
+    params = SamplingParams(temperature=0.8, top_k=TOP_K, max_tokens=LEN_S, ignore_eos=True)
+
+    def seq_factory(outputs):
+        s = Sequence(0, Request("x", prompt, params, frozenset(), 999), 0, torch.device("cpu"))
+        s.token_ids += outputs
+        return s
+
+    exact = exact_paths(model, prompt, params, seq_factory)
+    support = {}
+    for path in exact:  # tokens the target allows after each prefix
+        for j in range(LEN_S):
+            support.setdefault(path[:j], set()).add(path[j])
+    g = torch.Generator().manual_seed(5)
+    V = model.config.vocab_size
+
+    def drafter(logits, seqs):
+        # q: uniform over the target's support plus one token outside it (often rejected)
+        toks, probs = [], []
+        for s in seqs:
+            prefix = tuple(s.output_token_ids + s.spec_token_ids)
+            allowed = sorted(support.get(prefix, {0})) + [V - 1]
+            q = torch.zeros(V)
+            q[allowed] = 1.0 / len(allowed)
+            t = int(torch.multinomial(q, 1, generator=g))
+            toks.append(t)
+            probs.append(q)
+        return toks, probs
+
+    use_drafter(monkeypatch, drafter)
+    eng = make_engine(model, 2, max_num_seqs=64, seed=1)
+    N = 1600
+    counts = dict.fromkeys(exact, 0)
+    got = run(eng, [prompt] * N, params)
+    for toks, _ in got.values():
+        counts[tuple(toks[0])] += 1
+    st = eng.stats["spec_decode"]
+    assert 0.2 < st["acceptance_rate"] < 0.9  # both accepts and rejects happen
+    stat = sum((counts[p] - N * e) ** 2 / (N * e) for p, e in exact.items())
+    df = len(exact) - 1
+    assert stat < df + 4 * math.sqrt(2 * df), (stat, df)
+
+
+# ---- front doors: LLM(...) and the CLI's --speculative-config ----------------------------------
+def test_llm_and_cli_take_the_speculative_config(tiny_ckpt):
+    import argparse
+
+    from qwen3next import LLM
+    from qwen3next.api.engine_setup import build_engine
+
+    kw = dict(model=tiny_ckpt, dtype="float32", device="cpu", max_model_len=128, max_num_seqs=4)
+    p = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    prompts = ["The quick brown fox", "Hello there"]
+    plain = [o.outputs[0].text for o in LLM(**kw).generate(prompts, p)]
+    llm = LLM(**kw, speculative_config={"method": "qwen3_next_mtp", "num_speculative_tokens": 2})
+    assert [o.outputs[0].text for o in llm.generate(prompts, p)] == plain
+    assert llm.llm_engine.stats["spec_decode"]["num_verifies"] > 0
+    ns = argparse.Namespace(model=tiny_ckpt, dtype="float32", device="cpu", max_model_len=128,
+                            speculative_config='{"method": "qwen3_next_mtp", "num_speculative_tokens": 3}')
+    engine, _ = build_engine(ns)
+    assert engine.spec is not None and engine.spec.k == 3 and engine.model.mtp is not None
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        LLM(**kw, speculative_config={"method": "qwen3_next_mtp", "num_speculative_tokens": 9})
