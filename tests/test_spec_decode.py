@@ -299,3 +299,11 @@ def test_llm_and_cli_take_the_speculative_config(tiny_ckpt):
     assert engine.spec is not None and engine.spec.k == 3 and engine.model.mtp is not None
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         LLM(**kw, speculative_config={"method": "qwen3_next_mtp", "num_speculative_tokens": 9})
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(model, prompts):
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=MAX_NEW, ignore_eos=True, seed=11)
+    other = SamplingParams(temperature=0.7, max_tokens=MAX_NEW, ignore_eos=True)
+    alone = run(make_engine(model, 3, max_num_seqs=4), [prompts[4]], seeded)["0"]
+    mixed = run(make_engine(model, 3, max_num_seqs=4), [prompts[4], prompts[5], prompts[1]], [seeded, other, other])
+    assert mixed["0"] == alone

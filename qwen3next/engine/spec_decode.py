@@ -228,7 +228,8 @@ class SpecDecoder:
             for j, r in enumerate(rand):
                 if drafts[r]:
                     draft[j, :len(drafts[r])] = seqs[r].spec_draft_probs[:len(drafts[r])]
-            u = draw("uniform", len(rand), K, rs, self.sampler.generator, self.device)
+            # k uniforms per row whatever K is, so a seeded row's stream never depends on the batch
+            u = draw("uniform", len(rand), self.k, rs, self.sampler.generator, self.device)[:, :K]
             q = draw("exp", len(rand), V, rs, self.sampler.generator, self.device)
             n_acc[rt], nxt[rt] = rejection_sample(target, draft, d_ids[rt], n_drafts[rt], u, q)
         self._commit(sched, idx, seqs, drafts, n_acc.tolist(), nxt.tolist(), hidden, logits, cu, out)
