@@ -292,3 +292,14 @@ def test_speculative_decoding_server(tiny_ckpt):
         assert "qwen3next:spec_decode_acceptance_rate" in httpx.get(h.url + "/metrics").text
     finally:
         h.close()
+
+
+def test_sse_lines_survive_unicode_line_separators(srv, client):
+    import httpx
+
+    srv.push("a\u2028b\x85c\u2029d")
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 20, "stream": True}
+    with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=30) as r:
+        lines = [x for x in r.iter_lines() if x]  # httpx splits with str.splitlines()
+    events = [json.loads(x[6:]) for x in lines if x != "data: [DONE]"]
+    assert "".join(e["choices"][0]["text"] for e in events) == "a\u2028b\x85c\u2029d"

@@ -93,10 +93,16 @@ def sampling_params(state: ServerState, req: SamplingFields, max_tokens: int,
         raise bad_request(str(e), str(e).split(" ", 1)[0]) from None
 
 
+# Characters str.splitlines() breaks on that json.dumps(ensure_ascii=False) leaves raw: a client that
+# splits the stream with splitlines (httpx's iter_lines does) would cut an event in two.
+_LINE_BREAKS = str.maketrans({"\x1c": "\\u001c", "\x1d": "\\u001d", "\x1e": "\\u001e",
+                              "\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(obj: BaseModel | dict) -> str:
     if isinstance(obj, BaseModel):
         obj = obj.model_dump(exclude_none=True)
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"
