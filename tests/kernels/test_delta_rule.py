@@ -60,6 +60,18 @@ def test_chunked_state_pool_carried_across_calls(fuse):
     assert torch.equal(pool[[2, 4]], untouched)
 
 
+def test_chunked_with_empty_sequences_in_the_batch():
+    lens = [0, 70, 0, 5]
+    q, k, v, g, beta = make(lens, 1, 2, 16, 16, seed=13)
+    slots = torch.tensor([0, 1, 2, 3], device=DEV)
+    pool = randn(4, 2, 16, 16, gen=seeded(14), scale=0.1)
+    p_t, p_r = pool.clone(), pool.clone()
+    o = tri.gated_delta_rule_chunked(q, k, v, g, beta, cu(lens), p_t, slots)
+    o_ref = ref.gated_delta_rule_recurrent(q, k, v, g, beta, cu(lens), p_r, slots)
+    assert rel_err(o, o_ref) < 1e-5
+    assert rel_err(p_t, p_r) < 1e-5
+
+
 def test_recurrent_matches_reference_with_per_token_states():
     lens = [3, 1, 5]
     hk, hv, dk, dv = 2, 4, 16, 16

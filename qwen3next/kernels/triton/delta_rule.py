@@ -288,7 +288,8 @@ def _out_kernel(q_ptr, k_ptr, w_ptr, h_ptr, G_ptr, o_ptr, cu_ptr, B,
 
 def _check(q, k, v, g, beta, state, state_slots):
     if q.shape != k.shape or q.dim() != 3 or v.dim() != 3:
-        raise ValueError(f"q/k must be [T, Hk, dk] and v [T, Hv, dv]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(f"q/k must be [T, Hk, dk] and v [T, Hv, dv]; "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if v.shape[1] % q.shape[1]:
         raise ValueError(f"v heads ({v.shape[1]}) must be a multiple of key heads ({q.shape[1]})")
     if g.shape != v.shape[:2] or beta.shape != v.shape[:2]:
