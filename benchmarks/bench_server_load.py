@@ -33,6 +33,7 @@ class Stats:
         self.tokens = 0
         self.outcomes: dict[str, int] = {}
         self.failures: list[str] = []
+        self.health: list[float] = []  # /health latency under load: is the HTTP side responsive?
 
     def count(self, what: str) -> None:
         self.outcomes[what] = self.outcomes.get(what, 0) + 1
@@ -93,6 +94,16 @@ async def client_loop(url, model, max_tokens, deadline, hang_up_frac, stats):
                 stats.failures.append(f"{type(e).__name__}: {e}")
 
 
+async def probe_health(url: str, deadline: float, stats: Stats) -> None:
+    async with httpx.AsyncClient(timeout=30) as client:
+        while time.perf_counter() < deadline:
+            t = time.perf_counter()
+            if (await client.get(url + "/health")).status_code != 200:
+                stats.failures.append("/health not 200 under load")
+            stats.health.append(time.perf_counter() - t)
+            await asyncio.sleep(0.2)
+
+
 async def scrape(url: str) -> dict[str, float]:
     async with httpx.AsyncClient(timeout=10) as client:
         text = (await client.get(url + "/metrics")).text
@@ -115,7 +126,8 @@ async def run(url: str, model: str, ns) -> Stats:
     stats = Stats()
     deadline = time.perf_counter() + ns.duration
     t0 = time.perf_counter()
-    await asyncio.gather(*[client_loop(url, model, ns.max_tokens, deadline, ns.hang_up, stats)
+    await asyncio.gather(probe_health(url, deadline, stats),
+                         *[client_loop(url, model, ns.max_tokens, deadline, ns.hang_up, stats)
                            for _ in range(ns.clients)])
     wall = time.perf_counter() - t0
     # aborted streams are freed by the engine thread shortly after the hang-up
@@ -130,7 +142,7 @@ async def run(url: str, model: str, ns) -> Stats:
     print(f"{ns.clients} clients, {wall:.1f} s: {stats.outcomes}")
     print(f"TTFT p50 {pct(stats.ttft, .5) * 1e3:.1f} ms  p99 {pct(stats.ttft, .99) * 1e3:.1f} ms  "
           f"| inter-token p50 {pct(stats.itl, .5) * 1e3:.1f} ms  p99 {pct(stats.itl, .99) * 1e3:.1f} ms  "
-          f"| {stats.tokens / wall:.1f} deltas/s")
+          f"| {stats.tokens / wall:.1f} deltas/s | /health p99 {pct(stats.health, .99) * 1e3:.1f} ms")
     return stats
 
 
