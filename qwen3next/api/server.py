@@ -1,9 +1,10 @@
 """The FastAPI app (routes, auth, error envelope) and `run_server` (engine + uvicorn).
 
-`build_app(state)` wires one `ServerState` into the endpoints of openai_api.md §0. `run_server`
-builds the engine from CLI arguments, starts the engine thread with the app's lifespan, and lets
-uvicorn handle SIGINT/SIGTERM: it stops accepting, gives open requests `--shutdown-timeout`
-seconds, then the lifespan exit aborts what is left and frees the cache.
+`build_app(state)` wires one `ServerState` into the endpoints of openai_api.md §0 (+ vLLM's
+/tokenize, /detokenize); `build_state` makes that state from CLI arguments. `run_server` starts the
+engine thread with the app's lifespan; on SIGINT/SIGTERM uvicorn stops accepting, open requests
+get `--shutdown-timeout` seconds, then each is aborted with a 503 (an SSE error event + [DONE] for
+streams) and the lifespan exit stops the engine thread.
 """
 
 from __future__ import annotations
@@ -174,7 +175,8 @@ def build_state(ns, engine=None, model_dir: str | None = None) -> ServerState:
         metrics=Metrics(names[0], lambda: async_engine.snapshot),
         reasoning_parser=None if reasoning == "none" else reasoning,
         tool_parser=None if ns.tool_call_parser == "none" else ns.tool_call_parser,
-        generation_config=gen, api_key=ns.api_key or os.environ.get("QWEN3NEXT_API_KEY") or os.environ.get("VLLM_API_KEY") or None,
+        generation_config=gen,
+        api_key=ns.api_key or os.environ.get("QWEN3NEXT_API_KEY") or os.environ.get("VLLM_API_KEY") or None,
         exclude_tools_when_none=ns.exclude_tools_when_tool_choice_none,
         strip_reasoning_newlines=ns.strip_reasoning_newlines, eos_ids=frozenset(engine.eos_token_ids),
         cache_tokens=engine.cache.plan.num_tokens)
