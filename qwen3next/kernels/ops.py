@@ -23,7 +23,7 @@ from .rotary import apply_rotary, rope_cos_sin, rope_inv_freq
 
 __all__ = [
     "apply_rotary", "causal_attention", "causal_conv1d_update", "causal_conv1d_varlen",
-    "gated_delta_rule_chunked", "gated_delta_rule_recurrent", "gated_rmsnorm", "moe_experts",
+    "gated_delta_rule_chunked", "gated_delta_rule_recurrent", "gated_rmsnorm", "gdn_decode", "moe_experts",
     "moe_route", "paged_attention", "rope_cos_sin", "rope_inv_freq", "write_kv", "zc_rmsnorm",
 ]
 
@@ -101,6 +101,19 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, state=None, state_s
                                                                 has_initial_state, per_token_state_slots)
     return _ref_dr.gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, state, state_slots, has_initial_state,
                                               per_token_state_slots)
+
+
+def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A_log, dt_bias, num_k_heads):
+    """One fused DeltaNet decode step (conv update, L2 norm, gates, recurrence) -> o [B, Hv, dv];
+    see kernels/triton/gdn_decode.py. Both states are updated in place at `state_slots`."""
+    S = recurrent_state
+    if _use_triton(m, a, b, conv_weight) and _pow2(S.shape[-2]) and _pow2(S.shape[-1]) and S.dtype == torch.float32:
+        return _triton("gdn_decode").gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots,
+                                                A_log, dt_bias, num_k_heads)
+    from .triton.gdn_decode_ref import gdn_decode_reference
+
+    return gdn_decode_reference(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A_log, dt_bias,
+                                num_k_heads)
 
 
 def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale):

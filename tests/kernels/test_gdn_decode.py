@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen3next.kernels.triton.gdn_decode import gdn_decode, gdn_decode_reference
+from qwen3next.kernels.triton.gdn_decode import gdn_decode
+from qwen3next.kernels.triton.gdn_decode_ref import gdn_decode_reference
 
 from .conftest import DEV, randn, rel_err, seeded
 

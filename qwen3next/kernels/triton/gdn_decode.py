@@ -6,13 +6,12 @@ b / a logits [B, Hv], and returns o [B, Hv, dv] (before the gated norm). Two lau
 update (it shifts the conv state, which every head program of a sequence would otherwise race
 on), then one program per (sequence, v-head, dv block) that normalises q/k, computes
 g = -exp(A_log) softplus(a + dt_bias) and beta = sigmoid(b), and updates its [dk, BV] tile of
-the fp32 state once. `gdn_decode_reference` is the same step through the plain-torch kernels.
+the fp32 state once. The plain-torch definition is `gdn_decode_ref.gdn_decode_reference`.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -71,28 +70,3 @@ def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A
             state_slots.to(torch.int64).contiguous(), o, DK ** -0.5,
             HK=HK, HV=HV, DK=DK, DV=DV, BV=bv, num_warps=num_warps)
     return o
-
-
-def gdn_decode_reference(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A_log, dt_bias,
-                         num_k_heads: int) -> torch.Tensor:
-    """The same step as the model layer runs it through the plain-torch kernels."""
-    from .. import conv1d, delta_rule
-
-    B = m.shape[0]
-    HV, DK, DV = recurrent_state.shape[1:]
-    HK = num_k_heads
-    mc = conv1d.causal_conv1d_update(m, conv_weight, conv_state, state_slots)
-    q, k, v = torch.split(mc, [HK * DK, HK * DK, HV * DV], dim=-1)
-    q = _l2(q.reshape(B, HK, DK).float()) * DK ** -0.5
-    k = _l2(k.reshape(B, HK, DK).float())
-    beta = torch.sigmoid(b).float()
-    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
-    cu = torch.arange(B + 1, device=m.device)
-    has = torch.ones(B, dtype=torch.bool, device=m.device)
-    return delta_rule.gated_delta_rule_recurrent(q, k, v.reshape(B, HV, DV), g, beta, cu,
-                                                 recurrent_state, state_slots, has)
-
-
-def _l2(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / sqrt(sum x^2 + eps) over the last dim, as the layer's l2norm."""
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
