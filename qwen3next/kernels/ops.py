@@ -23,7 +23,8 @@ from .rotary import apply_rotary, rope_cos_sin, rope_inv_freq
 
 __all__ = [
     "apply_rotary", "causal_attention", "causal_conv1d_update", "causal_conv1d_varlen",
-    "gated_delta_rule_chunked", "gated_delta_rule_recurrent", "gated_rmsnorm", "gdn_decode", "moe_experts",
+    "gate_output", "gated_delta_rule_chunked", "gated_delta_rule_recurrent", "gated_rmsnorm", "gdn_decode",
+    "moe_experts",
     "moe_route", "paged_attention", "rope_cos_sin", "rope_inv_freq", "write_kv", "zc_rmsnorm",
 ]
 
@@ -120,6 +121,13 @@ def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale):
     if _use_triton(q) and _pow2(q.shape[-1]) and kv_cache.dtype == q.dtype:
         return _triton("attention").paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale)
     return _ref_attn.paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale)
+
+
+def gate_output(o, gate):
+    """o * sigmoid(gate): the gated attention's output gate (one fused pass on CUDA)."""
+    if _use_triton(o, gate):
+        return _triton("attention").gate_output(o, gate)
+    return o * torch.sigmoid(gate)
 
 
 def write_kv(k, v, kv_cache, slot_mapping):
