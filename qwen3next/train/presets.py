@@ -15,7 +15,6 @@ def _base(vocab_size: int, pad: int, eos: int) -> dict:
         "vocab_size": vocab_size,
         "hidden_act": "silu",
         "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": False,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "norm_topk_prob": True,
@@ -34,6 +33,9 @@ def _base(vocab_size: int, pad: int, eos: int) -> dict:
 PRESETS = {
     "demo": {
         "hidden_size": 192,
+        # tied (the 80B is untied): copying a rare token (a city) from the prompt then needs no
+        # per-token alignment of embedding and lm_head rows, which the short budget cannot afford
+        "tie_word_embeddings": True,
         "num_hidden_layers": 4,
         # alternate the two mixers (the 80B has 3 DeltaNet : 1 attention; at 4 layers 1:1 keeps
         # two attention layers for the digit look-ups the arithmetic needs)
@@ -57,6 +59,7 @@ PRESETS = {
     },
     "tiny": {
         "hidden_size": 32,
+        "tie_word_embeddings": False,
         "num_hidden_layers": 2,
         "layer_types": ["linear_attention", "full_attention"],
         "num_attention_heads": 2,
