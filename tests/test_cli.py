@@ -10,7 +10,6 @@ import sys
 import time
 
 import httpx
-import pytest
 
 from qwen3next.cli import build_parser, main
 

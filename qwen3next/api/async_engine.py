@@ -13,7 +13,6 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from qwen3next.api.errors import APIError
