@@ -227,3 +227,24 @@ def test_resume_continues_exactly(examples, tok, tok_dir, tmp_path, monkeypatch)
         assert torch.equal(p, q), n
     steps = [json.loads(line)["step"] for line in open(os.path.join(out, trainer.LOG_FILE))]
     assert steps == [1, 2, 3, 4]
+
+
+# ---- eval grading ------------------------------------------------------------------------------
+def test_eval_graders():
+    from qwen3next.train.eval import arith_correct, final_answer_correct, split_output, tool_call_grade
+
+    reasoning, content = split_output("Add 1 and 2.\nSo 1 + 2 = 3.\n</think>\n\n1 + 2 = 3.")
+    assert reasoning.startswith("Add") and content == "1 + 2 = 3."
+    assert arith_correct(content, 3) and not arith_correct(content, 2) and arith_correct("5 - 9 = -4.", -4)
+    assert split_output("no end of thinking") == ("no end of thinking", "")
+    call = '<tool_call>\n{"name": "get_time", "arguments": {"city": "New York"}}\n</tool_call>'
+    assert tool_call_grade(call, "get_time", "New York") == (True, True)
+    assert tool_call_grade(call, "get_weather", "New York") == (True, False)
+    assert tool_call_grade(call.replace("}}", "}"), "get_time", "New York") == (False, False)
+    assert tool_call_grade("It is sunny.", "get_time", "Rome") == (False, False)
+    weather = {"city": "Rome", "temperature_c": -3, "condition": "snowy"}
+    assert final_answer_correct("It is currently snowy in Rome with a temperature of -3 degrees Celsius.", weather)
+    assert not final_answer_correct("It is currently snowy in Rome with a temperature of 3 degrees.", weather)
+    assert not final_answer_correct("snowy in Rome, 13 degrees", {**weather, "temperature_c": 3})
+    assert not final_answer_correct("snowy in Rome, -3 degrees", {**weather, "temperature_c": 3})
+    assert final_answer_correct("The current local time in Oslo is 07:05.", {"city": "Oslo", "time": "07:05"})

@@ -116,7 +116,8 @@ def tool_call_grade(content: str, name: str, city: str) -> tuple[bool, bool]:
 def final_answer_correct(content: str, result: dict) -> bool:
     values = [result["city"]] + ([str(result["temperature_c"]), result["condition"]] if "condition" in result
                                  else [result["time"]])  # fmt: skip
-    return all(v in content for v in values)
+    # whole values only: "3" must not match inside "-3" or "13"
+    return all(re.search(rf"(?<![\w-]){re.escape(v)}(?!\w)", content) for v in values)
 
 
 # ---- the evaluation ------------------------------------------------------------------------
