@@ -2,12 +2,15 @@
 and 16 concurrent requests, plus the cost of the two ways to roll DeltaNet states back.
 
     .venv/bin/python benchmarks/bench_mtp_cpu.py [--model DIR] [--ks 0,1,2,3] [--concurrency 1,16]
-        [--requests-per-slot 2] [--max-tokens 64] [--threads 2]
+        [--requests-per-slot 2] [--max-tokens 64] [--threads 1] [--oracle] [--rollback]
 
 Model: --model, else the shipped demo model (qwen3next/demo_model) when present, else a tiny random
 checkpoint (random MTP: acceptance ~0, so it shows only the overhead). Prompts: synthetic chat tasks
 (qwen3next/train/data.py) through the chat template when the model has a tokenizer, else random ids.
 Greedy; every MTP run's outputs are checked token for token against the k = 0 run.
+
+--oracle adds rows whose drafts are the k = 0 run's own outputs (the MTP forwards still run, only
+the draft choice is replaced): acceptance 1, the ceiling a perfect MTP head would reach.
 
 Rollback study (--rollback): a verify forward of B x (k+1) tokens keeping per-position DeltaNet
 states (per_token_state_slots) vs. the recompute alternative (save the states, run the same forward
@@ -49,8 +52,8 @@ def make_prompts(model_dir: str, vocab: int, n: int, seed: int = 0) -> tuple[lis
     return [torch.randint(0, vocab, (L,), generator=g).tolist() for L in lens], "random ids"
 
 
-def run(model, prompts, k: int, concurrency: int, max_tokens: int, eos: list[int]):
-    """-> (seconds, generated tokens, outputs, spec stats or None)."""
+def run(model, prompts, k: int, concurrency: int, max_tokens: int, eos: list[int], oracle=None):
+    """-> (seconds, generated tokens, outputs, spec stats or None). oracle: outputs to draft from."""
     spec = {"method": "qwen3_next_mtp", "num_speculative_tokens": k} if k else None
     eng = LLMEngine(model, EngineArgs(max_num_seqs=concurrency, max_num_batched_tokens=2048,
                                       max_model_len=min(2048, model.config.max_position_embeddings),
@@ -61,6 +64,15 @@ def run(model, prompts, k: int, concurrency: int, max_tokens: int, eos: list[int
         eng.step()
     if eng.spec is not None:
         eng.spec.stats = type(eng.spec.stats)(k)
+    if oracle is not None:
+        def drafts(logits, seqs):
+            toks = []
+            for s in seqs:
+                ref, j = oracle[int(s.request.request_id)], s.num_output_tokens + len(s.spec_token_ids)
+                toks.append(ref[j] if j < len(ref) else 0)
+            return toks, [None] * len(seqs)
+
+        eng.spec.proposer._sample = drafts
     out = {str(i): [] for i in range(len(prompts))}
     t = time.perf_counter()
     for i, pr in enumerate(prompts):
@@ -138,8 +150,9 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--requests-per-slot", type=int, default=2, help="requests = concurrency x this")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: least contention on a shared CPU)")
     ap.add_argument("--rollback", action="store_true", help="also run the rollback study")
+    ap.add_argument("--oracle", action="store_true", help="also run with perfect drafts (acceptance 1)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from qwen3next.config import ModelConfig
@@ -174,14 +187,21 @@ def main() -> None:
         print(f"\nconcurrency {c}: {n} requests ({kind})")
         print(f"  {'k':>2} {'tok/s':>8} {'speed-up':>8} {'mean acc. len':>13} {'accept/pos':>22} {'same as k=0':>11}")
         base = None
-        for k in ks:
-            dt, ntok, outs, st = run(model, prompts, k, c, a.max_tokens, eos)
+        plan = [(k, False) for k in ks] + ([(k, True) for k in ks if k] if a.oracle else [])
+        for k, oracle in plan:
+            if oracle and base is None:
+                base = run(model, prompts, 0, c, a.max_tokens, eos)[:3]
+            dt, ntok, outs, st = run(model, prompts, k, c, a.max_tokens, eos, base[2] if oracle else None)
             if base is None:
-                base = (ntok / dt, outs)
-            same = sum(x == y for x, y in zip(outs, base[1]))
+                base = (dt, ntok, outs)
+            same = sum(x == y for x, y in zip(outs, base[2]))
             acc = "-" if st is None else " ".join(f"{r:.2f}" for r in st["acceptance_rate_per_pos"])
             mal = "-" if st is None else f"{st['mean_accepted_length']:.2f}"
-            print(f"  {k:>2} {ntok / dt:8.1f} {ntok / dt / base[0]:7.2f}x {mal:>13} {acc:>22} {same:>6}/{len(outs)}")
+            tag = f"{k}{'*' if oracle else ''}"
+            print(f"  {tag:>2} {ntok / dt:8.1f} {ntok / dt / (base[1] / base[0]):7.2f}x {mal:>13} {acc:>22} "
+                  f"{same:>6}/{len(outs)}")
+        if a.oracle:
+            print("  (* oracle drafts: acceptance 1)")
     if a.rollback:
         print()
         rollback_study(model, 16, max(ks[-1], 1))
