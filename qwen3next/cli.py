@@ -24,6 +24,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--max-num-batched-tokens", type=int)
     p.add_argument("--kv-cache-memory-bytes", type=int)
+    p.add_argument("--gpu-memory-utilization", type=float)
+    p.add_argument("--block-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--speculative-config", help="JSON; passed on if the engine supports it")
 
@@ -50,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split <think> output into reasoning_content (default: qwen3 if the template "
                         "opens <think>, else none)")
     s.add_argument("--tool-call-parser", choices=["hermes", "none"], default="hermes")
+    s.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM command lines; auto tool choice is always on")
     s.add_argument("--max-waiting", type=int, default=256,
                    help="sequences allowed to wait beyond --max-num-seqs before answering 503")
     s.add_argument("--generation-config", choices=["auto", "vllm"], default="auto",
