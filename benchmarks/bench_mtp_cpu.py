@@ -140,7 +140,8 @@ def rollback_study(model, B: int, k: int, ctx: int = 64, reps: int = 5) -> None:
     print(f"  verify with per-position states       {t_pt:8.1f} ms/step  (+{k} state slots per sequence)")
     print(f"  verify without (chunked kernel)       {t_plain:8.1f} ms/step")
     for a in (0, k):
-        print(f"  recompute: verify + redo {a + 1} token(s)   {timed(recompute, a):8.1f} ms/step  (+1 state slot per sequence)")
+        print(f"  recompute: verify + redo {a + 1} token(s)   {timed(recompute, a):8.1f} ms/step  "
+              "(+1 state slot per sequence)")
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ target distribution (chi-square) with a drafter whose proposals are often wrong.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
@@ -172,7 +171,8 @@ def test_stops_inside_an_accepted_run(model, prompts, reference, monkeypatch):
     use_drafter(monkeypatch, ScriptedDrafts(plain, period=100, bad=99))  # all drafts right
     eng = make_engine(model, 3, max_num_seqs=8)
     assert run(eng, prompts, ps) == plain
-    assert eng.stats["spec_decode"]["acceptance_rate"] > 0.75  # the runs really were accepted (drafts past a stop are not)
+    # the runs really were accepted (drafts past a stop are not)
+    assert eng.stats["spec_decode"]["acceptance_rate"] > 0.75
     assert_pools_empty(eng)
 
 

@@ -100,7 +100,8 @@ class SpecStats:
             "mean_accepted_length": 1 + self.num_accepted_tokens / v if v else 0.0,
             "accepted_per_pos": list(self.accepted_per_pos),
             "drafted_per_pos": list(self.drafted_per_pos),
-            "acceptance_rate_per_pos": [a / d if d else 0.0 for a, d in zip(self.accepted_per_pos, self.drafted_per_pos)],
+            "acceptance_rate_per_pos": [a / d if d else 0.0
+                                        for a, d in zip(self.accepted_per_pos, self.drafted_per_pos)],
         }
 
 
