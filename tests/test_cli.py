@@ -110,8 +110,25 @@ def test_offline_commands_need_no_server_packages(tiny_ckpt):
 def test_chat_shows_thinking_apart(tiny_ckpt, monkeypatch, capsys):
     import io
 
-    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n/exit\n"))
-    assert main(["chat", "--model", tiny_ckpt, "--max-tokens", "5", "--temperature", "0"]) == 0
+    import qwen3next.api.engine_setup as setup
+    from tests.helpers.server_harness import ScriptedSampler
+
+    real_build = setup.build_engine
+
+    def scripted_build(ns):  # TESTS ONLY: the random model "says" a scripted reply
+        engine, path = real_build(ns)
+        from qwen3next.tokenizer import get_tokenizer
+
+        tok = get_tokenizer(path)
+        sampler = ScriptedSampler(engine.runner.sampler, min(engine.eos_token_ids))
+        sampler.sticky = tok.encode("Let me think.\n</think>\n\nHi there.")
+        engine.runner.sampler = sampler
+        return engine, path
+
+    monkeypatch.setattr(setup, "build_engine", scripted_build)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n/reset\nAgain\n/exit\n"))
+    assert main(["chat", "--model", tiny_ckpt, "--max-tokens", "30"]) == 0
     out = capsys.readouterr().out
-    # the random model never closes its think block within 5 tokens: all of it is shown as thinking
-    assert "[thinking] " in out
+    assert out.count("[thinking] Let me think.") == 2 and out.count("Hi there.") == 2
+    assert out.index("Let me think.") < out.index("Hi there.")
+    assert "</think>" not in out
