@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reasoning-parser", choices=["qwen3", "deepseek_r1", "none"],
                    help="split <think> output into reasoning_content (default: qwen3 if the template "
                         "opens <think>, else none)")
+    s.add_argument("--chat-template", help="a Jinja file or template text replacing the model's own")
     s.add_argument("--tool-call-parser", choices=["hermes", "none"], default="hermes")
     s.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM command lines; auto tool choice is always on")

@@ -158,3 +158,20 @@ def test_wrong_path_method_and_min_tokens(srv, client):
     error(httpx.get(srv.url + "/v1/chat/completions"), 405, None)
     error(httpx.get(srv.url + "/v1/nothing"), 404, None)
     error(post(srv, json={"model": "tiny", "messages": USER, "max_tokens": 2, "min_tokens": 5}), 400, "min_tokens")
+
+
+def test_chat_template_flag(tiny_ckpt, tmp_path):
+    from qwen3next.chat_template import builtin_template
+
+    f = tmp_path / "instruct.jinja"
+    f.write_text(builtin_template("qwen3_next_instruct"), encoding="utf-8")
+    h = ServerHarness(tiny_ckpt, "--served-model-name", "tiny", "--chat-template", str(f))
+    try:
+        assert h.state.reasoning_parser is None  # the Instruct template opens no think block
+        h.push("Plain answer.")
+        r = openai.OpenAI(base_url=h.url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="tiny", messages=USER, max_tokens=20)
+        assert r.choices[0].message.content == "Plain answer."
+        assert h.tok.decode(h.sampler.seen_prompts[-1], skip_special_tokens=False).endswith("assistant\n")
+    finally:
+        h.close()

@@ -162,6 +162,12 @@ def build_state(ns, engine=None, model_dir: str | None = None) -> ServerState:
     if engine is None:
         engine, model_dir = build_engine(ns)
     tokenizer = get_tokenizer(model_dir)
+    if getattr(ns, "chat_template", None):
+        source = ns.chat_template
+        if os.path.isfile(source):
+            with open(source, encoding="utf-8") as f:
+                source = f.read()
+        tokenizer.chat_template = source  # this server's own tokenizer instance
     names = ns.served_model_name or [ns.model]  # vLLM: the --model argument as given
     reasoning = ns.reasoning_parser
     if reasoning is None:  # default: split reasoning only for templates that open <think>
