@@ -2,6 +2,8 @@
 abort when the consumer leaves early, and a dying engine failing every open request."""
 
 import asyncio
+import gc
+import time
 
 import pytest
 
@@ -32,6 +34,7 @@ class CountingEngine:
         return bool(self.requests)
 
     def step(self):
+        time.sleep(0.001)  # a step takes time, so long requests are still running when closed
         if self.explode:
             raise RuntimeError("boom")
         outs = []
@@ -65,8 +68,8 @@ def test_stream_admission_and_early_exit(engine):
     async def run():
         outs = [o async for o in ae.generate("a", [1], SamplingParams(max_tokens=3))]
         assert [o.finished for o in outs] == [False, False, True]
-        g1 = ae.generate("b", [1], SamplingParams(max_tokens=1000))
-        g2 = ae.generate("c", [1], SamplingParams(max_tokens=1000))
+        g1 = ae.generate("b", [1], SamplingParams(max_tokens=10**6))
+        g2 = ae.generate("c", [1], SamplingParams(max_tokens=10**6))
         with pytest.raises(APIError) as e:  # capacity 2 sequences
             ae.generate("d", [1], SamplingParams(max_tokens=1))
         assert e.value.status == 503 and e.value.headers["Retry-After"] == "1"
@@ -78,9 +81,10 @@ def test_stream_admission_and_early_exit(engine):
             async for _ in ae.generate("bad", [1], SamplingParams()):
                 pass
         assert e.value.status == 400
-        g3 = ae.generate("e", [1], SamplingParams(max_tokens=1000))
+        g3 = ae.generate("e", [1], SamplingParams(max_tokens=10**6))
         await g3.__anext__()
         del g3  # dropped without closing: collected -> aborted
+        gc.collect()
         await settle()
 
     async def settle():
@@ -97,7 +101,7 @@ def test_dead_engine_fails_open_requests(engine):
     fake, ae = engine
 
     async def run():
-        g = ae.generate("x", [1], SamplingParams(max_tokens=1000))
+        g = ae.generate("x", [1], SamplingParams(max_tokens=10**6))
         await g.__anext__()
         fake.explode = True
         with pytest.raises(EngineDeadError):
