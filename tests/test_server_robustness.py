@@ -155,6 +155,7 @@ def test_load_benchmark_leaves_nothing_behind(srv, client):
 
 
 def test_wrong_path_method_and_min_tokens(srv, client):
+    error(post(srv, json={"model": "tiny", "messages": USER, "max_tokens": 2, "n": 5}), 400, "n")  # > capacity 4
     error(httpx.get(srv.url + "/v1/chat/completions"), 405, None)
     error(httpx.get(srv.url + "/v1/nothing"), 404, None)
     error(post(srv, json={"model": "tiny", "messages": USER, "max_tokens": 2, "min_tokens": 5}), 400, "min_tokens")

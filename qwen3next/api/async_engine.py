@@ -75,6 +75,9 @@ class AsyncEngine:
         with self._lock:
             if request_id in self._streams:
                 raise APIError(f"request_id {request_id!r} is already in use", 400, "request_id")
+            if n > self.capacity:  # could never be admitted: a client error, not "retry later"
+                raise APIError(f"n={n} exceeds what this server runs at once ({self.capacity} sequences)",
+                               400, "n")
             if not reserved and self._live_seqs + n > self.capacity:
                 raise APIError("The server is at capacity (waiting queue full); retry shortly.", 503,
                                headers={"Retry-After": "1"})

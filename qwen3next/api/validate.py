@@ -73,7 +73,7 @@ def check_sampling(req: SamplingFields, vocab_size: int) -> None:
     _check_range(req.frequency_penalty, "frequency_penalty", -2.0, 2.0)
     _check_range(req.repetition_penalty, "repetition_penalty", 0.0, 10.0, lo_open=True)
     _check_range(req.min_tokens, "min_tokens", 0)
-    _check_range(req.seed, "seed", -(2**63), 2**64 - 1)
+    _check_range(req.seed, "seed", -(2**63), 2**63 - 1)  # int64, as vLLM
     _check_range(req.truncate_prompt_tokens, "truncate_prompt_tokens", 1)
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
