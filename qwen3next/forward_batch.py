@@ -7,6 +7,7 @@ starts at position 0 and no state is read or written.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +68,17 @@ class ForwardBatch:
     def is_decode(self) -> bool:
         """Every sequence brings exactly one token on top of a cached prefix."""
         return all(n == 1 for n in self.seq_lens) and all(c > 0 for c in self.context_lens)
+
+    # Per-step tensors every layer needs, built on first use and shared by all layers of the step.
+    @functools.cached_property
+    def context_lens_tensor(self) -> torch.Tensor:
+        """[B] int64 on the batch's device: `context_lens` as a tensor."""
+        return torch.tensor(self.context_lens, dtype=torch.long, device=self.cu_seqlens.device)
+
+    @functools.cached_property
+    def has_initial_state(self) -> torch.Tensor:
+        """[B] bool: the sequence continues from cached state (context_len > 0)."""
+        return self.context_lens_tensor > 0
 
     @classmethod
     def full(cls, seq_lens: list[int], device: torch.device | str = "cpu") -> "ForwardBatch":

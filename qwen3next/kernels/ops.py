@@ -2,8 +2,9 @@
 
 Each name runs the Triton kernel (kernels/triton/, same signature) when its tensors live on CUDA,
 triton imports, no autograd is needed (the Triton kernels are forward-only) and the shapes suit
-the kernel's blocks; otherwise the plain-torch reference. QWEN3NEXT_KERNELS=torch forces the
-references everywhere (debugging, A/B timing).
+the kernel's blocks; otherwise, when no gradient is wanted, the batched CPU variant (cpu_fast.py,
+same signature) where there is one, else the plain-torch reference. QWEN3NEXT_KERNELS=torch forces
+the references everywhere (debugging, A/B timing).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import torch
 
 from . import attention as _ref_attn
+from . import cpu_fast as _fast
 from . import conv1d as _ref_conv
 from . import delta_rule as _ref_dr
 from . import moe as _ref_moe
@@ -52,6 +54,13 @@ def _use_triton(*tensors) -> bool:
     return True
 
 
+def _use_fast(*tensors) -> bool:
+    """Off CUDA, no gradient wanted, references not forced: the batched CPU variants (cpu_fast.py)."""
+    if os.environ.get("QWEN3NEXT_KERNELS", "").lower() == "torch":
+        return False
+    return not (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))
+
+
 def _triton(name: str):
     """The Triton module `name` (imported on first use, so CPU-only runs never import triton)."""
     import importlib
@@ -80,7 +89,7 @@ def causal_conv1d_varlen(x, weight, cu_seqlens, conv_state=None, state_slots=Non
 def causal_conv1d_update(x, weight, conv_state, state_slots):
     if _use_triton(x, weight):
         return _triton("conv1d").causal_conv1d_update(x, weight, conv_state, state_slots)
-    return _ref_conv.causal_conv1d_update(x, weight, conv_state, state_slots)
+    return (_fast if _use_fast(x, weight) else _ref_conv).causal_conv1d_update(x, weight, conv_state, state_slots)
 
 
 def _dr_ok(q, v, state) -> bool:
@@ -92,7 +101,8 @@ def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slo
     if _use_triton(q, k, v, g, beta) and _dr_ok(q, v, state):
         return _triton("delta_rule").gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state, state_slots,
                                                               has_initial_state)
-    return _ref_dr.gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state, state_slots, has_initial_state)
+    mod = _fast if _use_fast(q, k, v, g, beta) else _ref_dr
+    return mod.gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state, state_slots, has_initial_state)
 
 
 def gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, state=None, state_slots=None,
@@ -100,8 +110,9 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, state=None, state_s
     if _use_triton(q, k, v, g, beta) and _dr_ok(q, v, state) and (per_token_state_slots is None or state is not None):
         return _triton("delta_rule").gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, state, state_slots,
                                                                 has_initial_state, per_token_state_slots)
-    return _ref_dr.gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, state, state_slots, has_initial_state,
-                                              per_token_state_slots)
+    mod = _fast if _use_fast(q, k, v, g, beta) else _ref_dr
+    return mod.gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, state, state_slots, has_initial_state,
+                                          per_token_state_slots)
 
 
 def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A_log, dt_bias, num_k_heads):
@@ -111,6 +122,9 @@ def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A
     if _use_triton(m, a, b, conv_weight) and _pow2(S.shape[-2]) and _pow2(S.shape[-1]) and S.dtype == torch.float32:
         return _triton("gdn_decode").gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots,
                                                 A_log, dt_bias, num_k_heads)
+    if _use_fast(m, a, b, conv_weight) and bool((state_slots >= 0).all()):
+        return _fast.gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A_log, dt_bias,
+                                num_k_heads)
     from .triton.gdn_decode_ref import gdn_decode_reference
 
     return gdn_decode_reference(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A_log, dt_bias,
@@ -120,7 +134,8 @@ def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A
 def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale):
     if _use_triton(q) and _pow2(q.shape[-1]) and kv_cache.dtype == q.dtype:
         return _triton("attention").paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale)
-    return _ref_attn.paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale)
+    return (_fast if _use_fast(q) else _ref_attn).paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens,
+                                                                 scale)
 
 
 def gate_output(o, gate):
@@ -145,4 +160,5 @@ def moe_route(router_logits, top_k, norm_topk_prob):
 def moe_experts(x, gate_up_proj, down_proj, weights, ids):
     if _use_triton(x, gate_up_proj, down_proj, weights) and gate_up_proj.dtype == x.dtype == down_proj.dtype:
         return _triton("moe").moe_experts(x, gate_up_proj, down_proj, weights, ids)
-    return _ref_moe.moe_experts(x, gate_up_proj, down_proj, weights, ids)
+    return (_fast if _use_fast(x, gate_up_proj, down_proj, weights) else _ref_moe).moe_experts(
+        x, gate_up_proj, down_proj, weights, ids)

@@ -46,7 +46,6 @@ class GatedAttention(nn.Module):
         else:
             kv = batch.cache.kv[self.cache_index]
             ops.write_kv(k, v, kv, batch.slot_mapping)
-            ctx = torch.tensor(batch.context_lens, dtype=torch.long, device=x.device)
-            o = ops.paged_attention(q, kv, batch.block_tables, batch.cu_seqlens, ctx, self.scale)
-        o = o * torch.sigmoid(gate)
+            o = ops.paged_attention(q, kv, batch.block_tables, batch.cu_seqlens, batch.context_lens_tensor, self.scale)
+        o = ops.gate_output(o, gate)
         return self.o_proj(o.reshape(T, self.num_heads * D))

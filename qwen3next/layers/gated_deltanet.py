@@ -59,11 +59,14 @@ class GatedDeltaNet(nn.Module):
         m, z, b, a = self._split(x)
         w = self.conv1d.weight[:, 0, :]  # [C, K]
         cache = batch.cache
-        decode = cache is not None and batch.is_decode and batch.per_token_state_slots is None
+        if cache is not None and batch.is_decode and batch.per_token_state_slots is None:
+            # one token per sequence: conv update, norms, gates and recurrence as one fused step
+            o = ops.gdn_decode(m, a, b, w, cache.conv[self.layer_idx], cache.recurrent[self.layer_idx],
+                               batch.state_slots, self.A_log, self.dt_bias, self.num_k_heads)
+            o = self.norm(o, z)  # [T, Hv, dv]
+            return self.out_proj(o.reshape(T, self.value_dim))
         if cache is None:
             m = ops.causal_conv1d_varlen(m, w, batch.cu_seqlens)
-        elif decode:
-            m = ops.causal_conv1d_update(m, w, cache.conv[self.layer_idx], batch.state_slots)
         else:
             m = self._conv_with_state(m, w, batch)
         q, k, v = torch.split(m, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
@@ -76,12 +79,10 @@ class GatedDeltaNet(nn.Module):
             o = ops.gated_delta_rule_chunked(q, k, v, g, beta, batch.cu_seqlens)
         else:
             state = cache.recurrent[self.layer_idx]
-            has_init = torch.tensor([c > 0 for c in batch.context_lens], device=x.device)
-            if decode or batch.per_token_state_slots is not None:
-                o = ops.gated_delta_rule_recurrent(
-                    q, k, v, g, beta, batch.cu_seqlens, state, batch.state_slots, has_init,
-                    **({} if decode else {"per_token_state_slots": batch.per_token_state_slots}),
-                )
+            has_init = batch.has_initial_state
+            if batch.per_token_state_slots is not None:
+                o = ops.gated_delta_rule_recurrent(q, k, v, g, beta, batch.cu_seqlens, state, batch.state_slots,
+                                                   has_init, per_token_state_slots=batch.per_token_state_slots)
             else:
                 o = ops.gated_delta_rule_chunked(q, k, v, g, beta, batch.cu_seqlens, state, batch.state_slots, has_init)
         o = self.norm(o, z)  # [T, Hv, dv]
@@ -91,7 +92,7 @@ class GatedDeltaNet(nn.Module):
         """Varlen conv continuing from the cached conv state; with per-token state slots (speculative
         verify) also store the conv window after every token."""
         conv = batch.cache.conv[self.layer_idx]
-        has_init = torch.tensor([c > 0 for c in batch.context_lens], device=m.device)
+        has_init = batch.has_initial_state
         pts = batch.per_token_state_slots
         if pts is not None:
             # the state after token t is the last K-1 inputs up to t: gather them before conv updates

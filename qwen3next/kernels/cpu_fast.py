@@ -1,0 +1,221 @@
+"""Faster plain-torch variants of the reference kernels for the CPU path (same signatures).
+
+The references loop over sequences or experts with many tiny ops; on CPU, per-op overhead
+dominates small models, so these batch the work: paged attention as one padded, masked matmul
+per group of sequences (decode rows together), the DeltaNet decode step as one gather -> update
+-> scatter of the state slots, and MoE as one dense "all experts" batched matmul when that is
+cheaper than looping. kernels/ops.py picks them off CUDA; tests/test_cpu_fast.py holds them to
+the references.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import delta_rule as _ref_dr
+from .attention import _as_list
+
+
+# ---- paged attention -------------------------------------------------------------------------
+def _attend_group(q, kv_cache, block_tables, rows, starts, lens, ctx, scale, out):
+    """Attention of the sequences `rows` (host lists of equal length), padded to the longest
+    query run and key run: one gather of their blocks, one masked SDPA call. Writes into out.
+    Keys past a sequence's end (stale slots, other blocks) are masked out."""
+    dev = q.device
+    G, Hq, D = len(rows), q.shape[1], q.shape[2]
+    nb_all, _, bs, Hkv, _ = kv_cache.shape
+    nmax = max(lens)
+    nblk = -(-max(c + n for c, n in zip(ctx, lens)) // bs)
+    L = nblk * bs
+    blocks = block_tables.index_select(0, torch.tensor(rows, device=dev))[:, :nblk].reshape(-1)
+    k = kv_cache[:, 0].index_select(0, blocks).view(G, L, Hkv, D).transpose(1, 2)  # [G, Hkv, L, D]
+    v = kv_cache[:, 1].index_select(0, blocks).view(G, L, Hkv, D).transpose(1, 2)
+    steps = torch.arange(nmax, device=dev)
+    pos = torch.tensor(starts, device=dev)[:, None] + steps  # [G, nmax] query rows in q
+    valid = steps[None, :] < torch.tensor(lens, device=dev)[:, None]
+    qg = q.index_select(0, pos.clamp(max=q.shape[0] - 1).reshape(-1)).view(G, nmax, Hq, D).transpose(1, 2)
+    qpos = torch.tensor(ctx, device=dev)[:, None] + steps  # [G, nmax] absolute position of each query
+    # key j visible to query i iff j <= its position; padded query rows still see key 0 (no NaN)
+    visible = (torch.arange(L, device=dev)[None, None, :] <= qpos[:, :, None])[:, None]  # [G, 1, nmax, L]
+    if qg.dtype != torch.float32 or k.dtype != torch.float32:
+        qg, k, v = qg.float(), k.float(), v.float()
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=visible, scale=scale, enable_gqa=Hq != Hkv)
+    o = o.transpose(1, 2)  # [G, nmax, Hq, D]
+    if nmax == 1:
+        out.index_copy_(0, pos.view(-1), o.reshape(G, Hq, D).to(out.dtype))
+    else:
+        out.index_copy_(0, pos[valid], o[valid].to(out.dtype))
+
+
+def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale) -> torch.Tensor:
+    """Same contract as attention.paged_attention. Decode rows run as one padded group; the
+    multi-token rows as another when padding them to a common length wastes at most half the
+    work, else one by one."""
+    cu, ctx = _as_list(cu_seqlens), _as_list(context_lens)
+    out = q.new_zeros(q.shape)
+    dec, multi = [], []
+    for b in range(len(cu) - 1):
+        n = cu[b + 1] - cu[b]
+        if n == 1:
+            dec.append(b)
+        elif n > 1:
+            multi.append(b)
+
+    def run(rows):
+        _attend_group(q, kv_cache, block_tables, rows, [cu[b] for b in rows],
+                      [cu[b + 1] - cu[b] for b in rows], [ctx[b] for b in rows], scale, out)
+
+    if dec:
+        run(dec)
+    if multi:
+        exact = sum((cu[b + 1] - cu[b]) * (ctx[b] + cu[b + 1] - cu[b]) for b in multi)
+        padded = len(multi) * max(cu[b + 1] - cu[b] for b in multi) * max(ctx[b] + cu[b + 1] - cu[b] for b in multi)
+        if padded <= 2 * exact:
+            run(multi)
+        else:
+            for b in multi:
+                run([b])
+    return out
+
+
+# ---- Gated DeltaNet decode -------------------------------------------------------------------
+def delta_rule_step(q, k, v, g, beta, state, state_slots) -> torch.Tensor:
+    """One token per sequence from its state slot (all slots hold a valid state).
+    q, k [B, Hk, dk] fp32 (normalised, q scaled); v [B, Hv, dv]; g, beta [B, Hv] fp32;
+    state [N, Hv, dk, dv] fp32 updated in place -> o [B, Hv, dv] in v's dtype."""
+    r = v.shape[1] // k.shape[1]
+    if r > 1:
+        q, k = q.repeat_interleave(r, dim=1), k.repeat_interleave(r, dim=1)  # [B, Hv, dk]
+    S = state.index_select(0, state_slots)  # [B, Hv, dk, dv] (a copy)
+    S.mul_(g.exp()[..., None, None])  # decay first
+    pred = torch.matmul(k.unsqueeze(-2), S).squeeze(-2)  # [B, Hv, dv]
+    delta = (v.float() - pred).mul_(beta[..., None])
+    S.add_(k.unsqueeze(-1) * delta.unsqueeze(-2))
+    o = torch.matmul(q.unsqueeze(-2), S).squeeze(-2)
+    state.index_copy_(0, state_slots, S)
+    return o.to(v.dtype)
+
+
+def gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, state=None, state_slots=None,
+                               has_initial_state=None, per_token_state_slots=None):
+    """Same contract as delta_rule.gated_delta_rule_recurrent: a decode batch (one token per
+    sequence, each continuing from its slot) runs as `delta_rule_step`, anything else the reference."""
+    cu = _as_list(cu_seqlens)
+    B = len(cu) - 1
+    if (state is None or per_token_state_slots is not None or cu != list(range(B + 1))
+            or (has_initial_state is not None and not bool(has_initial_state.all()))):
+        return _ref_dr.gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, state, state_slots,
+                                                  has_initial_state, per_token_state_slots)
+    return delta_rule_step(q.float(), k.float(), v, g.float(), beta.float(), state, state_slots)
+
+
+def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slots=None, has_initial_state=None):
+    """Same contract as delta_rule.gated_delta_rule_chunked. In a mixed step the decoding
+    sequences (one token on top of a state) take `delta_rule_step` instead of being padded to a
+    whole chunk; the others run through the reference."""
+    cu = _as_list(cu_seqlens)
+    B = len(cu) - 1
+    init = [True] * B if has_initial_state is None else has_initial_state.tolist()
+    dec = [b for b in range(B) if cu[b + 1] - cu[b] == 1 and init[b]] if state is not None else []
+    if not dec:
+        return _ref_dr.gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state, state_slots, has_initial_state)
+    dev = v.device
+    o = v.new_zeros(v.shape)
+    tok = torch.tensor([cu[b] for b in dec], device=dev)
+    slots = state_slots.index_select(0, torch.tensor(dec, device=state_slots.device))
+    pick = [x.index_select(0, tok) for x in (q, k, v, g, beta)]
+    o.index_copy_(0, tok, gated_delta_rule_recurrent(*pick, torch.arange(len(dec) + 1), state, slots))
+    dec_set = set(dec)
+    rest = [b for b in range(B) if cu[b + 1] - cu[b] > 0 and b not in dec_set]
+    if rest:
+        lens = [cu[b + 1] - cu[b] for b in rest]
+        tok = torch.cat([torch.arange(cu[b], cu[b + 1], device=dev) for b in rest])
+        sub_cu = [0]
+        for n in lens:
+            sub_cu.append(sub_cu[-1] + n)
+        rows = torch.tensor(rest, device=state_slots.device)
+        sub_init = None if has_initial_state is None else has_initial_state.index_select(0, rows.to(has_initial_state.device))
+        pick = [x.index_select(0, tok) for x in (q, k, v, g, beta)]
+        o.index_copy_(0, tok, _ref_dr.gated_delta_rule_chunked(*pick, sub_cu, state, state_slots.index_select(0, rows),
+                                                               sub_init))
+    return o
+
+
+def causal_conv1d_update(x, weight, conv_state, state_slots):
+    """Same contract as conv1d.causal_conv1d_update: x [B, C] -> y [B, C]; conv_state in place."""
+    window = torch.cat([conv_state.index_select(0, state_slots).to(x.dtype), x[:, :, None]], dim=-1)  # [B, C, K]
+    conv_state.index_copy_(0, state_slots, window[:, :, 1:].to(conv_state.dtype))
+    w = weight if weight.dtype == torch.float32 else weight.float()
+    acc = torch.matmul(window.float().unsqueeze(-2), w.unsqueeze(-1)).view(x.shape)  # per-channel dot over K
+    return F.silu(acc).to(x.dtype)
+
+
+def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A_log, dt_bias,
+               num_k_heads: int) -> torch.Tensor:
+    """Same contract as triton/gdn_decode_ref.gdn_decode_reference (slots all >= 0)."""
+    B = m.shape[0]
+    Hv, dk, dv = recurrent_state.shape[1:]
+    Hk = num_k_heads
+    mc = causal_conv1d_update(m, conv_weight, conv_state, state_slots)
+    q, k, v = torch.split(mc, [Hk * dk, Hk * dk, Hv * dv], dim=-1)
+    q, k = q.reshape(B, Hk, dk).float(), k.reshape(B, Hk, dk).float()
+    q = (q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6)).mul_(dk ** -0.5)
+    k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    beta = torch.sigmoid(b).float()
+    g = F.softplus(a.float() + dt_bias.float()).mul_(-A_log.float().exp())
+    return delta_rule_step(q, k, v.reshape(B, Hv, dv), g, beta, recurrent_state, state_slots)
+
+
+# ---- MoE -------------------------------------------------------------------------------------
+# Dense "every expert on every token" pays (E - k) / k times the routed flops but runs as three
+# batched matmuls; a routed loop pays a few ops per active expert. Rough CPU exchange rate:
+# one op of overhead ~ this many flops.
+_FLOPS_PER_OP = 2_000_000
+
+
+def moe_experts(x, gate_up_proj, down_proj, weights, ids) -> torch.Tensor:
+    """Same contract as moe.moe_experts: x [T, H]; gate_up_proj [E, 2I, H]; down_proj [E, H, I];
+    weights/ids [T, k] -> [T, H]."""
+    T, k = ids.shape
+    E, I2, H = gate_up_proj.shape
+    inter = I2 // 2
+    wasted = (E - k) * T * 3 * H * inter * 2
+    if wasted <= 4 * min(E, T * k) * _FLOPS_PER_OP:
+        return _moe_dense(x, gate_up_proj, down_proj, weights, ids)
+    return _moe_grouped(x, gate_up_proj, down_proj, weights, ids)
+
+
+def _moe_dense(x, gate_up_proj, down_proj, weights, ids):
+    inter = down_proj.shape[-1]
+    gu = torch.matmul(x, gate_up_proj.transpose(1, 2))  # [E, T, 2I]
+    h = F.silu(gu[..., :inter]).mul_(gu[..., inter:])  # [E, T, I]
+    y = torch.matmul(h, down_proj.transpose(1, 2))  # [E, T, H]
+    dense_w = weights.new_zeros(x.shape[0], gate_up_proj.shape[0]).scatter_(1, ids, weights)  # [T, E] fp32
+    # out[t] = sum_e w[t, e] y[e, t]: a [T, 1, E] @ [T, E, H] batch
+    out = torch.matmul(dense_w.to(y.dtype).unsqueeze(1), y.transpose(0, 1)).squeeze(1)
+    return out.to(x.dtype)
+
+
+def _moe_grouped(x, gate_up_proj, down_proj, weights, ids):
+    """Assignments sorted by expert: one gather of the token rows, a contiguous slice per expert,
+    one weighted scatter-add at the end."""
+    T, k = ids.shape
+    inter = down_proj.shape[-1]
+    flat_ids = ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=gate_up_proj.shape[0]).tolist()
+    tok_of = order // k
+    xs = x.index_select(0, tok_of)  # [T*k, H]
+    ys = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        gu = torch.matmul(xs[start : start + n], gate_up_proj[e].t())  # [n, 2I]
+        h = F.silu(gu[:, :inter]).mul_(gu[:, inter:])
+        torch.matmul(h, down_proj[e].t(), out=ys[start : start + n])
+        start += n
+    ys.mul_(weights.reshape(-1)[order].to(x.dtype)[:, None])
+    out = torch.zeros(T, x.shape[-1], dtype=torch.float32, device=x.device)
+    return out.index_add_(0, tok_of, ys.float()).to(x.dtype)

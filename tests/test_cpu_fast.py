@@ -1,0 +1,104 @@
+"""The batched CPU variants (kernels/cpu_fast.py) against the plain-torch references they stand in
+for: paged attention (decode rows, prefill with a cached prefix, mixed, padded and one-by-one
+groups), the DeltaNet decode step and conv update (states in place), mixed chunked batches
+(decode rows split off), and both MoE paths (dense and grouped)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwen3next.kernels import attention, conv1d, cpu_fast, delta_rule, moe
+from qwen3next.kernels.triton.gdn_decode_ref import gdn_decode_reference
+
+
+def _cu(lens):
+    return torch.tensor([0] + list(lens)).cumsum(0)
+
+
+@pytest.mark.parametrize("new,ctx", [
+    ([1] * 6, [5, 1, 30, 16, 17, 2]),  # decode
+    ([9, 3, 1, 1, 20], [0, 7, 12, 3, 0]),  # mixed, multi rows padded together
+    ([2, 1, 40], [0, 30, 0]),  # multi rows too uneven to pad: one by one
+])
+def test_paged_attention(new, ctx):
+    gen = torch.Generator().manual_seed(sum(new))
+    Hq, Hkv, D, bs, nb = 4, 2, 8, 4, 40
+    cache = torch.randn(nb, 2, bs, Hkv, D, generator=gen)
+    need = [-(-(c + n) // bs) for c, n in zip(ctx, new)]
+    perm = torch.randperm(nb, generator=gen)
+    tables = torch.zeros(len(new), max(need) + 2, dtype=torch.long)
+    used = 0
+    for b, n in enumerate(need):
+        tables[b, :n] = perm[used:used + n]
+        used += n
+    tables[:, -1] = perm[-1]  # entries past a sequence's blocks point at someone else's block
+    q = torch.randn(sum(new), Hq, D, generator=gen)
+    args = (q, cache, tables, _cu(new), torch.tensor(ctx), D**-0.5)
+    torch.testing.assert_close(cpu_fast.paged_attention(*args), attention.paged_attention(*args),
+                               atol=1e-5, rtol=1e-5)
+
+
+def _gdn_inputs(B, N=9, Hk=2, Hv=4, dk=16, dv=8, K=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    C = 2 * Hk * dk + Hv * dv
+    m, a, b = torch.randn(B, C, generator=gen), torch.randn(B, Hv, generator=gen), torch.randn(B, Hv, generator=gen)
+    w, A_log, dt_bias = torch.randn(C, K, generator=gen), torch.randn(Hv, generator=gen), torch.randn(Hv, generator=gen)
+    conv, rec = torch.randn(N, C, K - 1, generator=gen), torch.randn(N, Hv, dk, dv, generator=gen)
+    slots = torch.randperm(N, generator=gen)[:B]
+    return m, a, b, w, conv, rec, slots, A_log, dt_bias, Hk
+
+
+def test_gdn_decode_and_conv_update():
+    m, a, b, w, conv, rec, slots, A_log, dt_bias, Hk = _gdn_inputs(5)
+    c1, r1, c2, r2 = conv.clone(), rec.clone(), conv.clone(), rec.clone()
+    o = cpu_fast.gdn_decode(m, a, b, w, c1, r1, slots, A_log, dt_bias, Hk)
+    ref = gdn_decode_reference(m, a, b, w, c2, r2, slots, A_log, dt_bias, Hk)
+    torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r1, r2, atol=1e-5, rtol=1e-5)  # untouched slots stay equal too
+    torch.testing.assert_close(c1, c2, atol=0, rtol=0)
+    c1, c2 = conv.clone(), conv.clone()
+    torch.testing.assert_close(cpu_fast.causal_conv1d_update(m, w, c1, slots),
+                               conv1d.causal_conv1d_update(m, w, c2, slots), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c1, c2, atol=0, rtol=0)
+
+
+def _dr(lens, hk=2, hv=4, dk=16, dv=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    T = sum(lens)
+    q = F.normalize(torch.randn(T, hk, dk, generator=gen), dim=-1) * dk**-0.5
+    k = F.normalize(torch.randn(T, hk, dk, generator=gen), dim=-1)
+    return (q, k, torch.randn(T, hv, dv, generator=gen), -F.softplus(torch.randn(T, hv, generator=gen) - 1),
+            torch.rand(T, hv, generator=gen))
+
+
+@pytest.mark.parametrize("lens,init,slots", [
+    ([1, 70, 1, 0, 5], [True, True, True, False, False], [2, 0, 5, 3, 6]),  # mixed: decode rows split off
+    ([1, 1], [True, False], [2, 6]),  # a fresh one-token prompt is not a decode row
+    ([1, 1, 1], [True, True, True], [2, 0, 5]),  # all decode
+])
+@pytest.mark.parametrize("kernel", ["chunked", "recurrent"])
+def test_delta_rule_batches(lens, init, slots, kernel):
+    args = _dr(lens, seed=len(lens))
+    pool = torch.randn(8, 4, 16, 8)
+    pool[6] = float("nan")  # a fresh sequence must ignore its stale slot
+    slots = torch.tensor(slots)
+    has = torch.tensor(init)
+    p1, p2 = pool.clone(), pool.clone()
+    o = getattr(cpu_fast, f"gated_delta_rule_{kernel}")(*args, _cu(lens), p1, slots, has)
+    ref = getattr(delta_rule, f"gated_delta_rule_{kernel}")(*args, _cu(lens), p2, slots, has)
+    torch.testing.assert_close(o, ref, atol=2e-5, rtol=0)
+    torch.testing.assert_close(p1, p2, atol=2e-5, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("T", [3, 40, 300])
+def test_moe_experts_dense_and_grouped(T):
+    gen = torch.Generator().manual_seed(T)
+    H, E, I, k = 16, 8, 12, 2
+    x = torch.randn(T, H, generator=gen)
+    gu, down = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
+    w, ids = moe.moe_route(torch.randn(T, E, generator=gen), k, True)
+    ref = moe.moe_experts(x, gu, down, w, ids)
+    for fn in (cpu_fast._moe_dense, cpu_fast._moe_grouped, cpu_fast.moe_experts):
+        torch.testing.assert_close(fn(x, gu, down, w, ids), ref, atol=1e-4, rtol=1e-5)
