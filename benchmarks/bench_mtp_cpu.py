@@ -2,7 +2,11 @@
 and 16 concurrent requests, plus the cost of the two ways to roll DeltaNet states back.
 
     .venv/bin/python benchmarks/bench_mtp_cpu.py [--model DIR] [--ks 0,1,2,3] [--concurrency 1,16]
-        [--requests-per-slot 2] [--max-tokens 64] [--threads 1] [--oracle] [--rollback]
+        [--requests-per-slot 2] [--max-tokens 64] [--threads 1] [--repeat 1] [--oracle] [--rollback]
+        [--wall]
+
+Tokens/s are per second of this process's CPU time (one torch thread), since on a shared machine
+other jobs inflate wall time at random; --wall times by the wall clock instead.
 
 Model: --model, else the shipped demo model (qwen3next/demo_model) when present, else a tiny random
 checkpoint (random MTP: acceptance ~0, so it shows only the overhead). Prompts: synthetic chat tasks
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -32,6 +37,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from qwen3next.engine import EngineArgs, LLMEngine  # noqa: E402
 from qwen3next.sampling_params import SamplingParams  # noqa: E402
 
+# process CPU time by default: on a shared machine other jobs' load inflates wall time at random
+CLOCK = time.process_time
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "qwen3next", "demo_model")
 
 
@@ -74,13 +81,13 @@ def run(model, prompts, k: int, concurrency: int, max_tokens: int, eos: list[int
 
         eng.spec.proposer._sample = drafts
     out = {str(i): [] for i in range(len(prompts))}
-    t = time.perf_counter()
+    t = CLOCK()
     for i, pr in enumerate(prompts):
         eng.add_request(str(i), pr, p)
     while eng.has_unfinished_requests():
         for o in eng.step():
             out[o.request_id] += o.outputs[0].token_ids
-    dt = time.perf_counter() - t
+    dt = CLOCK() - t
     outs = [out[str(i)] for i in range(len(prompts))]
     return dt, sum(map(len, outs)), outs, (eng.stats.get("spec_decode") if k else None)
 
@@ -129,10 +136,10 @@ def rollback_study(model, B: int, k: int, ctx: int = 64, reps: int = 5) -> None:
 
     def timed(fn, *a):
         fn(*a)
-        t = time.perf_counter()
+        t = CLOCK()
         for _ in range(reps):
             fn(*a)
-        return (time.perf_counter() - t) / reps * 1000
+        return (CLOCK() - t) / reps * 1000
 
     t_pt = timed(verify, True)
     t_plain = timed(verify, False)
@@ -153,9 +160,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: least contention on a shared CPU)")
     ap.add_argument("--rollback", action="store_true", help="also run the rollback study")
+    ap.add_argument("--wall", action="store_true", help="time by wall clock instead of process CPU time")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per setting (median tok/s, range)")
     ap.add_argument("--oracle", action="store_true", help="also run with perfect drafts (acceptance 1)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.wall:
+        global CLOCK
+        CLOCK = time.perf_counter
     from qwen3next.config import ModelConfig
     from qwen3next.loader import load_model
 
@@ -181,25 +193,35 @@ def main() -> None:
     ks = [int(x) for x in a.ks.split(",")]
     conc = [int(x) for x in a.concurrency.split(",")]
     print(f"model {os.path.relpath(model_dir) if tmp is None else 'tiny random checkpoint'}, "
-          f"torch threads {torch.get_num_threads()}, greedy, max_tokens {a.max_tokens}")
+          f"torch threads {torch.get_num_threads()}, greedy, max_tokens {a.max_tokens}, "
+          f"{'wall' if a.wall else 'process CPU'} time")
     for c in conc:
         n = c * a.requests_per_slot
         prompts, kind = make_prompts(model_dir, ModelConfig.from_dir(model_dir).vocab_size, n)
         print(f"\nconcurrency {c}: {n} requests ({kind})")
-        print(f"  {'k':>2} {'tok/s':>8} {'speed-up':>8} {'mean acc. len':>13} {'accept/pos':>22} {'same as k=0':>11}")
-        base = None
+        print(f"  {'k':>2} {'tok/s':>8} {'range':>11} {'speed-up':>8} {'mean acc. len':>13} {'accept/pos':>22} {'same as k=0':>11}")
         plan = [(k, False) for k in ks] + ([(k, True) for k in ks if k] if a.oracle else [])
+        if 0 not in ks:
+            plan.insert(0, (0, False))
+        rates: dict = {p: [] for p in plan}
+        last: dict = {}
+        ref = None
+        for _ in range(a.repeat):  # interleaved, so a change in the machine's load hits every k
+            for k, oracle in plan:
+                dt, ntok, outs, st = run(model, prompts, k, c, a.max_tokens, eos, ref if oracle else None)
+                ref = outs if k == 0 else ref
+                rates[(k, oracle)].append(ntok / dt)
+                last[(k, oracle)] = (outs, st)
+        base = statistics.median(rates[(0, False)])
         for k, oracle in plan:
-            if oracle and base is None:
-                base = run(model, prompts, 0, c, a.max_tokens, eos)[:3]
-            dt, ntok, outs, st = run(model, prompts, k, c, a.max_tokens, eos, base[2] if oracle else None)
-            if base is None:
-                base = (dt, ntok, outs)
-            same = sum(x == y for x, y in zip(outs, base[2]))
+            outs, st = last[(k, oracle)]
+            same = sum(x == y for x, y in zip(outs, ref))
             acc = "-" if st is None else " ".join(f"{r:.2f}" for r in st["acceptance_rate_per_pos"])
             mal = "-" if st is None else f"{st['mean_accepted_length']:.2f}"
             tag = f"{k}{'*' if oracle else ''}"
-            print(f"  {tag:>2} {ntok / dt:8.1f} {ntok / dt / (base[1] / base[0]):7.2f}x {mal:>13} {acc:>22} "
+            med = statistics.median(rates[(k, oracle)])
+            spread = f"{min(rates[(k, oracle)]):.0f}-{max(rates[(k, oracle)]):.0f}"
+            print(f"  {tag:>2} {med:8.1f} {spread:>11} {med / base:7.2f}x {mal:>13} {acc:>22} "
                   f"{same:>6}/{len(outs)}")
         if a.oracle:
             print("  (* oracle drafts: acceptance 1)")
