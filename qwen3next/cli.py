@@ -101,6 +101,8 @@ def resolve_model(ns) -> None:
 
 def cmd_serve(ns) -> int:
     resolve_model(ns)
+    if ns.served_model_name is None and ns.model == DEMO_MODEL:
+        ns.served_model_name = ["qwen3next-demo"]  # not the install path
     from qwen3next.api.server import run_server
 
     run_server(ns)
