@@ -3,8 +3,9 @@ model.safetensors), bf16/fp32 or block-FP8 (architecture.md §10), local dirs or
 
 `load_weights` maps the checkpoint's per-expert tensors into the stacked expert parameters,
 dequantises FP8 (`weight` * `weight_scale_inv` per 128x128 block) and stops with an error naming
-any missing, unexpected or wrongly shaped tensor. `save_checkpoint` writes the official
-(per-expert, `mtp.*`) names back out, plus config.json.
+any missing, unexpected or wrongly shaped tensor. Under tensor parallelism each rank reads only
+the slices its modules declare (distributed/sharding.py) and the experts it owns.
+`save_checkpoint` writes the official (per-expert, `mtp.*`) names back out, plus config.json.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .config import ModelConfig
+from .distributed.parallel_state import tp_size
+from .distributed.sharding import read_shard, shard_of
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _LEGACY_KEYS = ("rope_theta", "partial_rotary_factor", "rope_scaling", "full_attention_interval", "torch_dtype")
@@ -90,14 +93,18 @@ def load_weights(model, path_or_id: str, progress: bool = True) -> None:
     expert_filled: dict[str, set] = {}
     unexpected: list[str] = []
     names = [n for n in wmap if not n.endswith(".weight_scale_inv")]
+    tp = tp_size()
     with contextlib.ExitStack() as stack:
         handles: dict[str, object] = {}
 
-        def read(name: str) -> torch.Tensor:
+        def handle(name: str):
             file = wmap[name]
             if file not in handles:
                 handles[file] = stack.enter_context(safe_open(file, framework="pt"))
-            return handles[file].get_tensor(name)
+            return handles[file]
+
+        def read(name: str) -> torch.Tensor:
+            return handle(name).get_tensor(name)
 
         for name in tqdm(names, desc="loading weights", unit="tensor", disable=not progress):
             if name.startswith("mtp.") and model.mtp is None:
@@ -108,7 +115,17 @@ def load_weights(model, path_or_id: str, progress: bool = True) -> None:
                 if not (tied and name == "lm_head.weight"):
                     unexpected.append(name)
                 continue
-            t = read(name)
+            shard = shard_of(model, target_name) if tp > 1 and not m else None
+            if shard is not None:  # only this rank's rows / columns
+                fp8 = handle(name).get_slice(name).get_dtype() == "F8_E4M3"
+                if fp8 and name + "_scale_inv" not in wmap:
+                    raise CheckpointError(f"{name} is float8 but {name}_scale_inv is missing")
+                t = read_shard(lambda n: handle(n).get_slice(n), name, shard,
+                               name + "_scale_inv" if fp8 else None, block)
+            elif m and tp > 1 and not _owns_expert(model, m):
+                continue  # another rank's expert
+            else:
+                t = read(name)
             if t.dtype == torch.float8_e4m3fn:
                 scale_name = name + "_scale_inv"
                 if scale_name not in wmap:
@@ -117,8 +134,10 @@ def load_weights(model, path_or_id: str, progress: bool = True) -> None:
             param = targets[target_name]
             if m:
                 e, part = int(m.group(2)), m.group(3)
-                if e >= param.shape[0]:
-                    raise CheckpointError(f"{name}: expert index {e} >= num_experts {param.shape[0]}")
+                if e >= param.shape[0] * tp:
+                    raise CheckpointError(f"{name}: expert index {e} >= num_experts {param.shape[0] * tp}")
+                if tp > 1:  # index within this rank's experts
+                    e -= model.get_submodule(m.group(1)).first_expert
                 inter = param.shape[1] // 2 if part != "down_proj" else param.shape[2]
                 dst = {"gate_proj": param[e, :inter], "up_proj": param[e, inter:], "down_proj": param[e]}[part]
                 key = (e, part)
@@ -144,6 +163,13 @@ def load_weights(model, path_or_id: str, progress: bool = True) -> None:
             missing.append(n)
     if missing:
         raise CheckpointError(f"tensors missing from checkpoint: {_few(missing)}")
+
+
+def _owns_expert(model, m: re.Match) -> bool:
+    """Is the per-expert tensor matched by `m` this rank's? (Indices past E count as ours, so
+    the index check reports them.)"""
+    e, mod = int(m.group(2)), model.get_submodule(m.group(1))
+    return mod.first_expert <= e < mod.first_expert + mod.num_experts or e >= mod.num_experts * tp_size()
 
 
 def _few(names: list[str], k: int = 5) -> str:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .distributed.parallel_state import tp_size
 from .forward_batch import ForwardBatch, StateSpec
 from .layers.decoder_layer import DecoderLayer
 from .layers.gated_deltanet import GatedDeltaNet
@@ -27,7 +28,12 @@ class Qwen3NextModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if tp_size() > 1:  # rows of the vocabulary per rank
+            from .distributed.vocab_parallel import VocabParallelEmbedding
+
+            self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+        else:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, cfg.layer_types[i], cfg.is_moe_layer(i), cache_index=i)
             for i in range(cfg.num_hidden_layers)
@@ -42,7 +48,12 @@ class Qwen3NextForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Qwen3NextModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if tp_size() > 1:  # logit columns per rank, gathered by its forward
+            from .distributed.vocab_parallel import VocabParallelLMHead
+
+            self.lm_head = VocabParallelLMHead(cfg.hidden_size, cfg.vocab_size)
+        else:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.rope)

@@ -2,7 +2,8 @@
 
 `in_proj_qkvz` / `in_proj_ba` keep the checkpoint's per-key-head grouped row layout (§5.1): the
 split below reads it through a [T, Hk, ...] view, so no load-time permutation is needed and a
-tensor-parallel shard can later own whole key-head groups. Conv channels are [q_all|k_all|v_all].
+tensor-parallel rank owns whole key-head groups (their rows, conv channels, A_log / dt_bias).
+Conv channels are [q_all|k_all|v_all].
 State per sequence: conv `[conv_dim, K-1]` (pre-conv inputs) and recurrent `[Hv, dk, dv]` fp32,
 read/written at `batch.state_slots` in `cache.conv[i]` / `cache.recurrent[i]`.
 """
@@ -14,6 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..distributed.comm import all_reduce
+from ..distributed.parallel_state import tp_size
+from ..distributed.sharding import Shard, cols, even_range, rows
 from ..forward_batch import ForwardBatch
 from ..kernels import ops
 from .norm import GatedRMSNorm
@@ -28,7 +32,10 @@ class GatedDeltaNet(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_k_heads, self.num_v_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.tp = tp_size()
+        # this rank's key-head groups: each key head with its r value heads (§5.1)
+        self.num_k_heads = cfg.linear_num_key_heads // self.tp
+        self.num_v_heads = cfg.linear_num_value_heads // self.tp
         self.head_k_dim, self.head_v_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim
         self.ratio = self.num_v_heads // self.num_k_heads
         self.key_dim = self.num_k_heads * self.head_k_dim
@@ -43,6 +50,19 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.empty(self.num_v_heads).uniform_(1, 16)))
         self.norm = GatedRMSNorm(self.head_v_dim, cfg.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, H, bias=False)
+        if self.tp > 1:
+            self._declare_shards(cfg)
+
+    def _declare_shards(self, cfg: ModelConfig) -> None:
+        """Whole key-head groups per rank: contiguous rows of the grouped projections; the conv
+        channels of those heads in each of the q_all | k_all | v_all blocks; out_proj columns."""
+        dk, dv, hk, hv = self.head_k_dim, self.head_v_dim, cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.in_proj_qkvz.tp_shards = {"weight": rows(hk, 2 * dk + 2 * self.ratio * dv)}
+        self.in_proj_ba.tp_shards = {"weight": rows(hk, 2 * self.ratio)}
+        (qa, qb), (va, vb), kd = even_range(hk, dk), even_range(hv, dv), hk * dk
+        self.conv1d.tp_shards = {"weight": Shard(0, ((qa, qb), (kd + qa, kd + qb), (2 * kd + va, 2 * kd + vb)))}
+        self.tp_shards = {"A_log": rows(hv), "dt_bias": rows(hv)}
+        self.out_proj.tp_shards = {"weight": cols(hv, dv)}
 
     def _split(self, x: torch.Tensor):
         """-> m [T, conv_dim] (conv input), z [T, Hv, dv], b, a [T, Hv] from the grouped projections."""
@@ -64,7 +84,7 @@ class GatedDeltaNet(nn.Module):
             o = ops.gdn_decode(m, a, b, w, cache.conv[self.layer_idx], cache.recurrent[self.layer_idx],
                                batch.state_slots, self.A_log, self.dt_bias, self.num_k_heads)
             o = self.norm(o, z)  # [T, Hv, dv]
-            return self.out_proj(o.reshape(T, self.value_dim))
+            return self._out(o.reshape(T, self.value_dim))
         if cache is None:
             m = ops.causal_conv1d_varlen(m, w, batch.cu_seqlens)
         else:
@@ -86,7 +106,12 @@ class GatedDeltaNet(nn.Module):
             else:
                 o = ops.gated_delta_rule_chunked(q, k, v, g, beta, batch.cu_seqlens, state, batch.state_slots, has_init)
         o = self.norm(o, z)  # [T, Hv, dv]
-        return self.out_proj(o.reshape(T, self.value_dim))
+        return self._out(o.reshape(T, self.value_dim))
+
+    def _out(self, o: torch.Tensor) -> torch.Tensor:
+        """[T, value_dim] -> [T, H]; row-parallel under tensor parallelism (ranks' sums added)."""
+        o = self.out_proj(o)
+        return all_reduce(o) if self.tp > 1 else o
 
     def _conv_with_state(self, m: torch.Tensor, w: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Varlen conv continuing from the cached conv state; with per-token state slots (speculative

@@ -2,7 +2,9 @@
 (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]), an always-on `shared_expert`
 with a per-token sigmoid `shared_expert_gate`.
 
-For tensor/expert parallelism later, `Experts` may hold a slice of the experts; routing stays global.
+Expert parallelism: each rank holds E/N consecutive experts and the shared expert's slice of the
+intermediate dim; every rank routes all tokens, computes its experts' share and the partial
+shared expert, and one all-reduce sums the ranks' outputs.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..distributed.comm import all_reduce
+from ..distributed.parallel_state import tp_rank, tp_size
+from ..distributed.sharding import rows
 from ..kernels import ops
 from .mlp import MLP
 
@@ -18,13 +23,31 @@ from .mlp import MLP
 class Experts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
+        self.tp = tp_size()
+        num_experts //= self.tp
+        self.first_expert = tp_rank() * num_experts  # global id of local expert 0
         self.num_experts = num_experts
         self.intermediate_size = intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        if self.tp > 1:
+            self.tp_shards = {"gate_up_proj": rows(num_experts * self.tp), "down_proj": rows(num_experts * self.tp)}
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp > 1:
+            return self._forward_local(x, weights, ids)
         return ops.moe_experts(x, self.gate_up_proj, self.down_proj, weights, ids)
+
+    def _forward_local(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """This rank's experts only: each (token, choice) routed here becomes a one-choice row."""
+        local = ids - self.first_expert  # [T, k]
+        tok, choice = torch.nonzero((local >= 0) & (local < self.num_experts), as_tuple=True)
+        out = torch.zeros_like(x)
+        if tok.numel():
+            y = ops.moe_experts(x[tok], self.gate_up_proj, self.down_proj, weights[tok, choice, None],
+                                local[tok, choice, None])  # [n, H]
+            out.index_add_(0, tok, y)
+        return out
 
 
 class SparseMoeBlock(nn.Module):
@@ -34,7 +57,7 @@ class SparseMoeBlock(nn.Module):
         self.norm_topk_prob = cfg.norm_topk_prob
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-        self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+        self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, reduce_output=False)
         self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,4 +66,7 @@ class SparseMoeBlock(nn.Module):
         weights, ids = ops.moe_route(router_logits, self.top_k, self.norm_topk_prob)
         routed = self.experts(x, weights, ids)
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return routed + shared, router_logits
+        out = routed + shared
+        if self.experts.tp > 1:  # each rank added its experts' and its shared-expert slice's share
+            out = all_reduce(out)
+        return out, router_logits
