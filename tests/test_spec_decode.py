@@ -307,3 +307,22 @@ def test_seeded_sampling_does_not_depend_on_the_batch(model, prompts):
     alone = run(make_engine(model, 3, max_num_seqs=4), [prompts[4]], seeded)["0"]
     mixed = run(make_engine(model, 3, max_num_seqs=4), [prompts[4], prompts[5], prompts[1]], [seeded, other, other])
     assert mixed["0"] == alone
+
+
+def test_disable_by_batch_size(model, prompts, reference, monkeypatch):
+    use_drafter(monkeypatch, ScriptedDrafts(reference))
+    spec = {"method": "qwen3_next_mtp", "num_speculative_tokens": 2, "disable_by_batch_size": 2}
+    eng = LLMEngine(model, EngineArgs(max_num_seqs=8, max_model_len=256, speculative_config=spec), eos_token_ids=[])
+    lens = (3, 5, MAX_NEW, MAX_NEW)  # four at once; no drafts until only two are left running
+    got = {str(i): [] for i in range(4)}
+    for i, m in enumerate(lens):
+        eng.add_request(str(i), prompts[i], SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
+    drafted_with = []
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            got[o.request_id] += o.outputs[0].token_ids
+        running = eng.scheduler.running
+        drafted_with += [len(running)] if any(s.spec_token_ids for s in running) else []
+    assert [got[str(i)] for i in range(4)] == [reference[str(i)][0][0][:m] for i, m in enumerate(lens)]
+    assert drafted_with and max(drafted_with) <= 2
+    assert_pools_empty(eng)

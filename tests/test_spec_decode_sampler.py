@@ -168,11 +168,15 @@ def test_speculative_config_parsing():
     assert c == SpeculativeConfig("qwen3_next_mtp", 2)
     assert SpeculativeConfig.parse({"method": "mtp", "num_speculative_tokens": 4}).num_speculative_tokens == 4
     assert SpeculativeConfig.parse(None) is None and SpeculativeConfig.parse({}) is None
+    c = SpeculativeConfig.parse({"method": "mtp", "num_speculative_tokens": 1, "disable_by_batch_size": 8})
+    assert c.disable_by_batch_size == 8
     for bad, field in [({"method": "eagle", "num_speculative_tokens": 1}, "method"),
                        ({"method": "mtp", "num_speculative_tokens": 5}, "num_speculative_tokens"),
                        ({"method": "mtp", "num_speculative_tokens": True}, "num_speculative_tokens"),
                        ({"method": "mtp"}, "num_speculative_tokens"),
                        ({"method": "mtp", "num_speculative_tokens": 1, "model": "x"}, "model"),
+                       ({"method": "mtp", "num_speculative_tokens": 1, "disable_by_batch_size": 0},
+                        "disable_by_batch_size"),
                        ("{not json", "JSON"), ("[1]", "JSON object")]:
         with pytest.raises(ValueError, match=field):
             SpeculativeConfig.parse(bad)

@@ -35,6 +35,9 @@ MAX_SPEC_TOKENS = 4
 class SpeculativeConfig:
     method: str
     num_speculative_tokens: int
+    # vLLM's knob: no drafts in a step that runs more sequences than this (the MTP cache is still
+    # kept up to date, so drafting resumes at full quality when the batch shrinks)
+    disable_by_batch_size: int | None = None
 
     @classmethod
     def parse(cls, value) -> "SpeculativeConfig | None":
@@ -50,9 +53,10 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config must be a JSON object, got {value!r}")
         if not value:
             return None
-        unknown = sorted(set(value) - {"method", "num_speculative_tokens"})
+        known = {"method", "num_speculative_tokens", "disable_by_batch_size"}
+        unknown = sorted(set(value) - known)
         if unknown:
-            raise ValueError(f"speculative_config: unsupported keys {unknown} (method, num_speculative_tokens)")
+            raise ValueError(f"speculative_config: unsupported keys {unknown} (supported: {sorted(known)})")
         method = value.get("method", "qwen3_next_mtp")
         if method not in METHODS:
             raise ValueError(f"speculative_config.method must be one of {list(METHODS)}, got {method!r}")
@@ -60,7 +64,10 @@ class SpeculativeConfig:
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPEC_TOKENS:
             raise ValueError(f"speculative_config.num_speculative_tokens must be an integer in "
                              f"[1, {MAX_SPEC_TOKENS}], got {k!r}")
-        return cls("qwen3_next_mtp", k)
+        off = value.get("disable_by_batch_size")
+        if off is not None and (not isinstance(off, int) or isinstance(off, bool) or off < 1):
+            raise ValueError(f"speculative_config.disable_by_batch_size must be a positive integer, got {off!r}")
+        return cls("qwen3_next_mtp", k, off)
 
 
 @dataclass
@@ -125,6 +132,7 @@ class SpecDecoder:
         self.sampler = sampler
         self.device = device
         self.k = config.num_speculative_tokens
+        self.disable_by_batch_size = config.disable_by_batch_size
         self.scratch_base = scratch_base
         self.max_num_seqs = max_num_seqs
         self.proposer = MTPProposer(model, cache, sampler.generator, device, self.k)
@@ -148,6 +156,9 @@ class SpecDecoder:
     def propose(self, sched: SchedulerOutput, out: SpecStepOutput, sampled: set[int]) -> None:
         """After the engine committed the step's tokens: MTP catch-up for every scheduled sequence
         still running, drafts for those that got tokens (seq ids in `sampled`)."""
+        off = self.disable_by_batch_size
+        if off is not None and len(sched.seqs) > off:
+            sampled = set()
         entries, hidden = [], []
         for i, seq in enumerate(sched.seqs):
             if seq.finish_reason is not None or out.computed[i] == 0:
