@@ -244,9 +244,11 @@ class SpecDecoder:
             u = draw("uniform", len(rand), self.k, rs, self.sampler.generator, self.device)[:, :K]
             q = draw("exp", len(rand), V, rs, self.sampler.generator, self.device)
             n_acc[rt], nxt[rt] = rejection_sample(target, draft, d_ids[rt], n_drafts[rt], u, q)
-        self._commit(sched, idx, seqs, drafts, n_acc.tolist(), nxt.tolist(), hidden, logits, cu, out)
+        self._commit(idx, seqs, drafts, n_acc.tolist(), nxt.tolist(), hidden, logits, cu, out)
 
-    def _commit(self, sched, idx, seqs, drafts, n_acc, nxt, hidden, logits, cu, out) -> None:
+    def _commit(self, idx, seqs, drafts, n_acc, nxt, hidden, logits, cu, out) -> None:
+        """Record each verify row's tokens (a accepted drafts + one), roll rejected rows' DeltaNet
+        states back to their last accepted position, and compute logprobs where asked."""
         roll_src, roll_dst = [], []
         want_lp = []
         for r, (i, s, d) in enumerate(zip(idx, seqs, drafts)):
