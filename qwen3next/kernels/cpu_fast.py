@@ -83,17 +83,23 @@ def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale) 
 def delta_rule_step(q, k, v, g, beta, state, state_slots) -> torch.Tensor:
     """One token per sequence from its state slot (all slots hold a valid state).
     q, k [B, Hk, dk] fp32 (normalised, q scaled); v [B, Hv, dv]; g, beta [B, Hv] fp32;
-    state [N, Hv, dk, dv] fp32 updated in place -> o [B, Hv, dv] in v's dtype."""
-    r = v.shape[1] // k.shape[1]
-    if r > 1:
-        q, k = q.repeat_interleave(r, dim=1), k.repeat_interleave(r, dim=1)  # [B, Hv, dk]
-    S = state.index_select(0, state_slots)  # [B, Hv, dk, dv] (a copy)
-    S.mul_(g.exp()[..., None, None])  # decay first
-    pred = torch.matmul(k.unsqueeze(-2), S).squeeze(-2)  # [B, Hv, dv]
-    delta = (v.float() - pred).mul_(beta[..., None])
-    S.add_(k.unsqueeze(-1) * delta.unsqueeze(-2))
-    o = torch.matmul(q.unsqueeze(-2), S).squeeze(-2)
-    state.index_copy_(0, state_slots, S)
+    state [N, Hv, dk, dv] fp32 updated in place -> o [B, Hv, dv] in v's dtype.
+
+    With S'' = exp(g) S, delta = beta (v - k S'') and S' = S'' + k (x) delta, the output is
+    q S' = q S'' + (q . k) delta: q and k share one batched matmul with S''."""
+    B, Hk, dk = k.shape
+    N, Hv, _, dv = state.shape
+    r = Hv // Hk
+    # value head j reads key head j // r: [B, Hv, 2, dk] with rows (q, k)
+    qk = torch.stack([q, k], dim=2).unsqueeze(2).expand(B, Hk, r, 2, dk).reshape(B, Hv, 2, dk)
+    S = state.index_select(0, state_slots).mul_(g.exp()[..., None, None])  # S'' [B, Hv, dk, dv]
+    X = torch.matmul(qk, S)  # [B, Hv, 2, dv]: q S'', k S''
+    delta = (v.float() - X[:, :, 1]).mul_(beta[..., None])  # [B, Hv, dv]
+    kr = qk[:, :, 1]
+    S.addcmul_(kr.unsqueeze(-1), delta.unsqueeze(-2))
+    # contiguous [B, Hv*dk*dv] rows: index_copy_ on them is a plain row copy
+    state.view(N, -1).index_copy_(0, state_slots, S.view(B, -1))
+    o = X[:, :, 0].addcmul_((qk[:, :, 0] * kr).sum(-1, keepdim=True), delta)
     return o.to(v.dtype)
 
 
@@ -110,16 +116,22 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, state=None, state_s
     return delta_rule_step(q.float(), k.float(), v, g.float(), beta.float(), state, state_slots)
 
 
+# Chunk length of the chunked delta rule on CPU: half the reference's 64 halves the intra-chunk
+# [C, C] work and the padding of short prompts, for twice the (cheap) chunk steps.
+CHUNK = 32
+
+
 def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slots=None, has_initial_state=None):
     """Same contract as delta_rule.gated_delta_rule_chunked. In a mixed step the decoding
     sequences (one token on top of a state) take `delta_rule_step` instead of being padded to a
-    whole chunk; the others run through the reference."""
+    whole chunk; the others run through the reference with chunk length `CHUNK`."""
     cu = _as_list(cu_seqlens)
     B = len(cu) - 1
     init = [True] * B if has_initial_state is None else has_initial_state.tolist()
     dec = [b for b in range(B) if cu[b + 1] - cu[b] == 1 and init[b]] if state is not None else []
     if not dec:
-        return _ref_dr.gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state, state_slots, has_initial_state)
+        return _ref_dr.gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state, state_slots, has_initial_state,
+                                                chunk=CHUNK)
     dev = v.device
     o = v.new_zeros(v.shape)
     tok = torch.tensor([cu[b] for b in dec], device=dev)
@@ -138,16 +150,21 @@ def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slo
         sub_init = None if has_initial_state is None else has_initial_state.index_select(0, rows.to(has_initial_state.device))
         pick = [x.index_select(0, tok) for x in (q, k, v, g, beta)]
         o.index_copy_(0, tok, _ref_dr.gated_delta_rule_chunked(*pick, sub_cu, state, state_slots.index_select(0, rows),
-                                                               sub_init))
+                                                               sub_init, chunk=CHUNK))
     return o
 
 
 def causal_conv1d_update(x, weight, conv_state, state_slots):
-    """Same contract as conv1d.causal_conv1d_update: x [B, C] -> y [B, C]; conv_state in place."""
-    window = torch.cat([conv_state.index_select(0, state_slots).to(x.dtype), x[:, :, None]], dim=-1)  # [B, C, K]
-    conv_state.index_copy_(0, state_slots, window[:, :, 1:].to(conv_state.dtype))
-    w = weight if weight.dtype == torch.float32 else weight.float()
-    acc = torch.matmul(window.float().unsqueeze(-2), w.unsqueeze(-1)).view(x.shape)  # per-channel dot over K
+    """Same contract as conv1d.causal_conv1d_update: x [B, C] -> y [B, C]; conv_state in place.
+    Works channels-last ([B, K, C]): the K taps are short rows, the channels long contiguous ones."""
+    B, C = x.shape
+    N, _, K1 = conv_state.shape
+    win = x.new_empty(B, K1 + 1, C)  # [B, K, C]: the K-1 cached inputs (oldest first), then x
+    win[:, :K1] = conv_state.index_select(0, state_slots).transpose(1, 2)
+    win[:, K1] = x
+    # contiguous [B, C*(K-1)] rows: index_copy_ on them is a plain row copy
+    conv_state.view(N, -1).index_copy_(0, state_slots, win[:, 1:].transpose(1, 2).reshape(B, -1).to(conv_state.dtype))
+    acc = (win.float() * weight.float().t()).sum(1)  # [B, C]
     return F.silu(acc).to(x.dtype)
 
 
@@ -158,20 +175,20 @@ def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A
     Hv, dk, dv = recurrent_state.shape[1:]
     Hk = num_k_heads
     mc = causal_conv1d_update(m, conv_weight, conv_state, state_slots)
-    q, k, v = torch.split(mc, [Hk * dk, Hk * dk, Hv * dv], dim=-1)
-    q, k = q.reshape(B, Hk, dk).float(), k.reshape(B, Hk, dk).float()
-    q = (q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6)).mul_(dk ** -0.5)
-    k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    qk = mc[:, : 2 * Hk * dk].reshape(B, 2, Hk, dk).float()  # [q_all | k_all]
+    qk = qk * torch.rsqrt((qk * qk).sum(-1, keepdim=True) + 1e-6)  # L2 norm of both at once
+    qk[:, 0] *= dk ** -0.5
     beta = torch.sigmoid(b).float()
     g = F.softplus(a.float() + dt_bias.float()).mul_(-A_log.float().exp())
-    return delta_rule_step(q, k, v.reshape(B, Hv, dv), g, beta, recurrent_state, state_slots)
+    v = mc[:, 2 * Hk * dk :].reshape(B, Hv, dv)
+    return delta_rule_step(qk[:, 0], qk[:, 1], v, g, beta, recurrent_state, state_slots)
 
 
 # ---- MoE -------------------------------------------------------------------------------------
-# Dense "every expert on every token" pays (E - k) / k times the routed flops but runs as three
-# batched matmuls; a routed loop pays a few ops per active expert. Rough CPU exchange rate:
-# one op of overhead ~ this many flops.
-_FLOPS_PER_OP = 2_000_000
+# Dense "every expert on every token" pays (E - k) / k times the routed flops but runs as two
+# plain matmuls; the grouped loop pays about four ops per active expert. Measured on one core,
+# one op's overhead is worth roughly this many flops (tiny model: dense wins below ~150 tokens).
+_FLOPS_PER_EXPERT_STEP = 1_500_000
 
 
 def moe_experts(x, gate_up_proj, down_proj, weights, ids) -> torch.Tensor:
@@ -181,19 +198,21 @@ def moe_experts(x, gate_up_proj, down_proj, weights, ids) -> torch.Tensor:
     E, I2, H = gate_up_proj.shape
     inter = I2 // 2
     wasted = (E - k) * T * 3 * H * inter * 2
-    if wasted <= 4 * min(E, T * k) * _FLOPS_PER_OP:
+    if wasted <= min(E, T * k) * _FLOPS_PER_EXPERT_STEP:
         return _moe_dense(x, gate_up_proj, down_proj, weights, ids)
     return _moe_grouped(x, gate_up_proj, down_proj, weights, ids)
 
 
 def _moe_dense(x, gate_up_proj, down_proj, weights, ids):
-    inter = down_proj.shape[-1]
-    gu = torch.matmul(x, gate_up_proj.transpose(1, 2))  # [E, T, 2I]
-    h = F.silu(gu[..., :inter]).mul_(gu[..., inter:])  # [E, T, I]
-    y = torch.matmul(h, down_proj.transpose(1, 2))  # [E, T, H]
-    dense_w = weights.new_zeros(x.shape[0], gate_up_proj.shape[0]).scatter_(1, ids, weights)  # [T, E] fp32
-    # out[t] = sum_e w[t, e] y[e, t]: a [T, 1, E] @ [T, E, H] batch
-    out = torch.matmul(dense_w.to(y.dtype).unsqueeze(1), y.transpose(0, 1)).squeeze(1)
+    """Every expert on every token, as two plain matmuls: the routing weight (0 off the top-k)
+    scales each expert's hidden activation, so the down projections sum in one [T, E*I] @ [E*I, H]."""
+    T = x.shape[0]
+    E, I2, H = gate_up_proj.shape
+    inter = I2 // 2
+    gu = torch.matmul(x, gate_up_proj.reshape(E * I2, H).t()).view(T, E, I2)  # [T, E, 2I]
+    dense_w = weights.new_zeros(T, E).scatter_(1, ids, weights).to(x.dtype)  # [T, E]
+    h = F.silu(gu[..., :inter]).mul_(gu[..., inter:]).mul_(dense_w[..., None])  # [T, E, I]
+    out = torch.matmul(h.view(T, E * inter), down_proj.transpose(1, 2).reshape(E * inter, H))
     return out.to(x.dtype)
 
 

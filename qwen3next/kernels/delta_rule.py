@@ -88,10 +88,10 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, state=None, state_s
     return o[valid].to(v.dtype)
 
 
-def _chunk_core(q, k, v, g, beta, S):
+def _chunk_core(q, k, v, g, beta, S, chunk=CHUNK):
     """One group of padded sequences: q,k [b,H,n*C,dk]; v [b,H,n*C,dv]; g,beta [b,H,n*C]; S [b,H,dk,dv]."""
     b, H, Lp, dk = q.shape
-    dv, n, C = v.shape[-1], Lp // CHUNK, CHUNK
+    dv, n, C = v.shape[-1], Lp // chunk, chunk
     q, k = q.view(b, H, n, C, dk), k.view(b, H, n, C, dk)
     v, beta = v.view(b, H, n, C, dv), beta.view(b, H, n, C)
     G = g.view(b, H, n, C).cumsum(-1)  # cumulative log-decay within each chunk
@@ -102,8 +102,9 @@ def _chunk_core(q, k, v, g, beta, S):
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
     A = (beta[..., :, None] * (k @ k.transpose(-1, -2)) * D).masked_fill(~strict, 0.0)
     IA = A + eye
-    U = torch.linalg.solve_triangular(IA, beta[..., None] * v, upper=False, unitriangular=True)
-    Kd = torch.linalg.solve_triangular(IA, (beta * G.exp())[..., None] * k, upper=False, unitriangular=True)
+    # one triangular solve for both right-hand sides: [beta v | beta exp(G) k]
+    rhs = torch.cat([beta[..., None] * v, (beta * G.exp())[..., None] * k], dim=-1)
+    U, Kd = torch.linalg.solve_triangular(IA, rhs, upper=False, unitriangular=True).split([dv, dk], dim=-1)
     QK = (q @ k.transpose(-1, -2)) * D  # causal incl. diagonal (D is 0 above it)
     eG = G.exp()
     to_end = (G[..., -1:] - G).exp()  # decay from each row to the chunk end
@@ -116,23 +117,24 @@ def _chunk_core(q, k, v, g, beta, S):
 
 
 def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slots=None,
-                             has_initial_state=None):
-    """Chunked WY form; same contract as `gated_delta_rule_recurrent` (without per-token states)."""
+                             has_initial_state=None, chunk=CHUNK):
+    """Chunked WY form; same contract as `gated_delta_rule_recurrent` (without per-token states).
+    `chunk` (a power of two) trades intra-chunk work (~L*chunk) against chunk steps (L/chunk)."""
     lens, starts = _lens(cu_seqlens)
     dev, Hv, dv, dk = v.device, v.shape[1], v.shape[2], k.shape[2]
     groups: dict[int, list[int]] = {}
     for i, n in enumerate(lens):
         if n > 0:
-            groups.setdefault(-(-n // CHUNK), []).append(i)
+            groups.setdefault(-(-n // chunk), []).append(i)
     vals, where = [], []
     for nc, rows in groups.items():
-        Lp = nc * CHUNK
+        Lp = nc * chunk
         steps = torch.arange(Lp, device=dev)
         pos = torch.tensor([starts[i] for i in rows], device=dev)[:, None] + steps
         valid = steps[None, :] < torch.tensor([lens[i] for i in rows], device=dev)[:, None]
         qp, kp, vp, gp, bp = _prepare(q, k, v, g, beta, pos, valid)
         S0 = _initial(state, state_slots, has_initial_state, rows, (Hv, dk, dv), dev)
-        o, S = _chunk_core(qp, kp, vp, gp, bp, S0)  # o [b, Hv, Lp, dv]
+        o, S = _chunk_core(qp, kp, vp, gp, bp, S0, chunk)  # o [b, Hv, Lp, dv]
         vals.append(o.transpose(1, 2)[valid])
         where.append(pos[valid])
         if state is not None:
