@@ -27,6 +27,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float)
     p.add_argument("--block-size", type=int)
     p.add_argument("--seed", type=int)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int,
+                   help="ranks to split the model over (one process each; cuda:0..N-1 on GPUs)")
     p.add_argument("--speculative-config", help="JSON; passed on if the engine supports it")
 
 

@@ -102,3 +102,37 @@ def test_moe_experts_dense_and_grouped(T):
     ref = moe.moe_experts(x, gu, down, w, ids)
     for fn in (cpu_fast._moe_dense, cpu_fast._moe_grouped, cpu_fast.moe_experts):
         torch.testing.assert_close(fn(x, gu, down, w, ids), ref, atol=1e-4, rtol=1e-5)
+
+
+def test_conv1d_varlen():
+    gen = torch.Generator().manual_seed(5)
+    lens, C, K = [7, 1, 0, 3, 12], 6, 4
+    x, w = torch.randn(sum(lens), C, generator=gen), torch.randn(C, K, generator=gen)
+    pool = torch.randn(8, C, K - 1, generator=gen)
+    pool[4] = float("nan")  # a fresh sequence's stale slot
+    slots, has = torch.tensor([1, 4, 6, 0, 2]), torch.tensor([True, False, True, False, True])
+    p1, p2 = pool.clone(), pool.clone()
+    torch.testing.assert_close(cpu_fast.causal_conv1d_varlen(x, w, _cu(lens), p1, slots, has),
+                               conv1d.causal_conv1d_varlen(x, w, _cu(lens), p2, slots, has), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(p1, p2, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(cpu_fast.causal_conv1d_varlen(x, w, _cu(lens)), conv1d.causal_conv1d_varlen(x, w, _cu(lens)),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_save_token_windows_equal_state_after_each_prefix():
+    gen = torch.Generator().manual_seed(6)
+    lens, C, K = [4, 1, 2], 5, 4
+    x, w = torch.randn(sum(lens), C, generator=gen), torch.randn(C, K, generator=gen)
+    pool = torch.randn(20, C, K - 1, generator=gen)
+    slots, has = torch.tensor([0, 1, 2]), torch.tensor([True, False, True])
+    token_slots = torch.tensor([3, -1, 5, 6, 7, 8, 9])
+    p = pool.clone()
+    conv1d.save_token_windows(x, _cu(lens), p, slots, has, token_slots)
+    for s, n, b in ((0, 4, 0), (4, 1, 1), (5, 2, 2)):
+        for t in range(n):
+            if token_slots[s + t] < 0:
+                continue
+            ref = pool.clone()
+            conv1d.causal_conv1d_varlen(x[s : s + t + 1], w, _cu([t + 1]), ref, slots[b : b + 1], has[b : b + 1])
+            torch.testing.assert_close(p[token_slots[s + t]], ref[slots[b]], atol=0, rtol=0)
+    assert torch.equal(p[4], pool[4])  # token 1 had no slot

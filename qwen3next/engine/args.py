@@ -15,6 +15,8 @@ class EngineArgs:
     dtype: str = "auto"  # "auto": the checkpoint's dtype on GPU, float32 on CPU
     device: str | None = None  # "cpu" | "cuda" | "cuda:N"; None: cuda when available
     seed: int = 0
+    # ranks, one process each (rank 0 is this one): heads, experts and vocab split over them
+    tensor_parallel_size: int = 1
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
     max_model_len: int | None = None  # None: the model's max_position_embeddings
@@ -34,7 +36,7 @@ class EngineArgs:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
             pos_int(name)
         pos_int("max_model_len", allow_none=True)
         pos_int("kv_cache_memory_bytes", allow_none=True)
@@ -56,6 +58,8 @@ class EngineArgs:
         from qwen3next.engine.spec_decode import SpeculativeConfig
 
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        if self.speculative_config is not None and self.tensor_parallel_size > 1:
+            raise ValueError("speculative_config is not supported with tensor_parallel_size > 1")
         if (not self.enable_chunked_prefill and self.max_model_len is not None
                 and self.max_num_batched_tokens < self.max_model_len):
             raise ValueError(

@@ -68,8 +68,10 @@ class LLMEngine:
         blocks_per_seq = -(-self.max_model_len // args.block_size)
         plan = plan_cache(spec, self.dtype, args.block_size, num_slots,
                           self._budget_bytes(), max_blocks=num_slots * blocks_per_seq)
-        self.cache = CacheManager(spec, plan, self.dtype, self.device, self.max_model_len,
-                                  num_scratch_slots=args.max_num_seqs * k)
+        # tensor parallel: every rank allocates the same plan (its own heads' shards)
+        make_cache = getattr(model, "make_cache_manager", CacheManager)
+        self.cache = make_cache(spec, plan, self.dtype, self.device, self.max_model_len,
+                                num_scratch_slots=args.max_num_seqs * k)
         self.cache.log_plan(self.max_model_len)
         self.scheduler = Scheduler(self.cache, args.max_num_seqs, args.max_num_batched_tokens,
                                    args.enable_chunked_prefill)
@@ -99,12 +101,22 @@ class LLMEngine:
         dtype = args.torch_dtype(ModelConfig.from_dir(path).dtype, device)
         torch.manual_seed(args.seed)
         # the MTP head only for speculative decoding: without it the cache has no MTP KV layer
-        model, cfg = load_model(path, dtype=dtype, device=device,
-                                with_mtp=args.speculative_config is not None, progress=False)
+        if args.tensor_parallel_size > 1:  # this process becomes rank 0 of N (distributed/)
+            from qwen3next.distributed.launch import start
+
+            model, cfg = start(path, args.tensor_parallel_size, dtype, device, with_mtp=False)
+        else:
+            model, cfg = load_model(path, dtype=dtype, device=device,
+                                    with_mtp=args.speculative_config is not None, progress=False)
         gen = read_generation_config(path)
         eos = gen.get("eos_token_id")
         eos = [eos] if isinstance(eos, int) else list(eos or cfg.eos_token_id)
-        engine = cls(model, args, eos)
+        try:
+            engine = cls(model, args, eos)
+        except BaseException:
+            if args.tensor_parallel_size > 1:  # don't leave the workers waiting
+                model.shutdown()
+            raise
         engine.generation_config = gen
         engine.model_dir = path
         return engine
@@ -142,6 +154,12 @@ class LLMEngine:
         del ids, hidden
         torch.cuda.empty_cache()
         return peak
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent; also done at exit)."""
+        stop = getattr(self.model, "shutdown", None)
+        if stop is not None:
+            stop()
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int],

@@ -58,3 +58,24 @@ def causal_conv1d_update(x, weight, conv_state, state_slots):
     y = F.silu((window.float() * weight.float()).sum(-1)).to(x.dtype)
     conv_state[state_slots] = window[:, :, 1:].to(conv_state.dtype)
     return y
+
+
+def save_token_windows(x, cu_seqlens, conv_state, state_slots, has_initial_state, token_slots) -> None:
+    """Speculative verify: for every token t with token_slots[t] >= 0, store the conv state after t
+    (the K-1 pre-conv inputs ending at t, the cached state supplying what precedes the run) into
+    conv_state[token_slots[t]]. Reads the states at state_slots, so call it before they are updated."""
+    T, C = x.shape
+    K1 = conv_state.shape[-1]
+    cu = _as_list(cu_seqlens)
+    B, dev = len(cu) - 1, x.device
+    lens = torch.tensor([cu[i + 1] - cu[i] for i in range(B)], device=dev)
+    prev = conv_state[state_slots].transpose(1, 2).to(x.dtype)  # [B, K-1, C]
+    prev = torch.where(has_initial_state.to(dev).view(B, 1, 1), prev, torch.zeros_like(prev))
+    # the same extended buffer as causal_conv1d_varlen: each sequence after its K-1 prefix
+    seq_id = torch.repeat_interleave(torch.arange(B, device=dev), lens)
+    tok_pos = torch.arange(T, device=dev) + (seq_id + 1) * K1
+    pre_pos = (torch.tensor(cu[:-1], device=dev) + torch.arange(B, device=dev) * K1)[:, None] + torch.arange(K1, device=dev)
+    ext = x.new_zeros(T + B * K1, C).index_put((tok_pos,), x).index_put((pre_pos.reshape(-1),), prev.reshape(-1, C))
+    sel = (token_slots >= 0).nonzero().squeeze(1)
+    idx = tok_pos[sel][:, None] - (K1 - 1) + torch.arange(K1, device=dev)  # [n, K-1] rows ending at t
+    conv_state[token_slots[sel]] = ext[idx].transpose(1, 2).to(conv_state.dtype)

@@ -154,6 +154,36 @@ def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slo
     return o
 
 
+def causal_conv1d_varlen(x, weight, cu_seqlens, conv_state=None, state_slots=None, has_initial_state=None):
+    """Same contract as conv1d.causal_conv1d_varlen: the same extended buffer (each sequence after
+    its K-1 prefix), convolved by one depthwise F.conv1d instead of K gathers."""
+    T, C = x.shape
+    K = weight.shape[-1]
+    cu = _as_list(cu_seqlens)
+    B, dev = len(cu) - 1, x.device
+    lens = torch.tensor([cu[i + 1] - cu[i] for i in range(B)], device=dev)
+    starts = torch.tensor(cu[:-1], device=dev)
+    prefix = x.new_zeros(B, K - 1, C)
+    if conv_state is not None:
+        prefix = conv_state.index_select(0, state_slots).transpose(1, 2).to(x.dtype)  # [B, K-1, C]
+        if has_initial_state is not None:  # where, not a product: a stale slot may hold NaN
+            prefix = torch.where(has_initial_state.to(dev).view(B, 1, 1), prefix, torch.zeros_like(prefix))
+    seq_id = torch.repeat_interleave(torch.arange(B, device=dev), lens, output_size=T)  # [T]
+    tok_pos = torch.arange(T, device=dev) + (seq_id + 1) * (K - 1)  # where token t lands
+    pre_pos = (starts + torch.arange(B, device=dev) * (K - 1))[:, None] + torch.arange(K - 1, device=dev)
+    ext = x.new_empty(T + B * (K - 1), C)
+    ext.index_copy_(0, tok_pos, x).index_copy_(0, pre_pos.reshape(-1), prefix.reshape(-1, C))
+    # output j of the valid conv sees ext[j : j + K]: token t's window ends at tok_pos[t]
+    y = F.conv1d(ext.t().float().unsqueeze(0), weight.float().unsqueeze(1), groups=C)[0]  # [C, T + (B-1)(K-1)]
+    y = F.silu(y.index_select(1, tok_pos - (K - 1)).t()).to(x.dtype)
+    if conv_state is not None:
+        ends = (starts + lens + (torch.arange(B, device=dev) + 1) * (K - 1))[:, None]  # one past last
+        idx = ends - (K - 1) + torch.arange(K - 1, device=dev)  # [B, K-1]
+        new = ext.index_select(0, idx.reshape(-1)).view(B, K - 1, C).transpose(1, 2)
+        conv_state.index_copy_(0, state_slots, new.to(conv_state.dtype))
+    return y
+
+
 def causal_conv1d_update(x, weight, conv_state, state_slots):
     """Same contract as conv1d.causal_conv1d_update: x [B, C] -> y [B, C]; conv_state in place.
     Works channels-last ([B, K, C]): the K taps are short rows, the channels long contiguous ones."""

@@ -27,7 +27,7 @@ __all__ = [
     "apply_rotary", "causal_attention", "causal_conv1d_update", "causal_conv1d_varlen",
     "gate_output", "gated_delta_rule_chunked", "gated_delta_rule_recurrent", "gated_rmsnorm", "gdn_decode",
     "moe_experts",
-    "moe_route", "paged_attention", "rope_cos_sin", "rope_inv_freq", "write_kv", "zc_rmsnorm",
+    "moe_route", "paged_attention", "rope_cos_sin", "rope_inv_freq", "save_token_windows", "write_kv", "zc_rmsnorm",
 ]
 
 
@@ -83,7 +83,12 @@ def gated_rmsnorm(x, z, weight, eps):
 def causal_conv1d_varlen(x, weight, cu_seqlens, conv_state=None, state_slots=None, has_initial_state=None):
     if _use_triton(x, weight):
         return _triton("conv1d").causal_conv1d_varlen(x, weight, cu_seqlens, conv_state, state_slots, has_initial_state)
-    return _ref_conv.causal_conv1d_varlen(x, weight, cu_seqlens, conv_state, state_slots, has_initial_state)
+    mod = _fast if _use_fast(x, weight) else _ref_conv
+    return mod.causal_conv1d_varlen(x, weight, cu_seqlens, conv_state, state_slots, has_initial_state)
+
+
+def save_token_windows(x, cu_seqlens, conv_state, state_slots, has_initial_state, token_slots):
+    return _ref_conv.save_token_windows(x, cu_seqlens, conv_state, state_slots, has_initial_state, token_slots)
 
 
 def causal_conv1d_update(x, weight, conv_state, state_slots):

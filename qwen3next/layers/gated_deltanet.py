@@ -119,15 +119,6 @@ class GatedDeltaNet(nn.Module):
         conv = batch.cache.conv[self.layer_idx]
         has_init = batch.has_initial_state
         pts = batch.per_token_state_slots
-        if pts is not None:
-            # the state after token t is the last K-1 inputs up to t: gather them before conv updates
-            K1 = self.kernel_size - 1
-            prev = conv[batch.state_slots].transpose(1, 2)  # [B, K-1, C]
-            prev = torch.where(has_init.view(-1, 1, 1), prev, torch.zeros_like(prev))
-            for i, (s, n) in enumerate(zip(batch.cu_seqlens.tolist()[:-1], batch.seq_lens)):
-                run = torch.cat([prev[i].to(m.dtype), m[s : s + n]])  # [K-1+n, C]
-                for t in range(n):
-                    slot = int(pts[s + t])
-                    if slot >= 0:
-                        conv[slot] = run[t + 1 : t + 1 + K1].transpose(0, 1).to(conv.dtype)
+        if pts is not None:  # before the conv below moves the states on
+            ops.save_token_windows(m, batch.cu_seqlens, conv, batch.state_slots, has_init, pts)
         return ops.causal_conv1d_varlen(m, w, batch.cu_seqlens, conv, batch.state_slots, has_init)
