@@ -87,14 +87,17 @@ class Qwen3NextForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def state_spec(self) -> StateSpec:
+        """This rank's shapes: head counts and conv channels are the layers' own (a shard under
+        tensor parallelism)."""
         cfg = self.config
-        kv = {i: (cfg.num_key_value_heads, cfg.head_dim) for i in cfg.full_layers}
+        layers = self.model.layers
+        kv = {i: (layers[i].self_attn.num_kv_heads, cfg.head_dim) for i in cfg.full_layers}
         if self.mtp is not None:
-            for j in range(len(self.mtp.layers)):
-                kv[cfg.num_hidden_layers + j] = (cfg.num_key_value_heads, cfg.head_dim)
-        conv = {i: (cfg.linear_conv_dim, cfg.linear_conv_kernel_dim - 1) for i in cfg.linear_layers}
+            for j, layer in enumerate(self.mtp.layers):
+                kv[cfg.num_hidden_layers + j] = (layer.self_attn.num_kv_heads, cfg.head_dim)
+        conv = {i: (layers[i].linear_attn.conv_dim, cfg.linear_conv_kernel_dim - 1) for i in cfg.linear_layers}
         rec = {
-            i: (cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
+            i: (layers[i].linear_attn.num_v_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
             for i in cfg.linear_layers
         }
         return StateSpec(kv_layers=kv, conv_layers=conv, recurrent_layers=rec)

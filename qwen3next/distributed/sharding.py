@@ -36,9 +36,8 @@ def cols(total: int, unit: int = 1) -> Shard:
     return Shard(1, (even_range(total, unit),))
 
 
-def check_divisible(cfg) -> None:
-    """One-line ValueError naming the first field that does not split over tp_size() ranks."""
-    n = tp_size()
+def check_divisible(cfg, n: int) -> None:
+    """One-line ValueError naming the first config field that does not split over n ranks."""
     fields = [("num_attention_heads", cfg.num_attention_heads), ("linear_num_key_heads", cfg.linear_num_key_heads),
               ("num_experts", cfg.num_experts), ("vocab_size", cfg.vocab_size),
               ("intermediate_size", cfg.intermediate_size),

@@ -1,0 +1,84 @@
+"""Start tensor parallelism from rank 0 (the calling process): check the config splits, spawn
+ranks 1..N-1 (worker.py), join the group, load rank 0's shard, wait for every worker's "ready",
+and hand back a DriverModel. Any rank failing to start stops them all with one error line.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+from qwen3next.config import ModelConfig
+
+from .sharding import check_divisible
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(procs: list, conns: list, timeout_s: float) -> None:
+    """Every worker said "ready"; else RuntimeError naming the first rank that failed."""
+    deadline = time.monotonic() + timeout_s
+    for rank, (p, conn) in enumerate(zip(procs, conns), start=1):
+        while not conn.poll(0.2):
+            if not p.is_alive():
+                raise RuntimeError(f"tensor-parallel rank {rank} exited during start-up (code {p.exitcode})")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tensor-parallel rank {rank} did not start within {timeout_s:.0f} s")
+        kind, msg = conn.recv()
+        if kind != "ready":
+            raise RuntimeError(f"tensor-parallel rank {rank} failed to start: {msg}")
+
+
+def start(model_dir: str, size: int, dtype: torch.dtype, device: torch.device, with_mtp: bool,
+          timeout_s: float = 600.0):
+    """-> (DriverModel around rank 0's shard, ModelConfig). device: cpu, or cuda (rank r on cuda:r)."""
+    from qwen3next.loader import load_model
+
+    from .driver import DriverModel
+    from .parallel_state import destroy_tp, init_tp
+
+    cfg = ModelConfig.from_dir(model_dir)
+    check_divisible(cfg, size)
+    if device.type == "cuda":
+        if torch.cuda.device_count() < size:
+            raise ValueError(f"tensor_parallel_size ({size}) exceeds the {torch.cuda.device_count()} visible GPUs")
+        device = torch.device("cuda:0")
+    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    ctx = mp.get_context("spawn")
+    procs, conns = [], []
+    for rank in range(1, size):
+        parent_end, child_end = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_worker_entry, name=f"qwen3next-tp{rank}", daemon=True,
+                        args=(rank, size, init_method, model_dir, dtype, device.type, with_mtp, child_end,
+                              os.getpid(), timeout_s, torch.get_num_threads()))
+        p.start()
+        procs.append(p)
+        conns.append(parent_end)
+    try:
+        init_tp(0, size, init_method, device, timeout_s)
+        model, cfg = load_model(model_dir, dtype=dtype, device=device, with_mtp=with_mtp, progress=False)
+        _wait_ready(procs, conns, timeout_s)
+    except BaseException:
+        for p in procs:
+            p.kill()
+            p.join()
+        destroy_tp()
+        raise
+    driver = DriverModel(model, procs)
+    atexit.register(driver.shutdown)
+    return driver, cfg
+
+
+def _worker_entry(*args) -> None:
+    from .worker import worker_main
+
+    worker_main(*args)

@@ -1,0 +1,92 @@
+"""A tensor-parallel worker (ranks 1..N-1), one process each, started by launch.py.
+
+It joins the group, loads its shard of the checkpoint, reports "ready" (or the error) to rank 0
+through a pipe, then mirrors rank 0's model calls until told to stop. Rank 0 schedules and
+samples; a worker only runs forwards (its all-reduces / all-gathers pair with rank 0's). It exits
+when its parent (rank 0) dies, whether or not a collective notices first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import traceback
+
+import torch
+
+logger = logging.getLogger("qwen3next.distributed")
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A daemon thread: rank 0 gone (re-parented) -> exit at once, without cleanup."""
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="tp-parent-watch", daemon=True).start()
+
+
+def worker_main(rank: int, size: int, init_method: str, model_dir: str, dtype: torch.dtype, device_type: str,
+                with_mtp: bool, conn, parent_pid: int, timeout_s: float, num_threads: int) -> None:
+    _exit_with_parent(parent_pid)
+    torch.set_num_threads(num_threads)
+    from qwen3next.loader import load_model
+
+    from .parallel_state import destroy_tp, init_tp
+
+    device = torch.device(f"cuda:{rank}") if device_type == "cuda" else torch.device("cpu")
+    try:
+        init_tp(rank, size, init_method, device, timeout_s)
+        model, _ = load_model(model_dir, dtype=dtype, device=device, with_mtp=with_mtp, progress=False)
+    except BaseException as e:  # noqa: BLE001 - reported to rank 0, which raises it
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", None))
+    try:
+        serve(model, device)
+    except BaseException:  # noqa: BLE001 - rank 0's own collectives fail next; say why here
+        logger.error("tensor-parallel rank %d failed:\n%s", rank, traceback.format_exc())
+        os._exit(1)
+    destroy_tp()
+
+
+@torch.inference_mode()
+def serve(model: torch.nn.Module, device: torch.device) -> None:
+    """Mirror rank 0: allocate the cache, run forwards and logits, until "stop"."""
+    from qwen3next.engine.cache import allocate_cache
+
+    from .messages import recv, unpack_batch
+
+    cache = None
+    while True:
+        kind, payload = recv()
+        if kind == "stop":
+            return
+        if kind == "cache":
+            plan, dtype = payload
+            cache = None  # free the old one first
+            cache = allocate_cache(model.state_spec(), plan, dtype, device)
+        elif kind == "forward":
+            ids, pos, fields, copies = payload
+            apply_copies(cache, copies)
+            batch = unpack_batch(fields, cache, device)
+            model(ids.to(device), pos.to(device), batch)
+        elif kind == "logits":
+            model.compute_logits(payload.to(device))
+        else:
+            raise RuntimeError(f"unknown message {kind!r}")
+
+
+def apply_copies(cache, copies: list[tuple[str, int, int]]) -> None:
+    """Replay rank 0's cache copies (n > 1 forks): ("block", src, dst) or ("slot", src, dst)."""
+    for what, src, dst in copies:
+        if what == "block":
+            for kv in cache.kv.values():
+                kv[dst].copy_(kv[src])
+        else:
+            for t in (*cache.conv.values(), *cache.recurrent.values()):
+                t[dst].copy_(t[src])
