@@ -110,3 +110,22 @@ def test_workers_exit_when_rank0_dies(tiny_ckpt):
         time.sleep(0.2)
     os.kill(pid, 9)
     pytest.fail("the worker outlived rank 0")
+
+
+def test_read_shard_dequantises_fp8_ranges_off_block_edges(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from qwen3next.distributed.sharding import Shard, read_shard
+    from qwen3next.loader import _dequant_fp8
+
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(12, 10, generator=g) * 50).to(torch.float8_e4m3fn)
+    s = torch.rand(3, 3, generator=g) + 0.5  # blocks of 4 x 4
+    save_file({"w": w, "w_scale_inv": s}, str(tmp_path / "m.safetensors"))
+    full = _dequant_fp8(w, s, (4, 4))
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        rows = read_shard(f.get_slice, "w", Shard(0, ((1, 3), (6, 11))), "w_scale_inv", (4, 4))
+        cols = read_shard(f.get_slice, "w", Shard(1, ((5, 9),)), "w_scale_inv", (4, 4))
+    assert torch.equal(rows, torch.cat([full[1:3], full[6:11]]))
+    assert torch.equal(cols, full[:, 5:9])
