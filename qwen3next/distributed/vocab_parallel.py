@@ -16,11 +16,11 @@ from .parallel_state import tp_size
 from .sharding import even_range, rows
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(nn.Embedding):
     def __init__(self, vocab_size: int, hidden_size: int):
-        super().__init__()
-        self.start, self.stop = even_range(vocab_size)
-        self.weight = nn.Parameter(torch.empty(self.stop - self.start, hidden_size))
+        start, stop = even_range(vocab_size)
+        super().__init__(stop - start, hidden_size)
+        self.start, self.stop = start, stop
         self.tp_shards = {"weight": rows(vocab_size)}
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -42,12 +42,12 @@ class Experts(nn.Module):
         """This rank's experts only: each (token, choice) routed here becomes a one-choice row."""
         local = ids - self.first_expert  # [T, k]
         tok, choice = torch.nonzero((local >= 0) & (local < self.num_experts), as_tuple=True)
-        out = torch.zeros_like(x)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # k choices summed in fp32
         if tok.numel():
             y = ops.moe_experts(x[tok], self.gate_up_proj, self.down_proj, weights[tok, choice, None],
                                 local[tok, choice, None])  # [n, H]
-            out.index_add_(0, tok, y)
-        return out
+            out.index_add_(0, tok, y.float())
+        return out.to(x.dtype)
 
 
 class SparseMoeBlock(nn.Module):
