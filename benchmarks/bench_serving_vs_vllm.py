@@ -29,7 +29,7 @@ from serving_load import run_load  # noqa: E402
 from serving_setup import Server, build_checkpoint, free_port, qwen3next_command, vllm_command  # noqa: E402
 
 DEFAULT_VLLM_PYTHON = "/work/vllm-venv/bin/python"
-METRICS = ("tok_per_s", "per_stream_tok_per_s", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99")
+METRICS = ("tok_per_s", "per_stream_tok_per_s", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99", "cpu_ms_per_token")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,7 +71,10 @@ def measure(server: Server, args: argparse.Namespace) -> dict:
         n = args.single_stream_requests if c == 1 else c
         runs = []
         for _ in range(args.repeats):
-            runs.append(run_load(server.url, model, c, n, args.max_tokens, offset=offset))
+            cpu0 = server.cpu_seconds()
+            run = run_load(server.url, model, c, n, args.max_tokens, offset=offset)
+            run["cpu_ms_per_token"] = 1e3 * (server.cpu_seconds() - cpu0) / run["output_tokens"]
+            runs.append(run)
             offset += n
         summary = {k: statistics.median(r[k] for r in runs) for k in METRICS}
         summary["runs_tok_per_s"] = [round(r["tok_per_s"], 1) for r in runs]
@@ -79,19 +82,19 @@ def measure(server: Server, args: argparse.Namespace) -> dict:
         print(f"  {server.name:9s} c={c:<4d} {summary['tok_per_s']:8.0f} tok/s  "
               f"ttft p50 {summary['ttft_p50'] * 1e3:6.0f} ms p99 {summary['ttft_p99'] * 1e3:6.0f} ms  "
               f"itl p50 {summary['itl_p50'] * 1e3:6.1f} ms p99 {summary['itl_p99'] * 1e3:6.1f} ms  "
-              f"runs {summary['runs_tok_per_s']}", flush=True)
+              f"cpu {summary['cpu_ms_per_token']:.2f} ms/tok  runs {summary['runs_tok_per_s']}", flush=True)
     return results
 
 
 def print_table(res: dict) -> None:
     names = [n for n in ("qwen3next", "vllm") if n in res]
     print(f"\n{'server':10s} {'conc':>5s} {'tok/s':>8s} {'stream':>7s} {'ttft50':>7s} {'ttft99':>7s} "
-          f"{'itl50':>6s} {'itl99':>6s}   (ms for latencies)")
+          f"{'itl50':>6s} {'itl99':>6s} {'cpu/tok':>7s}   (ms for latencies and CPU per token)")
     for name in names:
         for c, m in res[name].items():
             print(f"{name:10s} {c:>5s} {m['tok_per_s']:8.0f} {m['per_stream_tok_per_s']:7.0f} "
                   f"{m['ttft_p50'] * 1e3:7.0f} {m['ttft_p99'] * 1e3:7.0f} {m['itl_p50'] * 1e3:6.1f} "
-                  f"{m['itl_p99'] * 1e3:6.1f}")
+                  f"{m['itl_p99'] * 1e3:6.1f} {m['cpu_ms_per_token']:7.2f}")
     if len(names) == 2:
         print("\nqwen3next / vLLM (throughput: higher is better; latency: lower is better)")
         for c in res["qwen3next"]:
@@ -99,7 +102,8 @@ def print_table(res: dict) -> None:
             if v:
                 print(f"  c={c:<4s} tok/s x{q['tok_per_s'] / v['tok_per_s']:.2f}  "
                       f"ttft p50 x{q['ttft_p50'] / v['ttft_p50']:.2f}  p99 x{q['ttft_p99'] / v['ttft_p99']:.2f}  "
-                      f"itl p50 x{q['itl_p50'] / max(v['itl_p50'], 1e-9):.2f}")
+                      f"itl p50 x{q['itl_p50'] / max(v['itl_p50'], 1e-9):.2f}  "
+                      f"server CPU per token x{q['cpu_ms_per_token'] / v['cpu_ms_per_token']:.2f}")
 
 
 def main(argv=None) -> int:

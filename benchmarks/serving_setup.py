@@ -147,6 +147,24 @@ class Server:
         if not self._log.closed:
             self._log.close()
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) used so far by every live process of the server's session
+        (vLLM runs an API process and an engine process): on a shared machine, CPU per token is
+        the fair efficiency figure, wall-clock throughput also measures the scheduler's share."""
+        total = 0.0
+        tick = os.sysconf("SC_CLK_TCK")
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == self.proc.pid:  # session id: the server and all its children
+                total += (int(fields[11]) + int(fields[12])) / tick
+        return total
+
     def log_tail(self, n: int = 30) -> str:
         if not self._log.closed:
             self._log.flush()
