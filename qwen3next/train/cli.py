@@ -29,6 +29,7 @@ def _add_train(sub) -> None:
                    help="BPE size when training the tokenizer (regular tokens, before the 26 added ones)")  # fmt: skip
     p.add_argument("--num-conversations", type=int, default=20000)
     p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--mix", default=None, help="family weights, e.g. arith=0.5,tool=0.3,plain=0.2 (the default)")
     p.add_argument("--max-len", type=int, default=512, help="drop conversations longer than this (tokens)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-tokens", type=int, default=4096)
@@ -72,14 +73,14 @@ def run_train(ns) -> int:
     import torch
 
     from qwen3next.train import trainer
-    from qwen3next.train.data import generate
+    from qwen3next.train.data import generate, parse_mix
     from qwen3next.train.encode import encode_conversations, render
 
     if ns.threads:
         torch.set_num_threads(ns.threads)
     t0 = time.time()
     os.makedirs(ns.out, exist_ok=True)
-    convs = generate(ns.num_conversations, ns.data_seed)
+    convs = generate(ns.num_conversations, ns.data_seed, parse_mix(ns.mix) if ns.mix else None)
     if ns.init:
         from qwen3next.loader import load_model
 

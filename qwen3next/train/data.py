@@ -238,15 +238,35 @@ def with_extras(conv: Conversation, rng: random.Random) -> Conversation:
     return Conversation(conv.family, msgs, conv.tools, conv.meta)
 
 
-def make_conversation(rng: random.Random) -> Conversation:
-    family = rng.choices(list(FAMILY_WEIGHTS), weights=list(FAMILY_WEIGHTS.values()))[0]
+def make_conversation(rng: random.Random, weights: dict[str, float] | None = None) -> Conversation:
+    weights = weights or FAMILY_WEIGHTS
+    family = rng.choices(list(weights), weights=list(weights.values()))[0]
     conv = {"arith": make_arith, "tool": make_tool, "plain": make_plain}[family](rng)
     return with_extras(conv, rng)
 
 
-def generate(n: int, seed: int) -> list[Conversation]:
-    """n conversations, deterministic in seed."""
+def parse_mix(spec: str) -> dict[str, float]:
+    """"arith=0.5,tool=0.3,plain=0.2" -> family weights (unnamed families get 0)."""
+    weights = {}
+    for part in spec.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in FAMILY_WEIGHTS:
+            raise ValueError(f"mix: unknown family {name!r}; have {sorted(FAMILY_WEIGHTS)}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"mix: weight of {name!r} is not a number: {value!r}") from None
+        if weights[name] < 0:
+            raise ValueError(f"mix: weight of {name!r} is negative")
+    if sum(weights.values()) <= 0:
+        raise ValueError(f"mix: weights must sum to more than 0, got {spec!r}")
+    return weights
+
+
+def generate(n: int, seed: int, weights: dict[str, float] | None = None) -> list[Conversation]:
+    """n conversations, deterministic in (seed, weights)."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(seed)
-    return [make_conversation(rng) for _ in range(n)]
+    return [make_conversation(rng, weights) for _ in range(n)]
