@@ -237,7 +237,9 @@ def test_sampling_matches_the_target_distribution(model, prompts, monkeypatch):
     from qwen3next.engine.sequence import Request, Sequence
 
     prompt = prompts[2]
-    params = SamplingParams(temperature=0.8, top_k=TOP_K, max_tokens=LEN_S, ignore_eos=True)
+    # penalties that favour repeats: verify position i must count the drafts before it as outputs
+    params = SamplingParams(temperature=0.8, top_k=TOP_K, max_tokens=LEN_S, ignore_eos=True,
+                            repetition_penalty=1.5, presence_penalty=-2.0, frequency_penalty=-2.0)
 
     def seq_factory(outputs):
         s = Sequence(0, Request("x", prompt, params, frozenset(), 999), 0, torch.device("cpu"))
@@ -271,6 +273,7 @@ def test_sampling_matches_the_target_distribution(model, prompts, monkeypatch):
     counts = dict.fromkeys(exact, 0)
     got = run(eng, [prompt] * N, params)
     for toks, _ in got.values():
+        assert tuple(toks[0]) in counts, f"{toks[0]} has probability 0 under the target"
         counts[tuple(toks[0])] += 1
     st = eng.stats["spec_decode"]
     assert 0.2 < st["acceptance_rate"] < 0.9  # both accepts and rejects happen
