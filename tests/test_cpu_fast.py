@@ -136,3 +136,46 @@ def test_save_token_windows_equal_state_after_each_prefix():
             conv1d.causal_conv1d_varlen(x[s : s + t + 1], w, _cu([t + 1]), ref, slots[b : b + 1], has[b : b + 1])
             torch.testing.assert_close(p[token_slots[s + t]], ref[slots[b]], atol=0, rtol=0)
     assert torch.equal(p[4], pool[4])  # token 1 had no slot
+
+
+def _step_batch(model, cache, lens, ctx, bs):
+    """A ForwardBatch for sequences b = 0.. owning blocks [8b, 8b + 8) and state slot b."""
+    B = len(lens)
+    tables = torch.arange(B * 8).view(B, 8)
+    pos = torch.cat([torch.arange(c, c + n) for c, n in zip(ctx, lens)])
+    row = torch.repeat_interleave(torch.arange(B), torch.tensor(lens))
+    slot_mapping = tables[row, pos // bs] * bs + pos % bs
+    from qwen3next.forward_batch import ForwardBatch
+
+    batch = ForwardBatch(cu_seqlens=_cu(lens), seq_lens=list(lens), context_lens=list(ctx), cache=cache,
+                         block_tables=tables, slot_mapping=slot_mapping, state_slots=torch.arange(B))
+    return pos, batch
+
+
+def test_model_steps_match_reference_kernels(tiny_ckpt, monkeypatch):
+    """Prefill, a mixed step, then decode through the whole tiny model: the CPU fast path (fused
+    MoE, decode DeltaNet step, batched attention) against QWEN3NEXT_KERNELS=torch."""
+    from qwen3next.forward_batch import ModelCache
+    from qwen3next.loader import load_model
+
+    model, _ = load_model(tiny_ckpt, dtype=torch.float32, device="cpu", with_mtp=False, progress=False)
+    spec, bs = model.state_spec(), 4
+    caches = []
+    for _ in range(2):
+        c = ModelCache(block_size=bs)
+        c.kv = {i: torch.zeros(32, 2, bs, *s) for i, s in spec.kv_layers.items()}
+        c.conv = {i: torch.zeros(4, *s) for i, s in spec.conv_layers.items()}
+        c.recurrent = {i: torch.zeros(4, *s) for i, s in spec.recurrent_layers.items()}
+        caches.append(c)
+    gen = torch.Generator().manual_seed(8)
+    ctx = [0, 0, 0]
+    for lens in ([5, 9, 1], [1, 1, 3], [1, 1, 1], [1, 1, 1]):
+        ids = torch.randint(0, model.config.vocab_size, (sum(lens),), generator=gen)
+        outs = []
+        for mode, cache in zip(("", "torch"), caches):
+            monkeypatch.setenv("QWEN3NEXT_KERNELS", mode)
+            pos, batch = _step_batch(model, cache, lens, ctx, bs)
+            with torch.inference_mode():
+                outs.append(model(ids, pos, batch))
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+        ctx = [c + n for c, n in zip(ctx, lens)]

@@ -226,11 +226,15 @@ def moe_experts(x, gate_up_proj, down_proj, weights, ids) -> torch.Tensor:
     weights/ids [T, k] -> [T, H]."""
     T, k = ids.shape
     E, I2, H = gate_up_proj.shape
-    inter = I2 // 2
-    wasted = (E - k) * T * 3 * H * inter * 2
-    if wasted <= min(E, T * k) * _FLOPS_PER_EXPERT_STEP:
+    if moe_dense_pays(T, E, k, H, I2 // 2):
         return _moe_dense(x, gate_up_proj, down_proj, weights, ids)
     return _moe_grouped(x, gate_up_proj, down_proj, weights, ids)
+
+
+def moe_dense_pays(T: int, E: int, k: int, H: int, inter: int) -> bool:
+    """Whether every expert on every token is cheaper than the grouped loop for T tokens."""
+    wasted = (E - k) * T * 3 * H * inter * 2
+    return wasted <= min(E, T * k) * _FLOPS_PER_EXPERT_STEP
 
 
 def _moe_dense(x, gate_up_proj, down_proj, weights, ids):

@@ -61,6 +61,11 @@ def _use_fast(*tensors) -> bool:
     return not (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))
 
 
+def cpu_fast_ok(*tensors) -> bool:
+    """Layers' own CPU shortcuts (fused projections) apply: CPU tensors, cpu_fast allowed."""
+    return tensors[0].device.type == "cpu" and _use_fast(*tensors)
+
+
 def _triton(name: str):
     """The Triton module `name` (imported on first use, so CPU-only runs never import triton)."""
     import importlib
