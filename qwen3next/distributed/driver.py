@@ -10,6 +10,9 @@ forward. `shutdown` stops the workers and leaves the group.
 
 from __future__ import annotations
 
+import atexit
+import time
+
 import torch
 from torch import nn
 
@@ -52,12 +55,29 @@ class DriverModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch):
         copies, self.pending_copies = self.pending_copies, []
-        messages.send(("forward", (input_ids.cpu(), positions.cpu(), messages.pack_batch(batch), copies)))
-        return self.inner(input_ids, positions, batch)
+        self._send(("forward", (input_ids.cpu(), positions.cpu(), messages.pack_batch(batch), copies)))
+        return self._checked(self.inner, input_ids, positions, batch)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        messages.send(("logits", hidden.cpu()))
-        return self.inner.compute_logits(hidden)
+        self._send(("logits", hidden.cpu()))
+        return self._checked(self.inner.compute_logits, hidden)
+
+    def _send(self, msg: tuple) -> None:
+        self._checked(messages.send, msg)
+
+    def _checked(self, fn, *args):
+        """fn(*args); a failure while a worker is dead names that rank (the collective's own
+        error says only that a peer closed its connection)."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            deadline = time.monotonic() + 2.0  # a killed worker may not be reaped yet
+            for p in self.workers:
+                p.join(max(deadline - time.monotonic(), 0))
+            dead = [(r, p.exitcode) for r, p in enumerate(self.workers, start=1) if not p.is_alive()]
+            if dead:
+                raise RuntimeError(f"tensor-parallel rank {dead[0][0]} is gone (exit code {dead[0][1]})") from e
+            raise
 
     def make_cache_manager(self, spec, plan, dtype, *args, **kwargs) -> TPCacheManager:
         """Rank 0's CacheManager; the workers allocate caches of the same plan from their specs."""
@@ -69,6 +89,7 @@ class DriverModel(nn.Module):
         if self._stopped:
             return
         self._stopped = True
+        atexit.unregister(self.shutdown)  # drop the reference that kept the model alive
         alive = all(p.is_alive() for p in self.workers)
         if alive:
             try:
