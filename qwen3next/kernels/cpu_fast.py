@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import attention as _ref_attn
 from . import delta_rule as _ref_dr
 from .attention import _as_list
 
@@ -77,6 +78,17 @@ def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale) 
             for b in multi:
                 run([b])
     return out
+
+
+def write_kv(k, v, kv_cache, slot_mapping) -> None:
+    """Same contract as attention.write_kv: one row copy of K and V into the flattened cache."""
+    if not bool((slot_mapping >= 0).all()):
+        return _ref_attn.write_kv(k, v, kv_cache, slot_mapping)
+    NB, _, bs, Hkv, D = kv_cache.shape
+    T = k.shape[0]
+    row_k = (slot_mapping // bs) * (2 * bs) + slot_mapping % bs  # rows of [NB * 2 * bs, Hkv * D]
+    rows = torch.cat([row_k, row_k + bs])
+    kv_cache.view(NB * 2 * bs, Hkv * D).index_copy_(0, rows, torch.cat([k.reshape(T, -1), v.reshape(T, -1)]).to(kv_cache.dtype))
 
 
 # ---- Gated DeltaNet decode -------------------------------------------------------------------

@@ -158,7 +158,7 @@ def gate_output(o, gate):
 def write_kv(k, v, kv_cache, slot_mapping):
     if _use_triton(k, v):
         return _triton("attention").write_kv(k, v, kv_cache, slot_mapping)
-    return _ref_attn.write_kv(k, v, kv_cache, slot_mapping)
+    return (_fast if _use_fast(k, v) else _ref_attn).write_kv(k, v, kv_cache, slot_mapping)
 
 
 def moe_route(router_logits, top_k, norm_topk_prob):

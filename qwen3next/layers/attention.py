@@ -18,6 +18,7 @@ from ..distributed.parallel_state import tp_size
 from ..distributed.sharding import Shard, cols, kv_head_range, rows
 from ..forward_batch import ForwardBatch
 from ..kernels import ops
+from .fused import DerivedWeight
 from .norm import ZCRMSNorm
 
 
@@ -38,6 +39,9 @@ class GatedAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * D, H, bias=False)
         self.q_norm = ZCRMSNorm(D, cfg.rms_norm_eps)
         self.k_norm = ZCRMSNorm(D, cfg.rms_norm_eps)
+        self._qkv = DerivedWeight(lambda q, k, v: torch.cat([q, k, v]))  # CPU inference (fused.py)
+        hq, hkv = self.num_heads, self.num_kv_heads
+        self._qk_norm = DerivedWeight(lambda wq, wk: torch.cat([wq.expand(hq, -1), wk.expand(hkv, -1)]))
         if self.tp > 1:
             kv = Shard(0, (tuple(h * D for h in kv_head_range(cfg.num_key_value_heads)),))
             self.q_proj.tp_shards = {"weight": rows(cfg.num_attention_heads, 2 * D)}  # per head [query | gate]
@@ -46,12 +50,15 @@ class GatedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         T, D = x.shape[0], self.head_dim
-        qg = self.q_proj(x).view(T, self.num_heads, 2 * D)
-        q, gate = qg[..., :D], qg[..., D:]  # per head: [query | gate]
-        k = self.k_proj(x).view(T, self.num_kv_heads, D)
-        v = self.v_proj(x).view(T, self.num_kv_heads, D)
-        q = ops.apply_rotary(self.q_norm(q), cos, sin)
-        k = ops.apply_rotary(self.k_norm(k), cos, sin)
+        if batch.cache is not None and ops.cpu_fast_ok(x, self.q_proj.weight):
+            q, gate, k, v = self._qkv_cpu(x, cos, sin)
+        else:
+            qg = self.q_proj(x).view(T, self.num_heads, 2 * D)
+            q, gate = qg[..., :D], qg[..., D:]  # per head: [query | gate]
+            k = self.k_proj(x).view(T, self.num_kv_heads, D)
+            v = self.v_proj(x).view(T, self.num_kv_heads, D)
+            q = ops.apply_rotary(self.q_norm(q), cos, sin)
+            k = ops.apply_rotary(self.k_norm(k), cos, sin)
         if batch.cache is None:
             o = ops.causal_attention(q, k, v, batch.cu_seqlens, self.scale)
         else:
@@ -63,3 +70,15 @@ class GatedAttention(nn.Module):
         if self.tp > 1:  # row-parallel o_proj: sum the ranks' partial outputs
             o = all_reduce(o)
         return o
+
+    def _qkv_cpu(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """CPU inference: q/k/v projections as one matmul over stacked weights, and the q and k heads
+        normed and rotated together (a per-head norm weight) -> q, gate [T, Hq, D], k, v [T, Hkv, D]."""
+        T, D, Hq, Hkv = x.shape[0], self.head_dim, self.num_heads, self.num_kv_heads
+        y = x @ self._qkv.get(self.q_proj.weight, self.k_proj.weight, self.v_proj.weight).t()
+        qg = y[:, : Hq * 2 * D].view(T, Hq, 2 * D)
+        k = y[:, Hq * 2 * D : (Hq * 2 + Hkv) * D].view(T, Hkv, D)
+        v = y[:, (Hq * 2 + Hkv) * D :].view(T, Hkv, D)
+        w = self._qk_norm.get(self.q_norm.weight, self.k_norm.weight)  # [Hq + Hkv, D]
+        qk = ops.apply_rotary(ops.zc_rmsnorm(torch.cat([qg[..., :D], k], dim=1), w, self.q_norm.eps), cos, sin)
+        return qk[:, :Hq], qg[..., D:], qk[:, Hq:], v
