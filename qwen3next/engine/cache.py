@@ -178,6 +178,13 @@ class CacheManager:
         self._write_table(child, 0)
         return True
 
+    def copy_slots(self, src: list[int], dst: list[int]) -> None:
+        """DeltaNet state (conv and recurrent, every layer) of slots `src` into slots `dst`."""
+        s = torch.tensor(src, dtype=torch.long, device=self.block_tables.device)
+        d = torch.tensor(dst, dtype=torch.long, device=self.block_tables.device)
+        for t in (*self.cache.conv.values(), *self.cache.recurrent.values()):
+            t[d] = t[s]
+
     def _write_table(self, seq, start: int) -> None:
         new = seq.block_ids[start:]
         self.block_tables[seq.slot, start:start + len(new)] = torch.tensor(new, dtype=torch.long)

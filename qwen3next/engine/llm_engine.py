@@ -104,7 +104,8 @@ class LLMEngine:
         if args.tensor_parallel_size > 1:  # this process becomes rank 0 of N (distributed/)
             from qwen3next.distributed.launch import start
 
-            model, cfg = start(path, args.tensor_parallel_size, dtype, device, with_mtp=False)
+            model, cfg = start(path, args.tensor_parallel_size, dtype, device,
+                               with_mtp=args.speculative_config is not None)
         else:
             model, cfg = load_model(path, dtype=dtype, device=device,
                                     with_mtp=args.speculative_config is not None, progress=False)

@@ -267,10 +267,7 @@ class SpecDecoder:
             out.logprobs.append(None)
             out.chosen_logprobs.append(None)
         if roll_src:
-            src = torch.tensor(roll_src, dtype=torch.long, device=self.device)
-            dst = torch.tensor(roll_dst, dtype=torch.long, device=self.device)
-            for t in (*self.cache.cache.conv.values(), *self.cache.cache.recurrent.values()):
-                t[dst] = t[src]
+            self.cache.copy_slots(roll_src, roll_dst)
         for w in want_lp:
             r = w - (len(out.rows) - len(seqs))
             toks = out.tokens[w]

@@ -10,6 +10,8 @@ read/written at `batch.state_slots` in `cache.conv[i]` / `cache.recurrent[i]`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,12 +22,21 @@ from ..distributed.parallel_state import tp_size
 from ..distributed.sharding import Shard, cols, even_range, rows
 from ..forward_batch import ForwardBatch
 from ..kernels import ops
+from .fused import DerivedWeight
 from .norm import GatedRMSNorm
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / sqrt(sum x^2 + eps) over the last dim (eps inside the sqrt)."""
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def _regroup_rows(Hk: int, dk: int, rdv: int, r: int, w_qkvz: torch.Tensor, w_ba: torch.Tensor) -> torch.Tensor:
+    """Per-key-head grouped rows of in_proj_qkvz / in_proj_ba -> [q_all | k_all | v_all | z | b | a]."""
+    H = w_qkvz.shape[-1]
+    q, k, v, z = torch.split(w_qkvz.view(Hk, 2 * dk + 2 * rdv, H), [dk, dk, rdv, rdv], dim=1)
+    ba = w_ba.view(Hk, 2 * r, H)
+    return torch.cat([t.reshape(-1, H) for t in (q, k, v, z, ba[:, :r], ba[:, r:])])
 
 
 class GatedDeltaNet(nn.Module):
@@ -50,6 +61,8 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.empty(self.num_v_heads).uniform_(1, 16)))
         self.norm = GatedRMSNorm(self.head_v_dim, cfg.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, H, bias=False)
+        self._proj = DerivedWeight(functools.partial(_regroup_rows, self.num_k_heads, self.head_k_dim,
+                                                     self.ratio * self.head_v_dim, self.ratio))
         if self.tp > 1:
             self._declare_shards(cfg)
 
@@ -67,6 +80,11 @@ class GatedDeltaNet(nn.Module):
     def _split(self, x: torch.Tensor):
         """-> m [T, conv_dim] (conv input), z [T, Hv, dv], b, a [T, Hv] from the grouped projections."""
         T, Hk, dk, dv, r = x.shape[0], self.num_k_heads, self.head_k_dim, self.head_v_dim, self.ratio
+        if ops.cpu_fast_ok(x, self.in_proj_qkvz.weight):
+            # CPU inference: one matmul over both projections' rows regrouped as [q|k|v|z|b|a] (views out)
+            y = x @ self._proj.get(self.in_proj_qkvz.weight, self.in_proj_ba.weight).t()
+            C, Vd, Hv = self.conv_dim, self.value_dim, self.num_v_heads
+            return y[:, :C], y[:, C : C + Vd].view(T, Hv, dv), y[:, C + Vd : C + Vd + Hv], y[:, C + Vd + Hv :]
         p = self.in_proj_qkvz(x).view(T, Hk, 2 * dk + 2 * r * dv)
         q, k, v, z = torch.split(p, [dk, dk, r * dv, r * dv], dim=-1)
         pb = self.in_proj_ba(x).view(T, Hk, 2 * r)
