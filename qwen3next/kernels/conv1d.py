@@ -74,7 +74,8 @@ def save_token_windows(x, cu_seqlens, conv_state, state_slots, has_initial_state
     # the same extended buffer as causal_conv1d_varlen: each sequence after its K-1 prefix
     seq_id = torch.repeat_interleave(torch.arange(B, device=dev), lens)
     tok_pos = torch.arange(T, device=dev) + (seq_id + 1) * K1
-    pre_pos = (torch.tensor(cu[:-1], device=dev) + torch.arange(B, device=dev) * K1)[:, None] + torch.arange(K1, device=dev)
+    starts = torch.tensor(cu[:-1], device=dev)
+    pre_pos = (starts + torch.arange(B, device=dev) * K1)[:, None] + torch.arange(K1, device=dev)
     ext = x.new_zeros(T + B * K1, C).index_put((tok_pos,), x).index_put((pre_pos.reshape(-1),), prev.reshape(-1, C))
     sel = (token_slots >= 0).nonzero().squeeze(1)
     idx = tok_pos[sel][:, None] - (K1 - 1) + torch.arange(K1, device=dev)  # [n, K-1] rows ending at t

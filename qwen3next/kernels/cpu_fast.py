@@ -88,7 +88,8 @@ def write_kv(k, v, kv_cache, slot_mapping) -> None:
     T = k.shape[0]
     row_k = (slot_mapping // bs) * (2 * bs) + slot_mapping % bs  # rows of [NB * 2 * bs, Hkv * D]
     rows = torch.cat([row_k, row_k + bs])
-    kv_cache.view(NB * 2 * bs, Hkv * D).index_copy_(0, rows, torch.cat([k.reshape(T, -1), v.reshape(T, -1)]).to(kv_cache.dtype))
+    src = torch.cat([k.reshape(T, -1), v.reshape(T, -1)]).to(kv_cache.dtype)
+    kv_cache.view(NB * 2 * bs, Hkv * D).index_copy_(0, rows, src)
 
 
 # ---- Gated DeltaNet decode -------------------------------------------------------------------
@@ -159,7 +160,7 @@ def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slo
         for n in lens:
             sub_cu.append(sub_cu[-1] + n)
         rows = torch.tensor(rest, device=state_slots.device)
-        sub_init = None if has_initial_state is None else has_initial_state.index_select(0, rows.to(has_initial_state.device))
+        sub_init = None if has_initial_state is None else has_initial_state[rest]
         pick = [x.index_select(0, tok) for x in (q, k, v, g, beta)]
         o.index_copy_(0, tok, _ref_dr.gated_delta_rule_chunked(*pick, sub_cu, state, state_slots.index_select(0, rows),
                                                                sub_init, chunk=CHUNK))

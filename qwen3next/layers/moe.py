@@ -85,8 +85,9 @@ class SparseMoeBlock(nn.Module):
         (down_proj is linear), so shared and routed outputs leave through one down matmul."""
         ex = self.experts
         T, E, inter = x.shape[0], ex.num_experts, ex.intermediate_size
-        Is = self.shared_expert.gate_proj.weight.shape[0]
-        shared = (self.shared_expert.gate_proj.weight, self.shared_expert.up_proj.weight, self.shared_expert_gate.weight)
+        Is = self.shared_expert.gate_proj.weight.shape[0]  # shared expert's intermediate size
+        se = self.shared_expert
+        shared = (se.gate_proj.weight, se.up_proj.weight, self.shared_expert_gate.weight)
         dense = cpu_fast.moe_dense_pays(T, E, self.top_k, x.shape[1], inter)
         if dense:
             y = x @ self._up_dense.get(*shared, ex.gate_up_proj).t()  # [T, 2Is + 1 + E*2I]
@@ -95,9 +96,9 @@ class SparseMoeBlock(nn.Module):
         hs = F.silu(y[:, :Is]).mul_(y[:, Is : 2 * Is]).mul_(torch.sigmoid(y[:, 2 * Is : 2 * Is + 1]))  # [T, Is]
         if not dense:
             routed = ops.moe_experts(x, ex.gate_up_proj, ex.down_proj, weights, ids)
-            return routed + hs @ self.shared_expert.down_proj.weight.t()
+            return routed + hs @ se.down_proj.weight.t()
         gu = y[:, 2 * Is + 1 :].view(T, E, 2 * inter)
         dense_w = weights.new_zeros(T, E).scatter_(1, ids, weights).to(x.dtype)  # [T, E], 0 off the top-k
         h = F.silu(gu[..., :inter]).mul_(gu[..., inter:]).mul_(dense_w[..., None])  # [T, E, I]
-        down = self._down_dense.get(ex.down_proj, self.shared_expert.down_proj.weight)  # [E*I + Is, H]
+        down = self._down_dense.get(ex.down_proj, se.down_proj.weight)  # [E*I + Is, H]
         return torch.cat([h.view(T, E * inter), hs], dim=1) @ down
