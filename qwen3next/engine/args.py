@@ -24,6 +24,7 @@ class EngineArgs:
     kv_cache_memory_bytes: int | None = None  # None: gpu_memory_utilization on GPU, 4 GiB on CPU
     gpu_memory_utilization: float = 0.9
     enable_chunked_prefill: bool = True
+    enforce_eager: bool = False  # CUDA: True runs decode steps eagerly instead of replaying CUDA graphs
     # vLLM's {"method": "qwen3_next_mtp", "num_speculative_tokens": k} (dict or JSON text);
     # checked into a SpeculativeConfig (or None) at construction
     speculative_config: object = None

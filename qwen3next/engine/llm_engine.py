@@ -81,6 +81,8 @@ class LLMEngine:
         if args.speculative_config is not None:
             self.spec = SpecDecoder(model, self.cache, sampler, self.device, args.speculative_config,
                                     self.cache.scratch_base, args.max_num_seqs)
+        elif self.device.type == "cuda" and not args.enforce_eager:
+            self._capture_cuda_graphs()
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._pending: list[RequestOutput] = []  # aborts, reported by the next step()
@@ -135,6 +137,16 @@ class LLMEngine:
                         total / (1 << 30), free / (1 << 30), peak / (1 << 30))
             return budget
         return 4 << 30  # CPU: vLLM's default KV space (capped by what max_num_seqs can use)
+
+    def _capture_cuda_graphs(self) -> None:
+        """Compile every prefill batch-size class, then capture the decode steps (cuda_graph.py)."""
+        from qwen3next.engine.cuda_graph import CudaGraphRunner
+
+        a = self.args
+        graphs = CudaGraphRunner(self.model, self.cache.cache, self.cache.max_blocks_per_seq, a.max_num_seqs)
+        graphs.warmup_prefill(a.max_num_seqs, a.max_num_batched_tokens)
+        graphs.capture()
+        self.runner.graphs = graphs
 
     @torch.inference_mode()
     def _profile_activations(self) -> int:

@@ -26,6 +26,8 @@ class ModelRunner:
         self.sampler = sampler
         self.device = device
         self.block_size = cache.block_size
+        # CUDA-graph decode (engine/cuda_graph.py), set by LLMEngine on CUDA; None: always eager
+        self.graphs = None
 
     def build_batch(self, sched: SchedulerOutput):
         """-> (input_ids [T], positions [T], ForwardBatch, logit rows [R], row sequences)."""
@@ -81,6 +83,13 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> tuple[list[Sequence], SamplerOutput | None]:
         """Run one step; -> (the sequences sampled, in row order, and their samples)."""
         input_ids, positions, batch, row_idx, rows = self.build_batch(sched)
+        if self.graphs is not None and self.graphs.can_run(batch):
+            logits = self.graphs.run(input_ids, positions, batch)  # [B, V], row i = sequence i
+            if not rows:
+                return rows, None
+            if row_idx != list(range(batch.num_seqs)):  # n > 1 forks, or a recompute mid-way
+                logits = logits[torch.tensor(row_idx, dtype=torch.long, device=self.device)]
+            return rows, self.sampler(logits, rows)
         hidden = self.model(input_ids, positions, batch)  # [T, H]
         if not rows:
             return rows, None

@@ -50,12 +50,15 @@ def _decode_kernel(m_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, st_ptr, slot_ptr, o_p
         S = S + k[:, None] * (beta * (v - vhat))[None, :]
         tl.store(o_ptr + (b * HV + h) * DV + cv, tl.sum(S * q[:, None], 0).to(o_ptr.dtype.element_ty))
         tl.store(sp, S)
+    else:
+        # a padded row (CUDA-graph batch): no state, but a finite output for the layers after
+        tl.store(o_ptr + (b * HV + h) * DV + iv * BV + tl.arange(0, BV), tl.zeros([BV], dtype=o_ptr.dtype.element_ty))
 
 
 def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A_log, dt_bias,
                num_k_heads: int, *, bv: int = 64, num_warps: int = 4) -> torch.Tensor:
     """m [B, conv_dim] pre-conv; a, b [B, Hv]; conv_state [N, conv_dim, K-1];
-    recurrent_state [N, Hv, dk, dv] fp32; state_slots [B] (negative = skip) -> o [B, Hv, dv]."""
+    recurrent_state [N, Hv, dk, dv] fp32; state_slots [B] (negative = skip: o = 0) -> o [B, Hv, dv]."""
     B, C = m.shape
     HV, DK, DV = recurrent_state.shape[1:]
     HK = num_k_heads

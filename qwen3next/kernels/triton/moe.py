@@ -44,6 +44,7 @@ def _route_kernel(logit_ptr, w_ptr, id_ptr, E, TOPK: tl.constexpr, RENORM: tl.co
     for j in tl.static_range(TOPK):
         best = tl.max(p, 0)
         idx = tl.min(tl.where(p == best, e, BE), 0)                    # lowest index among ties
+        idx = tl.minimum(idx, E - 1)  # NaN logits match nothing: keep the id a valid expert
         tl.store(w_ptr + t * TOPK + j, best * scale)
         tl.store(id_ptr + t * TOPK + j, idx.to(tl.int64))
         p = tl.where(e == idx, -1.0, p)
