@@ -95,16 +95,14 @@ def _chunk_core(q, k, v, g, beta, S, chunk=CHUNK):
     q, k = q.view(b, H, n, C, dk), k.view(b, H, n, C, dk)
     v, beta = v.view(b, H, n, C, dv), beta.view(b, H, n, C)
     G = g.view(b, H, n, C).cumsum(-1)  # cumulative log-decay within each chunk
-    incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
-    # masked before exp: above the diagonal G_r - G_s > 0 could overflow
-    D = (G[..., :, None] - G[..., None, :]).masked_fill(~incl, float("-inf")).exp()  # [b,H,n,C,C]
-    eye = torch.eye(C, dtype=q.dtype, device=q.device)
-    A = (beta[..., :, None] * (k @ k.transpose(-1, -2)) * D).masked_fill(~strict, 0.0)
-    IA = A + eye
-    # one triangular solve for both right-hand sides: [beta v | beta exp(G) k]
+    incl = torch.ones(C, C, dtype=q.dtype, device=q.device).tril()  # 0/1: causal incl. the diagonal
+    # zeroed before exp (above the diagonal G_r - G_s > 0 could overflow) and after (exp(0) = 1)
+    D = ((G[..., :, None] - G[..., None, :]) * incl).exp() * incl  # [b,H,n,C,C]
+    A = beta[..., :, None] * (k @ k.transpose(-1, -2)) * D
+    # (I + strictly-lower part of A): a unit-triangular solve reads only A's strict lower triangle;
+    # one solve for both right-hand sides [beta v | beta exp(G) k]
     rhs = torch.cat([beta[..., None] * v, (beta * G.exp())[..., None] * k], dim=-1)
-    U, Kd = torch.linalg.solve_triangular(IA, rhs, upper=False, unitriangular=True).split([dv, dk], dim=-1)
+    U, Kd = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True).split([dv, dk], dim=-1)
     QK = (q @ k.transpose(-1, -2)) * D  # causal incl. diagonal (D is 0 above it)
     eG = G.exp()
     to_end = (G[..., -1:] - G).exp()  # decay from each row to the chunk end
