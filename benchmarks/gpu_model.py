@@ -275,7 +275,7 @@ def decode_ours(res, ours):
 
 
 @section
-def engine(res, ours, num_requests: int = 256, prompt_len: int = 1024, out_len: int = 1024, limit_s: float = 240):
+def engine(res, ours, num_requests: int = 256, prompt_len: int = 1024, out_len: int = 1024, limit_s: float = 120):
     t0 = time.time()
     eng = LLMEngine(ours, EngineArgs(device="cuda", max_num_seqs=256, max_num_batched_tokens=8192,
                                      max_model_len=prompt_len + out_len + 64, gpu_memory_utilization=0.9),
@@ -374,7 +374,7 @@ def prefill_hf(res, hf):
 
 
 @section
-def decode_hf(res, hf, sizes=(1, 16, 64)):
+def decode_hf(res, hf, sizes):
     for B in sizes:
         with torch.inference_mode():
             ids = torch.randint(0, DIMS["vocab_size"], (B, CTX), device="cuda")
@@ -428,16 +428,18 @@ def main() -> None:
     decode_ours(ours)
     gc.collect()
     torch.cuda.empty_cache()
-    if not a.no_engine:
-        engine(ours)
-        gc.collect()
-        torch.cuda.empty_cache()
     if hf is not None:
         parity(ours, hf)
         gc.collect()
         torch.cuda.empty_cache()
         prefill_hf(hf)
-        decode_hf(hf)
+        decode_hf(hf, (1, 16))
+    if not a.no_engine:
+        engine(ours)
+        gc.collect()
+        torch.cuda.empty_cache()
+    if hf is not None:
+        decode_hf(hf, (64,))
     save()
     print(json.dumps({k: v for k, v in RES.items()}, indent=1)[:6000])
 
