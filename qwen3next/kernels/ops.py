@@ -62,8 +62,9 @@ def _use_fast(*tensors) -> bool:
 
 
 def cpu_fast_ok(*tensors) -> bool:
-    """Layers' own CPU shortcuts (fused projections) apply: CPU tensors, cpu_fast allowed."""
-    return tensors[0].device.type == "cpu" and _use_fast(*tensors)
+    """Layers' own CPU shortcuts (fused projections) apply: CPU tensors, cpu_fast allowed, and no
+    Triton kernel about to take their (strided) outputs."""
+    return tensors[0].device.type == "cpu" and not _use_triton(*tensors) and _use_fast(*tensors)
 
 
 def _triton(name: str):
