@@ -4,13 +4,15 @@
 forward / compute_logits first sends the same call to the workers, so the engine (scheduler,
 runner, sampler, profiling) runs unchanged on rank 0 and sampling happens on rank 0 only.
 `make_cache_manager` gives every rank a cache of the same plan (each holds its heads' shards);
-`TPCacheManager` queues the copies an n > 1 fork makes, replayed by the workers before the next
-forward. `shutdown` stops the workers and leaves the group.
+`TPCacheManager` queues the cache copies rank 0's engine makes outside a forward (n > 1 forks,
+speculative rollback), replayed by the workers before the next forward. `mtp` mirrors the MTP
+head the same way. `shutdown` stops the workers and leaves the group.
 """
 
 from __future__ import annotations
 
 import atexit
+import threading
 import time
 
 import torch
@@ -32,12 +34,29 @@ class TPCacheManager(CacheManager):
         if not super().fork(parent, child):
             return False
         n = parent.num_computed_tokens
-        copies = self._driver.pending_copies
         if n % self.block_size:  # the partial last block was copied (CacheManager.fork)
             last = self.blocks_needed(n) - 1
-            copies.append(("block", parent.block_ids[last], child.block_ids[last]))
-        copies.append(("slot", parent.slot, child.slot))
+            self._driver.pending_copies.append(("block", parent.block_ids[last], child.block_ids[last]))
+        self._driver.pending_copies.append(("slots", [parent.slot], [child.slot]))
         return True
+
+    def copy_slots(self, src: list[int], dst: list[int]) -> None:
+        super().copy_slots(src, dst)
+        self._driver.pending_copies.append(("slots", list(src), list(dst)))
+
+
+class _MTPProxy:
+    """`driver.mtp`: the MTP head's calls, mirrored on the workers (not a module: no parameters)."""
+
+    def __init__(self, driver: "DriverModel"):
+        self._driver = driver
+        self.layers = driver.inner.mtp.layers
+
+    def __call__(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                 batch: ForwardBatch) -> torch.Tensor:
+        d = self._driver
+        d._send(("mtp", (next_ids.cpu(), hidden.cpu(), positions.cpu(), messages.pack_batch(batch), d._take())))
+        return d._checked(d.inner.mtp, next_ids, hidden, positions, batch)
 
 
 class DriverModel(nn.Module):
@@ -45,7 +64,7 @@ class DriverModel(nn.Module):
         super().__init__()
         self.inner = model
         self.config = model.config
-        self.mtp = None  # speculative decoding is refused under tensor parallelism (args.py)
+        self.mtp = _MTPProxy(self) if model.mtp is not None else None
         self.workers = workers  # multiprocessing.Process of ranks 1..N-1
         self.pending_copies: list[tuple[str, int, int]] = []
         self._stopped = False
@@ -54,13 +73,16 @@ class DriverModel(nn.Module):
         return self.inner.state_spec()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch):
-        copies, self.pending_copies = self.pending_copies, []
-        self._send(("forward", (input_ids.cpu(), positions.cpu(), messages.pack_batch(batch), copies)))
+        self._send(("forward", (input_ids.cpu(), positions.cpu(), messages.pack_batch(batch), self._take())))
         return self._checked(self.inner, input_ids, positions, batch)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         self._send(("logits", hidden.cpu()))
         return self._checked(self.inner.compute_logits, hidden)
+
+    def _take(self) -> list:
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
 
     def _send(self, msg: tuple) -> None:
         self._checked(messages.send, msg)
@@ -90,15 +112,21 @@ class DriverModel(nn.Module):
             return
         self._stopped = True
         atexit.unregister(self.shutdown)  # drop the reference that kept the model alive
-        alive = all(p.is_alive() for p in self.workers)
-        if alive:
-            try:
-                messages.send(("stop", None))
-            except Exception:  # noqa: BLE001 - a worker already gone: kill the rest below
-                pass
+        if all(p.is_alive() for p in self.workers):
+            # in a thread: a worker stuck in a collective (rank 0 failed mid-forward) never
+            # receives, and killing it below is what ends the send
+            threading.Thread(target=self._send_stop, name="tp-stop", daemon=True).start()
+        deadline = time.monotonic() + timeout_s
         for p in self.workers:
-            p.join(timeout_s if alive else 0)
+            p.join(max(deadline - time.monotonic(), 0))
             if p.is_alive():
                 p.kill()
                 p.join()
         destroy_tp()
+
+    @staticmethod
+    def _send_stop() -> None:
+        try:
+            messages.send(("stop", None))
+        except Exception:  # noqa: BLE001 - a worker already gone: shutdown kills the rest
+            pass

@@ -1,7 +1,7 @@
 """What rank 0 sends the workers each step, over the gloo control group: a pickled tuple
 (kind, payload) with every tensor on the CPU. Kinds: "cache" (allocate the cache of a plan),
-"forward" (input ids, positions, the ForwardBatch's fields, pending cache copies), "logits"
-(hidden rows to project), "stop".
+"forward" (input ids, positions, the ForwardBatch's fields, pending cache copies), "mtp" (the
+same plus the hidden states the MTP head reads), "logits" (hidden rows to project), "stop".
 """
 
 from __future__ import annotations

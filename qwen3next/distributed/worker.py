@@ -75,18 +75,24 @@ def serve(model: torch.nn.Module, device: torch.device) -> None:
             apply_copies(cache, copies)
             batch = unpack_batch(fields, cache, device)
             model(ids.to(device), pos.to(device), batch)
+        elif kind == "mtp":
+            ids, hidden, pos, fields, copies = payload
+            apply_copies(cache, copies)
+            model.mtp(ids.to(device), hidden.to(device), pos.to(device), unpack_batch(fields, cache, device))
         elif kind == "logits":
             model.compute_logits(payload.to(device))
         else:
             raise RuntimeError(f"unknown message {kind!r}")
 
 
-def apply_copies(cache, copies: list[tuple[str, int, int]]) -> None:
-    """Replay rank 0's cache copies (n > 1 forks): ("block", src, dst) or ("slot", src, dst)."""
+def apply_copies(cache, copies: list[tuple]) -> None:
+    """Replay rank 0's cache copies, in order: ("block", src, dst) KV blocks (n > 1 forks) or
+    ("slots", [src], [dst]) DeltaNet states (forks, speculative rollback)."""
     for what, src, dst in copies:
         if what == "block":
             for kv in cache.kv.values():
                 kv[dst].copy_(kv[src])
         else:
+            s, d = torch.tensor(src), torch.tensor(dst)
             for t in (*cache.conv.values(), *cache.recurrent.values()):
-                t[dst].copy_(t[src])
+                t[d.to(t.device)] = t[s.to(t.device)]
