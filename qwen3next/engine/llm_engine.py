@@ -81,7 +81,8 @@ class LLMEngine:
         if args.speculative_config is not None:
             self.spec = SpecDecoder(model, self.cache, sampler, self.device, args.speculative_config,
                                     self.cache.scratch_base, args.max_num_seqs)
-        elif self.device.type == "cuda" and not args.enforce_eager:
+        elif self.device.type == "cuda" and not args.enforce_eager and args.tensor_parallel_size == 1:
+            # (under tensor parallelism each forward first messages the workers: not capturable)
             self._capture_cuda_graphs()
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
