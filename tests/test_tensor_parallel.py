@@ -94,6 +94,9 @@ def test_speculative_decoding_two_ranks(tiny_ckpt, single_rank_tokens):
 
 
 def test_sizes_that_do_not_split_fail_with_the_field_name(tiny_ckpt):
+    from qwen3next.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--tensor-parallel-size", "2"]).tensor_parallel_size == 2
     with pytest.raises(ValueError, match="num_attention_heads"):
         LLM(model=tiny_ckpt, tensor_parallel_size=3, **ENGINE)
     with pytest.raises(ValueError, match="tensor_parallel_size"):
