@@ -179,3 +179,17 @@ def test_model_steps_match_reference_kernels(tiny_ckpt, monkeypatch):
                 outs.append(model(ids, pos, batch))
         torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
         ctx = [c + n for c, n in zip(ctx, lens)]
+
+
+def test_derived_weight_follows_parameter_changes():
+    from qwen3next.layers.fused import DerivedWeight
+
+    a, b = torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.zeros(1, 3))
+    d = DerivedWeight(lambda x, y: torch.cat([x, y]))
+    with torch.inference_mode():
+        assert d.get(a, b).sum() == 6
+    with torch.no_grad():
+        b.fill_(1.0)  # in place: the version counter moves
+    assert d.get(a, b).sum() == 9
+    b2 = torch.nn.Parameter(torch.full((1, 3), 2.0))  # a replaced parameter
+    assert d.get(a, b2).sum() == 12

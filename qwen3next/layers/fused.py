@@ -2,8 +2,8 @@
 when one of them changes.
 
 On CPU a tiny model's step is dominated by per-op overhead, so one matmul against the stacked
-rows of several projections beats several matmuls. The copy is keyed by each source's storage
-pointer and version counter (loading weights, `.to()`, or an optimizer step invalidates it).
+rows of several projections beats several matmuls. The copy is keyed by each source's identity,
+storage pointer and version counter (loading weights, `.to()`, or an optimizer step invalidates it).
 Only used without autograd on CPU tensors (`ops.cpu_fast_ok`), never while training.
 """
 
@@ -23,7 +23,7 @@ class DerivedWeight:
         self._value: torch.Tensor | None = None
 
     def get(self, *params: torch.Tensor) -> torch.Tensor:
-        key = tuple((p.data_ptr(), p._version) for p in params)
+        key = tuple((id(p), p.data_ptr(), p._version) for p in params)
         if key != self._key:
             # a normal (not inference-mode) tensor, usable in any later mode
             with torch.inference_mode(False), torch.no_grad():
