@@ -193,3 +193,6 @@ def test_derived_weight_follows_parameter_changes():
     assert d.get(a, b).sum() == 9
     b2 = torch.nn.Parameter(torch.full((1, 3), 2.0))  # a replaced parameter
     assert d.get(a, b2).sum() == 12
+    with torch.inference_mode():  # parameters created as inference tensors have no version counter
+        c = torch.ones(1, 3)
+        assert d.get(a, c).sum() == 9

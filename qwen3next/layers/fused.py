@@ -23,7 +23,8 @@ class DerivedWeight:
         self._value: torch.Tensor | None = None
 
     def get(self, *params: torch.Tensor) -> torch.Tensor:
-        key = tuple((id(p), p.data_ptr(), p._version) for p in params)
+        # inference tensors (a model loaded under inference_mode) keep no version counter
+        key = tuple((id(p), p.data_ptr(), -1 if p.is_inference() else p._version) for p in params)
         if key != self._key:
             # a normal (not inference-mode) tensor, usable in any later mode
             with torch.inference_mode(False), torch.no_grad():
