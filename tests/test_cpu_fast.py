@@ -196,3 +196,18 @@ def test_derived_weight_follows_parameter_changes():
     with torch.inference_mode():  # parameters created as inference tensors have no version counter
         c = torch.ones(1, 3)
         assert d.get(a, c).sum() == 9
+
+
+def test_recurrent_short_runs_with_per_token_states():
+    """Speculative verify shape: a few tokens per sequence, the state after each saved to a slot."""
+    lens, init = [3, 1, 0, 4], [True, False, True, True]
+    args = _dr(lens, seed=9)
+    pool = torch.randn(16, 4, 16, 8)
+    pool[1] = float("nan")  # the fresh sequence's stale slot
+    slots, has = torch.tensor([0, 1, 2, 3]), torch.tensor(init)
+    pts = torch.tensor([4, -1, 6, 7, 8, 9, 10, 11])
+    p1, p2 = pool.clone(), pool.clone()
+    o = cpu_fast.gated_delta_rule_recurrent(*args, _cu(lens), p1, slots, has, pts)
+    ref = delta_rule.gated_delta_rule_recurrent(*args, _cu(lens), p2, slots, has, pts)
+    torch.testing.assert_close(o, ref, atol=2e-5, rtol=0)
+    torch.testing.assert_close(p1, p2, atol=2e-5, rtol=0, equal_nan=True)

@@ -93,40 +93,91 @@ def write_kv(k, v, kv_cache, slot_mapping) -> None:
 
 
 # ---- Gated DeltaNet decode -------------------------------------------------------------------
-def delta_rule_step(q, k, v, g, beta, state, state_slots) -> torch.Tensor:
-    """One token per sequence from its state slot (all slots hold a valid state).
-    q, k [B, Hk, dk] fp32 (normalised, q scaled); v [B, Hv, dv]; g, beta [B, Hv] fp32;
-    state [N, Hv, dk, dv] fp32 updated in place -> o [B, Hv, dv] in v's dtype.
+def _qk_rows(q, k, Hv):
+    """q, k [B, Hk, dk] -> [B, Hv, 2, dk] with rows (q, k); value head j reads key head j // r."""
+    B, Hk, dk = k.shape
+    return torch.stack([q, k], dim=2).unsqueeze(2).expand(B, Hk, Hv // Hk, 2, dk).reshape(B, Hv, 2, dk)
+
+
+def _step(qk, v, g, beta, S):
+    """One token of each of B sequences on their states S [B, Hv, dk, dv] (updated in place).
 
     With S'' = exp(g) S, delta = beta (v - k S'') and S' = S'' + k (x) delta, the output is
     q S' = q S'' + (q . k) delta: q and k share one batched matmul with S''."""
-    B, Hk, dk = k.shape
-    N, Hv, _, dv = state.shape
-    r = Hv // Hk
-    # value head j reads key head j // r: [B, Hv, 2, dk] with rows (q, k)
-    qk = torch.stack([q, k], dim=2).unsqueeze(2).expand(B, Hk, r, 2, dk).reshape(B, Hv, 2, dk)
-    S = state.index_select(0, state_slots).mul_(g.exp()[..., None, None])  # S'' [B, Hv, dk, dv]
+    S.mul_(g.exp()[..., None, None])  # S''
     X = torch.matmul(qk, S)  # [B, Hv, 2, dv]: q S'', k S''
     delta = (v.float() - X[:, :, 1]).mul_(beta[..., None])  # [B, Hv, dv]
     kr = qk[:, :, 1]
     S.addcmul_(kr.unsqueeze(-1), delta.unsqueeze(-2))
+    return X[:, :, 0].addcmul_((qk[:, :, 0] * kr).sum(-1, keepdim=True), delta)
+
+
+def delta_rule_step(q, k, v, g, beta, state, state_slots) -> torch.Tensor:
+    """One token per sequence from its state slot (all slots hold a valid state).
+    q, k [B, Hk, dk] fp32 (normalised, q scaled); v [B, Hv, dv]; g, beta [B, Hv] fp32;
+    state [N, Hv, dk, dv] fp32 updated in place -> o [B, Hv, dv] in v's dtype."""
+    N = state.shape[0]
+    S = state.index_select(0, state_slots)  # [B, Hv, dk, dv] (a copy)
+    o = _step(_qk_rows(q, k, state.shape[1]), v, g, beta, S)
     # contiguous [B, Hv*dk*dv] rows: index_copy_ on them is a plain row copy
-    state.view(N, -1).index_copy_(0, state_slots, S.view(B, -1))
-    o = X[:, :, 0].addcmul_((qk[:, :, 0] * kr).sum(-1, keepdim=True), delta)
+    state.view(N, -1).index_copy_(0, state_slots, S.view(S.shape[0], -1))
     return o.to(v.dtype)
+
+
+def _recurrent_short(q, k, v, g, beta, cu, state, state_slots, has_initial_state, per_token_state_slots):
+    """A few tokens per sequence (speculative verify): inputs gathered once into [B, L] runs, the
+    states gathered once, one batched `_step` per position (a sequence past its end steps with
+    g = beta = 0, which leaves its state unchanged), per-token states saved in one copy at the end."""
+    B, T, dev = len(cu) - 1, v.shape[0], v.device
+    Hv = state.shape[1]
+    lens = [cu[b + 1] - cu[b] for b in range(B)]
+    L = max(lens)
+    steps = torch.arange(L, device=dev)
+    valid = steps[None, :] < torch.tensor(lens, device=dev)[:, None]  # [B, L]
+    pos = torch.where(valid, torch.tensor(cu[:-1], device=dev)[:, None] + steps, 0).clamp_(max=max(T - 1, 0))
+    idx = pos.reshape(-1)
+    keep = valid.reshape(-1, 1).to(torch.float32)
+    qk = _qk_rows(q.index_select(0, idx).float(), k.index_select(0, idx).float(), Hv).view(B, L, Hv, 2, -1)
+    vv = v.index_select(0, idx).view(B, L, Hv, -1)
+    gg = (g.index_select(0, idx).float() * keep).view(B, L, Hv)
+    bb = (beta.index_select(0, idx).float() * keep).view(B, L, Hv)
+    S = state.index_select(0, state_slots)
+    if has_initial_state is not None and not bool(has_initial_state.all()):
+        S = torch.where(has_initial_state.view(B, 1, 1, 1), S, torch.zeros_like(S))  # where: stale may be NaN
+    outs, snaps = [], []
+    for t in range(L):
+        outs.append(_step(qk[:, t], vv[:, t], gg[:, t], bb[:, t], S))
+        if per_token_state_slots is not None:
+            snaps.append(S.clone())
+    o = v.new_zeros(v.shape)
+    if L:
+        o[pos[valid]] = torch.stack(outs, dim=1)[valid].to(o.dtype)
+    if snaps:
+        slot = torch.where(valid, per_token_state_slots.index_select(0, idx).view(B, L), -1)
+        save = slot >= 0
+        state[slot[save]] = torch.stack(snaps, dim=1)[save]
+    state.index_copy_(0, state_slots, S)
+    return o
 
 
 def gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, state=None, state_slots=None,
                                has_initial_state=None, per_token_state_slots=None):
     """Same contract as delta_rule.gated_delta_rule_recurrent: a decode batch (one token per
-    sequence, each continuing from its slot) runs as `delta_rule_step`, anything else the reference."""
+    sequence, each continuing from its slot) runs as `delta_rule_step`, a few tokens per sequence
+    on a state pool as `_recurrent_short`, anything else the reference."""
     cu = _as_list(cu_seqlens)
     B = len(cu) - 1
-    if (state is None or per_token_state_slots is not None or cu != list(range(B + 1))
-            or (has_initial_state is not None and not bool(has_initial_state.all()))):
+    if state is None or B == 0 or max(cu[b + 1] - cu[b] for b in range(B)) > _SHORT:
         return _ref_dr.gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, state, state_slots,
                                                   has_initial_state, per_token_state_slots)
-    return delta_rule_step(q.float(), k.float(), v, g.float(), beta.float(), state, state_slots)
+    if per_token_state_slots is None and cu == list(range(B + 1)) and (
+            has_initial_state is None or bool(has_initial_state.all())):
+        return delta_rule_step(q.float(), k.float(), v, g.float(), beta.float(), state, state_slots)
+    return _recurrent_short(q, k, v, g, beta, cu, state, state_slots, has_initial_state, per_token_state_slots)
+
+
+# Longest run per sequence that `_recurrent_short` takes (a Python step per position).
+_SHORT = 16
 
 
 # Chunk length of the chunked delta rule on CPU: half the reference's 64 halves the intra-chunk
