@@ -43,7 +43,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
 
 @autotune([triton.Config({"BN": bn}, num_warps=w, num_stages=st)
            for bn, w, st in ((32, 4, 2), (32, 8, 2), (64, 8, 2), (64, 4, 3), (32, 4, 3), (64, 8, 3))], key=["D"])
-@triton.jit
+@triton.jit(do_not_specialize=["B", "max_blocks"])
 def _prefill_kernel(q_ptr, kv_ptr, bt_ptr, cu_ptr, B, ctx_ptr, o_ptr, scale, max_blocks,
                     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                     BB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
@@ -86,7 +86,7 @@ def _prefill_kernel(q_ptr, kv_ptr, bt_ptr, cu_ptr, B, ctx_ptr, o_ptr, scale, max
     tl.store(o_ptr + (rows[:, None] * HQ + h) * D + d[None, :], o.to(o_ptr.dtype.element_ty), mask=rm[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_blocks", "NSPLIT"])
 def _decode_kernel(q_ptr, kv_ptr, bt_ptr, ctx_ptr, po_ptr, pm_ptr, pl_ptr, scale, max_blocks, NSPLIT,
                    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                    G: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
@@ -126,7 +126,7 @@ def _decode_kernel(q_ptr, kv_ptr, bt_ptr, ctx_ptr, po_ptr, pm_ptr, pl_ptr, scale
     tl.store(pl_ptr + base, l_i, mask=gm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NSPLIT"])
 def _combine_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, NSPLIT, D: tl.constexpr, SP: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, SP)
@@ -173,7 +173,7 @@ def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale, 
     return o
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _gate_kernel(o_ptr, g_ptr, y_ptr, N, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = i < N

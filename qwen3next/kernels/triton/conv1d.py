@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _conv_varlen_kernel(x_ptr, w_ptr, y_ptr, seq_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr,
                         T, C, K: tl.constexpr, HAS_STATE: tl.constexpr,
                         BT: tl.constexpr, BC: tl.constexpr):

@@ -54,7 +54,7 @@ def _configs(warps):
 
 
 @autotune(_configs([4, 2, 1]), key=["DK"])
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _kkt_solve_kernel(k_ptr, g_ptr, b_ptr, cu_ptr, B, G_ptr, A_ptr,
                       HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, BB: tl.constexpr,
                       BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
@@ -163,7 +163,7 @@ def _kkt_solve_kernel(k_ptr, g_ptr, b_ptr, cu_ptr, B, G_ptr, A_ptr,
 
 
 @autotune(_configs([4, 2, 8]), key=["DK", "DV"])
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _wu_kernel(k_ptr, v_ptr, b_ptr, G_ptr, A_ptr, cu_ptr, B, u_ptr, kd_ptr,
                HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BB: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
@@ -196,7 +196,7 @@ def _wu_kernel(k_ptr, v_ptr, b_ptr, G_ptr, A_ptr, cu_ptr, B, u_ptr, kd_ptr,
         tl.store(kd_ptr + (rows[:, None] * HV + h) * DK + ck[None, :], kd.to(dt), mask=rm[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _state_kernel(q_ptr, k_ptr, u_ptr, kd_ptr, G_ptr, w_ptr, h_ptr, o_ptr, cu_ptr, B,
                   st_ptr, slot_ptr, init_ptr,
                   HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BB: tl.constexpr,
@@ -253,7 +253,7 @@ def _state_kernel(q_ptr, k_ptr, u_ptr, kd_ptr, G_ptr, w_ptr, h_ptr, o_ptr, cu_pt
             tl.store(sp, S)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _out_kernel(q_ptr, k_ptr, w_ptr, h_ptr, G_ptr, o_ptr, cu_ptr, B,
                 HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BB: tl.constexpr,
                 BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):

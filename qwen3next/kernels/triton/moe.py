@@ -61,7 +61,7 @@ def moe_route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool):
     return w, ids
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _count_kernel(ids_ptr, cnt_ptr, rank_ptr, M, BLK: tl.constexpr):
     a = tl.program_id(0) * BLK + tl.arange(0, BLK)
     m = a < M
@@ -72,7 +72,7 @@ def _count_kernel(ids_ptr, cnt_ptr, rank_ptr, M, BLK: tl.constexpr):
     tl.store(rank_ptr + a, r, mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB"])
 def _blocks_kernel(cnt_ptr, pst_ptr, be_ptr, rows_ptr, E, NB,
                    BM: tl.constexpr, BE: tl.constexpr, BLKB: tl.constexpr):
     e = tl.arange(0, BE)
@@ -96,7 +96,7 @@ def _blocks_kernel(cnt_ptr, pst_ptr, be_ptr, rows_ptr, E, NB,
     tl.store(rows_ptr + r, tl.full([BLKB, BM], -1, tl.int64), mask=bm[:, None] & pad)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _place_kernel(ids_ptr, rank_ptr, pst_ptr, rows_ptr, M, BLK: tl.constexpr):
     a = tl.program_id(0) * BLK + tl.arange(0, BLK)
     m = a < M
