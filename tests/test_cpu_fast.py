@@ -211,3 +211,17 @@ def test_recurrent_short_runs_with_per_token_states():
     ref = delta_rule.gated_delta_rule_recurrent(*args, _cu(lens), p2, slots, has, pts)
     torch.testing.assert_close(o, ref, atol=2e-5, rtol=0)
     torch.testing.assert_close(p1, p2, atol=2e-5, rtol=0, equal_nan=True)
+
+
+def test_norms():
+    from qwen3next.kernels import norm
+
+    gen = torch.Generator().manual_seed(12)
+    x, r, z = (torch.randn(5, 3, 16, generator=gen) for _ in range(3))
+    w = 0.3 * torch.randn(16, generator=gen)
+    torch.testing.assert_close(cpu_fast.zc_rmsnorm(x, w, 1e-6), norm.zc_rmsnorm(x, w, 1e-6))
+    for a, b in zip(cpu_fast.zc_rmsnorm(x, w, 1e-6, r), norm.zc_rmsnorm(x, w, 1e-6, r)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(cpu_fast.gated_rmsnorm(x, z, w, 1e-6), norm.gated_rmsnorm(x, z, w, 1e-6))
+    wh = 0.3 * torch.randn(3, 16, generator=gen)  # per-head weight
+    torch.testing.assert_close(cpu_fast.zc_rmsnorm(x, wh, 1e-6), norm.zc_rmsnorm(x, wh, 1e-6))

@@ -15,7 +15,31 @@ import torch.nn.functional as F
 
 from . import attention as _ref_attn
 from . import delta_rule as _ref_dr
+from . import norm as _ref_norm
 from .attention import _as_list
+
+
+# ---- norms -----------------------------------------------------------------------------------
+def zc_rmsnorm(x, weight, eps, residual=None):
+    """Same contract as norm.zc_rmsnorm; float32 through one F.rms_norm (other dtypes: the reference,
+    whose casts between steps F.rms_norm would not repeat)."""
+    if x.dtype != torch.float32:
+        return _ref_norm.zc_rmsnorm(x, weight, eps, residual)
+    if residual is not None:
+        x = x + residual
+    w = 1.0 + weight.float()
+    if w.dim() == 1:
+        y = F.rms_norm(x, (x.shape[-1],), w, eps)
+    else:  # a per-head weight [heads, D] (q and k normed together)
+        y = F.rms_norm(x, (x.shape[-1],), None, eps).mul_(w)
+    return y if residual is None else (y, x)
+
+
+def gated_rmsnorm(x, z, weight, eps):
+    """Same contract as norm.gated_rmsnorm; float32 through one F.rms_norm."""
+    if x.dtype != torch.float32 or z.dtype != torch.float32:
+        return _ref_norm.gated_rmsnorm(x, z, weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight.float(), eps).mul_(F.silu(z))
 
 
 # ---- paged attention -------------------------------------------------------------------------

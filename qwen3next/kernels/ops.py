@@ -77,13 +77,13 @@ def _triton(name: str):
 def zc_rmsnorm(x, weight, eps, residual=None):
     if _use_triton(x, weight, residual):
         return _triton("norm").zc_rmsnorm(x, weight, eps, residual)
-    return _ref_norm.zc_rmsnorm(x, weight, eps, residual)
+    return (_fast if _use_fast(x, weight, residual) else _ref_norm).zc_rmsnorm(x, weight, eps, residual)
 
 
 def gated_rmsnorm(x, z, weight, eps):
     if _use_triton(x, z, weight):
         return _triton("norm").gated_rmsnorm(x, z, weight, eps)
-    return _ref_norm.gated_rmsnorm(x, z, weight, eps)
+    return (_fast if _use_fast(x, z, weight) else _ref_norm).gated_rmsnorm(x, z, weight, eps)
 
 
 def causal_conv1d_varlen(x, weight, cu_seqlens, conv_state=None, state_slots=None, has_initial_state=None):
