@@ -92,12 +92,16 @@ def test_api_key(srv, client):
 
 
 def _slow_stream(srv, started: threading.Event, stop: threading.Event):
+    srv.sampler.delay = 0.01  # 200 tokens take >= 2 s however fast the engine is
     body = {"model": "tiny", "messages": USER, "max_tokens": 200, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=30) as r:
-        for _ in r.iter_lines():
-            started.set()
-            if stop.is_set():
-                break
+    try:
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=30) as r:
+            for _ in r.iter_lines():
+                started.set()
+                if stop.is_set():
+                    break
+    finally:
+        srv.sampler.delay = 0.0
 
 
 def test_queue_full_gives_503_with_retry_after(srv, client):
@@ -129,8 +133,12 @@ def test_disconnect_mid_stream_aborts_and_frees_cache(srv, client):
 def test_disconnect_non_streaming_aborts(srv, client):
     body = {"model": "tiny", "messages": USER, "max_tokens": 200, "ignore_eos": True}
     n_aborted = len(srv.aborted)
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=0.5)
+    srv.sampler.delay = 0.01  # 200 tokens take >= 2 s however fast the engine is
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=0.5)
+    finally:
+        srv.sampler.delay = 0.0
     assert srv.wait_idle(10)
     assert len(srv.aborted) == n_aborted + 1
     assert srv.state.engine.num_live_requests == 0

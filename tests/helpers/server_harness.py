@@ -28,8 +28,12 @@ class ScriptedSampler:
         self.sticky: list[int] | None = None
         self._assigned: dict[str, list[int] | None] = {}
         self.seen_prompts: list[list[int]] = []
+        # seconds slept per sampling call: keeps "slow request" tests independent of engine speed
+        self.delay = 0.0
 
     def __call__(self, logits, rows):
+        if self.delay:
+            time.sleep(self.delay)
         out = self.real(logits, rows)
         for i, seq in enumerate(rows):
             rid = seq.request.request_id
