@@ -62,6 +62,8 @@ class Qwen3NextForCausalLM(nn.Module):
         from .mtp import Qwen3NextMTP  # mtp.py imports this module's layers
 
         self.mtp = Qwen3NextMTP(cfg, self) if with_mtp else None
+        # set by the engine from the tokenizer: logits of ids at or above it are masked
+        self.sampled_vocab_size: int | None = None
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -83,8 +85,13 @@ class Qwen3NextForCausalLM(nn.Module):
         return (hidden, routers) if return_router_logits else hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] -> logits [N, V] float32."""
-        return self.lm_head(hidden).float()
+        """hidden [N, H] -> logits [N, V] float32; ids >= sampled_vocab_size get -inf."""
+        logits = self.lm_head(hidden).float()
+        n = self.sampled_vocab_size
+        if n is not None and n < logits.shape[-1]:
+            # the embedding has padding rows past the tokenizer (151669..151935): never emit them
+            logits[:, n:] = float("-inf")
+        return logits
 
     def state_spec(self) -> StateSpec:
         """This rank's shapes: head counts and conv channels are the layers' own (a shard under

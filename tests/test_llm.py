@@ -4,6 +4,7 @@ stop strings (text cut at the string), generation_config defaults, chat renderin
 from __future__ import annotations
 
 import pytest
+import torch
 
 from qwen3next import LLM, SamplingParams
 
@@ -94,3 +95,16 @@ def test_bad_input_is_a_value_error(llm):
     assert not llm.llm_engine.has_unfinished_requests()
     with pytest.raises(ValueError, match="max_num_seqs"):
         LLM(model="unused", max_num_seqs=0)
+
+
+def test_padding_ids_past_the_tokenizer_are_never_sampled(llm):
+    tok, model = llm.get_tokenizer(), llm.llm_engine.model
+    n, vocab = len(tok), model.config.vocab_size
+    assert n < vocab, "the tiny checkpoint must have padding rows for this test to mean anything"
+    logits = model.compute_logits(torch.zeros(2, model.config.hidden_size))
+    assert torch.isinf(logits[:, n:]).all() and torch.isfinite(logits[:, :n]).all()
+    # flat sampling over everything left: 8 x 64 draws, none of them a padding id
+    outs = llm.generate([{"prompt_token_ids": [i + 1, 7]} for i in range(8)],
+                        SamplingParams(temperature=5.0, max_tokens=64, ignore_eos=True, seed=3))
+    drawn = [t for o in outs for t in o.outputs[0].token_ids]
+    assert len(drawn) == 8 * 64 and max(drawn) < n

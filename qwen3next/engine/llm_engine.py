@@ -31,6 +31,17 @@ from qwen3next.sampling_params import SamplingParams
 logger = logging.getLogger("qwen3next.engine")
 
 
+def tokenizer_size(model_dir: str) -> int | None:
+    """Token count (added tokens included) of the dir's tokenizer.json, None without one: the
+    embedding may have more rows than there are tokens, and those ids must never be sampled."""
+    file = os.path.join(model_dir, "tokenizer.json")
+    if not os.path.isfile(file):
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(file).get_vocab_size(with_added_tokens=True)
+
+
 def read_generation_config(model_dir: str) -> dict:
     """The model's generation_config.json as a dict ({} when absent)."""
     file = os.path.join(model_dir, "generation_config.json")
@@ -112,6 +123,7 @@ class LLMEngine:
         else:
             model, cfg = load_model(path, dtype=dtype, device=device,
                                     with_mtp=args.speculative_config is not None, progress=False)
+        (getattr(model, "inner", model)).sampled_vocab_size = tokenizer_size(path)
         gen = read_generation_config(path)
         eos = gen.get("eos_token_id")
         eos = [eos] if isinstance(eos, int) else list(eos or cfg.eos_token_id)
