@@ -200,6 +200,9 @@ def run_server(ns) -> None:
 
     import uvicorn
 
+    from qwen3next.cpu_tuning import tune_for_cpu_serving
+
+    tune_for_cpu_serving(ns.device)
     state = build_state(ns)
     app = build_app(state)
 
