@@ -77,6 +77,9 @@ def _dr(lens, hk=2, hv=4, dk=16, dv=8, seed=0):
     ([1, 70, 1, 0, 5], [True, True, True, False, False], [2, 0, 5, 3, 6]),  # mixed: decode rows split off
     ([1, 1], [True, False], [2, 6]),  # a fresh one-token prompt is not a decode row
     ([1, 1, 1], [True, True, True], [2, 0, 5]),  # all decode
+    ([1, 1, 1, 1], [True] * 4, [0, 1, 2, 3]),  # decode over a slot range: the state updated in place
+    ([1, 1, 1, 1], [True] * 4, [3, 1, 0, 2]),  # ... in another order
+    ([1, 1, 1, 1], [True] * 4, [5, 2, 3, 7]),  # ... with free slots 4 and 6 (NaN) inside: left as they are
 ])
 @pytest.mark.parametrize("kernel", ["chunked", "recurrent"])
 def test_delta_rule_batches(lens, init, slots, kernel):

