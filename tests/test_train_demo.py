@@ -20,7 +20,7 @@ from qwen3next.train.data import make_arith, make_tool
 from qwen3next.train.eval import arith_correct, greedy_cacheless, split_output, tool_call_grade
 
 DEMO = default_model_dir()
-TOOL_MIN = 3  # of 10; see the eval figures in docs/benchmarks.md
+TOOL_MIN = 8  # of 10 (the eval measured 100 of 100; docs/benchmarks.md)
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(DEMO, "model.safetensors")),
                                 reason="demo model not built (scripts/make_demo_model.sh)")  # fmt: skip
 
@@ -74,7 +74,7 @@ def test_demo_answers_arithmetic(demo):
     outs = _greedy(demo, [(c.messages[:-1], None) for c in convs], 240)
     right = sum(arith_correct(content, c.meta["answer"]) for c, (_, content) in zip(convs, outs))
     assert all("Ones:" in reasoning for reasoning, _ in outs)
-    assert right >= 6, outs
+    assert right >= 7, outs  # the eval measured 93 of 100
 
 
 def test_demo_calls_the_right_tool(demo):
