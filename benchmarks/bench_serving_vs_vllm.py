@@ -39,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--python", default=sys.executable, help="python that runs `qwen3next serve`")
     p.add_argument("--servers", nargs="+", choices=["qwen3next", "vllm"], default=["qwen3next", "vllm"])
     p.add_argument("--ckpt-dir", default=os.path.join(tempfile.gettempdir(), "qwen3next-bench-serving-ckpt"))
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="qwen3next's dtype")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="qwen3next's dtype (auto: its CPU default, float32; vLLM's CPU kernels need bfloat16)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 128])
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--single-stream-requests", type=int, default=4, help="sequential requests at concurrency 1")
