@@ -113,8 +113,7 @@ class AsyncEngine:
                 if self._stop.is_set():
                     break
                 if self.engine.has_unfinished_requests():
-                    for out in self.engine.step():
-                        self._deliver(out.request_id, out, out.finished)
+                    self._deliver_step(self.engine.step())
                 self._update_snapshot()
         except BaseException as e:  # the engine is broken: fail every open request, /health -> 503
             log.exception("engine loop died")
@@ -156,6 +155,21 @@ class AsyncEngine:
         if final:
             self._release(rid)
 
+    def _deliver_step(self, outs) -> None:
+        """A step's outputs with one event-loop wake-up per loop, not one per request: each
+        call_soon_threadsafe writes to the loop's self-pipe (at 128 streams those writes were ~3%
+        of the engine thread, and each woke the loop again)."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            batches.setdefault(stream.loop, []).append((stream.queue, out))
+            if out.finished:
+                self._release(out.request_id)
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
     def _release(self, rid: str) -> None:
         with self._lock:
             stream = self._streams.pop(rid, None)
@@ -168,6 +182,11 @@ class AsyncEngine:
         slots = s["state_slots_used"] / max(1, s["state_slots_total"])
         self.snapshot = {"running": s["num_requests_running"], "waiting": s["num_requests_waiting"],
                          "cache_usage": max(blocks, slots), **s}
+
+
+def _put_all(items) -> None:
+    for queue_, item in items:
+        queue_.put_nowait(item)
 
 
 class RequestIterator:
