@@ -13,8 +13,8 @@ import os
 
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from qwen3next.chat_template import builtin_template
 from qwen3next.tokenizer import QWEN3_ADDED_TOKENS, added_token, set_qwen3_pipeline
+from qwen3next.train.tokenizer_train import tokenizer_config
 
 TINY_BPE_SIZE = 480  # regular tokens (256 bytes + merges); added tokens follow
 
@@ -57,27 +57,7 @@ def write_tiny_tokenizer(path) -> int:
     for content, special in QWEN3_ADDED_TOKENS:
         tok.add_tokens([added_token(content, special)])
     tok.save(os.path.join(path, "tokenizer.json"))
-    decoder = {
-        str(base + i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False,
-                        "single_word": False, "special": s}
-        for i, (c, s) in enumerate(QWEN3_ADDED_TOKENS)
-    }  # fmt: skip
-    config = {
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "added_tokens_decoder": decoder,
-        "additional_special_tokens": [c for c, _ in QWEN3_ADDED_TOKENS[1:14]],
-        "bos_token": None,
-        "chat_template": builtin_template("qwen3_next_thinking"),
-        "clean_up_tokenization_spaces": False,
-        "eos_token": "<|im_end|>",
-        "errors": "replace",
-        "model_max_length": 262144,
-        "pad_token": "<|endoftext|>",
-        "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer",
-        "unk_token": None,
-    }
+    config = tokenizer_config(tok)  # the same tokenizer_config.json the demo model's training writes
     im_end, endoftext = base + 2, base
     generation = {
         "bos_token_id": endoftext,
