@@ -1,10 +1,11 @@
-"""Packing arbitrary per-sequence token runs into one ForwardBatch, for speculative decoding.
+"""Packing per-sequence token runs into one flat ForwardBatch: the one batch builder.
 
-The plain ModelRunner reads a sequence's tokens from `seq.token_ids`; the speculative step also
+ModelRunner.build_batch packs each scheduled sequence's next tokens; the speculative step also
 feeds tokens that are not (yet) part of a sequence: drafts behind the last token in the verify
 forward, and the *next* tokens paired with each position in the MTP forwards. `pack` takes
-(sequence, first position, tokens) runs and lays them out exactly like ModelRunner.build_batch
-(block tables from the cache manager's per-slot table, slot mapping on the device).
+(sequence, first position, tokens) runs and builds input ids, positions, cu_seqlens, context
+lengths, state slots, block tables (from the cache manager's per-slot table) and the slot mapping
+(on the device).
 """
 
 from __future__ import annotations
