@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from qwen3next.engine.sampler import output_counts, prompt_mask
+from qwen3next.engine.sampler import apply_penalties, output_counts
 from qwen3next.engine.sequence import Sequence
 
 
@@ -32,17 +32,7 @@ def adjusted_logits(logits: torch.Tensor, seqs: list[Sequence], extras: list[lis
             counts = counts.index_put(
                 (torch.tensor(r_idx, device=dev), torch.tensor([t for e in extras for t in e], device=dev)),
                 torch.ones(len(r_idx), device=dev), accumulate=True)
-        seen_out = counts > 0
-        out = logits.clone()
-        rep = [p.repetition_penalty for p in params]
-        if any(r != 1.0 for r in rep):
-            seen = seen_out | torch.stack([prompt_mask(s, V, dev) for s in seqs])
-            r = torch.tensor(rep, dtype=out.dtype, device=dev)[:, None].expand(N, V)
-            r = torch.where(seen, r, torch.ones_like(r))
-            out = torch.where(out > 0, out / r, out * r)
-        freq = torch.tensor([p.frequency_penalty for p in params], dtype=out.dtype, device=dev)
-        pres = torch.tensor([p.presence_penalty for p in params], dtype=out.dtype, device=dev)
-        out = out - freq[:, None] * counts - pres[:, None] * seen_out
+        out = apply_penalties(logits, seqs, counts)
     rows, toks = [], []
     for i, (s, e) in enumerate(zip(seqs, extras)):
         if s.num_output_tokens + len(e) < s.params.min_tokens:

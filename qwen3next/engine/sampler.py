@@ -49,12 +49,15 @@ def prompt_mask(seq: Sequence, vocab: int, device) -> torch.Tensor:
     return req.prompt_mask
 
 
-def apply_penalties(logits: torch.Tensor, rows: list[Sequence]) -> torch.Tensor:
-    """logits [B, V] -> a penalised copy (vLLM's apply_penalties)."""
+def apply_penalties(logits: torch.Tensor, rows: list[Sequence],
+                    counts: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, V] -> a penalised copy (vLLM's apply_penalties). counts [B, V]: output-token
+    counts to penalise (default: each row's generated tokens; speculative verify adds drafts)."""
     B, V = logits.shape
     dev = logits.device
     params = [s.params for s in rows]
-    counts = torch.stack([output_counts(s, V, dev) for s in rows])  # [B, V]
+    if counts is None:
+        counts = torch.stack([output_counts(s, V, dev) for s in rows])  # [B, V]
     out_mask = counts > 0
     logits = logits.clone()
     rep = [p.repetition_penalty for p in params]
