@@ -94,6 +94,9 @@ def causal_conv1d_varlen(x, weight, cu_seqlens, conv_state=None, state_slots=Non
 
 
 def save_token_windows(x, cu_seqlens, conv_state, state_slots, has_initial_state, token_slots):
+    if _use_triton(x):  # one launch, no host sync (the verify forward can be graph-captured)
+        return _triton("conv1d").save_token_windows(x, cu_seqlens, conv_state, state_slots, has_initial_state,
+                                                    token_slots)
     return _ref_conv.save_token_windows(x, cu_seqlens, conv_state, state_slots, has_initial_state, token_slots)
 
 

@@ -50,6 +50,23 @@ def test_update_steps_and_prefill_agree():
     assert torch.equal(pool, p_r)
 
 
+@pytest.mark.parametrize("lens", [[4, 1, 2], [1, 7]])
+def test_save_token_windows_matches_reference(lens):
+    """The window after every verify token, read from the run and the cached state (or zeros)."""
+    gen = seeded(len(lens) + 9)
+    C, K = 300, 4  # two channel blocks
+    x = randn(sum(lens), C, gen=gen)
+    pool = randn(20, C, K - 1, gen=gen)
+    slots = torch.tensor([0, 1, 2][:len(lens)], device=DEV)
+    has = torch.tensor([True, False, True][:len(lens)], device=DEV)
+    token_slots = torch.arange(sum(lens), device=DEV) + 5
+    token_slots[1] = -1
+    p_t, p_r = pool.clone(), pool.clone()
+    tri.save_token_windows(x, cu(lens), p_t, slots, has, token_slots)
+    ref.save_token_windows(x, cu(lens), p_r, slots, has, token_slots)
+    assert torch.equal(p_t, p_r)
+
+
 @pytest.mark.gpu
 def test_conv_bf16_gpu():
     gen = seeded(8)

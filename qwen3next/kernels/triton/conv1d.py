@@ -5,6 +5,8 @@ before a sequence's first token come from its conv state (the last K-1 pre-conv 
 has one, else are zero. Prefill is two launches: the conv reads the old states, then a second
 kernel writes the new ones (a single launch would race: tiles of one sequence read the state
 another tile would be shifting). Negative state slots (graph padding) are skipped.
+`save_token_windows` (speculative verify) stores the window after every token in one launch, with
+no host sync, so a verify forward can be graph-captured.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ._util import pow2
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -142,3 +146,51 @@ def causal_conv1d_update(x: torch.Tensor, weight: torch.Tensor, conv_state: torc
                                                      conv_state, state_slots.to(torch.int64).contiguous(), C,
                                                      K=K, KP=triton.next_power_of_2(max(K - 1, 1)), BC=BC)
     return y
+
+
+@triton.jit(do_not_specialize=["B"])
+def _token_windows_kernel(x_ptr, cu_ptr, B, st_ptr, slot_ptr, init_ptr, ts_ptr, C,
+                          K1: tl.constexpr, KP: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    cm = c < C
+    dst = tl.load(ts_ptr + t)
+    if dst >= 0:
+        j = tl.arange(0, BB)
+        ends = tl.load(cu_ptr + j + 1, mask=j < B, other=0)
+        b = tl.sum(((ends <= t) & (j < B)).to(tl.int32), 0)           # sequence of token t
+        bos = tl.load(cu_ptr + b)
+        i = tl.arange(0, KP)                                          # state column
+        im = i < K1
+        # per-column copies of the scalars (scalar masks upset the interpreter)
+        slot = tl.load(slot_ptr + b + 0 * i).to(tl.int64)
+        init = tl.load(init_ptr + b + 0 * i)
+        src = t - (K1 - 1) + i                                        # flat token of column i
+        from_x = src >= bos
+        xv = tl.load(x_ptr + src[None, :] * C + c[:, None], mask=cm[:, None] & (im & from_x)[None, :], other=0.0)
+        # columns before the run come from the sequence's cached window (column K1 + src - bos)
+        old_ok = im & (~from_x) & (init != 0) & (slot >= 0)
+        old = tl.load(st_ptr + (slot[None, :] * C + c[:, None]) * K1 + (K1 + src - bos)[None, :],
+                      mask=cm[:, None] & old_ok[None, :], other=0.0)
+        new = tl.where(from_x[None, :], xv.to(st_ptr.dtype.element_ty), old)
+        tl.store(st_ptr + (dst * C + c[:, None]) * K1 + i[None, :], new, mask=cm[:, None] & im[None, :])
+
+
+def save_token_windows(x: torch.Tensor, cu_seqlens: torch.Tensor, conv_state: torch.Tensor,
+                       state_slots: torch.Tensor, has_initial_state: torch.Tensor,
+                       token_slots: torch.Tensor) -> None:
+    """x [T, C] pre-conv; for every token t with token_slots[t] >= 0 store the K-1 pre-conv inputs
+    ending at t (the sequence's cached window at state_slots supplying what precedes its run) into
+    conv_state[token_slots[t]]. Call before the conv moves the states on; token slots must differ
+    from the state slots (they are scratch slots)."""
+    T, C = x.shape
+    K1 = conv_state.shape[-1]
+    B = cu_seqlens.numel() - 1
+    if T == 0 or B == 0:
+        return
+    BC = 256
+    _token_windows_kernel[(T, triton.cdiv(C, BC))](
+        x.contiguous(), cu_seqlens.to(torch.int64).contiguous(), B, conv_state,
+        state_slots.to(torch.int64).contiguous(), has_initial_state.to(torch.int32).contiguous(),
+        token_slots.to(torch.int64).contiguous(), C, K1=K1, KP=triton.next_power_of_2(max(K1, 1)),
+        BB=pow2(B, 2), BC=BC)
