@@ -3,8 +3,9 @@
 Each name runs the Triton kernel (kernels/triton/, same signature) when its tensors live on CUDA,
 triton imports, no autograd is needed (the Triton kernels are forward-only) and the shapes suit
 the kernel's blocks; otherwise, when no gradient is wanted, the batched CPU variant (cpu_fast.py,
-same signature) where there is one, else the plain-torch reference. QWEN3NEXT_KERNELS=torch forces
-the references everywhere (debugging, A/B timing).
+same signature) where there is one, else the plain-torch reference. On CPU in float32 the fused C++
+kernels (cpu_ext/: the DeltaNet core, paged attention) go first when they build; QWEN3NEXT_CPU_EXT=0
+switches them off, QWEN3NEXT_KERNELS=torch forces the references everywhere (debugging, A/B timing).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import os
 import torch
 
 from . import attention as _ref_attn
+from . import cpu_ext as _ext
 from . import cpu_fast as _fast
 from . import conv1d as _ref_conv
 from . import delta_rule as _ref_dr
+from . import gdn as _gdn
 from . import moe as _ref_moe
 from . import norm as _ref_norm
 from .attention import causal_attention
@@ -25,7 +28,8 @@ from .rotary import apply_rotary, rope_cos_sin, rope_inv_freq
 
 __all__ = [
     "apply_rotary", "causal_attention", "causal_conv1d_update", "causal_conv1d_varlen",
-    "gate_output", "gated_delta_rule_chunked", "gated_delta_rule_recurrent", "gated_rmsnorm", "gdn_decode",
+    "gate_output", "gated_delta_rule_chunked", "gated_delta_rule_recurrent", "gated_rmsnorm", "gdn_cached",
+    "gdn_decode",
     "moe_experts",
     "moe_route", "paged_attention", "rope_cos_sin", "rope_inv_freq", "save_token_windows", "write_kv", "zc_rmsnorm",
 ]
@@ -136,6 +140,9 @@ def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A
     if _use_triton(m, a, b, conv_weight) and _pow2(S.shape[-2]) and _pow2(S.shape[-1]) and S.dtype == torch.float32:
         return _triton("gdn_decode").gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots,
                                                 A_log, dt_bias, num_k_heads)
+    if _use_fast(m, a, b, conv_weight) and _ext.gdn_ok(m, a, b, conv_weight, conv_state, S, A_log, dt_bias):
+        return _ext.gdn_varlen(m, a, b, conv_weight, conv_state, S, torch.arange(m.shape[0] + 1), state_slots,
+                               None, None, A_log, dt_bias, num_k_heads)
     if _use_fast(m, a, b, conv_weight) and bool((state_slots >= 0).all()):
         return _fast.gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A_log, dt_bias,
                                 num_k_heads)
@@ -145,9 +152,38 @@ def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A
                                 num_k_heads)
 
 
+def gdn_cached(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots, has_initial_state,
+               per_token_state_slots, A_log, dt_bias, num_k_heads):
+    """The cached DeltaNet core of a varlen batch (see kernels/gdn.py) -> o [T, Hv, dv]: the fused C++
+    kernel on CPU (a sequential recurrence: taken for short runs, or any run at small head dims),
+    else the single kernels one by one."""
+    if (_use_fast(m, a, b, conv_weight) and _ext.gdn_ok(m, a, b, conv_weight, conv_state, recurrent_state, A_log,
+                                                       dt_bias) and _seq_pays(cu_seqlens, recurrent_state)):
+        return _ext.gdn_varlen(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots,
+                               has_initial_state, per_token_state_slots, A_log, dt_bias, num_k_heads)
+    return _gdn.gdn_cached(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots,
+                           has_initial_state, per_token_state_slots, A_log, dt_bias, num_k_heads)
+
+
+# The C++ recurrence does ~6 dk dv flops per token and head one token after another; the chunked
+# torch path wins on long runs once a state is big enough for its matmuls to pay (measured below).
+_SEQ_MAX_STATE = 64 * 64
+_SEQ_MAX_RUN = 16
+
+
+def _seq_pays(cu_seqlens, recurrent_state) -> bool:
+    dk, dv = recurrent_state.shape[-2:]
+    if dk * dv <= _SEQ_MAX_STATE:
+        return True
+    cu = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+    return max((cu[i + 1] - cu[i] for i in range(len(cu) - 1)), default=0) <= _SEQ_MAX_RUN
+
+
 def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale):
     if _use_triton(q) and _pow2(q.shape[-1]) and kv_cache.dtype == q.dtype:
         return _triton("attention").paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale)
+    if _use_fast(q) and _ext.paged_attention_ok(q, kv_cache):
+        return _ext.paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale)
     return (_fast if _use_fast(q) else _ref_attn).paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens,
                                                                  scale)
 

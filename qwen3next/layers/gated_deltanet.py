@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
@@ -22,13 +21,9 @@ from ..distributed.parallel_state import tp_size
 from ..distributed.sharding import Shard, cols, even_range, rows
 from ..forward_batch import ForwardBatch
 from ..kernels import ops
+from ..kernels.gdn import qkv_gates
 from .fused import DerivedWeight
 from .norm import GatedRMSNorm
-
-
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / sqrt(sum x^2 + eps) over the last dim (eps inside the sqrt)."""
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
 def _regroup_rows(Hk: int, dk: int, rdv: int, r: int, w_qkvz: torch.Tensor, w_ba: torch.Tensor) -> torch.Tensor:
@@ -104,25 +99,14 @@ class GatedDeltaNet(nn.Module):
             o = self.norm(o, z)  # [T, Hv, dv]
             return self._out(o.reshape(T, self.value_dim))
         if cache is None:
-            m = ops.causal_conv1d_varlen(m, w, batch.cu_seqlens)
-        else:
-            m = self._conv_with_state(m, w, batch)
-        q, k, v = torch.split(m, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = l2norm(q.reshape(T, self.num_k_heads, self.head_k_dim).float()) * self.head_k_dim ** -0.5
-        k = l2norm(k.reshape(T, self.num_k_heads, self.head_k_dim).float())
-        v = v.reshape(T, self.num_v_heads, self.head_v_dim)
-        beta = torch.sigmoid(b).float()
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
-        if cache is None:
+            mc = ops.causal_conv1d_varlen(m, w, batch.cu_seqlens)
+            q, k, v, g, beta = qkv_gates(mc, a, b, self.A_log, self.dt_bias, self.num_k_heads, self.head_k_dim,
+                                         self.num_v_heads, self.head_v_dim)
             o = ops.gated_delta_rule_chunked(q, k, v, g, beta, batch.cu_seqlens)
-        else:
-            state = cache.recurrent[self.layer_idx]
-            has_init = batch.has_initial_state
-            if batch.per_token_state_slots is not None:
-                o = ops.gated_delta_rule_recurrent(q, k, v, g, beta, batch.cu_seqlens, state, batch.state_slots,
-                                                   has_init, per_token_state_slots=batch.per_token_state_slots)
-            else:
-                o = ops.gated_delta_rule_chunked(q, k, v, g, beta, batch.cu_seqlens, state, batch.state_slots, has_init)
+        else:  # prefill chunks, mixed steps, speculative verify (per-token states)
+            o = ops.gdn_cached(m, a, b, w, cache.conv[self.layer_idx], cache.recurrent[self.layer_idx],
+                               batch.cu_seqlens, batch.state_slots, batch.has_initial_state,
+                               batch.per_token_state_slots, self.A_log, self.dt_bias, self.num_k_heads)
         o = self.norm(o, z)  # [T, Hv, dv]
         return self._out(o.reshape(T, self.value_dim))
 
@@ -130,13 +114,3 @@ class GatedDeltaNet(nn.Module):
         """[T, value_dim] -> [T, H]; row-parallel under tensor parallelism (ranks' sums added)."""
         o = self.out_proj(o)
         return all_reduce(o) if self.tp > 1 else o
-
-    def _conv_with_state(self, m: torch.Tensor, w: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """Varlen conv continuing from the cached conv state; with per-token state slots (speculative
-        verify) also store the conv window after every token."""
-        conv = batch.cache.conv[self.layer_idx]
-        has_init = batch.has_initial_state
-        pts = batch.per_token_state_slots
-        if pts is not None:  # before the conv below moves the states on
-            ops.save_token_windows(m, batch.cu_seqlens, conv, batch.state_slots, has_init, pts)
-        return ops.causal_conv1d_varlen(m, w, batch.cu_seqlens, conv, batch.state_slots, has_init)

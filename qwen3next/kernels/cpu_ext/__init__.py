@@ -1,0 +1,87 @@
+"""The fused C++ CPU kernels (kernels.cpp): built with torch.utils.cpp_extension on first use and
+cached by torch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions; a rebuild only when the
+source changes). `get()` returns the loaded module, or None when switched off
+(QWEN3NEXT_CPU_EXT=0 or QWEN3NEXT_KERNELS=torch) or when the build fails: one warning is logged
+and the torch paths stay in charge. `usable(*tensors)` says whether float32 CPU tensors can go to it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cpp")
+
+
+def enabled() -> bool:
+    """Not switched off by the environment (read on every call, so tests can flip it)."""
+    return (os.environ.get("QWEN3NEXT_CPU_EXT", "1") != "0"
+            and os.environ.get("QWEN3NEXT_KERNELS", "").lower() != "torch")
+
+
+@functools.lru_cache(maxsize=1)
+def _build():
+    try:
+        from torch.utils.cpp_extension import load
+
+        # -fopenmp: at::parallel_for's OpenMP pragmas are compiled into this module
+        return load(name="qwen3next_cpu_ext", sources=[_SOURCE], extra_cflags=["-O3", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler, headers, ...: the torch paths keep working
+        msg = str(e).strip().splitlines()
+        logger.warning("qwen3next: C++ CPU kernels unavailable, using the torch paths (%s: %s)",
+                       type(e).__name__, msg[0] if msg else "")
+        return None
+
+
+def get():
+    """The extension module, or None (switched off, or the build failed)."""
+    return _build() if enabled() else None
+
+
+def usable(*tensors) -> bool:
+    """All given tensors are float32 on the CPU and the extension loads."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and get() is not None
+
+
+_NO_BOOL = torch.empty(0, dtype=torch.bool)
+_NO_LONG = torch.empty(0, dtype=torch.long)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x with a contiguous last dim (row strides are free for the kernels)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _long(x) -> torch.Tensor:
+    return torch.as_tensor(x, dtype=torch.long).contiguous()
+
+
+def gdn_ok(m, a, b, conv_weight, conv_state, recurrent_state, A_log, dt_bias) -> bool:
+    """The fused DeltaNet kernel can take these: float32 CPU, state pools contiguous (written in place)."""
+    return (usable(m, a, b, conv_weight, conv_state, recurrent_state, A_log, dt_bias)
+            and conv_state.is_contiguous() and recurrent_state.is_contiguous())
+
+
+def gdn_varlen(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots, has_initial_state,
+               per_token_state_slots, A_log, dt_bias, num_k_heads: int) -> torch.Tensor:
+    """Same contract as kernels/gdn.gdn_cached (float32; state_slots < 0: sequence skipped, o = 0)."""
+    has = _NO_BOOL if has_initial_state is None else has_initial_state.to(torch.bool).contiguous()
+    pts = _NO_LONG if per_token_state_slots is None else _long(per_token_state_slots)
+    return get().gdn_varlen(_rows(m), _rows(a), _rows(b), _rows(conv_weight), conv_state, recurrent_state,
+                            _long(cu_seqlens), _long(state_slots), has, pts, A_log.contiguous(),
+                            dt_bias.contiguous(), num_k_heads)
+
+
+def paged_attention_ok(q, kv_cache) -> bool:
+    return usable(q, kv_cache) and kv_cache.is_contiguous()
+
+
+def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale) -> torch.Tensor:
+    """Same contract as kernels/attention.paged_attention (float32)."""
+    return get().paged_attention(_rows(q), kv_cache, _long(block_tables), _long(cu_seqlens), _long(context_lens),
+                                 float(scale))

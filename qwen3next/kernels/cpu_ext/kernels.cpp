@@ -1,0 +1,216 @@
+// Fused CPU kernels for qwen3next (float32), one translation unit so the first build stays short.
+//
+// gdn_varlen:      the whole Gated DeltaNet core after the input projections, over a packed varlen
+//                  batch on the state-slot pools: causal conv (from the conv state) + SiLU, q/k L2
+//                  norm, gates g / beta, the delta-rule recurrence token by token, optional per-token
+//                  states (speculative verify). Decode (one token per sequence) is the T = B case.
+// paged_attention: causal attention of each new token over the paged KV cache (block table walk,
+//                  online softmax), no gather or padding.
+// Both are parallel over (sequence or token, head) with at::parallel_for. The Python side
+// (kernels/cpu_ext/__init__.py) checks dtypes, devices and layouts before calling.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+// torch's F.softplus (beta 1, threshold 20)
+inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
+
+// Work items per parallel chunk: enough that a one-thread pool never pays for splitting.
+int64_t grain(int64_t items, int64_t cost_per_item) {
+  const int64_t target = 1 << 15;  // ~32k flops per chunk
+  return std::max<int64_t>(1, std::min<int64_t>(items, target / std::max<int64_t>(cost_per_item, 1)));
+}
+
+}  // namespace
+
+// m [T, C] (rows may be strided) pre-conv [q_all | k_all | v_all]; a, b [T, Hv] (rows strided);
+// conv_weight [C, K] (rows strided); conv_state [N, C, K-1]; recurrent_state [N, Hv, dk, dv];
+// cu_seqlens [B+1]; state_slots [B] (< 0: sequence skipped, o = 0); has_initial_state [B] bool
+// (empty: all true); per_token_state_slots [T] (empty: none; -1 = don't save); A_log, dt_bias [Hv].
+// -> o [T, Hv, dv]. States are updated in place.
+torch::Tensor gdn_varlen(torch::Tensor m, torch::Tensor a, torch::Tensor b, torch::Tensor conv_weight,
+                         torch::Tensor conv_state, torch::Tensor recurrent_state, torch::Tensor cu_seqlens,
+                         torch::Tensor state_slots, torch::Tensor has_initial_state,
+                         torch::Tensor per_token_state_slots, torch::Tensor A_log, torch::Tensor dt_bias,
+                         int64_t num_k_heads) {
+  const int64_t T = m.size(0), C = m.size(1), K = conv_weight.size(1), K1 = K - 1;
+  const int64_t Hv = recurrent_state.size(1), dk = recurrent_state.size(2), dv = recurrent_state.size(3);
+  const int64_t Hk = num_k_heads, r = Hv / Hk, B = cu_seqlens.size(0) - 1;
+  const int64_t ms = m.stride(0), as = a.stride(0), bs = b.stride(0), ws = conv_weight.stride(0);
+  const float* mp = m.data_ptr<float>();
+  const float* ap = a.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  const float* wp = conv_weight.data_ptr<float>();
+  float* cs = conv_state.data_ptr<float>();
+  float* rs = recurrent_state.data_ptr<float>();
+  const int64_t* cu = cu_seqlens.data_ptr<int64_t>();
+  const int64_t* slots = state_slots.data_ptr<int64_t>();
+  const bool* init = has_initial_state.numel() ? has_initial_state.data_ptr<bool>() : nullptr;
+  const int64_t* pts = per_token_state_slots.numel() ? per_token_state_slots.data_ptr<int64_t>() : nullptr;
+  const float* alog = A_log.data_ptr<float>();
+  const float* dtb = dt_bias.data_ptr<float>();
+
+  // taps transposed to [K, C] so the channel loop is contiguous
+  std::vector<float> wt(K * C);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t j = 0; j < K; ++j) wt[j * C + c] = wp[c * ws + j];
+  auto y = torch::empty({T, C}, m.options());  // post-conv, post-SiLU
+  float* yp = y.data_ptr<float>();
+
+  // 1) conv per sequence: all channels at once (the q/k channels are shared by r value heads)
+  at::parallel_for(0, B, grain(B, (T / std::max<int64_t>(B, 1) + K) * C * K), [&](int64_t b0, int64_t b1) {
+    std::vector<float> hist;
+    for (int64_t s = b0; s < b1; ++s) {
+      const int64_t t0 = cu[s], n = cu[s + 1] - t0, slot = slots[s];
+      if (n == 0 || slot < 0) continue;
+      // hist rows: K-1 cached inputs (oldest first, or zeros), then the n new ones  [K-1+n, C]
+      hist.assign((K1 + n) * C, 0.0f);
+      if (!init || init[s]) {
+        const float* st = cs + slot * C * K1;
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t j = 0; j < K1; ++j) hist[j * C + c] = st[c * K1 + j];
+      }
+      for (int64_t i = 0; i < n; ++i) std::copy(mp + (t0 + i) * ms, mp + (t0 + i) * ms + C, &hist[(K1 + i) * C]);
+      for (int64_t i = 0; i < n; ++i) {
+        float* out = yp + (t0 + i) * C;
+        for (int64_t c = 0; c < C; ++c) out[c] = 0.0f;
+        for (int64_t j = 0; j < K; ++j) {
+          const float* h = &hist[(i + j) * C];
+          const float* w = &wt[j * C];
+          for (int64_t c = 0; c < C; ++c) out[c] += w[c] * h[c];
+        }
+        for (int64_t c = 0; c < C; ++c) out[c] = silu(out[c]);
+        const int64_t ps = pts ? pts[t0 + i] : -1;
+        if (ps >= 0) {  // the window after token i: hist rows i+1 .. i+K-1
+          float* st = cs + ps * C * K1;
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t j = 0; j < K1; ++j) st[c * K1 + j] = hist[(i + 1 + j) * C + c];
+        }
+      }
+      float* st = cs + slot * C * K1;  // the last K-1 inputs become the state
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t j = 0; j < K1; ++j) st[c * K1 + j] = hist[(n + j) * C + c];
+    }
+  });
+
+  // 2) recurrence per (sequence, value head)
+  auto o = torch::zeros({T, Hv, dv}, m.options());
+  float* op = o.data_ptr<float>();
+  const float qscale = 1.0f / std::sqrt(static_cast<float>(dk));
+  const int64_t SZ = dk * dv;
+  at::parallel_for(0, B * Hv, grain(B * Hv, (T / std::max<int64_t>(B, 1)) * SZ * 6), [&](int64_t i0, int64_t i1) {
+    std::vector<float> S(SZ), q(dk), k(dk), ks(dv), delta(dv);
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t s = it / Hv, h = it % Hv, kh = h / r;
+      const int64_t t0 = cu[s], n = cu[s + 1] - t0, slot = slots[s];
+      if (n == 0 || slot < 0) continue;
+      float* Sg = rs + (slot * Hv + h) * SZ;
+      if (!init || init[s]) std::copy(Sg, Sg + SZ, S.begin());
+      else std::fill(S.begin(), S.end(), 0.0f);
+      const float decay_rate = -std::exp(alog[h]);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t t = t0 + i;
+        const float* row = yp + t * C;
+        float qq = 0.0f, kk = 0.0f;
+        for (int64_t d = 0; d < dk; ++d) {
+          q[d] = row[kh * dk + d];
+          k[d] = row[Hk * dk + kh * dk + d];
+          qq += q[d] * q[d];
+          kk += k[d] * k[d];
+        }
+        const float qn = qscale / std::sqrt(qq + 1e-6f), kn = 1.0f / std::sqrt(kk + 1e-6f);
+        for (int64_t d = 0; d < dk; ++d) { q[d] *= qn; k[d] *= kn; }
+        const float* v = row + 2 * Hk * dk + h * dv;
+        const float decay = std::exp(decay_rate * softplus(ap[t * as + h] + dtb[h]));
+        const float beta = sigmoid(bp[t * bs + h]);
+        // S'' = decay S; delta = beta (v - k S''); S' = S'' + k (x) delta; o = q S'
+        std::fill(ks.begin(), ks.end(), 0.0f);
+        for (int64_t d = 0; d < dk; ++d) {
+          float* Sr = &S[d * dv];
+          const float kd = k[d];
+          for (int64_t e = 0; e < dv; ++e) { Sr[e] *= decay; ks[e] += kd * Sr[e]; }
+        }
+        for (int64_t e = 0; e < dv; ++e) delta[e] = beta * (v[e] - ks[e]);
+        float* out = op + (t * Hv + h) * dv;
+        for (int64_t d = 0; d < dk; ++d) {
+          float* Sr = &S[d * dv];
+          const float kd = k[d], qd = q[d];
+          for (int64_t e = 0; e < dv; ++e) { Sr[e] += kd * delta[e]; out[e] += qd * Sr[e]; }
+        }
+        const int64_t ps = pts ? pts[t] : -1;
+        if (ps >= 0) std::copy(S.begin(), S.end(), rs + (ps * Hv + h) * SZ);
+      }
+      std::copy(S.begin(), S.end(), Sg);
+    }
+  });
+  return o;
+}
+
+// q [T, Hq, D] (token and head strides free, last dim contiguous); kv_cache [NB, 2, bs, Hkv, D];
+// block_tables [B, max_blocks]; cu_seqlens [B+1]; context_lens [B] (cached tokens before this step;
+// the new ones are already written). Token i of sequence b sees keys 0 .. context_lens[b] + i.
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_tables,
+                              torch::Tensor cu_seqlens, torch::Tensor context_lens, double scale) {
+  const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t bsz = kv_cache.size(2), Hkv = kv_cache.size(3), rep = Hq / Hkv, B = cu_seqlens.size(0) - 1;
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), nbt = block_tables.size(1);
+  const float* qp = q.data_ptr<float>();
+  const float* kvp = kv_cache.data_ptr<float>();
+  const int64_t* bt = block_tables.data_ptr<int64_t>();
+  const int64_t* cu = cu_seqlens.data_ptr<int64_t>();
+  const int64_t* ctx = context_lens.data_ptr<int64_t>();
+  const int64_t row = Hkv * D, blk = 2 * bsz * row;  // strides of a key row and of a block
+  auto o = torch::empty({T, Hq, D}, q.options());
+  float* op = o.data_ptr<float>();
+  std::vector<int64_t> seq_of(T, -1);
+  int64_t total_keys = 0;
+  for (int64_t s = 0; s < B; ++s)
+    for (int64_t t = cu[s]; t < cu[s + 1]; ++t) { seq_of[t] = s; total_keys += ctx[s] + t - cu[s] + 1; }
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, T * Hq, grain(T * Hq, (total_keys / std::max<int64_t>(T, 1)) * D * 4), [&](int64_t i0, int64_t i1) {
+    std::vector<float> p;
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t t = it / Hq, h = it % Hq, s = seq_of[t], kh = h / rep;
+      float* out = op + (t * Hq + h) * D;
+      std::fill(out, out + D, 0.0f);
+      if (s < 0) continue;
+      const int64_t nk = ctx[s] + (t - cu[s]) + 1;
+      const float* qv = qp + t * qs0 + h * qs1;
+      const int64_t* table = bt + s * nbt;
+      p.resize(nk);
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < nk; ++j) {
+        const float* kr = kvp + table[j / bsz] * blk + (j % bsz) * row + kh * D;
+        float dot = 0.0f;
+        for (int64_t d = 0; d < D; ++d) dot += qv[d] * kr[d];
+        p[j] = dot * sc;
+        mx = std::max(mx, p[j]);
+      }
+      float sum = 0.0f;
+      for (int64_t j = 0; j < nk; ++j) {
+        p[j] = std::exp(p[j] - mx);
+        sum += p[j];
+      }
+      for (int64_t j = 0; j < nk; ++j) {
+        const float* vr = kvp + table[j / bsz] * blk + bsz * row + (j % bsz) * row + kh * D;
+        const float w = p[j];
+        for (int64_t d = 0; d < D; ++d) out[d] += w * vr[d];
+      }
+      const float inv = 1.0f / sum;
+      for (int64_t d = 0; d < D; ++d) out[d] *= inv;
+    }
+  });
+  return o;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("gdn_varlen", &gdn_varlen, "fused Gated DeltaNet core over a varlen batch (in place on state pools)");
+  mod.def("paged_attention", &paged_attention, "causal attention over the paged KV cache");
+}
