@@ -294,13 +294,15 @@ class LLMEngine:
         if not rows:
             return outputs
         finished = []
-        for i, seq in enumerate(rows):
-            tok = sampled.token_ids[i]
+        for i, (seq, tok) in enumerate(zip(rows, sampled.token_ids)):
             seq.token_ids.append(tok)
             if seq.logprobs is not None:
                 seq.logprobs.append(sampled.logprobs[i])
                 seq.cumulative_logprob += sampled.chosen_logprobs[i]
-            if self._check_stop(seq, tok):
+            req = seq.request
+            # the cheap necessary condition first: most tokens stop nothing
+            if ((tok in req.eos_ids or tok in req.stop_ids or len(seq.token_ids) >= req.max_len)
+                    and self._check_stop(seq, tok)):
                 finished.append(seq)
         return self._finish_step(rows, finished, outputs)
 
@@ -336,19 +338,26 @@ class LLMEngine:
             seq.status = Status.FINISHED
         if finished:
             self.scheduler.drop_finished()
-        by_request: dict[str, RequestOutput] = {}
+        by_request: dict[str, RequestOutput] = {}  # n > 1 requests: one output for all samples
         for seq in rows:
             req = seq.request
+            if len(req.seqs) == 1:
+                done = seq.status is Status.FINISHED
+                outputs.append(RequestOutput(req.request_id, None, req.prompt_token_ids,
+                                             [self._delta(seq)], done))
+                if done:
+                    del self.requests[req.request_id]
+                continue
             out = by_request.get(req.request_id)
             if out is None:
                 out = by_request[req.request_id] = RequestOutput(
                     req.request_id, None, req.prompt_token_ids)
+                outputs.append(out)
             out.outputs.append(self._delta(seq))
         for rid, out in by_request.items():
             if self.requests[rid].finished:
                 out.finished = True
                 del self.requests[rid]
-            outputs.append(out)
         return outputs
 
     def _check_stop(self, seq: Sequence, tok: int) -> bool:

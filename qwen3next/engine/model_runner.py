@@ -61,6 +61,7 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, batch)  # [T, H]
         if not rows:
             return rows, None
-        idx = torch.tensor(row_idx, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden[idx])  # [R, V] float32
+        if row_idx != list(range(len(input_ids))):  # not a plain decode: pick the rows sampled
+            hidden = hidden[torch.tensor(row_idx, dtype=torch.long, device=self.device)]
+        logits = self.model.compute_logits(hidden)  # [R, V] float32
         return rows, self.sampler(logits, rows)

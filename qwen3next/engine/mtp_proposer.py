@@ -15,6 +15,7 @@ import torch
 
 from qwen3next.engine.cache import CacheManager
 from qwen3next.engine.rejection_sampler import adjusted_logits, draw, final_probs, race
+from qwen3next.engine.sampler import argmax_rows
 from qwen3next.engine.sequence import Sequence
 from qwen3next.engine.spec_batch import pack
 
@@ -39,10 +40,13 @@ class MTPProposer:
         runs = [(s, c, s.token_ids[c + 1:c + 1 + n]) for s, c, n, _ in entries]
         ids, pos, batch = pack(self.cache, self.device, runs)
         y = self.model.mtp(ids, hidden, pos, batch)  # [T, H]
-        ends = batch.cu_seqlens[1:] - 1
         want = [i for i, e in enumerate(entries) if e[3]]
         if not want:
             return
+        ends, end = [], -1  # flat index of each entry's last position
+        for e in entries:
+            end += e[2]
+            ends.append(end)
         seqs = [entries[i][0] for i in want]
         # drafts per sequence: the verify forward writes positions num_computed..+k, all inside
         # max_len - 1 (the cache never holds the last token); draft steps need KV up to +k-2
@@ -54,7 +58,9 @@ class MTPProposer:
             ks.append(k)
             s.spec_token_ids, s.spec_draft_probs = [], None
         live = [i for i, k in enumerate(ks) if k > 0]
-        y = y[ends[torch.tensor([want[i] for i in live], device=self.device)]] if live else y[:0]
+        rows = [ends[want[i]] for i in live]
+        if rows != list(range(len(y))):
+            y = y[torch.tensor(rows, dtype=torch.long, device=self.device)]
         probs: dict[int, list[torch.Tensor]] = {}
         for j in range(1, self.k + 1):
             if not live:
@@ -70,13 +76,16 @@ class MTPProposer:
                 if p[r] is not None:
                     probs.setdefault(i, []).append(p[r])
             keep = [r for r, i in enumerate(live) if ks[i] > j]
+            if len(keep) < len(live):
+                y = y[torch.tensor(keep, dtype=torch.long, device=self.device)]
             live = [live[r] for r in keep]
-            y = y[torch.tensor(keep, dtype=torch.long, device=self.device)]
         for i, ps in probs.items():
             seqs[i].spec_draft_probs = torch.stack(ps)  # [k, V]
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list]:
         """One draft per row, as if the row's earlier drafts were already in the sequence."""
+        if all(s.request.plain_greedy for s in seqs):
+            return argmax_rows(logits).tolist(), [None] * len(seqs)
         x = adjusted_logits(logits, seqs, [s.spec_token_ids for s in seqs])
         toks = x.argmax(-1)
         probs: list = [None] * len(seqs)

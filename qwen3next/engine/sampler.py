@@ -72,6 +72,19 @@ def apply_penalties(logits: torch.Tensor, rows: list[Sequence],
     return logits
 
 
+def argmax_rows(x: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """x [B, V] -> [B] long, the first index of each row's maximum (torch.argmax's choice).
+
+    On CPU argmax is a scalar loop while amax is vectorised: for large inputs take the max of
+    each block of `block` columns, the first block holding the row's max, then argmax inside it."""
+    B, V = x.shape
+    if x.device.type != "cpu" or B * V < 32768 or V % block:
+        return x.argmax(-1)
+    xb = x.reshape(B, V // block, block)
+    best = xb.amax(-1).argmax(-1)  # [B]
+    return best * block + xb[torch.arange(B), best].argmax(-1)
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0):
         self.device = device
@@ -81,6 +94,9 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[Sequence]) -> SamplerOutput:
         """logits [B, V] float32 (row i belongs to rows[i]) -> one token per row."""
+        if all(s.request.plain_greedy for s in rows):
+            n = len(rows)
+            return SamplerOutput(argmax_rows(logits).tolist(), [None] * n, [None] * n)
         params = [s.params for s in rows]
         raw = logits
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):

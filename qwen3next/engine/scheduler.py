@@ -51,28 +51,32 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        running, cache = self.running, self.cache
+        running, bs = self.running, self.cache.block_size
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
             # a decode brings its drafts along (speculative decoding); the budget may cut them
-            n = min(seq.num_tokens - seq.num_computed_tokens + len(seq.spec_token_ids), budget)
-            while not cache.grow(seq, n):
-                victim = running.pop()  # the newest; never one scheduled earlier in this loop
-                self._preempt(victim, out)
-                if victim is seq:
-                    break
-            else:
-                out.seqs.append(seq)
-                out.num_new_tokens.append(n)
-                budget -= n
-                i += 1
-                continue
-            break  # `seq` preempted itself: it was the last one running
+            n = min(len(seq.token_ids) - seq.num_computed_tokens + len(seq.spec_token_ids), budget)
+            if seq.num_computed_tokens + n > len(seq.block_ids) * bs and not self._grow(seq, n, out):
+                break  # `seq` preempted itself: it was the last one running
+            out.seqs.append(seq)
+            out.num_new_tokens.append(n)
+            budget -= n
+            i += 1
         # vLLM's rule: nothing new is admitted in a step that had to preempt
         if not out.preempted:
             self._admit(out, budget)
         return out
+
+    def _grow(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
+        """Blocks for `n` more tokens of a running sequence, preempting the newest running ones
+        (never one scheduled earlier this step) while none is free; False if `seq` itself went."""
+        while not self.cache.grow(seq, n):
+            victim = self.running.pop()
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        return True
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         waiting, cache = self.waiting, self.cache

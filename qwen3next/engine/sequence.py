@@ -24,7 +24,7 @@ class Status(enum.Enum):
 
 class Request:
     __slots__ = ("request_id", "prompt_token_ids", "params", "seqs", "eos_ids", "stop_ids",
-                 "max_len", "prompt_mask")
+                 "max_len", "prompt_mask", "plain_greedy")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_ids: frozenset[int], max_len: int):
@@ -37,6 +37,10 @@ class Request:
         self.max_len = max_len
         self.seqs: list[Sequence] = []
         self.prompt_mask: torch.Tensor | None = None  # [V] bool, built by the sampler when needed
+        # argmax of the raw logits is the whole sampling rule (the sampler's fast path)
+        self.plain_greedy = (params.greedy and params.logprobs is None and params.min_tokens == 0
+                             and params.repetition_penalty == 1.0 and not params.presence_penalty
+                             and not params.frequency_penalty)
 
     @property
     def finished(self) -> bool:

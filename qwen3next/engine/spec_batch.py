@@ -4,8 +4,8 @@ ModelRunner.build_batch packs each scheduled sequence's next tokens; the specula
 feeds tokens that are not (yet) part of a sequence: drafts behind the last token in the verify
 forward, and the *next* tokens paired with each position in the MTP forwards. `pack` takes
 (sequence, first position, tokens) runs and builds input ids, positions, cu_seqlens, context
-lengths, state slots, block tables (from the cache manager's per-slot table) and the slot mapping
-(on the device).
+lengths, state slots and the slot mapping on the host (one tensor, one copy to the device) and
+gathers the block tables from the cache manager's per-slot table on the device.
 """
 
 from __future__ import annotations
@@ -17,36 +17,59 @@ from qwen3next.engine.sequence import Sequence
 from qwen3next.forward_batch import ForwardBatch
 
 
-def pack(cache: CacheManager, device: torch.device, runs: list[tuple[Sequence, int, list[int]]]):
+def pack(cache: CacheManager, device: torch.device, runs: list[tuple[Sequence, int, list[int]]],
+         per_token_state_slots: list[int] | None = None):
     """runs: (seq, context = first position, tokens) -> (input_ids [T], positions [T], ForwardBatch).
+    per_token_state_slots [T] (speculative verify), when given, travel in the same copy.
 
     Every position written must already have a block (CacheManager.grow)."""
+    bs = cache.block_size
     ids: list[int] = []
     pos: list[int] = []
+    smap: list[int] = []
+    cu = [0]
     ctx: list[int] = []
     lens: list[int] = []
     slots: list[int] = []
     max_blocks = 1
     for seq, c, toks in runs:
+        n = len(toks)
+        blocks = seq.block_ids
         ids += toks
-        pos += range(c, c + len(toks))
+        if n == 1:  # decode and draft steps: no ranges
+            pos.append(c)
+            smap.append(blocks[c // bs] * bs + c % bs)
+        else:
+            end = c + n
+            pos += range(c, end)
+            p = c
+            while p < end:  # one range per block touched
+                b, off = divmod(p, bs)
+                stop = min(end, p - off + bs)
+                first = blocks[b] * bs
+                smap += range(first + off, first + off + stop - p)
+                p = stop
+        cu.append(cu[-1] + n)
         ctx.append(c)
-        lens.append(len(toks))
+        lens.append(n)
         slots.append(seq.slot)
-        max_blocks = max(max_blocks, len(seq.block_ids))
-    host = torch.tensor([ids, pos], dtype=torch.long)
-    meta = torch.tensor(lens + slots, dtype=torch.long)
+        if len(blocks) > max_blocks:
+            max_blocks = len(blocks)
+    T, B = len(ids), len(lens)
+    flat = ids + pos + smap + cu + ctx + slots
+    if per_token_state_slots is not None:
+        flat += per_token_state_slots
+    host = torch.tensor(flat, dtype=torch.long)
     if device.type != "cpu":
-        host, meta = host.to(device, non_blocking=True), meta.to(device, non_blocking=True)
-    input_ids, positions = host[0], host[1]
-    B = len(lens)
-    seq_lens_t, slots_t = meta[:B], meta[B:]
-    cu = torch.zeros(B + 1, dtype=torch.long, device=device)
-    torch.cumsum(seq_lens_t, 0, out=cu[1:])
+        host = host.to(device, non_blocking=True)
+    # views into the one tensor: [ids T | positions T | slot mapping T | cu B+1 | ctx B | slots B | pts T]
+    input_ids, positions, slot_mapping = host[:T], host[T:2 * T], host[2 * T:3 * T]
+    o = 3 * T
+    cu_t, ctx_t, slots_t = host[o:o + B + 1], host[o + B + 1:o + 2 * B + 1], host[o + 2 * B + 1:o + 3 * B + 1]
     tables = cache.block_tables[slots_t, :max_blocks]  # [B, max_blocks]
-    row_of_tok = torch.repeat_interleave(torch.arange(B, device=device), seq_lens_t, output_size=len(ids))
-    blk = tables[row_of_tok, positions // cache.block_size]
-    slot_mapping = blk * cache.block_size + positions % cache.block_size
-    batch = ForwardBatch(cu_seqlens=cu, seq_lens=lens, context_lens=ctx, cache=cache.cache,
+    batch = ForwardBatch(cu_seqlens=cu_t, seq_lens=lens, context_lens=ctx, cache=cache.cache,
                          block_tables=tables, slot_mapping=slot_mapping, state_slots=slots_t)
+    batch.__dict__["context_lens_tensor"] = ctx_t  # the cached property, already on the device
+    if per_token_state_slots is not None:
+        batch.per_token_state_slots = host[o + 3 * B + 1:]
     return input_ids, positions, batch

@@ -22,7 +22,7 @@ from qwen3next.engine.cache import CacheManager
 from qwen3next.engine.mtp_proposer import MTPProposer
 from qwen3next.engine.rejection_sampler import (adjusted_logits, draw, final_probs, rejection_sample,
                                                 verify_greedy)
-from qwen3next.engine.sampler import Sampler
+from qwen3next.engine.sampler import Sampler, argmax_rows
 from qwen3next.engine.scheduler import SchedulerOutput
 from qwen3next.engine.sequence import Sequence
 from qwen3next.engine.spec_batch import pack
@@ -167,7 +167,7 @@ class SpecDecoder:
             entries.append((seq, seq.num_computed_tokens - n, n, seq.seq_id in sampled))
             hidden.append(out.hidden[i])
         if entries:
-            self.proposer.run(entries, torch.cat(hidden))
+            self.proposer.run(entries, hidden[0] if len(hidden) == 1 else torch.cat(hidden))
 
     def _plain(self, sched: SchedulerOutput, idx: list[int], out: SpecStepOutput) -> None:
         """Prompt chunks and draft-less rows: one forward, sample where a prompt completes."""
@@ -203,17 +203,32 @@ class SpecDecoder:
         seqs = [sched.seqs[i] for i in idx]
         drafts = [s.spec_token_ids[:sched.num_new_tokens[i] - 1] for s, i in zip(seqs, idx)]
         runs = [(s, s.num_computed_tokens, [s.token_ids[-1]] + d) for s, d in zip(seqs, drafts)]
-        ids, pos, batch = pack(self.cache, self.device, runs)
         B, K = len(seqs), max(len(d) for d in drafts)
+        pts = None
         if K:
             # the state after draft position j of row r goes to a scratch slot; after the last one
             # it is the row's own slot (written anyway)
             pts = [self.scratch_base + r * self.k + j if j < len(d) else -1
                    for r, d in enumerate(drafts) for j in range(len(d) + 1)]
-            batch.per_token_state_slots = torch.tensor(pts, dtype=torch.long, device=self.device)
+        ids, pos, batch = pack(self.cache, self.device, runs, pts)
         hidden = self.model(ids, pos, batch)  # [T, H]
         logits = self.model.compute_logits(hidden)  # [T, V]
-        cu = batch.cu_seqlens.tolist()
+        cu = [0]
+        for d in drafts:
+            cu.append(cu[-1] + len(d) + 1)
+        if all(s.request.plain_greedy for s in seqs):
+            # argmax of the raw logits is the target: compare on the host, no per-row tensors
+            target = argmax_rows(logits).tolist()
+            n_acc, nxt = [], []
+            for r, d in enumerate(drafts):
+                t = target[cu[r]:cu[r + 1]]
+                a = 0
+                while a < len(d) and d[a] == t[a]:
+                    a += 1
+                n_acc.append(a)
+                nxt.append(t[a])
+            self._commit(idx, seqs, drafts, n_acc, nxt, hidden, logits, cu, out)
+            return
         # every verify position as a row of its own: sequence + the drafts before it
         p_seqs = [s for s, d in zip(seqs, drafts) for _ in range(len(d) + 1)]
         p_extra = [d[:j] for d in drafts for j in range(len(d) + 1)]
