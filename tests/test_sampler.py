@@ -173,3 +173,17 @@ def test_generation_config_fills_only_unset_fields():
     assert (d.temperature, d.top_p, d.top_k, d.max_tokens) == (1.0, 1.0, 0, 16)
     assert not d.is_set("temperature") and SamplingParams(temperature=1.0).is_set("temperature")
     assert SamplingParams(stop="x").stop == ["x"]
+
+
+@pytest.mark.parametrize("shape", [(3, 50), (64, 512), (5, 64 * 300)])
+def test_argmax_rows_is_torch_argmax_with_ties(shape):
+    """The blocked CPU argmax picks what torch.argmax picks: the first maximum, -inf rows included."""
+    from qwen3next.engine.sampler import argmax_rows
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g)
+    x[0, 3] = x[0, shape[1] - 1] = 9.0  # a tie: the first one wins
+    x[1] = -math.inf
+    x[1, shape[1] // 2] = -1.0
+    x[2] = 0.0  # all equal: index 0
+    assert torch.equal(argmax_rows(x), x.argmax(-1))
