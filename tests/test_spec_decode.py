@@ -329,3 +329,32 @@ def test_disable_by_batch_size(model, prompts, reference, monkeypatch):
     assert [got[str(i)] for i in range(4)] == [reference[str(i)][0][0][:m] for i, m in enumerate(lens)]
     assert drafted_with and max(drafted_with) <= 2
     assert_pools_empty(eng)
+
+
+def test_deferred_mtp_catch_up_drafts_as_if_never_deferred(model, prompts, reference, monkeypatch):
+    """Above disable_by_batch_size no MTP forward runs; the positions it skipped are caught up
+    when drafting resumes, so the MTP's draft logits equal those of an engine that never stopped."""
+    seen: dict[int, dict] = {}
+
+    def recording(tag):
+        def fn(logits, seqs):
+            for row, s in zip(logits, seqs):
+                seen.setdefault(tag, {})[(s.request.request_id, s.num_output_tokens + len(s.spec_token_ids))] = row.clone()
+            return logits.argmax(-1).tolist(), [None] * len(seqs)
+        return fn
+
+    lens = (3, 5, MAX_NEW, MAX_NEW)
+    outs = {}
+    for tag, off in ((0, None), (1, 2)):
+        use_drafter(monkeypatch, recording(tag))
+        spec = {"method": "qwen3_next_mtp", "num_speculative_tokens": 1, "disable_by_batch_size": off}
+        eng = LLMEngine(model, EngineArgs(max_num_seqs=8, max_model_len=256, speculative_config=spec),
+                        eos_token_ids=[])
+        outs[tag] = run(eng, prompts[:4], [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in lens])
+        assert_pools_empty(eng)
+    assert outs[0] == outs[1]
+    resumed = [key for key in seen[1] if key[0] in ("2", "3")]
+    common = [key for key in resumed if key in seen[0]]
+    assert len(common) >= 4 and min(j for _, j in common) >= 3  # drafts only after the first two finished
+    for key in common:
+        torch.testing.assert_close(seen[1][key], seen[0][key], atol=1e-4, rtol=1e-4)

@@ -381,6 +381,8 @@ class LLMEngine:
             if child.finish_reason is not None:
                 continue
             if len(self.scheduler.running) < self.args.max_num_seqs and self.cache.fork(parent, child):
+                # deferred MTP catch-up (speculative decoding) belongs to the copied cache too
+                child.mtp_pending, child.mtp_pending_start = list(parent.mtp_pending), parent.mtp_pending_start
                 child.status = Status.RUNNING
                 self.scheduler.running.append(child)
             else:

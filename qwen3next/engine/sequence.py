@@ -52,7 +52,7 @@ class Sequence:
                  "num_computed_tokens", "status", "block_ids", "slot", "generator",
                  "logprobs", "cumulative_logprob", "num_reported", "finish_reason",
                  "stop_reason", "children", "output_counts", "num_counted", "spec_token_ids",
-                 "spec_draft_probs")
+                 "spec_draft_probs", "mtp_pending", "mtp_pending_start")
 
     def __init__(self, seq_id: int, request: Request, index: int, device: torch.device):
         self.seq_id = seq_id
@@ -83,6 +83,10 @@ class Sequence:
         # distributions [k, V] they were drawn from
         self.spec_token_ids: list[int] = []
         self.spec_draft_probs: torch.Tensor | None = None
+        # trunk hidden [n, H] chunks of positions mtp_pending_start.. whose MTP catch-up was
+        # deferred (steps above disable_by_batch_size), run when drafting resumes
+        self.mtp_pending: list[torch.Tensor] = []
+        self.mtp_pending_start = 0
 
     @property
     def params(self) -> SamplingParams:
@@ -105,6 +109,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.status = Status.WAITING
         self.spec_token_ids, self.spec_draft_probs = [], None
+        self.mtp_pending = []
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request.request_id}#{self.index}, {self.status.name}, "

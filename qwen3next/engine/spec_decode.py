@@ -35,8 +35,8 @@ MAX_SPEC_TOKENS = 4
 class SpeculativeConfig:
     method: str
     num_speculative_tokens: int
-    # vLLM's knob: no drafts in a step that runs more sequences than this (the MTP cache is still
-    # kept up to date, so drafting resumes at full quality when the batch shrinks)
+    # vLLM's knob: no drafts in a step that runs more sequences than this, and no MTP forward
+    # (the catch-up is deferred, so drafting resumes at full quality when the batch shrinks)
     disable_by_batch_size: int | None = None
 
     @classmethod
@@ -155,17 +155,29 @@ class SpecDecoder:
 
     def propose(self, sched: SchedulerOutput, out: SpecStepOutput, sampled: set[int]) -> None:
         """After the engine committed the step's tokens: MTP catch-up for every scheduled sequence
-        still running, drafts for those that got tokens (seq ids in `sampled`)."""
+        still running, drafts for those that got tokens (seq ids in `sampled`). In a step above
+        disable_by_batch_size there are no drafts and no MTP forward: each sequence keeps the
+        trunk hidden of its new positions, caught up in the first step that drafts again."""
         off = self.disable_by_batch_size
-        if off is not None and len(sched.seqs) > off:
-            sampled = set()
+        defer = off is not None and len(sched.seqs) > off
         entries, hidden = [], []
         for i, seq in enumerate(sched.seqs):
             if seq.finish_reason is not None or out.computed[i] == 0:
                 continue
             n = out.computed[i]
-            entries.append((seq, seq.num_computed_tokens - n, n, seq.seq_id in sampled))
-            hidden.append(out.hidden[i])
+            c, h = seq.num_computed_tokens - n, out.hidden[i]
+            if defer:
+                if not seq.mtp_pending:
+                    seq.mtp_pending_start = c
+                seq.mtp_pending.append(h.clone())  # a copy: the step's [T, H] is not kept alive
+                continue
+            if seq.mtp_pending:  # positions whose catch-up was deferred come first
+                c = seq.mtp_pending_start
+                h = torch.cat([*seq.mtp_pending, h])
+                n = seq.num_computed_tokens - c
+                seq.mtp_pending = []
+            entries.append((seq, c, n, seq.seq_id in sampled))
+            hidden.append(h)
         if entries:
             self.proposer.run(entries, hidden[0] if len(hidden) == 1 else torch.cat(hidden))
 
