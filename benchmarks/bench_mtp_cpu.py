@@ -3,7 +3,7 @@ and 16 concurrent requests, plus the cost of the two ways to roll DeltaNet state
 
     .venv/bin/python benchmarks/bench_mtp_cpu.py [--model DIR] [--ks 0,1,2,3] [--concurrency 1,16]
         [--requests-per-slot 2] [--max-tokens 64] [--threads 1] [--repeat 1] [--oracle] [--rollback]
-        [--wall]
+        [--wall] [--disable-by-batch-size N]
 
 Tokens/s are per second of this process's CPU time (one torch thread), since on a shared machine
 other jobs inflate wall time at random; --wall times by the wall clock instead.
@@ -59,9 +59,12 @@ def make_prompts(model_dir: str, vocab: int, n: int, seed: int = 0) -> tuple[lis
     return [torch.randint(0, vocab, (L,), generator=g).tolist() for L in lens], "random ids"
 
 
-def run(model, prompts, k: int, concurrency: int, max_tokens: int, eos: list[int], oracle=None):
+def run(model, prompts, k: int, concurrency: int, max_tokens: int, eos: list[int], oracle=None,
+        disable_by_batch_size: int | None = None):
     """-> (seconds, generated tokens, outputs, spec stats or None). oracle: outputs to draft from."""
     spec = {"method": "qwen3_next_mtp", "num_speculative_tokens": k} if k else None
+    if spec and disable_by_batch_size:
+        spec["disable_by_batch_size"] = disable_by_batch_size
     eng = LLMEngine(model, EngineArgs(max_num_seqs=concurrency, max_num_batched_tokens=2048,
                                       max_model_len=min(2048, model.config.max_position_embeddings),
                                       speculative_config=spec), eos_token_ids=eos)
@@ -163,6 +166,8 @@ def main() -> None:
     ap.add_argument("--wall", action="store_true", help="time by wall clock instead of process CPU time")
     ap.add_argument("--repeat", type=int, default=1, help="runs per setting (median tok/s, range)")
     ap.add_argument("--oracle", action="store_true", help="also run with perfect drafts (acceptance 1)")
+    ap.add_argument("--disable-by-batch-size", type=int, default=None,
+                    help="speculative_config.disable_by_batch_size for the k > 0 runs")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.wall:
@@ -208,7 +213,8 @@ def main() -> None:
         ref = None
         for _ in range(a.repeat):  # interleaved, so a change in the machine's load hits every k
             for k, oracle in plan:
-                dt, ntok, outs, st = run(model, prompts, k, c, a.max_tokens, eos, ref if oracle else None)
+                dt, ntok, outs, st = run(model, prompts, k, c, a.max_tokens, eos, ref if oracle else None,
+                                         a.disable_by_batch_size)
                 ref = outs if k == 0 else ref
                 rates[(k, oracle)].append(ntok / dt)
                 last[(k, oracle)] = (outs, st)
