@@ -1,12 +1,18 @@
-"""Triton MoE: routing (softmax -> top-k -> renormalise) and the routed experts as a fused
-grouped GEMM over the stacked expert weights (tile sizes autotuned per shape on the GPU).
+"""Triton MoE: routing (softmax -> top-k -> renormalise) and the routed experts over the stacked
+expert weights (tile sizes autotuned per shape on the GPU).
 
-Same signatures as kernels/moe.py. The (token, k) assignments are sorted by expert and each
-expert's run is padded to a multiple of BM rows (three small Triton launches, no sort and no host
-sync, so decode can be graph-captured); one launch computes silu(x W_gate^T) * (x W_up^T) per BM-row block of one
-expert, a second multiplies by W_down^T and the routing weight; the k results of each token are
-summed in fp32. Blocks past the real ones exit at once. BM = 16 when experts see few tokens
-(decode: weight streaming dominates), 64 for big batches.
+Same signatures as kernels/moe.py. Two paths for the experts:
+* few assignments (decode, M = T*k <= GEMV_MAX_ROWS): no grouping at all. One launch computes
+  h = silu(x W_gate^T) * (x W_up^T) per (assignment, column block), a second computes each
+  token's sum over its k experts of w_j h_j W_down^T (fp32, in a fixed order); weight streaming is
+  all that costs, and an expert picked twice is read twice (fine while M is small).
+* otherwise a grouped GEMM: the (token, k) assignments are sorted by expert and each expert's run
+  padded to a multiple of BM rows (three small launches, no sort and no host sync, so decode can
+  be graph-captured); one launch computes the gated product per BM-row block of one expert, a
+  second multiplies by W_down^T and the routing weight, a third sums each token's k rows in fp32.
+  Blocks past the real ones exit at once. BM = 16 when experts see few tokens, 64 for big batches.
+Rounding follows the reference (products in the activation dtype, then the gate, the routing
+weight, and the fp32 sum over k).
 """
 
 from __future__ import annotations
@@ -20,34 +26,44 @@ from ._util import autotune, pow2
 # (BN, BK, warps, stages); the first is the interpreter's
 _GEMM_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
                  for bn, bk, w, st in ((32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3),
-                                       (128, 64, 4, 4), (32, 128, 4, 4))]
+                                       (128, 64, 4, 4), (32, 128, 4, 4), (128, 64, 4, 3), (256, 64, 8, 3),
+                                       (128, 128, 8, 3), (256, 64, 8, 4), (128, 64, 8, 4), (64, 64, 4, 5))]
+# GEMV path: (BN, BK, warps)
+_GEMV_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w)
+                 for bn, bk, w in ((16, 256, 4), (8, 256, 4), (16, 128, 4), (32, 128, 4), (8, 512, 4),
+                                   (16, 256, 8), (4, 512, 2))]
+GEMV_MAX_ROWS = 64  # M = T*k up to this uses the GEMV path
 
 
-@triton.jit
-def _route_kernel(logit_ptr, w_ptr, id_ptr, E, TOPK: tl.constexpr, RENORM: tl.constexpr, BE: tl.constexpr):
+def _bucket(n: int) -> int:
+    """A coarse size class for autotuning keys (tuned once per class, not per exact size)."""
+    return min(triton.next_power_of_2(max(int(n), 1)), 4096)
+
+
+@autotune([triton.Config({}, num_warps=w) for w in (4, 1, 2, 8)], key=["E", "TB"])
+@triton.jit(do_not_specialize=["TB"])
+def _route_kernel(logit_ptr, w_ptr, id_ptr, E, TB, TOPK: tl.constexpr, KP: tl.constexpr, RENORM: tl.constexpr,
+                  BE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BE)
     x = tl.load(logit_ptr + t * E + e, mask=e < E, other=float("-inf")).to(tl.float32)
     p = tl.exp(x - tl.max(x, 0))
     p = p / tl.sum(p, 0)
     p = tl.where(e < E, p, -1.0)
-    scale = 1.0
-    if RENORM:
-        # first pass: the sum of the top-k probabilities
-        total = 0.0
-        q = p
-        for j in tl.static_range(TOPK):
-            best = tl.max(q, 0)
-            total += best
-            q = tl.where(e == tl.min(tl.where(q == best, e, BE), 0), -1.0, q)
-        scale = 1.0 / total
+    jj = tl.arange(0, KP)
+    wv = tl.zeros([KP], dtype=tl.float32)
+    iv = tl.zeros([KP], dtype=tl.int64)
     for j in tl.static_range(TOPK):
         best = tl.max(p, 0)
         idx = tl.min(tl.where(p == best, e, BE), 0)                    # lowest index among ties
         idx = tl.minimum(idx, E - 1)  # NaN logits match nothing: keep the id a valid expert
-        tl.store(w_ptr + t * TOPK + j, best * scale)
-        tl.store(id_ptr + t * TOPK + j, idx.to(tl.int64))
+        wv = tl.where(jj == j, best, wv)
+        iv = tl.where(jj == j, idx.to(tl.int64), iv)
         p = tl.where(e == idx, -1.0, p)
+    if RENORM:
+        wv = wv / tl.sum(wv, 0)
+    tl.store(w_ptr + t * TOPK + jj, wv, mask=jj < TOPK)
+    tl.store(id_ptr + t * TOPK + jj, iv, mask=jj < TOPK)
 
 
 def moe_route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool):
@@ -56,8 +72,8 @@ def moe_route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool):
     w = torch.empty(T, top_k, dtype=torch.float32, device=router_logits.device)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=router_logits.device)
     if T:
-        _route_kernel[(T,)](router_logits.contiguous(), w, ids, E, TOPK=top_k, RENORM=norm_topk_prob,
-                            BE=pow2(E), num_warps=4)
+        _route_kernel[(T,)](router_logits.contiguous(), w, ids, E, _bucket(T), TOPK=top_k, KP=pow2(top_k, 2),
+                            RENORM=norm_topk_prob, BE=pow2(E))
     return w, ids
 
 
@@ -127,9 +143,9 @@ def _align(ids: torch.Tensor, E: int, BM: int):
     return rows, block_expert, NB
 
 
-@autotune(_GEMM_CONFIGS, key=["H", "I", "BM"])
-@triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, rows_ptr, be_ptr, h_ptr, H, I, TOPK: tl.constexpr,
+@autotune(_GEMM_CONFIGS, key=["H", "I", "BM", "NBK"])
+@triton.jit(do_not_specialize=["NBK"])
+def _gate_up_kernel(x_ptr, w_ptr, rows_ptr, be_ptr, h_ptr, H, I, NBK, TOPK: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     pm = tl.program_id(0)
     pn = tl.program_id(1)
@@ -159,9 +175,9 @@ def _gate_up_kernel(x_ptr, w_ptr, rows_ptr, be_ptr, h_ptr, H, I, TOPK: tl.conste
         tl.store(h_ptr + r[:, None] * I + n[None, :], hv.to(dt), mask=nm[None, :])
 
 
-@autotune(_GEMM_CONFIGS, key=["H", "I", "BM"])
-@triton.jit
-def _down_kernel(h_ptr, w_ptr, rows_ptr, be_ptr, rw_ptr, y_ptr, H, I,
+@autotune(_GEMM_CONFIGS, key=["H", "I", "BM", "NBK"])
+@triton.jit(do_not_specialize=["NBK"])
+def _down_kernel(h_ptr, w_ptr, rows_ptr, be_ptr, rw_ptr, y_ptr, H, I, NBK,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     pm = tl.program_id(0)
     pn = tl.program_id(1)
@@ -186,22 +202,99 @@ def _down_kernel(h_ptr, w_ptr, rows_ptr, be_ptr, rw_ptr, y_ptr, H, I,
         tl.store(y_ptr + tl.where(valid, a, 0)[:, None] * H + n[None, :], y.to(dt), mask=valid[:, None] & nm[None, :])
 
 
-def moe_experts(x, gate_up_proj, down_proj, weights, ids, *, block_m: int | None = None) -> torch.Tensor:
-    """x [T, H]; gate_up_proj [E, 2I, H]; down_proj [E, H, I]; weights/ids [T, k] -> [T, H]."""
+@autotune(_GEMV_CONFIGS, key=["H", "I", "TB"])
+@triton.jit(do_not_specialize=["TB"])
+def _gemv_gate_up_kernel(x_ptr, w_ptr, ids_ptr, h_ptr, H, I, TB, TOPK: tl.constexpr,
+                         BN: tl.constexpr, BK: tl.constexpr):
+    a = tl.program_id(0).to(tl.int64)                                 # assignment (token, choice)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    nm = n < I
+    e = tl.load(ids_ptr + a)
+    tok = a // TOPK
+    kk = tl.arange(0, BK)
+    acc_g = tl.zeros([BN, BK], dtype=tl.float32)
+    acc_u = tl.zeros([BN, BK], dtype=tl.float32)
+    wg_ptr = w_ptr + e * (2 * I) * H + n[:, None] * H + kk[None, :]   # [BN, BK] rows of W_gate
+    for k0 in range(0, H, BK):
+        km = (k0 + kk) < H
+        xv = tl.load(x_ptr + tok * H + k0 + kk, mask=km, other=0.0).to(tl.float32)
+        wg = tl.load(wg_ptr + k0, mask=nm[:, None] & km[None, :], other=0.0)
+        wu = tl.load(wg_ptr + I * H + k0, mask=nm[:, None] & km[None, :], other=0.0)
+        acc_g += wg.to(tl.float32) * xv[None, :]
+        acc_u += wu.to(tl.float32) * xv[None, :]
+    dt = h_ptr.dtype.element_ty
+    gt = tl.sum(acc_g, 1).to(dt).to(tl.float32)
+    hv = (gt / (1.0 + tl.exp(-gt))).to(dt).to(tl.float32) * tl.sum(acc_u, 1).to(dt).to(tl.float32)
+    tl.store(h_ptr + a * I + n, hv.to(dt), mask=nm)
+
+
+@autotune(_GEMV_CONFIGS, key=["H", "I", "TB"])
+@triton.jit(do_not_specialize=["TB"])
+def _gemv_down_kernel(h_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, H, I, TB, TOPK: tl.constexpr,
+                      BN: tl.constexpr, BK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    nm = n < H
+    kk = tl.arange(0, BK)
+    dt = y_ptr.dtype.element_ty
+    out = tl.zeros([BN], dtype=tl.float32)
+    for j in range(TOPK):                                             # the token's k experts, in order
+        a = t * TOPK + j
+        e = tl.load(ids_ptr + a)
+        acc = tl.zeros([BN, BK], dtype=tl.float32)
+        wd_ptr = w_ptr + e * H * I + n[:, None] * I + kk[None, :]     # [BN, BK] rows of W_down
+        for k0 in range(0, I, BK):
+            km = (k0 + kk) < I
+            hv = tl.load(h_ptr + a * I + k0 + kk, mask=km, other=0.0).to(tl.float32)
+            wd = tl.load(wd_ptr + k0, mask=nm[:, None] & km[None, :], other=0.0)
+            acc += wd.to(tl.float32) * hv[None, :]
+        rw = tl.load(rw_ptr + a).to(dt).to(tl.float32)
+        out += (tl.sum(acc, 1).to(dt).to(tl.float32) * rw).to(dt).to(tl.float32)
+    tl.store(y_ptr + t * H + n, out.to(dt), mask=nm)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _sum_k_kernel(y_ptr, o_ptr, T, H, TOPK: tl.constexpr, BH: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BH + tl.arange(0, BH)
+    cm = c < H
+    acc = tl.zeros([BH], dtype=tl.float32)
+    for j in range(TOPK):
+        acc += tl.load(y_ptr + (t * TOPK + j) * H + c, mask=cm, other=0.0).to(tl.float32)
+    tl.store(o_ptr + t * H + c, acc.to(o_ptr.dtype.element_ty), mask=cm)
+
+
+def moe_experts(x, gate_up_proj, down_proj, weights, ids, *, block_m: int | None = None,
+                gemv: bool | None = None) -> torch.Tensor:
+    """x [T, H]; gate_up_proj [E, 2I, H]; down_proj [E, H, I]; weights/ids [T, k] -> [T, H].
+    `block_m` / `gemv` force a path and block size (tests, benchmarks)."""
     T, H = x.shape
     E, I = gate_up_proj.shape[0], down_proj.shape[-1]
     k = ids.shape[1]
     if T == 0:
         return x.new_zeros(T, H)
     M = T * k
+    x = x.contiguous()
+    ids = ids.contiguous()
+    if gemv if gemv is not None else (M <= GEMV_MAX_ROWS and block_m is None):
+        h = torch.empty(M, I, dtype=x.dtype, device=x.device)
+        TB = _bucket(T)
+        _gemv_gate_up_kernel[lambda meta: (M, triton.cdiv(I, meta["BN"]))](x, gate_up_proj, ids, h, H, I, TB, TOPK=k)
+        out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+        _gemv_down_kernel[lambda meta: (T, triton.cdiv(H, meta["BN"]))](h, down_proj, ids, weights.contiguous(), out,
+                                                                        H, I, TB, TOPK=k)
+        return out
     BM = block_m or (16 if M <= 16 * E else 64)
     rows, block_expert, NB = _align(ids, E, BM)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 models get fp32 products
-    x = x.contiguous()
+    NBK = _bucket(NB)
     h = torch.empty(NB * BM, I, dtype=x.dtype, device=x.device)
     _gate_up_kernel[lambda meta: (NB, triton.cdiv(I, meta["BN"]))](x, gate_up_proj, rows, block_expert, h,
-                                                                   H, I, TOPK=k, BM=BM, PREC=prec)
+                                                                   H, I, NBK, TOPK=k, BM=BM, PREC=prec)
     y = torch.empty(M, H, dtype=x.dtype, device=x.device)
     _down_kernel[lambda meta: (NB, triton.cdiv(H, meta["BN"]))](h, down_proj, rows, block_expert,
-                                                                weights.contiguous(), y, H, I, BM=BM, PREC=prec)
-    return y.view(T, k, H).sum(1, dtype=torch.float32).to(x.dtype)
+                                                                weights.contiguous(), y, H, I, NBK, BM=BM, PREC=prec)
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    BH = min(1024, pow2(H))
+    _sum_k_kernel[(T, triton.cdiv(H, BH))](y, out, T, H, TOPK=k, BH=BH)
+    return out
