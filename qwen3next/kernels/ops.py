@@ -24,13 +24,14 @@ from . import gdn as _gdn
 from . import moe as _ref_moe
 from . import norm as _ref_norm
 from .attention import causal_attention
-from .rotary import apply_rotary, rope_cos_sin, rope_inv_freq
+from . import rotary as _ref_rotary
+from .rotary import rope_cos_sin, rope_inv_freq
 
 __all__ = [
     "apply_rotary", "causal_attention", "causal_conv1d_update", "causal_conv1d_varlen",
     "gate_output", "gated_delta_rule_chunked", "gated_delta_rule_recurrent", "gated_rmsnorm", "gdn_cached",
     "gdn_decode",
-    "moe_experts",
+    "moe_dense_act", "moe_experts",
     "moe_route", "paged_attention", "rope_cos_sin", "rope_inv_freq", "save_token_windows", "write_kv", "zc_rmsnorm",
 ]
 
@@ -188,6 +189,12 @@ def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale):
                                                                  scale)
 
 
+def apply_rotary(x, cos, sin):
+    if _use_triton(x, cos, sin) and x.dim() == 3:  # one launch instead of six torch ops
+        return _triton("rotary").apply_rotary(x, cos, sin)
+    return _ref_rotary.apply_rotary(x, cos, sin)
+
+
 def gate_output(o, gate):
     """o * sigmoid(gate): the gated attention's output gate (one fused pass on CUDA)."""
     if _use_triton(o, gate):
@@ -205,6 +212,13 @@ def moe_route(router_logits, top_k, norm_topk_prob):
     if _use_triton(router_logits):
         return _triton("moe").moe_route(router_logits, top_k, norm_topk_prob)
     return _ref_moe.moe_route(router_logits, top_k, norm_topk_prob)
+
+
+def moe_dense_act(y, shared_inter, num_experts, inter, top_k, norm_topk_prob):
+    """The dense CPU MoE's routing and activations (cpu_fast.moe_dense_act; C++ when it builds)."""
+    if _use_fast(y) and _ext.usable(y):
+        return _ext.moe_dense_act(y, shared_inter, num_experts, inter, top_k, norm_topk_prob)
+    return _fast.moe_dense_act(y, shared_inter, num_experts, inter, top_k, norm_topk_prob)
 
 
 def moe_experts(x, gate_up_proj, down_proj, weights, ids):

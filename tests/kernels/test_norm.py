@@ -18,6 +18,18 @@ def test_zc_rmsnorm(shape):
     assert rel_err(tri.zc_rmsnorm(x, w, 1e-6), ref.zc_rmsnorm(x, w, 1e-6)) < 1e-6
 
 
+def test_zc_rmsnorm_strided_head_view():
+    """The query half of a per-head [query | gate] projection, normalised in place of a copy;
+    70 rows do not fill the last multi-row program."""
+    gen = seeded(12)
+    qg, w = randn(7, 10, 2 * 64, gen=gen), randn(64, gen=gen, scale=0.1)
+    q = qg[..., :64]
+    assert not q.is_contiguous()
+    y = tri.zc_rmsnorm(q, w, 1e-6)
+    assert y.shape == q.shape and y.is_contiguous()
+    assert rel_err(y, ref.zc_rmsnorm(q, w, 1e-6)) < 1e-6
+
+
 def test_zc_rmsnorm_fused_residual():
     gen = seeded(2)
     x, r, w = randn(9, 40, gen=gen), randn(9, 40, gen=gen), randn(40, gen=gen, scale=0.1)
@@ -29,7 +41,7 @@ def test_zc_rmsnorm_fused_residual():
 
 def test_gated_rmsnorm():
     gen = seeded(3)
-    x, z, w = randn(6, 4, 32, gen=gen), randn(6, 4, 32, gen=gen), 1 + randn(32, gen=gen, scale=0.1)
+    x, z, w = randn(67, 4, 32, gen=gen), randn(67, 4, 32, gen=gen), 1 + randn(32, gen=gen, scale=0.1)
     assert rel_err(tri.gated_rmsnorm(x, z, w, 1e-6), ref.gated_rmsnorm(x, z, w, 1e-6)) < 1e-6
 
 

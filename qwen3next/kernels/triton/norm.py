@@ -1,7 +1,9 @@
 """Triton RMSNorms: zero-centred (optionally fused with the residual add) and gated (DeltaNet out).
 
-Same signatures as kernels/norm.py. One program normalises one row (the last axis) in fp32 and
-casts once at the end, as the spec's §4.1 / §5.7 do.
+Same signatures as kernels/norm.py. Rows (the last axis) are normalised in fp32 and cast once at
+the end, as the spec's §4.1 / §5.7 do. Short rows (per-head norms: 128 / 256 wide) go several to a
+program, and a per-head input may be a strided view ([T, heads, D] slice of a wider projection,
+e.g. the query half of q_proj's [query | gate]): it is read in place, not copied first.
 """
 
 from __future__ import annotations
@@ -13,51 +15,77 @@ import triton.language as tl
 from ._util import pow2
 
 
-@triton.jit
-def _zc_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, D, eps,
-                       HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _rows_per_program(D: int) -> int:
+    """Enough rows that a program moves ~4K elements (one row when rows are long)."""
+    return max(1, min(64, 4096 // pow2(D)))
+
+
+@triton.jit(do_not_specialize=["R", "NH", "S0", "S1"])
+def _zc_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, R, D, NH, S0, S1, eps,
+                       HAS_RES: tl.constexpr, BR: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)      # [BR] flat row
+    rm = row < R
     offs = tl.arange(0, BLOCK)
-    mask = offs < D
-    x = tl.load(x_ptr + row * D + offs, mask=mask, other=0.0)
+    mask = rm[:, None] & (offs < D)[None, :]
+    # row (t, head) of a [T, NH, D] view with strides (S0, S1, 1)
+    xo = (row // NH) * S0 + (row % NH) * S1
+    x = tl.load(x_ptr + xo[:, None] + offs[None, :], mask=mask, other=0.0)
     if HAS_RES:
-        r = tl.load(r_ptr + row * D + offs, mask=mask, other=0.0)
+        r = tl.load(r_ptr + row[:, None] * D + offs[None, :], mask=mask, other=0.0)
         # the residual stream is kept in the activation dtype: round the sum before normalising
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
-        tl.store(h_ptr + row * D + offs, x, mask=mask)
+        tl.store(h_ptr + row[:, None] * D + offs[None, :], x, mask=mask)
     xf = x.to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * D + offs, (xf * inv * (1.0 + w)).to(y_ptr.dtype.element_ty), mask=mask)
+    inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / D + eps)
+    w = tl.load(w_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)
+    y = xf * inv[:, None] * (1.0 + w)[None, :]
+    tl.store(y_ptr + row[:, None] * D + offs[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _row_view(x: torch.Tensor):
+    """-> (x or a contiguous copy, NH, S0, S1): row r of the [R, D] rows lies at
+    (r // NH) * S0 + (r % NH) * S1."""
+    D = x.shape[-1]
+    if x.dim() == 3 and x.stride(-1) == 1:
+        return x, x.shape[1], x.stride(0), x.stride(1)
+    if x.dim() == 2 and x.stride(-1) == 1:
+        return x, 1, x.stride(0), 0
+    return x.contiguous(), 1, D, 0
 
 
 def zc_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """y = rms(x) * (1 + w) over the last axis; with `residual`: h = x + residual, returns (rms(h)*(1+w), h)."""
     D = x.shape[-1]
-    xf = x.contiguous().view(-1, D)
-    y = torch.empty_like(xf)
-    h = torch.empty_like(xf) if residual is not None else y
-    r = residual.contiguous().view(-1, D) if residual is not None else xf
-    if xf.shape[0]:
-        _zc_rmsnorm_kernel[(xf.shape[0],)](xf, r, weight, y, h, D, eps,
-                                           HAS_RES=residual is not None, BLOCK=pow2(D),
-                                           num_warps=4 if D <= 4096 else 8)
+    R = x.numel() // D if D else 0
+    if residual is not None:
+        xs, NH, S0, S1 = x.contiguous(), 1, D, 0
+    else:
+        xs, NH, S0, S1 = _row_view(x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    h = torch.empty_like(y) if residual is not None else y
+    r = residual.contiguous() if residual is not None else y
+    if R:
+        BR = _rows_per_program(D)
+        _zc_rmsnorm_kernel[(triton.cdiv(R, BR),)](xs, r, weight, y, h, R, D, NH, S0, S1, eps,
+                                                  HAS_RES=residual is not None, BR=BR, BLOCK=pow2(D),
+                                                  num_warps=4 if D <= 4096 else 8)
     if residual is None:
-        return y.view(x.shape)
-    return y.view(x.shape), h.view(x.shape)
+        return y
+    return y, h
 
 
-@triton.jit
-def _gated_rmsnorm_kernel(x_ptr, z_ptr, w_ptr, y_ptr, D, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+@triton.jit(do_not_specialize=["R"])
+def _gated_rmsnorm_kernel(x_ptr, z_ptr, w_ptr, y_ptr, R, D, eps, BR: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     offs = tl.arange(0, BLOCK)
-    mask = offs < D
-    x = tl.load(x_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-    y = x * inv * w * (z / (1.0 + tl.exp(-z)))
-    tl.store(y_ptr + row * D + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    mask = (row < R)[:, None] & (offs < D)[None, :]
+    ptr = row[:, None] * D + offs[None, :]
+    x = tl.load(x_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+    y = x * inv[:, None] * w[None, :] * (z / (1.0 + tl.exp(-z)))
+    tl.store(y_ptr + ptr, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def gated_rmsnorm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -66,6 +94,8 @@ def gated_rmsnorm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: f
     xf = x.contiguous().view(-1, D)
     zf = z.contiguous().view(-1, D)
     y = torch.empty_like(xf)
-    if xf.shape[0]:
-        _gated_rmsnorm_kernel[(xf.shape[0],)](xf, zf, weight, y, D, eps, BLOCK=pow2(D), num_warps=4)
+    R = xf.shape[0]
+    if R:
+        BR = _rows_per_program(D)
+        _gated_rmsnorm_kernel[(triton.cdiv(R, BR),)](xf, zf, weight, y, R, D, eps, BR=BR, BLOCK=pow2(D), num_warps=4)
     return y.view(x.shape)
