@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt-dir", default=os.path.join(tempfile.gettempdir(), "qwen3next-bench-serving-ckpt"))
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="qwen3next's dtype (auto: its CPU default, float32; vLLM's CPU kernels need bfloat16)")
+    p.add_argument("--qwen3next-args", default="", help="extra `qwen3next serve` arguments, e.g. "
+                   "'--no-engine-process' (the engine thread in the API process)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 128])
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--single-stream-requests", type=int, default=4, help="sequential requests at concurrency 1")
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
         log = os.path.join(args.log_dir, f"bench_serving_{name}.log")
         if name == "qwen3next":
             cmd = qwen3next_command(args.python, args.ckpt_dir, port, args.dtype, args.max_num_seqs,
-                                    args.max_model_len)
+                                    args.max_model_len) + args.qwen3next_args.split()
             env = {}
         else:
             why = vllm_available(args.vllm_python)

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds open requests get to finish on SIGINT/SIGTERM")
     s.add_argument("--log-level", default="info")
+    s.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the engine in a process of its own, the API in this one (default: on "
+                        "when serving on CPU, off on GPUs)")
     s.set_defaults(func=cmd_serve)
 
     g = sub.add_parser("generate", help="complete one raw prompt (no chat template)")

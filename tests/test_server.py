@@ -289,7 +289,16 @@ def test_speculative_decoding_server(tiny_ckpt):
         assert h.wait_idle()
         import httpx
 
-        assert "qwen3next:spec_decode_acceptance_rate" in httpx.get(h.url + "/metrics").text
+        text = httpx.get(h.url + "/metrics").text
+        assert "qwen3next:spec_decode_acceptance_rate" in text
+        # per draft position, the engine's own counts (the 2nd position is drafted only after the 1st)
+        spec = h.engine.stats["spec_decode"]
+        for pos in range(2):
+            for metric, key in (("num_accepted_tokens_per_pos_total", "accepted_per_pos"),
+                                ("num_draft_tokens_per_pos_total", "drafted_per_pos")):
+                line = f'qwen3next:spec_decode_{metric}{{model_name="tiny",position="{pos}"}}'
+                assert f"{line} {float(spec[key][pos])}\n" in text
+        assert spec["drafted_per_pos"][0] > 0
     finally:
         h.close()
 

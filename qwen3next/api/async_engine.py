@@ -5,6 +5,8 @@ One background thread owns the `LLMEngine`: it applies queued commands (add / ab
 (`loop.call_soon_threadsafe`). Nothing else touches the engine, so the engine needs no locks.
 Admission is bounded: more than `max_running + max_waiting` live sequences -> 503 + Retry-After.
 Leaving `generate()` early (client gone, stop string, error) aborts the request and frees its cache.
+This is the in-process mode (`serve --no-engine-process`, tests); `engine_client.ProcessEngine` keeps
+this front half and moves the engine into a child process.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ class AsyncEngine:
             self.abort(rid)
         self._stop.set()
         self._commands.put(("wake",))
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout)
 
     @property
     def num_live_requests(self) -> int:
@@ -177,11 +180,15 @@ class AsyncEngine:
                 self._live_seqs -= stream.num_seqs
 
     def _update_snapshot(self) -> None:
-        s = self.engine.stats
-        blocks = s["kv_blocks_used"] / max(1, s["kv_blocks_total"])
-        slots = s["state_slots_used"] / max(1, s["state_slots_total"])
-        self.snapshot = {"running": s["num_requests_running"], "waiting": s["num_requests_waiting"],
-                         "cache_usage": max(blocks, slots), **s}
+        self.snapshot = snapshot_of(self.engine.stats)
+
+
+def snapshot_of(s: dict) -> dict:
+    """The engine's stats plus the three figures the /metrics gauges read."""
+    blocks = s["kv_blocks_used"] / max(1, s["kv_blocks_total"])
+    slots = s["state_slots_used"] / max(1, s["state_slots_total"])
+    return {"running": s["num_requests_running"], "waiting": s["num_requests_waiting"],
+            "cache_usage": max(blocks, slots), **s}
 
 
 def _put_all(items) -> None:

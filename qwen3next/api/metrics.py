@@ -1,8 +1,10 @@
 """Prometheus metrics of one server (openai_api.md §7), in a registry of its own.
 
 Counters and histograms are fed by the serving layer as requests progress (`RequestTimer`); the
-gauges (running, waiting, cache use) read the async engine's latest snapshot when scraped. Names
-follow vLLM's with the `qwen3next:` prefix, all labelled `model_name`.
+gauges (running, waiting, cache use) and the speculative-decoding figures read the async engine's
+latest snapshot when scraped (with the engine in its own process, the snapshot is the stats that
+came with its last step). Names follow vLLM's with the `qwen3next:` prefix, all labelled
+`model_name`; the MTP counts per draft position carry a `position` label (0 = first draft token).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
@@ -55,6 +58,7 @@ class Metrics:
             g = Gauge(f"qwen3next:{name}", doc, lab, registry=r)
             g.labels(model_name).set_function(
                 lambda k=key: float((snapshot().get("spec_decode") or {}).get(k, 0.0)))
+        r.register(SpecDecodeCollector(model_name, snapshot))
 
     def count_http(self, endpoint: str, status: int) -> None:
         self.http_requests.labels(self.model_name, endpoint, str(status)).inc()
@@ -64,6 +68,42 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class SpecDecodeCollector:
+    """The engine's cumulative MTP counts (vLLM's spec_decode_* names), overall and per draft
+    position; nothing when speculative decoding is off."""
+
+    def __init__(self, model_name: str, snapshot: Callable[[], dict]):
+        self.model_name = model_name
+        self.snapshot = snapshot
+
+    def collect(self):
+        spec = self.snapshot().get("spec_decode")
+        if not spec:
+            return
+        name = self.model_name
+        for metric, key, doc in [
+            ("num_drafts", "num_verifies", "Verify steps that checked at least one draft token"),
+            ("num_draft_tokens", "num_draft_tokens", "Draft tokens proposed by the MTP head"),
+            ("num_accepted_tokens", "num_accepted_tokens", "Draft tokens accepted by the target"),
+        ]:
+            c = CounterMetricFamily(f"qwen3next:spec_decode_{metric}", doc, labels=["model_name"])
+            c.add_metric([name], spec[key])
+            yield c
+        per_pos = [
+            (CounterMetricFamily, "num_accepted_tokens_per_pos", "accepted_per_pos",
+             "Draft tokens accepted at each draft position"),
+            (CounterMetricFamily, "num_draft_tokens_per_pos", "drafted_per_pos",
+             "Draft tokens proposed at each draft position"),
+            (GaugeMetricFamily, "acceptance_rate_per_pos", "acceptance_rate_per_pos",
+             "Accepted / drafted at each draft position (since start)"),
+        ]
+        for family, metric, key, doc in per_pos:
+            m = family(f"qwen3next:spec_decode_{metric}", doc, labels=["model_name", "position"])
+            for pos, value in enumerate(spec[key]):
+                m.add_metric([name, str(pos)], value)
+            yield m
 
 
 class RequestTimer:

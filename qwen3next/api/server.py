@@ -152,40 +152,67 @@ def _respond(result):
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def use_engine_process(ns) -> bool:
+    """--engine-process / --no-engine-process; default: a process of its own when serving on CPU
+    (measured: docs/benchmarks.md), the engine thread on GPUs (not measured there)."""
+    flag = getattr(ns, "engine_process", None)
+    if flag is not None:
+        return flag
+    if ns.device:
+        return not ns.device.startswith("cuda")
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 def build_state(ns, engine=None, model_dir: str | None = None) -> ServerState:
-    """Everything the app needs, from CLI arguments (`engine` may be given pre-built, e.g. tests)."""
+    """Everything the app needs, from CLI arguments (`engine` may be given pre-built, e.g. tests).
+    With the engine in its own process this process never loads the model (nor imports torch)."""
     from qwen3next.api.async_engine import AsyncEngine
+    from qwen3next.api.engine_process import ENGINE_OPTIONS, engine_info
     from qwen3next.api.engine_setup import build_engine, thinking_template
     from qwen3next.api.metrics import Metrics
     from qwen3next.tokenizer import get_tokenizer, read_generation_config
 
-    if engine is None:
-        engine, model_dir = build_engine(ns)
-    tokenizer = get_tokenizer(model_dir)
-    if getattr(ns, "chat_template", None):
-        source = ns.chat_template
-        if os.path.isfile(source):
-            with open(source, encoding="utf-8") as f:
-                source = f.read()
-        tokenizer.chat_template = source  # this server's own tokenizer instance
+    if engine is None and use_engine_process(ns):
+        from qwen3next.api.engine_client import ProcessEngine
+
+        async_engine = ProcessEngine({k: getattr(ns, k, None) for k in ENGINE_OPTIONS}, ns.max_waiting)
+        info = async_engine.info
+    else:
+        if engine is None:
+            engine, model_dir = build_engine(ns)
+        async_engine = AsyncEngine(engine, engine.args.max_num_seqs, ns.max_waiting)
+        info = engine_info(engine, model_dir or engine.model_dir)
+    model_dir = info["model_dir"]
+    try:
+        tokenizer = get_tokenizer(model_dir)
+        if getattr(ns, "chat_template", None):
+            source = ns.chat_template
+            if os.path.isfile(source):
+                with open(source, encoding="utf-8") as f:
+                    source = f.read()
+            tokenizer.chat_template = source  # this server's own tokenizer instance
+    except BaseException:
+        async_engine.shutdown()
+        raise
     names = ns.served_model_name or [ns.model]  # vLLM: the --model argument as given
     reasoning = ns.reasoning_parser
     if reasoning is None:  # default: split reasoning only for templates that open <think>
         reasoning = "qwen3" if thinking_template(tokenizer) else "none"
     gen = read_generation_config(model_dir) if ns.generation_config == "auto" else {}
     gen = {k: v for k, v in gen.items() if k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
-    async_engine = AsyncEngine(engine, engine.args.max_num_seqs, ns.max_waiting)
     return ServerState(
         engine=async_engine, tokenizer=tokenizer, served_names=list(names), model_path=model_dir,
-        max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
+        max_model_len=info["max_model_len"], vocab_size=info["vocab_size"],
         metrics=Metrics(names[0], lambda: async_engine.snapshot),
         reasoning_parser=None if reasoning == "none" else reasoning,
         tool_parser=None if ns.tool_call_parser == "none" else ns.tool_call_parser,
         generation_config=gen,
         api_key=ns.api_key or os.environ.get("QWEN3NEXT_API_KEY") or os.environ.get("VLLM_API_KEY") or None,
         exclude_tools_when_none=ns.exclude_tools_when_tool_choice_none,
-        strip_reasoning_newlines=ns.strip_reasoning_newlines, eos_ids=frozenset(engine.eos_token_ids),
-        cache_tokens=engine.cache.plan.num_tokens)
+        strip_reasoning_newlines=ns.strip_reasoning_newlines, eos_ids=frozenset(info["eos_token_ids"]),
+        cache_tokens=info["cache_tokens"])
 
 
 def run_server(ns) -> None:
@@ -202,7 +229,8 @@ def run_server(ns) -> None:
 
     from qwen3next.cpu_tuning import tune_for_cpu_serving
 
-    tune_for_cpu_serving(ns.device)
+    if not use_engine_process(ns):
+        tune_for_cpu_serving(ns.device)  # else the engine process tunes itself
     state = build_state(ns)
     app = build_app(state)
 
@@ -232,4 +260,7 @@ def run_server(ns) -> None:
     log.info("serving %s on http://%s:%d/v1", ", ".join(state.served_names), ns.host, ns.port)
     config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level,
                             timeout_graceful_shutdown=ns.shutdown_timeout + 5)
-    Server(config).run()
+    try:
+        Server(config).run()
+    finally:
+        state.engine.shutdown()  # idempotent; covers a server that failed before its lifespan ran

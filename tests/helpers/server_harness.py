@@ -49,7 +49,8 @@ class ScriptedSampler:
 
 class ServerHarness:
     def __init__(self, ckpt: str, *serve_args: str):
-        ns = build_parser().parse_args(["serve", "--model", ckpt, *serve_args])
+        # the engine in this process (its thread): the scripted sampler must reach into it
+        ns = build_parser().parse_args(["serve", "--model", ckpt, "--no-engine-process", *serve_args])
         self.state = build_state(ns)
         self.engine = self.state.engine.engine
         self.tok = self.state.tokenizer
