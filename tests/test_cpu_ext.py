@@ -115,6 +115,17 @@ def test_paged_attention_matches_reference(ext, new, ctx, Hq, Hkv, D):
     torch.testing.assert_close(cpu_ext.paged_attention(*args), attention.paged_attention(*args), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("T,norm", [(1, True), (37, False)])
+def test_moe_dense_act_matches_reference(ext, T, norm):
+    from qwen3next.kernels import cpu_fast
+
+    gen = torch.Generator().manual_seed(T)
+    Is, E, I, k = 12, 8, 6, 2
+    y = torch.randn(T, 2 * Is + 1 + E * 2 * I + E + 3, generator=gen)[:, :-3]  # strided rows
+    torch.testing.assert_close(cpu_ext.moe_dense_act(y, Is, E, I, k, norm),
+                               cpu_fast.moe_dense_act(y, Is, E, I, k, norm), atol=1e-5, rtol=1e-5)
+
+
 def test_switches_and_grad_fall_back(ext, monkeypatch):
     x = torch.zeros(2, dtype=torch.float32)
     assert cpu_ext.usable(x)

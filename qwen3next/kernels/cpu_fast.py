@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from . import attention as _ref_attn
 from . import delta_rule as _ref_dr
+from . import moe as _ref_moe
 from . import norm as _ref_norm
 from .attention import _as_list
 
@@ -344,6 +345,20 @@ def moe_dense_pays(T: int, E: int, k: int, H: int, inter: int) -> bool:
     """Whether every expert on every token is cheaper than the grouped loop for T tokens."""
     wasted = (E - k) * T * 3 * H * inter * 2
     return wasted <= min(E, T * k) * _FLOPS_PER_EXPERT_STEP
+
+
+def moe_dense_act(y, shared_inter: int, num_experts: int, inter: int, top_k: int, norm_topk_prob: bool):
+    """The dense MoE block's middle: y [T, 2Is + 1 + E*2I + E] = x @ [shared gate | shared up |
+    shared_expert_gate | experts' gate_up | router].T -> h [T, E*I + Is]: each expert's
+    silu(gate) * up scaled by its routing weight (0 off the top-k), then the shared expert's scaled by
+    sigmoid(its gate); `h @ [experts' down | shared down]` is the block's output."""
+    T, Is, E, I = y.shape[0], shared_inter, num_experts, inter
+    weights, ids = _ref_moe.moe_route(y[:, -E:], top_k, norm_topk_prob)
+    dense_w = weights.new_zeros(T, E).scatter_(1, ids, weights).to(y.dtype)  # [T, E]
+    gu = y[:, 2 * Is + 1 : 2 * Is + 1 + E * 2 * I].view(T, E, 2 * I)
+    h = F.silu(gu[..., :I]).mul_(gu[..., I:]).mul_(dense_w[..., None])  # [T, E, I]
+    hs = F.silu(y[:, :Is]).mul_(y[:, Is : 2 * Is]).mul_(torch.sigmoid(y[:, 2 * Is : 2 * Is + 1]))  # [T, Is]
+    return torch.cat([h.view(T, E * I), hs], dim=1)
 
 
 def _moe_dense(x, gate_up_proj, down_proj, weights, ids):

@@ -64,15 +64,15 @@ class SparseMoeBlock(nn.Module):
         # CPU inference: the shared expert (and the routed experts, when every expert on every token
         # is cheaper than routing) as one matmul up and one down (fused.py)
         self._up = DerivedWeight(lambda g, u, sg: torch.cat([g, u, sg]))  # [2Is + 1, H]
-        self._up_dense = DerivedWeight(lambda g, u, sg, gu: torch.cat([g, u, sg, gu.flatten(0, 1)]))
+        self._up_dense = DerivedWeight(lambda g, u, sg, gu, r: torch.cat([g, u, sg, gu.flatten(0, 1), r]))
         self._down_dense = DerivedWeight(lambda d, sd: torch.cat([d.transpose(1, 2).flatten(0, 1), sd.t()]))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (out [T, H], router_logits [T, E])."""
+        if self.experts.tp == 1 and ops.cpu_fast_ok(x, self.gate.weight):
+            return self._forward_cpu(x)
         router_logits = self.gate(x)
         weights, ids = ops.moe_route(router_logits, self.top_k, self.norm_topk_prob)
-        if self.experts.tp == 1 and ops.cpu_fast_ok(x, self.gate.weight):
-            return self._forward_cpu(x, weights, ids), router_logits
         routed = self.experts(x, weights, ids)
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         out = routed + shared
@@ -80,25 +80,23 @@ class SparseMoeBlock(nn.Module):
             out = all_reduce(out)
         return out, router_logits
 
-    def _forward_cpu(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _forward_cpu(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The same sum as forward: the shared expert's sigmoid gate scales its hidden activation
-        (down_proj is linear), so shared and routed outputs leave through one down matmul."""
+        (down_proj is linear), so shared and routed outputs leave through one down matmul. Dense
+        (every expert on every token, when cheaper than routing): one matmul up, which also yields
+        the router logits, the routing and activations in one op, one matmul down."""
         ex = self.experts
         T, E, inter = x.shape[0], ex.num_experts, ex.intermediate_size
-        Is = self.shared_expert.gate_proj.weight.shape[0]  # shared expert's intermediate size
         se = self.shared_expert
+        Is = se.gate_proj.weight.shape[0]  # shared expert's intermediate size
         shared = (se.gate_proj.weight, se.up_proj.weight, self.shared_expert_gate.weight)
-        dense = cpu_fast.moe_dense_pays(T, E, self.top_k, x.shape[1], inter)
-        if dense:
-            y = x @ self._up_dense.get(*shared, ex.gate_up_proj).t()  # [T, 2Is + 1 + E*2I]
-        else:
-            y = x @ self._up.get(*shared).t()  # [T, 2Is + 1]
-        hs = F.silu(y[:, :Is]).mul_(y[:, Is : 2 * Is]).mul_(torch.sigmoid(y[:, 2 * Is : 2 * Is + 1]))  # [T, Is]
-        if not dense:
-            routed = ops.moe_experts(x, ex.gate_up_proj, ex.down_proj, weights, ids)
-            return routed + hs @ se.down_proj.weight.t()
-        gu = y[:, 2 * Is + 1 :].view(T, E, 2 * inter)
-        dense_w = weights.new_zeros(T, E).scatter_(1, ids, weights).to(x.dtype)  # [T, E], 0 off the top-k
-        h = F.silu(gu[..., :inter]).mul_(gu[..., inter:]).mul_(dense_w[..., None])  # [T, E, I]
-        down = self._down_dense.get(ex.down_proj, se.down_proj.weight)  # [E*I + Is, H]
-        return torch.cat([h.view(T, E * inter), hs], dim=1) @ down
+        if cpu_fast.moe_dense_pays(T, E, self.top_k, x.shape[1], inter):
+            y = x @ self._up_dense.get(*shared, ex.gate_up_proj, self.gate.weight).t()  # [T, 2Is+1 + E*2I + E]
+            h = ops.moe_dense_act(y, Is, E, inter, self.top_k, self.norm_topk_prob)  # [T, E*I + Is]
+            return h @ self._down_dense.get(ex.down_proj, se.down_proj.weight), y[:, -E:]
+        router_logits = self.gate(x)
+        weights, ids = ops.moe_route(router_logits, self.top_k, self.norm_topk_prob)
+        y = x @ self._up.get(*shared).t()  # [T, 2Is + 1]
+        hs = F.silu(y[:, :Is]).mul_(y[:, Is : 2 * Is]).mul_(torch.sigmoid(y[:, 2 * Is :]))  # [T, Is]
+        routed = ops.moe_experts(x, ex.gate_up_proj, ex.down_proj, weights, ids)
+        return routed + hs @ se.down_proj.weight.t(), router_logits

@@ -94,3 +94,8 @@ def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale) 
     """Same contract as kernels/attention.paged_attention (float32)."""
     return get().paged_attention(_rows(q), kv_cache, _long(block_tables), _long(cu_seqlens), _long(context_lens),
                                  float(scale))
+
+
+def moe_dense_act(y, shared_inter: int, num_experts: int, inter: int, top_k: int, norm_topk_prob: bool):
+    """Same contract as cpu_fast.moe_dense_act (float32)."""
+    return get().moe_dense_act(_rows(y), shared_inter, num_experts, inter, top_k, bool(norm_topk_prob))

@@ -6,7 +6,9 @@
 //                  states (speculative verify). Decode (one token per sequence) is the T = B case.
 // paged_attention: causal attention of each new token over the paged KV cache (block table walk,
 //                  online softmax), no gather or padding.
-// Both are parallel over (sequence or token, head) with at::parallel_for. The Python side
+// moe_dense_act:   the dense MoE's routing (softmax, top-k) and gated activations, between its
+//                  up and down matmuls (which stay torch's).
+// All are parallel over (sequence or token, head) with at::parallel_for. The Python side
 // (kernels/cpu_ext/__init__.py) checks dtypes, devices and layouts before calling.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -250,7 +252,53 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kv_cache, torch::Te
   return o;
 }
 
+// The elementwise part of the dense MoE (everything between its up and down matmuls).
+// y [T, 2Is + 1 + E*2I + E] (rows strided): shared expert gate | up | its sigmoid gate, each
+// expert's gate | up, router logits. -> h [T, E*I + Is]: routed activations silu(g) * u scaled by
+// the routing weight (softmax, top-k, optionally renormalised; 0 off the top-k), then the shared
+// expert's silu(g) * u * sigmoid(gate).
+torch::Tensor moe_dense_act(torch::Tensor y, int64_t Is, int64_t E, int64_t I, int64_t top_k, bool norm_topk) {
+  const int64_t T = y.size(0), ys = y.stride(0), W = E * I + Is;
+  const float* yp = y.data_ptr<float>();
+  auto h = torch::zeros({T, W}, y.options());
+  float* hp = h.data_ptr<float>();
+  at::parallel_for(0, T, grain(T, W * 8), [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(E);
+    std::vector<int64_t> ids(top_k);
+    std::vector<float> w(top_k);
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* row = yp + t * ys;
+      const float* logits = row + 2 * Is + 1 + E * 2 * I;
+      float mx = -INFINITY, sum = 0.0f;
+      for (int64_t e = 0; e < E; ++e) mx = std::max(mx, logits[e]);
+      for (int64_t e = 0; e < E; ++e) { p[e] = std::exp(logits[e] - mx); sum += p[e]; }
+      float wsum = 0.0f;
+      for (int64_t kk = 0; kk < top_k; ++kk) {  // largest first; ties to the lower expert id
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; ++e)
+          if (p[e] >= 0.0f && (best < 0 || p[e] > p[best])) best = e;
+        ids[kk] = best;
+        w[kk] = p[best] / sum;
+        wsum += w[kk];
+        p[best] = -1.0f;  // taken
+      }
+      float* out = hp + t * W;
+      for (int64_t kk = 0; kk < top_k; ++kk) {
+        const float wk = norm_topk ? w[kk] / wsum : w[kk];
+        const float* g = row + 2 * Is + 1 + ids[kk] * 2 * I;
+        float* o = out + ids[kk] * I;
+        for (int64_t i = 0; i < I; ++i) o[i] = silu(g[i]) * g[I + i] * wk;
+      }
+      const float sg = sigmoid(row[2 * Is]);
+      float* o = out + E * I;
+      for (int64_t i = 0; i < Is; ++i) o[i] = silu(row[i]) * row[Is + i] * sg;
+    }
+  });
+  return h;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("gdn_varlen", &gdn_varlen, "fused Gated DeltaNet core over a varlen batch (in place on state pools)");
+  mod.def("moe_dense_act", &moe_dense_act, "the dense MoE's routing and activations between its two matmuls");
   mod.def("paged_attention", &paged_attention, "causal attention over the paged KV cache");
 }
