@@ -173,7 +173,8 @@ def decode(quick: bool) -> None:
         slots = torch.randperm(N, device="cuda")[:B]
         traffic = 2 * B * state_bytes  # state read + written once
         res: dict = {"layers_cycled": L, "state_bytes_per_call": traffic}
-        variants = [(64, 4), (32, 2), (32, 4), (64, 2)] if not quick else [(64, 4)]
+        variants = [(64, 4), (32, 2), (32, 4), (64, 2), (16, 4), (16, 2)] if not quick else (
+            [(64, 4), (32, 4), (16, 4), (16, 2)] if B == 1 else [(64, 4)])
         for bv, nw in variants:
             def run(bv=bv, nw=nw):
                 for i in range(L):
@@ -243,12 +244,29 @@ def others(quick: bool) -> None:
     E, H, I, k = 512, 2048, 512, 10
     gu = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * 0.02
     dn = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * 0.02
-    for T in (1, 64, 4096):
+    for T in (1, 4, 8, 16, 64, 4096):
         xm = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
         logits = torch.randn(T, E, device="cuda", dtype=torch.bfloat16)
         wts, ids = t_moe.moe_route(logits, k, True)
         y = t_moe.moe_experts(xm, gu, dn, wts, ids)
         err = rel(y, ref_moe.moe_experts(xm, gu, dn, wts, ids))
+        if T <= 64:
+            # 8 routings per timed call (8 layers' worth of distinct experts: past L2), both paths
+            sets = [t_moe.moe_route(torch.randn(T, E, device="cuda"), k, True) for _ in range(8)]
+            for path in ("gemv", "grouped"):
+                if path == "gemv" and T * k > 4 * t_moe.GEMV_MAX_ROWS:
+                    continue
+                def run8(g=(path == "gemv")):
+                    for w8, i8 in sets:
+                        t_moe.moe_experts(xm, gu, dn, w8, i8, gemv=g)
+                ms8 = bench(run8, graph=True) / 8
+                act = sum(int(torch.unique(i8).numel()) for _, i8 in sets) / 8
+                res[f"moe_T{T}_{path}_ms"] = ms8
+                row(f"moe experts T={T} {path} ({act:.0f} experts, 8 routings)", ms8,
+                    f"{act * 3 * I * H * 2 / ms8 / 1e6:.0f} GB/s weights")
+            res[f"moe_T{T}_profile_us"] = profile_kernels(lambda: t_moe.moe_experts(xm, gu, dn, wts, ids))
+            res[f"moe_T{T}_relerr"] = err
+            continue
         ms = bench(lambda: t_moe.moe_experts(xm, gu, dn, wts, ids), graph=(T == 1))
         res[f"moe_T{T}_profile_us"] = profile_kernels(lambda: t_moe.moe_experts(xm, gu, dn, wts, ids))
         active = int(torch.unique(ids).numel())
@@ -262,6 +280,28 @@ def others(quick: bool) -> None:
         row(f"moe experts T={T} torch reference", ms_ref)
     res["moe_route_T4096_ms"] = bench(lambda: t_moe.moe_route(logits, k, True))
     row("moe route T=4096", res["moe_route_T4096_ms"])
+    l1 = torch.randn(1, E, device="cuda", dtype=torch.bfloat16)
+    res["moe_route_T1_ms"] = bench(lambda: t_moe.moe_route(l1, k, True), graph=True)
+    row("moe route T=1", res["moe_route_T1_ms"])
+    # per-head norm of a strided query view and the rotary, 8K tokens x 16 heads x 256 (attention)
+    qg = torch.randn(8192, 16, 512, device="cuda", dtype=torch.bfloat16)
+    qw = torch.randn(256, device="cuda", dtype=torch.bfloat16) * 0.1
+    res["qnorm_strided_8k_ms"] = bench(lambda: t_norm.zc_rmsnorm(qg[..., :256], qw, 1e-6))
+    row("zc_rmsnorm q heads (strided view) 8192x16x256", res["qnorm_strided_8k_ms"],
+        f"{2 * 8192 * 16 * 256 * 2 / res['qnorm_strided_8k_ms'] / 1e6:.0f} GB/s")
+    from qwen3next.kernels import rotary as ref_rot
+    from qwen3next.kernels.triton import rotary as t_rot
+    qn = torch.randn(8192, 16, 256, device="cuda", dtype=torch.bfloat16)
+    cs, sn = torch.randn(8192, 64, device="cuda", dtype=torch.bfloat16), torch.randn(8192, 64, device="cuda", dtype=torch.bfloat16)
+    res["rotary_8k_ms"] = bench(lambda: t_rot.apply_rotary(qn, cs, sn))
+    res["rotary_8k_torch_ms"] = bench(lambda: ref_rot.apply_rotary(qn, cs, sn))
+    res["rotary_8k_relerr"] = rel(t_rot.apply_rotary(qn, cs, sn), ref_rot.apply_rotary(qn, cs, sn))
+    row("rotary 8192x16x256 (d=64)", res["rotary_8k_ms"], f"torch {res['rotary_8k_torch_ms'] * 1e3:.0f} us")
+    xo, zo = torch.randn(8192, 32, 128, device="cuda", dtype=torch.bfloat16), torch.randn(8192, 32, 128, device="cuda", dtype=torch.bfloat16)
+    wo = torch.randn(128, device="cuda", dtype=torch.bfloat16)
+    res["gated_rmsnorm_8k_ms"] = bench(lambda: t_norm.gated_rmsnorm(xo, zo, wo, 1e-6))
+    row("gated_rmsnorm 8192x32x128", res["gated_rmsnorm_8k_ms"],
+        f"{3 * xo.numel() * 2 / res['gated_rmsnorm_8k_ms'] / 1e6:.0f} GB/s")
     # paged attention: 16 q heads, 2 kv heads, D 256, block 16
     HQ, HKV, D, BS = 16, 2, 256, 16
     for name, ctx, new in (("prefill_4k", [0], [4096]), ("prefill_1k_on_7k", [7168], [1024]),

@@ -16,6 +16,15 @@ def autotune(configs: list, key: list[str], **kw):
     return triton.autotune(configs=configs, key=key, **kw)
 
 
+def size_class(n: int) -> int:
+    """A coarse size class (1, 8, 64, 512, 4096) for autotuning keys: configs are timed once per
+    class, not per exact size, so a serving run meets few new classes after its warm-up."""
+    c = 1
+    while c < n and c < 4096:
+        c *= 8
+    return c
+
+
 def pow2(n: int, lo: int = 16) -> int:
     """Smallest power of two >= max(n, lo) (Triton block shapes must be powers of two)."""
     return max(lo, triton.next_power_of_2(int(n)))

@@ -3,8 +3,8 @@ split-KV decode; plus the fused output gate o * sigmoid(gate).
 
 Same signatures as kernels/attention.py (kv_cache [num_blocks, 2, block_size, Hkv, D], query
 head h reads KV head h // (Hq // Hkv), causal over cached prefix + new tokens, fp32 softmax).
-Prefill: one program per (64-query tile of one sequence, query head), online softmax over the
-key positions up to the tile's last query. Decode (one new token per sequence, T == B): one
+Prefill: one program per (query tile of one sequence, query head; tile sizes autotuned), online
+softmax over the key positions up to the tile's last query. Decode (one new token per sequence, T == B): one
 program per (sequence, KV head, split) with the whole GQA group as the matrix rows, partial
 results merged by a log-sum-exp combine; no host sync, so it can be graph-captured.
 """
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import autotune, chunk_of, pow2
+from ._util import autotune, chunk_of, pow2, size_class
 
 
 @triton.jit
@@ -41,10 +41,14 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
                                BS=kv_cache.shape[2], W=W, BW=pow2(W))
 
 
-@autotune([triton.Config({"BN": bn}, num_warps=w, num_stages=st)
-           for bn, w, st in ((32, 4, 2), (32, 8, 2), (64, 8, 2), (64, 4, 3), (32, 4, 3), (64, 8, 3))], key=["D"])
-@triton.jit(do_not_specialize=["B", "max_blocks"])
-def _prefill_kernel(q_ptr, kv_ptr, bt_ptr, cu_ptr, B, ctx_ptr, o_ptr, scale, max_blocks,
+# (query tile BM, key tile BN, warps, stages), timed per head size and size class of T (a verify
+# step's few tokens want small query tiles, an 8K prompt large ones); the first is the interpreter's
+@autotune([triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)
+           for bm, bn, w, st in ((16, 32, 4, 2), (64, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2), (64, 64, 4, 3),
+                                 (64, 32, 4, 3), (64, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2),
+                                 (16, 64, 4, 2), (32, 64, 4, 2))], key=["D", "TB"])
+@triton.jit(do_not_specialize=["B", "max_blocks", "TB"])
+def _prefill_kernel(q_ptr, kv_ptr, bt_ptr, cu_ptr, B, ctx_ptr, o_ptr, scale, max_blocks, TB,
                     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                     BB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     i_t = tl.program_id(0)
@@ -166,10 +170,9 @@ def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale, 
                                          BN=max(64 if q.is_cuda else 16, BS), PREC=prec, num_warps=4)
         _combine_kernel[(B * HQ,)](po, pm, pl, o, nsplit, D=D, SP=pow2(nsplit, 2))
         return o
-    BM = 64 if q.is_cuda else 16
-    _prefill_kernel[(T // BM + B, HQ)](q, kv_cache, bt, cu_seqlens.to(torch.int64).contiguous(), B, ctx, o, scale,
-                                       bt.shape[1], HQ=HQ, HKV=HKV, D=D, BS=BS, BB=pow2(B, 2), BM=BM,
-                                       PREC=prec)
+    _prefill_kernel[lambda meta: (T // meta["BM"] + B, HQ)](
+        q, kv_cache, bt, cu_seqlens.to(torch.int64).contiguous(), B, ctx, o, scale, bt.shape[1], size_class(T),
+        HQ=HQ, HKV=HKV, D=D, BS=BS, BB=pow2(B, 2), PREC=prec)
     return o
 
 

@@ -15,12 +15,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import pow2
+from ._util import autotune, pow2, size_class
 
 
-@triton.jit(do_not_specialize=["T"])
+# (BT tokens, BC channels, warps) per program; the first is the interpreter's
+@autotune([triton.Config({"BT": bt, "BC": bc}, num_warps=w)
+           for bt, bc, w in ((32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 256, 8), (128, 128, 8), (16, 256, 4),
+                             (128, 64, 4), (64, 64, 4))], key=["C", "TB"])
+@triton.jit(do_not_specialize=["T", "TB"])
 def _conv_varlen_kernel(x_ptr, w_ptr, y_ptr, seq_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr,
-                        T, C, K: tl.constexpr, HAS_STATE: tl.constexpr,
+                        T, C, TB, K: tl.constexpr, HAS_STATE: tl.constexpr,
                         BT: tl.constexpr, BC: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -99,10 +103,10 @@ def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torc
                 else torch.ones(B, dtype=torch.bool, device=x.device)).to(torch.int32).contiguous()
     else:
         slots, init = cu, cu
-    BT, BC = 32, 128
-    grid = (triton.cdiv(T, BT), triton.cdiv(C, BC))
+    # the conv writes only y (the states are moved on below), so timing configs is harmless
+    grid = lambda meta: (triton.cdiv(T, meta["BT"]), triton.cdiv(C, meta["BC"]))  # noqa: E731
     _conv_varlen_kernel[grid](x, weight, y, seq, cu, conv_state if has_state else x, slots, init,
-                              T, C, K=K, HAS_STATE=has_state, BT=BT, BC=BC, num_warps=4)
+                              T, C, size_class(T), K=K, HAS_STATE=has_state)
     if has_state:
         _conv_state_kernel[(B, triton.cdiv(C, 256))](x, cu, conv_state, slots, init, C, K=K,
                                                     KP=triton.next_power_of_2(max(K - 1, 1)), BC=256)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import autotune, pow2
+from ._util import autotune, pow2, size_class
 
 # (BN, BK, warps, stages); the first is the interpreter's
 _GEMM_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
@@ -33,11 +33,6 @@ _GEMV_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w)
                  for bn, bk, w in ((16, 256, 4), (8, 256, 4), (16, 128, 4), (32, 128, 4), (8, 512, 4),
                                    (16, 256, 8), (4, 512, 2))]
 GEMV_MAX_ROWS = 64  # M = T*k up to this uses the GEMV path
-
-
-def _bucket(n: int) -> int:
-    """A coarse size class for autotuning keys (tuned once per class, not per exact size)."""
-    return min(triton.next_power_of_2(max(int(n), 1)), 4096)
 
 
 @autotune([triton.Config({}, num_warps=w) for w in (4, 1, 2, 8)], key=["E", "TB"])
@@ -72,7 +67,7 @@ def moe_route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool):
     w = torch.empty(T, top_k, dtype=torch.float32, device=router_logits.device)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=router_logits.device)
     if T:
-        _route_kernel[(T,)](router_logits.contiguous(), w, ids, E, _bucket(T), TOPK=top_k, KP=pow2(top_k, 2),
+        _route_kernel[(T,)](router_logits.contiguous(), w, ids, E, size_class(T), TOPK=top_k, KP=pow2(top_k, 2),
                             RENORM=norm_topk_prob, BE=pow2(E))
     return w, ids
 
@@ -278,7 +273,7 @@ def moe_experts(x, gate_up_proj, down_proj, weights, ids, *, block_m: int | None
     ids = ids.contiguous()
     if gemv if gemv is not None else (M <= GEMV_MAX_ROWS and block_m is None):
         h = torch.empty(M, I, dtype=x.dtype, device=x.device)
-        TB = _bucket(T)
+        TB = size_class(T)
         _gemv_gate_up_kernel[lambda meta: (M, triton.cdiv(I, meta["BN"]))](x, gate_up_proj, ids, h, H, I, TB, TOPK=k)
         out = torch.empty(T, H, dtype=x.dtype, device=x.device)
         _gemv_down_kernel[lambda meta: (T, triton.cdiv(H, meta["BN"]))](h, down_proj, ids, weights.contiguous(), out,
@@ -287,7 +282,7 @@ def moe_experts(x, gate_up_proj, down_proj, weights, ids, *, block_m: int | None
     BM = block_m or (16 if M <= 16 * E else 64)
     rows, block_expert, NB = _align(ids, E, BM)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 models get fp32 products
-    NBK = _bucket(NB)
+    NBK = size_class(NB)
     h = torch.empty(NB * BM, I, dtype=x.dtype, device=x.device)
     _gate_up_kernel[lambda meta: (NB, triton.cdiv(I, meta["BN"]))](x, gate_up_proj, rows, block_expert, h,
                                                                    H, I, NBK, TOPK=k, BM=BM, PREC=prec)
