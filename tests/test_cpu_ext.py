@@ -126,6 +126,31 @@ def test_moe_dense_act_matches_reference(ext, T, norm):
                                cpu_fast.moe_dense_act(y, Is, E, I, k, norm), atol=1e-5, rtol=1e-5)
 
 
+def test_small_ops_match_references(ext):
+    from qwen3next.kernels import norm, rotary
+
+    gen = torch.Generator().manual_seed(11)
+    x, r = torch.randn(5, 64, generator=gen), torch.randn(5, 64, generator=gen)
+    w = 0.3 * torch.randn(64, generator=gen)
+    torch.testing.assert_close(cpu_ext.zc_rmsnorm(x, w, 1e-6), norm.zc_rmsnorm(x, w, 1e-6))
+    for a, b in zip(cpu_ext.zc_rmsnorm(x, w, 1e-6, r), norm.zc_rmsnorm(x, w, 1e-6, r)):
+        torch.testing.assert_close(a, b)
+    xh, wh = torch.randn(5, 6, 16, generator=gen), 0.3 * torch.randn(6, 16, generator=gen)  # per-head weight
+    torch.testing.assert_close(cpu_ext.zc_rmsnorm(xh, wh, 1e-6), norm.zc_rmsnorm(xh, wh, 1e-6))
+    z = torch.randn(5, 6, 20, generator=gen)[..., :16]  # strided, like the layer's z
+    torch.testing.assert_close(cpu_ext.gated_rmsnorm(xh, z, w[:16], 1e-6), norm.gated_rmsnorm(xh, z, w[:16], 1e-6))
+    inv = 1.0 / 10000.0 ** (torch.arange(0, 8, 2).float() / 8)  # rotary dim 8 of head dim 16
+    cos, sin = rotary.rope_cos_sin(torch.arange(3, 8), inv, 1.0, torch.float32)
+    torch.testing.assert_close(cpu_ext.apply_rotary(z, cos, sin), rotary.apply_rotary(z, cos, sin))
+    torch.testing.assert_close(cpu_ext.gate_output(xh, z), xh * torch.sigmoid(z))
+    c1, c2 = torch.randn(6, 2, 4, 3, 16, generator=gen), None
+    c2 = c1.clone()
+    k, v, slots = z[:, :3], xh[:, 3:], torch.tensor([0, 5, -1, 23, 9])
+    cpu_ext.write_kv(k, v, c1, slots)
+    attention.write_kv(k, v, c2, slots)
+    assert torch.equal(c1, c2)
+
+
 def test_switches_and_grad_fall_back(ext, monkeypatch):
     x = torch.zeros(2, dtype=torch.float32)
     assert cpu_ext.usable(x)

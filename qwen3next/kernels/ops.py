@@ -79,15 +79,24 @@ def _triton(name: str):
     return importlib.import_module(f"{__package__}.triton.{name}")
 
 
+def _ext_ok(*tensors) -> bool:
+    """The C++ CPU kernels take these: CPU float32, no gradient wanted, built and not switched off."""
+    return _use_fast(*tensors) and _ext.usable(*(t for t in tensors if t is not None))
+
+
 def zc_rmsnorm(x, weight, eps, residual=None):
     if _use_triton(x, weight, residual):
         return _triton("norm").zc_rmsnorm(x, weight, eps, residual)
+    if _ext_ok(x, weight, residual) and (weight.dim() == 1 or x.shape[-2:] == weight.shape):
+        return _ext.zc_rmsnorm(x, weight, eps, residual)
     return (_fast if _use_fast(x, weight, residual) else _ref_norm).zc_rmsnorm(x, weight, eps, residual)
 
 
 def gated_rmsnorm(x, z, weight, eps):
     if _use_triton(x, z, weight):
         return _triton("norm").gated_rmsnorm(x, z, weight, eps)
+    if _ext_ok(x, z, weight) and x.dim() == 3 and z.shape == x.shape:
+        return _ext.gated_rmsnorm(x, z, weight, eps)
     return (_fast if _use_fast(x, z, weight) else _ref_norm).gated_rmsnorm(x, z, weight, eps)
 
 
@@ -183,7 +192,7 @@ def _seq_pays(cu_seqlens, recurrent_state) -> bool:
 def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale):
     if _use_triton(q) and _pow2(q.shape[-1]) and kv_cache.dtype == q.dtype:
         return _triton("attention").paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale)
-    if _use_fast(q) and _ext.paged_attention_ok(q, kv_cache):
+    if _ext_ok(q) and _ext.paged_attention_ok(q, kv_cache):
         return _ext.paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale)
     return (_fast if _use_fast(q) else _ref_attn).paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens,
                                                                  scale)
@@ -192,19 +201,25 @@ def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale):
 def apply_rotary(x, cos, sin):
     if _use_triton(x, cos, sin) and x.dim() == 3:  # one launch instead of six torch ops
         return _triton("rotary").apply_rotary(x, cos, sin)
+    if _ext_ok(x, cos, sin) and x.dim() == 3:
+        return _ext.apply_rotary(x, cos, sin)
     return _ref_rotary.apply_rotary(x, cos, sin)
 
 
 def gate_output(o, gate):
-    """o * sigmoid(gate): the gated attention's output gate (one fused pass on CUDA)."""
+    """o * sigmoid(gate): the gated attention's output gate (one fused pass on CUDA and CPU)."""
     if _use_triton(o, gate):
         return _triton("attention").gate_output(o, gate)
+    if _ext_ok(o, gate) and o.dim() == 3:
+        return _ext.gate_output(o, gate)
     return o * torch.sigmoid(gate)
 
 
 def write_kv(k, v, kv_cache, slot_mapping):
     if _use_triton(k, v):
         return _triton("attention").write_kv(k, v, kv_cache, slot_mapping)
+    if _ext_ok(k, v, kv_cache) and kv_cache.is_contiguous():
+        return _ext.write_kv(k, v, kv_cache, slot_mapping)
     return (_fast if _use_fast(k, v) else _ref_attn).write_kv(k, v, kv_cache, slot_mapping)
 
 
@@ -216,7 +231,7 @@ def moe_route(router_logits, top_k, norm_topk_prob):
 
 def moe_dense_act(y, shared_inter, num_experts, inter, top_k, norm_topk_prob):
     """The dense CPU MoE's routing and activations (cpu_fast.moe_dense_act; C++ when it builds)."""
-    if _use_fast(y) and _ext.usable(y):
+    if _ext_ok(y):
         return _ext.moe_dense_act(y, shared_inter, num_experts, inter, top_k, norm_topk_prob)
     return _fast.moe_dense_act(y, shared_inter, num_experts, inter, top_k, norm_topk_prob)
 

@@ -59,6 +59,7 @@ def usable(*tensors) -> bool:
 
 _NO_BOOL = torch.empty(0, dtype=torch.bool)
 _NO_LONG = torch.empty(0, dtype=torch.long)
+_NO_FLOAT = torch.empty(0, dtype=torch.float32)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -99,3 +100,30 @@ def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale) 
 def moe_dense_act(y, shared_inter: int, num_experts: int, inter: int, top_k: int, norm_topk_prob: bool):
     """Same contract as cpu_fast.moe_dense_act (float32)."""
     return get().moe_dense_act(_rows(y), shared_inter, num_experts, inter, top_k, bool(norm_topk_prob))
+
+
+def zc_rmsnorm(x, weight, eps, residual=None):
+    """Same contract as norm.zc_rmsnorm (float32; weight [D] or per-head [heads, D])."""
+    res = _NO_FLOAT if residual is None else residual.contiguous()
+    out = get().rms_norm(x.contiguous(), weight.contiguous(), float(eps), res, True)
+    return out[0] if residual is None else (out[0], out[1])
+
+
+def gated_rmsnorm(x, z, weight, eps):
+    """Same contract as norm.gated_rmsnorm for x, z [T, heads, D] (float32)."""
+    return get().gated_rmsnorm(x.contiguous(), _rows(z), weight.contiguous(), float(eps))
+
+
+def apply_rotary(x, cos, sin):
+    """Same contract as rotary.apply_rotary (float32)."""
+    return get().apply_rotary(_rows(x), _rows(cos), _rows(sin))
+
+
+def write_kv(k, v, kv_cache, slot_mapping) -> None:
+    """Same contract as attention.write_kv (float32, contiguous cache)."""
+    get().write_kv(_rows(k), _rows(v), kv_cache, _long(slot_mapping))
+
+
+def gate_output(o, gate):
+    """o * sigmoid(gate) for o, gate [T, heads, D] (float32)."""
+    return get().gate_output(o.contiguous(), _rows(gate))

@@ -8,6 +8,7 @@
 //                  online softmax), no gather or padding.
 // moe_dense_act:   the dense MoE's routing (softmax, top-k) and gated activations, between its
 //                  up and down matmuls (which stay torch's).
+// + small elementwise ops: RMSNorms, rotary, KV write, output gate (one call instead of several).
 // All are parallel over (sequence or token, head) with at::parallel_for. The Python side
 // (kernels/cpu_ext/__init__.py) checks dtypes, devices and layouts before calling.
 #include <torch/extension.h>
@@ -297,8 +298,134 @@ torch::Tensor moe_dense_act(torch::Tensor y, int64_t Is, int64_t E, int64_t I, i
   return h;
 }
 
+// ---- small fused elementwise ops (each replaces several aten ops on the per-token path) ----
+
+// RMSNorm over the last dim D of x (rows contiguous): y = x / sqrt(mean(x^2) + eps) * w', with
+// w' = 1 + weight (zero_centred) or weight, and weight [D] or [heads, D] (row r uses weight row
+// r % heads). With a residual: x + residual is normed and returned as well.
+std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor weight, double eps, torch::Tensor residual,
+                                    bool zero_centred) {
+  const int64_t D = x.size(-1), R = x.numel() / std::max<int64_t>(D, 1), heads = weight.numel() / D;
+  const bool add = residual.numel() > 0;
+  auto y = torch::empty_like(x);
+  torch::Tensor sum = add ? torch::empty_like(x) : torch::Tensor();
+  const float* xp = x.data_ptr<float>();
+  const float* rp = add ? residual.data_ptr<float>() : nullptr;
+  const float* wp = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  float* sp = add ? sum.data_ptr<float>() : nullptr;
+  const float off = zero_centred ? 1.0f : 0.0f, e = static_cast<float>(eps);
+  at::parallel_for(0, R, grain(R, D * 4), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* in = xp + r * D;
+      if (add) {
+        float* s = sp + r * D;
+        for (int64_t d = 0; d < D; ++d) s[d] = in[d] + rp[r * D + d];
+        in = s;
+      }
+      float ss = 0.0f;
+      for (int64_t d = 0; d < D; ++d) ss += in[d] * in[d];
+      const float inv = 1.0f / std::sqrt(ss / D + e);
+      const float* w = wp + (r % heads) * D;
+      float* out = yp + r * D;
+      for (int64_t d = 0; d < D; ++d) out[d] = in[d] * inv * (w[d] + off);
+    }
+  });
+  if (add) return {y, sum};
+  return {y};
+}
+
+// x [T, H, D] (contiguous); z [T, H, D] (token and head strides free) -> rms(x) * weight * silu(z).
+torch::Tensor gated_rmsnorm(torch::Tensor x, torch::Tensor z, torch::Tensor weight, double eps) {
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), zs0 = z.stride(0), zs1 = z.stride(1);
+  auto y = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* zp = z.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, T * H, grain(T * H, D * 8), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* in = xp + r * D;
+      const float* zr = zp + (r / H) * zs0 + (r % H) * zs1;
+      float ss = 0.0f;
+      for (int64_t d = 0; d < D; ++d) ss += in[d] * in[d];
+      const float inv = 1.0f / std::sqrt(ss / D + e);
+      float* out = yp + r * D;
+      for (int64_t d = 0; d < D; ++d) out[d] = in[d] * inv * wp[d] * silu(zr[d]);
+    }
+  });
+  return y;
+}
+
+// x [T, H, D] (token and head strides free); cos, sin [T, d] (rows contiguous), d <= D even:
+// NeoX rotation of x[..., :d] (pairs i, i + d/2), the rest passed through -> contiguous [T, H, D].
+torch::Tensor apply_rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), d = cos.size(1), h2 = d / 2;
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1), cs = cos.stride(0), ss = sin.stride(0);
+  auto y = torch::empty({T, H, D}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, T * H, grain(T * H, D * 4), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t t = r / H;
+      const float* in = xp + t * xs0 + (r % H) * xs1;
+      const float* c = cp + t * cs;
+      const float* s = sp + t * ss;
+      float* out = yp + r * D;
+      for (int64_t i = 0; i < h2; ++i) out[i] = in[i] * c[i] - in[h2 + i] * s[i];
+      for (int64_t i = 0; i < h2; ++i) out[h2 + i] = in[h2 + i] * c[h2 + i] + in[i] * s[h2 + i];
+      for (int64_t i = d; i < D; ++i) out[i] = in[i];
+    }
+  });
+  return y;
+}
+
+// k, v [T, Hkv, D] (token and head strides free) into kv_cache [NB, 2, bs, Hkv, D] at
+// slot_mapping [T] (block * bs + offset; negative: not written).
+void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache, torch::Tensor slot_mapping) {
+  const int64_t T = k.size(0), H = k.size(1), D = k.size(2), bsz = kv_cache.size(2);
+  const int64_t row = H * D, blk = 2 * bsz * row;
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* cp = kv_cache.data_ptr<float>();
+  const int64_t* sl = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    if (sl[t] < 0) continue;
+    float* kd = cp + (sl[t] / bsz) * blk + (sl[t] % bsz) * row;
+    float* vd = kd + bsz * row;
+    for (int64_t h = 0; h < H; ++h) {
+      std::copy(kp + t * k.stride(0) + h * k.stride(1), kp + t * k.stride(0) + h * k.stride(1) + D, kd + h * D);
+      std::copy(vp + t * v.stride(0) + h * v.stride(1), vp + t * v.stride(0) + h * v.stride(1) + D, vd + h * D);
+    }
+  }
+}
+
+// o [T, H, D] (contiguous) * sigmoid(gate [T, H, D], token and head strides free).
+torch::Tensor gate_output(torch::Tensor o, torch::Tensor gate) {
+  const int64_t T = o.size(0), H = o.size(1), D = o.size(2), gs0 = gate.stride(0), gs1 = gate.stride(1);
+  auto y = torch::empty_like(o);
+  const float* op = o.data_ptr<float>();
+  const float* gp = gate.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, T * H, grain(T * H, D * 4), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* g = gp + (r / H) * gs0 + (r % H) * gs1;
+      for (int64_t d = 0; d < D; ++d) yp[r * D + d] = op[r * D + d] / (1.0f + fast_exp(-g[d]));
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("gdn_varlen", &gdn_varlen, "fused Gated DeltaNet core over a varlen batch (in place on state pools)");
   mod.def("moe_dense_act", &moe_dense_act, "the dense MoE's routing and activations between its two matmuls");
+  mod.def("rms_norm", &rms_norm, "RMSNorm (+ residual add), plain or zero-centred weight");
+  mod.def("gated_rmsnorm", &gated_rmsnorm, "rms(x) * weight * silu(z) per head");
+  mod.def("apply_rotary", &apply_rotary, "partial NeoX rotary embedding");
+  mod.def("write_kv", &write_kv, "K and V rows into the paged cache");
+  mod.def("gate_output", &gate_output, "o * sigmoid(gate)");
   mod.def("paged_attention", &paged_attention, "causal attention over the paged KV cache");
 }
