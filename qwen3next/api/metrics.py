@@ -60,6 +60,10 @@ class Metrics:
                 lambda k=key: float((snapshot().get("spec_decode") or {}).get(k, 0.0)))
         r.register(SpecDecodeCollector(model_name, snapshot))
 
+        # the labelled children the per-token path uses, looked up once
+        self.ttft_m, self.itl_m = self.ttft.labels(model_name), self.itl.labels(model_name)
+        self.generation_tokens_m = self.generation_tokens.labels(model_name)
+
     def count_http(self, endpoint: str, status: int) -> None:
         self.http_requests.labels(self.model_name, endpoint, str(status)).inc()
 
@@ -122,19 +126,18 @@ class RequestTimer:
         if n <= 0:
             return
         t = time.perf_counter()
-        name = self.m.model_name
         if self.ttft is None:
             self.ttft = t - self.start
-            self.m.ttft.labels(name).observe(self.ttft)
+            self.m.ttft_m.observe(self.ttft)
         else:
             # several tokens in one step (speculative decoding) share the gap
             gap = (t - self.last) / n
             for _ in range(n):
                 self.itls.append(gap)
-                self.m.itl.labels(name).observe(gap)
+                self.m.itl_m.observe(gap)
         self.last = t
         self.generated += n
-        self.m.generation_tokens.labels(name).inc(n)
+        self.m.generation_tokens_m.inc(n)
 
     def finish(self, reason: str) -> None:
         name = self.m.model_name
