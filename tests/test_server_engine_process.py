@@ -54,7 +54,7 @@ class ProcServer:
         return httpx.post(self.url + "/v1/chat/completions", json={"model": "tiny", "messages": USER, **kw},
                           timeout=30)
 
-    def wait_idle(self, timeout: float = 10.0) -> bool:
+    def wait_idle(self, timeout: float = 30.0) -> bool:
         deadline = time.time() + timeout
         while time.time() < deadline:
             s = self.engine.snapshot

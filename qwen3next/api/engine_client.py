@@ -43,6 +43,10 @@ class ProcessEngine(AsyncEngine):
         except EOFError:
             self.proc.join(5)
             msg = ("error", f"the engine process exited during startup (exit code {self.proc.exitcode})")
+        except BaseException:  # Ctrl-C while the model loads: don't leave the child loading it
+            self.proc.kill()
+            self.proc.join()
+            raise
         if msg[0] != "ready":
             self._stop_child(5.0)
             raise EngineStartError(msg[1])
@@ -110,8 +114,10 @@ class ProcessEngine(AsyncEngine):
     # ---- the event loop: the child's messages -> the requests' queues ----
     def _on_readable(self) -> None:
         try:
-            while self._conn.poll():
+            for _ in range(16):  # then let the streams run; the reader is called again if more came
                 self._handle(self._conn.recv())
+                if not self._conn.poll():
+                    break
         except (EOFError, OSError):
             self._loop.remove_reader(self._conn.fileno())
             if not self._closed:
