@@ -193,6 +193,20 @@ def prefill_flops(T: int) -> float:
     return 2 * dense * T + att + delta + 2 * H * DIMS["vocab_size"]
 
 
+def tuned_configs() -> dict:
+    """The autotuned kernels' choices so far: {kernel: {key: config}}."""
+    from qwen3next.kernels.triton import attention, conv1d, delta_rule, moe
+
+    out = {}
+    for mod in (moe, attention, conv1d, delta_rule):
+        for name in dir(mod):
+            fn = getattr(mod, name)
+            cache = getattr(fn, "cache", None)
+            if isinstance(cache, dict) and cache:
+                out[f"{mod.__name__.rsplit('.', 1)[-1]}.{name}"] = {str(k): str(v) for k, v in cache.items()}
+    return out
+
+
 # ---- sections --------------------------------------------------------------------------------
 @section
 def ceilings(res):
@@ -222,6 +236,7 @@ def prefill_ours(res, ours):
     res["flops_T"] = round(prefill_flops(T) / 1e12, 2)
     res["floor_ms"] = round(prefill_flops(T) / PEAK_TFLOPS / 1e9, 2)
     print(f"prefill 8K ours {res['ours_ms']} ms (floor {res['floor_ms']})", flush=True)
+    res["tuned"] = tuned_configs()
     try:
         res["ours_kernels_us"] = top_kernels(step)
     except Exception as e:  # the profiler is a nice-to-have
@@ -271,6 +286,7 @@ def decode_ours(res, ours):
             except Exception as e:
                 r["profiler_error"] = repr(e)[:300]
         print(f"decode B={B}: graph {r['graph_ms']} ms, eager {r.get('eager_ms')}, floor {r['floor_ms']}", flush=True)
+        res["tuned"] = tuned_configs()
         save()
     del runner, cache
 

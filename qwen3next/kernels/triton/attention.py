@@ -70,18 +70,34 @@ def _prefill_kernel(q_ptr, kv_ptr, bt_ptr, cu_ptr, B, ctx_ptr, o_ptr, scale, max
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, D], dtype=tl.float32)
+    qk_scale = scale * 1.4426950408889634                # softmax in base 2 (exp2)
     kv_end = ctx + tl.minimum((ci + 1) * BM, eos - bos)  # keys needed by the tile's last query
-    for start in range(0, kv_end, BN):
+    # keys before the tile's first query are visible to all its queries: no masks in that part
+    full_end = (ctx + ci * BM) // BN * BN
+    for start in range(0, full_end, BN):
+        p = start + tl.arange(0, BN)
+        page = tl.load(bt_ptr + seq * max_blocks + p // BS).to(tl.int64)
+        kaddr = ((page * 2 * BS + p % BS) * HKV + hkv) * D
+        k = tl.load(kv_ptr + kaddr[:, None] + d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        pe = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(pe, 1)
+        v = tl.load(kv_ptr + kaddr[:, None] + BS * HKV * D + d[None, :])
+        acc = acc * alpha[:, None] + tl.dot(pe.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    for start in range(full_end, kv_end, BN):
         p = start + tl.arange(0, BN)
         pm = p < kv_end
         page = tl.load(bt_ptr + seq * max_blocks + p // BS, mask=pm, other=0).to(tl.int64)
         kaddr = ((page * 2 * BS + p % BS) * HKV + hkv) * D
         k = tl.load(kv_ptr + kaddr[:, None] + d[None, :], mask=pm[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         s = tl.where((p[None, :] <= qpos[:, None]) & pm[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        pe = tl.exp(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        pe = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(pe, 1)
         v = tl.load(kv_ptr + kaddr[:, None] + BS * HKV * D + d[None, :], mask=pm[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(pe.to(v.dtype), v, input_precision=PREC)

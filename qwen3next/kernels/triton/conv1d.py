@@ -34,27 +34,36 @@ def _conv_varlen_kernel(x_ptr, w_ptr, y_ptr, seq_ptr, cu_ptr, st_ptr, slot_ptr, 
     cm = c < C
     seq = tl.load(seq_ptr + t, mask=tm, other=0)
     bos = tl.load(cu_ptr + seq, mask=tm, other=0)
-    if HAS_STATE:
-        slot = tl.load(slot_ptr + seq, mask=tm, other=0)
-        init = tl.load(init_ptr + seq, mask=tm, other=0) != 0
+    offs = (t.to(tl.int64) * C)[:, None] + c[None, :]                   # [BT, BC] this token's inputs
+    ptrs = x_ptr + offs
+    m2 = tm[:, None] & cm[None, :]
     acc = tl.zeros([BT, BC], dtype=tl.float32)
-    for j in tl.static_range(K):
-        src = t - (K - 1) + j                          # [BT]
-        inside = src >= bos
-        xv = tl.load(x_ptr + src.to(tl.int64)[:, None] * C + c[None, :],
-                     mask=(tm & inside)[:, None] & cm[None, :], other=0.0).to(tl.float32)
+    # a tile whose rows all sit >= K-1 tokens into their sequence reads no state and masks no tap
+    near_start = tl.min(tl.where(tm, t - bos, K), 0) < K - 1
+    if near_start:
         if HAS_STATE:
-            # position src - bos < 0 lives in the state column (K-1) + (src - bos)
-            col = (K - 1) + src - bos
-            sm = tm & (~inside) & init & (slot >= 0)
-            sv = tl.load(st_ptr + (slot.to(tl.int64)[:, None] * C + c[None, :]) * (K - 1) + col[:, None],
-                         mask=sm[:, None] & cm[None, :], other=0.0).to(tl.float32)
-            xv += sv
-        wj = tl.load(w_ptr + c * K + j, mask=cm, other=0.0).to(tl.float32)
-        acc += xv * wj[None, :]
+            slot = tl.load(slot_ptr + seq, mask=tm, other=0)
+            init = tl.load(init_ptr + seq, mask=tm, other=0) != 0
+        for j in tl.static_range(K):
+            src = t - (K - 1) + j                      # [BT]
+            inside = src >= bos
+            xv = tl.load(ptrs - (K - 1 - j) * C, mask=m2 & inside[:, None], other=0.0).to(tl.float32)
+            if HAS_STATE:
+                # position src - bos < 0 lives in the state column (K-1) + (src - bos)
+                col = (K - 1) + src - bos
+                sm = tm & (~inside) & init & (slot >= 0)
+                sv = tl.load(st_ptr + (slot.to(tl.int64)[:, None] * C + c[None, :]) * (K - 1) + col[:, None],
+                             mask=sm[:, None] & cm[None, :], other=0.0).to(tl.float32)
+                xv += sv
+            wj = tl.load(w_ptr + c * K + j, mask=cm, other=0.0).to(tl.float32)
+            acc += xv * wj[None, :]
+    else:
+        for j in tl.static_range(K):
+            xv = tl.load(ptrs - (K - 1 - j) * C, mask=m2, other=0.0).to(tl.float32)
+            wj = tl.load(w_ptr + c * K + j, mask=cm, other=0.0).to(tl.float32)
+            acc += xv * wj[None, :]
     y = acc / (1.0 + tl.exp(-acc))
-    tl.store(y_ptr + t.to(tl.int64)[:, None] * C + c[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=tm[:, None] & cm[None, :])
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit

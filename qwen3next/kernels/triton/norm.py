@@ -15,9 +15,15 @@ import triton.language as tl
 from ._util import pow2
 
 
-def _rows_per_program(D: int) -> int:
-    """Enough rows that a program moves ~4K elements (one row when rows are long)."""
-    return max(1, min(64, 4096 // pow2(D)))
+def _rows_per_program(R: int, D: int) -> int:
+    """Short rows go several to a program (~4K elements) once there are enough rows to fill the
+    GPU; a few rows (decode) or long rows get a program each."""
+    if D >= 1024:
+        return 1
+    br = max(1, min(64, 4096 // pow2(D)))
+    while br > 1 and R < br * 264:  # keep >= 2 programs per SM
+        br //= 2
+    return br
 
 
 @triton.jit(do_not_specialize=["R", "NH", "S0", "S1"])
@@ -65,7 +71,7 @@ def zc_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torc
     h = torch.empty_like(y) if residual is not None else y
     r = residual.contiguous() if residual is not None else y
     if R:
-        BR = _rows_per_program(D)
+        BR = _rows_per_program(R, D)
         _zc_rmsnorm_kernel[(triton.cdiv(R, BR),)](xs, r, weight, y, h, R, D, NH, S0, S1, eps,
                                                   HAS_RES=residual is not None, BR=BR, BLOCK=pow2(D),
                                                   num_warps=4 if D <= 4096 else 8)
@@ -96,6 +102,6 @@ def gated_rmsnorm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: f
     y = torch.empty_like(xf)
     R = xf.shape[0]
     if R:
-        BR = _rows_per_program(D)
+        BR = _rows_per_program(R, D)
         _gated_rmsnorm_kernel[(triton.cdiv(R, BR),)](xf, zf, weight, y, R, D, eps, BR=BR, BLOCK=pow2(D), num_warps=4)
     return y.view(x.shape)
