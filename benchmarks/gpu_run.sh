@@ -14,11 +14,12 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,no
 for s in $STEPS; do
   t0=$(date +%s)
   case $s in
-    tests)   python3 -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/gpu tests/kernels 2>&1 | tail -25 | tee "$OUT/pytest_gpu.txt" ;;
+    tests)   python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider tests/gpu tests/kernels 2>&1 | tail -25 | tee "$OUT/pytest_gpu.txt" ;;
     spec)    python3 benchmarks/gpu_spec_step.py --out "$OUT/gpu_spec_step.json" --profile --commit "$COMMIT" 2>&1 | tail -30 ;;
     kernels) python3 benchmarks/gpu_kernels.py --quick --out "$OUT/gpu_kernels.json" 2>&1 | tail -40 ;;
     model)   python3 benchmarks/gpu_model.py --no-hf --no-engine --out "$OUT/gpu_model.json" --commit "$COMMIT" 2>&1 | grep -v "^ \|^{\|^}" | tail -20 ;;
-    modelhf) python3 benchmarks/gpu_model.py --out "$OUT/gpu_model.json" --commit "$COMMIT" --engine-passes 1 2>&1 | grep -v "^ \|^{\|^}" | tail -30 ;;
+    modelhf) python3 benchmarks/gpu_model.py --no-engine --out "$OUT/gpu_model.json" --commit "$COMMIT" 2>&1 | grep -v "^ \|^{\|^}" | tail -30 ;;
+    engine)  python3 benchmarks/gpu_model.py --only-engine --engine-passes 2 --out "$OUT/gpu_engine.json" --commit "$COMMIT" 2>&1 | grep "engine pass" ;;
     *)       echo "unknown step $s" ;;
   esac
   echo "== step $s: $(( $(date +%s) - t0 )) s"
