@@ -30,11 +30,17 @@ class ModelRunner:
 
     def build_batch(self, sched: SchedulerOutput):
         """-> (input_ids [T], positions [T], ForwardBatch, logit rows [R], row sequences)."""
+        seqs = sched.seqs
+        if all(n == 1 and not s.children and s.num_computed_tokens + 1 == len(s.token_ids)
+               for s, n in zip(seqs, sched.num_new_tokens)):  # every sequence decodes one token
+            runs = [(s, len(s.token_ids) - 1, s.token_ids[-1:]) for s in seqs]
+            input_ids, positions, batch = pack(self.cache, self.device, runs)
+            return input_ids, positions, batch, list(range(len(seqs))), list(seqs)
         runs: list[tuple[Sequence, int, list[int]]] = []
         rows: list[Sequence] = []
         row_idx: list[int] = []
         end = 0
-        for seq, n in zip(sched.seqs, sched.num_new_tokens):
+        for seq, n in zip(seqs, sched.num_new_tokens):
             c = seq.num_computed_tokens
             runs.append((seq, c, seq.token_ids[c:c + n]))
             end += n

@@ -10,6 +10,8 @@ gathers the block tables from the cache manager's per-slot table on the device.
 
 from __future__ import annotations
 
+from array import array
+
 import torch
 
 from qwen3next.engine.cache import CacheManager
@@ -24,42 +26,36 @@ def pack(cache: CacheManager, device: torch.device, runs: list[tuple[Sequence, i
 
     Every position written must already have a block (CacheManager.grow)."""
     bs = cache.block_size
-    ids: list[int] = []
-    pos: list[int] = []
-    smap: list[int] = []
-    cu = [0]
-    ctx: list[int] = []
-    lens: list[int] = []
-    slots: list[int] = []
-    max_blocks = 1
-    for seq, c, toks in runs:
-        n = len(toks)
-        blocks = seq.block_ids
-        ids += toks
-        if n == 1:  # decode and draft steps: no ranges
-            pos.append(c)
-            smap.append(blocks[c // bs] * bs + c % bs)
-        else:
-            end = c + n
+    ctx = [c for _, c, _ in runs]
+    lens = [len(toks) for _, _, toks in runs]
+    slots = [seq.slot for seq, _, _ in runs]
+    max_blocks = max(1, max(len(seq.block_ids) for seq, _, _ in runs))
+    B = len(runs)
+    if all(n == 1 for n in lens):  # decode and draft steps: one token per sequence
+        ids = [toks[0] for _, _, toks in runs]
+        pos = ctx
+        smap = [seq.block_ids[c // bs] * bs + c % bs for seq, c, _ in runs]
+        cu = list(range(B + 1))
+    else:
+        ids, pos, smap, cu = [], [], [], [0]
+        for seq, c, toks in runs:
+            ids += toks
+            end = c + len(toks)
             pos += range(c, end)
             p = c
-            while p < end:  # one range per block touched
+            while p < end:  # one range of cache slots per block touched
                 b, off = divmod(p, bs)
                 stop = min(end, p - off + bs)
-                first = blocks[b] * bs
+                first = seq.block_ids[b] * bs
                 smap += range(first + off, first + off + stop - p)
                 p = stop
-        cu.append(cu[-1] + n)
-        ctx.append(c)
-        lens.append(n)
-        slots.append(seq.slot)
-        if len(blocks) > max_blocks:
-            max_blocks = len(blocks)
-    T, B = len(ids), len(lens)
+            cu.append(end - c + cu[-1])
+    T = len(ids)
     flat = ids + pos + smap + cu + ctx + slots
     if per_token_state_slots is not None:
         flat += per_token_state_slots
-    host = torch.tensor(flat, dtype=torch.long)
+    # (3-4x faster than torch.tensor(list) for a few hundred ints)
+    host = torch.frombuffer(array("q", flat), dtype=torch.long)
     if device.type != "cpu":
         host = host.to(device, non_blocking=True)
     # views into the one tensor: [ids T | positions T | slot mapping T | cu B+1 | ctx B | slots B | pts T]
