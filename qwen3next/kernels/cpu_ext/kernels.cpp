@@ -67,6 +67,7 @@ torch::Tensor gdn_varlen(torch::Tensor m, torch::Tensor a, torch::Tensor b, torc
   const int64_t T = m.size(0), C = m.size(1), K = conv_weight.size(1), K1 = K - 1;
   const int64_t Hv = recurrent_state.size(1), dk = recurrent_state.size(2), dv = recurrent_state.size(3);
   const int64_t Hk = num_k_heads, r = Hv / Hk, B = cu_seqlens.size(0) - 1;
+  TORCH_CHECK(K1 >= 1 && K1 <= 16, "gdn_varlen: conv kernel size must be 2..17, got ", K);
   const int64_t ms = m.stride(0), as = a.stride(0), bs = b.stride(0), ws = conv_weight.stride(0);
   const float* mp = m.data_ptr<float>();
   const float* ap = a.data_ptr<float>();
@@ -88,39 +89,43 @@ torch::Tensor gdn_varlen(torch::Tensor m, torch::Tensor a, torch::Tensor b, torc
   auto y = torch::empty({T, C}, m.options());  // post-conv, post-SiLU
   float* yp = y.data_ptr<float>();
 
-  // 1) conv per sequence: all channels at once (the q/k channels are shared by r value heads)
-  at::parallel_for(0, B, grain(B, (T / std::max<int64_t>(B, 1) + K) * C * K), [&](int64_t b0, int64_t b1) {
-    std::vector<float> hist;
-    for (int64_t s = b0; s < b1; ++s) {
+  // 1) conv per sequence and block of CB channels (the q/k channels are shared by r value heads,
+  // so the conv runs before, not inside, the per-head recurrence). The K-1 cached inputs of a
+  // block live in `win` [K-1][CB], oldest first, and slide one token at a time.
+  constexpr int64_t CB = 16;
+  const int64_t nblk = (C + CB - 1) / CB;
+  at::parallel_for(0, B * nblk, grain(B * nblk, (T / std::max<int64_t>(B, 1) + 1) * CB * K * 2), [&](int64_t i0, int64_t i1) {
+    float win[16][CB];  // K - 1 <= 16 (checked by the caller)
+    float acc[CB];
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t s = it / nblk, c0 = (it % nblk) * CB, nc = std::min(CB, C - c0);
       const int64_t t0 = cu[s], n = cu[s + 1] - t0, slot = slots[s];
       if (n == 0 || slot < 0) continue;
-      // hist rows: K-1 cached inputs (oldest first, or zeros), then the n new ones  [K-1+n, C]
-      hist.assign((K1 + n) * C, 0.0f);
-      if (!init || init[s]) {
-        const float* st = cs + slot * C * K1;
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t j = 0; j < K1; ++j) hist[j * C + c] = st[c * K1 + j];
-      }
-      for (int64_t i = 0; i < n; ++i) std::copy(mp + (t0 + i) * ms, mp + (t0 + i) * ms + C, &hist[(K1 + i) * C]);
+      float* st = cs + slot * C * K1;  // [C, K-1]
+      for (int64_t j = 0; j < K1; ++j)
+        for (int64_t cb = 0; cb < CB; ++cb) win[j][cb] = (cb < nc && (!init || init[s])) ? st[(c0 + cb) * K1 + j] : 0.0f;
       for (int64_t i = 0; i < n; ++i) {
-        float* out = yp + (t0 + i) * C;
-        for (int64_t c = 0; c < C; ++c) out[c] = 0.0f;
-        for (int64_t j = 0; j < K; ++j) {
-          const float* h = &hist[(i + j) * C];
-          const float* w = &wt[j * C];
-          for (int64_t c = 0; c < C; ++c) out[c] += w[c] * h[c];
+        const float* x = mp + (t0 + i) * ms + c0;
+        const float* wl = &wt[K1 * C + c0];
+        for (int64_t cb = 0; cb < nc; ++cb) acc[cb] = wl[cb] * x[cb];
+        for (int64_t j = 0; j < K1; ++j) {
+          const float* w = &wt[j * C + c0];
+          for (int64_t cb = 0; cb < nc; ++cb) acc[cb] += w[cb] * win[j][cb];
         }
-        for (int64_t c = 0; c < C; ++c) out[c] = silu(out[c]);
+        float* out = yp + (t0 + i) * C + c0;
+        for (int64_t cb = 0; cb < nc; ++cb) out[cb] = silu(acc[cb]);
+        for (int64_t j = 0; j + 1 < K1; ++j)
+          for (int64_t cb = 0; cb < CB; ++cb) win[j][cb] = win[j + 1][cb];
+        for (int64_t cb = 0; cb < nc; ++cb) win[K1 - 1][cb] = x[cb];
         const int64_t ps = pts ? pts[t0 + i] : -1;
-        if (ps >= 0) {  // the window after token i: hist rows i+1 .. i+K-1
-          float* st = cs + ps * C * K1;
-          for (int64_t c = 0; c < C; ++c)
-            for (int64_t j = 0; j < K1; ++j) st[c * K1 + j] = hist[(i + 1 + j) * C + c];
+        if (ps >= 0) {  // the conv state after token i
+          float* sp = cs + ps * C * K1;
+          for (int64_t cb = 0; cb < nc; ++cb)
+            for (int64_t j = 0; j < K1; ++j) sp[(c0 + cb) * K1 + j] = win[j][cb];
         }
       }
-      float* st = cs + slot * C * K1;  // the last K-1 inputs become the state
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t j = 0; j < K1; ++j) st[c * K1 + j] = hist[(n + j) * C + c];
+      for (int64_t cb = 0; cb < nc; ++cb)
+        for (int64_t j = 0; j < K1; ++j) st[(c0 + cb) * K1 + j] = win[j][cb];
     }
   });
 
@@ -130,14 +135,13 @@ torch::Tensor gdn_varlen(torch::Tensor m, torch::Tensor a, torch::Tensor b, torc
   const float qscale = 1.0f / std::sqrt(static_cast<float>(dk));
   const int64_t SZ = dk * dv;
   at::parallel_for(0, B * Hv, grain(B * Hv, (T / std::max<int64_t>(B, 1)) * SZ * 6), [&](int64_t i0, int64_t i1) {
-    std::vector<float> S(SZ), q(dk), k(dk), ks(dv), delta(dv);
+    std::vector<float> q(dk), k(dk), ks(dv), qs(dv), delta(dv);
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t s = it / Hv, h = it % Hv, kh = h / r;
       const int64_t t0 = cu[s], n = cu[s + 1] - t0, slot = slots[s];
       if (n == 0 || slot < 0) continue;
-      float* Sg = rs + (slot * Hv + h) * SZ;
-      if (!init || init[s]) std::copy(Sg, Sg + SZ, S.begin());
-      else std::fill(S.begin(), S.end(), 0.0f);
+      float* S = rs + (slot * Hv + h) * SZ;  // updated in place
+      if (init && !init[s]) std::fill(S, S + SZ, 0.0f);
       const float decay_rate = -std::exp(alog[h]);
       for (int64_t i = 0; i < n; ++i) {
         const int64_t t = t0 + i;
@@ -154,24 +158,30 @@ torch::Tensor gdn_varlen(torch::Tensor m, torch::Tensor a, torch::Tensor b, torc
         const float* v = row + 2 * Hk * dk + h * dv;
         const float decay = std::exp(decay_rate * softplus(ap[t * as + h] + dtb[h]));
         const float beta = sigmoid(bp[t * bs + h]);
-        // S'' = decay S; delta = beta (v - k S''); S' = S'' + k (x) delta; o = q S'
+        // With S'' = decay S, delta = beta (v - k S'') and S' = S'' + k (x) delta, the output is
+        // q S' = decay (q S) + (q . k) delta: one read pass for q S and k S, one update pass.
         std::fill(ks.begin(), ks.end(), 0.0f);
+        std::fill(qs.begin(), qs.end(), 0.0f);
+        float qk = 0.0f;
         for (int64_t d = 0; d < dk; ++d) {
-          float* Sr = &S[d * dv];
-          const float kd = k[d];
-          for (int64_t e = 0; e < dv; ++e) { Sr[e] *= decay; ks[e] += kd * Sr[e]; }
-        }
-        for (int64_t e = 0; e < dv; ++e) delta[e] = beta * (v[e] - ks[e]);
-        float* out = op + (t * Hv + h) * dv;
-        for (int64_t d = 0; d < dk; ++d) {
-          float* Sr = &S[d * dv];
+          const float* Sr = S + d * dv;
           const float kd = k[d], qd = q[d];
-          for (int64_t e = 0; e < dv; ++e) { Sr[e] += kd * delta[e]; out[e] += qd * Sr[e]; }
+          qk += qd * kd;
+          for (int64_t e = 0; e < dv; ++e) { ks[e] += kd * Sr[e]; qs[e] += qd * Sr[e]; }
+        }
+        float* out = op + (t * Hv + h) * dv;
+        for (int64_t e = 0; e < dv; ++e) {
+          delta[e] = beta * (v[e] - decay * ks[e]);
+          out[e] = decay * qs[e] + qk * delta[e];
+        }
+        for (int64_t d = 0; d < dk; ++d) {
+          float* Sr = S + d * dv;
+          const float kd = k[d];
+          for (int64_t e = 0; e < dv; ++e) Sr[e] = decay * Sr[e] + kd * delta[e];
         }
         const int64_t ps = pts ? pts[t] : -1;
-        if (ps >= 0) std::copy(S.begin(), S.end(), rs + (ps * Hv + h) * SZ);
+        if (ps >= 0) std::copy(S, S + SZ, rs + (ps * Hv + h) * SZ);
       }
-      std::copy(S.begin(), S.end(), Sg);
     }
   });
   return o;
