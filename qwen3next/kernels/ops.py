@@ -150,7 +150,7 @@ def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A
     if _use_triton(m, a, b, conv_weight) and _pow2(S.shape[-2]) and _pow2(S.shape[-1]) and S.dtype == torch.float32:
         return _triton("gdn_decode").gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots,
                                                 A_log, dt_bias, num_k_heads)
-    if _use_fast(m, a, b, conv_weight) and _ext.gdn_ok(m, a, b, conv_weight, conv_state, S, A_log, dt_bias):
+    if _ext_ok(m, a, b, conv_weight) and _ext.gdn_ok(m, a, b, conv_weight, conv_state, S, A_log, dt_bias):
         return _ext.gdn_varlen(m, a, b, conv_weight, conv_state, S, torch.arange(m.shape[0] + 1), state_slots,
                                None, None, A_log, dt_bias, num_k_heads)
     if _use_fast(m, a, b, conv_weight) and bool((state_slots >= 0).all()):
@@ -165,28 +165,15 @@ def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A
 def gdn_cached(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots, has_initial_state,
                per_token_state_slots, A_log, dt_bias, num_k_heads):
     """The cached DeltaNet core of a varlen batch (see kernels/gdn.py) -> o [T, Hv, dv]: the fused C++
-    kernel on CPU (a sequential recurrence: taken for short runs, or any run at small head dims),
-    else the single kernels one by one."""
-    if (_use_fast(m, a, b, conv_weight) and _ext.gdn_ok(m, a, b, conv_weight, conv_state, recurrent_state, A_log,
-                                                       dt_bias) and _seq_pays(cu_seqlens, recurrent_state)):
+    kernel on CPU, else the single kernels one by one. The C++ kernel runs the recurrence token by
+    token; on one core it still beat the chunked torch path at every size measured (prefills of
+    128-512 tokens, heads 16x16 up to 32 x 128x128: 1.6-7x faster)."""
+    if _ext_ok(m, a, b, conv_weight) and _ext.gdn_ok(m, a, b, conv_weight, conv_state, recurrent_state, A_log,
+                                                    dt_bias):
         return _ext.gdn_varlen(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots,
                                has_initial_state, per_token_state_slots, A_log, dt_bias, num_k_heads)
     return _gdn.gdn_cached(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots,
                            has_initial_state, per_token_state_slots, A_log, dt_bias, num_k_heads)
-
-
-# The C++ recurrence does ~6 dk dv flops per token and head one token after another; the chunked
-# torch path wins on long runs once a state is big enough for its matmuls to pay (measured below).
-_SEQ_MAX_STATE = 64 * 64
-_SEQ_MAX_RUN = 16
-
-
-def _seq_pays(cu_seqlens, recurrent_state) -> bool:
-    dk, dv = recurrent_state.shape[-2:]
-    if dk * dv <= _SEQ_MAX_STATE:
-        return True
-    cu = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
-    return max((cu[i + 1] - cu[i] for i in range(len(cu) - 1)), default=0) <= _SEQ_MAX_RUN
 
 
 def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale):
