@@ -80,8 +80,11 @@ def _triton(name: str):
 
 
 def _ext_ok(*tensors) -> bool:
-    """The C++ CPU kernels take these: CPU float32, no gradient wanted, built and not switched off."""
-    return _use_fast(*tensors) and _ext.usable(*(t for t in tensors if t is not None))
+    """The C++ CPU kernels take these: CPU float32, no gradient wanted, built and not switched off
+    (cpu_ext.usable reads QWEN3NEXT_KERNELS too)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    return _ext.usable(*tensors)
 
 
 def zc_rmsnorm(x, weight, eps, residual=None):

@@ -2,7 +2,8 @@
 cached by torch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions; a rebuild only when the
 source changes). `get()` returns the loaded module, or None when switched off
 (QWEN3NEXT_CPU_EXT=0 or QWEN3NEXT_KERNELS=torch) or when the build fails: one warning is logged
-and the torch paths stay in charge. `usable(*tensors)` says whether float32 CPU tensors can go to it.
+and the torch paths stay in charge. `usable(*tensors)` says whether float32 CPU tensors can go to it; the wrappers below assume it
+said yes (they skip the environment checks: this is the per-op path of every decode step).
 """
 
 from __future__ import annotations
@@ -53,8 +54,12 @@ def get():
 
 
 def usable(*tensors) -> bool:
-    """All given tensors are float32 on the CPU and the extension loads."""
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and get() is not None
+    """All given tensors (None skipped) are float32 on the CPU and the extension loads. On the
+    per-op path of every decode step: attribute checks only (a device object costs more)."""
+    for t in tensors:
+        if t is not None and (t.dtype is not torch.float32 or not t.is_cpu):
+            return False
+    return get() is not None
 
 
 _NO_BOOL = torch.empty(0, dtype=torch.bool)
@@ -68,6 +73,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _long(x) -> torch.Tensor:
+    if isinstance(x, torch.Tensor) and x.dtype is torch.long and x.is_contiguous():
+        return x
     return torch.as_tensor(x, dtype=torch.long).contiguous()
 
 
@@ -82,7 +89,7 @@ def gdn_varlen(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, st
     """Same contract as kernels/gdn.gdn_cached (float32; state_slots < 0: sequence skipped, o = 0)."""
     has = _NO_BOOL if has_initial_state is None else has_initial_state.to(torch.bool).contiguous()
     pts = _NO_LONG if per_token_state_slots is None else _long(per_token_state_slots)
-    return get().gdn_varlen(_rows(m), _rows(a), _rows(b), _rows(conv_weight), conv_state, recurrent_state,
+    return _build().gdn_varlen(_rows(m), _rows(a), _rows(b), _rows(conv_weight), conv_state, recurrent_state,
                             _long(cu_seqlens), _long(state_slots), has, pts, A_log.contiguous(),
                             dt_bias.contiguous(), num_k_heads)
 
@@ -93,37 +100,37 @@ def paged_attention_ok(q, kv_cache) -> bool:
 
 def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale) -> torch.Tensor:
     """Same contract as kernels/attention.paged_attention (float32)."""
-    return get().paged_attention(_rows(q), kv_cache, _long(block_tables), _long(cu_seqlens), _long(context_lens),
+    return _build().paged_attention(_rows(q), kv_cache, _long(block_tables), _long(cu_seqlens), _long(context_lens),
                                  float(scale))
 
 
 def moe_dense_act(y, shared_inter: int, num_experts: int, inter: int, top_k: int, norm_topk_prob: bool):
     """Same contract as cpu_fast.moe_dense_act (float32)."""
-    return get().moe_dense_act(_rows(y), shared_inter, num_experts, inter, top_k, bool(norm_topk_prob))
+    return _build().moe_dense_act(_rows(y), shared_inter, num_experts, inter, top_k, bool(norm_topk_prob))
 
 
 def zc_rmsnorm(x, weight, eps, residual=None):
     """Same contract as norm.zc_rmsnorm (float32; weight [D] or per-head [heads, D])."""
     res = _NO_FLOAT if residual is None else residual.contiguous()
-    out = get().rms_norm(x.contiguous(), weight.contiguous(), float(eps), res, True)
+    out = _build().rms_norm(x.contiguous(), weight.contiguous(), float(eps), res, True)
     return out[0] if residual is None else (out[0], out[1])
 
 
 def gated_rmsnorm(x, z, weight, eps):
     """Same contract as norm.gated_rmsnorm for x, z [T, heads, D] (float32)."""
-    return get().gated_rmsnorm(x.contiguous(), _rows(z), weight.contiguous(), float(eps))
+    return _build().gated_rmsnorm(x.contiguous(), _rows(z), weight.contiguous(), float(eps))
 
 
 def apply_rotary(x, cos, sin):
     """Same contract as rotary.apply_rotary (float32)."""
-    return get().apply_rotary(_rows(x), _rows(cos), _rows(sin))
+    return _build().apply_rotary(_rows(x), _rows(cos), _rows(sin))
 
 
 def write_kv(k, v, kv_cache, slot_mapping) -> None:
     """Same contract as attention.write_kv (float32, contiguous cache)."""
-    get().write_kv(_rows(k), _rows(v), kv_cache, _long(slot_mapping))
+    _build().write_kv(_rows(k), _rows(v), kv_cache, _long(slot_mapping))
 
 
 def gate_output(o, gate):
     """o * sigmoid(gate) for o, gate [T, heads, D] (float32)."""
-    return get().gate_output(o.contiguous(), _rows(gate))
+    return _build().gate_output(o.contiguous(), _rows(gate))
