@@ -29,7 +29,8 @@ from serving_load import run_load  # noqa: E402
 from serving_setup import Server, build_checkpoint, free_port, qwen3next_command, vllm_command  # noqa: E402
 
 DEFAULT_VLLM_PYTHON = "/work/vllm-venv/bin/python"
-METRICS = ("tok_per_s", "per_stream_tok_per_s", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99", "cpu_ms_per_token")
+METRICS = ("tok_per_s", "per_stream_tok_per_s", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99", "cpu_ms_per_token",
+           "other_cores")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,6 +66,13 @@ def vllm_available(python: str) -> str | None:
     return None
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (/proc/stat: everything but idle and iowait)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(server: Server, args: argparse.Namespace) -> dict:
     model = args.ckpt_dir
     offset = 0
@@ -74,9 +82,13 @@ def measure(server: Server, args: argparse.Namespace) -> dict:
         n = args.single_stream_requests if c == 1 else c
         runs = []
         for _ in range(args.repeats):
-            cpu0 = server.cpu_seconds()
+            cpu0, busy0, own0, t0 = server.cpu_seconds(), machine_busy_seconds(), time.process_time(), time.perf_counter()
             run = run_load(server.url, model, c, n, args.max_tokens, offset=offset)
-            run["cpu_ms_per_token"] = 1e3 * (server.cpu_seconds() - cpu0) / run["output_tokens"]
+            server_cpu = server.cpu_seconds() - cpu0
+            run["cpu_ms_per_token"] = 1e3 * server_cpu / run["output_tokens"]
+            # cores busy with anything but this server and this load generator: > ~0.1 = a noisy run
+            other = machine_busy_seconds() - busy0 - server_cpu - (time.process_time() - own0)
+            run["other_cores"] = max(0.0, other) / (time.perf_counter() - t0)
             runs.append(run)
             offset += n
         summary = {k: statistics.median(r[k] for r in runs) for k in METRICS}
@@ -85,7 +97,8 @@ def measure(server: Server, args: argparse.Namespace) -> dict:
         print(f"  {server.name:9s} c={c:<4d} {summary['tok_per_s']:8.0f} tok/s  "
               f"ttft p50 {summary['ttft_p50'] * 1e3:6.0f} ms p99 {summary['ttft_p99'] * 1e3:6.0f} ms  "
               f"itl p50 {summary['itl_p50'] * 1e3:6.1f} ms p99 {summary['itl_p99'] * 1e3:6.1f} ms  "
-              f"cpu {summary['cpu_ms_per_token']:.2f} ms/tok  runs {summary['runs_tok_per_s']}", flush=True)
+              f"cpu {summary['cpu_ms_per_token']:.2f} ms/tok  other load {summary['other_cores']:.2f} cores  "
+              f"runs {summary['runs_tok_per_s']}", flush=True)
     return results
 
 
