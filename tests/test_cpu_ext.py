@@ -126,6 +126,26 @@ def test_moe_dense_act_matches_reference(ext, T, norm):
                                cpu_fast.moe_dense_act(y, Is, E, I, k, norm), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("T", [1, 300])
+def test_moe_route_and_grouped_experts_match_reference(ext, T):
+    from qwen3next.kernels import moe
+
+    gen = torch.Generator().manual_seed(T)
+    H, E, I, k = 16, 8, 12, 2
+    x = torch.randn(T, H, generator=gen)
+    gu, down = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
+    logits = torch.randn(T, E + 2, generator=gen)[:, :E]
+    for norm in (True, False):
+        w, ids = cpu_ext.moe_route(logits, k, norm)
+        w_ref, ids_ref = moe.moe_route(logits, k, norm)
+        assert torch.equal(ids, ids_ref)
+        torch.testing.assert_close(w, w_ref)
+    torch.testing.assert_close(cpu_ext.moe_experts(x, gu, down, w, ids), moe.moe_experts(x, gu, down, w, ids),
+                               atol=1e-4, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu_ext.moe_experts(x, gu, down, w, ids + E)
+
+
 def test_small_ops_match_references(ext):
     from qwen3next.kernels import norm, rotary
 

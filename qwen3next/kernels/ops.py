@@ -216,6 +216,8 @@ def write_kv(k, v, kv_cache, slot_mapping):
 def moe_route(router_logits, top_k, norm_topk_prob):
     if _use_triton(router_logits):
         return _triton("moe").moe_route(router_logits, top_k, norm_topk_prob)
+    if _ext_ok(router_logits) and 0 < top_k <= router_logits.shape[-1]:
+        return _ext.moe_route(router_logits, top_k, norm_topk_prob)
     return _ref_moe.moe_route(router_logits, top_k, norm_topk_prob)
 
 
@@ -226,8 +228,16 @@ def moe_dense_act(y, shared_inter, num_experts, inter, top_k, norm_topk_prob):
     return _fast.moe_dense_act(y, shared_inter, num_experts, inter, top_k, norm_topk_prob)
 
 
+def _dense_moe_pays(x, gate_up_proj, ids) -> bool:
+    T, k = ids.shape
+    E, I2, H = gate_up_proj.shape
+    return _fast.moe_dense_pays(T, E, k, H, I2 // 2)
+
+
 def moe_experts(x, gate_up_proj, down_proj, weights, ids):
     if _use_triton(x, gate_up_proj, down_proj, weights) and gate_up_proj.dtype == x.dtype == down_proj.dtype:
         return _triton("moe").moe_experts(x, gate_up_proj, down_proj, weights, ids)
+    if _ext_ok(x, gate_up_proj, down_proj, weights) and not _dense_moe_pays(x, gate_up_proj, ids):
+        return _ext.moe_experts(x, gate_up_proj, down_proj, weights, ids)
     return (_fast if _use_fast(x, gate_up_proj, down_proj, weights) else _ref_moe).moe_experts(
         x, gate_up_proj, down_proj, weights, ids)

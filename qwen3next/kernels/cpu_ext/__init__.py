@@ -134,3 +134,15 @@ def write_kv(k, v, kv_cache, slot_mapping) -> None:
 def gate_output(o, gate):
     """o * sigmoid(gate) for o, gate [T, heads, D] (float32)."""
     return _build().gate_output(o.contiguous(), _rows(gate))
+
+
+def moe_route(router_logits, top_k: int, norm_topk_prob: bool):
+    """Same contract as moe.moe_route (float32 logits)."""
+    w, ids = _build().moe_route(_rows(router_logits), top_k, bool(norm_topk_prob))
+    return w, ids
+
+
+def moe_experts(x, gate_up_proj, down_proj, weights, ids):
+    """Same contract as moe.moe_experts (float32; contiguous expert weights)."""
+    return _build().moe_experts(x.contiguous(), gate_up_proj.contiguous(), down_proj.contiguous(),
+                                weights.float().contiguous(), _long(ids))

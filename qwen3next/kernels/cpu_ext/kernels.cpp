@@ -8,6 +8,7 @@
 //                  online softmax), no gather or padding.
 // moe_dense_act:   the dense MoE's routing (softmax, top-k) and gated activations, between its
 //                  up and down matmuls (which stay torch's).
+// moe_route / moe_experts: routing, and the routed experts grouped by expert (torch matmuls).
 // + small elementwise ops: RMSNorms, rotary, KV write, output gate (one call instead of several).
 // All are parallel over (sequence or token, head) with at::parallel_for. The Python side
 // (kernels/cpu_ext/__init__.py) checks dtypes, devices and layouts before calling.
@@ -44,12 +45,72 @@ inline float fast_exp(float x) {
 inline float silu(float x) { return x / (1.0f + fast_exp(-x)); }
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 // torch's F.softplus (beta 1, threshold 20)
-inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
+inline float softplus(float x) { return x > 20.0f ? x : std::log1p(fast_exp(x)); }
 
 // Work items per parallel chunk: enough that a one-thread pool never pays for splitting.
 int64_t grain(int64_t items, int64_t cost_per_item) {
   const int64_t target = 1 << 15;  // ~32k flops per chunk
   return std::max<int64_t>(1, std::min<int64_t>(items, target / std::max<int64_t>(cost_per_item, 1)));
+}
+
+// What the DeltaNet recurrence reads and writes (see gdn_varlen).
+struct Run {
+  const float* y;  // [T, C] post-conv [q_all | k_all | v_all]
+  const float *a, *b, *dt_bias;
+  const int64_t* pts;  // per-token state slots or nullptr
+  float* pool;         // recurrent state pool [N, Hv, dk, dv]
+  float* o;            // [T, Hv, dv]
+  int64_t C, as, bs, Hk, Hv, dk, dv;
+  float qscale;
+};
+
+// Tokens t0 .. t0+n-1 of one sequence on value head h's state S [dk, dv] (in place); rate is
+// -exp(A_log[h]). `buf` holds 2 dk + 3 dv floats. (Compile-time dv specialisations measured slower.)
+void recur(const Run& run, float* __restrict__ S, int64_t h, int64_t t0, int64_t n, float rate, float* buf) {
+  const int64_t dk = run.dk, dv = run.dv, kh = h / (run.Hv / run.Hk);
+  float* __restrict__ q = buf;
+  float* __restrict__ k = buf + dk;
+  float* __restrict__ ks = k + dk;
+  float* __restrict__ qs = ks + dv;
+  float* __restrict__ delta = qs + dv;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t t = t0 + i;
+    const float* row = run.y + t * run.C;
+    float qq = 0.0f, kk = 0.0f;
+    for (int64_t d = 0; d < dk; ++d) {
+      q[d] = row[kh * dk + d];
+      k[d] = row[run.Hk * dk + kh * dk + d];
+      qq += q[d] * q[d];
+      kk += k[d] * k[d];
+    }
+    const float qn = run.qscale / std::sqrt(qq + 1e-6f), kn = 1.0f / std::sqrt(kk + 1e-6f);
+    for (int64_t d = 0; d < dk; ++d) { q[d] *= qn; k[d] *= kn; }
+    const float* v = row + 2 * run.Hk * dk + h * dv;
+    const float decay = fast_exp(rate * softplus(run.a[t * run.as + h] + run.dt_bias[h]));
+    const float beta = 1.0f / (1.0f + fast_exp(-run.b[t * run.bs + h]));
+    // With S'' = decay S, delta = beta (v - k S'') and S' = S'' + k (x) delta, the output is
+    // q S' = decay (q S) + (q . k) delta: one read pass for q S and k S, one update pass.
+    for (int64_t e = 0; e < dv; ++e) { ks[e] = 0.0f; qs[e] = 0.0f; }
+    float qk = 0.0f;
+    for (int64_t d = 0; d < dk; ++d) {
+      const float* Sr = S + d * dv;
+      const float kd = k[d], qd = q[d];
+      qk += qd * kd;
+      for (int64_t e = 0; e < dv; ++e) { ks[e] += kd * Sr[e]; qs[e] += qd * Sr[e]; }
+    }
+    float* out = run.o + (t * run.Hv + h) * dv;
+    for (int64_t e = 0; e < dv; ++e) {
+      delta[e] = beta * (v[e] - decay * ks[e]);
+      out[e] = decay * qs[e] + qk * delta[e];
+    }
+    for (int64_t d = 0; d < dk; ++d) {
+      float* Sr = S + d * dv;
+      const float kd = k[d];
+      for (int64_t e = 0; e < dv; ++e) Sr[e] = decay * Sr[e] + kd * delta[e];
+    }
+    const int64_t ps = run.pts ? run.pts[t] : -1;
+    if (ps >= 0) std::copy(S, S + dk * dv, run.pool + (ps * run.Hv + h) * dk * dv);
+  }
 }
 
 }  // namespace
@@ -131,57 +192,18 @@ torch::Tensor gdn_varlen(torch::Tensor m, torch::Tensor a, torch::Tensor b, torc
 
   // 2) recurrence per (sequence, value head)
   auto o = torch::zeros({T, Hv, dv}, m.options());
-  float* op = o.data_ptr<float>();
-  const float qscale = 1.0f / std::sqrt(static_cast<float>(dk));
-  const int64_t SZ = dk * dv;
-  at::parallel_for(0, B * Hv, grain(B * Hv, (T / std::max<int64_t>(B, 1)) * SZ * 6), [&](int64_t i0, int64_t i1) {
-    std::vector<float> q(dk), k(dk), ks(dv), qs(dv), delta(dv);
+  Run run{yp, ap, bp, dtb, pts, rs, o.data_ptr<float>(), C, as, bs, Hk, Hv, dk, dv,
+          1.0f / std::sqrt(static_cast<float>(dk))};
+  at::parallel_for(0, B * Hv, grain(B * Hv, (T / std::max<int64_t>(B, 1)) * dk * dv * 6), [&](int64_t i0, int64_t i1) {
+    std::vector<float> buf(2 * dk + 3 * dv);
     for (int64_t it = i0; it < i1; ++it) {
-      const int64_t s = it / Hv, h = it % Hv, kh = h / r;
+      const int64_t s = it / Hv, h = it % Hv;
       const int64_t t0 = cu[s], n = cu[s + 1] - t0, slot = slots[s];
       if (n == 0 || slot < 0) continue;
-      float* S = rs + (slot * Hv + h) * SZ;  // updated in place
-      if (init && !init[s]) std::fill(S, S + SZ, 0.0f);
-      const float decay_rate = -std::exp(alog[h]);
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t t = t0 + i;
-        const float* row = yp + t * C;
-        float qq = 0.0f, kk = 0.0f;
-        for (int64_t d = 0; d < dk; ++d) {
-          q[d] = row[kh * dk + d];
-          k[d] = row[Hk * dk + kh * dk + d];
-          qq += q[d] * q[d];
-          kk += k[d] * k[d];
-        }
-        const float qn = qscale / std::sqrt(qq + 1e-6f), kn = 1.0f / std::sqrt(kk + 1e-6f);
-        for (int64_t d = 0; d < dk; ++d) { q[d] *= qn; k[d] *= kn; }
-        const float* v = row + 2 * Hk * dk + h * dv;
-        const float decay = std::exp(decay_rate * softplus(ap[t * as + h] + dtb[h]));
-        const float beta = sigmoid(bp[t * bs + h]);
-        // With S'' = decay S, delta = beta (v - k S'') and S' = S'' + k (x) delta, the output is
-        // q S' = decay (q S) + (q . k) delta: one read pass for q S and k S, one update pass.
-        std::fill(ks.begin(), ks.end(), 0.0f);
-        std::fill(qs.begin(), qs.end(), 0.0f);
-        float qk = 0.0f;
-        for (int64_t d = 0; d < dk; ++d) {
-          const float* Sr = S + d * dv;
-          const float kd = k[d], qd = q[d];
-          qk += qd * kd;
-          for (int64_t e = 0; e < dv; ++e) { ks[e] += kd * Sr[e]; qs[e] += qd * Sr[e]; }
-        }
-        float* out = op + (t * Hv + h) * dv;
-        for (int64_t e = 0; e < dv; ++e) {
-          delta[e] = beta * (v[e] - decay * ks[e]);
-          out[e] = decay * qs[e] + qk * delta[e];
-        }
-        for (int64_t d = 0; d < dk; ++d) {
-          float* Sr = S + d * dv;
-          const float kd = k[d];
-          for (int64_t e = 0; e < dv; ++e) Sr[e] = decay * Sr[e] + kd * delta[e];
-        }
-        const int64_t ps = pts ? pts[t] : -1;
-        if (ps >= 0) std::copy(S, S + SZ, rs + (ps * Hv + h) * SZ);
-      }
+      float* S = rs + (slot * Hv + h) * dk * dv;  // updated in place
+      if (init && !init[s]) std::fill(S, S + dk * dv, 0.0f);
+      const float rate = -std::exp(alog[h]);
+      recur(run, S, h, t0, n, rate, buf.data());
     }
   });
   return o;
@@ -429,6 +451,89 @@ torch::Tensor gate_output(torch::Tensor o, torch::Tensor gate) {
   return y;
 }
 
+// Softmax top-k routing of router_logits [T, E] (rows strided): -> (weights [T, k] fp32, ids [T, k]
+// long), largest first (ties to the lower expert id), renormalised to sum 1 when norm_topk.
+std::vector<torch::Tensor> moe_route(torch::Tensor logits, int64_t top_k, bool norm_topk) {
+  const int64_t T = logits.size(0), E = logits.size(1), ls = logits.stride(0);
+  auto w = torch::empty({T, top_k}, logits.options());
+  auto ids = torch::empty({T, top_k}, logits.options().dtype(torch::kLong));
+  const float* lp = logits.data_ptr<float>();
+  float* wp = w.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  at::parallel_for(0, T, grain(T, E * 8), [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(E);
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* l = lp + t * ls;
+      float mx = -INFINITY, sum = 0.0f, wsum = 0.0f;
+      for (int64_t e = 0; e < E; ++e) mx = std::max(mx, l[e]);
+      for (int64_t e = 0; e < E; ++e) { p[e] = std::exp(l[e] - mx); sum += p[e]; }
+      for (int64_t kk = 0; kk < top_k; ++kk) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; ++e)
+          if (p[e] >= 0.0f && (best < 0 || p[e] > p[best])) best = e;
+        ip[t * top_k + kk] = best;
+        wp[t * top_k + kk] = p[best] / sum;
+        wsum += p[best] / sum;
+        p[best] = -1.0f;  // taken
+      }
+      if (norm_topk)
+        for (int64_t kk = 0; kk < top_k; ++kk) wp[t * top_k + kk] /= wsum;
+    }
+  });
+  return {w, ids};
+}
+
+// Routed experts, grouped: x [T, H]; gate_up_proj [E, 2I, H]; down_proj [E, H, I]; weights, ids
+// [T, k] -> [T, H]. Assignments are bucketed by expert (counting sort); each active expert runs
+// two matmuls (at::mm) on its gathered rows, SiLU(gate) * up in between; outputs are added
+// into their tokens' rows scaled by the routing weight.
+torch::Tensor moe_experts(torch::Tensor x, torch::Tensor gate_up_proj, torch::Tensor down_proj,
+                          torch::Tensor weights, torch::Tensor ids) {
+  const int64_t T = x.size(0), H = x.size(1), k = ids.size(1), E = gate_up_proj.size(0), I = down_proj.size(2);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weights.data_ptr<float>();
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  std::vector<int64_t> start(E + 1, 0), order(T * k);
+  for (int64_t a = 0; a < T * k; ++a) {
+    TORCH_CHECK(ip[a] >= 0 && ip[a] < E, "moe_experts: expert id ", ip[a], " out of range [0, ", E, ")");
+    start[ip[a] + 1]++;
+  }
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t a = 0; a < T * k; ++a) order[fill[ip[a]]++] = a;
+  }
+  auto out = torch::zeros({T, H}, x.options());
+  float* op = out.data_ptr<float>();
+  int64_t nmax = 0;
+  for (int64_t e = 0; e < E; ++e) nmax = std::max(nmax, start[e + 1] - start[e]);
+  auto xs = torch::empty({nmax, H}, x.options());
+  auto h = torch::empty({nmax, I}, x.options());
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = start[e + 1] - start[e];
+    if (n == 0) continue;
+    float* xsp = xs.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t tok = order[start[e] + i] / k;
+      std::copy(xp + tok * H, xp + tok * H + H, xsp + i * H);
+    }
+    auto gu = at::mm(xs.narrow(0, 0, n), gate_up_proj[e].t());  // [n, 2I]
+    const float* gp = gu.data_ptr<float>();
+    float* hp = h.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < I; ++j) hp[i * I + j] = silu(gp[i * 2 * I + j]) * gp[i * 2 * I + I + j];
+    auto y = at::mm(h.narrow(0, 0, n), down_proj[e].t());  // [n, H]
+    const float* yp = y.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t a = order[start[e] + i];
+      const float wa = wp[a];
+      float* o = op + (a / k) * H;
+      for (int64_t c = 0; c < H; ++c) o[c] += wa * yp[i * H + c];
+    }
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("gdn_varlen", &gdn_varlen, "fused Gated DeltaNet core over a varlen batch (in place on state pools)");
   mod.def("moe_dense_act", &moe_dense_act, "the dense MoE's routing and activations between its two matmuls");
@@ -437,5 +542,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("apply_rotary", &apply_rotary, "partial NeoX rotary embedding");
   mod.def("write_kv", &write_kv, "K and V rows into the paged cache");
   mod.def("gate_output", &gate_output, "o * sigmoid(gate)");
+  mod.def("moe_route", &moe_route, "softmax top-k routing");
+  mod.def("moe_experts", &moe_experts, "routed experts, grouped by expert");
   mod.def("paged_attention", &paged_attention, "causal attention over the paged KV cache");
 }
