@@ -101,7 +101,7 @@ def test_gdn_decode_dispatch_and_skipped_slot(ext):
 ])
 def test_paged_attention_matches_reference(ext, new, ctx, Hq, Hkv, D):
     gen = torch.Generator().manual_seed(sum(new))
-    bs, nb = 4, 40
+    bs, nb = 8, 40
     cache = torch.randn(nb, 2, bs, Hkv, D, generator=gen)
     need = [-(-(c + n) // bs) for c, n in zip(ctx, new)]
     perm = torch.randperm(nb, generator=gen)
@@ -189,7 +189,7 @@ def test_model_verify_and_decode_match_reference(ext, tiny_ckpt, monkeypatch):
     from qwen3next.loader import load_model
 
     model, _ = load_model(tiny_ckpt, dtype=torch.float32, device="cpu", with_mtp=False, progress=False)
-    spec, bs = model.state_spec(), 4
+    spec, bs = model.state_spec(), 8
     caches = []
     for _ in range(2):
         c = ModelCache(block_size=bs)
