@@ -358,3 +358,26 @@ def test_deferred_mtp_catch_up_drafts_as_if_never_deferred(model, prompts, refer
     assert len(common) >= 4 and min(j for _, j in common) >= 3  # drafts only after the first two finished
     for key in common:
         torch.testing.assert_close(seen[1][key], seen[0][key], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_verify_cuda_graphs_generate_the_eager_tokens(tiny_ckpt, prompts, monkeypatch):
+    """On CUDA the verify forward replays a graph whenever every row brings k drafts; greedy
+    outputs equal the eager engine's, and the graph path is actually taken."""
+    from qwen3next.engine.cuda_graph import VerifyGraphRunner
+
+    gpu, _ = load_model(tiny_ckpt, dtype=torch.float32, device="cuda", with_mtp=True, progress=False)
+    replays = []
+    real_run = VerifyGraphRunner.run
+    monkeypatch.setattr(VerifyGraphRunner, "run", lambda self, *a: (replays.append(1), real_run(self, *a))[1])
+    outs = {}
+    for eager in (True, False):
+        spec = {"method": "qwen3_next_mtp", "num_speculative_tokens": 2}
+        eng = LLMEngine(gpu, EngineArgs(max_num_seqs=4, max_model_len=256, speculative_config=spec,
+                                        enforce_eager=eager), eos_token_ids=[])
+        assert (eng.spec.verify_graphs is None) == eager
+        outs[eager] = run(eng, prompts[:5], GREEDY)
+        assert_pools_empty(eng)
+    assert outs[True] == outs[False]
+    assert replays

@@ -89,11 +89,14 @@ class LLMEngine:
         sampler = Sampler(self.device, args.seed)
         self.runner = ModelRunner(model, self.cache, sampler, self.device)
         self.spec: SpecDecoder | None = None
+        # (under tensor parallelism each forward first messages the workers: not capturable)
+        graphs = self.device.type == "cuda" and not args.enforce_eager and args.tensor_parallel_size == 1
         if args.speculative_config is not None:
             self.spec = SpecDecoder(model, self.cache, sampler, self.device, args.speculative_config,
                                     self.cache.scratch_base, args.max_num_seqs)
-        elif self.device.type == "cuda" and not args.enforce_eager and args.tensor_parallel_size == 1:
-            # (under tensor parallelism each forward first messages the workers: not capturable)
+            if graphs:
+                self._capture_verify_graphs()
+        elif graphs:
             self._capture_cuda_graphs()
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -160,6 +163,15 @@ class LLMEngine:
         graphs.warmup_prefill(a.max_num_seqs, a.max_num_batched_tokens)
         graphs.capture()
         self.runner.graphs = graphs
+
+    def _capture_verify_graphs(self) -> None:
+        """CUDA graphs of the speculative verify forward with all k drafts (cuda_graph.py)."""
+        from qwen3next.engine.cuda_graph import VerifyGraphRunner
+
+        graphs = VerifyGraphRunner(self.model, self.cache.cache, self.cache.max_blocks_per_seq,
+                                   self.args.max_num_seqs, self.spec.k + 1)
+        graphs.capture()
+        self.spec.verify_graphs = graphs
 
     @torch.inference_mode()
     def _profile_activations(self) -> int:

@@ -137,6 +137,8 @@ class SpecDecoder:
         self.max_num_seqs = max_num_seqs
         self.proposer = MTPProposer(model, cache, sampler.generator, device, self.k)
         self.stats = SpecStats(self.k)
+        # CUDA graphs of the verify forward (cuda_graph.VerifyGraphRunner), set by LLMEngine on CUDA
+        self.verify_graphs = None
 
     # ---- the step ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -223,8 +225,12 @@ class SpecDecoder:
             pts = [self.scratch_base + r * self.k + j if j < len(d) else -1
                    for r, d in enumerate(drafts) for j in range(len(d) + 1)]
         ids, pos, batch = pack(self.cache, self.device, runs, pts)
-        hidden = self.model(ids, pos, batch)  # [T, H]
-        logits = self.model.compute_logits(hidden)  # [T, V]
+        if self.verify_graphs is not None and self.verify_graphs.can_run(batch):
+            # views of the graph's outputs: used up within this step, before the next replay
+            hidden, logits = self.verify_graphs.run(ids, pos, batch)
+        else:
+            hidden = self.model(ids, pos, batch)  # [T, H]
+            logits = self.model.compute_logits(hidden)  # [T, V]
         cu = [0]
         for d in drafts:
             cu.append(cu[-1] + len(d) + 1)
