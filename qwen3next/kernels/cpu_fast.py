@@ -341,10 +341,11 @@ def moe_experts(x, gate_up_proj, down_proj, weights, ids) -> torch.Tensor:
     return _moe_grouped(x, gate_up_proj, down_proj, weights, ids)
 
 
-def moe_dense_pays(T: int, E: int, k: int, H: int, inter: int) -> bool:
-    """Whether every expert on every token is cheaper than the grouped loop for T tokens."""
+def moe_dense_pays(T: int, E: int, k: int, H: int, inter: int, flops_per_expert: int = _FLOPS_PER_EXPERT_STEP) -> bool:
+    """Whether every expert on every token is cheaper than the grouped loop for T tokens, when one
+    active expert's overhead in the grouped loop is worth `flops_per_expert`."""
     wasted = (E - k) * T * 3 * H * inter * 2
-    return wasted <= min(E, T * k) * _FLOPS_PER_EXPERT_STEP
+    return wasted <= min(E, T * k) * flops_per_expert
 
 
 def moe_dense_act(y, shared_inter: int, num_experts: int, inter: int, top_k: int, norm_topk_prob: bool):

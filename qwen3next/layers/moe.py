@@ -17,7 +17,7 @@ from ..config import ModelConfig
 from ..distributed.comm import all_reduce
 from ..distributed.parallel_state import tp_rank, tp_size
 from ..distributed.sharding import rows
-from ..kernels import cpu_fast, ops
+from ..kernels import ops
 from .fused import DerivedWeight
 from .mlp import MLP
 
@@ -90,7 +90,7 @@ class SparseMoeBlock(nn.Module):
         se = self.shared_expert
         Is = se.gate_proj.weight.shape[0]  # shared expert's intermediate size
         shared = (se.gate_proj.weight, se.up_proj.weight, self.shared_expert_gate.weight)
-        if cpu_fast.moe_dense_pays(T, E, self.top_k, x.shape[1], inter):
+        if ops.moe_dense_pays(T, E, self.top_k, x.shape[1], inter):
             y = x @ self._up_dense.get(*shared, ex.gate_up_proj, self.gate.weight).t()  # [T, 2Is+1 + E*2I + E]
             h = ops.moe_dense_act(y, Is, E, inter, self.top_k, self.norm_topk_prob)  # [T, E*I + Is]
             return h @ self._down_dense.get(ex.down_proj, se.down_proj.weight), y[:, -E:]
