@@ -73,6 +73,29 @@ struct Run {
   float qscale;
 };
 
+// Columns e0 .. e0 + 8 NV of one delta-rule step (see recur): 2 NV vector accumulators.
+template <int NV>
+inline void column_block(float* __restrict__ S, const float* q, const float* k, const float* v, float* out,
+                         int64_t dk, int64_t dv, int64_t e0, float decay, float beta, float qk) {
+  v8 ks[NV], qs[NV], delta[NV];
+  for (int j = 0; j < NV; ++j) ks[j] = qs[j] = v8{};
+  for (int64_t d = 0; d < dk; ++d)
+    for (int j = 0; j < NV; ++j) {
+      const v8 sr = load8(S + d * dv + e0 + 8 * j);
+      ks[j] += k[d] * sr;
+      qs[j] += q[d] * sr;
+    }
+  for (int j = 0; j < NV; ++j) {
+    delta[j] = beta * (load8(v + e0 + 8 * j) - decay * ks[j]);
+    store8(out + e0 + 8 * j, decay * qs[j] + qk * delta[j]);
+  }
+  for (int64_t d = 0; d < dk; ++d)
+    for (int j = 0; j < NV; ++j) {
+      float* sp = S + d * dv + e0 + 8 * j;
+      store8(sp, decay * load8(sp) + k[d] * delta[j]);
+    }
+}
+
 // Tokens t0 .. t0+n-1 of one sequence on value head h's state S [dk, dv] (in place); rate is
 // -exp(A_log[h]). `buf` holds 2 dk floats. (Compile-time dv specialisations measured slower.)
 void recur(const Run& run, float* __restrict__ S, int64_t h, int64_t t0, int64_t n, float rate, float* buf) {
@@ -95,23 +118,14 @@ void recur(const Run& run, float* __restrict__ S, int64_t h, int64_t t0, int64_t
     const float decay = fast_exp(rate * softplus(run.a[t * run.as + h] + run.dt_bias[h]));
     const float beta = 1.0f / (1.0f + fast_exp(-run.b[t * run.bs + h]));
     // With S'' = decay S, delta = beta (v - k S'') and S' = S'' + k (x) delta, the output is
-    // q S' = decay (q S) + (q . k) delta. Columns are independent: 8 at a time, q S and k S summed
-    // in two vector registers, then the same [dk, 8] slice updated.
+    // q S' = decay (q S) + (q . k) delta. Columns are independent: 32 (or 8) at a time, q S and
+    // k S summed in vector registers, then the same [dk, 32] slice updated while it is in L1.
     float qk = 0.0f;
     for (int64_t d = 0; d < dk; ++d) qk += q[d] * k[d];
     float* out = run.o + (t * run.Hv + h) * dv;
     int64_t e0 = 0;
-    for (; e0 + 8 <= dv; e0 += 8) {
-      v8 ks8 = {}, qs8 = {};
-      for (int64_t d = 0; d < dk; ++d) {
-        const v8 sr = load8(S + d * dv + e0);
-        ks8 += k[d] * sr;
-        qs8 += q[d] * sr;
-      }
-      const v8 delta8 = beta * (load8(v + e0) - decay * ks8);
-      store8(out + e0, decay * qs8 + qk * delta8);
-      for (int64_t d = 0; d < dk; ++d) store8(S + d * dv + e0, decay * load8(S + d * dv + e0) + k[d] * delta8);
-    }
+    for (; e0 + 32 <= dv; e0 += 32) column_block<4>(S, q, k, v, out, dk, dv, e0, decay, beta, qk);
+    for (; e0 + 8 <= dv; e0 += 8) column_block<1>(S, q, k, v, out, dk, dv, e0, decay, beta, qk);
     for (; e0 < dv; ++e0) {  // columns past the last multiple of 8
       float ks1 = 0.0f, qs1 = 0.0f;
       for (int64_t d = 0; d < dk; ++d) { ks1 += k[d] * S[d * dv + e0]; qs1 += q[d] * S[d * dv + e0]; }
