@@ -14,7 +14,7 @@ import torch
 
 from qwen3next.engine.rejection_sampler import (adjusted_logits, final_probs, race, rejection_sample,
                                                 verify_greedy)
-from qwen3next.engine.sampler import Sampler, apply_penalties
+from qwen3next.engine.sampler import Sampler, apply_penalties, exponential_
 from qwen3next.engine.sequence import Request, Sequence
 from qwen3next.engine.spec_decode import SpeculativeConfig, SpecStats
 from qwen3next.sampling_params import SamplingParams
@@ -141,7 +141,7 @@ def test_final_probs_is_the_samplers_distribution():
         logits = 2 * torch.randn(len(seqs), Vs)
         sampler = Sampler(torch.device("cpu"), seed=trial)
         plain = sampler._sample(logits, seqs)
-        q = torch.empty(len(seqs), Vs).exponential_(generator=torch.Generator().manual_seed(trial))
+        q = exponential_(torch.empty(len(seqs), Vs), torch.Generator().manual_seed(trial))
         assert race(final_probs(logits, seqs), q).tolist() == plain.tolist()
         p = final_probs(logits, seqs)
         assert torch.allclose(p.sum(-1), torch.ones(len(seqs)))

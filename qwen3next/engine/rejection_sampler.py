@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from qwen3next.engine.sampler import apply_penalties, output_counts
+from qwen3next.engine.sampler import apply_penalties, exponential_, output_counts
 from qwen3next.engine.sequence import Sequence
 
 
@@ -132,8 +132,9 @@ def draw(kind: str, rows: int, width: int, seqs: list[Sequence], generator: torc
     """[rows, width] draws, "exp" ~ Exp(1) or "uniform" ~ U[0, 1); row i comes from seqs[i]'s own
     generator when it has one (seeded requests), else from the shared `generator`."""
     x = torch.empty(rows, width, device=device)
-    fill = (lambda t, g: t.exponential_(generator=g)) if kind == "exp" else (lambda t, g: t.uniform_(generator=g))
-    fill(x, generator)
+    fill = exponential_ if kind == "exp" else (lambda t, g: t.uniform_(generator=g))
+    if any(s.generator is None for s in seqs):  # (all rows seeded: no shared draw)
+        fill(x, generator)
     for i, s in enumerate(seqs):
         if s.generator is not None:
             fill(x[i], s.generator)

@@ -2,9 +2,9 @@
 
 Order per row: penalties (repetition over prompt + output, then frequency and presence over the
 output), min_tokens (stop tokens masked), greedy = argmax of that; otherwise temperature, min_p,
-top_k, top_p, then an exponential race `argmax(p / q)`, q ~ Exp(1) over the whole vocabulary,
-drawn from the row's own torch.Generator when it has a seed, so a seeded row samples the same
-tokens whatever else is in the batch. Logprobs are the model's raw log-softmax
+top_k, top_p, then an exponential race `argmax(p / q)`, q ~ Exp(1) (`exponential_`) over the
+whole vocabulary, drawn from the row's own torch.Generator when it has a seed, so a seeded row
+samples the same tokens whatever else is in the batch. Logprobs are the model's raw log-softmax
 (vLLM's default "raw_logprobs"): top-N plus the chosen token, with ranks. All vocabulary work is
 batched.
 """
@@ -70,6 +70,13 @@ def apply_penalties(logits: torch.Tensor, rows: list[Sequence],
     pres = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype, device=dev)
     logits -= freq[:, None] * counts + pres[:, None] * out_mask
     return logits
+
+
+def exponential_(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Fill x with Exp(1) draws in place: -log(U), U ~ U[0, 1) (5x cheaper than Tensor.exponential_
+    on CPU; U = 0 gives +inf, a token that then loses the race, never NaN). The sampler and the
+    speculative rejection sampler both draw through this, so their races stay the same."""
+    return x.uniform_(generator=generator).log_().neg_()
 
 
 def argmax_rows(x: torch.Tensor, block: int = 64) -> torch.Tensor:
@@ -147,10 +154,12 @@ class Sampler:
             # p_i < min_p * p_max  <=>  x_i < x_max + log(min_p)
             log_mp = torch.tensor([math.log(m) if m > 0 else -math.inf for m in min_p], device=dev)
             x = x.masked_fill(x < x.max(-1, keepdim=True).values + log_mp[:, None], -math.inf)
-        q = torch.empty_like(x).exponential_(generator=self.generator)
+        q = torch.empty_like(x)
+        if any(s.generator is None for s in rows):  # (a batch of seeded rows skips the shared draw)
+            exponential_(q, self.generator)
         for i, s in enumerate(rows):
             if s.generator is not None:
-                q[i].exponential_(generator=s.generator)
+                exponential_(q[i], s.generator)
         ks = [p.top_k if 0 < p.top_k < V else V for p in params]
         trunc = [i for i, p in enumerate(params) if ks[i] < V or p.top_p < 1.0]
         full = [i for i in range(B) if ks[i] == V and params[i].top_p >= 1.0]
