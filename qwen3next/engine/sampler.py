@@ -164,11 +164,11 @@ class Sampler:
         trunc = [i for i, p in enumerate(params) if ks[i] < V or p.top_p < 1.0]
         full = [i for i in range(B) if ks[i] == V and params[i].top_p >= 1.0]
         ids = torch.empty(B, dtype=torch.long, device=dev)
+        if len(full) == B:  # no truncated row: race over the whole batch, no row gathers
+            return argmax_rows(torch.softmax(x, -1).div_(q))
         if full:
             f = torch.tensor(full, device=dev)
-            ids[f] = (torch.softmax(x[f], -1) / q[f]).argmax(-1)
-        if not trunc:
-            return ids
+            ids[f] = argmax_rows(torch.softmax(x[f], -1).div_(q[f]))
         # truncated rows work on their K best candidates, sorted descending
         t = torch.tensor(trunc, device=dev)
         k_max = max(ks[i] for i in trunc)
