@@ -56,9 +56,11 @@ inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 // torch's F.softplus (beta 1, threshold 20)
 inline float softplus(float x) { return x > 20.0f ? x : std::log1p(fast_exp(x)); }
 
-// Work items per parallel chunk: enough that a one-thread pool never pays for splitting.
+// Work items per parallel chunk (at::parallel_for runs inline below one chunk): ~256k flops, some
+// tens of microseconds, so a decode step's small ops stay on one thread (a fork/join of the
+// OpenMP pool costs microseconds on a quiet machine, far more when the other cores are busy).
 int64_t grain(int64_t items, int64_t cost_per_item) {
-  const int64_t target = 1 << 15;  // ~32k flops per chunk
+  const int64_t target = 1 << 18;
   return std::max<int64_t>(1, std::min<int64_t>(items, target / std::max<int64_t>(cost_per_item, 1)));
 }
 
