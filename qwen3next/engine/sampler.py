@@ -171,8 +171,10 @@ class Sampler:
             ids[f] = argmax_rows(torch.softmax(x[f], -1).div_(q[f]))
         # truncated rows work on their K best candidates, sorted descending
         t = torch.tensor(trunc, device=dev)
+        if len(trunc) < B:
+            x, q = x[t], q[t]
         k_max = max(ks[i] for i in trunc)
-        vals, cand = x[t].topk(k_max, dim=-1)  # [R, K]
+        vals, cand = x.topk(k_max, dim=-1)  # [R, K]
         pos = torch.arange(k_max, device=dev)
         k_t = torch.tensor([ks[i] for i in trunc], device=dev)
         vals = vals.masked_fill(pos[None, :] >= k_t[:, None], -math.inf)
@@ -184,8 +186,11 @@ class Sampler:
             drop = before >= p_t[:, None]
             drop[:, 0] = False
             vals = vals.masked_fill(drop, -math.inf)
-        race = torch.softmax(vals, -1) / q[t].gather(1, cand)
-        ids[t] = cand.gather(1, race.argmax(-1, keepdim=True)).squeeze(1)
+        race = torch.softmax(vals, -1) / q.gather(1, cand)
+        won = cand.gather(1, race.argmax(-1, keepdim=True)).squeeze(1)
+        if len(trunc) == B:
+            return won
+        ids[t] = won
         return ids
 
     @staticmethod
