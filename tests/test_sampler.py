@@ -187,3 +187,23 @@ def test_argmax_rows_is_torch_argmax_with_ties(shape):
     x[1, shape[1] // 2] = -1.0
     x[2] = 0.0  # all equal: index 0
     assert torch.equal(argmax_rows(x), x.argmax(-1))
+
+
+def test_topk_rows_is_torch_topk_with_ties_by_index():
+    """The numpy top-k the sampler and the rejection sampler share: torch.topk's values, indices
+    that point at them, equal values lower index first."""
+    from qwen3next.engine.sampler import topk_rows
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 300, generator=g)
+    x[0, [7, 3, 250]] = 5.0  # a three-way tie at the top
+    x[1] = 0.0
+    x[1, 299] = 1.0  # one max, then 299 equal values: indices 0, 1, ... fill the rest
+    x[2, :290] = -math.inf
+    for k in (1, 5, 20):
+        vals, idx = topk_rows(x, k)
+        ref_v, _ = x.topk(k, dim=-1)
+        assert torch.equal(vals, ref_v)
+        assert torch.equal(x.gather(1, idx), vals)
+        assert idx[0, :3].tolist() == [3, 7, 250][:k]
+        assert idx[1, 0] == 299 and idx[1, 1:].tolist() == sorted(idx[1, 1:].tolist())

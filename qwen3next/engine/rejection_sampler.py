@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from qwen3next.engine.sampler import apply_penalties, exponential_, output_counts
+from qwen3next.engine.sampler import apply_penalties, exponential_, output_counts, topk_rows
 from qwen3next.engine.sequence import Sequence
 
 
@@ -63,7 +63,7 @@ def final_probs(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         return probs
     t = torch.tensor(trunc, device=dev)
     k_max = max(ks[i] for i in trunc)
-    vals, cand = x[t].topk(k_max, dim=-1)  # [R, K] descending, as the sampler takes them
+    vals, cand = topk_rows(x[t], k_max)  # [R, K] descending, as the sampler takes them
     pos = torch.arange(k_max, device=dev)
     vals = vals.masked_fill(pos[None, :] >= torch.tensor([ks[i] for i in trunc], device=dev)[:, None], -math.inf)
     top_p = [params[i].top_p for i in trunc]

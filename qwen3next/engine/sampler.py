@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from qwen3next.engine.sequence import Sequence
@@ -90,6 +91,24 @@ def argmax_rows(x: torch.Tensor, block: int = 64) -> torch.Tensor:
     xb = x.reshape(B, V // block, block)
     best = xb.amax(-1).argmax(-1)  # [B]
     return best * block + xb[torch.arange(B), best].argmax(-1)
+
+
+def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, V] float32 -> (values, indices) [B, k] of each row's k largest, descending, equal
+    values by lower index (which of several values equal to the k-th largest make the cut is left
+    open, as with torch.topk). The sampler and the rejection sampler's final_probs both use it.
+
+    On CPU torch.topk costs ~8 us per row (64 x 1152, k = 20: 0.55 ms); numpy's introselect
+    (argpartition) plus a sort of the k chosen does the batch 2-3x faster."""
+    B, V = x.shape
+    if x.device.type != "cpu" or B < 4 or V > 16384 or k >= V or x.dtype != torch.float32:
+        return x.topk(k, dim=-1)
+    a = x.numpy()
+    part = np.argpartition(a, V - k, axis=1)[:, V - k:]  # [B, k] the k largest, unordered
+    vals = np.take_along_axis(a, part, 1)
+    order = np.lexsort((part, -vals), axis=1)  # by value descending, then index
+    return (torch.from_numpy(np.take_along_axis(vals, order, 1)),
+            torch.from_numpy(np.take_along_axis(part, order, 1)))
 
 
 class Sampler:
@@ -174,7 +193,7 @@ class Sampler:
         if len(trunc) < B:
             x, q = x[t], q[t]
         k_max = max(ks[i] for i in trunc)
-        vals, cand = x.topk(k_max, dim=-1)  # [R, K]
+        vals, cand = topk_rows(x, k_max)  # [R, K]
         pos = torch.arange(k_max, device=dev)
         k_t = torch.tensor([ks[i] for i in trunc], device=dev)
         vals = vals.masked_fill(pos[None, :] >= k_t[:, None], -math.inf)
