@@ -64,6 +64,27 @@ int64_t grain(int64_t items, int64_t cost_per_item) {
   return std::max<int64_t>(1, std::min<int64_t>(items, target / std::max<int64_t>(cost_per_item, 1)));
 }
 
+// q . k over D floats: 8 lanes at a time, then the lanes summed.
+inline float dot(const float* q, const float* k, int64_t D) {
+  v8 acc = {};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) acc += load8(q + d) * load8(k + d);
+  float s = 0.0f;
+  for (int u = 0; u < 8; ++u) s += acc[u];
+  for (; d < D; ++d) s += q[d] * k[d];
+  return s;
+}
+
+// out[0 .. 8 NV) += sum_j w[j] * rows[j * stride + 0 .. 8 NV), in NV vector registers.
+template <int NV>
+inline void weighted_rows(float* out, const float* rows, int64_t stride, const float* w, int64_t n) {
+  v8 acc[NV];
+  for (int j = 0; j < NV; ++j) acc[j] = load8(out + 8 * j);
+  for (int64_t i = 0; i < n; ++i)
+    for (int j = 0; j < NV; ++j) acc[j] += w[i] * load8(rows + i * stride + 8 * j);
+  for (int j = 0; j < NV; ++j) store8(out + 8 * j, acc[j]);
+}
+
 // What the DeltaNet recurrence reads and writes (see gdn_varlen).
 struct Run {
   const float* y;  // [T, C] post-conv [q_all | k_all | v_all]
@@ -275,10 +296,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kv_cache, torch::Te
         for (int64_t jj = 0; jj < n; ++jj) {
           const float* kr = kb + jj * row;
           for (int64_t r = 0; r < rep; ++r) {
-            const float* qr = &qv[r * D];
-            float dot = 0.0f;
-            for (int64_t d = 0; d < D; ++d) dot += qr[d] * kr[d];
-            p[r * nk + j0 + jj] = dot;
+            p[r * nk + j0 + jj] = dot(&qv[r * D], kr, D);
           }
         }
       }
@@ -300,11 +318,11 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kv_cache, torch::Te
         for (int64_t r = 0; r < rep; ++r) {
           float* out = op + (t * Hq + g * rep + r) * D;
           const float* pr = &p[r * nk + j0];
-          for (int64_t jj = 0; jj < n; ++jj) {
-            const float* vr = vb + jj * row;
-            const float w = pr[jj];
-            for (int64_t d = 0; d < D; ++d) out[d] += w * vr[d];
-          }
+          int64_t d0 = 0;  // output dims in register blocks of 32, then 8, then one by one
+          for (; d0 + 32 <= D; d0 += 32) weighted_rows<4>(out + d0, vb + d0, row, pr, n);
+          for (; d0 + 8 <= D; d0 += 8) weighted_rows<1>(out + d0, vb + d0, row, pr, n);
+          for (; d0 < D; ++d0)
+            for (int64_t jj = 0; jj < n; ++jj) out[d0] += pr[jj] * vb[jj * row + d0];
         }
       }
     }
