@@ -1,14 +1,15 @@
 """The fused C++ CPU kernels (kernels.cpp): built with torch.utils.cpp_extension on first use and
-cached by torch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions; a rebuild only when the
-source changes). `get()` returns the loaded module, or None when switched off
-(QWEN3NEXT_CPU_EXT=0 or QWEN3NEXT_KERNELS=torch) or when the build fails: one warning is logged
-and the torch paths stay in charge. `usable(*tensors)` says whether float32 CPU tensors can go to it; the wrappers below assume it
-said yes (they skip the environment checks: this is the per-op path of every decode step).
+cached by torch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions, one folder per source
+version). `get()` returns the loaded module, or None when switched off (QWEN3NEXT_CPU_EXT=0 or
+QWEN3NEXT_KERNELS=torch) or when the build fails: one warning is logged and the torch paths stay
+in charge. `usable(*tensors)` says whether float32 CPU tensors can go to it; the wrappers below
+assume it said yes (no environment checks: this is the per-op path of every decode step).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 
@@ -27,11 +28,16 @@ def enabled() -> bool:
 def _flags() -> tuple[str, list[str]]:
     """(module name, compiler flags). -fopenmp: at::parallel_for's OpenMP pragmas are compiled in;
     the float flags let dot-product reductions vectorise (no -ffast-math: infinities stay);
-    AVX2 + FMA only where torch itself found them (the build runs on the machine that uses it)."""
+    AVX2 + FMA only where torch itself found them (the build runs on the machine that uses it).
+    The name carries a hash of the source and flags: torch caches builds by name, and two
+    checkouts (or an edit while another process builds) must never load each other's module."""
     flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math"]
+    flavour = "base"
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        return "qwen3next_cpu_ext_avx2", flags + ["-mavx2", "-mfma"]
-    return "qwen3next_cpu_ext", flags
+        flags, flavour = flags + ["-mavx2", "-mfma"], "avx2"
+    with open(_SOURCE, "rb") as f:
+        digest = hashlib.sha1(f.read() + " ".join(flags).encode()).hexdigest()[:12]
+    return f"qwen3next_cpu_ext_{flavour}_{digest}", flags
 
 
 @functools.lru_cache(maxsize=1)
