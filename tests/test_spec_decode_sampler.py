@@ -192,3 +192,27 @@ def test_spec_stats():
     assert d["num_verifies"] == 3 and d["num_draft_tokens"] == 8 and d["num_accepted_tokens"] == 4
     assert d["accepted_per_pos"] == [2, 1, 1] and d["drafted_per_pos"] == [3, 3, 2]
     assert d["mean_accepted_length"] == pytest.approx(1 + 4 / 3)
+
+
+def test_top_p_alone_needs_no_full_sort(monkeypatch):
+    """top_p without top_k over a large vocabulary: the capped candidate search gives the same
+    distribution as sorting the whole vocabulary (peaked rows use the cap, flat ones fall back)."""
+    import qwen3next.engine.sampler as sampler_mod
+
+    torch.manual_seed(0)
+    Vs = 1000
+    params = [SamplingParams(top_p=0.9), SamplingParams(top_p=0.5, temperature=0.7), SamplingParams(top_k=40, top_p=0.8)]
+    seqs = seqs_for(params)
+    peaked = 8 * torch.randn(len(seqs), Vs)
+    flat = 0.01 * torch.randn(len(seqs), Vs)
+    real_topk = sampler_mod.topk_rows
+    for logits, widths in ((peaked, [128]), (flat, [128, Vs])):
+        asked = []
+        monkeypatch.setattr(sampler_mod, "topk_rows", lambda x, k: (asked.append(k), real_topk(x, k))[1])
+        capped = final_probs(logits, seqs)
+        assert asked == widths
+        monkeypatch.setattr(sampler_mod, "TOP_P_CANDIDATES", 10 ** 9)
+        whole = final_probs(logits, seqs)
+        monkeypatch.undo()
+        assert torch.allclose(capped, whole, atol=1e-6)
+        assert ((capped > 0).sum(-1) < Vs).all()

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from qwen3next.engine.sampler import apply_penalties, exponential_, output_counts, topk_rows
+from qwen3next.engine.sampler import apply_penalties, exponential_, output_counts, truncate
 from qwen3next.engine.sequence import Sequence
 
 
@@ -62,16 +62,8 @@ def final_probs(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     if not trunc:
         return probs
     t = torch.tensor(trunc, device=dev)
-    k_max = max(ks[i] for i in trunc)
-    vals, cand = topk_rows(x[t], k_max)  # [R, K] descending, as the sampler takes them
-    pos = torch.arange(k_max, device=dev)
-    vals = vals.masked_fill(pos[None, :] >= torch.tensor([ks[i] for i in trunc], device=dev)[:, None], -math.inf)
-    top_p = [params[i].top_p for i in trunc]
-    if any(p < 1.0 for p in top_p):
-        pr = torch.softmax(vals, -1)
-        drop = (pr.cumsum(-1) - pr) >= torch.tensor(top_p, device=dev)[:, None]
-        drop[:, 0] = False
-        vals = vals.masked_fill(drop, -math.inf)
+    # the same candidates, cut-offs and order as the sampler's
+    vals, cand = truncate(x[t], [ks[i] for i in trunc], [params[i].top_p for i in trunc])
     probs[t] = torch.zeros(len(trunc), V, device=dev).scatter(1, cand, torch.softmax(vals, -1))
     return probs
 

@@ -111,6 +111,43 @@ def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
             torch.from_numpy(np.take_along_axis(part, order, 1)))
 
 
+# top-p without top-k: how many candidates to try before sorting the whole vocabulary
+TOP_P_CANDIDATES = 128
+
+
+def truncate(x: torch.Tensor, ks: list[int], top_p: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, V] temperature-scaled logits of rows with top_k (ks[i] < V) and/or top_p < 1 ->
+    (vals [R, K], cand [R, K]): each row's best candidates, descending, the dropped ones at -inf
+    (vLLM order: top-k, then top-p over the renormalised top-k distribution). The sampler and
+    rejection_sampler.final_probs both truncate through this.
+
+    Rows with top_p alone would need the whole vocabulary sorted; when the TOP_P_CANDIDATES best
+    already hold top_p of their row's mass, every later token is dropped anyway, so they are enough."""
+    R, V = x.shape
+    dev = x.device
+    k_max, whole = max(ks), None
+    if k_max == V and V > 2 * TOP_P_CANDIDATES and all(k == V or k <= TOP_P_CANDIDATES for k in ks):
+        w = torch.tensor([i for i, k in enumerate(ks) if k == V], device=dev)
+        vals, cand = topk_rows(x, TOP_P_CANDIDATES)
+        mass = (torch.logsumexp(vals[w], -1) - torch.logsumexp(x[w], -1)).exp()  # [W]
+        if bool((mass >= torch.tensor([top_p[i] for i in w.tolist()], device=dev)).all()):
+            k_max, whole = TOP_P_CANDIDATES, (w, mass)
+    if whole is None:
+        vals, cand = topk_rows(x, k_max)
+    pos = torch.arange(k_max, device=dev)
+    k_t = torch.tensor([min(k, k_max) for k in ks], device=dev)
+    vals = vals.masked_fill(pos[None, :] >= k_t[:, None], -math.inf)
+    if any(p < 1.0 for p in top_p):
+        pr = torch.softmax(vals, -1)
+        if whole is not None:  # top-p alone counts mass over the whole vocabulary
+            pr[whole[0]] *= whole[1][:, None]
+        before = pr.cumsum(-1) - pr  # mass of the better candidates
+        drop = before >= torch.tensor(top_p, device=dev)[:, None]
+        drop[:, 0] = False
+        vals = vals.masked_fill(drop, -math.inf)
+    return vals, cand
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0):
         self.device = device
@@ -192,19 +229,7 @@ class Sampler:
         t = torch.tensor(trunc, device=dev)
         if len(trunc) < B:
             x, q = x[t], q[t]
-        k_max = max(ks[i] for i in trunc)
-        vals, cand = topk_rows(x, k_max)  # [R, K]
-        pos = torch.arange(k_max, device=dev)
-        k_t = torch.tensor([ks[i] for i in trunc], device=dev)
-        vals = vals.masked_fill(pos[None, :] >= k_t[:, None], -math.inf)
-        top_p = [params[i].top_p for i in trunc]
-        if any(p < 1.0 for p in top_p):
-            probs = torch.softmax(vals, -1)
-            before = probs.cumsum(-1) - probs  # mass of the better candidates
-            p_t = torch.tensor(top_p, device=dev)
-            drop = before >= p_t[:, None]
-            drop[:, 0] = False
-            vals = vals.masked_fill(drop, -math.inf)
+        vals, cand = truncate(x, [ks[i] for i in trunc], [params[i].top_p for i in trunc])  # [R, K]
         race = torch.softmax(vals, -1) / q.gather(1, cand)
         won = cand.gather(1, race.argmax(-1, keepdim=True)).squeeze(1)
         if len(trunc) == B:
