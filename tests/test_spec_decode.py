@@ -363,9 +363,11 @@ def test_deferred_mtp_catch_up_drafts_as_if_never_deferred(model, prompts, refer
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_verify_cuda_graphs_generate_the_eager_tokens(tiny_ckpt, prompts, monkeypatch):
-    """On CUDA the verify forward replays a graph whenever every row brings k drafts; greedy
-    outputs equal the eager engine's, and the graph path is actually taken."""
+    """On CUDA with QWEN3NEXT_VERIFY_GRAPHS=1 the verify forward replays a graph whenever every
+    row brings k drafts; greedy outputs equal the eager engine's, and the graph path is taken."""
     from qwen3next.engine.cuda_graph import VerifyGraphRunner
+
+    monkeypatch.setenv("QWEN3NEXT_VERIFY_GRAPHS", "1")
 
     gpu, _ = load_model(tiny_ckpt, dtype=torch.float32, device="cuda", with_mtp=True, progress=False)
     replays = []
