@@ -103,7 +103,7 @@ def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     B, V = x.shape
     if x.device.type != "cpu" or B < 4 or V > 16384 or k >= V or x.dtype != torch.float32:
         return x.topk(k, dim=-1)
-    a = x.numpy()
+    a = x.detach().numpy()
     part = np.argpartition(a, V - k, axis=1)[:, V - k:]  # [B, k] the k largest, unordered
     vals = np.take_along_axis(a, part, 1)
     order = np.lexsort((part, -vals), axis=1)  # by value descending, then index
