@@ -97,6 +97,40 @@ inline void weighted_rows(float* out, const float* rows, int64_t stride, const f
   for (int j = 0; j < NV; ++j) store8(out + 8 * j, acc[j]);
 }
 
+// Causal conv (K = 4) + SiLU of one block of 16 channels over n tokens: win [3][16] holds the 3
+// previous inputs (oldest first) and is left holding the last 3; wt: the taps as rows [4][C] at
+// this block's channels; x / y rows strided by xs / ys.
+inline void conv4_block(float (*win)[16], const float* wt, int64_t C, const float* x, int64_t xs, float* y,
+                        int64_t ys, int64_t n) {
+  v8 h0[2], h1[2], h2[2], w0[2], w1[2], w2[2], w3[2];
+  for (int j = 0; j < 2; ++j) {
+    h0[j] = load8(&win[0][8 * j]);
+    h1[j] = load8(&win[1][8 * j]);
+    h2[j] = load8(&win[2][8 * j]);
+    w0[j] = load8(wt + 8 * j);
+    w1[j] = load8(wt + C + 8 * j);
+    w2[j] = load8(wt + 2 * C + 8 * j);
+    w3[j] = load8(wt + 3 * C + 8 * j);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    float acc[16];
+    for (int j = 0; j < 2; ++j) {
+      const v8 xv = load8(x + i * xs + 8 * j);
+      store8(acc + 8 * j, w0[j] * h0[j] + w1[j] * h1[j] + w2[j] * h2[j] + w3[j] * xv);
+      h0[j] = h1[j];
+      h1[j] = h2[j];
+      h2[j] = xv;
+    }
+    float* out = y + i * ys;
+    for (int u = 0; u < 16; ++u) out[u] = silu(acc[u]);
+  }
+  for (int j = 0; j < 2; ++j) {
+    store8(&win[0][8 * j], h0[j]);
+    store8(&win[1][8 * j], h1[j]);
+    store8(&win[2][8 * j], h2[j]);
+  }
+}
+
 // What the DeltaNet recurrence reads and writes (see gdn_varlen).
 struct Run {
   const float* y;  // [T, C] post-conv [q_all | k_all | v_all]
@@ -225,6 +259,12 @@ torch::Tensor gdn_varlen(torch::Tensor m, torch::Tensor a, torch::Tensor b, torc
       float* st = cs + slot * C * K1;  // [C, K-1]
       for (int64_t j = 0; j < K1; ++j)
         for (int64_t cb = 0; cb < CB; ++cb) win[j][cb] = (cb < nc && (!init || init[s])) ? st[(c0 + cb) * K1 + j] : 0.0f;
+      if (K1 == 3 && nc == CB && !pts) {  // the model's K = 4 on a whole block: windows in registers
+        conv4_block(win, &wt[c0], C, mp + t0 * ms + c0, ms, yp + t0 * C + c0, C, n);
+        for (int64_t cb = 0; cb < nc; ++cb)
+          for (int64_t j = 0; j < K1; ++j) st[(c0 + cb) * K1 + j] = win[j][cb];
+        continue;
+      }
       for (int64_t i = 0; i < n; ++i) {
         const float* x = mp + (t0 + i) * ms + c0;
         const float* wl = &wt[K1 * C + c0];
