@@ -187,7 +187,10 @@ class CacheManager:
 
     def _write_table(self, seq, start: int) -> None:
         new = seq.block_ids[start:]
-        self.block_tables[seq.slot, start:start + len(new)] = torch.tensor(new, dtype=torch.long)
+        if len(new) == 1:  # a decode crossing into a new block: no tensor to build
+            self.block_tables[seq.slot, start] = new[0]
+        else:
+            self.block_tables[seq.slot, start:start + len(new)] = torch.tensor(new, dtype=torch.long)
 
     def log_plan(self, max_model_len: int) -> None:
         p = self.plan
