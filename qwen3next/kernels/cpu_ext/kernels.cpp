@@ -4,8 +4,8 @@
 //                  batch on the state-slot pools: causal conv (from the conv state) + SiLU, q/k L2
 //                  norm, gates g / beta, the delta-rule recurrence token by token, optional per-token
 //                  states (speculative verify). Decode (one token per sequence) is the T = B case.
-// paged_attention: causal attention of each new token over the paged KV cache (block table walk,
-//                  online softmax), no gather or padding.
+// paged_attention: causal attention of each new token over the paged KV cache, walking its block
+//                  table (no gather, no padding).
 // moe_dense_act:   the dense MoE's routing (softmax, top-k) and gated activations, between its
 //                  up and down matmuls (which stay torch's).
 // moe_route / moe_experts: routing, and the routed experts grouped by expert (torch matmuls).
