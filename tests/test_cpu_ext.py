@@ -203,6 +203,23 @@ def test_failed_build_falls_back_with_one_warning(tmp_path):
     assert r.stderr.count("C++ CPU kernels unavailable") == 1
 
 
+def test_stale_build_lock_is_removed(tmp_path, monkeypatch):
+    """A lock left by a killed build would make torch wait forever; a fresh one (a build running
+    in another process) is left alone."""
+    import os
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    path = cpu_ext._build_dir("probe")
+    lock = os.path.join(path, "lock")
+    open(lock, "w").close()
+    assert cpu_ext._build_dir("probe") == path and os.path.exists(lock)
+    old = time.time() - cpu_ext._STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    cpu_ext._build_dir("probe")
+    assert not os.path.exists(lock)
+
+
 def test_model_verify_and_decode_match_reference(ext, tiny_ckpt, monkeypatch):
     """Prefill, a verify-shaped step (per-token states) and decode through the whole tiny model:
     the fused kernels against QWEN3NEXT_KERNELS=torch, outputs and every state pool."""

@@ -1,8 +1,8 @@
 """The fused C++ CPU kernels (kernels.cpp): built with torch.utils.cpp_extension on first use and
-cached by torch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions, one folder per source
-version). `get()` returns the loaded module, or None when switched off (QWEN3NEXT_CPU_EXT=0 or
-QWEN3NEXT_KERNELS=torch) or when the build fails: one warning is logged and the torch paths stay
-in charge. `usable(*tensors)` says whether float32 CPU tensors can go to it; the wrappers below
+cached (under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions: one folder per Python,
+torch and source version; scripts/setup.sh prebuilds it). `get()` returns the loaded module, or
+None when switched off (QWEN3NEXT_CPU_EXT=0 or QWEN3NEXT_KERNELS=torch) or when the build fails:
+one warning is logged and the torch paths stay in charge. `usable(*tensors)` says whether float32 CPU tensors can go to it; the wrappers below
 assume it said yes (no environment checks: this is the per-op path of every decode step).
 """
 
@@ -12,6 +12,8 @@ import functools
 import hashlib
 import logging
 import os
+import sys
+import time
 
 import torch
 
@@ -40,13 +42,35 @@ def _flags() -> tuple[str, list[str]]:
     return f"qwen3next_cpu_ext_{flavour}_{digest}", flags
 
 
+# A build takes ~25 s; a lock file much older than that was left by a killed build, and torch would
+# wait on it forever.
+_STALE_LOCK_S = 600
+
+
+def _build_dir(name: str) -> str:
+    """One folder per (Python, torch, source + flags) under torch's extension root: concurrent
+    processes building the same module share it safely (torch's lock file), others never meet."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    tag = f"qwen3next-py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__.split('+')[0]}"
+    path = os.path.join(root, tag, name)
+    os.makedirs(path, exist_ok=True)
+    lock = os.path.join(path, "lock")
+    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > _STALE_LOCK_S:
+        logger.warning("qwen3next: removing a stale C++ build lock %s", lock)
+        os.remove(lock)
+    return path
+
+
 @functools.lru_cache(maxsize=1)
 def _build():
     try:
         from torch.utils.cpp_extension import load
 
         name, flags = _flags()
-        return load(name=name, sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+        return load(name=name, sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                    build_directory=_build_dir(name), verbose=False)
     except Exception as e:  # no compiler, headers, ...: the torch paths keep working
         msg = str(e).strip().splitlines()
         logger.warning("qwen3next: C++ CPU kernels unavailable, using the torch paths (%s: %s)",
