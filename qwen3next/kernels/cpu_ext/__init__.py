@@ -12,6 +12,7 @@ import functools
 import hashlib
 import logging
 import os
+import shutil
 import sys
 import time
 
@@ -63,11 +64,23 @@ def _build_dir(name: str) -> str:
     return path
 
 
+def _put_ninja_on_path() -> None:
+    """torch runs `ninja` from PATH; the pip package's binary sits in the venv's bin, which is not
+    on PATH when the venv's python is run without activating it."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 @functools.lru_cache(maxsize=1)
 def _build():
     try:
         from torch.utils.cpp_extension import load
 
+        _put_ninja_on_path()
         name, flags = _flags()
         return load(name=name, sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                     build_directory=_build_dir(name), verbose=False)
