@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import FULL, ModelConfig
 from .forward_batch import ForwardBatch
+from .kernels import ops
 from .layers.decoder_layer import DecoderLayer
 from .layers.norm import ZCRMSNorm
 
@@ -39,7 +40,7 @@ class Qwen3NextMTP(nn.Module):
         trunk = self._trunk[0]
         e = trunk.model.embed_tokens(next_ids)
         c = torch.cat([self.pre_fc_norm_embedding(e), self.pre_fc_norm_hidden(hidden)], dim=-1)
-        x = self.fc(c)
+        x = ops.linear(c, self.fc.weight) if ops.cpu_fast_ok(c, self.fc.weight) else self.fc(c)
         cos, sin = trunk.rotary(positions, x.dtype)
         residual = None
         for layer in self.layers:

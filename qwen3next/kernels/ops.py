@@ -61,7 +61,7 @@ def _use_triton(*tensors) -> bool:
 
 def _use_fast(*tensors) -> bool:
     """Off CUDA, no gradient wanted, references not forced: the batched CPU variants (cpu_fast.py)."""
-    if os.environ.get("QWEN3NEXT_KERNELS", "").lower() == "torch":
+    if _ext.env("QWEN3NEXT_KERNELS").lower() == "torch":
         return False
     return not (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))
 
@@ -85,6 +85,19 @@ def _ext_ok(*tensors) -> bool:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return False
     return _ext.usable(*tensors)
+
+
+# Few-row projections (decode, speculative verify, MTP drafts): the C++ kernel reads each weight
+# row once for all rows, where torch's matmul packs the weight first; faster up to ~16 rows here.
+_LINEAR_MAX_ROWS = 8
+
+
+def linear(x, w):
+    """x [T, K] @ w[N, K]^T on the layers' CPU paths (cpu_fast_ok): C++ for few rows (each row's
+    result then independent of the others), else torch."""
+    if x.shape[0] <= _LINEAR_MAX_ROWS and _ext_ok(x, w) and _ext.linear_ok(x, w):
+        return _ext.linear(x, w)
+    return x @ w.t()
 
 
 def zc_rmsnorm(x, weight, eps, residual=None):

@@ -65,8 +65,10 @@ class GatedAttention(nn.Module):
             kv = batch.cache.kv[self.cache_index]
             ops.write_kv(k, v, kv, batch.slot_mapping)
             o = ops.paged_attention(q, kv, batch.block_tables, batch.cu_seqlens, batch.context_lens_tensor, self.scale)
-        o = ops.gate_output(o, gate)
-        o = self.o_proj(o.reshape(T, self.num_heads * D))
+        o = ops.gate_output(o, gate).reshape(T, self.num_heads * D)
+        if self.tp == 1 and ops.cpu_fast_ok(o, self.o_proj.weight):
+            return ops.linear(o, self.o_proj.weight)
+        o = self.o_proj(o)
         if self.tp > 1:  # row-parallel o_proj: sum the ranks' partial outputs
             o = all_reduce(o)
         return o
@@ -75,7 +77,7 @@ class GatedAttention(nn.Module):
         """CPU inference: q/k/v projections as one matmul over stacked weights, and the q and k heads
         normed and rotated together (a per-head norm weight) -> q, gate [T, Hq, D], k, v [T, Hkv, D]."""
         T, D, Hq, Hkv = x.shape[0], self.head_dim, self.num_heads, self.num_kv_heads
-        y = x @ self._qkv.get(self.q_proj.weight, self.k_proj.weight, self.v_proj.weight).t()
+        y = ops.linear(x, self._qkv.get(self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
         qg = y[:, : Hq * 2 * D].view(T, Hq, 2 * D)
         k = y[:, Hq * 2 * D : (Hq * 2 + Hkv) * D].view(T, Hkv, D)
         v = y[:, (Hq * 2 + Hkv) * D :].view(T, Hkv, D)

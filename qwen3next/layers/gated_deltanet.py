@@ -77,7 +77,7 @@ class GatedDeltaNet(nn.Module):
         T, Hk, dk, dv, r = x.shape[0], self.num_k_heads, self.head_k_dim, self.head_v_dim, self.ratio
         if ops.cpu_fast_ok(x, self.in_proj_qkvz.weight):
             # CPU inference: one matmul over both projections' rows regrouped as [q|k|v|z|b|a] (views out)
-            y = x @ self._proj.get(self.in_proj_qkvz.weight, self.in_proj_ba.weight).t()
+            y = ops.linear(x, self._proj.get(self.in_proj_qkvz.weight, self.in_proj_ba.weight))
             C, Vd, Hv = self.conv_dim, self.value_dim, self.num_v_heads
             return y[:, :C], y[:, C : C + Vd].view(T, Hv, dv), y[:, C + Vd : C + Vd + Hv], y[:, C + Vd + Hv :]
         p = self.in_proj_qkvz(x).view(T, Hk, 2 * dk + 2 * r * dv)
@@ -112,5 +112,7 @@ class GatedDeltaNet(nn.Module):
 
     def _out(self, o: torch.Tensor) -> torch.Tensor:
         """[T, value_dim] -> [T, H]; row-parallel under tensor parallelism (ranks' sums added)."""
+        if self.tp == 1 and ops.cpu_fast_ok(o, self.out_proj.weight):
+            return ops.linear(o, self.out_proj.weight)
         o = self.out_proj(o)
         return all_reduce(o) if self.tp > 1 else o

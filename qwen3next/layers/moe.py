@@ -94,9 +94,9 @@ class SparseMoeBlock(nn.Module):
             y = x @ self._up_dense.get(*shared, ex.gate_up_proj, self.gate.weight).t()  # [T, 2Is+1 + E*2I + E]
             h = ops.moe_dense_act(y, Is, E, inter, self.top_k, self.norm_topk_prob)  # [T, E*I + Is]
             return h @ self._down_dense.get(ex.down_proj, se.down_proj.weight), y[:, -E:]
-        router_logits = self.gate(x)
+        router_logits = ops.linear(x, self.gate.weight)
         weights, ids = ops.moe_route(router_logits, self.top_k, self.norm_topk_prob)
-        y = x @ self._up.get(*shared).t()  # [T, 2Is + 1]
+        y = ops.linear(x, self._up.get(*shared))  # [T, 2Is + 1]
         hs = F.silu(y[:, :Is]).mul_(y[:, Is : 2 * Is]).mul_(torch.sigmoid(y[:, 2 * Is :]))  # [T, Is]
         routed = ops.moe_experts(x, ex.gate_up_proj, ex.down_proj, weights, ids)
-        return routed + hs @ se.down_proj.weight.t(), router_logits
+        return routed + ops.linear(hs, se.down_proj.weight), router_logits

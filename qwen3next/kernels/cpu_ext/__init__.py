@@ -22,10 +22,22 @@ logger = logging.getLogger(__name__)
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cpp")
 
 
+# os.environ's underlying dict (bytes keys on POSIX): a lookup there costs ~50 ns, os.environ.get
+# ~1 us (it encodes the key), and these switches are read by every op of every decode step.
+_ENV = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def env(name: str, default: str = "") -> str:
+    """os.environ.get(name, default), read live (tests flip the switches) but cheaply."""
+    if _ENV is None:
+        return os.environ.get(name, default)
+    v = _ENV.get(name.encode())
+    return default if v is None else v.decode()
+
+
 def enabled() -> bool:
     """Not switched off by the environment (read on every call, so tests can flip it)."""
-    return (os.environ.get("QWEN3NEXT_CPU_EXT", "1") != "0"
-            and os.environ.get("QWEN3NEXT_KERNELS", "").lower() != "torch")
+    return env("QWEN3NEXT_CPU_EXT", "1") != "0" and env("QWEN3NEXT_KERNELS").lower() != "torch"
 
 
 def _flags() -> tuple[str, list[str]]:
@@ -189,3 +201,14 @@ def moe_experts(x, gate_up_proj, down_proj, weights, ids):
     """Same contract as moe.moe_experts (float32; contiguous expert weights)."""
     return _build().moe_experts(x.contiguous(), gate_up_proj.contiguous(), down_proj.contiguous(),
                                 weights.float().contiguous(), _long(ids))
+
+
+def linear_ok(x, w) -> bool:
+    """x [M, K] @ w[N, K]^T can go to `linear`: float32 CPU, w row-major, K a multiple of 8."""
+    return (usable(x, w) and x.dim() == 2 and w.dim() == 2 and x.shape[1] % 8 == 0 and w.is_contiguous())
+
+
+def linear(x, w):
+    """x @ w.T (float32) with each weight row read once for all rows of x; every output row as
+    computed for that row alone (bitwise, whatever the number of rows)."""
+    return _build().linear(_rows(x), w)

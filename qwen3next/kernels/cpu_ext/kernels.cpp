@@ -207,6 +207,73 @@ void recur(const Run& run, float* __restrict__ S, int64_t h, int64_t t0, int64_t
   }
 }
 
+// y[m, n] = x[m, :] . w[n, :] for rows [n0, n1) of w [N, K] (row-major, K % 8 == 0) and M rows of x.
+// Each block of 8 weight rows is read from memory once for all rows of x (a GEMM library packs the
+// weight for M > 1, which costs more than the product itself at these sizes). Every output is one
+// 8-lane accumulator over k, its lanes summed in a fixed order: the same bits whatever M is, so a
+// token's projection does not depend on how many others share the call (a verify row equals the
+// decode row of the same token; tests/test_cpu_ext.py checks it).
+template <int MB, int NB>
+inline void linear_tile(
+    const float* __restrict__ x, int64_t xs, const float* __restrict__ w, int64_t K, float* __restrict__ y,
+    int64_t ys) {
+  v8 acc[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = v8{};
+  for (int64_t k = 0; k < K; k += 8) {
+    v8 xv[MB];
+    for (int i = 0; i < MB; ++i) xv[i] = load8(x + i * xs + k);
+    for (int j = 0; j < NB; ++j) {
+      const v8 wv = load8(w + j * K + k);
+      for (int i = 0; i < MB; ++i) acc[i][j] += xv[i] * wv;
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) {
+      const v8 a = acc[i][j];
+      y[i * ys + j] = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+    }
+}
+
+// Rows [n0, n1) of the product for all M rows: 8 weight rows at a time (they stay in L1 while every
+// block of up to 4 x rows goes over them); tiles of 8 accumulators (1x8, 2x4) fill the registers.
+void linear_range(
+    const float* x, int64_t xs, const float* w, int64_t K, float* y, int64_t ys, int64_t M, int64_t n0, int64_t n1) {
+  for (int64_t nb = n0; nb < n1; nb += 8) {
+    const int64_t ne = std::min(nb + 8, n1);
+    for (int64_t m = 0; m < M; m += 4) {
+      const int64_t mb = std::min<int64_t>(4, M - m);
+      const float* xm = x + m * xs;
+      float* ym = y + m * ys;
+      int64_t n = nb;
+      if (mb == 1) {
+        for (; n + 8 <= ne; n += 8) linear_tile<1, 8>(xm, xs, w + n * K, K, ym + n, ys);
+      } else if (mb == 2) {
+        for (; n + 4 <= ne; n += 4) linear_tile<2, 4>(xm, xs, w + n * K, K, ym + n, ys);
+      } else if (mb == 3) {
+        for (; n + 4 <= ne; n += 4) {
+          linear_tile<2, 4>(xm, xs, w + n * K, K, ym + n, ys);
+          linear_tile<1, 4>(xm + 2 * xs, xs, w + n * K, K, ym + 2 * ys + n, ys);
+        }
+      } else {
+        for (; n + 4 <= ne; n += 4) {
+          linear_tile<2, 4>(xm, xs, w + n * K, K, ym + n, ys);
+          linear_tile<2, 4>(xm + 2 * xs, xs, w + n * K, K, ym + 2 * ys + n, ys);
+        }
+      }
+      for (; n < ne; ++n) {  // leftover weight rows, one at a time (same per-output arithmetic)
+        for (int64_t i = 0; i < mb; ++i) linear_tile<1, 1>(xm + i * xs, xs, w + n * K, K, ym + i * ys + n, ys);
+      }
+    }
+  }
+}
+
+void linear_into(const float* x, int64_t xs, const float* w, int64_t K, float* y, int64_t ys, int64_t M, int64_t N) {
+  at::parallel_for(0, (N + 7) / 8, grain((N + 7) / 8, 8 * M * K), [&](int64_t b0, int64_t b1) {
+    linear_range(x, xs, w, K, y, ys, M, b0 * 8, std::min(b1 * 8, N));
+  });
+}
+
 }  // namespace
 
 // m [T, C] (rows may be strided) pre-conv [q_all | k_all | v_all]; a, b [T, Hv] (rows strided);
@@ -580,9 +647,18 @@ std::vector<torch::Tensor> moe_route(torch::Tensor logits, int64_t top_k, bool n
   return {w, ids};
 }
 
+// x [M, K] (rows contiguous) @ w[N, K]^T -> [M, N], for few rows M (linear_range above).
+torch::Tensor linear(torch::Tensor x, torch::Tensor w) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(w.size(1) == K && K % 8 == 0, "linear: shapes ", x.sizes(), " x ", w.sizes(), " (K % 8 == 0)");
+  auto y = torch::empty({M, N}, x.options());
+  linear_into(x.data_ptr<float>(), x.stride(0), w.data_ptr<float>(), K, y.data_ptr<float>(), N, M, N);
+  return y;
+}
+
 // Routed experts, grouped: x [T, H]; gate_up_proj [E, 2I, H]; down_proj [E, H, I]; weights, ids
 // [T, k] -> [T, H]. Assignments are bucketed by expert (counting sort); each active expert runs
-// two matmuls (at::mm) on its gathered rows, SiLU(gate) * up in between; outputs are added
+// two matmuls (few rows: linear_into; more: at::mm) on its gathered rows, SiLU(gate) * up in between; outputs are added
 // into their tokens' rows scaled by the routing weight.
 torch::Tensor moe_experts(torch::Tensor x, torch::Tensor gate_up_proj, torch::Tensor down_proj,
                           torch::Tensor weights, torch::Tensor ids) {
@@ -606,6 +682,9 @@ torch::Tensor moe_experts(torch::Tensor x, torch::Tensor gate_up_proj, torch::Te
   for (int64_t e = 0; e < E; ++e) nmax = std::max(nmax, start[e + 1] - start[e]);
   auto xs = torch::empty({nmax, H}, x.options());
   auto h = torch::empty({nmax, I}, x.options());
+  auto gu = torch::empty({nmax, 2 * I}, x.options());
+  auto y = torch::empty({nmax, H}, x.options());
+  const bool contiguous = gate_up_proj.is_contiguous() && down_proj.is_contiguous();
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = start[e + 1] - start[e];
     if (n == 0) continue;
@@ -614,12 +693,22 @@ torch::Tensor moe_experts(torch::Tensor x, torch::Tensor gate_up_proj, torch::Te
       const int64_t tok = order[start[e] + i] / k;
       std::copy(xp + tok * H, xp + tok * H + H, xsp + i * H);
     }
-    auto gu = at::mm(xs.narrow(0, 0, n), gate_up_proj[e].t());  // [n, 2I]
+    // few rows (decode, verify): the weight-streaming kernel; more: torch's GEMM
+    const bool few = n <= 8 && contiguous && H % 8 == 0 && I % 8 == 0;
+    if (few) linear_into(xsp, H, gate_up_proj.data_ptr<float>() + e * 2 * I * H, H, gu.data_ptr<float>(), 2 * I, n, 2 * I);
+    else {
+      auto g = gu.narrow(0, 0, n);  // [n, 2I]
+      at::mm_out(g, xs.narrow(0, 0, n), gate_up_proj[e].t());
+    }
     const float* gp = gu.data_ptr<float>();
     float* hp = h.data_ptr<float>();
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < I; ++j) hp[i * I + j] = silu(gp[i * 2 * I + j]) * gp[i * 2 * I + I + j];
-    auto y = at::mm(h.narrow(0, 0, n), down_proj[e].t());  // [n, H]
+    if (few) linear_into(hp, I, down_proj.data_ptr<float>() + e * H * I, I, y.data_ptr<float>(), H, n, H);
+    else {
+      auto yn = y.narrow(0, 0, n);  // [n, H]
+      at::mm_out(yn, h.narrow(0, 0, n), down_proj[e].t());
+    }
     const float* yp = y.data_ptr<float>();
     for (int64_t i = 0; i < n; ++i) {
       const int64_t a = order[start[e] + i];
@@ -640,6 +729,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("write_kv", &write_kv, "K and V rows into the paged cache");
   mod.def("gate_output", &gate_output, "o * sigmoid(gate)");
   mod.def("moe_route", &moe_route, "softmax top-k routing");
+  mod.def("linear", &linear, "x @ w.T for few rows of x (weight rows read once)");
   mod.def("moe_experts", &moe_experts, "routed experts, grouped by expert");
   mod.def("paged_attention", &paged_attention, "causal attention over the paged KV cache");
 }
