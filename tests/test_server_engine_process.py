@@ -193,3 +193,42 @@ def _ppid(pid: int) -> int | None:
     except OSError:
         return None
     return None if fields[0] == "Z" else int(fields[1])
+
+
+def test_same_answers_as_the_engine_thread(tiny_ckpt):
+    """Seeded requests through the process boundary = through the in-process engine: n samples,
+    logprobs, a stop string found above the engine (stop_sample), prompt lists, forced tool calls."""
+    from tests.helpers.server_harness import ServerHarness
+
+    thread = ServerHarness(tiny_ckpt, "--served-model-name", "tiny")
+    proc = ProcServer(tiny_ckpt)
+    try:
+        def both(path: str, body: dict) -> tuple[dict, dict]:
+            out = []
+            for url in (thread.url, proc.url):
+                r = httpx.post(url + path, json={"model": "tiny", "seed": 7, **body}, timeout=60)
+                assert r.status_code == 200, r.text
+                j = r.json()
+                j.pop("id"), j.pop("created")
+                out.append(j)
+            return out[0], out[1]
+
+        chat = {"messages": USER, "max_tokens": 12, "ignore_eos": True, "n": 2, "logprobs": True, "top_logprobs": 1}
+        a, b = both("/v1/chat/completions", chat)
+        assert a == b
+        text = a["choices"][0]["message"]["content"] or a["choices"][0]["message"].get("reasoning_content") or ""
+        assert len(text) > 4, a  # random weights: 12 tokens of mostly printable bytes
+        # a stop string that sample 0 is sure to hit: found above the engine, which stops that sample
+        a, b = both("/v1/chat/completions", {**chat, "stop": [text[3:5]]})
+        assert a == b and a["choices"][0]["finish_reason"] == "stop"
+        a, b = both("/v1/completions", {"prompt": ["Hello", "Hi there"], "max_tokens": 6, "ignore_eos": True,
+                                         "echo": True, "logprobs": 2})
+        assert a == b and len(a["choices"]) == 2
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+        a, b = both("/v1/chat/completions", {"messages": USER, "max_tokens": 20, "tools": tools,
+                                             "tool_choice": "required"})
+        assert a == b
+        assert thread.wait_idle() and proc.wait_idle()
+    finally:
+        thread.close()
+        proc.close()
