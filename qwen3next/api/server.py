@@ -174,7 +174,7 @@ CPU_SERVING_BATCHED_TOKENS = 2048
 
 def build_state(ns, engine=None, model_dir: str | None = None) -> ServerState:
     """Everything the app needs, from CLI arguments (`engine` may be given pre-built, e.g. tests).
-    With the engine in its own process this process never loads the model (nor imports torch)."""
+    With the engine in its own process this process never loads the model."""
     from qwen3next.api.async_engine import AsyncEngine
     from qwen3next.api.engine_process import ENGINE_OPTIONS, engine_info
     from qwen3next.api.engine_setup import build_engine, thinking_template
