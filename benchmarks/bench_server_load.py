@@ -174,6 +174,10 @@ def start_local_server(ns):
     return f"http://127.0.0.1:{port}", server, state
 
 
+def _held(s: dict) -> bool:
+    return bool(s["running"] or s["waiting"] or s["kv_blocks_used"] or s["state_slots_used"])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--url", help="an already running server (else one is started here)")
@@ -195,9 +199,11 @@ def main() -> int:
         url, server, state = start_local_server(ns)
     stats = asyncio.run(run(url, ns.served_model_name, ns))
     if state is not None:
-        engine = state.engine.engine
-        s = engine.stats
-        if engine.requests or s["kv_blocks_used"] or s["state_slots_used"]:
+        # the engine's latest stats (with the engine in its own process they arrive after its step)
+        deadline = time.time() + 5
+        while time.time() < deadline and (state.engine.num_live_requests or _held(state.engine.snapshot)):
+            time.sleep(0.05)
+        if state.engine.num_live_requests or _held(state.engine.snapshot):
             stats.failures.append("engine still holds requests, blocks or slots after the run")
         server.should_exit = True
     for f in stats.failures[:10]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import time
 
 from qwen3next.api import engine_process
 from qwen3next.api.async_engine import AsyncEngine, EngineDeadError, snapshot_of
@@ -62,23 +63,36 @@ class ProcessEngine(AsyncEngine):
         self._thread.start()
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Abort what still runs, stop the child (idempotent; also without start())."""
+        """Abort what still runs, stop the child (idempotent; also without start()). Call it on the
+        serving loop's thread, or after that loop stopped."""
         if self._closed:
             return
         self._closed = True
-        if self._thread.is_alive():
-            super().shutdown(timeout)  # the sender sends ("stop",) on its way out
-        else:
-            self._send(("stop",))
-        self._stop_child(timeout)
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._conn.fileno())
+        if self._thread.is_alive():
+            for rid in list(self._streams):
+                self.abort(rid)
+            self._stop.set()
+            self._commands.put(("wake",))  # the sender sends ("stop",) on its way out
+        else:
+            self._send(("stop",))
+        # keep reading: a child blocked on a full pipe would never see the stop
+        deadline = time.monotonic() + timeout
+        while self.proc.is_alive() and time.monotonic() < deadline:
+            try:
+                if self._conn.poll(0.05):
+                    self._conn.recv()
+            except (EOFError, OSError):
+                break
+        self._thread.join(1.0)
+        self._stop_child(1.0)
         self._conn.close()
 
     def _stop_child(self, timeout: float) -> None:
         self.proc.join(timeout)
         if self.proc.is_alive():
-            log.warning("the engine process did not stop in %.0fs: killing it", timeout)
+            log.warning("the engine process did not stop in time: killing it")
             self.proc.kill()
             self.proc.join(5)
 
