@@ -15,6 +15,7 @@ from .config import FULL, ModelConfig
 from .forward_batch import ForwardBatch
 from .kernels import ops
 from .layers.decoder_layer import DecoderLayer
+from .layers.fused import DerivedWeight
 from .layers.norm import ZCRMSNorm
 
 
@@ -26,6 +27,8 @@ class Qwen3NextMTP(nn.Module):
         self.pre_fc_norm_embedding = ZCRMSNorm(H, cfg.rms_norm_eps)
         self.pre_fc_norm_hidden = ZCRMSNorm(H, cfg.rms_norm_eps)
         self.norm = ZCRMSNorm(H, cfg.rms_norm_eps)
+        # CPU inference: the two pre-fc norms as one norm over [T, 2, H] with a weight per half
+        self._pre_fc = DerivedWeight(lambda we, wh: torch.stack([we, wh]))  # [2, H]
         # the MoE rule of trunk layer 0 applies (§8.1); KV cache index follows the trunk's layers
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, 0, FULL, cfg.is_moe_layer(0), cache_index=cfg.num_hidden_layers + i)
@@ -39,8 +42,13 @@ class Qwen3NextMTP(nn.Module):
         or the MTP's own previous output) -> [T, H] after mtp.norm; logits via trunk.compute_logits."""
         trunk = self._trunk[0]
         e = trunk.model.embed_tokens(next_ids)
-        c = torch.cat([self.pre_fc_norm_embedding(e), self.pre_fc_norm_hidden(hidden)], dim=-1)
-        x = ops.linear(c, self.fc.weight) if ops.cpu_fast_ok(c, self.fc.weight) else self.fc(c)
+        if ops.cpu_fast_ok(hidden, self.fc.weight):  # the same values in two calls instead of five
+            w = self._pre_fc.get(self.pre_fc_norm_embedding.weight, self.pre_fc_norm_hidden.weight)
+            c = ops.zc_rmsnorm(torch.stack([e, hidden], 1), w, self.pre_fc_norm_embedding.eps)  # [T, 2, H]
+            x = ops.linear(c.view(c.shape[0], -1), self.fc.weight)
+        else:
+            c = torch.cat([self.pre_fc_norm_embedding(e), self.pre_fc_norm_hidden(hidden)], dim=-1)
+            x = self.fc(c)
         cos, sin = trunk.rotary(positions, x.dtype)
         residual = None
         for layer in self.layers:
