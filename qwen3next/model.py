@@ -16,6 +16,7 @@ from torch import nn
 from .config import ModelConfig
 from .distributed.parallel_state import tp_size
 from .forward_batch import ForwardBatch, StateSpec
+from .kernels import ops
 from .layers.decoder_layer import DecoderLayer
 from .layers.gated_deltanet import GatedDeltaNet
 from .layers.moe import Experts
@@ -86,7 +87,11 @@ class Qwen3NextForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> logits [N, V] float32; ids >= sampled_vocab_size get -inf."""
-        logits = self.lm_head(hidden).float()
+        if type(self.lm_head) is nn.Linear and ops.cpu_fast_ok(hidden, self.lm_head.weight):
+            # few-row decode/verify steps: the C++ weight-streaming kernel beats the aten matmul
+            logits = ops.linear(hidden, self.lm_head.weight).float()
+        else:
+            logits = self.lm_head(hidden).float()
         n = self.sampled_vocab_size
         if n is not None and n < logits.shape[-1]:
             # the embedding has padding rows past the tokenizer (151669..151935): never emit them
