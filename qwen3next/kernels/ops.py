@@ -95,7 +95,7 @@ _LINEAR_MAX_ROWS = 8
 def linear(x, w):
     """x [T, K] @ w[N, K]^T on the layers' CPU paths (cpu_fast_ok): C++ for few rows (each row's
     result then independent of the others), else torch."""
-    if x.shape[0] <= _LINEAR_MAX_ROWS and _ext_ok(x, w) and _ext.linear_ok(x, w):
+    if x.shape[0] <= _LINEAR_MAX_ROWS and _ext_ok(x, w) and _ext.linear_fits(x, w):
         return _ext.linear(x, w)
     return x @ w.t()
 

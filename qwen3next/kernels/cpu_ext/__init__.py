@@ -37,7 +37,10 @@ def env(name: str, default: str = "") -> str:
 
 def enabled() -> bool:
     """Not switched off by the environment (read on every call, so tests can flip it)."""
-    return env("QWEN3NEXT_CPU_EXT", "1") != "0" and env("QWEN3NEXT_KERNELS").lower() != "torch"
+    if _ENV is None:
+        return env("QWEN3NEXT_CPU_EXT", "1") != "0" and env("QWEN3NEXT_KERNELS").lower() != "torch"
+    off, kernels = _ENV.get(b"QWEN3NEXT_CPU_EXT"), _ENV.get(b"QWEN3NEXT_KERNELS")
+    return off != b"0" and (kernels is None or kernels.lower() != b"torch")
 
 
 def _flags() -> tuple[str, list[str]]:
@@ -203,9 +206,10 @@ def moe_experts(x, gate_up_proj, down_proj, weights, ids):
                                 weights.float().contiguous(), _long(ids))
 
 
-def linear_ok(x, w) -> bool:
-    """x [M, K] @ w[N, K]^T can go to `linear`: float32 CPU, w row-major, K a multiple of 8."""
-    return (usable(x, w) and x.dim() == 2 and w.dim() == 2 and x.shape[1] % 8 == 0 and w.is_contiguous())
+def linear_fits(x, w) -> bool:
+    """x [M, K] @ w[N, K]^T has `linear`'s layout: 2-D, w row-major, K a multiple of 8 (dtype and
+    device are `usable`'s to check)."""
+    return x.dim() == 2 and w.dim() == 2 and x.shape[1] % 8 == 0 and w.is_contiguous()
 
 
 def linear(x, w):
