@@ -3,12 +3,15 @@
 Fields a model's generation_config.json may supply (temperature, top_p, top_k, min_p,
 repetition_penalty, max_tokens <- max_new_tokens) remember whether the caller set them:
 `with_generation_config` fills only the unset ones (vLLM `--generation-config auto`).
+`logit_bias` ({token id: bias}) is added to the raw logits before penalties, min_tokens,
+temperature and truncation (vLLM V1's order), greedy rows included; logprobs stay the raw ones.
 Every invalid value raises a one-line ValueError naming the field.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +56,8 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # top-N per generated token (the chosen token is always added)
     skip_special_tokens: bool = True
+    # token id -> added to its raw logit (ids are checked against the vocabulary at add_request)
+    logit_bias: dict[int, float] | None = None
     _unset: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -68,6 +73,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.logit_bias, dict):
+            self.logit_bias = dict(self.logit_bias) or None
         self._validate()
 
     # ---- derived ------------------------------------------------------------------------------
@@ -135,3 +142,10 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if self.logprobs is not None and (not is_int(self.logprobs) or self.logprobs < 0):
             raise ValueError(f"logprobs must be an integer >= 0 or None, got {self.logprobs!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}")
+            for t, b in self.logit_bias.items():
+                if not is_int(t) or t < 0 or not is_num(b) or not math.isfinite(b):
+                    raise ValueError(f"logit_bias must map token ids >= 0 to finite numbers, "
+                                     f"got {t!r}: {b!r}")

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from qwen3next.engine.rejection_sampler import adjusted_logits
 from qwen3next.engine.sampler import Sampler, apply_penalties
 from qwen3next.engine.sequence import Request, Sequence
 from qwen3next.sampling_params import SamplingParams
@@ -133,6 +134,29 @@ def test_min_tokens_masks_stop_tokens():
     assert Sampler(torch.device("cpu"))(logits, rows).token_ids == [logits[0, :4].argmax().item(), 4]
 
 
+def test_logit_bias_steers_greedy_and_bans_sampled_tokens():
+    logits = LOGITS.expand(2, V).clone()
+    rows = rows_for([SamplingParams(temperature=0, logit_bias={7: 100.0}), SamplingParams(temperature=0)])
+    assert Sampler(torch.device("cpu"))(logits, rows).token_ids == [7, 0]
+    assert torch.equal(logits, LOGITS.expand(2, V))  # the caller's logits stay raw
+    n = 4000
+    p = SamplingParams(temperature=1.0, logit_bias={0: -100.0, 1: -100.0, 6: 2.0})
+    freq = empirical(p, n)
+    assert freq[0] == 0 and freq[1] == 0
+    want = torch.softmax(LOGITS + torch.tensor([-100.0, -100, 0, 0, 0, 0, 2, 0]), -1)
+    assert torch.allclose(freq, want, atol=0.03), (freq, want)
+
+
+def test_logit_bias_comes_before_penalties_and_speculation_sees_the_same():
+    # vLLM V1 order: bias, then repetition (sign-dependent), so -1 + 2 = 1 is divided, not multiplied
+    logits = torch.tensor([[-1.0, 0.2, 0.0, 0.0]])
+    p = SamplingParams(temperature=0, repetition_penalty=4.0, logit_bias={0: 2.0})
+    rows = rows_for([p], prompt=(0,))
+    adj = adjusted_logits(logits, rows, [[]])
+    assert torch.allclose(adj, torch.tensor([[0.25, 0.2, 0.0, 0.0]]))
+    assert Sampler(torch.device("cpu"))(logits, rows).token_ids == [0]  # penalty first would pick 1
+
+
 def test_logprobs_are_raw_top_n_plus_chosen():
     logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(4))
     params = [SamplingParams(temperature=1.0, logprobs=3, repetition_penalty=2.0),
@@ -160,7 +184,9 @@ def test_sampling_params_validation_names_the_field():
                       (dict(repetition_penalty=0), "repetition_penalty"), (dict(max_tokens=0), "max_tokens"),
                       (dict(min_tokens=5, max_tokens=2), "min_tokens"), (dict(n=0), "n"),
                       (dict(stop=[""]), "stop"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
-                      (dict(seed="x"), "seed"), (dict(logprobs=-1), "logprobs")]:
+                      (dict(seed="x"), "seed"), (dict(logprobs=-1), "logprobs"),
+                      (dict(logit_bias={-1: 1.0}), "logit_bias"), (dict(logit_bias={"5": 1.0}), "logit_bias"),
+                      (dict(logit_bias={5: math.inf}), "logit_bias"), (dict(logit_bias=[5]), "logit_bias")]:
         with pytest.raises(ValueError, match=field):
             SamplingParams(**kw)
 

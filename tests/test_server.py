@@ -196,6 +196,26 @@ def test_completions_endpoint(srv, client):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_logit_bias_forces_and_bans_tokens(srv, client):
+    # the real sampler (nothing scripted): +100 makes greedy pick the token every time
+    tok = srv.ids("fox")[0]
+    piece = srv.tok.decode([tok])
+    kw = dict(model="tiny", max_tokens=3, temperature=0, logit_bias={str(tok): 100},
+              extra_body={"ignore_eos": True})
+    r = client.completions.create(prompt="Hello", **kw)
+    assert piece and r.choices[0].text == piece * 3
+    m = client.chat.completions.create(messages=USER, **kw).choices[0].message
+    assert (m.reasoning_content or "") + (m.content or "") == piece * 3
+    # sampled rows: +100 on two tokens leaves only those two
+    a, b = srv.ids("fox")[0], srv.ids("dog")[0]
+    assert a != b
+    r = client.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=1.0, n=2, seed=1,
+                                  logprobs=0, logit_bias={str(a): 100, str(b): 100},
+                                  extra_body={"ignore_eos": True})
+    for c in r.choices:
+        assert len(c.logprobs.tokens) == 8 and set(c.logprobs.tokens) <= {piece, srv.tok.decode([b])}
+
+
 def test_models_health_version_metrics(srv, client):
     assert [m.id for m in client.models.list().data] == ["tiny", "tiny-alias"]
     client.chat.completions.create(model="tiny", messages=USER, max_tokens=3, extra_body={"ignore_eos": True})

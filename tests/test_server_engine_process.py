@@ -100,6 +100,13 @@ def test_runs_in_a_child_and_streams_with_logprobs(srv):
     assert 'qwen3next:generation_tokens_total{model_name="tiny"} 12.0' in text
     assert "qwen3next:kv_cache_usage_perc" in text
     assert "spec_decode_num_accepted_tokens_per_pos" not in text  # speculative decoding is off
+    # logit_bias crosses the process boundary inside SamplingParams
+    picked = []
+    for tok in ("7", "9"):
+        r = srv.chat(max_tokens=3, ignore_eos=True, temperature=0, logprobs=True, logit_bias={tok: 100})
+        assert r.status_code == 200, r.text
+        picked.append({e["token"] for e in r.json()["choices"][0]["logprobs"]["content"]})
+    assert all(len(p) == 1 for p in picked) and picked[0] != picked[1]
 
 
 def test_disconnect_aborts_and_bounded_queue_503(srv):

@@ -176,6 +176,30 @@ def test_stops_inside_an_accepted_run(model, prompts, reference, monkeypatch):
     assert_pools_empty(eng)
 
 
+def test_logit_bias_greedy_identical_to_plain(model, prompts, reference):
+    # ban each prompt's first two greedy tokens and favour one token: the outputs change, and the
+    # target (verify) and the MTP drafts must see the same biased logits
+    V = model.config.vocab_size
+    bias = {t: -100.0 for toks, _ in reference.values() for t in toks[0][:2]}
+    bias[V // 2] = 3.0
+    p = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logit_bias=bias)
+    plain = run(make_engine(model, max_num_seqs=8), prompts, p)
+    assert plain != reference and not any(set(toks[0]) & {t for t, b in bias.items() if b < 0}
+                                           for toks, _ in plain.values())
+    eng = make_engine(model, 2, max_num_seqs=8)
+    assert run(eng, prompts, p) == plain
+    assert eng.stats["spec_decode"]["num_verifies"] > 0
+    # a +100 bias forces the token in the target and (only if they see it too) in the drafts
+    eng = make_engine(model, 2, max_num_seqs=8)
+    forced = run(eng, prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True,
+                                              logit_bias={V // 2: 100.0}))
+    assert all(toks[0] == [V // 2] * MAX_NEW for toks, _ in forced.values())
+    assert eng.stats["spec_decode"]["acceptance_rate"] == 1.0
+    with pytest.raises(ValueError, match="logit_bias"):
+        eng.add_request("x", [1, 2], SamplingParams(logit_bias={V: 1.0}))
+    assert_pools_empty(eng)
+
+
 def test_abort_and_logprobs(model, prompts, reference, monkeypatch):
     use_drafter(monkeypatch, ScriptedDrafts(reference))
     p = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=2)
@@ -238,8 +262,10 @@ def test_sampling_matches_the_target_distribution(model, prompts, monkeypatch):
 
     prompt = prompts[2]
     # penalties that favour repeats: verify position i must count the drafts before it as outputs
+    # and a logit_bias on every 7th token id (before the penalties, in target and exact paths alike)
     params = SamplingParams(temperature=0.8, top_k=TOP_K, max_tokens=LEN_S, ignore_eos=True,
-                            repetition_penalty=1.5, presence_penalty=-2.0, frequency_penalty=-2.0)
+                            repetition_penalty=1.5, presence_penalty=-2.0, frequency_penalty=-2.0,
+                            logit_bias={t: 1.5 for t in range(0, model.config.vocab_size, 7)})
 
     def seq_factory(outputs):
         s = Sequence(0, Request("x", prompt, params, frozenset(), 999), 0, torch.device("cpu"))

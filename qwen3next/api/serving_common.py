@@ -74,14 +74,14 @@ def max_new_tokens(state: ServerState, prompt_len: int, requested: int | None, p
 def sampling_params(state: ServerState, req: SamplingFields, max_tokens: int,
                     logprobs: int | None) -> SamplingParams:
     """Request fields -> SamplingParams; fields the client left out take generation_config values."""
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported by this engine", "logit_bias")
     kw = dict(n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
               presence_penalty=req.presence_penalty or 0.0,
               frequency_penalty=req.frequency_penalty or 0.0,
               stop=req.stop, stop_token_ids=req.stop_token_ids, seed=req.seed,
               include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
-              logprobs=logprobs, skip_special_tokens=req.skip_special_tokens)
+              logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
+              # JSON keys are strings; api/validate.py checked they are token ids, biases in [-100, 100]
+              logit_bias={int(k): float(v) for k, v in req.logit_bias.items()} if req.logit_bias else None)
     for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
         if getattr(req, name) is not None:
             kw[name] = getattr(req, name)

@@ -211,6 +211,9 @@ class LLMEngine:
             raise ValueError("prompt_token_ids must not be empty")
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
             raise ValueError(f"prompt_token_ids must be integers in [0, {self.vocab_size})")
+        bad = [t for t in params.logit_bias or () if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias: token id {bad[0]} is out of range [0, {self.vocab_size})")
         max_tokens = params.max_tokens
         if max_tokens is None:
             max_tokens = self.max_model_len - len(ids)

@@ -1,8 +1,8 @@
 """The probability side of speculative decoding: what distribution a row samples from, and the
 accept/reject rule that keeps the output distribution exactly the target model's.
 
-`adjusted_logits` applies penalties and min_tokens for a sequence as if `extra` draft tokens had
-already been appended (so verify position i sees d_1..d_i); `final_probs` applies temperature,
+`adjusted_logits` applies logit_bias, penalties and min_tokens for a sequence as if `extra` draft
+tokens had already been appended (so verify position i sees d_1..d_i); `final_probs` applies temperature,
 min_p, top_k and top_p exactly as Sampler._sample does (same candidates, same cut-offs), returning
 the distribution its exponential race draws from. `rejection_sample` is the standard rule (Leviathan
 et al. 2023 / Chen et al. 2023) on explicit distributions with the randomness passed in;
@@ -15,16 +15,20 @@ import math
 
 import torch
 
-from qwen3next.engine.sampler import apply_penalties, exponential_, output_counts, truncate
+from qwen3next.engine.sampler import (apply_logit_bias, apply_penalties, exponential_, output_counts,
+                                      truncate)
 from qwen3next.engine.sequence import Sequence
 
 
 def adjusted_logits(logits: torch.Tensor, seqs: list[Sequence], extras: list[list[int]]) -> torch.Tensor:
-    """logits [N, V] (row i is seqs[i] followed by extras[i]) -> penalised, min_tokens-masked copy."""
+    """logits [N, V] (row i is seqs[i] followed by extras[i]) -> biased, penalised, min_tokens-masked
+    copy, in Sampler.__call__'s order."""
     N, V = logits.shape
     dev = logits.device
     params = [s.params for s in seqs]
     out = logits
+    if any(p.logit_bias for p in params):
+        out = apply_logit_bias(logits, seqs)
     if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
         counts = torch.stack([output_counts(s, V, dev) for s in seqs])  # [N, V]
         r_idx = [i for i, e in enumerate(extras) for _ in e]
@@ -32,7 +36,7 @@ def adjusted_logits(logits: torch.Tensor, seqs: list[Sequence], extras: list[lis
             counts = counts.index_put(
                 (torch.tensor(r_idx, device=dev), torch.tensor([t for e in extras for t in e], device=dev)),
                 torch.ones(len(r_idx), device=dev), accumulate=True)
-        out = apply_penalties(logits, seqs, counts)
+        out = apply_penalties(out, seqs, counts)
     rows, toks = [], []
     for i, (s, e) in enumerate(zip(seqs, extras)):
         if s.num_output_tokens + len(e) < s.params.min_tokens:

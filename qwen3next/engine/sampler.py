@@ -1,12 +1,12 @@
 """Next-token sampling for a batch of rows, each with its own SamplingParams (vLLM semantics).
 
-Order per row: penalties (repetition over prompt + output, then frequency and presence over the
-output), min_tokens (stop tokens masked), greedy = argmax of that; otherwise temperature, min_p,
-top_k, top_p, then an exponential race `argmax(p / q)`, q ~ Exp(1) (`exponential_`) over the
-whole vocabulary, drawn from the row's own torch.Generator when it has a seed, so a seeded row
-samples the same tokens whatever else is in the batch. Logprobs are the model's raw log-softmax
-(vLLM's default "raw_logprobs"): top-N plus the chosen token, with ranks. All vocabulary work is
-batched.
+Order per row (vLLM V1's): logit_bias, penalties (repetition over prompt + output, then frequency
+and presence over the output), min_tokens (stop tokens masked), greedy = argmax of that (biased
+greedy rows too); otherwise temperature, min_p, top_k, top_p, then an exponential race
+`argmax(p / q)`, q ~ Exp(1) (`exponential_`) over the whole vocabulary, drawn from the row's own
+torch.Generator when it has a seed, so a seeded row samples the same tokens whatever else is in
+the batch. Logprobs are the model's raw log-softmax (vLLM's default "raw_logprobs"): top-N plus
+the chosen token, with ranks. All vocabulary work is batched.
 """
 
 from __future__ import annotations
@@ -48,6 +48,24 @@ def prompt_mask(seq: Sequence, vocab: int, device) -> torch.Tensor:
         m[torch.tensor(req.prompt_token_ids, device=device)] = True
         req.prompt_mask = m
     return req.prompt_mask
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: list[Sequence]) -> torch.Tensor:
+    """logits [B, V] -> a copy with each row's SamplingParams.logit_bias added (the same tensor
+    when no row has one). Token ids were checked against the vocabulary at add_request."""
+    r_idx, t_idx, vals = [], [], []
+    for i, s in enumerate(rows):
+        bias = s.params.logit_bias
+        if bias:
+            r_idx += [i] * len(bias)
+            t_idx += bias.keys()
+            vals += bias.values()
+    if not r_idx:
+        return logits
+    dev = logits.device
+    # accumulate=True adds to the logits (without it index_put would overwrite them)
+    return logits.index_put((torch.tensor(r_idx, device=dev), torch.tensor(t_idx, device=dev)),
+                            torch.tensor(vals, dtype=logits.dtype, device=dev), accumulate=True)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[Sequence],
@@ -162,6 +180,8 @@ class Sampler:
             return SamplerOutput(argmax_rows(logits).tolist(), [None] * n, [None] * n)
         params = [s.params for s in rows]
         raw = logits
+        if any(p.logit_bias for p in params):
+            logits = apply_logit_bias(logits, rows)
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
             logits = apply_penalties(logits, rows)
         logits = self._mask_min_tokens(logits, rows)

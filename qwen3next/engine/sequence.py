@@ -40,7 +40,7 @@ class Request:
         # argmax of the raw logits is the whole sampling rule (the sampler's fast path)
         self.plain_greedy = (params.greedy and params.logprobs is None and params.min_tokens == 0
                              and params.repetition_penalty == 1.0 and not params.presence_penalty
-                             and not params.frequency_penalty)
+                             and not params.frequency_penalty and not params.logit_bias)
 
     @property
     def finished(self) -> bool:
