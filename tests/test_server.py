@@ -216,6 +216,24 @@ def test_logit_bias_forces_and_bans_tokens(srv, client):
         assert len(c.logprobs.tokens) == 8 and set(c.logprobs.tokens) <= {piece, srv.tok.decode([b])}
 
 
+def test_return_tokens_as_token_ids_and_logit_bias_ban(srv, client):
+    # greedy picks some token t; banning t (-100) must change the first token, seen by id
+    kw = dict(model="tiny", prompt="Hello", max_tokens=1, temperature=0, logprobs=1,
+              extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    first = client.completions.create(**kw).choices[0].logprobs
+    assert first.tokens[0].startswith("token_id:") and all(k.startswith("token_id:") for k in first.top_logprobs[0])
+    banned = int(first.tokens[0].split(":")[1])
+    again = client.completions.create(logit_bias={str(banned): -100}, **kw).choices[0].logprobs.tokens[0]
+    assert again.startswith("token_id:") and int(again.split(":")[1]) != banned
+    m = client.chat.completions.create(model="tiny", messages=USER, max_tokens=2, logprobs=True, top_logprobs=2,
+                                       extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    for entry in m.choices[0].logprobs.content:
+        assert entry.token.startswith("token_id:") and all(t.token.startswith("token_id:") for t in entry.top_logprobs)
+    plain = client.completions.create(model="tiny", prompt="Hello", max_tokens=1, temperature=0, logprobs=1,
+                                      extra_body={"ignore_eos": True})
+    assert not plain.choices[0].logprobs.tokens[0].startswith("token_id:")
+
+
 def test_models_health_version_metrics(srv, client):
     assert [m.id for m in client.models.list().data] == ["tiny", "tiny-alias"]
     client.chat.completions.create(model="tiny", messages=USER, max_tokens=3, extra_body={"ignore_eos": True})

@@ -89,8 +89,9 @@ def _clamp(lp: float) -> float:
     return max(lp, -9999.0) if not math.isnan(lp) else -9999.0
 
 
-def token_logprobs(tok, token_ids: list[int], logprobs, top: int) -> list[TokenLogprob]:
-    """Engine logprobs (one {id: Logprob} per token, the chosen id included) -> OpenAI entries."""
+def token_logprobs(tok, token_ids: list[int], logprobs, top: int, as_ids: bool = False) -> list[TokenLogprob]:
+    """Engine logprobs (one {id: Logprob} per token, the chosen id included) -> OpenAI entries;
+    `as_ids` (the request's return_tokens_as_token_ids) names tokens "token_id:<id>", vLLM's form."""
     out = []
     table = tok.token_bytes
     for i, tid in enumerate(token_ids):
@@ -98,7 +99,8 @@ def token_logprobs(tok, token_ids: list[int], logprobs, top: int) -> list[TokenL
 
         def piece(t: int, lp: float) -> dict:
             raw = table[t] if 0 <= t < len(table) else b""
-            return {"token": tok.decode([t], skip_special_tokens=False), "logprob": _clamp(lp),
+            name = f"token_id:{t}" if as_ids else tok.decode([t], skip_special_tokens=False)
+            return {"token": name, "logprob": _clamp(lp),
                     "bytes": list(raw)}
 
         chosen = entry.get(tid)

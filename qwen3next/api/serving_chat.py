@@ -53,7 +53,7 @@ class _Choice:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def absorb(self, out, tok, want_logprobs: bool, top: int) -> tuple[str, list]:
+    def absorb(self, out, tok, want_logprobs: bool, top: int, as_ids: bool = False) -> tuple[str, list]:
         """One CompletionOutput step -> (released text, logprob entries)."""
         self.num_tokens += len(out.token_ids)
         self.timer.token(len(out.token_ids))
@@ -63,7 +63,7 @@ class _Choice:
             ids = ids[:-1]  # the EOS / stop token itself is not part of the text
         # a forced tool call's prefill reads as output text but is not a completion token
         text = self.text.add(list(getattr(out, "forced_ids", ())) + ids)
-        lps = token_logprobs(tok, out.token_ids, out.logprobs, top) if want_logprobs else []
+        lps = token_logprobs(tok, out.token_ids, out.logprobs, top, as_ids) if want_logprobs else []
         self.logprobs += lps
         if self.text.stopped is not None:
             self.finish_reason, self.stop_reason = "stop", self.text.stopped
@@ -147,7 +147,8 @@ async def _steps(state, req, choices, gen) -> AsyncIterator[tuple[_Choice, str, 
             c = choices[co.index]
             if c.done:
                 continue  # stopped by a stop string
-            text, lps = c.absorb(co, state.tokenizer, req.logprobs, req.top_logprobs or 0)
+            text, lps = c.absorb(co, state.tokenizer, req.logprobs, req.top_logprobs or 0,
+                                 req.return_tokens_as_token_ids)
             if c.text.stopped is not None and co.finish_reason is None:
                 index = getattr(co, "engine_index", None)
                 state.engine.stop_sample(out.request_id, co.index if index is None else index, c.text.stopped)

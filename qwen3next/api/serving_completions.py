@@ -43,7 +43,7 @@ class _Sample:
         return CompletionLogprobs(tokens=lp.tokens[k:], token_logprobs=lp.token_logprobs[k:],
                                   top_logprobs=lp.top_logprobs[k:], text_offset=lp.text_offset[k:])
 
-    def absorb(self, out, state: ServerState, top: int | None) -> str:
+    def absorb(self, out, state: ServerState, top: int | None, as_ids: bool = False) -> str:
         self.num_tokens += len(out.token_ids)
         self.timer.token(len(out.token_ids))
         ids = out.token_ids
@@ -54,7 +54,7 @@ class _Sample:
         text = self.text.add(ids)
         if top is not None:
             lp = self.logprobs
-            for entry in token_logprobs(state.tokenizer, out.token_ids, out.logprobs, top):
+            for entry in token_logprobs(state.tokenizer, out.token_ids, out.logprobs, top, as_ids):
                 lp.text_offset.append(offset)
                 offset += len(entry.token)
                 lp.tokens.append(entry.token)
@@ -112,7 +112,7 @@ async def _merge(state, req, pairs) -> AsyncIterator[tuple[_Sample, str]]:
                 for co in out.outputs:
                     s = samples[co.index]
                     if s.finish_reason is None:
-                        text = s.absorb(co, state, req.logprobs)
+                        text = s.absorb(co, state, req.logprobs, req.return_tokens_as_token_ids)
                         if s.text.stopped is not None and co.finish_reason is None:
                             state.engine.stop_sample(out.request_id, co.index, s.text.stopped)
                         await q.put((s, text))
