@@ -31,6 +31,22 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
     return sorted(set(sizes) | {max_batch})
 
 
+def capture_graphs(sizes: list[int], forward, device) -> tuple[dict, dict]:
+    """Warm up and capture `forward(b)` for every size, largest first (the shared pool then fits
+    the rest) -> ({b: graph}, {b: forward's static outputs})."""
+    graphs, outputs, pool = {}, {}, None
+    for b in reversed(sizes):
+        forward(b)  # compiles / autotunes this shape outside the capture
+        torch.cuda.synchronize(device)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            outputs[b] = forward(b)
+        pool = g.pool()
+        graphs[b] = g
+    torch.cuda.synchronize(device)
+    return graphs, outputs
+
+
 class CudaGraphRunner:
     def __init__(self, model: torch.nn.Module, cache: ModelCache, max_blocks_per_seq: int,
                  max_batch: int, batch_sizes: list[int] | None = None):
@@ -66,18 +82,8 @@ class CudaGraphRunner:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Warm up and capture every size, largest first (the shared pool then fits the rest)."""
         self._reset_inputs(0)
-        pool = None
-        for b in reversed(self.sizes):
-            self._forward(b)  # compiles / autotunes this shape outside the capture
-            torch.cuda.synchronize(self.device)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self.logits[b] = self._forward(b)
-            pool = g.pool()
-            self.graphs[b] = g
-        torch.cuda.synchronize(self.device)
+        self.graphs, self.logits = capture_graphs(self.sizes, self._forward, self.device)
         logger.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
 
     def _reset_inputs(self, start: int) -> None:
@@ -185,16 +191,7 @@ class VerifyGraphRunner:
     @torch.inference_mode()
     def capture(self) -> None:
         self._reset_inputs(0)
-        pool = None
-        for b in reversed(self.sizes):
-            self._forward(b)  # compiles / autotunes this shape outside the capture
-            torch.cuda.synchronize(self.device)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self.outputs[b] = self._forward(b)
-            pool = g.pool()
-            self.graphs[b] = g
-        torch.cuda.synchronize(self.device)
+        self.graphs, self.outputs = capture_graphs(self.sizes, self._forward, self.device)
         logger.info("captured verify CUDA graphs (%d tokens per sequence) for batch sizes %s", self.q, self.sizes)
 
     def can_run(self, batch: ForwardBatch) -> bool:
