@@ -1,0 +1,75 @@
+"""Block-FP8 weights (architecture.md §10) and the references for their matmuls.
+
+A weight W [N, K] is held as `float8_e4m3fn` W8 plus fp32 `scale_inv` [ceil(N/bn), ceil(K/bk)]:
+W ~= W8[i, j] * scale_inv[i // bn, j // bk] (a multiplication). The references dequantise, then
+run the bf16/fp32 computation of kernels/moe.py; the Triton kernels (triton/linear_fp8.py,
+triton/moe_fp8.py) are tested against them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
+BLOCK = (128, 128)
+
+
+def _expand(scale: torch.Tensor, n: int, k: int, block: tuple[int, int]) -> torch.Tensor:
+    """[..., ceil(n/bn), ceil(k/bk)] -> [..., n, k] (each block's scale repeated over its block)."""
+    return scale.float().repeat_interleave(block[0], -2)[..., :n, :].repeat_interleave(block[1], -1)[..., :k]
+
+
+def dequantize(w8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = BLOCK,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """w8 [..., N, K] fp8, scale [..., ceil(N/bn), ceil(K/bk)] -> [..., N, K] in `dtype`."""
+    n, k = w8.shape[-2:]
+    return (w8.float() * _expand(scale, n, k, block)).to(dtype)
+
+
+def quantize(w: torch.Tensor, block: tuple[int, int] = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] -> (w8 [..., N, K] fp8, scale [..., ceil(N/bn), ceil(K/bk)] fp32), scale =
+    max|w| / 448 per block (an all-zero block gets scale 1)."""
+    *lead, n, k = w.shape
+    bn, bk = block
+    pn, pk = -n % bn, -k % bk
+    wp = F.pad(w.float(), (0, pk, 0, pn))  # [..., N', K'] whole blocks
+    blocks = wp.view(*lead, (n + pn) // bn, bn, (k + pk) // bk, bk)
+    amax = blocks.abs().amax(dim=(-3, -1))  # [..., nb, kb]
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    w8 = (blocks / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return w8.view(*lead, n + pn, k + pk)[..., :n, :k].contiguous(), scale
+
+
+def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = BLOCK):
+    """x [M, K] @ dequant(w8 [N, K])^T -> [M, N] in x's dtype (the weight rounded to x's dtype first,
+    as a dequantised bf16 model computes)."""
+    return x @ dequantize(w8, scale, block, x.dtype).t()
+
+
+def moe_experts_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids,
+                    block: tuple[int, int] = BLOCK) -> torch.Tensor:
+    """kernels/moe.py's moe_experts over fp8 experts: gate_up_proj [E, 2I, H] fp8 with scale
+    [E, 2I/bn, H/bk], down_proj [E, H, I] fp8 with scale [E, H/bn, I/bk]; only the experts that
+    received tokens are dequantised."""
+    T, k = ids.shape
+    inter = down_proj.shape[-1]
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=gate_up_proj.shape[0]).tolist()
+    tok_of = order // k
+    w_sorted = weights.reshape(-1)[order].to(x.dtype)
+    out = torch.zeros(T, x.shape[-1], dtype=torch.float32, device=x.device)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        tok = tok_of[start : start + n]
+        xe = x.index_select(0, tok)  # [n, H]
+        gu = xe @ dequantize(gate_up_proj[e], gate_up_scale[e], block, x.dtype).t()  # [n, 2I]
+        h = F.silu(gu[:, :inter]) * gu[:, inter:]
+        ye = (h @ dequantize(down_proj[e], down_scale[e], block, x.dtype).t()) * w_sorted[start : start + n, None]
+        out = out.index_add(0, tok, ye.float())
+        start += n
+    return out.to(x.dtype)

@@ -1,0 +1,86 @@
+"""Triton block-FP8 linear: y = x @ dequant(W8)^T, weight fp8 [N, K] + fp32 scale_inv per
+(bn x bk) block, activations bf16 (or fp32), same signature as kernels/fp8.py's fp8_linear.
+
+* few rows (decode, verify, M <= SMALL_M): one weight-only GEMM (w8a16): each [BK, BN] fp8 tile is
+  loaded (half the bytes of bf16), widened to the activation dtype, multiplied on the tensor
+  cores and its block scale applied to the fp32 partial product. Weight streaming is the cost.
+* many rows (prefill): the weight is dequantised into a bf16 scratch (one pass, N*K*3 bytes) and
+  cuBLAS runs the GEMM: at M >= 256 the GEMM's FLOPs dwarf that pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._util import autotune, size_class
+
+SMALL_M = 128  # rows up to this take the weight-only GEMM
+# (BM, BN, BK, warps, stages); the first is the interpreter's. BK divides the 128-wide scale block.
+_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in ((16, 32, 64, 4, 4), (16, 64, 128, 4, 4), (16, 32, 128, 4, 5),
+                                     (16, 128, 128, 4, 3), (64, 64, 128, 4, 4), (64, 128, 128, 8, 3))]
+
+
+@autotune(_CONFIGS, key=["N", "K", "MB"])
+@triton.jit(do_not_specialize=["M", "MB"])
+def _w8a16_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, MB, SK, BLK_N: tl.constexpr, BLK_K: tl.constexpr,
+                  PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pm = tl.program_id(0)
+    pn = tl.program_id(1)
+    m = (pm * BM + tl.arange(0, BM)).to(tl.int64)
+    n = (pn * BN + tl.arange(0, BN)).to(tl.int64)
+    kk = tl.arange(0, BK)
+    mm = m < M
+    nm = n < N
+    dt = x_ptr.dtype.element_ty
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    s_row = s_ptr + (n // BLK_N) * SK                                  # [BN] scale row of each column
+    for k0 in range(0, K, BK):
+        km = (k0 + kk) < K
+        xv = tl.load(x_ptr + m[:, None] * K + (k0 + kk)[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+        wv = tl.load(w_ptr + n[None, :] * K + (k0 + kk)[:, None], mask=km[:, None] & nm[None, :], other=0.0)
+        s = tl.load(s_row + k0 // BLK_K, mask=nm, other=0.0)           # [BN]: one k block per tile
+        acc += tl.dot(xv, wv.to(dt), input_precision=PREC) * s[None, :]
+    tl.store(y_ptr + m[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, o_ptr, N, K, SK, BLK_N: tl.constexpr, BLK_K: tl.constexpr,
+                    BR: tl.constexpr, BC: tl.constexpr):
+    r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    msk = (r < N)[:, None] & (c < K)[None, :]
+    w = tl.load(w_ptr + r[:, None] * K + c[None, :], mask=msk, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + (r // BLK_N)[:, None] * SK + (c // BLK_K)[None, :], mask=msk, other=0.0)
+    tl.store(o_ptr + r[:, None] * K + c[None, :], (w * s).to(o_ptr.dtype.element_ty), mask=msk)
+
+
+def dequantize(w8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """w8 [N, K] fp8 -> [N, K] in `dtype` (one pass; rounding as kernels/fp8.dequantize)."""
+    N, K = w8.shape
+    out = torch.empty(N, K, dtype=dtype, device=w8.device)
+    BR, BC = 32, 128
+    _dequant_kernel[(triton.cdiv(N, BR), triton.cdiv(K, BC))](w8, scale, out, N, K, scale.shape[1],
+                                                              BLK_N=block[0], BLK_K=block[1], BR=BR, BC=BC)
+    return out
+
+
+def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = (128, 128),
+               *, small: bool | None = None) -> torch.Tensor:
+    """x [M, K] (bf16 / fp32), w8 [N, K] fp8, scale [ceil(N/bn), ceil(K/bk)] fp32 -> [M, N] in x's
+    dtype. `small` forces a path (tests, benchmarks)."""
+    M, K = x.shape
+    N = w8.shape[0]
+    if not (small if small is not None else M <= SMALL_M):
+        return x @ dequantize(w8, scale, block, x.dtype).t()
+    x = x.contiguous()
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))  # noqa: E731
+    _w8a16_kernel[grid](x, w8, scale, y, M, N, K, size_class(M), scale.shape[1], BLK_N=block[0], BLK_K=block[1],
+                        PREC=prec)
+    return y

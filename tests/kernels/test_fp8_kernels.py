@@ -1,0 +1,79 @@
+"""Triton block-FP8 kernels (linear, MoE experts) against kernels/fp8.py's references (dequantise,
+then the plain computation). CPU: the interpreter in fp32 at small shapes; `gpu`: bf16 at the 80B
+model's shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen3next.kernels import fp8 as ref
+from qwen3next.kernels import moe as ref_moe
+from qwen3next.kernels.triton import linear_fp8 as tri_lin
+from qwen3next.kernels.triton import moe_fp8 as tri_moe
+
+from .conftest import DEV, randn, rel_err, seeded
+
+
+def _q(w: torch.Tensor):
+    return ref.quantize(w)
+
+
+@pytest.mark.parametrize("M,small", [(3, True), (37, True), (150, False)])
+def test_linear(M, small):
+    """N and K not multiples of the 128 blocks (partial scale blocks); both paths."""
+    gen = seeded(M)
+    N, K = 200, 320
+    x = randn(M, K, gen=gen)
+    w8, s = _q(randn(N, K, gen=gen, scale=0.1))
+    y = tri_lin.fp8_linear(x, w8, s, small=small)
+    assert y.shape == (M, N)
+    assert rel_err(y, ref.fp8_linear(x, w8, s)) < 1e-5
+
+
+@pytest.mark.parametrize("T,block_m,gemv", [(1, None, None), (5, None, True), (23, 16, False)])
+def test_experts(T, block_m, gemv):
+    """GEMV and grouped GEMM over fp8 experts; experts picked by several tokens."""
+    gen = seeded(T + 100)
+    E, H, I, k = 6, 256, 128, 3
+    x = randn(T, H, gen=gen)
+    gu8, gus = _q(randn(E, 2 * I, H, gen=gen, scale=0.1))
+    dn8, dns = _q(randn(E, H, I, gen=gen, scale=0.1))
+    w, ids = ref_moe.moe_route(randn(T, E, gen=gen), k, True)
+    y = tri_moe.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids, block_m=block_m, gemv=gemv)
+    want = ref.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids)
+    assert rel_err(y, want) < 1e-5
+
+
+def test_experts_rejects_unaligned_intermediate():
+    x = torch.zeros(1, 128, device=DEV)
+    gu8 = torch.zeros(2, 2 * 64, 128, device=DEV).to(ref.FP8)
+    with pytest.raises(ValueError, match="moe_intermediate_size"):
+        tri_moe.moe_experts_fp8(x, gu8, None, gu8[:, :, :64], None, torch.ones(1, 1, device=DEV),
+                                torch.zeros(1, 1, dtype=torch.long, device=DEV))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 64, 4096])
+def test_linear_gpu(M):
+    gen = seeded(M)
+    for N, K in ((12288, 2048), (2048, 4096), (512, 2048)):
+        x = randn(M, K, gen=gen, dtype=torch.bfloat16)
+        w8, s = _q(randn(N, K, gen=gen, dtype=torch.bfloat16, scale=K ** -0.5))
+        y = tri_lin.fp8_linear(x, w8, s)
+        assert rel_err(y, ref.fp8_linear(x, w8, s)) < 1e-2, (N, K)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64, 4096])
+def test_experts_gpu(T):
+    gen = seeded(T)
+    E, H, I, k = 512, 2048, 512, 10
+    x = randn(T, H, gen=gen, dtype=torch.bfloat16)
+    gu8, gus = _q(randn(E, 2 * I, H, gen=gen, dtype=torch.bfloat16, scale=0.02))
+    dn8, dns = _q(randn(E, H, I, gen=gen, dtype=torch.bfloat16, scale=0.02))
+    w, ids = ref_moe.moe_route(randn(T, E, gen=gen), k, True)
+    want = ref.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids)
+    for gemv in ((False, True) if T <= 64 else (False,)):
+        y = tri_moe.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids, gemv=gemv)
+        assert rel_err(y, want) < 1e-2, gemv
