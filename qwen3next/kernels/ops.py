@@ -20,6 +20,7 @@ from . import cpu_ext as _ext
 from . import cpu_fast as _fast
 from . import conv1d as _ref_conv
 from . import delta_rule as _ref_dr
+from . import fp8 as _ref_fp8
 from . import gdn as _gdn
 from . import moe as _ref_moe
 from . import norm as _ref_norm
@@ -31,8 +32,8 @@ __all__ = [
     "apply_rotary", "causal_attention", "causal_conv1d_update", "causal_conv1d_varlen",
     "gate_output", "gated_delta_rule_chunked", "gated_delta_rule_recurrent", "gated_rmsnorm", "gdn_cached",
     "gdn_decode",
-    "moe_dense_act", "moe_dense_pays", "moe_experts",
-    "moe_route", "paged_attention", "rope_cos_sin", "rope_inv_freq", "save_token_windows", "write_kv", "zc_rmsnorm",
+    "moe_dense_act", "moe_dense_pays", "moe_experts", "moe_experts_shared", "moe_experts_shared_ok",
+    "moe_route", "paged_attention", "fp8_linear", "moe_experts_fp8", "rope_cos_sin", "rope_inv_freq", "save_token_windows", "write_kv", "zc_rmsnorm",
 ]
 
 
@@ -267,3 +268,33 @@ def moe_experts(x, gate_up_proj, down_proj, weights, ids):
         return _ext.moe_experts(x, gate_up_proj, down_proj, weights, ids)
     return (_fast if _use_fast(x, gate_up_proj, down_proj, weights) else _ref_moe).moe_experts(
         x, gate_up_proj, down_proj, weights, ids)
+
+
+def moe_experts_shared_ok(x, gate_up_proj, top_k: int) -> bool:
+    """The MoE block may take moe_experts_shared: CUDA, Triton, experts in the activation dtype, and
+    few enough assignments for the GEMV path (decode, small verify steps)."""
+    return (_use_triton(x, gate_up_proj) and gate_up_proj.dtype == x.dtype
+            and x.shape[0] * top_k <= _triton("moe").GEMV_MAX_ROWS)
+
+
+def moe_experts_shared(x, gate_up_proj, down_proj, weights, ids, shared_gate_proj, shared_up_proj, shared_down_proj,
+                       shared_expert_gate):
+    """Routed experts + sigmoid(x shared_expert_gate^T) * shared_expert(x) in one GEMV pass up and one
+    down (triton/moe.py); callers check moe_experts_shared_ok first."""
+    return _triton("moe").moe_experts_shared(x, gate_up_proj, down_proj, weights, ids, shared_gate_proj,
+                                             shared_up_proj, shared_down_proj, shared_expert_gate)
+
+
+def fp8_linear(x, w8, scale, block=(128, 128)):
+    """x [M, K] @ dequant(w8 [N, K] fp8, block scales)^T (layers/quant.py's Fp8Linear)."""
+    if _use_triton(x) and block[1] % 128 == 0:
+        return _triton("linear_fp8").fp8_linear(x, w8, scale, block)
+    return _ref_fp8.fp8_linear(x, w8, scale, block)
+
+
+def moe_experts_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids, block=(128, 128)):
+    """moe_experts over block-FP8 expert weights (kernels/fp8.py; Triton w8a16 on CUDA)."""
+    if _use_triton(x, weights) and block[1] % 128 == 0 and down_proj.shape[-1] % block[0] == 0:
+        return _triton("moe_fp8").moe_experts_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights,
+                                                  ids, block)
+    return _ref_fp8.moe_experts_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids, block)
