@@ -33,7 +33,8 @@ __all__ = [
     "gate_output", "gated_delta_rule_chunked", "gated_delta_rule_recurrent", "gated_rmsnorm", "gdn_cached",
     "gdn_decode",
     "moe_dense_act", "moe_dense_pays", "moe_experts", "moe_experts_shared", "moe_experts_shared_ok",
-    "moe_route", "paged_attention", "fp8_linear", "moe_experts_fp8", "rope_cos_sin", "rope_inv_freq", "save_token_windows", "write_kv", "zc_rmsnorm",
+    "moe_route", "paged_attention", "fp8_linear", "moe_experts_fp8",
+    "rope_cos_sin", "rope_inv_freq", "save_token_windows", "write_kv", "zc_rmsnorm",
 ]
 
 
