@@ -4,7 +4,8 @@
 Text lives here, above the token-id engine: prompts are encoded, outputs detokenized
 incrementally, stop strings searched in the new text (the text is cut at the stop string, vLLM
 semantics) and the sample stopped in the engine. Unset SamplingParams fields take the model's
-generation_config.json values.
+generation_config.json values. Prompt logprobs (SamplingParams.prompt_logprobs) come back on
+RequestOutput.prompt_logprobs with each entry's decoded_token filled in.
 """
 
 from __future__ import annotations
@@ -16,6 +17,15 @@ from qwen3next.detokenizer import IncrementalDetokenizer
 from qwen3next.engine import EngineArgs, LLMEngine
 from qwen3next.outputs import CompletionOutput, RequestOutput
 from qwen3next.sampling_params import SamplingParams
+
+
+def decode_logprobs(tokenizer, entries: list) -> None:
+    """Fill in decoded_token of every Logprob in `entries` (dicts, or None), in place."""
+    if tokenizer is None:
+        return
+    for d in entries:
+        for t, lp in (d or {}).items():
+            lp.decoded_token = tokenizer.decode([t], skip_special_tokens=False)
 
 
 class _Completion:
@@ -37,10 +47,7 @@ class _Completion:
         out.token_ids += delta.token_ids
         out.cumulative_logprob = delta.cumulative_logprob
         if delta.logprobs is not None:
-            if self.tokenizer is not None:
-                for d in delta.logprobs:
-                    for t, lp in d.items():
-                        lp.decoded_token = self.tokenizer.decode([t], skip_special_tokens=False)
+            decode_logprobs(self.tokenizer, delta.logprobs)
             out.logprobs += delta.logprobs
         out.finish_reason, out.stop_reason = delta.finish_reason, delta.stop_reason
         if self.detok is None:
@@ -179,6 +186,9 @@ class LLM:
                 bar = tqdm(total=len(order), desc="Processed prompts")
             while engine.has_unfinished_requests():
                 for out in engine.step():
+                    if out.prompt_logprobs is not None:
+                        decode_logprobs(self.tokenizer, out.prompt_logprobs)
+                        results[out.request_id].prompt_logprobs = out.prompt_logprobs
                     for delta in out.outputs:
                         stop = comps[out.request_id][delta.index].add(delta)
                         if stop is not None:

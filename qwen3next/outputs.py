@@ -2,7 +2,9 @@
 
 `LLMEngine.step()` returns these *incrementally*: each CompletionOutput then carries only the
 token ids (and logprobs) produced since the previous step and is listed only if it changed.
-`LLM.generate` returns them whole, with `text` filled in.
+`LLM.generate` returns them whole, with `text` filled in. `prompt_logprobs` (asked with
+SamplingParams.prompt_logprobs) is one entry per prompt token, the first None; the engine reports
+it once, in the request's first output (the step that completes the prompt, vLLM's DELTA rule).
 """
 
 from __future__ import annotations
@@ -40,4 +42,4 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
-    prompt_logprobs: None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

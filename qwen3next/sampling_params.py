@@ -5,6 +5,8 @@ repetition_penalty, max_tokens <- max_new_tokens) remember whether the caller se
 `with_generation_config` fills only the unset ones (vLLM `--generation-config auto`).
 `logit_bias` ({token id: bias}) is added to the raw logits before penalties, min_tokens,
 temperature and truncation (vLLM V1's order), greedy rows included; logprobs stay the raw ones.
+`prompt_logprobs` (N >= 0) asks for each prompt token's raw logprob plus the top-N at every
+prompt position after the first (RequestOutput.prompt_logprobs, first entry None).
 Every invalid value raises a one-line ValueError naming the field.
 """
 
@@ -55,6 +57,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None  # top-N per generated token (the chosen token is always added)
+    prompt_logprobs: int | None = None  # top-N per prompt position (the prompt token always added)
     skip_special_tokens: bool = True
     # token id -> added to its raw logit (ids are checked against the vocabulary at add_request)
     logit_bias: dict[int, float] | None = None
@@ -142,6 +145,8 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if self.logprobs is not None and (not is_int(self.logprobs) or self.logprobs < 0):
             raise ValueError(f"logprobs must be an integer >= 0 or None, got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (not is_int(self.prompt_logprobs) or self.prompt_logprobs < 0):
+            raise ValueError(f"prompt_logprobs must be an integer >= 0 or None, got {self.prompt_logprobs!r}")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise ValueError(f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}")

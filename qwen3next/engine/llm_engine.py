@@ -5,8 +5,9 @@ at a time.
 rules, forks n > 1 samples off their shared prompt, frees what finished and reports what changed;
 `abort_request` frees a request at once (reported as "abort" by the next step). With a
 speculative_config the step goes through SpecDecoder (MTP drafts, verify, state rollback) and a
-sequence may gain several tokens per step. The engine is single-threaded; the async server drives
-it from one thread.
+sequence may gain several tokens per step. Prompt logprobs (SamplingParams.prompt_logprobs) are
+gathered chunk by chunk during prefill (engine/prompt_logprobs.py) and reported once, with the
+request's first output. The engine is single-threaded; the async server drives it from one thread.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from qwen3next.engine.args import EngineArgs
 from qwen3next.engine.cache import CacheManager, plan_cache
+from qwen3next.engine import prompt_logprobs
 from qwen3next.engine.model_runner import ModelRunner
 from qwen3next.engine.sampler import Sampler
 from qwen3next.engine.scheduler import Scheduler
@@ -100,6 +102,10 @@ class LLMEngine:
         elif graphs:
             self._capture_cuda_graphs()
         self.requests: dict[str, Request] = {}
+        # request id -> prompt logprob entries so far ([None] + one per prefilled position), until
+        # reported; the runner appends to these lists
+        self._prompt_lps: dict[str, list] = {}
+        self.runner.prompt_lps = self._prompt_lps
         self._seq_ids = itertools.count()
         self._pending: list[RequestOutput] = []  # aborts, reported by the next step()
         self.generation_config: dict = {}
@@ -238,6 +244,8 @@ class LLMEngine:
         for child in first.children:
             child.status = Status.FORK
         self.requests[request_id] = req
+        if params.prompt_logprobs is not None:
+            self._prompt_lps[request_id] = [None]
         self.scheduler.add(first)
 
     def abort_request(self, request_id: str) -> None:
@@ -246,6 +254,7 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return
+        self._prompt_lps.pop(request_id, None)
         out = RequestOutput(request_id, None, req.prompt_token_ids, finished=True)
         for seq in req.seqs:
             if seq.status is Status.FINISHED:
@@ -270,6 +279,7 @@ class LLMEngine:
         seq.finish_reason, seq.stop_reason = "stop", stop_reason
         if req.finished:
             del self.requests[request_id]
+            self._prompt_lps.pop(request_id, None)
             out = RequestOutput(request_id, None, req.prompt_token_ids, finished=True)
             out.outputs.append(self._delta(seq))
             self._pending.append(out)
@@ -326,6 +336,15 @@ class LLMEngine:
         """step() with speculative decoding: each row may bring several tokens; a stop inside the
         run drops the rest. The MTP then catches up and drafts (before forks copy the cache)."""
         res = self.spec.execute(sched)
+        if self._prompt_lps:  # prompt chunks' trunk hidden rows are in res.hidden
+            items = []
+            for seq, n, h in zip(sched.seqs, res.computed, res.hidden):
+                c = seq.num_computed_tokens
+                sp = prompt_logprobs.span(seq, c, n, self._prompt_lps) if n else None
+                if sp:
+                    items.append((seq, sp[0], h[sp[0] - c:sp[1] - c]))
+            if items:
+                prompt_logprobs.collect(self.model, items, self._prompt_lps)
         for seq, n in zip(sched.seqs, res.computed):
             seq.num_computed_tokens += n
         finished = []
@@ -355,12 +374,16 @@ class LLMEngine:
         if finished:
             self.scheduler.drop_finished()
         by_request: dict[str, RequestOutput] = {}  # n > 1 requests: one output for all samples
+        plp = self._prompt_lps
         for seq in rows:
             req = seq.request
             if len(req.seqs) == 1:
                 done = seq.status is Status.FINISHED
-                outputs.append(RequestOutput(req.request_id, None, req.prompt_token_ids,
-                                             [self._delta(seq)], done))
+                out = RequestOutput(req.request_id, None, req.prompt_token_ids, [self._delta(seq)], done)
+                outputs.append(out)
+                if plp and req.request_id in plp:
+                    # a sampled row has its whole prompt computed: the entries are complete
+                    out.prompt_logprobs = plp.pop(req.request_id)
                 if done:
                     del self.requests[req.request_id]
                 continue
@@ -369,6 +392,8 @@ class LLMEngine:
                 out = by_request[req.request_id] = RequestOutput(
                     req.request_id, None, req.prompt_token_ids)
                 outputs.append(out)
+                if plp and req.request_id in plp:
+                    out.prompt_logprobs = plp.pop(req.request_id)
             out.outputs.append(self._delta(seq))
         for rid, out in by_request.items():
             if self.requests[rid].finished:
