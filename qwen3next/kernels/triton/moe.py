@@ -197,57 +197,115 @@ def _down_kernel(h_ptr, w_ptr, rows_ptr, be_ptr, rw_ptr, y_ptr, H, I, NBK,
         tl.store(y_ptr + tl.where(valid, a, 0)[:, None] * H + n[None, :], y.to(dt), mask=valid[:, None] & nm[None, :])
 
 
-@autotune(_GEMV_CONFIGS, key=["H", "I", "TB"])
-@triton.jit(do_not_specialize=["TB"])
-def _gemv_gate_up_kernel(x_ptr, w_ptr, ids_ptr, h_ptr, H, I, TB, TOPK: tl.constexpr,
-                         BN: tl.constexpr, BK: tl.constexpr):
-    a = tl.program_id(0).to(tl.int64)                                 # assignment (token, choice)
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
-    nm = n < I
-    e = tl.load(ids_ptr + a)
-    tok = a // TOPK
+@triton.jit
+def _gate_up_rows(x_ptr, wg_ptr, wu_ptr, h_ptr, nb, H, N, BN: tl.constexpr, BK: tl.constexpr):
+    """h[n] = silu(x . Wg[n]) * (x . Wu[n]) for the BN rows n of block nb (x, Wg, Wu rows of H)."""
+    n = nb * BN + tl.arange(0, BN)
+    nm = n < N
     kk = tl.arange(0, BK)
     acc_g = tl.zeros([BN, BK], dtype=tl.float32)
     acc_u = tl.zeros([BN, BK], dtype=tl.float32)
-    wg_ptr = w_ptr + e * (2 * I) * H + n[:, None] * H + kk[None, :]   # [BN, BK] rows of W_gate
     for k0 in range(0, H, BK):
         km = (k0 + kk) < H
-        xv = tl.load(x_ptr + tok * H + k0 + kk, mask=km, other=0.0).to(tl.float32)
-        wg = tl.load(wg_ptr + k0, mask=nm[:, None] & km[None, :], other=0.0)
-        wu = tl.load(wg_ptr + I * H + k0, mask=nm[:, None] & km[None, :], other=0.0)
+        xv = tl.load(x_ptr + k0 + kk, mask=km, other=0.0).to(tl.float32)
+        wg = tl.load(wg_ptr + n[:, None] * H + k0 + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+        wu = tl.load(wu_ptr + n[:, None] * H + k0 + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0)
         acc_g += wg.to(tl.float32) * xv[None, :]
         acc_u += wu.to(tl.float32) * xv[None, :]
     dt = h_ptr.dtype.element_ty
+    # round like the reference (products in the activation dtype, then the gate)
     gt = tl.sum(acc_g, 1).to(dt).to(tl.float32)
     hv = (gt / (1.0 + tl.exp(-gt))).to(dt).to(tl.float32) * tl.sum(acc_u, 1).to(dt).to(tl.float32)
-    tl.store(h_ptr + a * I + n, hv.to(dt), mask=nm)
+    tl.store(h_ptr + n, hv.to(dt), mask=nm)
+
+
+@triton.jit
+def _rows_dot(v_ptr, w_ptr, n, nm, K, BN: tl.constexpr, BK: tl.constexpr):
+    """[BN] fp32: v (K values) . W[n] for rows n of a row-major [*, K] weight."""
+    kk = tl.arange(0, BK)
+    acc = tl.zeros([BN, BK], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        km = (k0 + kk) < K
+        v = tl.load(v_ptr + k0 + kk, mask=km, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + n[:, None] * K + k0 + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+        acc += w.to(tl.float32) * v[None, :]
+    return tl.sum(acc, 1)
+
+
+@triton.jit
+def _shared_gate(x_ptr, sgw_ptr, H, dt: tl.constexpr, BK: tl.constexpr):
+    """sigmoid(x . w) rounded like torch.sigmoid(linear(x)) in dtype dt (fp32 scalar)."""
+    kk = tl.arange(0, BK)
+    acc = tl.zeros([BK], dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        km = (k0 + kk) < H
+        acc += (tl.load(x_ptr + k0 + kk, mask=km, other=0.0).to(tl.float32)
+                * tl.load(sgw_ptr + k0 + kk, mask=km, other=0.0).to(tl.float32))
+    g = tl.sum(acc, 0).to(dt).to(tl.float32)
+    return (1.0 / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+
+
+@autotune(_GEMV_CONFIGS, key=["H", "I", "TB"])
+@triton.jit(do_not_specialize=["TB", "M"])
+def _gemv_gate_up_kernel(x_ptr, w_ptr, ids_ptr, h_ptr, sg_ptr, su_ptr, hs_ptr, M, H, I, IS, TB,
+                         TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Program (a, block): a < M is routed assignment a (token a // TOPK, expert ids[a]) -> h[a];
+    a >= M the shared expert (rows of IS) of token a - M -> hs[a - M]."""
+    a = tl.program_id(0).to(tl.int64)
+    nb = tl.program_id(1)
+    if a < M:
+        wg = w_ptr + tl.load(ids_ptr + a) * (2 * I) * H
+        _gate_up_rows(x_ptr + (a // TOPK) * H, wg, wg + I * H, h_ptr + a * I, nb, H, I, BN, BK)
+    else:
+        t = a - M
+        _gate_up_rows(x_ptr + t * H, sg_ptr, su_ptr, hs_ptr + t * IS, nb, H, IS, BN, BK)
 
 
 @autotune(_GEMV_CONFIGS, key=["H", "I", "TB"])
 @triton.jit(do_not_specialize=["TB"])
-def _gemv_down_kernel(h_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, H, I, TB, TOPK: tl.constexpr,
-                      BN: tl.constexpr, BK: tl.constexpr):
+def _gemv_down_kernel(h_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, hs_ptr, sd_ptr, x_ptr, sgw_ptr, H, I, IS, TB,
+                      TOPK: tl.constexpr, SHARED: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Token t, BN output columns: the sum over its k experts (in order) of w_j h_j W_down^T, then
+    (SHARED) sigmoid(x . w_sg) * hs W_sd^T, in fp32, each term rounded like the reference."""
     t = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     nm = n < H
-    kk = tl.arange(0, BK)
     dt = y_ptr.dtype.element_ty
     out = tl.zeros([BN], dtype=tl.float32)
     # the token's k experts, in order (a plain loop: unrolled with whole-row tiles it measured
     # 1.5x slower on the H200)
     for j in range(TOPK):
         a = t * TOPK + j
-        e = tl.load(ids_ptr + a)
-        acc = tl.zeros([BN, BK], dtype=tl.float32)
-        wd_ptr = w_ptr + e * H * I + n[:, None] * I + kk[None, :]     # [BN, BK] rows of W_down
-        for k0 in range(0, I, BK):
-            km = (k0 + kk) < I
-            hv = tl.load(h_ptr + a * I + k0 + kk, mask=km, other=0.0).to(tl.float32)
-            wd = tl.load(wd_ptr + k0, mask=nm[:, None] & km[None, :], other=0.0)
-            acc += wd.to(tl.float32) * hv[None, :]
+        acc = _rows_dot(h_ptr + a * I, w_ptr + tl.load(ids_ptr + a) * H * I, n, nm, I, BN, BK)
         rw = tl.load(rw_ptr + a).to(dt).to(tl.float32)
-        out += (tl.sum(acc, 1).to(dt).to(tl.float32) * rw).to(dt).to(tl.float32)
+        out += (acc.to(dt).to(tl.float32) * rw).to(dt).to(tl.float32)
+    if SHARED:
+        acc = _rows_dot(hs_ptr + t * IS, sd_ptr, n, nm, IS, BN, BK)
+        out += (acc.to(dt).to(tl.float32) * _shared_gate(x_ptr + t * H, sgw_ptr, H, dt, BK)).to(dt).to(tl.float32)
     tl.store(y_ptr + t * H + n, out.to(dt), mask=nm)
+
+
+@autotune(_GEMV_CONFIGS, key=["H", "I", "TB"])
+@triton.jit(do_not_specialize=["TB", "M"])
+def _gemv_down_split_kernel(h_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, hs_ptr, sd_ptr, x_ptr, sgw_ptr, M, H, I, IS, TB,
+                            TOPK: tl.constexpr, NS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """One term per program (more loads in flight than a loop per token): a < M routed assignment
+    a -> y[t, j] = w h W_down^T; a >= M the shared expert of token t = a - M -> y[t, TOPK]. Rows
+    of y [T, TOPK + NS, H] are rounded like the reference; _sum_k_kernel adds them in order."""
+    a = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    nm = n < H
+    dt = y_ptr.dtype.element_ty
+    if a < M:
+        acc = _rows_dot(h_ptr + a * I, w_ptr + tl.load(ids_ptr + a) * H * I, n, nm, I, BN, BK)
+        rw = tl.load(rw_ptr + a).to(dt).to(tl.float32)
+        row = (a // TOPK) * (TOPK + NS) + a % TOPK
+    else:
+        t = a - M
+        acc = _rows_dot(hs_ptr + t * IS, sd_ptr, n, nm, IS, BN, BK)
+        rw = _shared_gate(x_ptr + t * H, sgw_ptr, H, dt, BK)
+        row = t * (TOPK + NS) + TOPK
+    tl.store(y_ptr + row * H + n, (acc.to(dt).to(tl.float32) * rw).to(dt), mask=nm)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -259,6 +317,56 @@ def _sum_k_kernel(y_ptr, o_ptr, T, H, TOPK: tl.constexpr, BH: tl.constexpr):
     for j in range(TOPK):
         acc += tl.load(y_ptr + (t * TOPK + j) * H + c, mask=cm, other=0.0).to(tl.float32)
     tl.store(o_ptr + t * H + c, acc.to(o_ptr.dtype.element_ty), mask=cm)
+
+
+def _gemv(x, gate_up_proj, down_proj, weights, ids, shared, split_down: bool):
+    """The few-row path: per-assignment GEMVs (+ the gated shared expert as one more assignment per
+    token when `shared` = (gate_proj [Is, H], up_proj [Is, H], down_proj [H, Is], gate [1, H]))."""
+    T, H = x.shape
+    I, k = down_proj.shape[-1], ids.shape[1]
+    M = T * k
+    TB = size_class(T)
+    h = torch.empty(M, I, dtype=x.dtype, device=x.device)
+    if shared is None:
+        sg = su = sd = sgw = gate_up_proj  # never read
+        IS, hs, n_sh = I, h, 0
+    else:
+        sg, su, sd, sgw = (w.contiguous() for w in shared)
+        IS, n_sh = sg.shape[0], T
+        hs = torch.empty(T, IS, dtype=x.dtype, device=x.device)
+    BNmax = max(I, IS)
+    _gemv_gate_up_kernel[lambda meta: (M + n_sh, triton.cdiv(BNmax, meta["BN"]))](
+        x, gate_up_proj, ids, h, sg, su, hs, M, H, I, IS, TB, TOPK=k)
+    weights = weights.contiguous()
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    if not split_down:
+        _gemv_down_kernel[lambda meta: (T, triton.cdiv(H, meta["BN"]))](
+            h, down_proj, ids, weights, out, hs, sd, x, sgw, H, I, IS, TB, TOPK=k, SHARED=shared is not None)
+        return out
+    NS = 0 if shared is None else 1
+    y = torch.empty(T, k + NS, H, dtype=x.dtype, device=x.device)
+    _gemv_down_split_kernel[lambda meta: (M + n_sh, triton.cdiv(H, meta["BN"]))](
+        h, down_proj, ids, weights, y, hs, sd, x, sgw, M, H, I, IS, TB, TOPK=k, NS=NS)
+    BH = min(1024, pow2(H))
+    _sum_k_kernel[(T, triton.cdiv(H, BH))](y, out, T, H, TOPK=k + NS, BH=BH)
+    return out
+
+
+SPLIT_DOWN = False  # GEMV down pass: one program per term + a sum (True) or a loop per token
+
+
+def moe_experts_shared(x, gate_up_proj, down_proj, weights, ids, shared_gate_proj, shared_up_proj,
+                       shared_down_proj, shared_expert_gate, *, split_down: bool | None = None) -> torch.Tensor:
+    """The MoE block's output for few rows (the GEMV path): routed experts plus
+    sigmoid(x shared_expert_gate^T) * shared_expert(x), the shared expert as one more GEMV
+    assignment per token (one launch up, one down, no separate shared-expert matmuls).
+    shared_gate_proj / shared_up_proj [Is, H], shared_down_proj [H, Is], shared_expert_gate [1, H]."""
+    T, H = x.shape
+    if T == 0:
+        return x.new_zeros(T, H)
+    return _gemv(x.contiguous(), gate_up_proj, down_proj, weights, ids.contiguous(),
+                 (shared_gate_proj, shared_up_proj, shared_down_proj, shared_expert_gate),
+                 SPLIT_DOWN if split_down is None else split_down)
 
 
 def moe_experts(x, gate_up_proj, down_proj, weights, ids, *, block_m: int | None = None,
@@ -274,13 +382,7 @@ def moe_experts(x, gate_up_proj, down_proj, weights, ids, *, block_m: int | None
     x = x.contiguous()
     ids = ids.contiguous()
     if gemv if gemv is not None else (M <= GEMV_MAX_ROWS and block_m is None):
-        h = torch.empty(M, I, dtype=x.dtype, device=x.device)
-        TB = size_class(T)
-        _gemv_gate_up_kernel[lambda meta: (M, triton.cdiv(I, meta["BN"]))](x, gate_up_proj, ids, h, H, I, TB, TOPK=k)
-        out = torch.empty(T, H, dtype=x.dtype, device=x.device)
-        _gemv_down_kernel[lambda meta: (T, triton.cdiv(H, meta["BN"]))](h, down_proj, ids, weights.contiguous(), out,
-                                                                        H, I, TB, TOPK=k)
-        return out
+        return _gemv(x, gate_up_proj, down_proj, weights, ids, None, SPLIT_DOWN)
     BM = block_m or (16 if M <= 16 * E else 64)
     rows, block_expert, NB = _align(ids, E, BM)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 models get fp32 products
