@@ -38,6 +38,9 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.tp > 1:
             return self._forward_local(x, weights, ids)
+        if self.gate_up_proj.dtype == torch.float8_e4m3fn:  # block-FP8 experts (layers/quant.py)
+            return ops.moe_experts_fp8(x, self.gate_up_proj, self.gate_up_proj_scale_inv, self.down_proj,
+                                       self.down_proj_scale_inv, weights, ids, self.block)
         return ops.moe_experts(x, self.gate_up_proj, self.down_proj, weights, ids)
 
     def _forward_local(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
