@@ -1,9 +1,12 @@
 """Checkpoint I/O: safetensors (sharded with model.safetensors.index.json, or a single
 model.safetensors), bf16/fp32 or block-FP8 (architecture.md §10), local dirs or hub ids.
 
-`load_weights` maps the checkpoint's per-expert tensors into the stacked expert parameters,
-dequantises FP8 (`weight` * `weight_scale_inv` per 128x128 block) and stops with an error naming
-any missing, unexpected or wrongly shaped tensor. Under tensor parallelism each rank reads only
+`load_weights` maps the checkpoint's per-expert tensors into the stacked expert parameters and
+stops with an error naming any missing, unexpected or wrongly shaped tensor. FP8 weights
+(`weight` * `weight_scale_inv` per 128x128 block) are dequantised into bf16/fp32 parameters, or
+copied as they are into the fp8 parameters of a model converted by layers/quant.py (which also
+quantises bf16 checkpoint tensors: `quantization="fp8"`). `load_model` picks (`fp8_at_load`): fp8
+weights only on one CUDA device, for an FP8 checkpoint ("auto") or when asked ("fp8"). Under tensor parallelism each rank reads only
 the slices its modules declare (distributed/sharding.py) and the experts it owns.
 `save_checkpoint` writes the official (per-expert, `mtp.*`) names back out, plus config.json.
 """
@@ -23,6 +26,7 @@ from tqdm.auto import tqdm
 from .config import ModelConfig
 from .distributed.parallel_state import tp_size
 from .distributed.sharding import read_shard, shard_of
+from .kernels import fp8 as qfp8
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _LEGACY_KEYS = ("rope_theta", "partial_rotary_factor", "rope_scaling", "full_attention_interval", "torch_dtype")
@@ -66,11 +70,43 @@ def _weight_map(path: str) -> dict[str, str]:
         return {k: single for k in f.keys()}
 
 
-def _dequant_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """W_real = fp8 weight * scale_inv[i // bn, j // bk] (a multiplication, §10)."""
-    n, k = w.shape
-    s = scale.float().repeat_interleave(block[0], 0)[:n].repeat_interleave(block[1], 1)[:, :k]
-    return w.float() * s
+QUANTIZATIONS = (None, "auto", "fp8")
+
+
+def fp8_at_load(quantization: str | None, cfg: ModelConfig, device) -> bool:
+    """Hold fp8 weights? "auto" / None: when the checkpoint is FP8 and the model runs on one CUDA
+    device (CPU and tensor-parallel ranks dequantise); "fp8": always (a bf16 checkpoint is
+    quantised at load), which needs one CUDA device."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be 'auto' or 'fp8', got {quantization!r}")
+    cuda = torch.device(device).type == "cuda"
+    if quantization == "fp8":
+        if not cuda:
+            raise ValueError("quantization='fp8' needs a CUDA device (on CPU FP8 checkpoints are dequantised)")
+        if tp_size() > 1:
+            raise ValueError("quantization='fp8' does not support tensor_parallel_size > 1 yet")
+        return True
+    return (cfg.quantization_config or {}).get("quant_method") == "fp8" and cuda and tp_size() == 1
+
+
+def _fp8_modules(model, wmap: dict[str, str]) -> list[str]:
+    """The layers/quant.py candidates to convert: all of them for a bf16 checkpoint; for an FP8 one,
+    those its checkpoint stores in fp8 (the rest stays as §10's modules_to_not_convert says)."""
+    from .layers.quant import fp8_candidates
+
+    names = fp8_candidates(model)
+    if not any(k.endswith("_scale_inv") for k in wmap):
+        return names
+    dtypes: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        files = {f: stack.enter_context(safe_open(f, framework="pt")) for f in set(wmap.values())}
+
+        def dtype(t: str) -> str | None:
+            if t not in dtypes and t in wmap:
+                dtypes[t] = files[wmap[t]].get_slice(t).get_dtype()
+            return dtypes.get(t)
+
+        return [n for n in names if "F8_E4M3" in (dtype(f"{n}.weight"), dtype(f"{n}.0.gate_proj.weight"))]
 
 
 @torch.no_grad()
@@ -126,12 +162,17 @@ def load_weights(model, path_or_id: str, progress: bool = True) -> None:
                 continue  # another rank's expert
             else:
                 t = read(name)
-            if t.dtype == torch.float8_e4m3fn:
+            param = targets[target_name]
+            scale = None  # fp8 parameters: the block scales that go with t
+            if t.dtype == qfp8.FP8:
                 scale_name = name + "_scale_inv"
                 if scale_name not in wmap:
                     raise CheckpointError(f"{name} is float8 but {scale_name} is missing")
-                t = _dequant_fp8(t, read(scale_name), block)
-            param = targets[target_name]
+                scale = read(scale_name).float()
+                if param.dtype != qfp8.FP8:
+                    t, scale = qfp8.dequantize(t, scale, block), None
+            elif param.dtype == qfp8.FP8:  # quantised at load, on the parameter's device
+                t, scale = qfp8.quantize(t.to(param.device), block)
             if m:
                 e, part = int(m.group(2)), m.group(3)
                 if e >= param.shape[0] * tp:
@@ -140,14 +181,24 @@ def load_weights(model, path_or_id: str, progress: bool = True) -> None:
                     e -= model.get_submodule(m.group(1)).first_expert
                 inter = param.shape[1] // 2 if part != "down_proj" else param.shape[2]
                 dst = {"gate_proj": param[e, :inter], "up_proj": param[e, inter:], "down_proj": param[e]}[part]
+                if scale is not None:  # gate and up rows own whole scale blocks (quant.experts_fit)
+                    sp, si = targets[target_name + "_scale_inv"], inter // block[0]
+                    sdst = {"gate_proj": sp[e, :si], "up_proj": sp[e, si:], "down_proj": sp[e]}[part]
                 key = (e, part)
                 expert_filled.setdefault(target_name, set()).add(key)
             else:
                 dst = param
+                if scale is not None:
+                    sdst = targets[target_name + "_scale_inv"]
                 filled.add(name)
             if tuple(t.shape) != tuple(dst.shape):
                 raise CheckpointError(f"{name} has shape {list(t.shape)}, the model expects {list(dst.shape)}")
             dst.copy_(t)
+            if scale is not None:
+                if tuple(scale.shape) != tuple(sdst.shape):
+                    raise CheckpointError(f"{name}_scale_inv has shape {list(scale.shape)}, the model expects "
+                                          f"{list(sdst.shape)} (weight_block_size {list(block)})")
+                sdst.copy_(scale)
     if unexpected:
         raise CheckpointError(f"unexpected tensors in checkpoint: {_few(unexpected)}")
     missing = []
@@ -159,6 +210,8 @@ def load_weights(model, path_or_id: str, progress: bool = True) -> None:
                 continue
             base = n.rsplit(".", 1)[0]
             missing += [f"{base}.{e}.{pt}.weight" for e in range(p.shape[0]) for pt in parts if (e, pt) not in got]
+        elif n.endswith("_scale_inv"):  # written with its weight
+            continue
         elif n not in filled and not (tied and n == "lm_head.weight"):
             missing.append(n)
     if missing:
@@ -177,16 +230,24 @@ def _few(names: list[str], k: int = 5) -> str:
 
 
 def load_model(path_or_id: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-               with_mtp: bool | None = None, progress: bool = True):
-    """-> (model in eval mode, ModelConfig). Parameters are allocated uninitialised, then loaded."""
+               with_mtp: bool | None = None, progress: bool = True, quantization: str | None = None):
+    """-> (model in eval mode, ModelConfig). Parameters are allocated uninitialised, then loaded.
+    `quantization` ("auto" / None, "fp8"): see fp8_at_load."""
     from .model import Qwen3NextForCausalLM
 
     path = resolve_model_dir(path_or_id)
     cfg = ModelConfig.from_dir(path)
+    fp8 = fp8_at_load(quantization, cfg, device)
     with torch.device("meta"):
         model = Qwen3NextForCausalLM(cfg, with_mtp=with_mtp)
     # cast on meta first so real memory is allocated once, in the target dtype
-    model = model.to(dtype).to_empty(device=device)
+    model = model.to(dtype)
+    if fp8:
+        from .layers.quant import to_fp8_
+
+        block = tuple((cfg.quantization_config or {}).get("weight_block_size") or qfp8.BLOCK)
+        to_fp8_(model, block, _fp8_modules(model, _weight_map(path)))
+    model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty re-creates parameters, which unties them
         model.lm_head.weight = model.model.embed_tokens.weight
     load_weights(model, path, progress=progress)
@@ -197,9 +258,12 @@ def load_model(path_or_id: str, dtype: torch.dtype = torch.bfloat16, device: str
 def checkpoint_tensors(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The model's tensors under the official names (per-expert experts, mtp.*), on CPU."""
     out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
-        if model.config.tie_word_embeddings and name == "lm_head.weight":
+    sd = model.state_dict()
+    for name, t in sd.items():
+        if model.config.tie_word_embeddings and name == "lm_head.weight" or name.endswith("_scale_inv"):
             continue
+        if t.dtype == qfp8.FP8:  # fp8 weights are written dequantised (no quantization_config written)
+            t = qfp8.dequantize(t, sd[name + "_scale_inv"], _block_of(model, name), dtype or torch.bfloat16)
         t = t.detach().to("cpu", dtype or t.dtype)
         if name.endswith("mlp.experts.gate_up_proj"):
             base, inter = name[: -len(".gate_up_proj")], t.shape[1] // 2
@@ -213,6 +277,10 @@ def checkpoint_tensors(model, dtype: torch.dtype | None = None) -> dict[str, tor
         else:
             out[name] = t.contiguous()
     return out
+
+
+def _block_of(model, param_name: str) -> tuple[int, int]:
+    return model.get_submodule(param_name.rsplit(".", 1)[0]).block
 
 
 def config_to_hf_dict(cfg: ModelConfig) -> dict:

@@ -28,6 +28,9 @@ class EngineArgs:
     # vLLM's {"method": "qwen3_next_mtp", "num_speculative_tokens": k} (dict or JSON text);
     # checked into a SpeculativeConfig (or None) at construction
     speculative_config: object = None
+    # vLLM's spelling: None / "auto" keeps an FP8 checkpoint's block-FP8 weights on one CUDA device
+    # (CPU dequantises); "fp8" also quantises a bf16 checkpoint at load (loader.fp8_at_load)
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         def pos_int(name: str, allow_none: bool = False) -> None:
@@ -56,6 +59,13 @@ class EngineArgs:
                 raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
             if dev.type == "cuda" and not torch.cuda.is_available():
                 raise ValueError(f"device is {self.device!r} but torch sees no CUDA device")
+        if self.quantization not in (None, "auto", "fp8"):
+            raise ValueError(f"quantization must be 'auto' or 'fp8', got {self.quantization!r}")
+        if self.quantization == "fp8":
+            if self.torch_device().type != "cuda":
+                raise ValueError("quantization='fp8' needs a CUDA device (on CPU FP8 checkpoints are dequantised)")
+            if self.tensor_parallel_size > 1:
+                raise ValueError("quantization='fp8' does not support tensor_parallel_size > 1 yet")
         from qwen3next.engine.spec_decode import SpeculativeConfig
 
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
