@@ -132,7 +132,8 @@ class LLMEngine:
                                with_mtp=args.speculative_config is not None)
         else:
             model, cfg = load_model(path, dtype=dtype, device=device,
-                                    with_mtp=args.speculative_config is not None, progress=False)
+                                    with_mtp=args.speculative_config is not None, progress=False,
+                                    quantization=args.quantization)
         (getattr(model, "inner", model)).sampled_vocab_size = tokenizer_size(path)
         gen = read_generation_config(path)
         eos = gen.get("eos_token_id")
