@@ -185,7 +185,10 @@ def test_completions_endpoint(srv, client):
     r = client.completions.create(model="tiny", prompt=["Hello", "The fox"], max_tokens=3, n=2, logprobs=1,
                                   echo=True, extra_body={"ignore_eos": True})
     assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
-    assert r.choices[0].text.startswith("Hello") and len(r.choices[0].logprobs.tokens) == 3
+    # echo + logprobs (vLLM): the prompt's tokens come first, the first one's logprob null
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith("Hello") and len(lp.tokens) == len(srv.ids("Hello")) + 3
+    assert lp.token_logprobs[0] is None and None not in lp.token_logprobs[1:]
     assert r.usage.completion_tokens == 12
     srv.push("quick brown")
     chunks = list(client.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=10, stream=True,

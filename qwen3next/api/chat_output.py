@@ -3,15 +3,16 @@
 Wraps the project parsers (`qwen3next.parsers`): the reasoning split runs first, the hermes tool
 parser sees only the content after `</think>` (openai_api.md §4.1). A forced-tool prefix (the
 prefill of tool_choice required/named) is parsed as if the model had generated it. Also turns the
-engine's per-token logprob dicts into the OpenAI `logprobs.content` entries.
+engine's per-token logprob dicts into the OpenAI `logprobs.content` entries, and prompt logprobs
+into vLLM's `prompt_logprobs` list.
 """
 
 from __future__ import annotations
 
 import math
 
-from qwen3next.api.protocol import (DeltaMessage, DeltaToolCall, FunctionCall, ResponseMessage,
-                                    TokenLogprob, ToolCall, TopLogprob)
+from qwen3next.api.protocol import (DeltaMessage, DeltaToolCall, FunctionCall, PromptLogprob,
+                                    ResponseMessage, TokenLogprob, ToolCall, TopLogprob)
 from qwen3next.parsers import ReasoningParser, ReasoningStream, ToolCallStream, extract_tool_calls
 
 
@@ -108,3 +109,18 @@ def token_logprobs(tok, token_ids: list[int], logprobs, top: int, as_ids: bool =
         out.append(TokenLogprob(**piece(tid, chosen.logprob if chosen else -9999.0),
                                 top_logprobs=[TopLogprob(**piece(t, lp.logprob)) for t, lp in ranked]))
     return out
+
+
+def prompt_logprobs_json(tok, entries: list) -> list[dict[str, PromptLogprob] | None]:
+    """Engine prompt logprobs (None, then one {id: Logprob} per prompt token) -> vLLM's JSON form:
+    {"<id>": {"logprob", "rank", "decoded_token"}} per position (-inf clamped to -9999)."""
+    names: dict[int, str] = {}
+
+    def name(t: int) -> str:
+        if t not in names:
+            names[t] = tok.decode([t], skip_special_tokens=False)
+        return names[t]
+
+    return [None if d is None else
+            {str(t): PromptLogprob(logprob=_clamp(lp.logprob), rank=lp.rank, decoded_token=name(t))
+             for t, lp in d.items()} for d in entries]

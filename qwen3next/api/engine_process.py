@@ -107,17 +107,25 @@ def apply(engine, cmd: tuple, events: list) -> None:
 def encode_outputs(outs: list[RequestOutput]) -> list[tuple]:
     return [(o.request_id, o.finished, [(c.index, c.token_ids, c.cumulative_logprob,
                                          None if c.logprobs is None else _encode_logprobs(c.logprobs),
-                                         c.finish_reason, c.stop_reason) for c in o.outputs])
+                                         c.finish_reason, c.stop_reason) for c in o.outputs],
+             None if o.prompt_logprobs is None else _encode_logprobs(o.prompt_logprobs))
             for o in outs]
 
 
-def _encode_logprobs(lps: list[dict]) -> list[list[tuple]]:
-    return [[(t, lp.logprob, lp.rank) for t, lp in d.items()] for d in lps]
+def _encode_logprobs(lps: list[dict | None]) -> list[list[tuple] | None]:
+    # (prompt logprobs start with None)
+    return [None if d is None else [(t, lp.logprob, lp.rank) for t, lp in d.items()] for d in lps]
+
+
+def _decode_logprobs(lps: list[list[tuple] | None]) -> list[dict | None]:
+    return [None if d is None else {t: Logprob(lp, rank) for t, lp, rank in d} for d in lps]
 
 
 def decode_output(item: tuple) -> RequestOutput:
-    rid, finished, outputs = item
-    return RequestOutput(rid, None, [], [
-        CompletionOutput(index, "", ids, cum, None if lps is None else
-                         [{t: Logprob(lp, rank) for t, lp, rank in d} for d in lps], reason, stop)
+    rid, finished, outputs, prompt_lps = item
+    out = RequestOutput(rid, None, [], [
+        CompletionOutput(index, "", ids, cum, None if lps is None else _decode_logprobs(lps), reason, stop)
         for index, ids, cum, lps, reason, stop in outputs], finished)
+    if prompt_lps is not None:
+        out.prompt_logprobs = _decode_logprobs(prompt_lps)
+    return out

@@ -43,13 +43,19 @@ async def _merged(engine, rid, ids, params, think_end, prefix_ids, gen1) -> Asyn
     queue: asyncio.Queue = asyncio.Queue()
     generated: list[list[int]] = [[] for _ in range(params.n)]
     tasks: list[asyncio.Task] = []
+    prompt_lps: list = []  # phase 1's prompt logprobs, handed on with the next step
 
     async def put(request_id: str, step: Step) -> None:
-        await queue.put(RequestOutput(request_id, None, ids, [step]))
+        out = RequestOutput(request_id, None, ids, [step])
+        if prompt_lps:
+            out.prompt_logprobs = prompt_lps.pop()
+        await queue.put(out)
 
     async def run(gen, on_output) -> None:
         try:
             async for out in gen:
+                if out.prompt_logprobs is not None:
+                    prompt_lps.append(out.prompt_logprobs)
                 for co in out.outputs:
                     await on_output(out.request_id, co)
         except asyncio.CancelledError:
@@ -76,6 +82,7 @@ async def _merged(engine, rid, ids, params, think_end, prefix_ids, gen1) -> Asyn
             return
         p2 = copy.copy(params)
         p2.n, p2.max_tokens, p2.min_tokens = 1, budget, 0
+        p2.prompt_logprobs = None  # the request's prompt is phase 1's
         if params.seed is not None:
             p2.seed = params.seed + i
         await put(sub_id, Step(i, [], forced_ids=list(prefix_ids)))

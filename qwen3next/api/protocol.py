@@ -228,6 +228,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs = None
 
 
 class DeltaFunctionCall(BaseModel):
@@ -267,6 +268,18 @@ class ChatCompletionChunk(BaseModel):
     usage: Optional[Usage] = None
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's prompt_logprobs entry (one per token id of a prompt position)."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+# prompt_logprobs: one entry per prompt token, the first None; token ids as JSON keys
+PromptLogprobs = Optional[list[Optional[dict[str, PromptLogprob]]]]
+
+
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[Optional[float]] = Field(default_factory=list)
@@ -280,6 +293,7 @@ class CompletionChoice(BaseModel):
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None
+    prompt_logprobs: PromptLogprobs = None
 
 
 class CompletionResponse(BaseModel):

@@ -5,7 +5,8 @@ and turn each sample's ids into text (`TextStream`) and then into reasoning / co
 (`ChoiceParser`). tool_choice "required" or a named function is *guided by prefill*: the start of
 a hermes `<tool_call>` block is appended to the prompt (Instruct) or, for Thinking templates, after
 the model's own `</think>` (`forced_tools`), so the model can only complete the call; the parser
-sees the prefill as output.
+sees the prefill as output. `prompt_logprobs: k` (vLLM extra, not with stream) returns the
+rendered prompt's logprobs as a top-level `prompt_logprobs` list in vLLM's form.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import jinja2
 
-from qwen3next.api.chat_output import ChoiceParser, token_logprobs
+from qwen3next.api.chat_output import ChoiceParser, prompt_logprobs_json, token_logprobs
 from qwen3next.api.errors import APIError, bad_request, error_body
 from qwen3next.api.forced_tools import reason_then_call
 from qwen3next.api.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -124,7 +125,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = max_new_tokens(state, len(ids), budget, param, "messages")
     top = req.top_logprobs or 0
-    params = sampling_params(state, req, max_tokens, top if req.logprobs else None)
+    params = sampling_params(state, req, max_tokens, top if req.logprobs else None, req.prompt_logprobs)
     rid = req.request_id or random_id("chatcmpl")
     prefix = call if not thinking else ""  # what the parser must see before the model's output
     single = call.endswith('"arguments": ')  # a named function: exactly one call
@@ -140,9 +141,13 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     return await until_disconnect(raw_request, _full(state, req, rid, model, ids, choices, gen))
 
 
-async def _steps(state, req, choices, gen) -> AsyncIterator[tuple[_Choice, str, list]]:
-    """Yield (choice, text delta, logprobs) per engine step until every choice is done."""
+async def _steps(state, req, choices, gen, prompt_lps: list | None = None
+                 ) -> AsyncIterator[tuple[_Choice, str, list]]:
+    """Yield (choice, text delta, logprobs) per engine step until every choice is done; the
+    engine's prompt logprobs, when they come, are appended to `prompt_lps`."""
     async for out in gen:
+        if out.prompt_logprobs is not None and prompt_lps is not None:
+            prompt_lps.append(out.prompt_logprobs)
         for co in out.outputs:
             c = choices[co.index]
             if c.done:
@@ -174,8 +179,9 @@ def _echo(req: ChatCompletionRequest) -> str:
 
 async def _full(state, req, rid, model, ids, choices, gen) -> dict:
     echo = _echo(req)
+    prompt_lps: list = []
     try:
-        async for _ in _steps(state, req, choices, gen):
+        async for _ in _steps(state, req, choices, gen, prompt_lps):
             pass
     finally:
         await gen.aclose()  # aborts the request if it is still running (stop string, disconnect)
@@ -187,8 +193,9 @@ async def _full(state, req, rid, model, ids, choices, gen) -> dict:
         reason = "tool_calls" if called else c.finish_reason
         out.append(ChatChoice(index=c.index, message=message, finish_reason=reason, stop_reason=c.stop_reason,
                               logprobs=ChoiceLogprobs(content=c.logprobs) if req.logprobs else None))
-    resp = ChatCompletionResponse(id=rid, model=model, choices=out,
-                                  usage=_usage(len(ids), choices))
+    resp = ChatCompletionResponse(id=rid, model=model, choices=out, usage=_usage(len(ids), choices))
+    if req.prompt_logprobs is not None and prompt_lps:
+        resp.prompt_logprobs = prompt_logprobs_json(state.tokenizer, prompt_lps[0])
     return resp.model_dump(exclude_none=False)
 
 

@@ -72,9 +72,9 @@ def max_new_tokens(state: ServerState, prompt_len: int, requested: int | None, p
 
 
 def sampling_params(state: ServerState, req: SamplingFields, max_tokens: int,
-                    logprobs: int | None) -> SamplingParams:
+                    logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
     """Request fields -> SamplingParams; fields the client left out take generation_config values."""
-    kw = dict(n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
+    kw = dict(n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens, prompt_logprobs=prompt_logprobs,
               presence_penalty=req.presence_penalty or 0.0,
               frequency_penalty=req.frequency_penalty or 0.0,
               stop=req.stop, stop_token_ids=req.stop_token_ids, seed=req.seed,

@@ -2,7 +2,11 @@
 
 Each prompt is one engine request with `n` samples; choice index = prompt_index * n + sample
 (vLLM). No reasoning or tool parsing. `logprobs: k` returns the legacy
-{tokens, token_logprobs, top_logprobs, text_offset} layout.
+{tokens, token_logprobs, top_logprobs, text_offset} layout; with `echo` it starts with the prompt's
+tokens (the first one's logprob null), and `max_tokens: 0` + `echo` returns the prompt alone
+(lm-evaluation-harness's loglikelihood requests). `prompt_logprobs: k` (vLLM extra) adds each
+choice's `prompt_logprobs` in vLLM's form. The echoed prompt travels with the first engine output,
+which carries the prompt logprobs.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from qwen3next.api.chat_output import token_logprobs
+from qwen3next.api.chat_output import prompt_logprobs_json, token_logprobs
 from qwen3next.api.errors import APIError
 from qwen3next.api.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
                                     CompletionResponse, Usage, random_id)
@@ -22,12 +26,16 @@ from qwen3next.api.validate import check_completion, prompt_list
 
 class _Sample:
     def __init__(self, state: ServerState, req: CompletionRequest, index: int, prompt_len: int,
-                 echo: str):
+                 echo: str, prompt_ids: list[int]):
         self.index = index
         stops = [req.stop] if isinstance(req.stop, str) else req.stop
         self.text = TextStream(state.tokenizer, stops, req.skip_special_tokens, req.include_stop_str_in_output)
         self.timer = state.metrics.timer(prompt_len)
         self.echo = echo
+        self.echo_pending = req.echo  # the echo goes out with the first output
+        self.echo_only = req.echo and req.max_tokens == 0  # the engine samples one token: dropped
+        self.prompt_ids = prompt_ids
+        self.prompt_logprobs = None  # the engine's, when asked (set by the first output)
         self.eos_ids = state.eos_ids
         self.include_stop = req.include_stop_str_in_output
         self.finish_reason: str | None = None
@@ -35,6 +43,7 @@ class _Sample:
         self.num_tokens = 0
         self.logprobs = CompletionLogprobs()
         self._lp_sent = 0  # logprob entries already streamed
+        self._num_echoed = 0  # leading logprob entries that are the prompt's
 
     def new_logprobs(self) -> CompletionLogprobs:
         """The entries gathered since the last call (streaming)."""
@@ -44,16 +53,28 @@ class _Sample:
                                   top_logprobs=lp.top_logprobs[k:], text_offset=lp.text_offset[k:])
 
     def absorb(self, out, state: ServerState, top: int | None, as_ids: bool = False) -> str:
+        prefix = ""
+        if self.echo_pending:
+            self.echo_pending = False
+            prefix = self.echo
+            if top is not None:
+                self._echo_logprobs(state.tokenizer, top, as_ids)
+        if self.echo_only:
+            if out.finish_reason is not None:
+                self.finish_reason = "length"
+                self.timer.finish(self.finish_reason)
+            return prefix
         self.num_tokens += len(out.token_ids)
         self.timer.token(len(out.token_ids))
         ids = out.token_ids
         if (out.finish_reason == "stop" and ids and not self.include_stop
                 and (ids[-1] in self.eos_ids or ids[-1] == out.stop_reason)):
             ids = ids[:-1]
-        offset = len(self.echo) + sum(len(t) for t in self.logprobs.tokens)
-        text = self.text.add(ids)
+        lp = self.logprobs
+        # generated tokens' offsets count from the end of the echoed text
+        offset = len(self.echo) + sum(len(t) for t in lp.tokens[self._num_echoed:])
+        text = prefix + self.text.add(ids)
         if top is not None:
-            lp = self.logprobs
             for entry in token_logprobs(state.tokenizer, out.token_ids, out.logprobs, top, as_ids):
                 lp.text_offset.append(offset)
                 offset += len(entry.token)
@@ -71,6 +92,29 @@ class _Sample:
         return text
 
 
+    def _echo_logprobs(self, tok, top: int, as_ids: bool) -> None:
+        """The prompt's tokens as the first logprob entries: the first with null logprobs, the
+        rest from the engine's prompt logprobs (top-`top` by rank)."""
+        ids, plp = self.prompt_ids, self.prompt_logprobs
+        if plp is None:  # (aborted before the prompt completed)
+            return
+        lp = self.logprobs
+        first = f"token_id:{ids[0]}" if as_ids else tok.decode([ids[0]], skip_special_tokens=False)
+        rest = token_logprobs(tok, ids[1:], plp[1:], top, as_ids)
+        lp.tokens.append(first)
+        lp.token_logprobs.append(None)
+        lp.top_logprobs.append(None)
+        lp.text_offset.append(0)
+        offset = len(first)
+        for entry in rest:
+            lp.text_offset.append(offset)
+            offset += len(entry.token)
+            lp.tokens.append(entry.token)
+            lp.token_logprobs.append(entry.logprob)
+            lp.top_logprobs.append({t.token: t.logprob for t in entry.top_logprobs})
+        self._num_echoed = len(ids)
+
+
 async def create_completion(state: ServerState, req: CompletionRequest, raw_request):
     check_completion(req, state.vocab_size)
     model = check_model(state, req.model)
@@ -81,10 +125,17 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw_requ
         ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if req.truncate_prompt_tokens is not None:
             ids = ids[-req.truncate_prompt_tokens:]
-        max_tokens = max_new_tokens(state, len(ids), req.max_tokens, "max_tokens", "prompt")
-        params = sampling_params(state, req, max_tokens, req.logprobs)
+        # echo with max_tokens 0: vLLM runs one token and returns the prompt alone
+        budget = 1 if req.echo and req.max_tokens == 0 else req.max_tokens
+        max_tokens = max_new_tokens(state, len(ids), budget, "max_tokens", "prompt")
+        # vLLM: echo with logprobs asks the engine for the prompt's logprobs at the same k
+        plp = req.prompt_logprobs
+        if plp is None and req.echo and req.logprobs is not None:
+            plp = req.logprobs
+        params = sampling_params(state, req, max_tokens, req.logprobs, plp)
         echo = (prompt if isinstance(prompt, str) else tok.decode(ids)) if req.echo else ""
-        samples = [_Sample(state, req, p * req.n + i, len(ids) if i == 0 else 0, echo) for i in range(req.n)]
+        samples = [_Sample(state, req, p * req.n + i, len(ids) if i == 0 else 0, echo, ids)
+                   for i in range(req.n)]
         jobs.append((f"{rid}-{p}", ids, params, samples))
     gens = []
     try:
@@ -99,7 +150,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw_requ
     samples = [s for job in jobs for s in job[3]]
     if req.stream:
         return _stream(req, rid, model, merged, samples, prompt_tokens)
-    return await until_disconnect(raw_request, _full(req, rid, model, merged, samples, prompt_tokens))
+    return await until_disconnect(raw_request, _full(state, req, rid, model, merged, samples, prompt_tokens))
 
 
 async def _merge(state, req, pairs) -> AsyncIterator[tuple[_Sample, str]]:
@@ -109,6 +160,9 @@ async def _merge(state, req, pairs) -> AsyncIterator[tuple[_Sample, str]]:
     async def pump(gen, samples):
         try:
             async for out in gen:
+                if out.prompt_logprobs is not None:  # (the request's first output)
+                    for s in samples:
+                        s.prompt_logprobs = out.prompt_logprobs
                 for co in out.outputs:
                     s = samples[co.index]
                     if s.finish_reason is None:
@@ -146,12 +200,15 @@ def _usage(samples, prompt_tokens: int) -> Usage:
                  total_tokens=prompt_tokens + completion)
 
 
-async def _full(req, rid, model, merged, samples, prompt_tokens) -> dict:
+async def _full(state, req, rid, model, merged, samples, prompt_tokens) -> dict:
     async for _ in merged:
         pass
+    tok = state.tokenizer
     choices = [CompletionChoice(index=s.index, text=s.echo + s.text.text, finish_reason=s.finish_reason,
                                 stop_reason=s.stop_reason,
-                                logprobs=s.logprobs if req.logprobs is not None else None)
+                                logprobs=s.logprobs if req.logprobs is not None else None,
+                                prompt_logprobs=None if req.prompt_logprobs is None or s.prompt_logprobs is None
+                                else prompt_logprobs_json(tok, s.prompt_logprobs))
                for s in samples]
     return CompletionResponse(id=rid, model=model, choices=choices,
                               usage=_usage(samples, prompt_tokens)).model_dump()
@@ -160,10 +217,6 @@ async def _full(req, rid, model, merged, samples, prompt_tokens) -> dict:
 async def _stream(req, rid, model, merged, samples, prompt_tokens) -> AsyncIterator[str]:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     try:
-        for s in samples:
-            if s.echo:
-                yield sse(CompletionResponse(id=rid, model=model,
-                                             choices=[CompletionChoice(index=s.index, text=s.echo)]))
         async for s, text in merged:
             logprobs = s.new_logprobs() if req.logprobs is not None else None
             if text or s.finish_reason is not None or (logprobs and logprobs.tokens):

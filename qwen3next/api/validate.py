@@ -88,8 +88,9 @@ def check_sampling(req: SamplingFields, vocab_size: int) -> None:
         if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
             raise bad_request(f"logit_bias: key {key!r} is not a token id", "logit_bias")
         _check_range(bias, "logit_bias", -100.0, 100.0)
-    if req.prompt_logprobs is not None:
-        raise bad_request("prompt_logprobs is not supported", "prompt_logprobs")
+    _check_range(req.prompt_logprobs, "prompt_logprobs", 0, MAX_LOGPROBS)
+    if req.prompt_logprobs is not None and req.stream:  # vLLM's rule
+        raise bad_request("prompt_logprobs are not available when stream is true", "prompt_logprobs")
     if req.response_format is not None and req.response_format.type != "text":
         raise bad_request(f"response_format {req.response_format.type!r} is not supported "
                           "(no guided decoding in this engine)", "response_format")
@@ -123,7 +124,8 @@ def check_completion(req: CompletionRequest, vocab_size: int) -> None:
     check_sampling(req, vocab_size)
     if req.suffix is not None:
         raise bad_request("suffix is not supported", "suffix")
-    _check_range(req.max_tokens, "max_tokens", 1)
+    # max_tokens 0 with echo: the prompt (and its logprobs) alone, lm-eval's loglikelihood call
+    _check_range(req.max_tokens, "max_tokens", 0 if req.echo else 1)
     _check_range(req.logprobs, "logprobs", 0, MAX_LOGPROBS)
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("best_of different from n is not supported", "best_of")
