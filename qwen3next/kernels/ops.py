@@ -31,7 +31,7 @@ from .rotary import rope_cos_sin, rope_inv_freq
 __all__ = [
     "apply_rotary", "causal_attention", "causal_conv1d_update", "causal_conv1d_varlen",
     "gate_output", "gated_delta_rule_chunked", "gated_delta_rule_recurrent", "gated_rmsnorm", "gdn_cached",
-    "gdn_decode",
+    "gdn_decode", "qkv_gates",
     "moe_dense_act", "moe_dense_pays", "moe_experts", "moe_experts_shared", "moe_experts_shared_ok",
     "moe_route", "paged_attention", "fp8_linear", "moe_experts_fp8",
     "rope_cos_sin", "rope_inv_freq", "save_token_windows", "write_kv", "zc_rmsnorm",
@@ -186,12 +186,27 @@ def gdn_cached(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, st
     kernel on CPU, else the single kernels one by one. The C++ kernel runs the recurrence token by
     token; on one core it still beat the chunked torch path at every size measured (prefills of
     128-512 tokens, heads 16x16 up to 32 x 128x128: 1.6-7x faster)."""
+    S = recurrent_state
+    if _use_triton(m, a, b, conv_weight) and _pow2(S.shape[-2]) and _pow2(S.shape[-1]) and S.dtype == torch.float32:
+        # conv -> fused q/k norms + gates -> chunked delta rule; verify: the fused kernels (gdn_verify.py)
+        return _triton("gdn_prep").gdn_cached(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens,
+                                              state_slots, has_initial_state, per_token_state_slots, A_log,
+                                              dt_bias, num_k_heads)
     if _ext_ok(m, a, b, conv_weight) and _ext.gdn_ok(m, a, b, conv_weight, conv_state, recurrent_state, A_log,
                                                     dt_bias):
         return _ext.gdn_varlen(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots,
                                has_initial_state, per_token_state_slots, A_log, dt_bias, num_k_heads)
     return _gdn.gdn_cached(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots,
                            has_initial_state, per_token_state_slots, A_log, dt_bias, num_k_heads)
+
+
+def qkv_gates(mc, a, b, A_log, dt_bias, num_k_heads, head_k_dim, num_v_heads, head_v_dim):
+    """kernels/gdn.py's `qkv_gates`; on CUDA one launch that normalises q / k IN PLACE in mc and
+    returns views of it (q / k then in mc's dtype): callers hand over mc."""
+    if _use_triton(mc, a, b) and _pow2(head_k_dim) and mc.stride(-1) == 1:
+        return _triton("gdn_prep").qkv_gates_(mc, a, b, A_log, dt_bias, num_k_heads, head_k_dim, num_v_heads,
+                                              head_v_dim)
+    return _gdn.qkv_gates(mc, a, b, A_log, dt_bias, num_k_heads, head_k_dim, num_v_heads, head_v_dim)
 
 
 def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale):

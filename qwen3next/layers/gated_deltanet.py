@@ -21,7 +21,6 @@ from ..distributed.parallel_state import tp_size
 from ..distributed.sharding import Shard, cols, even_range, rows
 from ..forward_batch import ForwardBatch
 from ..kernels import ops
-from ..kernels.gdn import qkv_gates
 from .fused import DerivedWeight
 from .norm import GatedRMSNorm
 
@@ -32,6 +31,12 @@ def _regroup_rows(Hk: int, dk: int, rdv: int, r: int, w_qkvz: torch.Tensor, w_ba
     q, k, v, z = torch.split(w_qkvz.view(Hk, 2 * dk + 2 * rdv, H), [dk, dk, rdv, rdv], dim=1)
     ba = w_ba.view(Hk, 2 * r, H)
     return torch.cat([t.reshape(-1, H) for t in (q, k, v, z, ba[:, :r], ba[:, r:])])
+
+
+def _regroup_ba(Hk: int, r: int, w_ba: torch.Tensor) -> torch.Tensor:
+    """Per-key-head grouped rows of in_proj_ba -> [b_all | a_all]."""
+    ba = w_ba.view(Hk, 2 * r, w_ba.shape[-1])
+    return torch.cat([ba[:, :r].reshape(Hk * r, -1), ba[:, r:].reshape(Hk * r, -1)])
 
 
 class GatedDeltaNet(nn.Module):
@@ -58,6 +63,7 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = nn.Linear(self.value_dim, H, bias=False)
         self._proj = DerivedWeight(functools.partial(_regroup_rows, self.num_k_heads, self.head_k_dim,
                                                      self.ratio * self.head_v_dim, self.ratio))
+        self._ba = DerivedWeight(functools.partial(_regroup_ba, self.num_k_heads, self.ratio))
         if self.tp > 1:
             self._declare_shards(cfg)
 
@@ -82,10 +88,19 @@ class GatedDeltaNet(nn.Module):
             return y[:, :C], y[:, C : C + Vd].view(T, Hv, dv), y[:, C + Vd : C + Vd + Hv], y[:, C + Vd + Hv :]
         p = self.in_proj_qkvz(x).view(T, Hk, 2 * dk + 2 * r * dv)
         q, k, v, z = torch.split(p, [dk, dk, r * dv, r * dv], dim=-1)
-        pb = self.in_proj_ba(x).view(T, Hk, 2 * r)
-        b, a = pb[..., :r].reshape(T, -1), pb[..., r:].reshape(T, -1)
-        m = torch.cat([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], dim=-1)
-        return m, z.reshape(T, self.num_v_heads, dv), b, a
+        # m = [q_all | k_all | v_all]: each part one strided copy into its columns (no reshape copies + cat)
+        kd, Hv = self.key_dim, self.num_v_heads
+        m = p.new_empty(T, self.conv_dim)
+        m[:, :kd].view(T, Hk, dk).copy_(q)
+        m[:, kd:2 * kd].view(T, Hk, dk).copy_(k)
+        m[:, 2 * kd:].view(T, Hk, r * dv).copy_(v)
+        if torch.is_grad_enabled() and self.in_proj_ba.weight.requires_grad:
+            pb = self.in_proj_ba(x).view(T, Hk, 2 * r)
+            b, a = pb[..., :r].reshape(T, -1), pb[..., r:].reshape(T, -1)
+        else:  # inference: in_proj_ba's rows regrouped once as [b_all | a_all], b and a are views
+            ba = nn.functional.linear(x, self._ba.get(self.in_proj_ba.weight))
+            b, a = ba[:, :Hv], ba[:, Hv:]
+        return m, z.reshape(T, Hv, dv), b, a
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         T = x.shape[0]
@@ -100,8 +115,8 @@ class GatedDeltaNet(nn.Module):
             return self._out(o.reshape(T, self.value_dim))
         if cache is None:
             mc = ops.causal_conv1d_varlen(m, w, batch.cu_seqlens)
-            q, k, v, g, beta = qkv_gates(mc, a, b, self.A_log, self.dt_bias, self.num_k_heads, self.head_k_dim,
-                                         self.num_v_heads, self.head_v_dim)
+            q, k, v, g, beta = ops.qkv_gates(mc, a, b, self.A_log, self.dt_bias, self.num_k_heads, self.head_k_dim,
+                                             self.num_v_heads, self.head_v_dim)
             o = ops.gated_delta_rule_chunked(q, k, v, g, beta, batch.cu_seqlens)
         else:  # prefill chunks, mixed steps, speculative verify (per-token states)
             o = ops.gdn_cached(m, a, b, w, cache.conv[self.layer_idx], cache.recurrent[self.layer_idx],

@@ -55,7 +55,7 @@ def _configs(warps):
 
 @autotune(_configs([4, 2, 1]), key=["DK"])
 @triton.jit(do_not_specialize=["B"])
-def _kkt_solve_kernel(k_ptr, g_ptr, b_ptr, cu_ptr, B, G_ptr, A_ptr,
+def _kkt_solve_kernel(k_ptr, g_ptr, b_ptr, cu_ptr, B, G_ptr, A_ptr, SK,
                       HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, BB: tl.constexpr,
                       BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     i_c = tl.program_id(0)
@@ -108,10 +108,10 @@ def _kkt_solve_kernel(k_ptr, g_ptr, b_ptr, cu_ptr, B, G_ptr, A_ptr,
     kbase = k_ptr + hk * DK
     for kk in range(0, DK, BK):
         ck = kk + tl.arange(0, BK)
-        k0 = tl.load(kbase + r0[:, None] * (HK * DK) + ck[None, :], mask=m0[:, None], other=0.0)
-        k1 = tl.load(kbase + r1[:, None] * (HK * DK) + ck[None, :], mask=m1[:, None], other=0.0)
-        k2 = tl.load(kbase + r2[:, None] * (HK * DK) + ck[None, :], mask=m2[:, None], other=0.0)
-        k3 = tl.load(kbase + r3[:, None] * (HK * DK) + ck[None, :], mask=m3[:, None], other=0.0)
+        k0 = tl.load(kbase + r0[:, None] * SK + ck[None, :], mask=m0[:, None], other=0.0)
+        k1 = tl.load(kbase + r1[:, None] * SK + ck[None, :], mask=m1[:, None], other=0.0)
+        k2 = tl.load(kbase + r2[:, None] * SK + ck[None, :], mask=m2[:, None], other=0.0)
+        k3 = tl.load(kbase + r3[:, None] * SK + ck[None, :], mask=m3[:, None], other=0.0)
         a00 += tl.dot(k0, tl.trans(k0), input_precision=PREC)
         a10 += tl.dot(k1, tl.trans(k0), input_precision=PREC)
         a11 += tl.dot(k1, tl.trans(k1), input_precision=PREC)
@@ -164,7 +164,7 @@ def _kkt_solve_kernel(k_ptr, g_ptr, b_ptr, cu_ptr, B, G_ptr, A_ptr,
 
 @autotune(_configs([4, 2, 8]), key=["DK", "DV"])
 @triton.jit(do_not_specialize=["B"])
-def _wu_kernel(k_ptr, v_ptr, b_ptr, G_ptr, A_ptr, cu_ptr, B, u_ptr, kd_ptr,
+def _wu_kernel(k_ptr, v_ptr, b_ptr, G_ptr, A_ptr, cu_ptr, B, u_ptr, kd_ptr, SK, SV,
                HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BB: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     i_c = tl.program_id(0)
@@ -185,20 +185,20 @@ def _wu_kernel(k_ptr, v_ptr, b_ptr, G_ptr, A_ptr, cu_ptr, B, u_ptr, kd_ptr,
     dt = u_ptr.dtype.element_ty
     for vv in range(0, DV, BV):
         cv = vv + tl.arange(0, BV)
-        v = tl.load(v_ptr + (rows[:, None] * HV + h) * DV + cv[None, :], mask=rm[:, None], other=0.0)
+        v = tl.load(v_ptr + rows[:, None] * SV + h * DV + cv[None, :], mask=rm[:, None], other=0.0)
         u = tl.dot(Tm, (v * beta[:, None]).to(dt), input_precision=PREC)
         tl.store(u_ptr + (rows[:, None] * HV + h) * DV + cv[None, :], u.to(dt), mask=rm[:, None])
     sk = beta * tl.exp(G)
     for kk in range(0, DK, BK):
         ck = kk + tl.arange(0, BK)
-        k = tl.load(k_ptr + (rows[:, None] * HK + hk) * DK + ck[None, :], mask=rm[:, None], other=0.0)
+        k = tl.load(k_ptr + rows[:, None] * SK + hk * DK + ck[None, :], mask=rm[:, None], other=0.0)
         kd = tl.dot(Tm, (k * sk[:, None]).to(dt), input_precision=PREC)
         tl.store(kd_ptr + (rows[:, None] * HV + h) * DK + ck[None, :], kd.to(dt), mask=rm[:, None])
 
 
 @triton.jit(do_not_specialize=["B"])
 def _state_kernel(q_ptr, k_ptr, u_ptr, kd_ptr, G_ptr, w_ptr, h_ptr, o_ptr, cu_ptr, B,
-                  st_ptr, slot_ptr, init_ptr,
+                  st_ptr, slot_ptr, init_ptr, SQ, SK,
                   HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BB: tl.constexpr,
                   BT: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr, FUSE_O: tl.constexpr,
                   PREC: tl.constexpr):
@@ -229,13 +229,13 @@ def _state_kernel(q_ptr, k_ptr, u_ptr, kd_ptr, G_ptr, w_ptr, h_ptr, o_ptr, cu_pt
         rm = rows < eos
         kd = tl.load(kd_ptr + (rows[:, None] * HV + h) * DK + ck[None, :], mask=rm[:, None], other=0.0)
         u = tl.load(u_ptr + (rows[:, None] * HV + h) * DV + cv[None, :], mask=rm[:, None], other=0.0)
-        k = tl.load(k_ptr + (rows[:, None] * HK + hk) * DK + ck[None, :], mask=rm[:, None], other=0.0)
+        k = tl.load(k_ptr + rows[:, None] * SK + hk * DK + ck[None, :], mask=rm[:, None], other=0.0)
         G = tl.load(G_ptr + rows * HV + h, mask=rm, other=0.0)
         G_last = tl.load(G_ptr + (tl.minimum(t0 + BT, eos) - 1) * HV + h)
         Sd = S.to(dt)
         w = u.to(tl.float32) - tl.dot(kd, Sd, input_precision=PREC)            # [BT, BV]
         if FUSE_O:
-            q = tl.load(q_ptr + (rows[:, None] * HK + hk) * DK + ck[None, :], mask=rm[:, None], other=0.0)
+            q = tl.load(q_ptr + rows[:, None] * SQ + hk * DK + ck[None, :], mask=rm[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC)
             s = tl.where(causal, s * tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0)), 0.0)
             o = tl.dot(q, Sd, input_precision=PREC) * tl.exp(G)[:, None]
@@ -254,7 +254,7 @@ def _state_kernel(q_ptr, k_ptr, u_ptr, kd_ptr, G_ptr, w_ptr, h_ptr, o_ptr, cu_pt
 
 
 @triton.jit(do_not_specialize=["B"])
-def _out_kernel(q_ptr, k_ptr, w_ptr, h_ptr, G_ptr, o_ptr, cu_ptr, B,
+def _out_kernel(q_ptr, k_ptr, w_ptr, h_ptr, G_ptr, o_ptr, cu_ptr, B, SQ, SK,
                 HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BB: tl.constexpr,
                 BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     i_c = tl.program_id(0)
@@ -271,8 +271,8 @@ def _out_kernel(q_ptr, k_ptr, w_ptr, h_ptr, G_ptr, o_ptr, cu_ptr, B,
     ck = tl.arange(0, DK)
     cv = iv * BV + tl.arange(0, BV)
     dt = q_ptr.dtype.element_ty
-    q = tl.load(q_ptr + (rows[:, None] * HK + hk) * DK + ck[None, :], mask=rm[:, None], other=0.0)
-    k = tl.load(k_ptr + (rows[:, None] * HK + hk) * DK + ck[None, :], mask=rm[:, None], other=0.0)
+    q = tl.load(q_ptr + rows[:, None] * SQ + hk * DK + ck[None, :], mask=rm[:, None], other=0.0)
+    k = tl.load(k_ptr + rows[:, None] * SK + hk * DK + ck[None, :], mask=rm[:, None], other=0.0)
     G = tl.load(G_ptr + rows * HV + h, mask=rm, other=0.0)
     # chunk i_c's incoming state (flat chunk index = the sequence's first chunk + ci)
     hs = tl.load(h_ptr + ((i_c.to(tl.int64) * HV + h) * DK + ck[:, None]) * DV + cv[None, :])
@@ -298,6 +298,16 @@ def _check(q, k, v, g, beta, state, state_slots):
         raise ValueError("state_slots is required when state is given")
 
 
+def _rows(x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """x [T, heads, d] in `dt` with packed heads (strides (any, d, 1)): the kernels read rows at
+    x.stride(0), so a head view of a wider row (the conv output's q / k / v columns) is not copied."""
+    if x.dtype != dt:
+        return x.to(dt).contiguous()
+    if x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
+        return x.contiguous()
+    return x
+
+
 def _state_args(state, state_slots, has_initial_state, cu):
     """Kernel arguments for the optional pool (unused pointers get any tensor)."""
     if state is None:
@@ -312,7 +322,8 @@ def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slo
                              bv_state: int = 32, bv_out: int = 128, warps_state: int = 4):
     """Chunked gated delta rule over a packed varlen batch -> o [T, Hv, dv] in v's dtype.
 
-    q, k [T, Hk, dk] (L2-normalised, q scaled); v [T, Hv, dv]; g, beta [T, Hv] fp32;
+    q, k [T, Hk, dk] (L2-normalised, q scaled); v [T, Hv, dv] (each may be a row-strided view,
+    e.g. columns of the conv output: read in place); g, beta [T, Hv] fp32;
     state [N, Hv, dk, dv] fp32 pool read at `state_slots` (if `has_initial_state`) and written
     in place with each sequence's final state. The keywords pick kernel variants (benchmarks).
     """
@@ -325,31 +336,32 @@ def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slo
         return torch.empty_like(v)
     # all matrix products share one operand dtype: the activation dtype (fp32 in tests)
     dt = v.dtype if v.dtype != torch.float32 else q.dtype
-    q, k, v = q.contiguous().to(dt), k.contiguous().to(dt), v.contiguous().to(dt)
-    o = torch.empty_like(v)
+    q, k, v = _rows(q, dt), _rows(k, dt), _rows(v, dt)
+    o = torch.empty(T, HV, DV, dtype=dt, device=dev)
     g, beta = g.contiguous().float(), beta.contiguous().float()
     cu = cu_seqlens.to(torch.int64).contiguous()
     NC, BB = T // BT + B, pow2(B, 2)  # flat chunk bound; block holding all sequences
     prec = "ieee" if dt == torch.float32 else "tf32"
     G = torch.empty(T, HV, dtype=torch.float32, device=dev)
     A = torch.empty(T, HV, BT, dtype=dt, device=dev)
-    _kkt_solve_kernel[(NC, HV)](k, g, beta, cu, B, G, A, HK=HK, HV=HV, DK=DK, BB=BB,
+    _kkt_solve_kernel[(NC, HV)](k, g, beta, cu, B, G, A, k.stride(0), HK=HK, HV=HV, DK=DK, BB=BB,
                                 BT=BT, BC=BC, BK=min(64, DK), PREC=prec)
     u = torch.empty(T, HV, DV, dtype=dt, device=dev)
     kd = torch.empty(T, HV, DK, dtype=dt, device=dev)
-    _wu_kernel[(NC, HV)](k, v, beta, G, A, cu, B, u, kd, HK=HK, HV=HV, DK=DK, DV=DV, BB=BB,
+    _wu_kernel[(NC, HV)](k, v, beta, G, A, cu, B, u, kd, k.stride(0), v.stride(0), HK=HK, HV=HV, DK=DK, DV=DV, BB=BB,
                          BT=BT, BK=min(64, DK), BV=min(64, DV), PREC=prec)
     st, slots, init = _state_args(state, state_slots, has_initial_state, cu)
     bvs = min(bv_state, DV)
     w = u if fuse_output else torch.empty_like(u)
     hbuf = u if fuse_output else torch.empty(NC, HV, DK, DV, dtype=dt, device=dev)
     _state_kernel[(triton.cdiv(DV, bvs), B * HV)](q, k, u, kd, G, w, hbuf, o, cu, B, st, slots, init,
+                                                  q.stride(0), k.stride(0),
                                                   HK=HK, HV=HV, DK=DK, DV=DV, BB=BB, BT=BT, BV=bvs,
                                                   HAS_STATE=state is not None, FUSE_O=fuse_output,
                                                   PREC=prec, num_warps=warps_state)
     if not fuse_output:
         bvo = min(bv_out, DV)
-        _out_kernel[(NC, HV, triton.cdiv(DV, bvo))](q, k, w, hbuf, G, o, cu, B, HK=HK, HV=HV,
+        _out_kernel[(NC, HV, triton.cdiv(DV, bvo))](q, k, w, hbuf, G, o, cu, B, q.stride(0), k.stride(0), HK=HK, HV=HV,
                                                     DK=DK, DV=DV, BB=BB, BT=BT, BV=bvo, PREC=prec, num_warps=4)
     return o
 

@@ -19,7 +19,7 @@ from .conv1d import causal_conv1d_update
 
 
 @triton.jit
-def _decode_kernel(m_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, st_ptr, slot_ptr, o_ptr, scale,
+def _decode_kernel(m_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, st_ptr, slot_ptr, o_ptr, scale, SA, SB,
                    HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    BV: tl.constexpr):
     iv = tl.program_id(0)
@@ -39,11 +39,11 @@ def _decode_kernel(m_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, st_ptr, slot_ptr, o_p
         v = tl.load(m_ptr + b * C + 2 * HK * DK + h * DV + cv).to(tl.float32)
         q = q / tl.sqrt(tl.sum(q * q, 0) + 1e-6) * scale
         k = k / tl.sqrt(tl.sum(k * k, 0) + 1e-6)
-        x = tl.load(a_ptr + b * HV + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
+        x = tl.load(a_ptr + b * SA + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
         softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
         g = -tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * softplus
         # beta in b's dtype first, as the layer computes sigmoid(b) before upcasting
-        bl = tl.load(b_ptr + b * HV + h)
+        bl = tl.load(b_ptr + b * SB + h)
         beta = (1.0 / (1.0 + tl.exp(-bl.to(tl.float32)))).to(bl.dtype).to(tl.float32)
         S = S * tl.exp(g)
         vhat = tl.sum(S * k[:, None], 0)
@@ -57,7 +57,7 @@ def _decode_kernel(m_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, st_ptr, slot_ptr, o_p
 
 def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A_log, dt_bias,
                num_k_heads: int, *, bv: int | None = None, num_warps: int | None = None) -> torch.Tensor:
-    """m [B, conv_dim] pre-conv; a, b [B, Hv]; conv_state [N, conv_dim, K-1];
+    """m [B, conv_dim] pre-conv; a, b [B, Hv] (any row stride); conv_state [N, conv_dim, K-1];
     recurrent_state [N, Hv, dk, dv] fp32; state_slots [B] (negative = skip: o = 0) -> o [B, Hv, dv]."""
     B, C = m.shape
     HV, DK, DV = recurrent_state.shape[1:]
@@ -72,8 +72,10 @@ def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A
         small = B < 16
         bv = min(bv or (16 if small else 64), DV)
         num_warps = num_warps or (2 if small else 4)
+        a = a if a.stride(-1) == 1 else a.contiguous()
+        b = b if b.stride(-1) == 1 else b.contiguous()
         _decode_kernel[(triton.cdiv(DV, bv), B * HV)](
-            mc, a.contiguous(), b.contiguous(), A_log, dt_bias, recurrent_state,
-            state_slots.to(torch.int64).contiguous(), o, DK ** -0.5,
+            mc, a, b, A_log, dt_bias, recurrent_state,
+            state_slots.to(torch.int64).contiguous(), o, DK ** -0.5, a.stride(0), b.stride(0),
             HK=HK, HV=HV, DK=DK, DV=DV, BV=bv, num_warps=num_warps)
     return o
