@@ -1,6 +1,6 @@
 """Prompt logprobs (SamplingParams.prompt_logprobs) against a cache-less full forward of the same
-model: chunked prefill, batches mixing requests that ask and that don't, n > 1, MTP speculative
-decoding, the engine-process wire format, and bad values."""
+model: chunked prefill, batches mixing requests that ask and that don't, n > 1, preemption and
+recompute, MTP speculative decoding, the engine-process wire format, and bad values."""
 
 from __future__ import annotations
 
@@ -58,6 +58,30 @@ def test_chunked_mixed_batch_matches_full_forward(llm):
     alone = llm.generate([{"prompt_token_ids": LONG}, {"prompt_token_ids": SHORT}], SamplingParams(**greedy))
     assert [o.outputs[0].token_ids for o in alone] == [o.outputs[0].token_ids for o in outs[:2]]
     assert not llm.llm_engine._prompt_lps  # nothing left behind
+
+
+def test_preemption_reports_each_prompt_once(llm):
+    from qwen3next.engine import EngineArgs, LLMEngine
+    from qwen3next.engine.cache import bytes_per_block, bytes_per_slot
+
+    model = llm.llm_engine.model
+    spec, bs = model.state_spec(), 8
+    # 4 slots but blocks for ~150 tokens: sequences mid-prompt or mid-decode get preempted
+    budget = 4 * bytes_per_slot(spec, torch.float32) + 19 * bytes_per_block(spec, bs, torch.float32)
+    eng = LLMEngine(model, EngineArgs(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=24,
+                                      block_size=bs, kv_cache_memory_bytes=budget), eos_token_ids=[])
+    prompts = [[(p * 13 + 31 * i) % 500 for i in range(n)] for p, n in enumerate([60, 50, 45, 30])]
+    for i, ids in enumerate(prompts):
+        eng.add_request(str(i), ids, SamplingParams(prompt_logprobs=1, temperature=0, max_tokens=40))
+    got: dict[str, list] = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.prompt_logprobs is not None:
+                assert out.request_id not in got  # reported once, with the first output
+                got[out.request_id] = out.prompt_logprobs
+    assert eng.scheduler.num_preemptions > 0
+    for i, ids in enumerate(prompts):
+        check(got[str(i)], ids, reference(model, ids), 1)
 
 
 def test_speculative_decoding_keeps_prompt_logprobs(tiny_ckpt):
