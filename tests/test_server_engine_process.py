@@ -234,6 +234,8 @@ def test_same_answers_as_the_engine_thread(tiny_ckpt):
         a, b = both("/v1/completions", {"prompt": ["Hello", "Hi there"], "max_tokens": 6, "ignore_eos": True,
                                          "echo": True, "logprobs": 2})
         assert a == b and len(a["choices"]) == 2
+        a, b = both("/v1/chat/completions", {**chat, "n": 1, "prompt_logprobs": 1})
+        assert a == b and a["prompt_logprobs"][0] is None and len(a["prompt_logprobs"][1]) >= 1
         tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
         a, b = both("/v1/chat/completions", {"messages": USER, "max_tokens": 20, "tools": tools,
                                              "tool_choice": "required"})
