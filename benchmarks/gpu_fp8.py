@@ -1,0 +1,231 @@
+"""GPU FP8 benchmark: the 80B dimensions on 8 layers (as benchmarks/gpu_model.py builds them,
+random bf16 weights), once in bf16 and once quantised to block-FP8 at load (layers/quant.py's
+to_fp8_, what `quantization="fp8"` does with a bf16 checkpoint), on one GPU, in the same run.
+
+    python benchmarks/gpu_fp8.py --out gpu_fp8.json [--commit SHA] [--sizes 1,16,64] [--no-prefill]
+
+Sections (each writes its results into the JSON as it finishes; a failing one records its error):
+  memory    parameter bytes and allocated GPU memory of each model
+  accuracy  fp8 vs bf16 logits: cache-less prefill of 4 x 512 tokens, and one eager decode step at
+            B = 64 from identical caches (relative error, argmax agreement, bf16 top-1 in fp8 top-5)
+  decode    one step (forward + logits) at B = 1, 16, 64 with 1K tokens of context, by CUDA-graph
+            replay, each model; floors from the bytes each model must read / measured copy bandwidth
+  prefill   one 8K-token prompt through the cached path, logits of the last token, each model
+Medians throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import time
+import traceback
+
+import torch
+from triton.testing import do_bench
+
+from benchmarks.gpu_model import BS, CTX, DIMS, ROPE, decode_setup, make_cache, randomize_, rel_err, timed, top_kernels
+from qwen3next.config import ModelConfig
+from qwen3next.engine.cuda_graph import CudaGraphRunner
+from qwen3next.forward_batch import ForwardBatch
+from qwen3next.layers.quant import to_fp8_
+from qwen3next.model import Qwen3NextForCausalLM
+
+RES: dict = {}
+OUT = "gpu_fp8.json"
+
+
+def save() -> None:
+    with open(OUT, "w") as f:
+        json.dump(RES, f, indent=1)
+
+
+def section(fn):
+    def run(*a, **kw):
+        t0 = time.time()
+        res = RES.setdefault(fn.__name__, {})
+        try:
+            fn(res, *a, **kw)
+        except Exception:
+            res["error"] = traceback.format_exc()[-3000:]
+            print(res["error"], flush=True)
+        res["wall_s"] = round(time.time() - t0, 1)
+        save()
+        print(f"== {fn.__name__} done in {res['wall_s']} s", flush=True)
+    return run
+
+
+def build(fp8: bool) -> Qwen3NextForCausalLM:
+    """The 8-layer slice, random weights from seed 0 (the same values for both models), then for
+    fp8 §10's projections and the routed experts quantised to 128x128 block-FP8 in place."""
+    cfg = ModelConfig.from_hf({**DIMS, "model_type": "qwen3_next", "rope_parameters": dict(ROPE)})
+    with torch.device("meta"):
+        model = Qwen3NextForCausalLM(cfg, with_mtp=False)
+    model = model.to(torch.bfloat16).to_empty(device="cuda")
+    randomize_(model, seed=0)
+    if fp8:
+        to_fp8_(model, (128, 128))
+    torch.cuda.synchronize()
+    return model.eval()
+
+
+def param_bytes(model, experts: bool | None = None) -> int:
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+               if experts is None or (".experts." in n) == experts)
+
+
+def floor_ms(model, B: int, bw_GBps: float) -> dict:
+    """Bytes one decode step must read (weights but the embedding table, the distinct experts
+    uniform routing touches, states, KV) / bandwidth."""
+    E, k, L = DIMS["num_experts"], DIMS["num_experts_per_tok"], DIMS["num_hidden_layers"]
+    other = param_bytes(model, experts=False) - DIMS["vocab_size"] * DIMS["hidden_size"] * 2
+    per_expert = param_bytes(model, experts=True) / (E * L)
+    distinct = E * (1 - (1 - k / E) ** B)
+    state = 6 * 32 * 128 * 128 * 4 * 2 * B
+    kv = 2 * (CTX + 1) * 2 * 2 * 256 * 2 * B
+    total = other + L * distinct * per_expert + state + kv
+    return {"bytes_MB": round(total / 1e6, 1), "floor_ms": round(total / bw_GBps / 1e6, 4)}
+
+
+@section
+def memory(res, name: str, model, alloc_before: int):
+    res[name] = {"params_GB": round(param_bytes(model) / 1e9, 3),
+                 "experts_GB": round(param_bytes(model, experts=True) / 1e9, 3),
+                 "allocated_GB": round((torch.cuda.memory_allocated() - alloc_before) / 1e9, 3)}
+    print(name, res[name], flush=True)
+
+
+@section
+def ceilings(res):
+    n = 1 << 30
+    a = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), warmup=25, rep=100, return_mode="median")
+    res["copy_bw_GBps"] = round(2 * n / ms / 1e6, 1)
+
+
+@section
+def accuracy(res, bf16, fp8):
+    B, T = 4, 512
+    g = torch.Generator(device="cuda").manual_seed(1)
+    ids = torch.randint(0, DIMS["vocab_size"], (B * T,), device="cuda", generator=g)
+    pos = torch.arange(T, device="cuda").repeat(B)
+    with torch.inference_mode():
+        ref = bf16.compute_logits(bf16(ids, pos, ForwardBatch.full([T] * B, "cuda")))
+        out = fp8.compute_logits(fp8(ids, pos, ForwardBatch.full([T] * B, "cuda")))
+    res["prefill_rel_err"] = rel_err(out, ref)
+    res["prefill_argmax_agree"] = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+    res["prefill_top1_in_fp8_top5"] = float((out.topk(5, -1).indices == ref.argmax(-1, keepdim=True))
+                                            .any(-1).float().mean())
+    del ref, out
+    # one decode step at B = 64 from identical random caches
+    Bd = 64
+    outs = []
+    for model in (bf16, fp8):
+        torch.manual_seed(2)
+        cache = make_cache(model, Bd + 1, Bd * (CTX // BS + 1))
+        torch.manual_seed(3)
+        tok, p, fb = decode_setup(model, Bd, cache, None)
+        with torch.inference_mode():
+            outs.append(model.compute_logits(model(tok, p, fb)))
+        del cache
+    res["decode_rel_err"] = rel_err(outs[1], outs[0])
+    res["decode_argmax_agree"] = float((outs[1].argmax(-1) == outs[0].argmax(-1)).float().mean())
+    print({k: v for k, v in res.items() if k != "wall_s"}, flush=True)
+
+
+@section
+def decode(res, name: str, model, sizes: list[int]):
+    nb = CTX // BS + 1
+    cache = make_cache(model, max(sizes) + 1, max(sizes) * nb)
+    bw = RES.get("ceilings", {}).get("copy_bw_GBps", 4300.0)
+    runner = CudaGraphRunner(model, cache, nb, max_batch=max(sizes), batch_sizes=sizes)
+    setups = {B: decode_setup(model, B, cache, runner) for B in sizes}
+    with torch.inference_mode():  # autotune with real routing before the capture's warm-up
+        for B, (tok, pos, fb) in setups.items():
+            model.compute_logits(model(tok, pos, fb))
+    t0 = time.time()
+    runner.capture()
+    r = res.setdefault(name, {"capture_s": round(time.time() - t0, 1)})
+    for B in sizes:
+        tok, pos, fb = setups[B]
+        with torch.inference_mode():
+            runner.run(tok, pos, fb)
+        ms = do_bench(runner.graphs[B].replay, warmup=25, rep=200, return_mode="median")
+        r[f"B{B}"] = {"graph_ms": round(ms, 4), "tok_per_s": round(B / ms * 1e3), **floor_ms(model, B, bw)}
+        if B == max(sizes):
+            try:
+                r[f"B{B}"]["kernels_us"] = top_kernels(runner.graphs[B].replay, n=10)
+            except Exception as e:
+                r[f"B{B}"]["profiler_error"] = repr(e)[:300]
+        print(f"decode {name} B={B}: {r[f'B{B}']['graph_ms']} ms (floor {r[f'B{B}']['floor_ms']})", flush=True)
+        save()
+    del runner, cache
+
+
+@section
+def prefill(res, name: str, model):
+    T = 8192
+    cache = make_cache(model, 2, T // BS + 1)
+    ids = torch.randint(0, DIMS["vocab_size"], (T,), device="cuda")
+    pos = torch.arange(T, device="cuda")
+    fb = ForwardBatch(cu_seqlens=torch.tensor([0, T], device="cuda"), seq_lens=[T], context_lens=[0], cache=cache,
+                      block_tables=torch.arange(T // BS + 1, device="cuda")[None],
+                      slot_mapping=torch.arange(T, device="cuda"), state_slots=torch.tensor([0], device="cuda"))
+
+    def step():
+        with torch.inference_mode():
+            return model.compute_logits(model(ids, pos, fb)[-1:])
+
+    res[f"{name}_ms"] = round(timed(step, reps=5, warmup=2), 3)
+    print(f"prefill 8K {name}: {res[f'{name}_ms']} ms", flush=True)
+    del cache
+
+
+def main() -> None:
+    global OUT
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=OUT)
+    ap.add_argument("--commit", default=None)
+    ap.add_argument("--sizes", default="1,16,64")
+    ap.add_argument("--no-prefill", action="store_true")
+    a = ap.parse_args()
+    OUT = a.out
+    sizes = [int(s) for s in a.sizes.split(",")]
+    import triton
+
+    RES["env"] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                  "python": platform.python_version(), "commit": a.commit,
+                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    ceilings()
+    models = {}
+    for name in ("bf16", "fp8"):
+        before = torch.cuda.memory_allocated()
+        t0 = time.time()
+        models[name] = build(name == "fp8")
+        RES.setdefault("build_s", {})[name] = round(time.time() - t0, 1)
+        gc.collect()
+        torch.cuda.empty_cache()
+        memory(name, models[name], before)
+    accuracy(models["bf16"], models["fp8"])
+    for name in ("fp8", "bf16"):
+        decode(name, models[name], sizes)
+        gc.collect()
+        torch.cuda.empty_cache()
+    if not a.no_prefill:
+        for name in ("fp8", "bf16"):
+            prefill(name, models[name])
+    RES["peak_allocated_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    save()
+    dec = RES.get("decode", {})
+    for B in sizes:
+        f, b = dec.get("fp8", {}).get(f"B{B}", {}), dec.get("bf16", {}).get(f"B{B}", {})
+        print(f"B={B:3d}: fp8 {f.get('graph_ms')} ms (floor {f.get('floor_ms')}) | bf16 {b.get('graph_ms')} ms "
+              f"(floor {b.get('floor_ms')})")
+    print("prefill", RES.get("prefill"), "\nmemory", RES.get("memory"), "\naccuracy", RES.get("accuracy"))
+
+
+if __name__ == "__main__":
+    main()
