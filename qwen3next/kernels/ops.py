@@ -31,7 +31,7 @@ from .rotary import rope_cos_sin, rope_inv_freq
 __all__ = [
     "apply_rotary", "causal_attention", "causal_conv1d_update", "causal_conv1d_varlen",
     "gate_output", "gated_delta_rule_chunked", "gated_delta_rule_recurrent", "gated_rmsnorm", "gdn_cached",
-    "gdn_decode", "qkv_gates",
+    "gdn_decode", "norm_rotary", "qkv_gates",
     "moe_dense_act", "moe_dense_pays", "moe_experts", "moe_experts_shared", "moe_experts_shared_ok",
     "moe_route", "paged_attention", "fp8_linear", "moe_experts_fp8",
     "rope_cos_sin", "rope_inv_freq", "save_token_windows", "write_kv", "zc_rmsnorm",
@@ -224,6 +224,13 @@ def apply_rotary(x, cos, sin):
     if _ext_ok(x, cos, sin) and x.dim() == 3:
         return _ext.apply_rotary(x, cos, sin)
     return _ref_rotary.apply_rotary(x, cos, sin)
+
+
+def norm_rotary(x, weight, eps, cos, sin):
+    """apply_rotary(zc_rmsnorm(x, weight, eps), cos, sin): attention's q / k in one pass on CUDA."""
+    if _use_triton(x, weight, cos, sin) and x.dim() == 3:
+        return _triton("rotary").norm_rotary(x, weight, eps, cos, sin)
+    return apply_rotary(zc_rmsnorm(x, weight, eps), cos, sin)
 
 
 def gate_output(o, gate):

@@ -57,8 +57,8 @@ class GatedAttention(nn.Module):
             q, gate = qg[..., :D], qg[..., D:]  # per head: [query | gate]
             k = self.k_proj(x).view(T, self.num_kv_heads, D)
             v = self.v_proj(x).view(T, self.num_kv_heads, D)
-            q = ops.apply_rotary(self.q_norm(q), cos, sin)
-            k = ops.apply_rotary(self.k_norm(k), cos, sin)
+            q = ops.norm_rotary(q, self.q_norm.weight, self.q_norm.eps, cos, sin)
+            k = ops.norm_rotary(k, self.k_norm.weight, self.k_norm.eps, cos, sin)
         if batch.cache is None:
             o = ops.causal_attention(q, k, v, batch.cu_seqlens, self.scale)
         else:

@@ -54,6 +54,8 @@ def test_write_kv_and_gate():
     assert torch.equal(kv_t, kv_r)
     o, g = randn(5, 4, 16, gen=gen), randn(5, 4, 16, gen=gen)
     assert rel_err(tri.gate_output(o, g), o * torch.sigmoid(g)) < 1e-6
+    gs = randn(5, 4, 32, gen=gen)[..., 16:]  # the gate half of [query | gate], read in place
+    assert rel_err(tri.gate_output(o, gs), o * torch.sigmoid(gs)) < 1e-6
 
 
 @pytest.mark.gpu

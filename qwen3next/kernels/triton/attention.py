@@ -201,10 +201,30 @@ def _gate_kernel(o_ptr, g_ptr, y_ptr, N, BLOCK: tl.constexpr):
     tl.store(y_ptr + i, (o / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit(do_not_specialize=["R", "NH", "S0", "S1"])
+def _gate_rows_kernel(o_ptr, g_ptr, y_ptr, R, NH, S0, S1, D: tl.constexpr, BR: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)      # [BR] flat (token, head) row
+    d = tl.arange(0, D)
+    m = (row < R)[:, None]
+    go = ((row // NH) * S0 + (row % NH) * S1)[:, None] + d[None, :]
+    o = tl.load(o_ptr + row[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + go, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row[:, None] * D + d[None, :], (o / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty), mask=m)
+
+
 def gate_output(o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """o * sigmoid(gate) elementwise (the gated attention's output gate), in o's dtype."""
-    o, gate = o.contiguous(), gate.contiguous()
+    """o * sigmoid(gate) elementwise (the gated attention's output gate), in o's dtype. A per-head
+    gate view [T, H, D] (the gate half of q_proj's [query | gate]) is read in place."""
+    o = o.contiguous()
     y = torch.empty_like(o)
+    if gate.dim() == 3 and gate.stride(-1) == 1 and o.shape == gate.shape and pow2(o.shape[-1], 1) == o.shape[-1]:
+        T, NH, D = o.shape
+        R = T * NH
+        if R:
+            BR = max(1, min(16, 4096 // D))
+            _gate_rows_kernel[(triton.cdiv(R, BR),)](o, gate, y, R, NH, gate.stride(0), gate.stride(1), D=D, BR=BR)
+        return y
+    gate = gate.contiguous()
     N = o.numel()
     if N:
         _gate_kernel[(triton.cdiv(N, 1024),)](o, gate, y, N, BLOCK=1024)
