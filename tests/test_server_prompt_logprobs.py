@@ -111,3 +111,22 @@ def test_bad_values_are_400(srv, client, body, param):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=srv.state.served_names[0], messages=[{"role": "user", "content": "x"}],
                                        extra_body={"prompt_logprobs": -2})
+
+
+def test_forced_tool_call_keeps_the_prompt_logprobs(srv, client):
+    # thinking template + named tool: phase 1 reasons, phase 2 (its own engine request) completes
+    # the call; prompt logprobs are phase 1's, i.e. those of the plain request's prompt
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    msgs = [{"role": "user", "content": "Call f"}]
+    name = srv.state.served_names[0]
+    srv.push("ok\n", "</think>")
+    auto = client.chat.completions.create(model=name, messages=msgs, tools=[tool], max_tokens=8,
+                                          extra_body={"prompt_logprobs": 1})
+    srv.push("ok\n", "</think>")
+    srv.push("{}}\n", "</tool_call>")
+    forced = client.chat.completions.create(model=name, messages=msgs, tools=[tool], max_tokens=80,
+                                            tool_choice={"type": "function", "function": {"name": "f"}},
+                                            extra_body={"prompt_logprobs": 1})
+    assert forced.choices[0].message.tool_calls[0].function.name == "f"
+    assert forced.model_extra["prompt_logprobs"] == auto.model_extra["prompt_logprobs"]
+    assert len(forced.model_extra["prompt_logprobs"]) == forced.usage.prompt_tokens
