@@ -3,9 +3,10 @@
 Entry p (p >= 1) of a request's list is the raw logprob of prompt token p under the model's
 distribution at position p-1, with its rank and the top-N; entry 0 is None. A prompt chunk
 covering positions [c, c+n) of an L-token prompt yields entries c+1 .. min(c+n, L-1) (the last
-prompt position predicts the first output token, not a prompt entry). Only the hidden rows of requests
-that ask reach the lm_head, in slices of bounded size so a long chunk never holds [T, V] at once.
-The lists live in the engine (request id -> entries so far) until reported.
+prompt position predicts the first output token, not a prompt entry). Only the hidden rows of
+requests that ask reach the lm_head, in slices of bounded size, so a long chunk never holds [T, V]
+at once. The lists live in the engine (request id -> entries so far) until reported. The engine
+has no prefix cache, so every prompt position is computed (vLLM skips the cache for such requests).
 """
 
 from __future__ import annotations
