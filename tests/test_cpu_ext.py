@@ -272,3 +272,45 @@ def test_model_verify_and_decode_match_reference(ext, tiny_ckpt, monkeypatch):
             for i, t in getattr(caches[0], name).items():
                 torch.testing.assert_close(t, getattr(caches[1], name)[i], atol=1e-4, rtol=1e-4)
         ctx = [c + n for c, n in zip(ctx, lens)]
+
+
+def test_mtp_forward_matches_torch_path(ext, tiny_ckpt, monkeypatch):
+    """The MTP head as one C++ call (cpu_ext.mtp_forward) against its torch path over a prompt
+    catch-up (9 tokens, last row only) and catch-up / draft steps of two sequences: all rows, some
+    rows, none (KV only); outputs and the MTP layer's KV cache after every step."""
+    from qwen3next.forward_batch import ForwardBatch, ModelCache
+    from qwen3next.loader import load_model
+
+    model, cfg = load_model(tiny_ckpt, dtype=torch.float32, device="cpu", with_mtp=True, progress=False)
+    spec, bs = model.state_spec(), 4
+    li = cfg.num_hidden_layers  # the MTP layer's KV cache index
+    caches = []
+    for _ in range(2):
+        c = ModelCache(block_size=bs)
+        c.kv = {li: torch.zeros(16, 2, bs, *spec.kv_layers[li])}
+        caches.append(c)
+    gen = torch.Generator().manual_seed(5)
+    tables = torch.tensor([[3, 0, 5, 7], [1, 2, 4, 6]])  # scattered blocks
+    ctx = [0, 0]
+    calls = {"n": 0}
+    real = cpu_ext.mtp_forward
+    monkeypatch.setattr(cpu_ext, "mtp_forward", lambda *a: (calls.__setitem__("n", calls["n"] + 1), real(*a))[1])
+    for lens, rows in (([9, 0], [8]), ([1, 2], [0, 2]), ([3, 1], None), ([2, 1], [2, 1]), ([1, 1], [])):
+        T = sum(lens)
+        ids = torch.randint(0, cfg.vocab_size, (T,), generator=gen)
+        hidden = torch.randn(T, cfg.hidden_size, generator=gen)
+        pos = torch.cat([torch.arange(c, c + n) for c, n in zip(ctx, lens)])
+        row = torch.repeat_interleave(torch.arange(2), torch.tensor(lens))
+        outs = []
+        for mode, cache in zip(("", "torch"), caches):
+            monkeypatch.setenv("QWEN3NEXT_KERNELS", mode)
+            batch = ForwardBatch(cu_seqlens=_cu(lens), seq_lens=lens, context_lens=list(ctx), cache=cache,
+                                 block_tables=tables, slot_mapping=tables[row, pos // bs] * bs + pos % bs,
+                                 state_slots=torch.tensor([0, 1]))
+            with torch.inference_mode():
+                outs.append(model.mtp(ids, hidden, pos, batch, rows=rows))
+        assert outs[0].shape == (T if rows is None else len(rows), cfg.hidden_size)
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(caches[0].kv[li], caches[1].kv[li], atol=1e-5, rtol=1e-5)
+        ctx = [c + n for c, n in zip(ctx, lens)]
+    assert calls["n"] == 5  # every step took the one-call path

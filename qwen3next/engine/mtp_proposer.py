@@ -18,6 +18,7 @@ from qwen3next.engine.rejection_sampler import adjusted_logits, draw, final_prob
 from qwen3next.engine.sampler import argmax_rows
 from qwen3next.engine.sequence import Sequence
 from qwen3next.engine.spec_batch import pack
+from qwen3next.mtp import Qwen3NextMTP
 
 
 class MTPProposer:
@@ -30,6 +31,16 @@ class MTPProposer:
         self.generator = generator
         self.device = device
         self.k = num_speculative_tokens
+        # the head itself takes `rows` (skipping the work for the others); a TP proxy does not
+        self._rows_ok = isinstance(model.mtp, Qwen3NextMTP)
+
+    def _mtp(self, ids, hidden, pos, batch, rows: list[int] | None) -> torch.Tensor:
+        """The MTP forward -> outputs of `rows` (None: all)."""
+        if rows is None:
+            return self.model.mtp(ids, hidden, pos, batch)
+        if self._rows_ok:
+            return self.model.mtp(ids, hidden, pos, batch, rows=rows)
+        return self.model.mtp(ids, hidden, pos, batch)[torch.tensor(rows, dtype=torch.long, device=self.device)]
 
     @torch.inference_mode()
     def run(self, entries: list[tuple[Sequence, int, int, bool]], hidden: torch.Tensor) -> None:
@@ -39,10 +50,7 @@ class MTPProposer:
             return
         runs = [(s, c, s.token_ids[c + 1:c + 1 + n]) for s, c, n, _ in entries]
         ids, pos, batch = pack(self.cache, self.device, runs)
-        y = self.model.mtp(ids, hidden, pos, batch)  # [T, H]
         want = [i for i, e in enumerate(entries) if e[3]]
-        if not want:
-            return
         ends, end = [], -1  # flat index of each entry's last position
         for e in entries:
             end += e[2]
@@ -58,9 +66,9 @@ class MTPProposer:
             ks.append(k)
             s.spec_token_ids, s.spec_draft_probs = [], None
         live = [i for i, k in enumerate(ks) if k > 0]
+        # the catch-up's output is needed only at the last position of each sequence that drafts
         rows = [ends[want[i]] for i in live]
-        if rows != list(range(len(y))):
-            y = y[torch.tensor(rows, dtype=torch.long, device=self.device)]
+        y = self._mtp(ids, hidden, pos, batch, None if len(rows) == len(hidden) else rows)  # [L, H]
         probs: dict[int, list[torch.Tensor]] = {}
         for j in range(1, self.k + 1):
             if not live:

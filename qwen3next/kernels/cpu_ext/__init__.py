@@ -216,3 +216,15 @@ def linear(x, w):
     """x @ w.T (float32) with each weight row read once for all rows of x; every output row as
     computed for that row alone (bitwise, whatever the number of rows)."""
     return _build().linear(_rows(x), w)
+
+
+def mtp_forward(ids, hidden, positions, inv_freq, attention_factor, cos, sin, kv_caches, block_tables, cu_seqlens,
+                context_lens, slot_mapping, rows, weights, num_heads: int, top_k: int, norm_topk_prob: bool,
+                eps: float, scale: float):
+    """The MTP head's forward with a cache in one call (kernels.cpp mtp_forward; mtp.py's torch path
+    is the reference): -> [len(rows), H] after the final norm (rows None: all). cos, sin [T, d]
+    (None: computed from inv_freq). KV written in place."""
+    return _build().mtp_forward(_long(ids), hidden.contiguous(), _long(positions), inv_freq, float(attention_factor),
+                                cos, sin, kv_caches, _long(block_tables), _long(cu_seqlens), _long(context_lens),
+                                _long(slot_mapping), None if rows is None else _long(rows), weights, num_heads, top_k,
+                                bool(norm_topk_prob), float(eps), float(scale))

@@ -720,6 +720,201 @@ torch::Tensor moe_experts(torch::Tensor x, torch::Tensor gate_up_proj, torch::Te
   return out;
 }
 
+// ---- the MTP head's forward for few tokens (draft and catch-up steps) in one call ----
+
+// The zero-centred RMSNorm of rows of D floats (weight row w), optionally adding `res` first
+// (then `sum` receives x + res): rms_norm's arithmetic, on raw rows.
+inline void zc_norm_rows(const float* x, const float* res, float* sum, const float* w, float* y, int64_t R,
+                         int64_t D, float eps) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float* in = x + r * D;
+    if (res) {
+      float* s = sum + r * D;
+      for (int64_t d = 0; d < D; ++d) s[d] = in[d] + res[r * D + d];
+      in = s;
+    }
+    float ss = 0.0f;
+    for (int64_t d = 0; d < D; ++d) ss += in[d] * in[d];
+    const float inv = 1.0f / std::sqrt(ss / D + eps);
+    for (int64_t d = 0; d < D; ++d) y[r * D + d] = in[d] * inv * (w[d] + 1.0f);
+  }
+}
+
+// x [M, K] (rows contiguous) @ w[N, K]^T: the few-row kernel up to 8 rows, torch's GEMM above.
+torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w) {
+  if (x.size(0) <= 8) return ::linear(x, w);
+  return at::mm(x, w.t());
+}
+
+// Qwen3NextMTP.forward (mtp.py; its torch path is the reference) with a cache, in one call:
+// z = fc([norm(embed(ids)) ; norm(hidden)]), then per layer gated attention over the paged cache
+// (KV written at slot_mapping) and the sparse MoE with its shared expert, then the final norm.
+// Only the rows in `rows` (flat indices, any order; None: all) come out: the last layer writes
+// K/V for every row but runs its queries, o_proj, MoE and the final norm on those rows alone
+// (a catch-up needs the output of each sequence's last position only).
+// ids, positions [T]; hidden [T, H]; inv_freq [d/2] (partial NeoX rotary of the first d dims,
+// angles in fp32 as rope_cos_sin) or cos, sin [T, d] given; kv_caches: one per layer; w: embed [V, H], pre-fc norms [2, H],
+// fc [H, 2H], final norm [H], then per layer: input norm [H], fused q|k|v [(2Hq + 2Hkv) D, H]
+// (query rows per head [query | gate]), q|k norm [Hq + Hkv, D], o_proj [H, Hq D], post norm [H],
+// router [E, H], shared gate|up|expert-gate [2Is + 1, H], experts gate_up [E, 2I, H], experts down
+// [E, H, I], shared down [H, Is]. -> [R, H].
+torch::Tensor mtp_forward(torch::Tensor ids, torch::Tensor hidden, torch::Tensor positions, torch::Tensor inv_freq,
+                          double attention_factor, c10::optional<torch::Tensor> cos_opt,
+                          c10::optional<torch::Tensor> sin_opt, std::vector<torch::Tensor> kv_caches, torch::Tensor block_tables,
+                          torch::Tensor cu_seqlens, torch::Tensor context_lens, torch::Tensor slot_mapping,
+                          c10::optional<torch::Tensor> rows_opt, std::vector<torch::Tensor> w, int64_t Hq, int64_t top_k, bool norm_topk,
+                          double eps, double scale) {
+  const int64_t T = ids.size(0), H = hidden.size(1), V = w[0].size(0), L = (int64_t)kv_caches.size();
+  TORCH_CHECK((int64_t)w.size() == 4 + 10 * L, "mtp_forward: expected ", 4 + 10 * L, " weights, got ", w.size());
+  TORCH_CHECK(hidden.is_contiguous() && H % 8 == 0, "mtp_forward: hidden must be contiguous [T, H], H % 8 == 0");
+  const float e = static_cast<float>(eps);
+  const auto opt = hidden.options();
+  const int64_t* idp = ids.data_ptr<int64_t>();
+  // [T, 2, H]: embedding rows next to the hidden rows, normed with one weight row per half
+  auto c = torch::empty({T, 2, H}, opt);
+  float* cp = c.data_ptr<float>();
+  const float* emb = w[0].data_ptr<float>();
+  const float* hp = hidden.data_ptr<float>();
+  const float* pw = w[1].data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(idp[t] >= 0 && idp[t] < V, "mtp_forward: token id ", idp[t], " out of range");
+    zc_norm_rows(emb + idp[t] * H, nullptr, nullptr, pw, cp + t * 2 * H, 1, H, e);
+    zc_norm_rows(hp + t * H, nullptr, nullptr, pw + H, cp + t * 2 * H + H, 1, H, e);
+  }
+  auto x = project(c.view({T, 2 * H}), w[2]);  // [T, H]
+  // rotary tables (rope_cos_sin): angle = float(pos) * inv_freq, duplicated halves; given by the
+  // caller for long runs (torch's vectorised cos/sin), computed here for a few rows
+  const int64_t d2 = inv_freq.size(0), d = 2 * d2;
+  torch::Tensor cos, sin;
+  if (cos_opt.has_value()) {
+    cos = cos_opt->contiguous();
+    sin = sin_opt->contiguous();
+  } else {
+    cos = torch::empty({T, d}, opt);
+    sin = torch::empty({T, d}, opt);
+    const int64_t* pp = positions.data_ptr<int64_t>();
+    const float* fp = inv_freq.data_ptr<float>();
+    float* co = cos.data_ptr<float>();
+    float* si = sin.data_ptr<float>();
+    const float af = static_cast<float>(attention_factor);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < d2; ++i) {
+        const float a = static_cast<float>(pp[t]) * fp[i];
+        co[t * d + i] = co[t * d + d2 + i] = std::cos(a) * af;
+        si[t * d + i] = si[t * d + d2 + i] = std::sin(a) * af;
+      }
+  }
+  // the rows kept by the last layer, each as a one-token "sequence" for the attention
+  const bool subset = rows_opt.has_value();
+  torch::Tensor sel, sel_tables, sel_cu, sel_ctx;
+  if (subset) {
+    const torch::Tensor rows = rows_opt->contiguous();
+    const int64_t R = rows.numel(), B = cu_seqlens.size(0) - 1;
+    const int64_t* rp = rows.data_ptr<int64_t>();
+    const int64_t* cu = cu_seqlens.data_ptr<int64_t>();
+    const int64_t* ctx = context_lens.data_ptr<int64_t>();
+    sel = rows;
+    auto seq = torch::empty({R}, rows.options());
+    sel_ctx = torch::empty({R}, rows.options());
+    int64_t* sp = seq.data_ptr<int64_t>();
+    int64_t* xp = sel_ctx.data_ptr<int64_t>();
+    for (int64_t r = 0; r < R; ++r) {
+      TORCH_CHECK(rp[r] >= 0 && rp[r] < T, "mtp_forward: row ", rp[r], " out of range");
+      int64_t s = 0;
+      while (s + 1 < B && cu[s + 1] <= rp[r]) ++s;
+      sp[r] = s;
+      xp[r] = ctx[s] + rp[r] - cu[s];
+    }
+    sel_tables = block_tables.index_select(0, seq);
+    sel_cu = torch::arange(R + 1, rows.options());
+  }
+  torch::Tensor residual;  // undefined before the first layer
+  for (int64_t l = 0; l < L; ++l) {
+    const torch::Tensor* lw = &w[4 + 10 * l];
+    const bool last = l == L - 1;
+    auto h = torch::empty({T, H}, opt);
+    if (residual.defined()) {
+      auto sum = torch::empty({T, H}, opt);
+      zc_norm_rows(x.data_ptr<float>(), residual.data_ptr<float>(), sum.data_ptr<float>(), lw[0].data_ptr<float>(),
+                   h.data_ptr<float>(), T, H, e);
+      residual = sum;
+    } else {
+      zc_norm_rows(x.data_ptr<float>(), nullptr, nullptr, lw[0].data_ptr<float>(), h.data_ptr<float>(), T, H, e);
+      residual = x;
+    }
+    // attention. K, V of every row: normed, rotated, written to the cache
+    const int64_t D = lw[2].size(1), Hkv = lw[2].size(0) - Hq;
+    const float* nw = lw[2].data_ptr<float>();
+    auto kv = project(h, lw[1].narrow(0, 2 * Hq * D, 2 * Hkv * D));  // [T, 2 Hkv D]: k | v
+    auto k = torch::empty({T, Hkv, D}, opt);
+    {
+      const float* kvp = kv.data_ptr<float>();
+      float* kp = k.data_ptr<float>();
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t hh = 0; hh < Hkv; ++hh)
+          zc_norm_rows(kvp + t * 2 * Hkv * D + hh * D, nullptr, nullptr, nw + (Hq + hh) * D, kp + (t * Hkv + hh) * D,
+                       1, D, e);
+    }
+    write_kv(apply_rotary(k, cos, sin), kv.narrow(1, Hkv * D, Hkv * D).view({T, Hkv, D}), kv_caches[l],
+             slot_mapping);
+    // queries of the rows that go on (all, or the kept ones in the last layer)
+    const bool pick = last && subset;
+    if (pick) {
+      h = h.index_select(0, sel);
+      residual = residual.index_select(0, sel);
+    }
+    const int64_t R = h.size(0);
+    auto qg = project(h, lw[1].narrow(0, 0, 2 * Hq * D));  // [R, Hq 2D]: per head query | gate
+    auto q = torch::empty({R, Hq, D}, opt);
+    {
+      const float* gp = qg.data_ptr<float>();
+      float* qp = q.data_ptr<float>();
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t hh = 0; hh < Hq; ++hh)
+          zc_norm_rows(gp + (r * Hq + hh) * 2 * D, nullptr, nullptr, nw + hh * D, qp + (r * Hq + hh) * D, 1, D, e);
+    }
+    torch::Tensor o;
+    if (pick) {
+      q = apply_rotary(q, cos.index_select(0, sel), sin.index_select(0, sel));
+      o = paged_attention(q, kv_caches[l], sel_tables, sel_cu, sel_ctx, scale);
+    } else {
+      q = apply_rotary(q, cos, sin);
+      o = paged_attention(q, kv_caches[l], block_tables, cu_seqlens, context_lens, scale);
+    }
+    o = gate_output(o, qg.view({R, Hq, 2 * D}).narrow(2, D, D)).view({R, Hq * D});
+    auto a = project(o, lw[3]);  // [R, H]
+    {
+      auto sum = torch::empty({R, H}, opt);
+      h = torch::empty({R, H}, opt);
+      zc_norm_rows(a.data_ptr<float>(), residual.data_ptr<float>(), sum.data_ptr<float>(), lw[4].data_ptr<float>(),
+                   h.data_ptr<float>(), R, H, e);
+      residual = sum;
+    }
+    // sparse MoE: routed experts + the shared expert scaled by its sigmoid gate
+    auto route = moe_route(project(h, lw[5]), top_k, norm_topk);
+    auto su = project(h, lw[6]);  // [R, 2Is + 1]
+    const int64_t Is = (su.size(1) - 1) / 2;
+    auto hs = torch::empty({R, Is}, opt);
+    {
+      const float* sp = su.data_ptr<float>();
+      float* hsp = hs.data_ptr<float>();
+      for (int64_t r = 0; r < R; ++r) {
+        const float* row = sp + r * (2 * Is + 1);
+        const float sg = sigmoid(row[2 * Is]);
+        for (int64_t i = 0; i < Is; ++i) hsp[r * Is + i] = silu(row[i]) * row[Is + i] * sg;
+      }
+    }
+    x = moe_experts(h, lw[7], lw[8], route[0], route[1]);
+    x.add_(project(hs, lw[9]));
+  }
+  const int64_t R = x.size(0);
+  auto out = torch::empty({R, H}, opt);
+  auto sum = torch::empty({R, H}, opt);
+  zc_norm_rows(x.data_ptr<float>(), residual.data_ptr<float>(), sum.data_ptr<float>(), w[3].data_ptr<float>(),
+               out.data_ptr<float>(), R, H, e);
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("gdn_varlen", &gdn_varlen, "fused Gated DeltaNet core over a varlen batch (in place on state pools)");
   mod.def("moe_dense_act", &moe_dense_act, "the dense MoE's routing and activations between its two matmuls");
@@ -732,4 +927,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("linear", &linear, "x @ w.T for few rows of x (weight rows read once)");
   mod.def("moe_experts", &moe_experts, "routed experts, grouped by expert");
   mod.def("paged_attention", &paged_attention, "causal attention over the paged KV cache");
+  mod.def("mtp_forward", &mtp_forward, "the MTP head's forward for few tokens (drafts, catch-up)");
 }
