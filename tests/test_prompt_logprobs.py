@@ -23,14 +23,15 @@ def reference(model, ids: list[int]) -> torch.Tensor:
 
 def check(entries, ids: list[int], ref: torch.Tensor, top: int) -> None:
     assert len(entries) == len(ids) and entries[0] is None
+    eps = 1e-4  # near-ties may order either way between the two forwards
     for p in range(1, len(ids)):
         d, row, t = entries[p], ref[p - 1], ids[p]
-        assert d[t].logprob == pytest.approx(row[t].item(), abs=1e-4)
-        assert d[t].rank == int((row > row[t]).sum()) + 1
-        want = set(row.topk(top).indices.tolist()) | {t}
-        assert set(d) == want, p
-        for k in want - {t}:
-            assert d[k].logprob == pytest.approx(row[k].item(), abs=1e-4)
+        assert d[t].logprob == pytest.approx(row[t].item(), abs=eps)
+        assert int((row > row[t] + eps).sum()) + 1 <= d[t].rank <= int((row > row[t] - eps).sum()) + 1
+        assert len(d) in (top, top + 1) and (t in row.topk(top).indices or len(d) == top + 1), p
+        kth = row.topk(top).values[-1].item() if top else None
+        for k in set(d) - {t}:
+            assert d[k].logprob == pytest.approx(row[k].item(), abs=eps) and row[k] >= kth - eps
 
 
 @pytest.fixture(scope="module")
