@@ -6,8 +6,7 @@ shapes (M = 1 row, weights rotated past the L2) for comparison.
     python benchmarks/gpu_decode_profile.py --out gpu_decode_profile.json [--batches 1,8,16,64]
 
 Variants: `unfused` (routed experts by GEMV, the shared expert by four cuBLAS GEMMs and torch ops),
-`fused` (the shared expert as one more GEMV assignment, loop down pass), `fused_split` (one program
-per term in the down pass + an ordered sum).
+`fused` (the shared expert as one more GEMV assignment: ops.moe_experts_shared).
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from triton.testing import do_bench
 from benchmarks.gpu_model import BS, CTX, build_models, decode_setup, make_cache
 from qwen3next.engine.cuda_graph import CudaGraphRunner
 from qwen3next.kernels import ops
-from qwen3next.kernels.triton import moe as tri_moe
 
 RES: dict = {}
 OUT = "gpu_decode_profile.json"
@@ -54,14 +52,13 @@ def kernel_table(fn, reps: int = 5) -> list:
 
 def set_variant(name: str, real_ok) -> None:
     ops.moe_experts_shared_ok = real_ok if name != "unfused" else (lambda *a: False)
-    tri_moe.SPLIT_DOWN = name == "fused_split"
 
 
 def decode_variants(ours, batches: list[int]) -> None:
     nb = CTX // BS + 1
     cache = make_cache(ours, max(batches) + 1, max(batches) * nb)
     real_ok = ops.moe_experts_shared_ok
-    for name in ("unfused", "fused", "fused_split"):
+    for name in ("unfused", "fused"):
         r = RES.setdefault("decode", {}).setdefault(name, {})
         try:
             set_variant(name, real_ok)
@@ -100,7 +97,7 @@ def cublas_gemv(ns: list[int], K: int = 2048, copies_bytes: float = 512e6) -> No
             fn()
         us = do_bench(g.replay, warmup=10, rep=100, return_mode="median") * 1e3 / n_copies
         r[str(N)] = {"us": round(us, 2), "TBps": round(N * K * 2 / us / 1e6, 2)}
-        del ws, g
+
     print("cuBLAS M=1: " + json.dumps(r), flush=True)
     save()
 

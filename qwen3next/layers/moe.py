@@ -77,12 +77,12 @@ class SparseMoeBlock(nn.Module):
         router_logits = self.gate(x)
         weights, ids = ops.moe_route(router_logits, self.top_k, self.norm_topk_prob)
         ex, se = self.experts, self.shared_expert
-        if ex.tp == 1 and ops.moe_experts_shared_ok(x, ex.gate_up_proj, self.top_k):
+        shared_w = (se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight, self.shared_expert_gate.weight)
+        if (ex.tp == 1 and ops.moe_experts_shared_ok(x, ex.gate_up_proj, self.top_k)
+                and all(w.dtype == x.dtype for w in shared_w)):  # (fp8 layers keep their own path)
             # few rows on CUDA: the shared expert and its gate ride along as one more GEMV
             # assignment per token (two launches instead of ~10)
-            return ops.moe_experts_shared(x, ex.gate_up_proj, ex.down_proj, weights, ids, se.gate_proj.weight,
-                                          se.up_proj.weight, se.down_proj.weight,
-                                          self.shared_expert_gate.weight), router_logits
+            return ops.moe_experts_shared(x, ex.gate_up_proj, ex.down_proj, weights, ids, *shared_w), router_logits
         routed = self.experts(x, weights, ids)
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         out = routed + shared

@@ -1,6 +1,6 @@
 """The fused few-row MoE (triton/moe.py moe_experts_shared: routed experts + the gated shared
-expert as one more GEMV assignment per token) against the reference composition, both down-pass
-variants, shared intermediate size equal to or unlike the experts'."""
+expert as one more GEMV assignment per token) against the reference composition, shared
+intermediate size equal to or unlike the experts'."""
 
 from __future__ import annotations
 
@@ -26,31 +26,15 @@ def _weights(E, H, I, Is, gen, dtype=torch.float32, scale=0.2):
             randn(H, Is, gen=gen, scale=scale, dtype=dtype), randn(1, H, gen=gen, scale=scale, dtype=dtype))
 
 
-@pytest.mark.parametrize("T,Is,split", [(1, 24, False), (3, 40, True), (5, 16, False), (2, 24, True)])
-def test_experts_shared(T, Is, split):
+@pytest.mark.parametrize("T,Is", [(1, 24), (3, 40), (5, 16)])
+def test_experts_shared(T, Is):
     gen = seeded(100 + T)
     E, H, I, k = 8, 40, 24, 3
     x = randn(T, H, gen=gen)
     gate_up, down, sg, su, sd, sgw = _weights(E, H, I, Is, gen)
     w, ids = ref.moe_route(randn(T, E, gen=gen), k, True)
-    y = tri.moe_experts_shared(x, gate_up, down, w, ids, sg, su, sd, sgw, split_down=split)
+    y = tri.moe_experts_shared(x, gate_up, down, w, ids, sg, su, sd, sgw)
     assert rel_err(y, _reference(x, gate_up, down, w, ids, sg, su, sd, sgw)) < 1e-5
-
-
-@pytest.mark.parametrize("split", [False, True])
-def test_gemv_without_shared(split):
-    """moe_experts' GEMV path through either down-pass variant."""
-    gen = seeded(7)
-    E, H, I, k, T = 8, 40, 24, 3, 4
-    x = randn(T, H, gen=gen)
-    gate_up, down = randn(E, 2 * I, H, gen=gen, scale=0.2), randn(E, H, I, gen=gen, scale=0.2)
-    w, ids = ref.moe_route(randn(T, E, gen=gen), k, True)
-    tri.SPLIT_DOWN, old = split, tri.SPLIT_DOWN
-    try:
-        y = tri.moe_experts(x, gate_up, down, w, ids, gemv=True)
-    finally:
-        tri.SPLIT_DOWN = old
-    assert rel_err(y, ref.moe_experts(x, gate_up, down, w, ids)) < 1e-5
 
 
 @pytest.mark.gpu
@@ -62,6 +46,5 @@ def test_experts_shared_bf16_gpu(T):
     ws = _weights(E, H, I, I, gen, dtype=torch.bfloat16, scale=0.02)
     w, ids = ref.moe_route(randn(T, E, gen=gen), k, True)
     want = _reference(x, ws[0], ws[1], w, ids, *ws[2:])
-    for split in (False, True):
-        y = tri.moe_experts_shared(x, ws[0], ws[1], w, ids, *ws[2:], split_down=split)
-        assert rel_err(y, want) < 1e-2, split
+    y = tri.moe_experts_shared(x, ws[0], ws[1], w, ids, *ws[2:])
+    assert rel_err(y, want) < 1e-2

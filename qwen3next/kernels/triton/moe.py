@@ -3,9 +3,11 @@ expert weights (tile sizes autotuned per shape on the GPU).
 
 Same signatures as kernels/moe.py. Two paths for the experts:
 * few assignments (decode, M = T*k <= GEMV_MAX_ROWS): no grouping at all. One launch computes
-  h = silu(x W_gate^T) * (x W_up^T) per (assignment, column block), a second computes each
-  token's sum over its k experts of w_j h_j W_down^T (fp32, in a fixed order); weight streaming is
-  all that costs, and an expert picked twice is read twice (fine while M is small).
+  h = silu(x W_gate^T) * (x W_up^T) per (assignment, column block), a second w_j h_j W_down^T per
+  (assignment, column block), a third each token's sum over its k terms (fp32, in a fixed order);
+  weight streaming is all that costs, and an expert picked twice is read twice (fine while M is
+  small). `moe_experts_shared` adds the MoE block's gated shared expert as one more assignment
+  per token (its sigmoid gate computed in the down pass).
 * otherwise a grouped GEMM: the (token, k) assignments are sorted by expert and each expert's run
   padded to a multiple of BM rows (three small launches, no sort and no host sync, so decode can
   be graph-captured); one launch computes the gated product per BM-row block of one expert, a
@@ -262,34 +264,11 @@ def _gemv_gate_up_kernel(x_ptr, w_ptr, ids_ptr, h_ptr, sg_ptr, su_ptr, hs_ptr, M
 
 
 @autotune(_GEMV_CONFIGS, key=["H", "I", "TB"])
-@triton.jit(do_not_specialize=["TB"])
-def _gemv_down_kernel(h_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, hs_ptr, sd_ptr, x_ptr, sgw_ptr, H, I, IS, TB,
-                      TOPK: tl.constexpr, SHARED: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Token t, BN output columns: the sum over its k experts (in order) of w_j h_j W_down^T, then
-    (SHARED) sigmoid(x . w_sg) * hs W_sd^T, in fp32, each term rounded like the reference."""
-    t = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
-    nm = n < H
-    dt = y_ptr.dtype.element_ty
-    out = tl.zeros([BN], dtype=tl.float32)
-    # the token's k experts, in order (a plain loop: unrolled with whole-row tiles it measured
-    # 1.5x slower on the H200)
-    for j in range(TOPK):
-        a = t * TOPK + j
-        acc = _rows_dot(h_ptr + a * I, w_ptr + tl.load(ids_ptr + a) * H * I, n, nm, I, BN, BK)
-        rw = tl.load(rw_ptr + a).to(dt).to(tl.float32)
-        out += (acc.to(dt).to(tl.float32) * rw).to(dt).to(tl.float32)
-    if SHARED:
-        acc = _rows_dot(hs_ptr + t * IS, sd_ptr, n, nm, IS, BN, BK)
-        out += (acc.to(dt).to(tl.float32) * _shared_gate(x_ptr + t * H, sgw_ptr, H, dt, BK)).to(dt).to(tl.float32)
-    tl.store(y_ptr + t * H + n, out.to(dt), mask=nm)
-
-
-@autotune(_GEMV_CONFIGS, key=["H", "I", "TB"])
 @triton.jit(do_not_specialize=["TB", "M"])
-def _gemv_down_split_kernel(h_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, hs_ptr, sd_ptr, x_ptr, sgw_ptr, M, H, I, IS, TB,
+def _gemv_down_kernel(h_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, hs_ptr, sd_ptr, x_ptr, sgw_ptr, M, H, I, IS, TB,
                             TOPK: tl.constexpr, NS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """One term per program (more loads in flight than a loop per token): a < M routed assignment
+    """One term per program (a loop over a token's terms in one program measured 1.5x slower on the
+    H200, B = 1: fewer loads in flight): a < M routed assignment
     a -> y[t, j] = w h W_down^T; a >= M the shared expert of token t = a - M -> y[t, TOPK]. Rows
     of y [T, TOPK + NS, H] are rounded like the reference; _sum_k_kernel adds them in order."""
     a = tl.program_id(0).to(tl.int64)
@@ -319,9 +298,10 @@ def _sum_k_kernel(y_ptr, o_ptr, T, H, TOPK: tl.constexpr, BH: tl.constexpr):
     tl.store(o_ptr + t * H + c, acc.to(o_ptr.dtype.element_ty), mask=cm)
 
 
-def _gemv(x, gate_up_proj, down_proj, weights, ids, shared, split_down: bool):
+def _gemv(x, gate_up_proj, down_proj, weights, ids, shared):
     """The few-row path: per-assignment GEMVs (+ the gated shared expert as one more assignment per
-    token when `shared` = (gate_proj [Is, H], up_proj [Is, H], down_proj [H, Is], gate [1, H]))."""
+    token when `shared` = (gate_proj [Is, H], up_proj [Is, H], down_proj [H, Is], gate [1, H])),
+    one launch up, one per term down, an ordered fp32 sum of each token's terms."""
     T, H = x.shape
     I, k = down_proj.shape[-1], ids.shape[1]
     M = T * k
@@ -329,44 +309,33 @@ def _gemv(x, gate_up_proj, down_proj, weights, ids, shared, split_down: bool):
     h = torch.empty(M, I, dtype=x.dtype, device=x.device)
     if shared is None:
         sg = su = sd = sgw = gate_up_proj  # never read
-        IS, hs, n_sh = I, h, 0
+        IS, hs, NS = I, h, 0
     else:
         sg, su, sd, sgw = (w.contiguous() for w in shared)
-        IS, n_sh = sg.shape[0], T
+        IS, NS = sg.shape[0], 1
         hs = torch.empty(T, IS, dtype=x.dtype, device=x.device)
-    BNmax = max(I, IS)
-    _gemv_gate_up_kernel[lambda meta: (M + n_sh, triton.cdiv(BNmax, meta["BN"]))](
+    _gemv_gate_up_kernel[lambda meta: (M + NS * T, triton.cdiv(max(I, IS), meta["BN"]))](
         x, gate_up_proj, ids, h, sg, su, hs, M, H, I, IS, TB, TOPK=k)
-    weights = weights.contiguous()
-    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
-    if not split_down:
-        _gemv_down_kernel[lambda meta: (T, triton.cdiv(H, meta["BN"]))](
-            h, down_proj, ids, weights, out, hs, sd, x, sgw, H, I, IS, TB, TOPK=k, SHARED=shared is not None)
-        return out
-    NS = 0 if shared is None else 1
     y = torch.empty(T, k + NS, H, dtype=x.dtype, device=x.device)
-    _gemv_down_split_kernel[lambda meta: (M + n_sh, triton.cdiv(H, meta["BN"]))](
-        h, down_proj, ids, weights, y, hs, sd, x, sgw, M, H, I, IS, TB, TOPK=k, NS=NS)
+    _gemv_down_kernel[lambda meta: (M + NS * T, triton.cdiv(H, meta["BN"]))](
+        h, down_proj, ids, weights.contiguous(), y, hs, sd, x, sgw, M, H, I, IS, TB, TOPK=k, NS=NS)
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     BH = min(1024, pow2(H))
     _sum_k_kernel[(T, triton.cdiv(H, BH))](y, out, T, H, TOPK=k + NS, BH=BH)
     return out
 
 
-SPLIT_DOWN = False  # GEMV down pass: one program per term + a sum (True) or a loop per token
-
-
 def moe_experts_shared(x, gate_up_proj, down_proj, weights, ids, shared_gate_proj, shared_up_proj,
-                       shared_down_proj, shared_expert_gate, *, split_down: bool | None = None) -> torch.Tensor:
+                       shared_down_proj, shared_expert_gate) -> torch.Tensor:
     """The MoE block's output for few rows (the GEMV path): routed experts plus
     sigmoid(x shared_expert_gate^T) * shared_expert(x), the shared expert as one more GEMV
-    assignment per token (one launch up, one down, no separate shared-expert matmuls).
+    assignment per token (no separate shared-expert matmuls and elementwise launches).
     shared_gate_proj / shared_up_proj [Is, H], shared_down_proj [H, Is], shared_expert_gate [1, H]."""
     T, H = x.shape
     if T == 0:
         return x.new_zeros(T, H)
     return _gemv(x.contiguous(), gate_up_proj, down_proj, weights, ids.contiguous(),
-                 (shared_gate_proj, shared_up_proj, shared_down_proj, shared_expert_gate),
-                 SPLIT_DOWN if split_down is None else split_down)
+                 (shared_gate_proj, shared_up_proj, shared_down_proj, shared_expert_gate))
 
 
 def moe_experts(x, gate_up_proj, down_proj, weights, ids, *, block_m: int | None = None,
@@ -382,7 +351,7 @@ def moe_experts(x, gate_up_proj, down_proj, weights, ids, *, block_m: int | None
     x = x.contiguous()
     ids = ids.contiguous()
     if gemv if gemv is not None else (M <= GEMV_MAX_ROWS and block_m is None):
-        return _gemv(x, gate_up_proj, down_proj, weights, ids, None, SPLIT_DOWN)
+        return _gemv(x, gate_up_proj, down_proj, weights, ids, None)
     BM = block_m or (16 if M <= 16 * E else 64)
     rows, block_expert, NB = _align(ids, E, BM)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 models get fp32 products
