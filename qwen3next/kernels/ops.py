@@ -161,13 +161,17 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, state=None, state_s
                                           per_token_state_slots)
 
 
-def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A_log, dt_bias, num_k_heads):
+def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A_log, dt_bias, num_k_heads,
+               m_cols=None):
     """One fused DeltaNet decode step (conv update, L2 norm, gates, recurrence) -> o [B, Hv, dv];
-    see kernels/triton/gdn_decode.py. Both states are updated in place at `state_slots`."""
+    see kernels/triton/gdn_decode.py. Both states are updated in place at `state_slots`.
+    m_cols [conv_dim] (optional): conv channel c is m[:, m_cols[c]] (Triton reads it in place)."""
     S = recurrent_state
     if _use_triton(m, a, b, conv_weight) and _pow2(S.shape[-2]) and _pow2(S.shape[-1]) and S.dtype == torch.float32:
         return _triton("gdn_decode").gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots,
-                                                A_log, dt_bias, num_k_heads)
+                                                A_log, dt_bias, num_k_heads, m_cols=m_cols)
+    if m_cols is not None:
+        m = m.index_select(1, m_cols)
     if _ext_ok(m, a, b, conv_weight) and _ext.gdn_ok(m, a, b, conv_weight, conv_state, S, A_log, dt_bias):
         return _ext.gdn_varlen(m, a, b, conv_weight, conv_state, S, torch.arange(m.shape[0] + 1), state_slots,
                                None, None, A_log, dt_bias, num_k_heads)
@@ -181,7 +185,7 @@ def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A
 
 
 def gdn_cached(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots, has_initial_state,
-               per_token_state_slots, A_log, dt_bias, num_k_heads):
+               per_token_state_slots, A_log, dt_bias, num_k_heads, m_cols=None):
     """The cached DeltaNet core of a varlen batch (see kernels/gdn.py) -> o [T, Hv, dv]: the fused C++
     kernel on CPU, else the single kernels one by one. The C++ kernel runs the recurrence token by
     token; on one core it still beat the chunked torch path at every size measured (prefills of
@@ -191,7 +195,9 @@ def gdn_cached(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, st
         # conv -> fused q/k norms + gates -> chunked delta rule; verify: the fused kernels (gdn_verify.py)
         return _triton("gdn_prep").gdn_cached(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens,
                                               state_slots, has_initial_state, per_token_state_slots, A_log,
-                                              dt_bias, num_k_heads)
+                                              dt_bias, num_k_heads, m_cols=m_cols)
+    if m_cols is not None:  # (m_cols as in gdn_decode)
+        m = m.index_select(1, m_cols)
     if _ext_ok(m, a, b, conv_weight) and _ext.gdn_ok(m, a, b, conv_weight, conv_state, recurrent_state, A_log,
                                                     dt_bias):
         return _ext.gdn_varlen(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots,

@@ -63,6 +63,7 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = nn.Linear(self.value_dim, H, bias=False)
         self._proj = DerivedWeight(functools.partial(_regroup_rows, self.num_k_heads, self.head_k_dim,
                                                      self.ratio * self.head_v_dim, self.ratio))
+        self._cols: dict[str, torch.Tensor] = {}  # per device: conv channel -> grouped projection column
         self._ba = DerivedWeight(functools.partial(_regroup_ba, self.num_k_heads, self.ratio))
         if self.tp > 1:
             self._declare_shards(cfg)
@@ -78,39 +79,58 @@ class GatedDeltaNet(nn.Module):
         self.tp_shards = {"A_log": rows(hv), "dt_bias": rows(hv)}
         self.out_proj.tp_shards = {"weight": cols(hv, dv)}
 
-    def _split(self, x: torch.Tensor):
-        """-> m [T, conv_dim] (conv input), z [T, Hv, dv], b, a [T, Hv] from the grouped projections."""
+    def _split(self, x: torch.Tensor, grouped: bool = False):
+        """-> m, z [T, Hv, dv], b, a [T, Hv], m_cols from the grouped projections. m is the conv input
+        [T, conv_dim]; `grouped`: m is in_proj_qkvz's whole output [T, Hk * (2dk + 2r dv)] and conv
+        channel c is its column m_cols[c] (the GPU kernels read it in place, nothing is copied)."""
         T, Hk, dk, dv, r = x.shape[0], self.num_k_heads, self.head_k_dim, self.head_v_dim, self.ratio
+        kd, Hv = self.key_dim, self.num_v_heads
         if ops.cpu_fast_ok(x, self.in_proj_qkvz.weight):
             # CPU inference: one matmul over both projections' rows regrouped as [q|k|v|z|b|a] (views out)
             y = ops.linear(x, self._proj.get(self.in_proj_qkvz.weight, self.in_proj_ba.weight))
-            C, Vd, Hv = self.conv_dim, self.value_dim, self.num_v_heads
-            return y[:, :C], y[:, C : C + Vd].view(T, Hv, dv), y[:, C + Vd : C + Vd + Hv], y[:, C + Vd + Hv :]
+            C, Vd = self.conv_dim, self.value_dim
+            return y[:, :C], y[:, C : C + Vd].view(T, Hv, dv), y[:, C + Vd : C + Vd + Hv], y[:, C + Vd + Hv :], None
         p = self.in_proj_qkvz(x).view(T, Hk, 2 * dk + 2 * r * dv)
         q, k, v, z = torch.split(p, [dk, dk, r * dv, r * dv], dim=-1)
-        # m = [q_all | k_all | v_all]: each part one strided copy into its columns (no reshape copies + cat)
-        kd, Hv = self.key_dim, self.num_v_heads
-        m = p.new_empty(T, self.conv_dim)
-        m[:, :kd].view(T, Hk, dk).copy_(q)
-        m[:, kd:2 * kd].view(T, Hk, dk).copy_(k)
-        m[:, 2 * kd:].view(T, Hk, r * dv).copy_(v)
+        if grouped:
+            m, cols = p.view(T, -1), self._conv_cols(p.device)
+        else:  # m = [q_all | k_all | v_all]: each part one strided copy into its columns
+            m, cols = p.new_empty(T, self.conv_dim), None
+            m[:, :kd].view(T, Hk, dk).copy_(q)
+            m[:, kd:2 * kd].view(T, Hk, dk).copy_(k)
+            m[:, 2 * kd:].view(T, Hk, r * dv).copy_(v)
         if torch.is_grad_enabled() and self.in_proj_ba.weight.requires_grad:
             pb = self.in_proj_ba(x).view(T, Hk, 2 * r)
             b, a = pb[..., :r].reshape(T, -1), pb[..., r:].reshape(T, -1)
         else:  # inference: in_proj_ba's rows regrouped once as [b_all | a_all], b and a are views
             ba = nn.functional.linear(x, self._ba.get(self.in_proj_ba.weight))
             b, a = ba[:, :Hv], ba[:, Hv:]
-        return m, z.reshape(T, Hv, dv), b, a
+        return m, z.reshape(T, Hv, dv), b, a, cols
+
+    def _conv_cols(self, device: torch.device) -> torch.Tensor:
+        """[conv_dim] long: the column of in_proj_qkvz's grouped output [T, Hk * W] holding each conv
+        channel of [q_all | k_all | v_all] (head hk's row block is [q dk | k dk | v r dv | z r dv])."""
+        key = str(device)
+        if key not in self._cols:
+            Hk, dk, rdv = self.num_k_heads, self.head_k_dim, self.ratio * self.head_v_dim
+            base = torch.arange(Hk)[:, None] * (2 * dk + 2 * rdv)
+            q, k = base + torch.arange(dk), base + dk + torch.arange(dk)
+            v = base + 2 * dk + torch.arange(rdv)
+            self._cols[key] = torch.cat([q.flatten(), k.flatten(), v.flatten()]).to(device)
+        return self._cols[key]
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         T = x.shape[0]
-        m, z, b, a = self._split(x)
-        w = self.conv1d.weight[:, 0, :]  # [C, K]
         cache = batch.cache
+        # cached inference: the GPU conv kernels read q / k / v from the projection in place (other
+        # paths gather them once in ops; the CPU fast path has its own regrouped projection)
+        grouped = cache is not None and not torch.is_grad_enabled()
+        m, z, b, a, cols = self._split(x, grouped)
+        w = self.conv1d.weight[:, 0, :]  # [C, K]
         if cache is not None and batch.is_decode and batch.per_token_state_slots is None:
             # one token per sequence: conv update, norms, gates and recurrence as one fused step
             o = ops.gdn_decode(m, a, b, w, cache.conv[self.layer_idx], cache.recurrent[self.layer_idx],
-                               batch.state_slots, self.A_log, self.dt_bias, self.num_k_heads)
+                               batch.state_slots, self.A_log, self.dt_bias, self.num_k_heads, m_cols=cols)
             o = self.norm(o, z)  # [T, Hv, dv]
             return self._out(o.reshape(T, self.value_dim))
         if cache is None:
@@ -121,7 +141,7 @@ class GatedDeltaNet(nn.Module):
         else:  # prefill chunks, mixed steps, speculative verify (per-token states)
             o = ops.gdn_cached(m, a, b, w, cache.conv[self.layer_idx], cache.recurrent[self.layer_idx],
                                batch.cu_seqlens, batch.state_slots, batch.has_initial_state,
-                               batch.per_token_state_slots, self.A_log, self.dt_bias, self.num_k_heads)
+                               batch.per_token_state_slots, self.A_log, self.dt_bias, self.num_k_heads, m_cols=cols)
         o = self.norm(o, z)  # [T, Hv, dv]
         return self._out(o.reshape(T, self.value_dim))
 

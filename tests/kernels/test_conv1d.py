@@ -83,3 +83,22 @@ def test_conv_bf16_gpu():
     yu = tri.causal_conv1d_update(xb[:3], w, p_t, sl)
     assert rel_err(yu, ref.causal_conv1d_update(xb[:3], w, p_r, sl)) < 1e-2
     assert torch.equal(p_t, p_r)
+
+
+def test_column_map_reads_a_wider_input_in_place():
+    """x_cols: channel c is x[:, x_cols[c]] of a wider row-strided input (the layer's grouped
+    projection), for the varlen conv with states and the one-token update."""
+    gen = seeded(5)
+    lens, C, K, W = [3, 9, 1], 24, 4, 40
+    xw = randn(sum(lens), W + 3, gen=gen)[:, 3:]  # row stride W + 3
+    cols = torch.randperm(W, generator=gen)[:C].to(DEV)
+    w = randn(C, K, gen=gen)
+    pool = randn(4, C, K - 1, gen=gen)
+    slots, has = torch.tensor([2, 0, 3], device=DEV), torch.tensor([True, False, True], device=DEV)
+    p_t, p_r = pool.clone(), pool.clone()
+    y = tri.causal_conv1d_varlen(xw, w, cu(lens), p_t, slots, has, x_cols=cols)
+    assert rel_err(y, ref.causal_conv1d_varlen(xw[:, cols], w, cu(lens), p_r, slots, has)) < 1e-6
+    assert torch.equal(p_t, p_r)
+    yu = tri.causal_conv1d_update(xw[:3], w, p_t, slots, x_cols=cols)
+    assert rel_err(yu, ref.causal_conv1d_update(xw[:3, cols], w, p_r, slots)) < 1e-6
+    assert torch.equal(p_t, p_r)

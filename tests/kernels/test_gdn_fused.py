@@ -4,6 +4,8 @@ and the fused verify kernels (per-token states)."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -69,7 +71,12 @@ def _check_cached(batches, T, dtype=torch.float32, shape=(2, 4, 16, 32), N=8, to
     comparison and must stay untouched by the kernels."""
     args = _case(T, *shape, K=4, N=N, dtype=dtype, seed=T)
     a_t, a_r = _clone(args), _clone(args)
-    o_t = _run_cached(gdn_prep.gdn_cached, a_t, batches)
+    # the kernels read m in place from a wider projection through a column map (as the layer's)
+    C = args["m"].shape[1]
+    cols = torch.randperm(C + 7, generator=seeded(T))[:C].to(DEV)
+    a_t["m"] = torch.zeros(T, C + 7, dtype=dtype, device=DEV)
+    a_t["m"][:, cols] = args["m"]
+    o_t = _run_cached(functools.partial(gdn_prep.gdn_cached, m_cols=cols), a_t, batches)
     o_r = _run_cached(ref.gdn_cached, a_r, batches)
     assert rel_err(o_t[rows], o_r[rows]) < tol
     n = N - 1 if padded else N

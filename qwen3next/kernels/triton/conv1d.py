@@ -18,13 +18,35 @@ import triton.language as tl
 from ._util import autotune, pow2, size_class
 
 
+@triton.jit
+def _x_offsets(map_ptr, t, c, cm, SX, HAS_MAP: tl.constexpr):
+    """Offset of input channel c of token t: row t * SX, column c, or map[c] with a column map
+    (the layer's grouped projection read in place)."""
+    if HAS_MAP:
+        return t * SX + tl.load(map_ptr + c, mask=cm, other=0)
+    return t * SX + c
+
+
+def _inputs(x: torch.Tensor, C: int, x_cols: torch.Tensor | None):
+    """-> (x with a unit column stride, its row stride, the column map or a dummy, has map)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if x_cols is None:
+        if x.shape[-1] != C:
+            raise ValueError(f"x has {x.shape[-1]} channels, the weight {C}")
+        return x, x.stride(0), x, False
+    if x_cols.shape != (C,):
+        raise ValueError(f"x_cols must be [{C}] (one input column per channel)")
+    return x, x.stride(0), x_cols, True
+
+
 # (BT tokens, BC channels, warps) per program; the first is the interpreter's
 @autotune([triton.Config({"BT": bt, "BC": bc}, num_warps=w)
            for bt, bc, w in ((32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 256, 8), (128, 128, 8), (16, 256, 4),
                              (128, 64, 4), (64, 64, 4))], key=["C", "TB"])
 @triton.jit(do_not_specialize=["T", "TB"])
-def _conv_varlen_kernel(x_ptr, w_ptr, y_ptr, seq_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr,
-                        T, C, TB, K: tl.constexpr, HAS_STATE: tl.constexpr,
+def _conv_varlen_kernel(x_ptr, w_ptr, y_ptr, seq_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, map_ptr,
+                        T, C, TB, SX, K: tl.constexpr, HAS_STATE: tl.constexpr, HAS_MAP: tl.constexpr,
                         BT: tl.constexpr, BC: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -34,8 +56,8 @@ def _conv_varlen_kernel(x_ptr, w_ptr, y_ptr, seq_ptr, cu_ptr, st_ptr, slot_ptr, 
     cm = c < C
     seq = tl.load(seq_ptr + t, mask=tm, other=0)
     bos = tl.load(cu_ptr + seq, mask=tm, other=0)
-    offs = (t.to(tl.int64) * C)[:, None] + c[None, :]                   # [BT, BC] this token's inputs
-    ptrs = x_ptr + offs
+    offs = (t.to(tl.int64) * C)[:, None] + c[None, :]                   # [BT, BC] this token's outputs
+    ptrs = x_ptr + _x_offsets(map_ptr, t.to(tl.int64)[:, None], c[None, :], cm[None, :], SX, HAS_MAP)  # inputs
     m2 = tm[:, None] & cm[None, :]
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     # a tile whose rows all sit >= K-1 tokens into their sequence reads no state and masks no tap
@@ -47,7 +69,7 @@ def _conv_varlen_kernel(x_ptr, w_ptr, y_ptr, seq_ptr, cu_ptr, st_ptr, slot_ptr, 
         for j in tl.static_range(K):
             src = t - (K - 1) + j                      # [BT]
             inside = src >= bos
-            xv = tl.load(ptrs - (K - 1 - j) * C, mask=m2 & inside[:, None], other=0.0).to(tl.float32)
+            xv = tl.load(ptrs - (K - 1 - j) * SX, mask=m2 & inside[:, None], other=0.0).to(tl.float32)
             if HAS_STATE:
                 # position src - bos < 0 lives in the state column (K-1) + (src - bos)
                 col = (K - 1) + src - bos
@@ -59,7 +81,7 @@ def _conv_varlen_kernel(x_ptr, w_ptr, y_ptr, seq_ptr, cu_ptr, st_ptr, slot_ptr, 
             acc += xv * wj[None, :]
     else:
         for j in tl.static_range(K):
-            xv = tl.load(ptrs - (K - 1 - j) * C, mask=m2, other=0.0).to(tl.float32)
+            xv = tl.load(ptrs - (K - 1 - j) * SX, mask=m2, other=0.0).to(tl.float32)
             wj = tl.load(w_ptr + c * K + j, mask=cm, other=0.0).to(tl.float32)
             acc += xv * wj[None, :]
     y = acc / (1.0 + tl.exp(-acc))
@@ -67,8 +89,8 @@ def _conv_varlen_kernel(x_ptr, w_ptr, y_ptr, seq_ptr, cu_ptr, st_ptr, slot_ptr, 
 
 
 @triton.jit
-def _conv_state_kernel(x_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, C,
-                       K: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr):
+def _conv_state_kernel(x_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, map_ptr, C, SX,
+                       K: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr, HAS_MAP: tl.constexpr):
     b = tl.program_id(0)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     cm = c < C
@@ -81,7 +103,8 @@ def _conv_state_kernel(x_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, C,
         init = tl.load(init_ptr + b + 0 * i) != 0      # [KP] (a vector: scalar masks upset the interpreter)
         src = n - (K - 1) + i                          # position in the sequence, <0: old state
         from_x = src >= 0
-        xv = tl.load(x_ptr + (bos + src).to(tl.int64)[None, :] * C + c[:, None],
+        xv = tl.load(x_ptr + _x_offsets(map_ptr, (bos + src).to(tl.int64)[None, :], c[:, None], cm[:, None], SX,
+                                        HAS_MAP),
                      mask=cm[:, None] & (im & from_x)[None, :], other=0.0)
         old = tl.load(st_ptr + (slot * C + c[:, None]) * (K - 1) + ((K - 1) + src)[None, :],
                       mask=cm[:, None] & (im & (~from_x) & init)[None, :], other=0.0)
@@ -93,13 +116,15 @@ def _conv_state_kernel(x_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, C,
 
 def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor,
                          conv_state: torch.Tensor | None = None, state_slots: torch.Tensor | None = None,
-                         has_initial_state: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, C] pre-conv, weight [C, K] -> silu(conv) [T, C]; conv_state [N, C, K-1] updated in place."""
-    T, C = x.shape
-    K = weight.shape[-1]
-    x = x.contiguous()
+                         has_initial_state: torch.Tensor | None = None, *,
+                         x_cols: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, C] pre-conv (any row stride), weight [C, K] -> silu(conv) [T, C]; conv_state
+    [N, C, K-1] updated in place. x_cols [C] (optional): channel c is x[:, x_cols[c]] (x wider)."""
+    T = x.shape[0]
+    C, K = weight.shape[0], weight.shape[-1]
+    x, SX, xmap, has_map = _inputs(x, C, x_cols)
     weight = weight.reshape(C, K).contiguous()
-    y = torch.empty_like(x)
+    y = torch.empty(T, C, dtype=x.dtype, device=x.device)
     B = cu_seqlens.numel() - 1
     if T == 0 or B == 0:
         return y
@@ -114,17 +139,18 @@ def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torc
         slots, init = cu, cu
     # the conv writes only y (the states are moved on below), so timing configs is harmless
     grid = lambda meta: (triton.cdiv(T, meta["BT"]), triton.cdiv(C, meta["BC"]))  # noqa: E731
-    _conv_varlen_kernel[grid](x, weight, y, seq, cu, conv_state if has_state else x, slots, init,
-                              T, C, size_class(T), K=K, HAS_STATE=has_state)
+    _conv_varlen_kernel[grid](x, weight, y, seq, cu, conv_state if has_state else x, slots, init, xmap,
+                              T, C, size_class(T), SX, K=K, HAS_STATE=has_state, HAS_MAP=has_map)
     if has_state:
-        _conv_state_kernel[(B, triton.cdiv(C, 256))](x, cu, conv_state, slots, init, C, K=K,
-                                                    KP=triton.next_power_of_2(max(K - 1, 1)), BC=256)
+        _conv_state_kernel[(B, triton.cdiv(C, 256))](x, cu, conv_state, slots, init, xmap, C, SX, K=K,
+                                                    KP=triton.next_power_of_2(max(K - 1, 1)), BC=256,
+                                                    HAS_MAP=has_map)
     return y
 
 
 @triton.jit
-def _conv_update_kernel(x_ptr, w_ptr, y_ptr, st_ptr, slot_ptr, C,
-                        K: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr):
+def _conv_update_kernel(x_ptr, w_ptr, y_ptr, st_ptr, slot_ptr, map_ptr, C, SX,
+                        K: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr, HAS_MAP: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     cm = c < C
@@ -134,7 +160,7 @@ def _conv_update_kernel(x_ptr, w_ptr, y_ptr, st_ptr, slot_ptr, C,
         im = i < K - 1
         st = tl.load(st_ptr + (slot * C + c[:, None]) * (K - 1) + i[None, :],
                      mask=cm[:, None] & im[None, :], other=0.0)          # [BC, KP]
-        xv = tl.load(x_ptr + b * C + c, mask=cm, other=0.0)              # [BC]
+        xv = tl.load(x_ptr + _x_offsets(map_ptr, b, c, cm, SX, HAS_MAP), mask=cm, other=0.0)   # [BC]
         w = tl.load(w_ptr + c[:, None] * K + i[None, :], mask=cm[:, None] & im[None, :], other=0.0)
         wl = tl.load(w_ptr + c * K + (K - 1), mask=cm, other=0.0).to(tl.float32)
         acc = tl.sum(st.to(tl.float32) * w.to(tl.float32), axis=1) + xv.to(tl.float32) * wl
@@ -148,16 +174,19 @@ def _conv_update_kernel(x_ptr, w_ptr, y_ptr, st_ptr, slot_ptr, C,
 
 
 def causal_conv1d_update(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor,
-                         state_slots: torch.Tensor) -> torch.Tensor:
-    """One token per sequence: x [B, C] -> silu(conv) [B, C]; conv_state[state_slots] shifted in place."""
-    B, C = x.shape
-    K = weight.shape[-1]
-    y = torch.empty_like(x)
+                         state_slots: torch.Tensor, *, x_cols: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per sequence: x [B, C] (any row stride; x_cols as in causal_conv1d_varlen)
+    -> silu(conv) [B, C]; conv_state[state_slots] shifted in place."""
+    B = x.shape[0]
+    C, K = weight.shape[0], weight.shape[-1]
+    x, SX, xmap, has_map = _inputs(x, C, x_cols)
+    y = torch.empty(B, C, dtype=x.dtype, device=x.device)
     if B:
         BC = 256
-        _conv_update_kernel[(B, triton.cdiv(C, BC))](x.contiguous(), weight.reshape(C, K).contiguous(), y,
-                                                     conv_state, state_slots.to(torch.int64).contiguous(), C,
-                                                     K=K, KP=triton.next_power_of_2(max(K - 1, 1)), BC=BC)
+        _conv_update_kernel[(B, triton.cdiv(C, BC))](x, weight.reshape(C, K).contiguous(), y,
+                                                     conv_state, state_slots.to(torch.int64).contiguous(), xmap,
+                                                     C, SX, K=K, KP=triton.next_power_of_2(max(K - 1, 1)), BC=BC,
+                                                     HAS_MAP=has_map)
     return y
 
 

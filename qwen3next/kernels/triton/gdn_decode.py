@@ -56,15 +56,17 @@ def _decode_kernel(m_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, st_ptr, slot_ptr, o_p
 
 
 def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A_log, dt_bias,
-               num_k_heads: int, *, bv: int | None = None, num_warps: int | None = None) -> torch.Tensor:
-    """m [B, conv_dim] pre-conv; a, b [B, Hv] (any row stride); conv_state [N, conv_dim, K-1];
+               num_k_heads: int, *, m_cols: torch.Tensor | None = None, bv: int | None = None,
+               num_warps: int | None = None) -> torch.Tensor:
+    """m [B, conv_dim] pre-conv (m_cols as in conv1d.causal_conv1d_update); a, b [B, Hv] (any row
+    stride); conv_state [N, conv_dim, K-1];
     recurrent_state [N, Hv, dk, dv] fp32; state_slots [B] (negative = skip: o = 0) -> o [B, Hv, dv]."""
-    B, C = m.shape
+    B, C = m.shape[0], conv_weight.shape[0]
     HV, DK, DV = recurrent_state.shape[1:]
     HK = num_k_heads
     if C != 2 * HK * DK + HV * DV:
         raise ValueError(f"m has {C} channels, expected 2*{HK}*{DK} + {HV}*{DV}")
-    mc = causal_conv1d_update(m, conv_weight, conv_state, state_slots)   # [B, C] post-conv
+    mc = causal_conv1d_update(m, conv_weight, conv_state, state_slots, x_cols=m_cols)   # [B, C] post-conv
     o = torch.empty(B, HV, DV, dtype=m.dtype, device=m.device)
     if B:
         # small batches: narrow state tiles on fewer warps, so more programs stream the state at

@@ -79,15 +79,18 @@ def qkv_gates_(mc, a, b, A_log, dt_bias, num_k_heads: int, head_k_dim: int, num_
 
 
 def gdn_cached(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots, has_initial_state,
-               per_token_state_slots, A_log, dt_bias, num_k_heads: int) -> torch.Tensor:
+               per_token_state_slots, A_log, dt_bias, num_k_heads: int, *,
+               m_cols: torch.Tensor | None = None) -> torch.Tensor:
     """kernels/gdn.py's `gdn_cached` on the GPU: the fused verify kernel for per-token states
-    (gdn_verify.py), else conv -> `qkv_gates_` -> chunked delta rule -> o [T, Hv, dv]."""
+    (gdn_verify.py), else conv -> `qkv_gates_` -> chunked delta rule -> o [T, Hv, dv].
+    m_cols [conv_dim] (optional): channel c of the conv input is m[:, m_cols[c]] (read in place)."""
     Hv, dk, dv = recurrent_state.shape[1:]
     if per_token_state_slots is not None:
         from .gdn_verify import gdn_verify
 
         return gdn_verify(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots,
-                          has_initial_state, per_token_state_slots, A_log, dt_bias, num_k_heads)
-    mc = causal_conv1d_varlen(m, conv_weight, cu_seqlens, conv_state, state_slots, has_initial_state)
+                          has_initial_state, per_token_state_slots, A_log, dt_bias, num_k_heads, m_cols=m_cols)
+    mc = causal_conv1d_varlen(m, conv_weight, cu_seqlens, conv_state, state_slots, has_initial_state,
+                              x_cols=m_cols)
     q, k, v, g, beta = qkv_gates_(mc, a, b, A_log, dt_bias, num_k_heads, dk, Hv, dv)
     return gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, recurrent_state, state_slots, has_initial_state)

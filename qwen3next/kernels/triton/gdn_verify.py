@@ -21,15 +21,17 @@ import triton
 import triton.language as tl
 
 from ._util import pow2
+from .conv1d import _inputs
 
 
 @triton.jit
-def _window(x_ptr, st_ptr, c, cm, i, t, bos, slot, old_ok, C, SX, K1: tl.constexpr, N: tl.constexpr):
-    """[BC, KP] fp32: column i < N holds the pre-conv input at position t - (N-1) + i, from x when
-    it lies in the run, else from the sequence's cached window (K1 columns, oldest first)."""
+def _window(x_ptr, st_ptr, c, xc, cm, i, t, bos, slot, old_ok, C, SX, K1: tl.constexpr, N: tl.constexpr):
+    """[BC, KP] fp32: column i < N holds the pre-conv input of channels c at position t - (N-1) + i,
+    from x (columns xc) when it lies in the run, else from the sequence's cached window (K1
+    columns, oldest first)."""
     src = t - (N - 1) + i                                             # [KP] flat token
     inside = (i < N) & (src >= bos)
-    xv = tl.load(x_ptr + src[None, :] * SX + c[:, None], mask=cm[:, None] & inside[None, :], other=0.0)
+    xv = tl.load(x_ptr + src[None, :] * SX + xc[:, None], mask=cm[:, None] & inside[None, :], other=0.0)
     old = (i < N) & (src < bos) & old_ok
     ov = tl.load(st_ptr + (slot[None, :] * C + c[:, None]) * K1 + (K1 + src - bos)[None, :],
                  mask=cm[:, None] & old[None, :], other=0.0)
@@ -37,11 +39,12 @@ def _window(x_ptr, st_ptr, c, cm, i, t, bos, slot, old_ok, C, SX, K1: tl.constex
 
 
 @triton.jit
-def _verify_conv_kernel(x_ptr, w_ptr, y_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, ts_ptr, C, SX,
-                        K: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr):
+def _verify_conv_kernel(x_ptr, w_ptr, y_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, ts_ptr, map_ptr, C, SX,
+                        K: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr, HAS_MAP: tl.constexpr):
     b = tl.program_id(0)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     cm = c < C
+    xc = tl.load(map_ptr + c, mask=cm, other=0) if HAS_MAP else c   # input columns (a column map: grouped x)
     i = tl.arange(0, KP)
     bos = tl.load(cu_ptr + b).to(tl.int64)
     eos = tl.load(cu_ptr + b + 1).to(tl.int64)
@@ -51,13 +54,13 @@ def _verify_conv_kernel(x_ptr, w_ptr, y_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr,
     w = tl.load(w_ptr + c[:, None] * K + i[None, :], mask=cm[:, None] & (i < K)[None, :], other=0.0).to(tl.float32)
     sdt = st_ptr.dtype.element_ty
     for t in range(bos, eos):
-        acc = tl.sum(_window(x_ptr, st_ptr, c, cm, i, t, bos, slot, old_ok, C, SX, K - 1, K) * w, 1)   # [BC]
+        acc = tl.sum(_window(x_ptr, st_ptr, c, xc, cm, i, t, bos, slot, old_ok, C, SX, K - 1, K) * w, 1)   # [BC]
         tl.store(y_ptr + t * C + c, (acc / (1.0 + tl.exp(-acc))).to(y_ptr.dtype.element_ty), mask=cm)
         dst = tl.load(ts_ptr + t + 0 * i)
-        win = _window(x_ptr, st_ptr, c, cm, i, t, bos, slot, old_ok, C, SX, K - 1, K - 1)
+        win = _window(x_ptr, st_ptr, c, xc, cm, i, t, bos, slot, old_ok, C, SX, K - 1, K - 1)
         tl.store(st_ptr + (dst[None, :] * C + c[:, None]) * (K - 1) + i[None, :], win.to(sdt),
                  mask=cm[:, None] & ((i < K - 1) & (dst >= 0))[None, :])
-    win = _window(x_ptr, st_ptr, c, cm, i, eos - 1, bos, slot, old_ok, C, SX, K - 1, K - 1)
+    win = _window(x_ptr, st_ptr, c, xc, cm, i, eos - 1, bos, slot, old_ok, C, SX, K - 1, K - 1)
     # every thread's reads of the old window are done before any column is overwritten
     tl.debug_barrier()
     tl.store(st_ptr + (slot[None, :] * C + c[:, None]) * (K - 1) + i[None, :], win.to(sdt),
@@ -108,14 +111,15 @@ def _verify_rec_kernel(mc_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, o_ptr, cu_ptr, s
 
 
 def gdn_verify(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots, has_initial_state,
-               per_token_state_slots, A_log, dt_bias, num_k_heads: int, *, bv: int | None = None,
-               num_warps: int | None = None) -> torch.Tensor:
+               per_token_state_slots, A_log, dt_bias, num_k_heads: int, *, m_cols: torch.Tensor | None = None,
+               bv: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """kernels/gdn.py's `gdn_cached` with per_token_state_slots [T] (-1 = skip; slots other than the
-    state slots): m [T, conv_dim] pre-conv (unit column stride), a, b [T, Hv] (any row stride) ->
-    o [T, Hv, dv] in m's dtype; both states updated in place at state_slots and stored per token."""
-    T, C = m.shape
+    state slots): m [T, conv_dim] pre-conv (any row stride; with m_cols [conv_dim] channel c is
+    m[:, m_cols[c]]), a, b [T, Hv] (any row stride) -> o [T, Hv, dv] in m's dtype; both states
+    updated in place at state_slots and stored per token."""
+    T = m.shape[0]
     HV, DK, DV = recurrent_state.shape[1:]
-    HK, K = num_k_heads, conv_weight.shape[-1]
+    HK, K, C = num_k_heads, conv_weight.shape[-1], conv_weight.shape[0]
     if C != 2 * HK * DK + HV * DV:
         raise ValueError(f"m has {C} channels, expected 2*{HK}*{DK} + {HV}*{DV}")
     o = torch.empty(T, HV, DV, dtype=m.dtype, device=m.device)
@@ -128,14 +132,14 @@ def gdn_verify(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, st
     init = (has_initial_state if has_initial_state is not None
             else torch.ones(B, dtype=torch.bool, device=dev)).contiguous()
     pts = per_token_state_slots.to(torch.int64).contiguous()
-    m = m if m.stride(-1) == 1 else m.contiguous()
+    m, SX, xmap, has_map = _inputs(m, C, m_cols)
     a = a if a.stride(-1) == 1 else a.contiguous()
     b = b if b.stride(-1) == 1 else b.contiguous()
     mc = torch.empty(T, C, dtype=m.dtype, device=dev)
     BC = 256
     _verify_conv_kernel[(B, triton.cdiv(C, BC))](m, conv_weight.reshape(C, K).contiguous(), mc, cu, conv_state,
-                                                 slots, init, pts, C, m.stride(0), K=K, KP=pow2(K, 2), BC=BC,
-                                                 num_warps=4)
+                                                 slots, init, pts, xmap, C, SX, K=K, KP=pow2(K, 2), BC=BC,
+                                                 HAS_MAP=has_map, num_warps=4)
     # few sequences: narrow state tiles on fewer warps, so more programs stream the state (as decode)
     small = B < 16
     bv = min(bv or (16 if small else 64), DV)
