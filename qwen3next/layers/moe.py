@@ -80,8 +80,8 @@ class SparseMoeBlock(nn.Module):
         shared_w = (se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight, self.shared_expert_gate.weight)
         if (ex.tp == 1 and ops.moe_experts_shared_ok(x, ex.gate_up_proj, self.top_k)
                 and all(w.dtype == x.dtype for w in shared_w)):  # (fp8 layers keep their own path)
-            # few rows on CUDA: the shared expert and its gate ride along as one more GEMV
-            # assignment per token (two launches instead of ~10)
+            # decode / verify on CUDA: the shared expert and its gate ride along in the routed
+            # experts' kernels, one more assignment per token (no ~9 separate launches)
             return ops.moe_experts_shared(x, ex.gate_up_proj, ex.down_proj, weights, ids, *shared_w), router_logits
         routed = self.experts(x, weights, ids)
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

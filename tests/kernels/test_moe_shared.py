@@ -1,6 +1,6 @@
 """The fused few-row MoE (triton/moe.py moe_experts_shared: routed experts + the gated shared
-expert as one more GEMV assignment per token) against the reference composition, shared
-intermediate size equal to or unlike the experts'."""
+expert as one more GEMV assignment per token, or as expert E of the grouped GEMM) against the
+reference composition, shared intermediate size equal to or unlike the experts'."""
 
 from __future__ import annotations
 
@@ -26,19 +26,20 @@ def _weights(E, H, I, Is, gen, dtype=torch.float32, scale=0.2):
             randn(H, Is, gen=gen, scale=scale, dtype=dtype), randn(1, H, gen=gen, scale=scale, dtype=dtype))
 
 
-@pytest.mark.parametrize("T,Is", [(1, 24), (3, 40), (5, 16)])
-def test_experts_shared(T, Is):
+@pytest.mark.parametrize("T,Is,block_m", [(1, 24, None), (3, 40, None), (5, 16, None), (1, 24, 16), (9, 40, 16),
+                                          (21, 16, 64), (70, 24, 16)])
+def test_experts_shared(T, Is, block_m):
     gen = seeded(100 + T)
     E, H, I, k = 8, 40, 24, 3
     x = randn(T, H, gen=gen)
     gate_up, down, sg, su, sd, sgw = _weights(E, H, I, Is, gen)
     w, ids = ref.moe_route(randn(T, E, gen=gen), k, True)
-    y = tri.moe_experts_shared(x, gate_up, down, w, ids, sg, su, sd, sgw)
+    y = tri.moe_experts_shared(x, gate_up, down, w, ids, sg, su, sd, sgw, block_m=block_m)
     assert rel_err(y, _reference(x, gate_up, down, w, ids, sg, su, sd, sgw)) < 1e-5
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 8])
+@pytest.mark.parametrize("T", [1, 8, 16, 64, 256])
 def test_experts_shared_bf16_gpu(T):
     gen = seeded(T)
     E, H, I, k = 512, 2048, 512, 10
@@ -46,5 +47,6 @@ def test_experts_shared_bf16_gpu(T):
     ws = _weights(E, H, I, I, gen, dtype=torch.bfloat16, scale=0.02)
     w, ids = ref.moe_route(randn(T, E, gen=gen), k, True)
     want = _reference(x, ws[0], ws[1], w, ids, *ws[2:])
-    y = tri.moe_experts_shared(x, ws[0], ws[1], w, ids, *ws[2:])
-    assert rel_err(y, want) < 1e-2
+    for gemv in ((True, False) if T <= 8 else (False,)):
+        y = tri.moe_experts_shared(x, ws[0], ws[1], w, ids, *ws[2:], gemv=gemv)
+        assert rel_err(y, want) < 1e-2, gemv

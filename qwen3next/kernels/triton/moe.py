@@ -33,8 +33,11 @@ _GEMM_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
 # GEMV path: (BN, BK, warps)
 _GEMV_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w)
                  for bn, bk, w in ((16, 256, 4), (8, 256, 4), (16, 128, 4), (32, 128, 4), (8, 512, 4),
-                                   (16, 256, 8), (4, 512, 2))]
+                                   (16, 256, 8), (4, 512, 2), (32, 256, 8), (16, 512, 8), (64, 128, 8))]
 GEMV_MAX_ROWS = 80  # M = T*k up to this uses the GEMV path (measured: T = 8 still gains at k = 10)
+# the MoE block hands its shared expert to the experts' kernels up to this many routed rows (decode,
+# verify); prefill-sized batches keep it in cuBLAS (not measured against the grouped GEMM there)
+SHARED_MAX_ROWS = 4096
 
 
 @autotune([triton.Config({}, num_warps=w) for w in (4, 1, 2, 8)], key=["E", "TB"])
@@ -142,44 +145,61 @@ def _align(ids: torch.Tensor, E: int, BM: int):
 
 @autotune(_GEMM_CONFIGS, key=["H", "I", "BM", "NBK"])
 @triton.jit(do_not_specialize=["NBK"])
-def _gate_up_kernel(x_ptr, w_ptr, rows_ptr, be_ptr, h_ptr, H, I, NBK, TOPK: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+def _gate_up_kernel(x_ptr, w_ptr, rows_ptr, be_ptr, h_ptr, sg_ptr, su_ptr, H, I, IS, IH, SH_E, NBK,
+                    TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Block pm of BM rows of one expert (the shared expert's [IS, H] gate / up when it is SH_E),
+    BN columns -> h rows (row stride IH)."""
     pm = tl.program_id(0)
     pn = tl.program_id(1)
     e = tl.load(be_ptr + pm).to(tl.int64)
     if e >= 0:
+        if e == SH_E:
+            wg_base = sg_ptr
+            wu_base = su_ptr
+            N = IS
+        else:
+            wg_base = w_ptr + e * (2 * I) * H
+            wu_base = wg_base + I * H
+            N = I
         r = pm * BM + tl.arange(0, BM)
         a = tl.load(rows_ptr + r)
         valid = a >= 0
         tok = tl.where(valid, a // TOPK, 0)
         n = pn * BN + tl.arange(0, BN)
-        nm = n < I
+        nm = n < N
         kk = tl.arange(0, BK)
         acc_g = tl.zeros([BM, BN], dtype=tl.float32)
         acc_u = tl.zeros([BM, BN], dtype=tl.float32)
-        wg_ptr = w_ptr + e * (2 * I) * H + n[None, :] * H + kk[:, None]          # [BK, BN] = W_gate^T
+        wg_ptr = wg_base + n[None, :] * H + kk[:, None]                          # [BK, BN] = W_gate^T
+        wu_ptr = wu_base + n[None, :] * H + kk[:, None]
         for k0 in range(0, H, BK):
             km = (k0 + kk) < H
             x = tl.load(x_ptr + tok[:, None] * H + (k0 + kk)[None, :], mask=valid[:, None] & km[None, :], other=0.0)
             wg = tl.load(wg_ptr + k0, mask=km[:, None] & nm[None, :], other=0.0)
-            wu = tl.load(wg_ptr + I * H + k0, mask=km[:, None] & nm[None, :], other=0.0)
+            wu = tl.load(wu_ptr + k0, mask=km[:, None] & nm[None, :], other=0.0)
             acc_g = tl.dot(x, wg, acc_g, input_precision=PREC)
             acc_u = tl.dot(x, wu, acc_u, input_precision=PREC)
         dt = h_ptr.dtype.element_ty
         # round like the reference (products in the activation dtype, then the gate)
         gt = acc_g.to(dt).to(tl.float32)
         hv = (gt / (1.0 + tl.exp(-gt))).to(dt).to(tl.float32) * acc_u.to(dt).to(tl.float32)
-        tl.store(h_ptr + r[:, None] * I + n[None, :], hv.to(dt), mask=nm[None, :])
+        tl.store(h_ptr + r[:, None] * IH + n[None, :], hv.to(dt), mask=nm[None, :])
 
 
 @autotune(_GEMM_CONFIGS, key=["H", "I", "BM", "NBK"])
 @triton.jit(do_not_specialize=["NBK"])
-def _down_kernel(h_ptr, w_ptr, rows_ptr, be_ptr, rw_ptr, y_ptr, H, I, NBK,
+def _down_kernel(h_ptr, w_ptr, rows_ptr, be_ptr, rw_ptr, y_ptr, sd_ptr, H, I, IS, IH, SH_E, NBK,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     pm = tl.program_id(0)
     pn = tl.program_id(1)
     e = tl.load(be_ptr + pm).to(tl.int64)
     if e >= 0:
+        if e == SH_E:
+            wd_base = sd_ptr
+            K = IS
+        else:
+            wd_base = w_ptr + e * H * I
+            K = I
         r = pm * BM + tl.arange(0, BM)
         a = tl.load(rows_ptr + r)
         valid = a >= 0
@@ -187,16 +207,31 @@ def _down_kernel(h_ptr, w_ptr, rows_ptr, be_ptr, rw_ptr, y_ptr, H, I, NBK,
         nm = n < H
         kk = tl.arange(0, BK)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-        wd_ptr = w_ptr + e * H * I + n[None, :] * I + kk[:, None]                 # [BK, BN] = W_down^T
-        for k0 in range(0, I, BK):
-            km = (k0 + kk) < I
-            hv = tl.load(h_ptr + r[:, None] * I + (k0 + kk)[None, :], mask=km[None, :], other=0.0)
+        wd_ptr = wd_base + n[None, :] * K + kk[:, None]                           # [BK, BN] = W_down^T
+        for k0 in range(0, K, BK):
+            km = (k0 + kk) < K
+            hv = tl.load(h_ptr + r[:, None] * IH + (k0 + kk)[None, :], mask=km[None, :], other=0.0)
             wd = tl.load(wd_ptr + k0, mask=km[:, None] & nm[None, :], other=0.0)
             acc = tl.dot(hv, wd, acc, input_precision=PREC)
         dt = y_ptr.dtype.element_ty
         rw = tl.load(rw_ptr + tl.where(valid, a, 0), mask=valid, other=0.0).to(dt).to(tl.float32)
         y = acc.to(dt).to(tl.float32) * rw[:, None]
         tl.store(y_ptr + tl.where(valid, a, 0)[:, None] * H + n[None, :], y.to(dt), mask=valid[:, None] & nm[None, :])
+
+
+@triton.jit
+def _extend_kernel(ids_ptr, w_ptr, x_ptr, sgw_ptr, ids_out, w_out, H, E, TOPK: tl.constexpr, KP: tl.constexpr,
+                   BK: tl.constexpr):
+    """Row t of [T, TOPK + 1]: the token's k (expert, weight) pairs, then (E, its shared-expert
+    gate sigmoid(x . w_sg)): the shared expert becomes expert E of the grouped GEMM."""
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, KP)
+    jm = j < TOPK
+    tl.store(ids_out + t * (TOPK + 1) + j, tl.load(ids_ptr + t * TOPK + j, mask=jm, other=0), mask=jm)
+    tl.store(w_out + t * (TOPK + 1) + j, tl.load(w_ptr + t * TOPK + j, mask=jm, other=0.0), mask=jm)
+    g = _shared_gate(x_ptr + t * H, sgw_ptr, H, x_ptr.dtype.element_ty, BK)
+    tl.store(ids_out + t * (TOPK + 1) + TOPK, t * 0 + E)  # (int64 like t)
+    tl.store(w_out + t * (TOPK + 1) + TOPK, g)
 
 
 @triton.jit
@@ -325,17 +360,58 @@ def _gemv(x, gate_up_proj, down_proj, weights, ids, shared):
     return out
 
 
+def _grouped(x, gate_up_proj, down_proj, weights, ids, shared, block_m: int | None = None):
+    """The grouped-GEMM path; with `shared` (as in _gemv) the shared expert joins as expert E,
+    every token one more assignment weighted by its sigmoid gate."""
+    T, H = x.shape
+    E, I = gate_up_proj.shape[0], down_proj.shape[-1]
+    k = ids.shape[1]
+    if shared is None:
+        sg = su = sd = gate_up_proj  # never read
+        IS, SH_E, kx = I, -1, k
+    else:
+        sg, su, sd, sgw = (w.contiguous() for w in shared)
+        IS, SH_E, kx = sg.shape[0], E, k + 1
+        ids_x = torch.empty(T, kx, dtype=torch.int64, device=x.device)
+        w_x = torch.empty(T, kx, dtype=torch.float32, device=x.device)
+        _extend_kernel[(T,)](ids, weights.contiguous(), x, sgw, ids_x, w_x, H, E, TOPK=k, KP=pow2(k, 2),
+                             BK=min(1024, pow2(H)))
+        ids, weights = ids_x, w_x
+    M = T * kx
+    BM = block_m or (16 if M <= 16 * E else 64)
+    rows, block_expert, NB = _align(ids, E + (shared is not None), BM)
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 models get fp32 products
+    NBK = size_class(NB)
+    IH = max(I, IS)
+    h = torch.empty(NB * BM, IH, dtype=x.dtype, device=x.device)
+    _gate_up_kernel[lambda meta: (NB, triton.cdiv(IH, meta["BN"]))](x, gate_up_proj, rows, block_expert, h, sg, su,
+                                                                    H, I, IS, IH, SH_E, NBK, TOPK=kx, BM=BM,
+                                                                    PREC=prec)
+    y = torch.empty(M, H, dtype=x.dtype, device=x.device)
+    _down_kernel[lambda meta: (NB, triton.cdiv(H, meta["BN"]))](h, down_proj, rows, block_expert,
+                                                                weights.contiguous(), y, sd, H, I, IS, IH, SH_E,
+                                                                NBK, BM=BM, PREC=prec)
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    BH = min(1024, pow2(H))
+    _sum_k_kernel[(T, triton.cdiv(H, BH))](y, out, T, H, TOPK=kx, BH=BH)
+    return out
+
+
 def moe_experts_shared(x, gate_up_proj, down_proj, weights, ids, shared_gate_proj, shared_up_proj,
-                       shared_down_proj, shared_expert_gate) -> torch.Tensor:
-    """The MoE block's output for few rows (the GEMV path): routed experts plus
-    sigmoid(x shared_expert_gate^T) * shared_expert(x), the shared expert as one more GEMV
-    assignment per token (no separate shared-expert matmuls and elementwise launches).
+                       shared_down_proj, shared_expert_gate, *, block_m: int | None = None,
+                       gemv: bool | None = None) -> torch.Tensor:
+    """The MoE block's output: routed experts plus sigmoid(x shared_expert_gate^T) * shared_expert(x),
+    the shared expert as one more assignment per token of the GEMV path (few rows) or as one more
+    expert of the grouped GEMM (no separate shared-expert matmuls and elementwise launches).
     shared_gate_proj / shared_up_proj [Is, H], shared_down_proj [H, Is], shared_expert_gate [1, H]."""
     T, H = x.shape
     if T == 0:
         return x.new_zeros(T, H)
-    return _gemv(x.contiguous(), gate_up_proj, down_proj, weights, ids.contiguous(),
-                 (shared_gate_proj, shared_up_proj, shared_down_proj, shared_expert_gate))
+    shared = (shared_gate_proj, shared_up_proj, shared_down_proj, shared_expert_gate)
+    x, ids = x.contiguous(), ids.contiguous()
+    if gemv if gemv is not None else (T * ids.shape[1] <= GEMV_MAX_ROWS and block_m is None):
+        return _gemv(x, gate_up_proj, down_proj, weights, ids, shared)
+    return _grouped(x, gate_up_proj, down_proj, weights, ids, shared, block_m)
 
 
 def moe_experts(x, gate_up_proj, down_proj, weights, ids, *, block_m: int | None = None,
@@ -343,26 +419,9 @@ def moe_experts(x, gate_up_proj, down_proj, weights, ids, *, block_m: int | None
     """x [T, H]; gate_up_proj [E, 2I, H]; down_proj [E, H, I]; weights/ids [T, k] -> [T, H].
     `block_m` / `gemv` force a path and block size (tests, benchmarks)."""
     T, H = x.shape
-    E, I = gate_up_proj.shape[0], down_proj.shape[-1]
-    k = ids.shape[1]
     if T == 0:
         return x.new_zeros(T, H)
-    M = T * k
-    x = x.contiguous()
-    ids = ids.contiguous()
-    if gemv if gemv is not None else (M <= GEMV_MAX_ROWS and block_m is None):
+    x, ids = x.contiguous(), ids.contiguous()
+    if gemv if gemv is not None else (T * ids.shape[1] <= GEMV_MAX_ROWS and block_m is None):
         return _gemv(x, gate_up_proj, down_proj, weights, ids, None)
-    BM = block_m or (16 if M <= 16 * E else 64)
-    rows, block_expert, NB = _align(ids, E, BM)
-    prec = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 models get fp32 products
-    NBK = size_class(NB)
-    h = torch.empty(NB * BM, I, dtype=x.dtype, device=x.device)
-    _gate_up_kernel[lambda meta: (NB, triton.cdiv(I, meta["BN"]))](x, gate_up_proj, rows, block_expert, h,
-                                                                   H, I, NBK, TOPK=k, BM=BM, PREC=prec)
-    y = torch.empty(M, H, dtype=x.dtype, device=x.device)
-    _down_kernel[lambda meta: (NB, triton.cdiv(H, meta["BN"]))](h, down_proj, rows, block_expert,
-                                                                weights.contiguous(), y, H, I, NBK, BM=BM, PREC=prec)
-    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
-    BH = min(1024, pow2(H))
-    _sum_k_kernel[(T, triton.cdiv(H, BH))](y, out, T, H, TOPK=k, BH=BH)
-    return out
+    return _grouped(x, gate_up_proj, down_proj, weights, ids, None, block_m)
