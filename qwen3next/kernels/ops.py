@@ -301,15 +301,15 @@ def moe_experts(x, gate_up_proj, down_proj, weights, ids):
 
 def moe_experts_shared_ok(x, gate_up_proj, top_k: int) -> bool:
     """The MoE block may take moe_experts_shared: CUDA, Triton, experts in the activation dtype, and
-    few enough assignments for the GEMV path (decode, small verify steps)."""
+    decode / verify-sized batches (triton/moe.py SHARED_MAX_ROWS)."""
     return (_use_triton(x, gate_up_proj) and gate_up_proj.dtype == x.dtype
-            and x.shape[0] * top_k <= _triton("moe").GEMV_MAX_ROWS)
+            and x.shape[0] * top_k <= _triton("moe").SHARED_MAX_ROWS)
 
 
 def moe_experts_shared(x, gate_up_proj, down_proj, weights, ids, shared_gate_proj, shared_up_proj, shared_down_proj,
                        shared_expert_gate):
-    """Routed experts + sigmoid(x shared_expert_gate^T) * shared_expert(x) in one GEMV pass up and one
-    down (triton/moe.py); callers check moe_experts_shared_ok first."""
+    """Routed experts + sigmoid(x shared_expert_gate^T) * shared_expert(x), the shared expert inside
+    the experts' kernels (triton/moe.py); callers check moe_experts_shared_ok first."""
     return _triton("moe").moe_experts_shared(x, gate_up_proj, down_proj, weights, ids, shared_gate_proj,
                                              shared_up_proj, shared_down_proj, shared_expert_gate)
 
