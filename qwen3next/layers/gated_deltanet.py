@@ -99,11 +99,12 @@ class GatedDeltaNet(nn.Module):
             m[:, :kd].view(T, Hk, dk).copy_(q)
             m[:, kd:2 * kd].view(T, Hk, dk).copy_(k)
             m[:, 2 * kd:].view(T, Hk, r * dv).copy_(v)
-        if torch.is_grad_enabled() and self.in_proj_ba.weight.requires_grad:
+        w_ba = self.in_proj_ba.weight
+        if (torch.is_grad_enabled() and w_ba.requires_grad) or w_ba.dtype != x.dtype:  # training, fp8 layers
             pb = self.in_proj_ba(x).view(T, Hk, 2 * r)
             b, a = pb[..., :r].reshape(T, -1), pb[..., r:].reshape(T, -1)
         else:  # inference: in_proj_ba's rows regrouped once as [b_all | a_all], b and a are views
-            ba = nn.functional.linear(x, self._ba.get(self.in_proj_ba.weight))
+            ba = nn.functional.linear(x, self._ba.get(w_ba))
             b, a = ba[:, :Hv], ba[:, Hv:]
         return m, z.reshape(T, Hv, dv), b, a, cols
 
