@@ -1,6 +1,6 @@
 """Where a decode step's time goes on the GPU: the 8-layer 80B-dimension slice of gpu_model.py,
-CUDA-graph replays at a few batch sizes for each MoE variant, the B = 1 kernel table (every
-kernel name with its launches and device time per step), and cuBLAS at the decode projections'
+CUDA-graph replays at a few batch sizes for each MoE variant, their kernel tables (every kernel
+name with its launches and device time per step; the B = 1 table printed), and cuBLAS at the decode projections'
 shapes (M = 1 row, weights rotated past the L2) for comparison.
 
     python benchmarks/gpu_decode_profile.py --out gpu_decode_profile.json [--batches 1,8,16,64]
@@ -70,8 +70,7 @@ def decode_variants(ours, batches: list[int]) -> None:
                     runner.run(tok, pos, fb)
                 g = runner.graphs[B]
                 r[f"B{B}_ms"] = round(do_bench(g.replay, warmup=25, rep=200, return_mode="median"), 4)
-                if B == 1:
-                    r["B1_kernels"] = kernel_table(g.replay)
+                r[f"B{B}_kernels"] = kernel_table(g.replay)
             print(f"decode {name}: " + ", ".join(f"{k} {v}" for k, v in r.items() if k.endswith("_ms")), flush=True)
             del runner
         except Exception:
