@@ -45,6 +45,22 @@ def test_gated_rmsnorm():
     assert rel_err(tri.gated_rmsnorm(x, z, w, 1e-6), ref.gated_rmsnorm(x, z, w, 1e-6)) < 1e-6
 
 
+def test_gated_rmsnorm_strided_views():
+    """z a per-head slice of a wider projection ([T*Hk, r, dv] view, row stride past the heads), x a
+    3-D view of another shape's rows: both read in place."""
+    gen = seeded(5)
+    T, Hk, r, dv = 5, 3, 2, 32
+    proj, w = randn(T, Hk, 3 * r * dv, gen=gen), 1 + randn(dv, gen=gen, scale=0.1)
+    z = proj[..., r * dv : 2 * r * dv].reshape(T * Hk, r, dv)  # a view: strides (3 r dv, dv, 1)
+    assert not z.is_contiguous() and z.data_ptr() == proj[..., r * dv:].data_ptr()
+    x = randn(T, Hk * r, dv, gen=gen).view(T * Hk, r, dv)
+    y = tri.gated_rmsnorm(x, z, w, 1e-6)
+    assert y.shape == x.shape and y.is_contiguous()
+    assert rel_err(y, ref.gated_rmsnorm(x, z.contiguous(), w, 1e-6)) < 1e-6
+    with pytest.raises(ValueError, match="z shape"):
+        tri.gated_rmsnorm(x, z[:1], w, 1e-6)
+
+
 @pytest.mark.gpu
 def test_norms_bf16_gpu():
     gen = seeded(4)

@@ -80,28 +80,36 @@ def zc_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torc
     return y, h
 
 
-@triton.jit(do_not_specialize=["R"])
-def _gated_rmsnorm_kernel(x_ptr, z_ptr, w_ptr, y_ptr, R, D, eps, BR: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["R", "XNH", "XS0", "XS1", "ZNH", "ZS0", "ZS1"])
+def _gated_rmsnorm_kernel(x_ptr, z_ptr, w_ptr, y_ptr, R, D, XNH, XS0, XS1, ZNH, ZS0, ZS1, eps,
+                          BR: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     offs = tl.arange(0, BLOCK)
     mask = (row < R)[:, None] & (offs < D)[None, :]
-    ptr = row[:, None] * D + offs[None, :]
-    x = tl.load(x_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
+    # rows of [*, NH, D] views with strides (S0, S1, 1), x and z each their own
+    xo = (row // XNH) * XS0 + (row % XNH) * XS1
+    zo = (row // ZNH) * ZS0 + (row % ZNH) * ZS1
+    x = tl.load(x_ptr + xo[:, None] + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + zo[:, None] + offs[None, :], mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
     y = x * inv[:, None] * w[None, :] * (z / (1.0 + tl.exp(-z)))
-    tl.store(y_ptr + ptr, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + row[:, None] * D + offs[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def gated_rmsnorm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """rms(x) * w * silu(z) over the last axis (one head per row), all in fp32, output in x's dtype."""
+    """rms(x) * w * silu(z) over the last axis (one head per row), all in fp32, output in x's dtype
+    (contiguous, x's shape). x and z may be strided [T, heads, D] views (unit last stride): read in
+    place, e.g. z as a slice of the DeltaNet's grouped in_proj_qkvz output."""
     D = x.shape[-1]
-    xf = x.contiguous().view(-1, D)
-    zf = z.contiguous().view(-1, D)
-    y = torch.empty_like(xf)
-    R = xf.shape[0]
+    if z.shape != x.shape:
+        raise ValueError(f"gated_rmsnorm: z shape {tuple(z.shape)} != x shape {tuple(x.shape)}")
+    xs, XNH, XS0, XS1 = _row_view(x)
+    zs, ZNH, ZS0, ZS1 = _row_view(z)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    R = x.numel() // D if D else 0
     if R:
         BR = _rows_per_program(R, D)
-        _gated_rmsnorm_kernel[(triton.cdiv(R, BR),)](xf, zf, weight, y, R, D, eps, BR=BR, BLOCK=pow2(D), num_warps=4)
-    return y.view(x.shape)
+        _gated_rmsnorm_kernel[(triton.cdiv(R, BR),)](xs, zs, weight, y, R, D, XNH, XS0, XS1, ZNH, ZS0, ZS1, eps,
+                                                     BR=BR, BLOCK=pow2(D), num_warps=4)
+    return y
