@@ -7,6 +7,9 @@ repetition_penalty, max_tokens <- max_new_tokens) remember whether the caller se
 temperature and truncation (vLLM V1's order), greedy rows included; logprobs stay the raw ones.
 `prompt_logprobs` (N >= 0) asks for each prompt token's raw logprob plus the top-N at every
 prompt position after the first (RequestOutput.prompt_logprobs, first entry None).
+`structured_outputs` (StructuredOutputsParams, vLLM's name) constrains the output to a JSON schema,
+any JSON object, a regex, a choice of strings or a Lark / GBNF grammar (engine/structured_output.py);
+`start_after_token_id` leaves the output free until that token has been generated (`</think>`).
 Every invalid value raises a one-line ValueError naming the field.
 """
 
@@ -40,6 +43,48 @@ _GEN_DEFAULTS = {
 
 
 @dataclass
+class StructuredOutputsParams:
+    """Exactly one of json (a JSON schema, dict or string), regex, choice, grammar, json_object."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # Lark (llguidance dialect) or GBNF
+    json_object: bool = False  # any JSON object
+    disable_any_whitespace: bool = False  # JSON: no whitespace between tokens at all
+    # the grammar applies from the token after the first generated one with this id (a Thinking
+    # template's </think>); None: from the first output token
+    start_after_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        kinds = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        kinds += ["json_object"] if self.json_object is True else []
+        if len(kinds) != 1:
+            raise ValueError("structured_outputs must set exactly one of json, regex, choice, grammar, "
+                             f"json_object (got {', '.join(kinds) or 'none'})")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise ValueError(f"structured_outputs.json must be a JSON schema (dict or string), got {self.json!r}")
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string, got {v!r}")
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
+                                        or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError(f"structured_outputs.choice must be a non-empty list of non-empty strings, "
+                             f"got {self.choice!r}")
+        t = self.start_after_token_id
+        if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 0):
+            raise ValueError(f"structured_outputs.start_after_token_id must be a token id, got {t!r}")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: "json", "regex", "choice", "grammar" or "json_object"."""
+        if self.json_object:
+            return "json_object"
+        return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None)
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     temperature: float = UNSET
@@ -61,6 +106,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # token id -> added to its raw logit (ids are checked against the vocabulary at add_request)
     logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     _unset: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -147,6 +193,10 @@ class SamplingParams:
             raise ValueError(f"logprobs must be an integer >= 0 or None, got {self.logprobs!r}")
         if self.prompt_logprobs is not None and (not is_int(self.prompt_logprobs) or self.prompt_logprobs < 0):
             raise ValueError(f"prompt_logprobs must be an integer >= 0 or None, got {self.prompt_logprobs!r}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs,
+                                                                  StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams, "
+                             f"got {self.structured_outputs!r}")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise ValueError(f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}")

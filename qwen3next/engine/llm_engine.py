@@ -7,7 +7,10 @@ rules, forks n > 1 samples off their shared prompt, frees what finished and repo
 speculative_config the step goes through SpecDecoder (MTP drafts, verify, state rollback) and a
 sequence may gain several tokens per step. Prompt logprobs (SamplingParams.prompt_logprobs) are
 gathered chunk by chunk during prefill (engine/prompt_logprobs.py) and reported once, with the
-request's first output. The engine is single-threaded; the async server drives it from one thread.
+request's first output. Structured outputs (SamplingParams.structured_outputs) keep a grammar
+matcher per sequence (engine/structured_output.py): the sampler masks those rows, step() feeds
+each sampled token back and stops a sequence whose grammar is complete; with speculative decoding
+such requests are refused at add_request. The engine is single-threaded; the async server drives it from one thread.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from qwen3next.engine.sampler import Sampler
 from qwen3next.engine.scheduler import Scheduler
 from qwen3next.engine.sequence import Request, Sequence, Status
 from qwen3next.engine.spec_decode import SpecDecoder
+from qwen3next.engine.structured_output import StructuredOutputs
 from qwen3next.outputs import CompletionOutput, RequestOutput
 from qwen3next.sampling_params import SamplingParams
 
@@ -89,6 +93,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.cache, args.max_num_seqs, args.max_num_batched_tokens,
                                    args.enable_chunked_prefill)
         sampler = Sampler(self.device, args.seed)
+        # grammar matchers of structured-output sequences (the tokenizer table is built on first use)
+        self.structured = sampler.structured = StructuredOutputs(self.vocab_size, self.eos_token_ids)
         self.runner = ModelRunner(model, self.cache, sampler, self.device)
         self.spec: SpecDecoder | None = None
         # (under tensor parallelism each forward first messages the workers: not capturable)
@@ -145,7 +151,7 @@ class LLMEngine:
                 model.shutdown()
             raise
         engine.generation_config = gen
-        engine.model_dir = path
+        engine.model_dir = engine.structured.tokenizer_dir = path
         return engine
 
     def _budget_bytes(self) -> int:
@@ -240,6 +246,11 @@ class LLMEngine:
         req = Request(request_id, ids, params, self.eos_token_ids, total)
         for i in range(params.n):
             req.seqs.append(Sequence(next(self._seq_ids), req, i, self.device))
+        if params.structured_outputs is not None:
+            if self.spec is not None:
+                raise ValueError("structured outputs (response_format / guided decoding) are not "
+                                 "available with speculative decoding (--speculative-config)")
+            self.structured.add([s.seq_id for s in req.seqs], params)
         first = req.seqs[0]
         first.children = req.seqs[1:]
         for child in first.children:
@@ -258,6 +269,7 @@ class LLMEngine:
         self._prompt_lps.pop(request_id, None)
         out = RequestOutput(request_id, None, req.prompt_token_ids, finished=True)
         for seq in req.seqs:
+            self.structured.free(seq.seq_id)
             if seq.status is Status.FINISHED:
                 continue
             self.scheduler.remove(seq)
@@ -276,6 +288,7 @@ class LLMEngine:
         seq = req.seqs[index]
         self.scheduler.remove(seq)
         self.cache.free(seq)
+        self.structured.free(seq.seq_id)
         seq.status = Status.FINISHED
         seq.finish_reason, seq.stop_reason = "stop", stop_reason
         if req.finished:
@@ -321,6 +334,7 @@ class LLMEngine:
         if not rows:
             return outputs
         finished = []
+        grammars = self.structured.rows
         for i, (seq, tok) in enumerate(zip(rows, sampled.token_ids)):
             seq.token_ids.append(tok)
             if seq.logprobs is not None:
@@ -330,6 +344,9 @@ class LLMEngine:
             # the cheap necessary condition first: most tokens stop nothing
             if ((tok in req.eos_ids or tok in req.stop_ids or len(seq.token_ids) >= req.max_len)
                     and self._check_stop(seq, tok)):
+                finished.append(seq)
+            elif grammars and self.structured.advance(seq, tok):  # its grammar is complete
+                seq.finish_reason = "stop"
                 finished.append(seq)
         return self._finish_step(rows, finished, outputs)
 
@@ -371,6 +388,7 @@ class LLMEngine:
                 self._fork(seq)
         for seq in finished:
             self.cache.free(seq)
+            self.structured.free(seq.seq_id)
             seq.status = Status.FINISHED
         if finished:
             self.scheduler.drop_finished()

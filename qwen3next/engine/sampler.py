@@ -6,7 +6,8 @@ greedy rows too); otherwise temperature, min_p, top_k, top_p, then an exponentia
 `argmax(p / q)`, q ~ Exp(1) (`exponential_`) over the whole vocabulary, drawn from the row's own
 torch.Generator when it has a seed, so a seeded row samples the same tokens whatever else is in
 the batch. Logprobs are the model's raw log-softmax (vLLM's default "raw_logprobs"): top-N plus
-the chosen token, with ranks. All vocabulary work is batched.
+the chosen token, with ranks. All vocabulary work is batched. Rows under a grammar (structured
+outputs) first get their grammar's mask (disallowed tokens at -inf); logprobs stay the raw ones.
 """
 
 from __future__ import annotations
@@ -172,14 +173,18 @@ class Sampler:
         # draws for rows without a seed of their own
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        # grammar masks (engine/structured_output.StructuredOutputs), set by LLMEngine
+        self.structured = None
 
     def __call__(self, logits: torch.Tensor, rows: list[Sequence]) -> SamplerOutput:
         """logits [B, V] float32 (row i belongs to rows[i]) -> one token per row."""
+        raw = logits
+        if self.structured is not None and self.structured.rows:
+            logits = self.structured.mask(logits, rows)
         if all(s.request.plain_greedy for s in rows):
             n = len(rows)
             return SamplerOutput(argmax_rows(logits).tolist(), [None] * n, [None] * n)
         params = [s.params for s in rows]
-        raw = logits
         if any(p.logit_bias for p in params):
             logits = apply_logit_bias(logits, rows)
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):

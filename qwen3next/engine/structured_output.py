@@ -1,0 +1,180 @@
+"""Structured outputs: grammar-constrained decoding through llguidance (JSON schema, any JSON
+object, regex, choice, Lark / GBNF grammar).
+
+`grammar_of(so)` turns StructuredOutputsParams into an llguidance grammar and checks it (one-line
+ValueError); the API process calls it to answer 400s before a request reaches the engine.
+`StructuredOutputs` (one per engine) builds the tokenizer-side table once, on the first
+constrained request (llguidance.LLTokenizer from the model's tokenizer.json, ~1 s for 150K
+tokens), keeps one matcher per sequence, masks the logits rows of constrained sequences before
+sampling and advances the matchers with the sampled tokens. Rows without a grammar cost nothing.
+llguidance is optional: without it a constrained request is a ValueError naming the package.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+
+import numpy as np
+import torch
+
+from qwen3next.sampling_params import SamplingParams, StructuredOutputsParams
+
+log = logging.getLogger("qwen3next.structured_output")
+
+# JSON whitespace between tokens, at most 24 characters in a row: any amount (vLLM's default) lets
+# a looping or random model emit whitespace until max_tokens; 24 still allows indented JSON
+JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,24}"
+INSTALL_HINT = "pip install llguidance (or qwen3next[structured])"
+
+
+def llguidance():
+    """The llguidance module; ValueError (a client-facing 400) when it is not installed."""
+    try:
+        import llguidance as llg
+    except ImportError:
+        raise ValueError(f"structured outputs need the llguidance package ({INSTALL_HINT})") from None
+    return llg
+
+
+def available() -> bool:
+    try:
+        llguidance()
+    except ValueError:
+        return False
+    return True
+
+
+def grammar_of(so: StructuredOutputsParams) -> str:
+    """The llguidance grammar (a string) of `so`; ValueError with the first line of the compiler's
+    message when the schema / regex / grammar is invalid."""
+    llg = llguidance()
+    M = llg.LLMatcher
+    ws = {"whitespace_flexible": False} if so.disable_any_whitespace else {"whitespace_pattern": JSON_WHITESPACE}
+    kind = so.kind
+    try:
+        if kind == "json_object":
+            grammar = M.grammar_from_json_schema({"type": "object"}, defaults=ws)
+        elif kind == "json":
+            schema = so.json
+            if isinstance(schema, str):
+                schema = json.loads(schema)
+            if not isinstance(schema, dict):
+                raise ValueError("a JSON schema must be an object")
+            grammar = M.grammar_from_json_schema(schema, defaults=ws)
+        elif kind == "regex":
+            grammar = M.grammar_from_regex(so.regex)
+        elif kind == "choice":
+            # Lark string literals take JSON escapes (llguidance's own grammar_from("choice") does this)
+            grammar = M.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in so.choice))
+        else:  # Lark, or GBNF converted to Lark
+            grammar = llg.grammar_from("grammar", so.grammar)
+    except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"invalid {kind}: {_first_line(e)}") from None
+    err = M.validate_grammar(grammar, None)
+    if err:
+        raise ValueError(f"invalid {kind}: {_first_line(err)}")
+    return grammar
+
+
+def _first_line(msg) -> str:
+    return str(msg).strip().splitlines()[0] if str(msg).strip() else type(msg).__name__
+
+
+class _Row:
+    """One constrained sequence: its matcher, and the token that must come before the grammar starts."""
+
+    __slots__ = ("matcher", "waiting_for")
+
+    def __init__(self, matcher, waiting_for: int | None):
+        self.matcher = matcher
+        self.waiting_for = waiting_for
+
+
+class StructuredOutputs:
+    def __init__(self, vocab_size: int, eos_token_ids: frozenset[int]):
+        self.vocab_size = vocab_size  # logits columns (the embedding's rows)
+        self.eos_token_ids = eos_token_ids
+        self.tokenizer_dir: str | None = None  # set by LLMEngine.from_args (the model dir)
+        self._tokenizer = None  # llguidance.LLTokenizer, built on first use
+        self.rows: dict[int, _Row] = {}  # seq_id -> state, only for constrained sequences
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            llg = llguidance()
+            file = os.path.join(self.tokenizer_dir or "", "tokenizer.json")
+            if self.tokenizer_dir is None or not os.path.isfile(file):
+                raise ValueError("structured outputs need the model's tokenizer.json "
+                                 f"(none in {self.tokenizer_dir!r})")
+            with open(file, encoding="utf-8") as f:
+                text = f.read()
+            # n_vocab = the logits width: ids past the tokenizer's tokens are simply never allowed
+            self._tokenizer = llg.LLTokenizer(text, n_vocab=self.vocab_size,
+                                              eos_token=sorted(self.eos_token_ids) or None)
+        return self._tokenizer
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add(self, seq_ids: list[int], params: SamplingParams) -> None:
+        """A matcher for each sequence of a new constrained request (ValueError if the grammar is bad)."""
+        so = params.structured_outputs
+        llg = llguidance()
+        matcher = llg.LLMatcher(self.tokenizer(), grammar_of(so), log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"invalid {so.kind}: {_first_line(matcher.get_error())}")
+        for i, sid in enumerate(seq_ids):
+            self.rows[sid] = _Row(matcher if i == 0 else matcher.deep_copy(), so.start_after_token_id)
+
+    def free(self, seq_id: int) -> None:
+        self.rows.pop(seq_id, None)
+
+    # ---- per step ---------------------------------------------------------------------------
+    def mask(self, logits: torch.Tensor, rows: list) -> torch.Tensor:
+        """logits [B, V] (row i samples rows[i]) -> a copy in which each constrained row allows
+        only what its grammar allows next; EOS / stop tokens only where the grammar is complete.
+        The same tensor when no row is constrained (or none has reached its grammar yet)."""
+        picked = []
+        for i, seq in enumerate(rows):
+            st = self.rows.get(seq.seq_id)
+            if st is not None and st.waiting_for is None:
+                picked.append((i, seq, st.matcher))
+        if not picked:
+            return logits
+        B, V = logits.shape
+        allowed = np.empty((len(picked), V), dtype=bool)
+        eos_all = list(self.eos_token_ids)
+        for j, (_, seq, m) in enumerate(picked):
+            bits = np.frombuffer(m.compute_bitmask(), dtype=np.uint8)
+            row = allowed[j]
+            row[:] = np.unpackbits(bits, bitorder="little", count=V).view(bool)
+            req = seq.request
+            # EOS and stop tokens: the request's own, and only once the grammar accepts
+            accepting = m.is_accepting()
+            row[eos_all] = False
+            row[list(req.eos_ids)] = accepting
+            if req.stop_ids:
+                row[list(req.stop_ids)] |= accepting
+            if not row.any():  # (the matcher broke: let the row end rather than sample from nothing)
+                log.warning("structured output: no token allowed for %s (%s)", seq, m.get_error())
+                row[eos_all] = True
+        idx = torch.tensor([i for i, _, _ in picked], device=logits.device)
+        keep = torch.from_numpy(allowed).to(logits.device)  # [R, V]
+        logits = logits.clone()  # the raw logits stay intact for logprobs
+        logits[idx] = logits[idx].masked_fill(~keep, -math.inf)
+        return logits
+
+    def advance(self, seq, tok: int) -> bool:
+        """Feed the sampled token to the sequence's matcher; True when the sequence must stop now
+        (the grammar is complete and allows nothing more, or the token broke it)."""
+        st = self.rows.get(seq.seq_id)
+        if st is None:
+            return False
+        if st.waiting_for is not None:
+            if tok == st.waiting_for:
+                st.waiting_for = None  # the grammar starts with the next token
+            return False
+        if not st.matcher.consume_token(tok):
+            log.warning("structured output: token %d rejected for %s (%s)", tok, seq, st.matcher.get_error())
+            return True
+        return st.matcher.is_stopped()
