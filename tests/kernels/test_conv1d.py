@@ -102,3 +102,19 @@ def test_column_map_reads_a_wider_input_in_place():
     yu = tri.causal_conv1d_update(xw[:3], w, p_t, slots, x_cols=cols)
     assert rel_err(yu, ref.causal_conv1d_update(xw[:3, cols], w, p_r, slots)) < 1e-6
     assert torch.equal(p_t, p_r)
+
+
+def test_qk_heads_normalised_in_the_epilogue():
+    """qk_heads (Hk, dk): the first Hk q heads and Hk k heads of dk channels come out L2-normalised
+    (q scaled by dk^-0.5); the v channels as the plain conv gives them."""
+    gen = seeded(6)
+    hk, dk, C, K, lens = 2, 16, 2 * 2 * 16 + 96, 4, [5, 70]
+    x, w = randn(sum(lens), C, gen=gen), randn(C, K, gen=gen)
+    y = tri.causal_conv1d_varlen(x, w, cu(lens), qk_heads=(hk, dk))
+    plain = ref.causal_conv1d_varlen(x, w, cu(lens))
+    q, k = plain[:, : hk * dk].view(-1, hk, dk), plain[:, hk * dk : 2 * hk * dk].view(-1, hk, dk)
+    want_q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) * dk ** -0.5
+    want_k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    assert rel_err(y[:, : hk * dk], want_q.reshape(-1, hk * dk)) < 1e-6
+    assert rel_err(y[:, hk * dk : 2 * hk * dk], want_k.reshape(-1, hk * dk)) < 1e-6
+    assert rel_err(y[:, 2 * hk * dk :], plain[:, 2 * hk * dk :]) < 1e-6

@@ -40,14 +40,10 @@ def _inputs(x: torch.Tensor, C: int, x_cols: torch.Tensor | None):
     return x, x.stride(0), x_cols, True
 
 
-# (BT tokens, BC channels, warps) per program; the first is the interpreter's
-@autotune([triton.Config({"BT": bt, "BC": bc}, num_warps=w)
-           for bt, bc, w in ((32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 256, 8), (128, 128, 8), (16, 256, 4),
-                             (128, 64, 4), (64, 64, 4))], key=["C", "TB"])
 @triton.jit(do_not_specialize=["T", "TB"])
-def _conv_varlen_kernel(x_ptr, w_ptr, y_ptr, seq_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, map_ptr,
-                        T, C, TB, SX, K: tl.constexpr, HAS_STATE: tl.constexpr, HAS_MAP: tl.constexpr,
-                        BT: tl.constexpr, BC: tl.constexpr):
+def _conv_varlen_body(x_ptr, w_ptr, y_ptr, seq_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, map_ptr,
+                      T, C, TB, SX, scale, K: tl.constexpr, HAS_STATE: tl.constexpr, HAS_MAP: tl.constexpr,
+                      QK_HEADS: tl.constexpr, DK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     t = pid_t * BT + tl.arange(0, BT)                  # [BT] flat token index
@@ -85,7 +81,26 @@ def _conv_varlen_kernel(x_ptr, w_ptr, y_ptr, seq_ptr, cu_ptr, st_ptr, slot_ptr, 
             wj = tl.load(w_ptr + c * K + j, mask=cm, other=0.0).to(tl.float32)
             acc += xv * wj[None, :]
     y = acc / (1.0 + tl.exp(-acc))
+    if QK_HEADS > 0:
+        # the first QK_HEADS heads of DK channels (q heads, then as many k heads) L2-normalised in
+        # fp32, q also scaled: the delta rule reads them straight from y (DK divides BC)
+        y3 = tl.reshape(y, [BT, BC // DK, DK])
+        inv = 1.0 / tl.sqrt(tl.sum(y3 * y3, 2) + 1e-6)                      # [BT, BC // DK]
+        head = pid_c * (BC // DK) + tl.arange(0, BC // DK)
+        f = tl.where(head < QK_HEADS // 2, inv * scale, tl.where(head < QK_HEADS, inv, 1.0))
+        y = tl.reshape(y3 * f[:, :, None], [BT, BC])
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=m2)
+
+
+# (BT tokens, BC channels, warps) per program; the first is the interpreter's. With the q / k norm
+# a tile must hold whole heads: BC 128 / 256 only.
+_CONFIGS = [(32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 256, 8), (128, 128, 8), (16, 256, 4), (128, 64, 4),
+            (64, 64, 4)]
+_conv_varlen_kernel = autotune([triton.Config({"BT": bt, "BC": bc}, num_warps=w) for bt, bc, w in _CONFIGS],
+                               key=["C", "TB"])(_conv_varlen_body)
+_conv_varlen_norm_kernel = autotune([triton.Config({"BT": bt, "BC": bc}, num_warps=w) for bt, bc, w in _CONFIGS
+                                     if bc >= 128], key=["C", "TB", "DK"])(_conv_varlen_body)
+NORM_BC = 128  # the smallest tile of the norm variant: DK must divide it
 
 
 @triton.jit
@@ -117,9 +132,11 @@ def _conv_state_kernel(x_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, map_ptr, C, SX
 def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor,
                          conv_state: torch.Tensor | None = None, state_slots: torch.Tensor | None = None,
                          has_initial_state: torch.Tensor | None = None, *,
-                         x_cols: torch.Tensor | None = None) -> torch.Tensor:
+                         x_cols: torch.Tensor | None = None, qk_heads: tuple[int, int] | None = None) -> torch.Tensor:
     """x [T, C] pre-conv (any row stride), weight [C, K] -> silu(conv) [T, C]; conv_state
-    [N, C, K-1] updated in place. x_cols [C] (optional): channel c is x[:, x_cols[c]] (x wider)."""
+    [N, C, K-1] updated in place. x_cols [C] (optional): channel c is x[:, x_cols[c]] (x wider).
+    qk_heads (Hk, dk) (optional, dk dividing NORM_BC): the DeltaNet's q and k heads (the first
+    2 Hk dk channels) come out L2-normalised, q scaled by dk^-0.5 (kernels/gdn.py's qkv_gates)."""
     T = x.shape[0]
     C, K = weight.shape[0], weight.shape[-1]
     x, SX, xmap, has_map = _inputs(x, C, x_cols)
@@ -139,8 +156,12 @@ def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torc
         slots, init = cu, cu
     # the conv writes only y (the states are moved on below), so timing configs is harmless
     grid = lambda meta: (triton.cdiv(T, meta["BT"]), triton.cdiv(C, meta["BC"]))  # noqa: E731
-    _conv_varlen_kernel[grid](x, weight, y, seq, cu, conv_state if has_state else x, slots, init, xmap,
-                              T, C, size_class(T), SX, K=K, HAS_STATE=has_state, HAS_MAP=has_map)
+    if qk_heads is not None and NORM_BC % qk_heads[1]:
+        raise ValueError(f"qk_heads: dk {qk_heads[1]} must divide {NORM_BC}")
+    hk, dk = qk_heads or (0, 1)
+    kernel = _conv_varlen_kernel if qk_heads is None else _conv_varlen_norm_kernel
+    kernel[grid](x, weight, y, seq, cu, conv_state if has_state else x, slots, init, xmap, T, C, size_class(T), SX,
+                 dk ** -0.5, K=K, HAS_STATE=has_state, HAS_MAP=has_map, QK_HEADS=2 * hk, DK=dk)
     if has_state:
         _conv_state_kernel[(B, triton.cdiv(C, 256))](x, cu, conv_state, slots, init, xmap, C, SX, K=K,
                                                     KP=triton.next_power_of_2(max(K - 1, 1)), BC=256,

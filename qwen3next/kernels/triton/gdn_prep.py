@@ -6,7 +6,9 @@ logits, L2-normalises q (and scales it by dk^-0.5) and k *in place* in mc's colu
 one rounding to mc's dtype, as the reference's fp32 q / k are rounded when the delta rule casts
 them), writes g = -exp(A_log) softplus(a + dt_bias) and beta = sigmoid(b) as fp32 [T, Hv], and
 returns q, k, v as row-strided views of mc: the delta rule reads them in place (no split, reshape,
-cast or contiguous copies). The reference is kernels/gdn.py's `qkv_gates`.
+cast or contiguous copies). The reference is kernels/gdn.py's `qkv_gates`. In `gdn_cached` the
+conv's epilogue normalises q / k already (its tiles hold whole heads) and this kernel only writes
+the gates.
 """
 
 from __future__ import annotations
@@ -16,26 +18,27 @@ import triton
 import triton.language as tl
 
 from ._util import pow2
-from .conv1d import causal_conv1d_varlen
+from .conv1d import NORM_BC, causal_conv1d_varlen
 from .delta_rule import gated_delta_rule_chunked
 
 
 @triton.jit(do_not_specialize=["T", "SM", "SA", "SB"])
 def _prep_kernel(mc_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, g_ptr, beta_ptr, T, SM, SA, SB, scale,
                  HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
-                 BR: tl.constexpr):
+                 BR: tl.constexpr, DO_QK: tl.constexpr):
     hk = tl.program_id(1)
     t = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)       # [BR] tokens
     tm = t < T
-    ck = tl.arange(0, DK)
-    qp = mc_ptr + t[:, None] * SM + hk * DK + ck[None, :]             # [BR, DK] this key head's q
-    kp = qp + HK * DK
-    q = tl.load(qp, mask=tm[:, None], other=0.0).to(tl.float32)
-    k = tl.load(kp, mask=tm[:, None], other=0.0).to(tl.float32)
-    q = q / tl.sqrt(tl.sum(q * q, 1) + 1e-6)[:, None] * scale
-    k = k / tl.sqrt(tl.sum(k * k, 1) + 1e-6)[:, None]
-    tl.store(qp, q.to(mc_ptr.dtype.element_ty), mask=tm[:, None])
-    tl.store(kp, k.to(mc_ptr.dtype.element_ty), mask=tm[:, None])
+    if DO_QK:
+        ck = tl.arange(0, DK)
+        qp = mc_ptr + t[:, None] * SM + hk * DK + ck[None, :]         # [BR, DK] this key head's q
+        kp = qp + HK * DK
+        q = tl.load(qp, mask=tm[:, None], other=0.0).to(tl.float32)
+        k = tl.load(kp, mask=tm[:, None], other=0.0).to(tl.float32)
+        q = q / tl.sqrt(tl.sum(q * q, 1) + 1e-6)[:, None] * scale
+        k = k / tl.sqrt(tl.sum(k * k, 1) + 1e-6)[:, None]
+        tl.store(qp, q.to(mc_ptr.dtype.element_ty), mask=tm[:, None])
+        tl.store(kp, k.to(mc_ptr.dtype.element_ty), mask=tm[:, None])
     # gates of this key head's R value heads  [BR, RP]
     j = tl.arange(0, RP)
     h = hk * R + j
@@ -55,9 +58,11 @@ def _unit_cols(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def qkv_gates_(mc, a, b, A_log, dt_bias, num_k_heads: int, head_k_dim: int, num_v_heads: int, head_v_dim: int):
-    """mc [T, conv_dim] post-conv (unit column stride; its q / k columns are normalised IN PLACE);
-    a, b [T, Hv] (any row stride) -> q, k [T, Hk, dk], v [T, Hv, dv] views of mc, g, beta [T, Hv] fp32."""
+def qkv_gates_(mc, a, b, A_log, dt_bias, num_k_heads: int, head_k_dim: int, num_v_heads: int, head_v_dim: int,
+               *, normed: bool = False):
+    """mc [T, conv_dim] post-conv (unit column stride; its q / k columns are normalised IN PLACE,
+    unless `normed`: the conv did it); a, b [T, Hv] (any row stride) -> q, k [T, Hk, dk],
+    v [T, Hv, dv] views of mc, g, beta [T, Hv] fp32."""
     T, C = mc.shape
     HK, DK, HV, DV = num_k_heads, head_k_dim, num_v_heads, head_v_dim
     if C != 2 * HK * DK + HV * DV:
@@ -72,7 +77,7 @@ def qkv_gates_(mc, a, b, A_log, dt_bias, num_k_heads: int, head_k_dim: int, num_
         BR = max(1, min(16, 2048 // pow2(DK)))
         _prep_kernel[(triton.cdiv(T, BR), HK)](mc, a, b, A_log, dt_bias, g, beta, T, mc.stride(0), a.stride(0),
                                                b.stride(0), DK ** -0.5, HK=HK, HV=HV, DK=DK, R=R,
-                                               RP=pow2(R, 1), BR=BR, num_warps=4)
+                                               RP=pow2(R, 1), BR=BR, DO_QK=not normed, num_warps=4)
     kd = HK * DK
     q, k, v = mc[:, :kd].view(T, HK, DK), mc[:, kd:2 * kd].view(T, HK, DK), mc[:, 2 * kd:].view(T, HV, DV)
     return q, k, v, g, beta
@@ -90,7 +95,9 @@ def gdn_cached(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, st
 
         return gdn_verify(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots,
                           has_initial_state, per_token_state_slots, A_log, dt_bias, num_k_heads, m_cols=m_cols)
+    # the q / k norms inside the conv's epilogue when its tiles hold whole heads
+    fuse = NORM_BC % dk == 0
     mc = causal_conv1d_varlen(m, conv_weight, cu_seqlens, conv_state, state_slots, has_initial_state,
-                              x_cols=m_cols)
-    q, k, v, g, beta = qkv_gates_(mc, a, b, A_log, dt_bias, num_k_heads, dk, Hv, dv)
+                              x_cols=m_cols, qk_heads=(num_k_heads, dk) if fuse else None)
+    q, k, v, g, beta = qkv_gates_(mc, a, b, A_log, dt_bias, num_k_heads, dk, Hv, dv, normed=fuse)
     return gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, recurrent_state, state_slots, has_initial_state)
