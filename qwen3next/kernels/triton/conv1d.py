@@ -22,9 +22,10 @@ from ._util import autotune, pow2, size_class
 def _x_offsets(map_ptr, t, c, cm, SX, HAS_MAP: tl.constexpr):
     """Offset of input channel c of token t: row t * SX, column c, or map[c] with a column map
     (the layer's grouped projection read in place)."""
+    col = c
     if HAS_MAP:
-        return t * SX + tl.load(map_ptr + c, mask=cm, other=0)
-    return t * SX + c
+        col = tl.load(map_ptr + c, mask=cm, other=0)
+    return t * SX + col
 
 
 def _inputs(x: torch.Tensor, C: int, x_cols: torch.Tensor | None):

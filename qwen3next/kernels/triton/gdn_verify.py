@@ -44,7 +44,9 @@ def _verify_conv_kernel(x_ptr, w_ptr, y_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr,
     b = tl.program_id(0)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     cm = c < C
-    xc = tl.load(map_ptr + c, mask=cm, other=0) if HAS_MAP else c   # input columns (a column map: grouped x)
+    xc = c                                            # input columns (with a column map: grouped x)
+    if HAS_MAP:
+        xc = tl.load(map_ptr + c, mask=cm, other=0)
     i = tl.arange(0, KP)
     bos = tl.load(cu_ptr + b).to(tl.int64)
     eos = tl.load(cu_ptr + b + 1).to(tl.int64)
