@@ -42,6 +42,25 @@ def quantize(w: torch.Tensor, block: tuple[int, int] = BLOCK) -> tuple[torch.Ten
     return w8.view(*lead, n + pn, k + pk)[..., :n, :k].contiguous(), scale
 
 
+def quantize_act(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic activation quantisation (§10 "dynamic"): x [M, K] -> (x8 [M, K] fp8, scale
+    [M, ceil(K/group)] fp32), scale = max|x| / 448 per token and group of `group` channels."""
+    m, k = x.shape
+    xp = F.pad(x.float(), (0, -k % group)).view(m, -1, group)
+    amax = xp.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    x8 = (xp / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(m, -1)[:, :k]
+    return x8.contiguous(), scale
+
+
+def _act(x: torch.Tensor, act_quant: bool) -> torch.Tensor:
+    """x itself, or (act_quant) x after a round trip through per-token-group fp8, in fp32."""
+    if not act_quant:
+        return x
+    x8, s = quantize_act(x)
+    return dequantize(x8, s, (1, 128))
+
+
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = BLOCK):
     """x [M, K] @ dequant(w8 [N, K])^T -> [M, N] in x's dtype (the weight rounded to x's dtype first,
     as a dequantised bf16 model computes)."""
@@ -49,10 +68,12 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, block: tu
 
 
 def moe_experts_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids,
-                    block: tuple[int, int] = BLOCK) -> torch.Tensor:
+                    block: tuple[int, int] = BLOCK, act_quant: bool = False) -> torch.Tensor:
     """kernels/moe.py's moe_experts over fp8 experts: gate_up_proj [E, 2I, H] fp8 with scale
     [E, 2I/bn, H/bk], down_proj [E, H, I] fp8 with scale [E, H/bn, I/bk]; only the experts that
-    received tokens are dequantised."""
+    received tokens are dequantised. `act_quant`: each matmul's input is first quantised per token
+    and 128-channel group (w8a8, as the fp8 tensor-core kernels compute) and the products are
+    fp32, rounded to x's dtype after."""
     T, k = ids.shape
     inter = down_proj.shape[-1]
     flat = ids.reshape(-1)
@@ -67,9 +88,11 @@ def moe_experts_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weigh
             continue
         tok = tok_of[start : start + n]
         xe = x.index_select(0, tok)  # [n, H]
-        gu = xe @ dequantize(gate_up_proj[e], gate_up_scale[e], block, x.dtype).t()  # [n, 2I]
-        h = F.silu(gu[:, :inter]) * gu[:, inter:]
-        ye = (h @ dequantize(down_proj[e], down_scale[e], block, x.dtype).t()) * w_sorted[start : start + n, None]
+        wdt = torch.float32 if act_quant else x.dtype
+        gu = (_act(xe, act_quant) @ dequantize(gate_up_proj[e], gate_up_scale[e], block, wdt).t()).to(x.dtype)
+        h = F.silu(gu[:, :inter]) * gu[:, inter:]  # [n, I]
+        ye = (_act(h, act_quant) @ dequantize(down_proj[e], down_scale[e], block, wdt).t()).to(x.dtype)
+        ye = ye * w_sorted[start : start + n, None]
         out = out.index_add(0, tok, ye.float())
         start += n
     return out.to(x.dtype)

@@ -31,18 +31,34 @@ def test_linear(M, small):
     assert rel_err(y, ref.fp8_linear(x, w8, s)) < 1e-5
 
 
-@pytest.mark.parametrize("T,block_m,gemv", [(1, None, None), (5, None, True), (23, 16, False)])
-def test_experts(T, block_m, gemv):
-    """GEMV and grouped GEMM over fp8 experts; experts picked by several tokens."""
+@pytest.mark.parametrize("T,block_m,gemv,a8", [(1, None, None, False), (5, None, True, False),
+                                               (23, 16, False, False), (23, 16, False, True)])
+def test_experts(T, block_m, gemv, a8):
+    """GEMV and grouped GEMM (w8a16, w8a8) over fp8 experts; experts picked by several tokens."""
     gen = seeded(T + 100)
-    E, H, I, k = 6, 256, 128, 3
+    E, H, I, k = 6, 256, 256, 3
     x = randn(T, H, gen=gen)
     gu8, gus = _q(randn(E, 2 * I, H, gen=gen, scale=0.1))
     dn8, dns = _q(randn(E, H, I, gen=gen, scale=0.1))
     w, ids = ref_moe.moe_route(randn(T, E, gen=gen), k, True)
-    y = tri_moe.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids, block_m=block_m, gemv=gemv)
-    want = ref.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids)
-    assert rel_err(y, want) < 1e-5
+    y = tri_moe.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids, act_quant=a8, block_m=block_m, gemv=gemv)
+    want = ref.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids, act_quant=a8)
+    # the interpreter rounds to fp8 its own way (see test_quantize_act), so the in-kernel activation
+    # quantisation only matches loosely here; test_experts_gpu holds it to 1e-2
+    assert rel_err(y, want) < (0.2 if a8 and DEV == "cpu" else 1e-5)
+
+
+def test_quantize_act():
+    x = randn(7, 300, gen=seeded(3))  # a partial group at the end
+    x[2, :128] = 0
+    q, s = tri_moe.quantize_act(x)
+    q_ref, s_ref = ref.quantize_act(x)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q[2, :128].float(), torch.zeros(128))
+    same = (q.float() == q_ref.float()).float().mean()
+    # Triton 3.9's interpreter rounds x.yyy just under a power of two down to half of it (no carry
+    # into the exponent) and flushes subnormals: exact only on GPUs
+    assert same == 1 if DEV != "cpu" else same > 0.95
 
 
 def test_experts_rejects_unaligned_intermediate():
@@ -75,5 +91,8 @@ def test_experts_gpu(T):
     w, ids = ref_moe.moe_route(randn(T, E, gen=gen), k, True)
     want = ref.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids)
     for gemv in ((False, True) if T <= 64 else (False,)):
-        y = tri_moe.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids, gemv=gemv)
+        y = tri_moe.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids, act_quant=False, gemv=gemv)
         assert rel_err(y, want) < 1e-2, gemv
+    y = tri_moe.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids, gemv=False)  # w8a8
+    assert rel_err(y, ref.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids, act_quant=True)) < 1e-2
+    assert rel_err(y, want) < 0.08
