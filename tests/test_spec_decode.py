@@ -389,11 +389,12 @@ def test_deferred_mtp_catch_up_drafts_as_if_never_deferred(model, prompts, refer
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_verify_cuda_graphs_generate_the_eager_tokens(tiny_ckpt, prompts, monkeypatch):
-    """On CUDA with QWEN3NEXT_VERIFY_GRAPHS=1 the verify forward replays a graph whenever every
-    row brings k drafts; greedy outputs equal the eager engine's, and the graph path is taken."""
+    """On CUDA (by default; QWEN3NEXT_VERIFY_GRAPHS=0 switches it off) the verify forward replays a
+    graph whenever every row brings k drafts; greedy outputs equal the eager engine's, and the
+    graph path is taken."""
     from qwen3next.engine.cuda_graph import VerifyGraphRunner
 
-    monkeypatch.setenv("QWEN3NEXT_VERIFY_GRAPHS", "1")
+    monkeypatch.delenv("QWEN3NEXT_VERIFY_GRAPHS", raising=False)
 
     gpu, _ = load_model(tiny_ckpt, dtype=torch.float32, device="cuda", with_mtp=True, progress=False)
     replays = []
@@ -409,3 +410,7 @@ def test_verify_cuda_graphs_generate_the_eager_tokens(tiny_ckpt, prompts, monkey
         assert_pools_empty(eng)
     assert outs[True] == outs[False]
     assert replays
+    monkeypatch.setenv("QWEN3NEXT_VERIFY_GRAPHS", "0")
+    spec = {"method": "qwen3_next_mtp", "num_speculative_tokens": 2}
+    eng = LLMEngine(gpu, EngineArgs(max_num_seqs=4, max_model_len=256, speculative_config=spec), eos_token_ids=[])
+    assert eng.spec.verify_graphs is None

@@ -102,8 +102,8 @@ class LLMEngine:
         if args.speculative_config is not None:
             self.spec = SpecDecoder(model, self.cache, sampler, self.device, args.speculative_config,
                                     self.cache.scratch_base, args.max_num_seqs)
-            # opt-in until the engine path has run on a GPU (the runner itself is GPU-tested)
-            if graphs and os.environ.get("QWEN3NEXT_VERIFY_GRAPHS") == "1":
+            # on by default (engine path GPU-tested: test_spec_decode -k verify_cuda); =0 switches off
+            if graphs and os.environ.get("QWEN3NEXT_VERIFY_GRAPHS", "1") != "0":
                 self._capture_verify_graphs()
         elif graphs:
             self._capture_cuda_graphs()
