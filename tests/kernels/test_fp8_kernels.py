@@ -19,11 +19,12 @@ def _q(w: torch.Tensor):
     return ref.quantize(w)
 
 
-@pytest.mark.parametrize("M,small", [(3, True), (37, True), (150, False)])
-def test_linear(M, small):
-    """N and K not multiples of the 128 blocks (partial scale blocks); both paths."""
+@pytest.mark.parametrize("M,N,K,small", [(3, 200, 320, True), (37, 200, 320, True), (150, 200, 320, False),
+                                         (2, 40, 1100, True)])
+def test_linear(M, N, K, small):
+    """N and K not multiples of the 128 blocks (partial scale blocks); both paths; a narrow weight
+    whose K is split over programs (fp32 partials summed)."""
     gen = seeded(M)
-    N, K = 200, 320
     x = randn(M, K, gen=gen)
     w8, s = _q(randn(N, K, gen=gen, scale=0.1))
     y = tri_lin.fp8_linear(x, w8, s, small=small)

@@ -3,7 +3,9 @@
 
 * few rows (decode, verify, M <= SMALL_M): one weight-only GEMM (w8a16): each [BK, BN] fp8 tile is
   loaded (half the bytes of bf16), widened to the activation dtype, multiplied on the tensor
-  cores and its block scale applied to the fp32 partial product. Weight streaming is the cost.
+  cores and its block scale applied to the fp32 partial product. Weight streaming is the cost, so
+  narrow weights (k/v, shared expert: N = 512) are split along K too, enough programs to keep
+  every SM streaming: fp32 partials [S, M, N], summed in a fixed order by a second launch.
 * many rows (prefill): the weight is dequantised into a bf16 scratch (one pass, N*K*3 bytes) and
   cuBLAS runs the GEMM: at M >= 256 the GEMM's FLOPs dwarf that pass.
 """
@@ -17,18 +19,22 @@ import triton.language as tl
 from ._util import autotune, size_class
 
 SMALL_M = 128  # rows up to this take the weight-only GEMM
+_PROGRAMS = 264  # K is split until about this many programs (2 per SM of an H100 / H200)
 # (BM, BN, BK, warps, stages); the first is the interpreter's. BK divides the 128-wide scale block.
 _CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in ((16, 32, 64, 4, 4), (16, 64, 128, 4, 4), (16, 32, 128, 4, 5),
                                      (16, 128, 128, 4, 3), (64, 64, 128, 4, 4), (64, 128, 128, 8, 3))]
 
 
-@autotune(_CONFIGS, key=["N", "K", "MB"])
+@autotune(_CONFIGS, key=["N", "K", "MB", "S"])
 @triton.jit(do_not_specialize=["M", "MB"])
-def _w8a16_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, MB, SK, BLK_N: tl.constexpr, BLK_K: tl.constexpr,
+def _w8a16_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, MB, SK, S, KS, BLK_N: tl.constexpr, BLK_K: tl.constexpr,
                   PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Program (m block, n block, k split): columns [ps*KS, (ps+1)*KS) of K; with S > 1 it writes
+    fp32 partials at y_ptr[ps]."""
     pm = tl.program_id(0)
     pn = tl.program_id(1)
+    ps = tl.program_id(2)
     m = (pm * BM + tl.arange(0, BM)).to(tl.int64)
     n = (pn * BN + tl.arange(0, BN)).to(tl.int64)
     kk = tl.arange(0, BK)
@@ -37,13 +43,24 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, MB, SK, BLK_N: tl.constex
     dt = x_ptr.dtype.element_ty
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     s_row = s_ptr + (n // BLK_N) * SK                                  # [BN] scale row of each column
-    for k0 in range(0, K, BK):
+    for k0 in range(ps * KS, tl.minimum(ps * KS + KS, K), BK):
         km = (k0 + kk) < K
         xv = tl.load(x_ptr + m[:, None] * K + (k0 + kk)[None, :], mask=mm[:, None] & km[None, :], other=0.0)
         wv = tl.load(w_ptr + n[None, :] * K + (k0 + kk)[:, None], mask=km[:, None] & nm[None, :], other=0.0)
-        s = tl.load(s_row + k0 // BLK_K, mask=nm, other=0.0)           # [BN]: one k block per tile
-        acc += tl.dot(xv, wv.to(dt), input_precision=PREC) * s[None, :]
-    tl.store(y_ptr + m[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+        sc = tl.load(s_row + k0 // BLK_K, mask=nm, other=0.0)          # [BN]: one k block per tile
+        acc += tl.dot(xv, wv.to(dt), input_precision=PREC) * sc[None, :]
+    out = y_ptr + ps * M * N + m[:, None] * N + n[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(p_ptr, y_ptr, MN, S, BLK: tl.constexpr):
+    i = tl.program_id(0) * BLK + tl.arange(0, BLK)
+    msk = i < MN
+    acc = tl.zeros([BLK], dtype=tl.float32)
+    for s in range(S):  # a fixed order: the same bits every run
+        acc += tl.load(p_ptr + s * MN + i, mask=msk, other=0.0)
+    tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=msk)
 
 
 @triton.jit
@@ -75,12 +92,23 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, block: tu
     N = w8.shape[0]
     if not (small if small is not None else M <= SMALL_M):
         return x @ dequantize(w8, scale, block, x.dtype).t()
+    if block[1] % 128:
+        raise ValueError(f"fp8_linear needs 128 | weight_block_size[1], got {block[1]}")
     x = x.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return y
+    # K splits (whole 128-column scale blocks each) for weights too narrow to fill the GPU
+    base = triton.cdiv(M, 16) * triton.cdiv(N, 32)
+    S = max(1, min(K // 256, _PROGRAMS // base))
+    KS = triton.cdiv(triton.cdiv(K, S), 128) * 128
+    S = triton.cdiv(K, KS)
+    part = y if S == 1 else torch.empty(S, M, N, dtype=torch.float32, device=x.device)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))  # noqa: E731
-    _w8a16_kernel[grid](x, w8, scale, y, M, N, K, size_class(M), scale.shape[1], BLK_N=block[0], BLK_K=block[1],
-                        PREC=prec)
+    grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]), S)  # noqa: E731
+    _w8a16_kernel[grid](x, w8, scale, part, M, N, K, size_class(M), scale.shape[1], S, KS, BLK_N=block[0],
+                        BLK_K=block[1], PREC=prec)
+    if S > 1:
+        BLK = 1024
+        _sum_splits_kernel[(triton.cdiv(M * N, BLK),)](part, y, M * N, S, BLK=BLK)
     return y
