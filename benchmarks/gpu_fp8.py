@@ -6,11 +6,14 @@ to_fp8_, what `quantization="fp8"` does with a bf16 checkpoint), on one GPU, in 
 
 Sections (each writes its results into the JSON as it finishes; a failing one records its error):
   memory    parameter bytes and allocated GPU memory of each model
-  accuracy  fp8 vs bf16 logits: cache-less prefill of 4 x 512 tokens, and one eager decode step at
-            B = 64 from identical caches (relative error, argmax agreement, bf16 top-1 in fp8 top-5)
+  accuracy  logits of fp8 (w8a8 grouped experts, the default; and w8a16) vs bf16, and vs `deq`: the
+            bf16 model holding the dequantised fp8 weights (so fp8 vs deq is the kernels' own error,
+            deq vs bf16 the weights' rounding): cache-less prefill of 4 x 512 tokens and one eager
+            decode step at B = 64 from identical caches (relative error, argmax agreement)
   decode    one step (forward + logits) at B = 1, 16, 64 with 1K tokens of context, by CUDA-graph
-            replay, each model; floors from the bytes each model must read / measured copy bandwidth
-  prefill   one 8K-token prompt through the cached path, logits of the last token, each model
+            replay: fp8, fp8 with w8a16 experts (B >= 16: the grouped GEMM), bf16; floors from the
+            bytes each model must read / measured copy bandwidth; kernel tables at B = 1 and 64
+  prefill   one 8K-token prompt through the cached path, logits of the last token (fp8, fp8 w8a16, bf16)
 Medians throughout.
 """
 
@@ -30,6 +33,8 @@ from benchmarks.gpu_model import BS, CTX, DIMS, ROPE, decode_setup, make_cache, 
 from qwen3next.config import ModelConfig
 from qwen3next.engine.cuda_graph import CudaGraphRunner
 from qwen3next.forward_batch import ForwardBatch
+from qwen3next.kernels import fp8 as qfp8
+from qwen3next.kernels.triton import moe_fp8
 from qwen3next.layers.quant import to_fp8_
 from qwen3next.model import Qwen3NextForCausalLM
 
@@ -71,6 +76,22 @@ def build(fp8: bool) -> Qwen3NextForCausalLM:
     return model.eval()
 
 
+@torch.no_grad()
+def dequantised_copy(fp8) -> Qwen3NextForCausalLM:
+    """The bf16 model with every fp8 weight of `fp8` replaced by its dequantised value."""
+    deq = build(False)
+    for name, p in fp8.named_parameters():
+        if p.dtype == qfp8.FP8:
+            w = deq.get_parameter(name)
+            scale = fp8.get_parameter(name + "_scale_inv")
+            for e in range(w.shape[0]) if w.dim() == 3 else (None,):  # experts one at a time
+                if e is None:
+                    w.copy_(qfp8.dequantize(p, scale, dtype=w.dtype))
+                else:
+                    w[e].copy_(qfp8.dequantize(p[e], scale[e], dtype=w.dtype))
+    return deq
+
+
 def param_bytes(model, experts: bool | None = None) -> int:
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                if experts is None or (".experts." in n) == experts)
@@ -106,38 +127,40 @@ def ceilings(res):
     res["copy_bw_GBps"] = round(2 * n / ms / 1e6, 1)
 
 
-@section
-def accuracy(res, bf16, fp8):
-    B, T = 4, 512
+def logits_pair(model, B: int = 4, T: int = 512, Bd: int = 64):
+    """-> (cache-less prefill logits [B*T, V], one eager decode step's logits [Bd, V]), fixed inputs."""
     g = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(0, DIMS["vocab_size"], (B * T,), device="cuda", generator=g)
     pos = torch.arange(T, device="cuda").repeat(B)
     with torch.inference_mode():
-        ref = bf16.compute_logits(bf16(ids, pos, ForwardBatch.full([T] * B, "cuda")))
-        out = fp8.compute_logits(fp8(ids, pos, ForwardBatch.full([T] * B, "cuda")))
-    res["prefill_rel_err"] = rel_err(out, ref)
-    res["prefill_argmax_agree"] = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
-    res["prefill_top1_in_fp8_top5"] = float((out.topk(5, -1).indices == ref.argmax(-1, keepdim=True))
-                                            .any(-1).float().mean())
-    del ref, out
-    # one decode step at B = 64 from identical random caches
-    Bd = 64
-    outs = []
-    for model in (bf16, fp8):
+        pre = model.compute_logits(model(ids, pos, ForwardBatch.full([T] * B, "cuda")))
         torch.manual_seed(2)
         cache = make_cache(model, Bd + 1, Bd * (CTX // BS + 1))
         torch.manual_seed(3)
         tok, p, fb = decode_setup(model, Bd, cache, None)
-        with torch.inference_mode():
-            outs.append(model.compute_logits(model(tok, p, fb)))
-        del cache
-    res["decode_rel_err"] = rel_err(outs[1], outs[0])
-    res["decode_argmax_agree"] = float((outs[1].argmax(-1) == outs[0].argmax(-1)).float().mean())
+        dec = model.compute_logits(model(tok, p, fb))
+    return pre, dec
+
+
+def compare(a, b) -> dict:
+    return {"rel_err": round(rel_err(a, b), 5), "argmax_agree": round(float((a.argmax(-1) == b.argmax(-1))
+                                                                           .float().mean()), 4)}
+
+
+@section
+def accuracy(res, models: dict):
+    out = {}
+    for name in ("bf16", "deq", "fp8", "fp8_w8a16"):
+        moe_fp8.ACT_QUANT = name != "fp8_w8a16"
+        out[name] = logits_pair(models["fp8" if name.startswith("fp8") else name])
+    moe_fp8.ACT_QUANT = True
+    for a, b in (("fp8", "bf16"), ("fp8_w8a16", "bf16"), ("deq", "bf16"), ("fp8", "deq"), ("fp8_w8a16", "deq")):
+        res[f"{a}_vs_{b}"] = {"prefill": compare(out[a][0], out[b][0]), "decode_B64": compare(out[a][1], out[b][1])}
     print({k: v for k, v in res.items() if k != "wall_s"}, flush=True)
 
 
 @section
-def decode(res, name: str, model, sizes: list[int]):
+def decode(res, name: str, model, sizes: list[int], profile=(1, 64)):
     nb = CTX // BS + 1
     cache = make_cache(model, max(sizes) + 1, max(sizes) * nb)
     bw = RES.get("ceilings", {}).get("copy_bw_GBps", 4300.0)
@@ -155,7 +178,7 @@ def decode(res, name: str, model, sizes: list[int]):
             runner.run(tok, pos, fb)
         ms = do_bench(runner.graphs[B].replay, warmup=25, rep=200, return_mode="median")
         r[f"B{B}"] = {"graph_ms": round(ms, 4), "tok_per_s": round(B / ms * 1e3), **floor_ms(model, B, bw)}
-        if B == max(sizes):
+        if B in profile:
             try:
                 r[f"B{B}"]["kernels_us"] = top_kernels(runner.graphs[B].replay, n=10)
             except Exception as e:
@@ -209,21 +232,34 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
         memory(name, models[name], before)
-    accuracy(models["bf16"], models["fp8"])
-    for name in ("fp8", "bf16"):
-        decode(name, models[name], sizes)
-        gc.collect()
-        torch.cuda.empty_cache()
+    models["deq"] = dequantised_copy(models["fp8"])
+    accuracy(models)
+    del models["deq"]
+    gc.collect()
+    torch.cuda.empty_cache()
+    decode("fp8", models["fp8"], sizes)
+    moe_fp8.ACT_QUANT = False
+    decode("fp8_w8a16", models["fp8"], [b for b in sizes if b >= 16], profile=())
+    moe_fp8.ACT_QUANT = True
+    decode("bf16", models["bf16"], sizes)
+    gc.collect()
+    torch.cuda.empty_cache()
     if not a.no_prefill:
-        for name in ("fp8", "bf16"):
-            prefill(name, models[name])
+        prefill("fp8", models["fp8"])
+        moe_fp8.ACT_QUANT = False
+        prefill("fp8_w8a16", models["fp8"])
+        moe_fp8.ACT_QUANT = True
+        prefill("bf16", models["bf16"])
     RES["peak_allocated_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     save()
     dec = RES.get("decode", {})
     for B in sizes:
-        f, b = dec.get("fp8", {}).get(f"B{B}", {}), dec.get("bf16", {}).get(f"B{B}", {})
-        print(f"B={B:3d}: fp8 {f.get('graph_ms')} ms (floor {f.get('floor_ms')}) | bf16 {b.get('graph_ms')} ms "
-              f"(floor {b.get('floor_ms')})")
+        f, w, b = (dec.get(n, {}).get(f"B{B}", {}) for n in ("fp8", "fp8_w8a16", "bf16"))
+        print(f"B={B:3d}: fp8 {f.get('graph_ms')} ms (floor {f.get('floor_ms')}) | w8a16 {w.get('graph_ms')} | "
+              f"bf16 {b.get('graph_ms')} ms (floor {b.get('floor_ms')})")
+    for n in ("fp8", "bf16"):
+        for B in (1, 64):
+            print(n, B, dec.get(n, {}).get(f"B{B}", {}).get("kernels_us", [])[:8])
     print("prefill", RES.get("prefill"), "\nmemory", RES.get("memory"), "\naccuracy", RES.get("accuracy"))
 
 
