@@ -80,9 +80,10 @@ class GatedDeltaNet(nn.Module):
         self.out_proj.tp_shards = {"weight": cols(hv, dv)}
 
     def _split(self, x: torch.Tensor, grouped: bool = False):
-        """-> m, z [T, Hv, dv], b, a [T, Hv], m_cols from the grouped projections. m is the conv input
-        [T, conv_dim]; `grouped`: m is in_proj_qkvz's whole output [T, Hk * (2dk + 2r dv)] and conv
-        channel c is its column m_cols[c] (the GPU kernels read it in place, nothing is copied)."""
+        """-> m, z (rows of dv: [T, Hv, dv] or [T * Hk, r, dv]), b, a [T, Hv], m_cols from the grouped
+        projections. m is the conv input [T, conv_dim]; `grouped`: m is in_proj_qkvz's whole output
+        [T, Hk * (2dk + 2r dv)] and conv channel c is its column m_cols[c] (the GPU kernels read it
+        in place, nothing is copied)."""
         T, Hk, dk, dv, r = x.shape[0], self.num_k_heads, self.head_k_dim, self.head_v_dim, self.ratio
         kd, Hv = self.key_dim, self.num_v_heads
         if ops.cpu_fast_ok(x, self.in_proj_qkvz.weight):
@@ -106,7 +107,8 @@ class GatedDeltaNet(nn.Module):
         else:  # inference: in_proj_ba's rows regrouped once as [b_all | a_all], b and a are views
             ba = nn.functional.linear(x, self._ba.get(w_ba))
             b, a = ba[:, :Hv], ba[:, Hv:]
-        return m, z.reshape(T, Hv, dv), b, a, cols
+        # z as [T * Hk, r, dv] rows (= [T, Hv, dv] order): a view, the gated norm reads it in place
+        return m, z.view(T * Hk, r, dv), b, a, cols
 
     def _conv_cols(self, device: torch.device) -> torch.Tensor:
         """[conv_dim] long: the column of in_proj_qkvz's grouped output [T, Hk * W] holding each conv
@@ -132,7 +134,7 @@ class GatedDeltaNet(nn.Module):
             # one token per sequence: conv update, norms, gates and recurrence as one fused step
             o = ops.gdn_decode(m, a, b, w, cache.conv[self.layer_idx], cache.recurrent[self.layer_idx],
                                batch.state_slots, self.A_log, self.dt_bias, self.num_k_heads, m_cols=cols)
-            o = self.norm(o, z)  # [T, Hv, dv]
+            o = self.norm(o.reshape(z.shape), z)  # rows of dv
             return self._out(o.reshape(T, self.value_dim))
         if cache is None:
             mc = ops.causal_conv1d_varlen(m, w, batch.cu_seqlens)
@@ -143,7 +145,7 @@ class GatedDeltaNet(nn.Module):
             o = ops.gdn_cached(m, a, b, w, cache.conv[self.layer_idx], cache.recurrent[self.layer_idx],
                                batch.cu_seqlens, batch.state_slots, batch.has_initial_state,
                                batch.per_token_state_slots, self.A_log, self.dt_bias, self.num_k_heads, m_cols=cols)
-        o = self.norm(o, z)  # [T, Hv, dv]
+        o = self.norm(o.reshape(z.shape), z)  # rows of dv
         return self._out(o.reshape(T, self.value_dim))
 
     def _out(self, o: torch.Tensor) -> torch.Tensor:
