@@ -68,7 +68,6 @@ def test_cross_field_rules():
     chat(tools=tools, tool_choice={"type": "function", "function": {"name": "f"}})
     bad(chat, "continue_final_message", continue_final_message=True)
     bad(chat, "messages", messages=[])
-    bad(chat, "response_format", response_format={"type": "json_object"})
 
 
 def test_unknown_keys_are_ignored_and_message_extras_kept():

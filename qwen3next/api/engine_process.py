@@ -22,7 +22,7 @@ log = logging.getLogger("qwen3next.engine_process")
 # the serve arguments the engine needs (build_engine's fields + device/model)
 ENGINE_OPTIONS = ("model", "dtype", "device", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
                   "kv_cache_memory_bytes", "gpu_memory_utilization", "block_size", "seed",
-                  "tensor_parallel_size", "speculative_config")
+                  "tensor_parallel_size", "speculative_config", "quantization")
 
 
 def main(conn, options: dict, log_level: int) -> None:

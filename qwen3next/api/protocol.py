@@ -61,7 +61,19 @@ class StreamOptions(_Lenient):
 
 class ResponseFormat(_Lenient):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: Optional[dict[str, Any]] = None
+    json_schema: Optional[dict[str, Any]] = None  # {"name", "schema"?, "strict"?, "description"?}
+
+
+class StructuredOutputsField(_Lenient):
+    """vLLM's `structured_outputs` extra: exactly one of json, regex, choice, grammar, json_object."""
+
+    # (pydantic models have a .json method: the field goes by its alias)
+    json_: Union[dict[str, Any], StrictStr, None] = Field(default=None, alias="json")
+    regex: Optional[StrictStr] = None
+    choice: Optional[list[StrictStr]] = None
+    grammar: Optional[StrictStr] = None
+    json_object: Optional[StrictBool] = None
+    disable_any_whitespace: StrictBool = False
 
 
 class ChatMessage(BaseModel):
@@ -105,6 +117,12 @@ class SamplingFields(_Lenient):
     prompt_logprobs: Optional[StrictInt] = None
     return_tokens_as_token_ids: StrictBool = False
     response_format: Optional[ResponseFormat] = None
+    # vLLM structured outputs (extra_body): the newer object, or one of the older guided_* fields
+    structured_outputs: Optional[StructuredOutputsField] = None
+    guided_json: Union[dict[str, Any], StrictStr, None] = None
+    guided_regex: Optional[StrictStr] = None
+    guided_choice: Optional[list[StrictStr]] = None
+    guided_grammar: Optional[StrictStr] = None
     user: Optional[str] = None
     request_id: Optional[str] = None
     priority: StrictInt = 0

@@ -6,7 +6,9 @@ and turn each sample's ids into text (`TextStream`) and then into reasoning / co
 a hermes `<tool_call>` block is appended to the prompt (Instruct) or, for Thinking templates, after
 the model's own `</think>` (`forced_tools`), so the model can only complete the call; the parser
 sees the prefill as output. `prompt_logprobs: k` (vLLM extra, not with stream) returns the
-rendered prompt's logprobs as a top-level `prompt_logprobs` list in vLLM's form.
+rendered prompt's logprobs as a top-level `prompt_logprobs` list in vLLM's form. response_format /
+structured_outputs / guided_* constrain the content (api/structured.py): for a Thinking prompt only
+after the model's `</think>`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from qwen3next.api.protocol import (ChatChoice, ChatCompletionChunk, ChatComplet
                                     CompletionTokensDetails, DeltaMessage, Usage, now, random_id)
 from qwen3next.api.serving_common import (SSE_DONE, ServerState, check_model, max_new_tokens,
                                           sampling_params, sse, until_disconnect)
+from qwen3next.api.structured import structured_outputs
 from qwen3next.api.text_stream import TextStream
 from qwen3next.api.validate import check_chat, template_messages
 
@@ -125,7 +128,13 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = max_new_tokens(state, len(ids), budget, param, "messages")
     top = req.top_logprobs or 0
-    params = sampling_params(state, req, max_tokens, top if req.logprobs else None, req.prompt_logprobs)
+    # a Thinking prompt: the grammar starts after the model's </think> (the content is constrained)
+    structured = structured_outputs(req, state.tokenizer.token_to_id("</think>") if thinking else None)
+    if structured is not None and call:
+        raise bad_request("response_format / structured outputs cannot be combined with a forced "
+                          "tool_choice ('required' or a named function)", "tool_choice")
+    params = sampling_params(state, req, max_tokens, top if req.logprobs else None, req.prompt_logprobs,
+                             structured)
     rid = req.request_id or random_id("chatcmpl")
     prefix = call if not thinking else ""  # what the parser must see before the model's output
     single = call.endswith('"arguments": ')  # a named function: exactly one call

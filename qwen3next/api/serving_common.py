@@ -14,7 +14,7 @@ from qwen3next.api.async_engine import AsyncEngine
 from qwen3next.api.errors import APIError, bad_request
 from qwen3next.api.metrics import Metrics
 from qwen3next.api.protocol import SamplingFields
-from qwen3next.sampling_params import SamplingParams
+from qwen3next.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 @dataclass
@@ -72,9 +72,11 @@ def max_new_tokens(state: ServerState, prompt_len: int, requested: int | None, p
 
 
 def sampling_params(state: ServerState, req: SamplingFields, max_tokens: int,
-                    logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+                    logprobs: int | None, prompt_logprobs: int | None = None,
+                    structured: StructuredOutputsParams | None = None) -> SamplingParams:
     """Request fields -> SamplingParams; fields the client left out take generation_config values."""
     kw = dict(n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens, prompt_logprobs=prompt_logprobs,
+              structured_outputs=structured,
               presence_penalty=req.presence_penalty or 0.0,
               frequency_penalty=req.frequency_penalty or 0.0,
               stop=req.stop, stop_token_ids=req.stop_token_ids, seed=req.seed,

@@ -5,7 +5,8 @@ Each prompt is one engine request with `n` samples; choice index = prompt_index 
 {tokens, token_logprobs, top_logprobs, text_offset} layout; with `echo` it starts with the prompt's
 tokens (the first one's logprob null), and `max_tokens: 0` + `echo` returns the prompt alone
 (lm-evaluation-harness's loglikelihood requests). `prompt_logprobs: k` (vLLM extra) adds each
-choice's `prompt_logprobs` in vLLM's form. The echoed prompt travels with the first engine output,
+choice's `prompt_logprobs` in vLLM's form. response_format / structured_outputs / guided_* constrain
+the text from its first token (api/structured.py). The echoed prompt travels with the first engine output,
 which carries the prompt logprobs.
 """
 
@@ -20,6 +21,7 @@ from qwen3next.api.protocol import (CompletionChoice, CompletionLogprobs, Comple
                                     CompletionResponse, Usage, random_id)
 from qwen3next.api.serving_common import (SSE_DONE, ServerState, check_model, max_new_tokens,
                                           sampling_params, sse, until_disconnect)
+from qwen3next.api.structured import structured_outputs
 from qwen3next.api.text_stream import TextStream
 from qwen3next.api.validate import check_completion, prompt_list
 
@@ -120,6 +122,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw_requ
     model = check_model(state, req.model)
     tok = state.tokenizer
     rid = req.request_id or random_id("cmpl")
+    structured = structured_outputs(req)  # (raw prompts: constrained from the first token)
     jobs = []
     for p, prompt in enumerate(prompt_list(req)):
         ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -132,7 +135,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw_requ
         plp = req.prompt_logprobs
         if plp is None and req.echo and req.logprobs is not None:
             plp = req.logprobs
-        params = sampling_params(state, req, max_tokens, req.logprobs, plp)
+        params = sampling_params(state, req, max_tokens, req.logprobs, plp, structured)
         echo = (prompt if isinstance(prompt, str) else tok.decode(ids)) if req.echo else ""
         samples = [_Sample(state, req, p * req.n + i, len(ids) if i == 0 else 0, echo, ids)
                    for i in range(req.n)]

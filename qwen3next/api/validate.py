@@ -91,9 +91,6 @@ def check_sampling(req: SamplingFields, vocab_size: int) -> None:
     _check_range(req.prompt_logprobs, "prompt_logprobs", 0, MAX_LOGPROBS)
     if req.prompt_logprobs is not None and req.stream:  # vLLM's rule
         raise bad_request("prompt_logprobs are not available when stream is true", "prompt_logprobs")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise bad_request(f"response_format {req.response_format.type!r} is not supported "
-                          "(no guided decoding in this engine)", "response_format")
 
 
 def check_chat(req: ChatCompletionRequest, vocab_size: int) -> None:

@@ -1,0 +1,200 @@
+"""Structured outputs in the engine (grammar masks from llguidance) on the tiny random model with its
+tiny byte-level tokenizer: whatever garbage the weights prefer, the output parses and matches the
+schema / regex / choice; the grammar starts after `start_after_token_id`; unconstrained rows in the
+same batch sample exactly as alone; speculative engines refuse; the request parsing of the server
+(response_format, structured_outputs, guided_*) and its 400s."""
+
+import json
+import re
+
+import pytest
+
+pytest.importorskip("llguidance")
+jsonschema = pytest.importorskip("jsonschema")
+
+from qwen3next.sampling_params import SamplingParams  # noqa: E402
+from qwen3next.sampling_params import StructuredOutputsParams as S  # noqa: E402
+
+# finite on purpose: a random model fills unbounded strings until max_tokens
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["color", "n", "ok", "tag", "xs"],
+          "properties": {"color": {"enum": ["red", "green", "blue"]},
+                         "n": {"type": "integer", "minimum": 0, "maximum": 99},
+                         "ok": {"type": "boolean"},
+                         "tag": {"type": "string", "maxLength": 6},
+                         "xs": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
+                                "maxItems": 3}}}
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_ckpt):
+    from qwen3next.llm import LLM
+
+    return LLM(tiny_ckpt, max_model_len=512, max_num_seqs=8)
+
+
+def gen(llm, prompts, **kw):
+    return [c for o in llm.generate(prompts, SamplingParams(**kw)) for c in o.outputs]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_json_schema_output_validates(llm, temperature):
+    outs = gen(llm, ["Hello", "The weather in Paris"], temperature=temperature, seed=7, n=2, max_tokens=300,
+               structured_outputs=S(json=SCHEMA))
+    for c in outs:
+        assert c.finish_reason == "stop", c.text
+        jsonschema.validate(json.loads(c.text), SCHEMA)
+    # without the grammar the same model writes no JSON at all (the test can fail)
+    (free,) = gen(llm, ["Hello"], temperature=0.0, max_tokens=40)
+    with pytest.raises(ValueError):
+        json.loads(free.text)
+
+
+def test_choice_regex_json_object_and_compact_json(llm):
+    outs = gen(llm, ["Hi"], temperature=1.0, n=6, seed=3, max_tokens=20,
+               structured_outputs=S(choice=["yes", "no", "maybe not"]))
+    assert {c.text for c in outs} <= {"yes", "no", "maybe not"} and len({c.text for c in outs}) > 1
+    outs = gen(llm, ["Hi"], temperature=1.0, n=3, seed=4, max_tokens=40,
+               structured_outputs=S(regex=r"[a-z]{2,6}@example\.(com|org)"))
+    for c in outs:
+        assert re.fullmatch(r"[a-z]{2,6}@example\.(com|org)", c.text) and c.finish_reason == "stop"
+    # any JSON object: the tiny tokenizer has single-byte "{" "}" tokens; bias the closing one
+    tok = llm.tokenizer
+    close = tok.encode("}")
+    assert len(close) == 1
+    (c,) = gen(llm, ["Hi"], temperature=0.0, max_tokens=60, logit_bias={close[0]: 30.0},
+               structured_outputs=S(json_object=True))
+    assert isinstance(json.loads(c.text), dict)
+    (c,) = gen(llm, ["Hi"], temperature=0.0, max_tokens=300,
+               structured_outputs=S(json=SCHEMA, disable_any_whitespace=True))
+    assert not re.search(r"\s", re.sub(r'"(\\.|[^"\\])*"', "", c.text))  # none outside strings
+    jsonschema.validate(json.loads(c.text), SCHEMA)
+
+
+def test_grammar_starts_after_token_and_logprobs_stay_raw(llm):
+    """start_after_token_id: free text until that token (a Thinking model's </think>), then the
+    grammar. logit_bias makes the random model emit the token first; afterwards it is masked."""
+    tok = llm.tokenizer
+    end = tok.token_to_id("</think>")
+    (c,) = gen(llm, ["Hi"], temperature=0.0, max_tokens=300, logit_bias={end: 100.0}, logprobs=1,
+               structured_outputs=S(json=SCHEMA, start_after_token_id=end))
+    assert c.token_ids[0] == end and end not in c.token_ids[1:]
+    body = tok.decode(c.token_ids[1:])
+    jsonschema.validate(json.loads(body), SCHEMA)
+    # the chosen tokens' logprobs are the model's own (raw): the forced "{" was not its first choice
+    assert any(lp[t].rank > 1 for t, lp in zip(c.token_ids[1:], c.logprobs[1:]))
+
+
+def run(eng, requests: dict) -> dict:
+    """Run {request id: (prompt ids, SamplingParams)} on the engine together -> {id: sample 0's ids}."""
+    for rid, (ids, params) in requests.items():
+        eng.add_request(rid, ids, params)
+    got = {rid: [] for rid in requests}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            got[out.request_id] += out.outputs[0].token_ids
+    return got
+
+
+def test_unconstrained_rows_unchanged_in_a_mixed_batch(llm):
+    eng, tok = llm.llm_engine, llm.tokenizer
+    free = (tok.encode("Tell me"), SamplingParams(temperature=1.0, seed=11, max_tokens=24))
+    alone = run(eng, {"free": free})["free"]
+    got = run(eng, {"free": free, "json": (tok.encode("Hello"), SamplingParams(
+        temperature=1.0, seed=5, max_tokens=300, structured_outputs=S(json=SCHEMA)))})
+    assert got["free"] == alone
+    jsonschema.validate(json.loads(llm.tokenizer.decode(got["json"])), SCHEMA)
+    assert not eng.structured.rows  # matchers freed with their sequences
+
+
+def test_abort_frees_matchers_and_bad_grammars_are_value_errors(llm):
+    eng = llm.llm_engine
+    ids = llm.tokenizer.encode("Hi")
+    eng.add_request("a", ids, SamplingParams(n=3, max_tokens=50, structured_outputs=S(regex="[a-z]+")))
+    assert len(eng.structured.rows) == 3
+    eng.step()
+    eng.abort_request("a")
+    assert not eng.structured.rows
+    while eng.has_unfinished_requests():
+        eng.step()
+    for bad in (S(regex="[a-"), S(json={"type": "strin"}), S(grammar="start: nothing_defined"),
+                S(json="{not json")):
+        with pytest.raises(ValueError, match="invalid"):
+            eng.add_request("b", ids, SamplingParams(structured_outputs=bad))
+    assert "b" not in eng.requests and not eng.structured.rows
+    with pytest.raises(ValueError, match="exactly one"):
+        S(regex="a", choice=["a"])
+
+
+def test_speculative_engine_refuses(tiny_ckpt):
+    from qwen3next.engine import EngineArgs, LLMEngine
+
+    eng = LLMEngine.from_args(EngineArgs(model=tiny_ckpt, max_model_len=128, max_num_seqs=2,
+                                         speculative_config={"method": "qwen3_next_mtp", "num_speculative_tokens": 1}))
+    with pytest.raises(ValueError, match="speculative decoding"):
+        eng.add_request("x", [1, 2, 3], SamplingParams(structured_outputs=S(choice=["a"])))
+
+
+def test_without_llguidance_a_clear_error(monkeypatch):
+    import builtins
+
+    from qwen3next.engine import structured_output
+
+    real = builtins.__import__
+
+    def no_llg(name, *a, **kw):
+        if name == "llguidance":
+            raise ImportError(name)
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_llg)
+    with pytest.raises(ValueError, match="llguidance package"):
+        structured_output.grammar_of(S(json_object=True))
+    assert not structured_output.available()
+
+
+# ---- the server's request parsing (no engine) ----
+
+def _parse(**kw):
+    from qwen3next.api.protocol import ChatCompletionRequest
+    from qwen3next.api.structured import structured_outputs
+    from qwen3next.api.validate import parse_body
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw}
+    return structured_outputs(parse_body(json.dumps(body).encode(), ChatCompletionRequest), 99)
+
+
+def test_request_fields_map_to_params():
+    assert _parse() is None and _parse(response_format={"type": "text"}) is None
+    so = _parse(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA,
+                                                                         "strict": True}})
+    assert so.json == SCHEMA and so.start_after_token_id == 99
+    assert _parse(response_format={"type": "json_object"}).json_object
+    assert _parse(response_format={"type": "json_schema", "json_schema": {"name": "x"}}).json_object
+    assert _parse(guided_json=json.dumps(SCHEMA)).json == json.dumps(SCHEMA)
+    assert _parse(guided_regex="a+").regex == "a+"
+    assert _parse(guided_choice=["a", "b"]).choice == ["a", "b"]
+    assert _parse(guided_grammar='start: "a" | "b"').grammar
+    so = _parse(structured_outputs={"json": SCHEMA, "disable_any_whitespace": True})
+    assert so.json == SCHEMA and so.disable_any_whitespace
+
+
+@pytest.mark.parametrize("kw,param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": [1]}}}, "response_format.json_schema.schema"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"guided_regex": "[a-"}, "guided_regex"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_json": "{oops"}, "guided_json"),
+    ({"guided_grammar": "start: undefined_rule"}, "guided_grammar"),
+    ({"structured_outputs": {"regex": "(("}}, "structured_outputs.regex"),
+    ({"structured_outputs": {}}, "structured_outputs"),
+    ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex"),
+])
+def test_bad_requests_are_400_naming_the_field(kw, param):
+    from qwen3next.api.errors import APIError
+
+    with pytest.raises(APIError) as e:
+        _parse(**kw)
+    assert e.value.status == 400 and e.value.param == param, e.value.message
