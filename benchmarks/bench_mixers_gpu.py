@@ -190,7 +190,7 @@ def gdn_rows():
     cases += [(f"gdn_verify_{B}_{q}", B, q, CTX, True, True) for B, q in B_list]
     cases += [(f"gdn_decode_{B}", B, 1, CTX, False, True) for B in ([1, 64] if not SMOKE else [2])]
     for name, B, q, ctx, per_token, graph in cases:
-        c = cache(False, B * (q + 1) + 1, 1)
+        c = cache(False, B * (q + 1) + 1 if per_token else B + 1, 1)
         fb, _ = batch(B, q, ctx, c, per_token)
         x = torch.randn(B * q, H, dtype=DT, device=DEV)
         keep = (c.conv[0].clone(), c.recurrent[0].clone())
