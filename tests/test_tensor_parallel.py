@@ -131,13 +131,13 @@ def test_read_shard_dequantises_fp8_ranges_off_block_edges(tmp_path):
     from safetensors.torch import save_file
 
     from qwen3next.distributed.sharding import Shard, read_shard
-    from qwen3next.loader import _dequant_fp8
+    from qwen3next.kernels.fp8 import dequantize
 
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(12, 10, generator=g) * 50).to(torch.float8_e4m3fn)
     s = torch.rand(3, 3, generator=g) + 0.5  # blocks of 4 x 4
     save_file({"w": w, "w_scale_inv": s}, str(tmp_path / "m.safetensors"))
-    full = _dequant_fp8(w, s, (4, 4))
+    full = dequantize(w, s, (4, 4))
     with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
         rows = read_shard(f.get_slice, "w", Shard(0, ((1, 3), (6, 11))), "w_scale_inv", (4, 4))
         cols = read_shard(f.get_slice, "w", Shard(1, ((5, 9),)), "w_scale_inv", (4, 4))
