@@ -6,9 +6,10 @@ ModelRunner step: sequences that carry drafts run [last token, d_1..d_k] through
 forward (DeltaNet states after every position kept in scratch state slots via
 `per_token_state_slots`), the drafts are verified (argmax match for greedy rows, rejection
 sampling otherwise), and a sequence that rejected some keeps the conv/recurrent state of its last
-accepted position; KV written for rejected positions is simply never counted. Prompts and
-draft-less decodes run as a plain forward. `SpecDecoder.propose` then brings the MTP cache up to
-date and drafts the next tokens (mtp_proposer.py).
+accepted position; KV written for rejected positions is simply never counted. Prompt chunks run in
+the same forward on CPU (one forward's fixed cost is per-op overhead there), apart on CUDA.
+`SpecDecoder.propose` then brings the MTP cache up to date and drafts the next tokens
+(mtp_proposer.py).
 """
 
 from __future__ import annotations
@@ -149,10 +150,13 @@ class SpecDecoder:
         for i, (seq, n) in enumerate(zip(sched.seqs, sched.num_new_tokens)):
             decode = seq.num_tokens - seq.num_computed_tokens == 1 and not seq.children
             (verify if decode else plain).append(i)
-        if plain:
-            self._plain(sched, plain, out)
-        if verify:
-            self._verify(sched, verify, out)
+        # CPU: prompt chunks and verify rows in one forward (a forward's fixed cost is per-op
+        # overhead); CUDA: apart (the verify has its own kernels and graphs)
+        if plain and verify and self.device.type != "cpu":
+            self._forward(sched, plain, [], out)
+            self._forward(sched, [], verify, out)
+        else:
+            self._forward(sched, plain, verify, out)
         return out
 
     def propose(self, sched: SchedulerOutput, out: SpecStepOutput, sampled: set[int]) -> None:
@@ -183,11 +187,13 @@ class SpecDecoder:
         if entries:
             self.proposer.run(entries, hidden[0] if len(hidden) == 1 else torch.cat(hidden))
 
-    def _plain(self, sched: SchedulerOutput, idx: list[int], out: SpecStepOutput) -> None:
-        """Prompt chunks and draft-less rows: one forward, sample where a prompt completes."""
+    def _forward(self, sched: SchedulerOutput, plain: list[int], verify: list[int], out: SpecStepOutput) -> None:
+        """One trunk forward: prompt chunks and draft-less rows (`plain`: sampled where a prompt
+        completes), then decode rows with drafts (`verify`: [x, d_1..d_m] each, verified, DeltaNet
+        states rolled back to the last accepted position)."""
         runs, rows, row_pos = [], [], []
         end = 0
-        for i in idx:
+        for i in plain:
             seq, n = sched.seqs[i], sched.num_new_tokens[i]
             c = seq.num_computed_tokens
             runs.append((seq, c, seq.token_ids[c:c + n]))
@@ -196,41 +202,48 @@ class SpecDecoder:
                 for s in [seq, *seq.children]:
                     rows.append(s)
                     row_pos.append(end - 1)
-        ids, pos, batch = pack(self.cache, self.device, runs)
-        hidden = self.model(ids, pos, batch)  # [T, H]
-        cu = batch.cu_seqlens.tolist()
-        for r, i in enumerate(idx):
-            out.computed[i] = sched.num_new_tokens[i]
-            out.hidden[i] = hidden[cu[r]:cu[r + 1]]
-        if not rows:
-            return
-        logits = self.model.compute_logits(hidden[torch.tensor(row_pos, device=self.device)])
-        s = self.sampler(logits, rows)
-        out.rows += rows
-        out.tokens += [[t] for t in s.token_ids]
-        out.logprobs += [None if lp is None else [lp] for lp in s.logprobs]
-        out.chosen_logprobs += [None if c is None else [c] for c in s.chosen_logprobs]
-
-    def _verify(self, sched: SchedulerOutput, idx: list[int], out: SpecStepOutput) -> None:
-        """Decode rows with drafts: one trunk forward over [x, d_1..d_m] per row, then verification
-        and state rollback to the last accepted position."""
-        seqs = [sched.seqs[i] for i in idx]
-        drafts = [s.spec_token_ids[:sched.num_new_tokens[i] - 1] for s, i in zip(seqs, idx)]
-        runs = [(s, s.num_computed_tokens, [s.token_ids[-1]] + d) for s, d in zip(seqs, drafts)]
-        B, K = len(seqs), max(len(d) for d in drafts)
+        seqs = [sched.seqs[i] for i in verify]
+        drafts = [s.spec_token_ids[:sched.num_new_tokens[i] - 1] for s, i in zip(seqs, verify)]
+        runs += [(s, s.num_computed_tokens, [s.token_ids[-1]] + d) for s, d in zip(seqs, drafts)]
+        K = max((len(d) for d in drafts), default=0)
         pts = None
         if K:
-            # the state after draft position j of row r goes to a scratch slot; after the last one
-            # it is the row's own slot (written anyway)
-            pts = [self.scratch_base + r * self.k + j if j < len(d) else -1
-                   for r, d in enumerate(drafts) for j in range(len(d) + 1)]
+            # the state after draft position j of verify row r goes to a scratch slot; after the
+            # last one it is the row's own slot (written anyway); prompt tokens keep none
+            pts = [-1] * end + [self.scratch_base + r * self.k + j if j < len(d) else -1
+                                for r, d in enumerate(drafts) for j in range(len(d) + 1)]
         ids, pos, batch = pack(self.cache, self.device, runs, pts)
-        if self.verify_graphs is not None and self.verify_graphs.can_run(batch):
+        if not plain and self.verify_graphs is not None and self.verify_graphs.can_run(batch):
             # views of the graph's outputs: used up within this step, before the next replay
             hidden, logits = self.verify_graphs.run(ids, pos, batch)
         else:
             hidden = self.model(ids, pos, batch)  # [T, H]
-            logits = self.model.compute_logits(hidden)  # [T, V]
+            # logits where a token is chosen: completed prompts' last positions, every verify position
+            T = hidden.shape[0]
+            pick = row_pos + list(range(end, T)) if verify else row_pos
+            if pick == list(range(T)):
+                logits = self.model.compute_logits(hidden)  # [T, V]
+            elif pick:
+                logits = self.model.compute_logits(hidden[torch.tensor(pick, device=self.device)])
+        o = 0
+        for i in plain:
+            n = sched.num_new_tokens[i]
+            out.computed[i] = n
+            out.hidden[i] = hidden[o:o + n]
+            o += n
+        if rows:
+            smp = self.sampler(logits[:len(rows)], rows)
+            out.rows += rows
+            out.tokens += [[t] for t in smp.token_ids]
+            out.logprobs += [None if lp is None else [lp] for lp in smp.logprobs]
+            out.chosen_logprobs += [None if c is None else [c] for c in smp.chosen_logprobs]
+        if verify:
+            self._verify(verify, seqs, drafts, K, hidden[end:], logits[len(rows):], out)
+
+    def _verify(self, idx: list[int], seqs: list[Sequence], drafts: list[list[int]], K: int, hidden: torch.Tensor,
+                logits: torch.Tensor, out: SpecStepOutput) -> None:
+        """Verification of the decode rows' drafts (hidden, logits: their [T, *] part of the step)."""
+        B = len(seqs)
         cu = [0]
         for d in drafts:
             cu.append(cu[-1] + len(d) + 1)

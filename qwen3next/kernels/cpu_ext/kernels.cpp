@@ -349,7 +349,9 @@ torch::Tensor gdn_varlen(torch::Tensor m, torch::Tensor a, torch::Tensor b, torc
       float* st = cs + slot * C * K1;  // [C, K-1]
       for (int64_t j = 0; j < K1; ++j)
         for (int64_t cb = 0; cb < CB; ++cb) win[j][cb] = (cb < nc && (!init || init[s])) ? st[(c0 + cb) * K1 + j] : 0.0f;
-      if (K1 == 3 && nc == CB && !pts) {  // the model's K = 4 on a whole block: windows in registers
+      // a run with no per-token state to save (a prompt chunk beside verify rows) takes the fast path
+      const bool save = pts && std::any_of(pts + t0, pts + t0 + n, [](int64_t v) { return v >= 0; });
+      if (K1 == 3 && nc == CB && !save) {  // the model's K = 4 on a whole block: windows in registers
         conv4_block(win, &wt[c0], C, mp + t0 * ms + c0, ms, yp + t0 * C + c0, C, n);
         for (int64_t cb = 0; cb < nc; ++cb)
           for (int64_t j = 0; j < K1; ++j) st[(c0 + cb) * K1 + j] = win[j][cb];
