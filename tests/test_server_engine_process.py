@@ -140,6 +140,9 @@ def test_spec_decode_stats_cross_the_process_and_engine_death(tiny_ckpt):
             assert f"{line} {float(spec['accepted_per_pos'][pos])}" in text
         assert spec["num_verifies"] > 0 and sum(spec["accepted_per_pos"]) == spec["num_accepted_tokens"]
         assert f'qwen3next:spec_decode_num_drafts_total{{model_name="tiny"}} {float(spec["num_verifies"])}' in text
+        # structured outputs are refused with speculative decoding: a 400 from the engine process
+        r = s.chat(max_tokens=5, response_format={"type": "json_object"})
+        assert r.status_code == 400 and "speculative" in r.json()["error"]["message"]
 
         # the engine process dies mid-stream: the stream ends with an error event, no hang
         events = []
@@ -240,10 +243,21 @@ def test_same_answers_as_the_engine_thread(tiny_ckpt):
         a, b = both("/v1/chat/completions", {"messages": USER, "max_tokens": 20, "tools": tools,
                                              "tool_choice": "required"})
         assert a == b
+        # structured outputs: the engine process builds its own grammar matchers (after </think>)
+        end = proc.state.tokenizer.token_to_id("</think>")
+        a, b = both("/v1/chat/completions", {"messages": USER, "max_tokens": 200, "n": 2, "temperature": 1.0,
+                                             "logit_bias": {str(end): 100}, "guided_json": _SCHEMA})
+        assert a == b
+        for choice in a["choices"]:
+            assert json.loads(choice["message"]["content"])["n"] in range(10)
         assert thread.wait_idle() and proc.wait_idle()
     finally:
         thread.close()
         proc.close()
+
+
+_SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+           "required": ["n"], "additionalProperties": False}
 
 
 def _rounded(x):
