@@ -70,6 +70,20 @@ def test_choice_regex_json_object_and_compact_json(llm):
     jsonschema.validate(json.loads(c.text), SCHEMA)
 
 
+def test_objects_get_no_extra_keys_unless_the_schema_allows_them(llm):
+    """vLLM's xgrammar default: properties without additionalProperties mean no other keys."""
+    schema = {"type": "object", "required": ["n"], "properties": {
+        "n": {"enum": [1, 2]}, "inner": {"type": "object", "properties": {"b": {"type": "boolean"}}}}}
+    outs = gen(llm, ["Hi"], temperature=1.0, n=4, seed=9, max_tokens=200, structured_outputs=S(json=schema))
+    for c in outs:
+        obj = json.loads(c.text)
+        assert set(obj) <= {"n", "inner"} and set(obj.get("inner", {})) <= {"b"}, c.text
+    from qwen3next.engine.structured_output import no_extra_properties
+
+    assert no_extra_properties({"properties": {}, "additionalProperties": True}) == {
+        "properties": {}, "additionalProperties": True}
+
+
 def test_grammar_starts_after_token_and_logprobs_stay_raw(llm):
     """start_after_token_id: free text until that token (a Thinking model's </think>), then the
     grammar. logit_bias makes the random model emit the token first; afterwards it is masked."""

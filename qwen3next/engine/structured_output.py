@@ -63,7 +63,7 @@ def grammar_of(so: StructuredOutputsParams) -> str:
                 schema = json.loads(schema)
             if not isinstance(schema, dict):
                 raise ValueError("a JSON schema must be an object")
-            grammar = M.grammar_from_json_schema(schema, defaults=ws)
+            grammar = M.grammar_from_json_schema(no_extra_properties(schema), defaults=ws)
         elif kind == "regex":
             grammar = M.grammar_from_regex(so.regex)
         elif kind == "choice":
@@ -77,6 +77,20 @@ def grammar_of(so: StructuredOutputsParams) -> str:
     if err:
         raise ValueError(f"invalid {kind}: {_first_line(err)}")
     return grammar
+
+
+def no_extra_properties(schema):
+    """A copy of the schema in which every object with properties but no additionalProperties
+    gets additionalProperties false: vLLM's default backend (xgrammar, strict mode) reads schemas
+    this way, and with extra keys allowed a model can wander off into free-text key names."""
+    if isinstance(schema, list):
+        return [no_extra_properties(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: no_extra_properties(v) for k, v in schema.items()}
+    if ("properties" in out or "patternProperties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def _first_line(msg) -> str:
