@@ -120,6 +120,27 @@ def test_unconstrained_rows_unchanged_in_a_mixed_batch(llm):
     assert not eng.structured.rows  # matchers freed with their sequences
 
 
+def test_preemption_keeps_the_matchers(llm, tiny_ckpt):
+    """A cache too small for all four: sequences are preempted and recomputed; their matchers
+    (kept per sequence, not in the cache) carry on, so the outputs equal an unpressed run's."""
+    from qwen3next.engine import EngineArgs, LLMEngine
+    from tests.test_engine import kv_budget
+
+    model, tok = llm.llm_engine.model, llm.tokenizer
+    reqs = {str(i): (tok.encode(p), SamplingParams(temperature=1.0, seed=i, max_tokens=200,
+                                                   structured_outputs=S(json=SCHEMA)))
+            for i, p in enumerate(["Hello", "Hi there", "The weather", "Tell me"])}
+    ref = run(llm.llm_engine, reqs)
+    eng = LLMEngine(model, EngineArgs(max_model_len=512, max_num_seqs=4, max_num_batched_tokens=64, block_size=8,
+                                      kv_cache_memory_bytes=kv_budget(model, 8, 4, 30)),
+                    eos_token_ids=llm.llm_engine.eos_token_ids)
+    eng.structured.tokenizer_dir = tiny_ckpt
+    got = run(eng, reqs)
+    assert eng.scheduler.num_preemptions > 0 and got == ref
+    for ids in got.values():
+        jsonschema.validate(json.loads(tok.decode(ids)), SCHEMA)
+
+
 def test_abort_frees_matchers_and_bad_grammars_are_value_errors(llm):
     eng = llm.llm_engine
     ids = llm.tokenizer.encode("Hi")
