@@ -66,6 +66,19 @@ class Qwen3NextMTP(nn.Module):
         return out
 
 
+    def draft_greedy(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                     batch: ForwardBatch, rows: list[int], draft_positions: list[list[int]],
+                     draft_slots: list[list[int]]) -> list[list[int]] | None:
+        """Catch-up (forward with `rows`, one per drafting sequence) and greedy drafts 1..S in one
+        C++ call, each draft the argmax of trunk.compute_logits of the head's output (draft j >= 2
+        from (draft j-1, that output) at draft_positions[r][j-2], KV at cache slot draft_slots[r][j-2];
+        a slot < 0 stops the row) -> drafts per row (S or fewer), or None where the one-call path
+        does not apply (the caller then drafts step by step)."""
+        if not rows or not self._one_call.applies(hidden, batch, rows) or not self._one_call.lm_head_ok():
+            return None
+        return self._one_call.draft_greedy(next_ids, hidden, positions, batch, rows, draft_positions, draft_slots)
+
+
 class OneCallMTP:
     """The head's forward as one C++ call (cpu_ext.mtp_forward; Qwen3NextMTP's torch path is the
     reference) for cached steps of at most 8 tokens on the CPU kernels: a draft step or catch-up
@@ -120,6 +133,11 @@ class OneCallMTP:
             return False
         return all(batch.cache.kv[i].dtype is torch.float32 and batch.cache.kv[i].is_contiguous() for i in self._kv)
 
+    def lm_head_ok(self) -> bool:
+        """Greedy drafting reads the trunk's lm_head as compute_logits' C++ path does."""
+        head = self.mtp._trunk[0].lm_head
+        return type(head) is nn.Linear and head.weight.dtype is torch.float32 and head.weight.is_contiguous()
+
     def _build(self) -> list[torch.Tensor]:
         """cpu_ext.mtp_forward's weight list (layout in kernels.cpp), detached and contiguous."""
         mtp = self.mtp
@@ -146,3 +164,20 @@ class OneCallMTP:
         return cpu_ext.mtp_forward(next_ids, hidden, positions, rot._inv_freq, rot.attention_factor, cos, sin, kv,
                                    batch.block_tables, batch.cu_seqlens, batch.context_lens_tensor,
                                    batch.slot_mapping, rows, w, *self._args)
+
+    def draft_greedy(self, next_ids, hidden, positions, batch, rows, draft_positions, draft_slots):
+        w = self._weights.get(*[params[name] for params, name in self._sources])
+        trunk = self.mtp._trunk[0]
+        rot = trunk.rotary
+        cos, sin = rot(positions, hidden.dtype) if hidden.shape[0] > self.MAX_TOKENS else (None, None)
+        kv = [batch.cache.kv[i] for i in self._kv]
+        head = trunk.lm_head.weight
+        n = trunk.sampled_vocab_size or head.shape[0]
+        S = 1 + (len(draft_positions[0]) if draft_positions else 0)
+        shape = (len(rows), S - 1)
+        dp = torch.tensor(draft_positions, dtype=torch.long).view(shape)
+        ds = torch.tensor(draft_slots, dtype=torch.long).view(shape)
+        d = cpu_ext.mtp_draft_greedy(next_ids, hidden, positions, rot._inv_freq, rot.attention_factor, cos, sin, kv,
+                                     batch.block_tables, batch.cu_seqlens, batch.context_lens_tensor,
+                                     batch.slot_mapping, rows, w, *self._args, head.detach(), n, dp, ds)
+        return [[t for t in r if t >= 0] for r in d.tolist()]

@@ -386,6 +386,32 @@ def test_deferred_mtp_catch_up_drafts_as_if_never_deferred(model, prompts, refer
         torch.testing.assert_close(seen[1][key], seen[0][key], atol=1e-4, rtol=1e-4)
 
 
+def test_greedy_drafts_in_one_call_equal_step_by_step(model, prompts, monkeypatch):
+    """Greedy drafting as one C++ call (catch-up + k draft steps) proposes exactly the drafts of the
+    step-by-step loop, step for step, including rows whose k is cut near max_tokens."""
+    from qwen3next.kernels import cpu_ext
+
+    if cpu_ext.get() is None:
+        pytest.skip("the C++ CPU kernels are not available")
+    calls = []
+    real = cpu_ext.mtp_draft_greedy
+    monkeypatch.setattr(cpu_ext, "mtp_draft_greedy", lambda *a: (calls.append(1), real(*a))[1])
+    engs = [make_engine(model, 3, max_num_seqs=4) for _ in range(2)]
+    engs[1].spec.proposer._greedy_in_one_call = lambda *a: False
+    for eng in engs:
+        for i, m in enumerate((4, 7, MAX_NEW, MAX_NEW, 9)):
+            eng.add_request(str(i), prompts[i], SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
+    steps = 0
+    while engs[0].has_unfinished_requests():
+        outs = [[(o.request_id, o.outputs[0].token_ids) for o in e.step()] for e in engs]
+        assert outs[0] == outs[1]
+        drafts = [{s.request.request_id: s.spec_token_ids for s in e.scheduler.running} for e in engs]
+        assert drafts[0] == drafts[1]
+        steps += 1
+    assert not engs[1].has_unfinished_requests() and steps > 5 and len(calls) >= steps - 2
+    assert engs[0].spec.stats.as_dict() == engs[1].spec.stats.as_dict()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_verify_cuda_graphs_generate_the_eager_tokens(tiny_ckpt, prompts, monkeypatch):

@@ -48,8 +48,6 @@ class MTPProposer:
         the trunk's outputs at those positions, in order. Each seq's tokens c+1..c+n are known."""
         if not entries:
             return
-        runs = [(s, c, s.token_ids[c + 1:c + 1 + n]) for s, c, n, _ in entries]
-        ids, pos, batch = pack(self.cache, self.device, runs)
         want = [i for i, e in enumerate(entries) if e[3]]
         ends, end = [], -1  # flat index of each entry's last position
         for e in entries:
@@ -66,8 +64,13 @@ class MTPProposer:
             ks.append(k)
             s.spec_token_ids, s.spec_draft_probs = [], None
         live = [i for i, k in enumerate(ks) if k > 0]
+        # (after grow: the block tables gathered here also cover the draft steps' positions)
+        runs = [(s, c, s.token_ids[c + 1:c + 1 + n]) for s, c, n, _ in entries]
+        ids, pos, batch = pack(self.cache, self.device, runs)
         # the catch-up's output is needed only at the last position of each sequence that drafts
         rows = [ends[want[i]] for i in live]
+        if self._greedy_in_one_call(ids, hidden, pos, batch, rows, [seqs[i] for i in live], [ks[i] for i in live]):
+            return
         y = self._mtp(ids, hidden, pos, batch, None if len(rows) == len(hidden) else rows)  # [L, H]
         probs: dict[int, list[torch.Tensor]] = {}
         for j in range(1, self.k + 1):
@@ -90,6 +93,27 @@ class MTPProposer:
         for i, ps in probs.items():
             seqs[i].spec_draft_probs = torch.stack(ps)  # [k, V]
 
+    def _greedy_in_one_call(self, ids, hidden, pos, batch, rows, seqs: list[Sequence], ks: list[int]) -> bool:
+        """Plain greedy drafts by this class's own rule: the catch-up and all k draft steps as one
+        C++ call (Qwen3NextMTP.draft_greedy), the same drafts as step by step. False: not taken."""
+        if (not rows or not self._rows_ok or getattr(self._sample, "__func__", None) is not _OWN_SAMPLE
+                or not all(s.request.plain_greedy for s in seqs)):
+            return False
+        bs = self.cache.block_size
+        # draft j >= 2 of a sequence sits at position num_computed + j - 2 (as the step-by-step loop)
+        dpos, dslot = [], []
+        for s, k in zip(seqs, ks):
+            c = s.num_computed_tokens
+            ps = [c + j - 2 for j in range(2, self.k + 1)]
+            dpos.append(ps)
+            dslot.append([s.block_ids[p // bs] * bs + p % bs if j < k else -1 for j, p in enumerate(ps, 1)])
+        drafts = self.model.mtp.draft_greedy(ids, hidden, pos, batch, rows, dpos, dslot)
+        if drafts is None:
+            return False
+        for s, d in zip(seqs, drafts):
+            s.spec_token_ids = d
+        return True
+
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list]:
         """One draft per row, as if the row's earlier drafts were already in the sequence."""
         if all(s.request.plain_greedy for s in seqs):
@@ -106,3 +130,6 @@ class MTPProposer:
             for r, i in enumerate(rand):
                 probs[i] = p[r]
         return toks.tolist(), probs
+
+
+_OWN_SAMPLE = MTPProposer._sample  # (a replaced `_sample`, e.g. a test's drafter, turns the one-call path off)

@@ -228,3 +228,17 @@ def mtp_forward(ids, hidden, positions, inv_freq, attention_factor, cos, sin, kv
                                 cos, sin, kv_caches, _long(block_tables), _long(cu_seqlens), _long(context_lens),
                                 _long(slot_mapping), None if rows is None else _long(rows), weights, num_heads, top_k,
                                 bool(norm_topk_prob), float(eps), float(scale))
+
+
+def mtp_draft_greedy(ids, hidden, positions, inv_freq, attention_factor, cos, sin, kv_caches, block_tables,
+                     cu_seqlens, context_lens, slot_mapping, rows, weights, num_heads: int, top_k: int,
+                     norm_topk_prob: bool, eps: float, scale: float, lm_head, n_vocab: int, draft_positions,
+                     draft_slots):
+    """mtp_forward's catch-up (rows: one per drafting sequence) and then greedy drafts in one call:
+    draft_positions / draft_slots [R, S-1] place drafts 2..S (slot < 0: the row stops) -> drafts
+    [R, S] long (-1 where a row stopped); each the first argmax of lm_head logits over n_vocab ids."""
+    return _build().mtp_draft_greedy(_long(ids), hidden.contiguous(), _long(positions), inv_freq,
+                                     float(attention_factor), cos, sin, kv_caches, _long(block_tables),
+                                     _long(cu_seqlens), _long(context_lens), _long(slot_mapping), _long(rows), weights,
+                                     num_heads, top_k, bool(norm_topk_prob), float(eps), float(scale), lm_head,
+                                     int(n_vocab), _long(draft_positions), _long(draft_slots))

@@ -769,34 +769,64 @@ inline void zc_norm_rows(const float* x, const float* res, float* sum, const flo
   }
 }
 
-// x [M, K] (rows contiguous) @ w[N, K]^T: the few-row kernel up to 8 rows, torch's GEMM above.
+// x [M, K] (rows contiguous) @ w[N, K]^T: the few-row kernel up to 8 rows, torch's GEMM above
+// (ops.linear's choice, so logits here have compute_logits' bits).
 torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w) {
   if (x.size(0) <= 8) return ::linear(x, w);
   return at::mm(x, w.t());
 }
 
-// Qwen3NextMTP.forward (mtp.py; its torch path is the reference) with a cache, in one call:
-// z = fc([norm(embed(ids)) ; norm(hidden)]), then per layer gated attention over the paged cache
-// (KV written at slot_mapping) and the sparse MoE with its shared expert, then the final norm.
-// Only the rows in `rows` (flat indices, any order; None: all) come out: the last layer writes
-// K/V for every row but runs its queries, o_proj, MoE and the final norm on those rows alone
-// (a catch-up needs the output of each sequence's last position only).
-// ids, positions [T]; hidden [T, H]; inv_freq [d/2] (partial NeoX rotary of the first d dims,
-// angles in fp32 as rope_cos_sin) or cos, sin [T, d] given; kv_caches: one per layer; w: embed [V, H], pre-fc norms [2, H],
-// fc [H, 2H], final norm [H], then per layer: input norm [H], fused q|k|v [(2Hq + 2Hkv) D, H]
-// (query rows per head [query | gate]), q|k norm [Hq + Hkv, D], o_proj [H, Hq D], post norm [H],
-// router [E, H], shared gate|up|expert-gate [2Is + 1, H], experts gate_up [E, 2I, H], experts down
-// [E, H, I], shared down [H, Is]. -> [R, H].
-torch::Tensor mtp_forward(torch::Tensor ids, torch::Tensor hidden, torch::Tensor positions, torch::Tensor inv_freq,
-                          double attention_factor, c10::optional<torch::Tensor> cos_opt,
-                          c10::optional<torch::Tensor> sin_opt, std::vector<torch::Tensor> kv_caches, torch::Tensor block_tables,
-                          torch::Tensor cu_seqlens, torch::Tensor context_lens, torch::Tensor slot_mapping,
-                          c10::optional<torch::Tensor> rows_opt, std::vector<torch::Tensor> w, int64_t Hq, int64_t top_k, bool norm_topk,
-                          double eps, double scale) {
+// Rotary tables as rope_cos_sin: angle = float(pos) * inv_freq, halves duplicated -> cos, sin [T, d].
+std::vector<torch::Tensor> rope_tables(const torch::Tensor& positions, const torch::Tensor& inv_freq, float af) {
+  const int64_t T = positions.size(0), d2 = inv_freq.size(0), d = 2 * d2;
+  auto cos = torch::empty({T, d}, inv_freq.options()), sin = torch::empty({T, d}, inv_freq.options());
+  const int64_t* pp = positions.data_ptr<int64_t>();
+  const float* fp = inv_freq.data_ptr<float>();
+  float* co = cos.data_ptr<float>();
+  float* si = sin.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < d2; ++i) {
+      const float a = static_cast<float>(pp[t]) * fp[i];
+      co[t * d + i] = co[t * d + d2 + i] = std::cos(a) * af;
+      si[t * d + i] = si[t * d + d2 + i] = std::sin(a) * af;
+    }
+  return {cos, sin};
+}
+
+// What one MTP pass reads (see mtp_forward): the step's layout and the rows the last layer keeps
+// (`sel` undefined: all; else each kept row attends as a one-token sequence: sel_tables, sel_ctx).
+struct MTPStep {
+  torch::Tensor cos, sin, block_tables, cu_seqlens, context_lens, slot_mapping;
+  torch::Tensor sel, sel_tables, sel_cu, sel_ctx;
+};
+
+// The kept rows' sequence (by cu_seqlens) and one-token attention layout.
+void keep_rows(MTPStep& st, const torch::Tensor& rows, int64_t T) {
+  const int64_t R = rows.numel(), B = st.cu_seqlens.size(0) - 1;
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* cu = st.cu_seqlens.data_ptr<int64_t>();
+  const int64_t* ctx = st.context_lens.data_ptr<int64_t>();
+  auto seq = torch::empty({R}, rows.options());
+  st.sel = rows;
+  st.sel_ctx = torch::empty({R}, rows.options());
+  int64_t* sp = seq.data_ptr<int64_t>();
+  int64_t* xp = st.sel_ctx.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(rp[r] >= 0 && rp[r] < T, "mtp_forward: row ", rp[r], " out of range");
+    int64_t s = 0;
+    while (s + 1 < B && cu[s + 1] <= rp[r]) ++s;
+    sp[r] = s;
+    xp[r] = ctx[s] + rp[r] - cu[s];
+  }
+  st.sel_tables = st.block_tables.index_select(0, seq);
+  st.sel_cu = torch::arange(R + 1, rows.options());
+}
+
+// One MTP pass (mtp_forward's maths) -> [R, H] after the final norm.
+torch::Tensor mtp_pass(const torch::Tensor& ids, const torch::Tensor& hidden, const MTPStep& st,
+                       const std::vector<torch::Tensor>& kv_caches, const std::vector<torch::Tensor>& w, int64_t Hq,
+                       int64_t top_k, bool norm_topk, float e, double scale) {
   const int64_t T = ids.size(0), H = hidden.size(1), V = w[0].size(0), L = (int64_t)kv_caches.size();
-  TORCH_CHECK((int64_t)w.size() == 4 + 10 * L, "mtp_forward: expected ", 4 + 10 * L, " weights, got ", w.size());
-  TORCH_CHECK(hidden.is_contiguous() && H % 8 == 0, "mtp_forward: hidden must be contiguous [T, H], H % 8 == 0");
-  const float e = static_cast<float>(eps);
   const auto opt = hidden.options();
   const int64_t* idp = ids.data_ptr<int64_t>();
   // [T, 2, H]: embedding rows next to the hidden rows, normed with one weight row per half
@@ -811,56 +841,10 @@ torch::Tensor mtp_forward(torch::Tensor ids, torch::Tensor hidden, torch::Tensor
     zc_norm_rows(hp + t * H, nullptr, nullptr, pw + H, cp + t * 2 * H + H, 1, H, e);
   }
   auto x = project(c.view({T, 2 * H}), w[2]);  // [T, H]
-  // rotary tables (rope_cos_sin): angle = float(pos) * inv_freq, duplicated halves; given by the
-  // caller for long runs (torch's vectorised cos/sin), computed here for a few rows
-  const int64_t d2 = inv_freq.size(0), d = 2 * d2;
-  torch::Tensor cos, sin;
-  if (cos_opt.has_value()) {
-    cos = cos_opt->contiguous();
-    sin = sin_opt->contiguous();
-  } else {
-    cos = torch::empty({T, d}, opt);
-    sin = torch::empty({T, d}, opt);
-    const int64_t* pp = positions.data_ptr<int64_t>();
-    const float* fp = inv_freq.data_ptr<float>();
-    float* co = cos.data_ptr<float>();
-    float* si = sin.data_ptr<float>();
-    const float af = static_cast<float>(attention_factor);
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t i = 0; i < d2; ++i) {
-        const float a = static_cast<float>(pp[t]) * fp[i];
-        co[t * d + i] = co[t * d + d2 + i] = std::cos(a) * af;
-        si[t * d + i] = si[t * d + d2 + i] = std::sin(a) * af;
-      }
-  }
-  // the rows kept by the last layer, each as a one-token "sequence" for the attention
-  const bool subset = rows_opt.has_value();
-  torch::Tensor sel, sel_tables, sel_cu, sel_ctx;
-  if (subset) {
-    const torch::Tensor rows = rows_opt->contiguous();
-    const int64_t R = rows.numel(), B = cu_seqlens.size(0) - 1;
-    const int64_t* rp = rows.data_ptr<int64_t>();
-    const int64_t* cu = cu_seqlens.data_ptr<int64_t>();
-    const int64_t* ctx = context_lens.data_ptr<int64_t>();
-    sel = rows;
-    auto seq = torch::empty({R}, rows.options());
-    sel_ctx = torch::empty({R}, rows.options());
-    int64_t* sp = seq.data_ptr<int64_t>();
-    int64_t* xp = sel_ctx.data_ptr<int64_t>();
-    for (int64_t r = 0; r < R; ++r) {
-      TORCH_CHECK(rp[r] >= 0 && rp[r] < T, "mtp_forward: row ", rp[r], " out of range");
-      int64_t s = 0;
-      while (s + 1 < B && cu[s + 1] <= rp[r]) ++s;
-      sp[r] = s;
-      xp[r] = ctx[s] + rp[r] - cu[s];
-    }
-    sel_tables = block_tables.index_select(0, seq);
-    sel_cu = torch::arange(R + 1, rows.options());
-  }
+  const bool subset = st.sel.defined();
   torch::Tensor residual;  // undefined before the first layer
   for (int64_t l = 0; l < L; ++l) {
     const torch::Tensor* lw = &w[4 + 10 * l];
-    const bool last = l == L - 1;
     auto h = torch::empty({T, H}, opt);
     if (residual.defined()) {
       auto sum = torch::empty({T, H}, opt);
@@ -884,13 +868,13 @@ torch::Tensor mtp_forward(torch::Tensor ids, torch::Tensor hidden, torch::Tensor
           zc_norm_rows(kvp + t * 2 * Hkv * D + hh * D, nullptr, nullptr, nw + (Hq + hh) * D, kp + (t * Hkv + hh) * D,
                        1, D, e);
     }
-    write_kv(apply_rotary(k, cos, sin), kv.narrow(1, Hkv * D, Hkv * D).view({T, Hkv, D}), kv_caches[l],
-             slot_mapping);
+    write_kv(apply_rotary(k, st.cos, st.sin), kv.narrow(1, Hkv * D, Hkv * D).view({T, Hkv, D}), kv_caches[l],
+             st.slot_mapping);
     // queries of the rows that go on (all, or the kept ones in the last layer)
-    const bool pick = last && subset;
+    const bool pick = l == L - 1 && subset;
     if (pick) {
-      h = h.index_select(0, sel);
-      residual = residual.index_select(0, sel);
+      h = h.index_select(0, st.sel);
+      residual = residual.index_select(0, st.sel);
     }
     const int64_t R = h.size(0);
     auto qg = project(h, lw[1].narrow(0, 0, 2 * Hq * D));  // [R, Hq 2D]: per head query | gate
@@ -904,11 +888,11 @@ torch::Tensor mtp_forward(torch::Tensor ids, torch::Tensor hidden, torch::Tensor
     }
     torch::Tensor o;
     if (pick) {
-      q = apply_rotary(q, cos.index_select(0, sel), sin.index_select(0, sel));
-      o = paged_attention(q, kv_caches[l], sel_tables, sel_cu, sel_ctx, scale);
+      q = apply_rotary(q, st.cos.index_select(0, st.sel), st.sin.index_select(0, st.sel));
+      o = paged_attention(q, kv_caches[l], st.sel_tables, st.sel_cu, st.sel_ctx, scale);
     } else {
-      q = apply_rotary(q, cos, sin);
-      o = paged_attention(q, kv_caches[l], block_tables, cu_seqlens, context_lens, scale);
+      q = apply_rotary(q, st.cos, st.sin);
+      o = paged_attention(q, kv_caches[l], st.block_tables, st.cu_seqlens, st.context_lens, scale);
     }
     o = gate_output(o, qg.view({R, Hq, 2 * D}).narrow(2, D, D)).view({R, Hq * D});
     auto a = project(o, lw[3]);  // [R, H]
@@ -944,6 +928,144 @@ torch::Tensor mtp_forward(torch::Tensor ids, torch::Tensor hidden, torch::Tensor
   return out;
 }
 
+void check_weights(const std::vector<torch::Tensor>& w, size_t L, const torch::Tensor& hidden) {
+  TORCH_CHECK(w.size() == 4 + 10 * L, "mtp_forward: expected ", 4 + 10 * L, " weights, got ", w.size());
+  TORCH_CHECK(hidden.is_contiguous() && hidden.size(1) % 8 == 0,
+              "mtp_forward: hidden must be contiguous [T, H], H % 8 == 0");
+}
+
+// Qwen3NextMTP.forward (mtp.py; its torch path is the reference) with a cache, in one call:
+// z = fc([norm(embed(ids)) ; norm(hidden)]), then per layer gated attention over the paged cache
+// (KV written at slot_mapping) and the sparse MoE with its shared expert, then the final norm.
+// Only the rows in `rows` (flat indices, any order; None: all) come out: the last layer writes
+// K/V for every row but runs its queries, o_proj, MoE and the final norm on those rows alone
+// (a catch-up needs the output of each sequence's last position only).
+// ids, positions [T]; hidden [T, H]; inv_freq [d/2] (partial NeoX rotary of the first d dims,
+// angles in fp32 as rope_cos_sin) or cos, sin [T, d] given; kv_caches: one per layer; w: embed
+// [V, H], pre-fc norms [2, H], fc [H, 2H], final norm [H], then per layer: input norm [H], fused
+// q|k|v [(2Hq + 2Hkv) D, H] (query rows per head [query | gate]), q|k norm [Hq + Hkv, D], o_proj
+// [H, Hq D], post norm [H], router [E, H], shared gate|up|expert-gate [2Is + 1, H], experts
+// gate_up [E, 2I, H], experts down [E, H, I], shared down [H, Is]. -> [R, H].
+torch::Tensor mtp_forward(torch::Tensor ids, torch::Tensor hidden, torch::Tensor positions, torch::Tensor inv_freq,
+                          double attention_factor, c10::optional<torch::Tensor> cos_opt,
+                          c10::optional<torch::Tensor> sin_opt, std::vector<torch::Tensor> kv_caches,
+                          torch::Tensor block_tables, torch::Tensor cu_seqlens, torch::Tensor context_lens,
+                          torch::Tensor slot_mapping, c10::optional<torch::Tensor> rows_opt,
+                          std::vector<torch::Tensor> w, int64_t Hq, int64_t top_k, bool norm_topk, double eps,
+                          double scale) {
+  check_weights(w, kv_caches.size(), hidden);
+  MTPStep st;
+  if (cos_opt.has_value()) {  // long runs: torch's vectorised cos/sin
+    st.cos = cos_opt->contiguous();
+    st.sin = sin_opt->contiguous();
+  } else {
+    auto cs = rope_tables(positions, inv_freq, static_cast<float>(attention_factor));
+    st.cos = cs[0];
+    st.sin = cs[1];
+  }
+  st.block_tables = block_tables;
+  st.cu_seqlens = cu_seqlens;
+  st.context_lens = context_lens;
+  st.slot_mapping = slot_mapping;
+  if (rows_opt.has_value()) keep_rows(st, rows_opt->contiguous(), ids.size(0));
+  return mtp_pass(ids, hidden, st, kv_caches, w, Hq, top_k, norm_topk, static_cast<float>(eps), scale);
+}
+
+// First index of each row's maximum over the first n columns of x [R, V] @ lm_head^T (the greedy
+// draft: compute_logits masks ids >= n, then argmax_rows).
+std::vector<int64_t> greedy_tokens(const torch::Tensor& x, const torch::Tensor& lm_head, int64_t n) {
+  auto logits = project(x, lm_head);
+  const int64_t R = logits.size(0), V = logits.size(1), lim = std::min(n, V);
+  const float* lp = logits.data_ptr<float>();
+  std::vector<int64_t> out(R);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* row = lp + r * V;
+    int64_t best = 0;
+    for (int64_t v = 1; v < lim; ++v)
+      if (row[v] > row[best]) best = v;
+    out[r] = best;
+  }
+  return out;
+}
+
+// Greedy drafting in one call: the catch-up pass (mtp_forward's arguments; its kept rows = one per
+// drafting sequence), then for step j = 1 .. S-1 a pass of one token per row that still drafts:
+// (previous draft, previous output) at draft_positions[r, j - 1] with KV at draft_slots[r, j - 1]
+// (< 0: row r drafts no more from there on). Each draft is the argmax of the
+// output's logits over the first n_vocab ids. -> drafts [R, S] (-1 where a row stopped).
+torch::Tensor mtp_draft_greedy(torch::Tensor ids, torch::Tensor hidden, torch::Tensor positions,
+                               torch::Tensor inv_freq, double attention_factor, c10::optional<torch::Tensor> cos_opt,
+                               c10::optional<torch::Tensor> sin_opt, std::vector<torch::Tensor> kv_caches,
+                               torch::Tensor block_tables, torch::Tensor cu_seqlens, torch::Tensor context_lens,
+                               torch::Tensor slot_mapping, torch::Tensor rows, std::vector<torch::Tensor> w,
+                               int64_t Hq, int64_t top_k, bool norm_topk, double eps, double scale,
+                               torch::Tensor lm_head, int64_t n_vocab, torch::Tensor draft_positions,
+                               torch::Tensor draft_slots) {
+  const int64_t R = rows.numel(), S = draft_positions.size(1) + 1;
+  TORCH_CHECK(draft_positions.size(0) == R && draft_slots.sizes() == draft_positions.sizes(),
+              "mtp_draft_greedy: draft_positions / draft_slots must be [R, S - 1]");
+  check_weights(w, kv_caches.size(), hidden);
+  const float e = static_cast<float>(eps), af = static_cast<float>(attention_factor);
+  MTPStep st;
+  if (cos_opt.has_value()) {
+    st.cos = cos_opt->contiguous();
+    st.sin = sin_opt->contiguous();
+  } else {
+    auto cs = rope_tables(positions, inv_freq, af);
+    st.cos = cs[0];
+    st.sin = cs[1];
+  }
+  st.block_tables = block_tables;
+  st.cu_seqlens = cu_seqlens;
+  st.context_lens = context_lens;
+  st.slot_mapping = slot_mapping;
+  keep_rows(st, rows.contiguous(), ids.size(0));
+  auto drafts = torch::full({R, S}, -1, rows.options());
+  int64_t* dp = drafts.data_ptr<int64_t>();
+  auto y = mtp_pass(ids, hidden, st, kv_caches, w, Hq, top_k, norm_topk, e, scale);  // [R, H]
+  auto tok = greedy_tokens(y, lm_head, n_vocab);
+  for (int64_t r = 0; r < R; ++r) dp[r * S] = tok[r];
+  auto row_tables = st.sel_tables;  // [R, max_blocks]: each drafting row's block table
+  const int64_t* pp = draft_positions.data_ptr<int64_t>();
+  const int64_t* sp = draft_slots.data_ptr<int64_t>();
+  const auto opt = rows.options();
+  std::vector<int64_t> live(R);  // original row of each row of y
+  for (int64_t r = 0; r < R; ++r) live[r] = r;
+  for (int64_t j = 1; j < S && !live.empty(); ++j) {
+    std::vector<int64_t> keep, next;  // rows of y that go on, and their original rows
+    for (int64_t q = 0; q < (int64_t)live.size(); ++q)
+      if (sp[live[q] * (S - 1) + j - 1] >= 0) {
+        keep.push_back(q);
+        next.push_back(live[q]);
+      }
+    if (next.empty()) break;
+    const int64_t n = next.size();
+    auto nid = torch::empty({n}, opt), npos = torch::empty({n}, opt), nslot = torch::empty({n}, opt);
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t r = next[q];
+      TORCH_CHECK(pp[r * (S - 1) + j - 1] / kv_caches[0].size(2) < row_tables.size(1),
+                  "mtp_draft_greedy: draft position past the row's block table");
+      nid.data_ptr<int64_t>()[q] = dp[r * S + j - 1];
+      npos.data_ptr<int64_t>()[q] = pp[r * (S - 1) + j - 1];
+      nslot.data_ptr<int64_t>()[q] = sp[r * (S - 1) + j - 1];
+    }
+    if (n < (int64_t)live.size()) y = y.index_select(0, torch::tensor(keep, opt));
+    MTPStep dst;
+    auto cs = rope_tables(npos, inv_freq, af);
+    dst.cos = cs[0];
+    dst.sin = cs[1];
+    dst.block_tables = n < R ? row_tables.index_select(0, torch::tensor(next, opt)) : row_tables;
+    dst.cu_seqlens = torch::arange(n + 1, opt);
+    dst.context_lens = npos;  // tokens before the draft's position
+    dst.slot_mapping = nslot;
+    y = mtp_pass(nid, y, dst, kv_caches, w, Hq, top_k, norm_topk, e, scale);
+    tok = greedy_tokens(y, lm_head, n_vocab);
+    for (int64_t q = 0; q < n; ++q) dp[next[q] * S + j] = tok[q];
+    live = next;
+  }
+  return drafts;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("gdn_varlen", &gdn_varlen, "fused Gated DeltaNet core over a varlen batch (in place on state pools)");
   mod.def("moe_dense_act", &moe_dense_act, "the dense MoE's routing and activations between its two matmuls");
@@ -956,5 +1078,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("linear", &linear, "x @ w.T for few rows of x (weight rows read once)");
   mod.def("moe_experts", &moe_experts, "routed experts, grouped by expert");
   mod.def("paged_attention", &paged_attention, "causal attention over the paged KV cache");
-  mod.def("mtp_forward", &mtp_forward, "the MTP head's forward for few tokens (drafts, catch-up)");
+  mod.def("mtp_forward", &mtp_forward, "the MTP head's forward with a cache (drafts, catch-up)");
+  mod.def("mtp_draft_greedy", &mtp_draft_greedy, "catch-up and greedy drafts of the MTP head in one call");
 }
