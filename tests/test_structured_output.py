@@ -57,6 +57,9 @@ def test_choice_regex_json_object_and_compact_json(llm):
                structured_outputs=S(regex=r"[a-z]{2,6}@example\.(com|org)"))
     for c in outs:
         assert re.fullmatch(r"[a-z]{2,6}@example\.(com|org)", c.text) and c.finish_reason == "stop"
+    for grammar in ('root ::= [a-z]{1,4} "=" [0-9] [0-9]?', 'start: /[a-z]{1,4}/ "=" /[0-9]{1,2}/'):  # GBNF, Lark
+        outs = gen(llm, ["Hi"], temperature=1.0, n=2, seed=5, max_tokens=20, structured_outputs=S(grammar=grammar))
+        assert all(re.fullmatch(r"[a-z]{1,4}=[0-9]{1,2}", c.text) for c in outs), [c.text for c in outs]
     # any JSON object: the tiny tokenizer has single-byte "{" "}" tokens; bias the closing one
     tok = llm.tokenizer
     close = tok.encode("}")
