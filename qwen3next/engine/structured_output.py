@@ -113,6 +113,7 @@ class StructuredOutputs:
         self.eos_token_ids = eos_token_ids
         self.tokenizer_dir: str | None = None  # set by LLMEngine.from_args (the model dir)
         self._tokenizer = None  # llguidance.LLTokenizer, built on first use
+        self._executor = None  # llguidance.LLExecutor: computes a step's masks on its own threads
         self.rows: dict[int, _Row] = {}  # seq_id -> state, only for constrained sequences
 
     def tokenizer(self):
@@ -127,6 +128,7 @@ class StructuredOutputs:
             # n_vocab = the logits width: ids past the tokenizer's tokens are simply never allowed
             self._tokenizer = llg.LLTokenizer(text, n_vocab=self.vocab_size,
                                               eos_token=sorted(self.eos_token_ids) or None)
+            self._executor = llg.LLExecutor()
         return self._tokenizer
 
     # ---- requests ---------------------------------------------------------------------------
@@ -156,12 +158,14 @@ class StructuredOutputs:
         if not picked:
             return logits
         B, V = logits.shape
-        allowed = np.empty((len(picked), V), dtype=bool)
+        R, W = len(picked), (self.vocab_size + 31) // 32
+        bits = np.empty((R, W), dtype=np.int32)  # bit t % 32 of word t // 32: token t allowed
+        self._executor.unsafe_compute_mask_ptr([(m, j) for j, (_, _, m) in enumerate(picked)],
+                                               bits.ctypes.data, W * 4, R)
+        allowed = np.unpackbits(bits.view(np.uint8), axis=1, count=V, bitorder="little").view(bool)  # [R, V]
         eos_all = list(self.eos_token_ids)
         for j, (_, seq, m) in enumerate(picked):
-            bits = np.frombuffer(m.compute_bitmask(), dtype=np.uint8)
             row = allowed[j]
-            row[:] = np.unpackbits(bits, bitorder="little", count=V).view(bool)
             req = seq.request
             # EOS and stop tokens: the request's own, and only once the grammar accepts
             accepting = m.is_accepting()
