@@ -35,6 +35,8 @@ from qwen3next.forward_batch import ForwardBatch, ModelCache  # noqa: E402
 from qwen3next.kernels import gdn as gdn_ref  # noqa: E402
 from qwen3next.kernels import ops  # noqa: E402
 from qwen3next.layers.attention import GatedAttention  # noqa: E402
+from qwen3next.kernels.triton import gdn_prep  # noqa: E402
+from qwen3next.layers import gated_deltanet as gdn_mod  # noqa: E402
 from qwen3next.layers.gated_deltanet import GatedDeltaNet  # noqa: E402
 from qwen3next.layers.rotary import RotaryEmbedding  # noqa: E402
 
@@ -76,6 +78,7 @@ def bench(fn, graph: bool = False) -> float:
 
 
 def rand_(module: torch.nn.Module) -> torch.nn.Module:
+    module = module.to(DEV)
     g = torch.Generator(device=DEV).manual_seed(0)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -202,6 +205,40 @@ def gdn_rows():
             return rel(layer(x, fb), o_old)
 
         both(name, lambda: layer(x, fb), lambda: old_gdn_forward(layer, x, fb), graph, check)
+        if name == "gdn_prefill_8k":  # A/B the two prefill switches
+            for grouped, fuse in ((False, True), (True, False), (False, False)):
+                gdn_mod.GROUPED_MAX_T, gdn_prep.FUSE_QK_NORM = (1 << 30) if grouped else 0, fuse
+                try:
+                    RES[name][f"after_grouped{int(grouped)}_fuse{int(fuse)}_ms"] = bench(lambda: layer(x, fb))
+                except Exception as e:
+                    RES[name][f"after_grouped{int(grouped)}_fuse{int(fuse)}_ms"] = repr(e)[:200]
+            gdn_mod.GROUPED_MAX_T, gdn_prep.FUSE_QK_NORM = 1 << 30, True
+            print(name, RES[name], flush=True)
+            conv_rows(layer, x)
+
+
+def conv_rows(layer, x):
+    """The conv alone at 8K: contiguous input vs the grouped projection through the column map,
+    with and without the q / k norm epilogue."""
+    from qwen3next.kernels.triton import conv1d
+
+    T = x.shape[0]
+    p = layer.in_proj_qkvz(x)
+    cols = layer._conv_cols(x.device)
+    m = p.index_select(1, cols)
+    w = layer.conv1d.weight[:, 0, :]
+    cu = torch.tensor([0, T], device=DEV)
+    qk = (layer.num_k_heads, layer.head_k_dim)
+    row = RES.setdefault("conv_8k", {"map_run": conv1d._map_run(cols)})
+    for key, fn in (("contig", lambda: conv1d.causal_conv1d_varlen(m, w, cu)),
+                    ("contig_norm", lambda: conv1d.causal_conv1d_varlen(m, w, cu, qk_heads=qk)),
+                    ("map", lambda: conv1d.causal_conv1d_varlen(p, w, cu, x_cols=cols)),
+                    ("map_norm", lambda: conv1d.causal_conv1d_varlen(p, w, cu, x_cols=cols, qk_heads=qk))):
+        try:
+            row[key + "_ms"] = bench(fn)
+        except Exception as e:
+            row[key + "_ms"] = repr(e)[:200]
+    print("conv_8k", row, flush=True)
 
 
 @torch.inference_mode()

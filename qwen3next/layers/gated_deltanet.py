@@ -25,6 +25,11 @@ from .fused import DerivedWeight
 from .norm import GatedRMSNorm
 
 
+# Cached batches up to this many tokens hand the conv the grouped projection + column map; longer
+# ones copy q / k / v into one [T, conv_dim] buffer first (kept as a switch: benchmarks A/B it).
+GROUPED_MAX_T = 1 << 30
+
+
 def _regroup_rows(Hk: int, dk: int, rdv: int, r: int, w_qkvz: torch.Tensor, w_ba: torch.Tensor) -> torch.Tensor:
     """Per-key-head grouped rows of in_proj_qkvz / in_proj_ba -> [q_all | k_all | v_all | z | b | a]."""
     H = w_qkvz.shape[-1]
@@ -127,7 +132,7 @@ class GatedDeltaNet(nn.Module):
         cache = batch.cache
         # cached inference: the GPU conv kernels read q / k / v from the projection in place (other
         # paths gather them once in ops; the CPU fast path has its own regrouped projection)
-        grouped = cache is not None and not torch.is_grad_enabled()
+        grouped = cache is not None and not torch.is_grad_enabled() and T <= GROUPED_MAX_T
         m, z, b, a, cols = self._split(x, grouped)
         w = self.conv1d.weight[:, 0, :]  # [C, K]
         if cache is not None and batch.is_decode and batch.per_token_state_slots is None:

@@ -118,3 +118,16 @@ def test_qk_heads_normalised_in_the_epilogue():
     assert rel_err(y[:, : hk * dk], want_q.reshape(-1, hk * dk)) < 1e-6
     assert rel_err(y[:, hk * dk : 2 * hk * dk], want_k.reshape(-1, hk * dk)) < 1e-6
     assert rel_err(y[:, 2 * hk * dk :], plain[:, 2 * hk * dk :]) < 1e-6
+
+
+def test_grouped_map_is_vectorised_and_right():
+    """The layer's map (runs of whole heads) is recognised as 16-aligned runs, also as an inference
+    tensor (no version counter); a scattered map is not; both give the gathered input's conv."""
+    gen = seeded(8)
+    with torch.inference_mode():
+        cols = (torch.arange(2)[:, None] * 80 + torch.arange(32)).flatten().to(DEV)  # 2 heads of 32 in rows of 80
+    assert tri._map_run(cols) == 16
+    assert tri._map_run(torch.randperm(64, generator=gen).to(DEV)) == 1
+    x, w = randn(20, 160, gen=gen), randn(64, 4, gen=gen)
+    y = tri.causal_conv1d_varlen(x, w, cu([20]), x_cols=cols)
+    assert rel_err(y, ref.causal_conv1d_varlen(x[:, cols], w, cu([20]))) < 1e-6

@@ -32,7 +32,7 @@ def _run(model, plan, seqs):
     return torch.cat(logits)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as the engine runs it
 def test_cached_prefill_and_decode_through_triton_kernels(tiny_ckpt, monkeypatch):
     model, _ = load_model(tiny_ckpt, dtype=torch.float32, progress=False)
     model = model.to(DEV)

@@ -11,6 +11,8 @@ no host sync, so a verify forward can be graph-captured.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -19,31 +21,62 @@ from ._util import autotune, pow2, size_class
 
 
 @triton.jit
-def _x_offsets(map_ptr, t, c, cm, SX, HAS_MAP: tl.constexpr):
-    """Offset of input channel c of token t: row t * SX, column c, or map[c] with a column map
-    (the layer's grouped projection read in place)."""
+def _x_cols(map_ptr, c, cm, MAP: tl.constexpr):
+    """[BC] input column of channels c: c itself (MAP 0), or map[c] (the layer's grouped projection
+    read in place); MAP > 1: the map runs contiguously in aligned groups of MAP channels, told to
+    the compiler so the loads stay vectorised."""
     col = c
-    if HAS_MAP:
+    if MAP > 0:
         col = tl.load(map_ptr + c, mask=cm, other=0)
-    return t * SX + col
+        if MAP > 1:
+            col = tl.max_contiguous(tl.multiple_of(col, MAP), MAP)
+    return col
+
+
+_RUNS: dict[int, tuple] = {}  # id(map tensor) -> (weakref to it, its version, run)
+
+
+def _map_run(cols: torch.Tensor) -> int:
+    """The MAP constant for a column map: 16 or 8 when it runs contiguously in aligned groups of that
+    many (starting at multiples of it), else 1. Checked once per map tensor (a host sync, so not
+    while a CUDA graph is being captured: then 1, correct but unvectorised)."""
+    # inference tensors keep no version counter (and cannot be written outside inference mode)
+    version = -1 if cols.is_inference() else cols._version
+    hit = _RUNS.get(id(cols))
+    if hit is not None and hit[0]() is cols and hit[1] == version:
+        return hit[2]
+    if cols.is_cuda and torch.cuda.is_current_stream_capturing():
+        return 1
+    c, run = cols.cpu(), 1
+    for n in (16, 8):
+        if c.numel() % n == 0:
+            v = c.view(-1, n)
+            if bool((v - v[:, :1] == torch.arange(n)).all()) and bool((v[:, 0] % n == 0).all()):
+                run = n
+                break
+    if len(_RUNS) > 256:  # drop entries of freed maps
+        for k in [k for k, v in _RUNS.items() if v[0]() is None]:
+            del _RUNS[k]
+    _RUNS[id(cols)] = (weakref.ref(cols), version, run)
+    return run
 
 
 def _inputs(x: torch.Tensor, C: int, x_cols: torch.Tensor | None):
-    """-> (x with a unit column stride, its row stride, the column map or a dummy, has map)."""
+    """-> (x with a unit column stride, its row stride, the column map or a dummy, MAP constant)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     if x_cols is None:
         if x.shape[-1] != C:
             raise ValueError(f"x has {x.shape[-1]} channels, the weight {C}")
-        return x, x.stride(0), x, False
+        return x, x.stride(0), x, 0
     if x_cols.shape != (C,):
         raise ValueError(f"x_cols must be [{C}] (one input column per channel)")
-    return x, x.stride(0), x_cols, True
+    return x, x.stride(0), x_cols, _map_run(x_cols)
 
 
 @triton.jit(do_not_specialize=["T", "TB"])
 def _conv_varlen_body(x_ptr, w_ptr, y_ptr, seq_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, map_ptr,
-                      T, C, TB, SX, scale, K: tl.constexpr, HAS_STATE: tl.constexpr, HAS_MAP: tl.constexpr,
+                      T, C, TB, SX, scale, K: tl.constexpr, HAS_STATE: tl.constexpr, MAP: tl.constexpr,
                       QK_HEADS: tl.constexpr, DK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -54,7 +87,7 @@ def _conv_varlen_body(x_ptr, w_ptr, y_ptr, seq_ptr, cu_ptr, st_ptr, slot_ptr, in
     seq = tl.load(seq_ptr + t, mask=tm, other=0)
     bos = tl.load(cu_ptr + seq, mask=tm, other=0)
     offs = (t.to(tl.int64) * C)[:, None] + c[None, :]                   # [BT, BC] this token's outputs
-    ptrs = x_ptr + _x_offsets(map_ptr, t.to(tl.int64)[:, None], c[None, :], cm[None, :], SX, HAS_MAP)  # inputs
+    ptrs = x_ptr + (t.to(tl.int64) * SX)[:, None] + _x_cols(map_ptr, c, cm, MAP)[None, :]  # and inputs
     m2 = tm[:, None] & cm[None, :]
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     # a tile whose rows all sit >= K-1 tokens into their sequence reads no state and masks no tap
@@ -106,7 +139,7 @@ NORM_BC = 128  # the smallest tile of the norm variant: DK must divide it
 
 @triton.jit
 def _conv_state_kernel(x_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, map_ptr, C, SX,
-                       K: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr, HAS_MAP: tl.constexpr):
+                       K: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr, MAP: tl.constexpr):
     b = tl.program_id(0)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     cm = c < C
@@ -119,8 +152,7 @@ def _conv_state_kernel(x_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, map_ptr, C, SX
         init = tl.load(init_ptr + b + 0 * i) != 0      # [KP] (a vector: scalar masks upset the interpreter)
         src = n - (K - 1) + i                          # position in the sequence, <0: old state
         from_x = src >= 0
-        xv = tl.load(x_ptr + _x_offsets(map_ptr, (bos + src).to(tl.int64)[None, :], c[:, None], cm[:, None], SX,
-                                        HAS_MAP),
+        xv = tl.load(x_ptr + (bos + src).to(tl.int64)[None, :] * SX + _x_cols(map_ptr, c, cm, MAP)[:, None],
                      mask=cm[:, None] & (im & from_x)[None, :], other=0.0)
         old = tl.load(st_ptr + (slot * C + c[:, None]) * (K - 1) + ((K - 1) + src)[None, :],
                       mask=cm[:, None] & (im & (~from_x) & init)[None, :], other=0.0)
@@ -140,7 +172,7 @@ def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torc
     2 Hk dk channels) come out L2-normalised, q scaled by dk^-0.5 (kernels/gdn.py's qkv_gates)."""
     T = x.shape[0]
     C, K = weight.shape[0], weight.shape[-1]
-    x, SX, xmap, has_map = _inputs(x, C, x_cols)
+    x, SX, xmap, map_run = _inputs(x, C, x_cols)
     weight = weight.reshape(C, K).contiguous()
     y = torch.empty(T, C, dtype=x.dtype, device=x.device)
     B = cu_seqlens.numel() - 1
@@ -162,17 +194,17 @@ def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torc
     hk, dk = qk_heads or (0, 1)
     kernel = _conv_varlen_kernel if qk_heads is None else _conv_varlen_norm_kernel
     kernel[grid](x, weight, y, seq, cu, conv_state if has_state else x, slots, init, xmap, T, C, size_class(T), SX,
-                 dk ** -0.5, K=K, HAS_STATE=has_state, HAS_MAP=has_map, QK_HEADS=2 * hk, DK=dk)
+                 dk ** -0.5, K=K, HAS_STATE=has_state, MAP=map_run, QK_HEADS=2 * hk, DK=dk)
     if has_state:
         _conv_state_kernel[(B, triton.cdiv(C, 256))](x, cu, conv_state, slots, init, xmap, C, SX, K=K,
                                                     KP=triton.next_power_of_2(max(K - 1, 1)), BC=256,
-                                                    HAS_MAP=has_map)
+                                                    MAP=map_run)
     return y
 
 
 @triton.jit
 def _conv_update_kernel(x_ptr, w_ptr, y_ptr, st_ptr, slot_ptr, map_ptr, C, SX,
-                        K: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr, HAS_MAP: tl.constexpr):
+                        K: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr, MAP: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     cm = c < C
@@ -182,7 +214,7 @@ def _conv_update_kernel(x_ptr, w_ptr, y_ptr, st_ptr, slot_ptr, map_ptr, C, SX,
         im = i < K - 1
         st = tl.load(st_ptr + (slot * C + c[:, None]) * (K - 1) + i[None, :],
                      mask=cm[:, None] & im[None, :], other=0.0)          # [BC, KP]
-        xv = tl.load(x_ptr + _x_offsets(map_ptr, b, c, cm, SX, HAS_MAP), mask=cm, other=0.0)   # [BC]
+        xv = tl.load(x_ptr + b * SX + _x_cols(map_ptr, c, cm, MAP), mask=cm, other=0.0)   # [BC]
         w = tl.load(w_ptr + c[:, None] * K + i[None, :], mask=cm[:, None] & im[None, :], other=0.0)
         wl = tl.load(w_ptr + c * K + (K - 1), mask=cm, other=0.0).to(tl.float32)
         acc = tl.sum(st.to(tl.float32) * w.to(tl.float32), axis=1) + xv.to(tl.float32) * wl
@@ -201,14 +233,14 @@ def causal_conv1d_update(x: torch.Tensor, weight: torch.Tensor, conv_state: torc
     -> silu(conv) [B, C]; conv_state[state_slots] shifted in place."""
     B = x.shape[0]
     C, K = weight.shape[0], weight.shape[-1]
-    x, SX, xmap, has_map = _inputs(x, C, x_cols)
+    x, SX, xmap, map_run = _inputs(x, C, x_cols)
     y = torch.empty(B, C, dtype=x.dtype, device=x.device)
     if B:
         BC = 256
         _conv_update_kernel[(B, triton.cdiv(C, BC))](x, weight.reshape(C, K).contiguous(), y,
                                                      conv_state, state_slots.to(torch.int64).contiguous(), xmap,
                                                      C, SX, K=K, KP=triton.next_power_of_2(max(K - 1, 1)), BC=BC,
-                                                     HAS_MAP=has_map)
+                                                     MAP=map_run)
     return y
 
 

@@ -22,6 +22,9 @@ from .conv1d import NORM_BC, causal_conv1d_varlen
 from .delta_rule import gated_delta_rule_chunked
 
 
+FUSE_QK_NORM = True  # q / k norms in the conv epilogue (else in the prep kernel); a switch for benchmarks
+
+
 @triton.jit(do_not_specialize=["T", "SM", "SA", "SB"])
 def _prep_kernel(mc_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, g_ptr, beta_ptr, T, SM, SA, SB, scale,
                  HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
@@ -96,7 +99,7 @@ def gdn_cached(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, st
         return gdn_verify(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots,
                           has_initial_state, per_token_state_slots, A_log, dt_bias, num_k_heads, m_cols=m_cols)
     # the q / k norms inside the conv's epilogue when its tiles hold whole heads
-    fuse = NORM_BC % dk == 0
+    fuse = FUSE_QK_NORM and NORM_BC % dk == 0
     mc = causal_conv1d_varlen(m, conv_weight, cu_seqlens, conv_state, state_slots, has_initial_state,
                               x_cols=m_cols, qk_heads=(num_k_heads, dk) if fuse else None)
     q, k, v, g, beta = qkv_gates_(mc, a, b, A_log, dt_bias, num_k_heads, dk, Hv, dv, normed=fuse)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._util import pow2
-from .conv1d import _inputs
+from .conv1d import _inputs, _x_cols
 
 
 @triton.jit
@@ -40,13 +40,11 @@ def _window(x_ptr, st_ptr, c, xc, cm, i, t, bos, slot, old_ok, C, SX, K1: tl.con
 
 @triton.jit
 def _verify_conv_kernel(x_ptr, w_ptr, y_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, ts_ptr, map_ptr, C, SX,
-                        K: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr, HAS_MAP: tl.constexpr):
+                        K: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr, MAP: tl.constexpr):
     b = tl.program_id(0)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     cm = c < C
-    xc = c                                            # input columns (with a column map: grouped x)
-    if HAS_MAP:
-        xc = tl.load(map_ptr + c, mask=cm, other=0)
+    xc = _x_cols(map_ptr, c, cm, MAP)                 # input columns (with a column map: grouped x)
     i = tl.arange(0, KP)
     bos = tl.load(cu_ptr + b).to(tl.int64)
     eos = tl.load(cu_ptr + b + 1).to(tl.int64)
@@ -134,14 +132,14 @@ def gdn_verify(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, st
     init = (has_initial_state if has_initial_state is not None
             else torch.ones(B, dtype=torch.bool, device=dev)).contiguous()
     pts = per_token_state_slots.to(torch.int64).contiguous()
-    m, SX, xmap, has_map = _inputs(m, C, m_cols)
+    m, SX, xmap, map_run = _inputs(m, C, m_cols)
     a = a if a.stride(-1) == 1 else a.contiguous()
     b = b if b.stride(-1) == 1 else b.contiguous()
     mc = torch.empty(T, C, dtype=m.dtype, device=dev)
     BC = 256
     _verify_conv_kernel[(B, triton.cdiv(C, BC))](m, conv_weight.reshape(C, K).contiguous(), mc, cu, conv_state,
                                                  slots, init, pts, xmap, C, SX, K=K, KP=pow2(K, 2), BC=BC,
-                                                 HAS_MAP=has_map, num_warps=4)
+                                                 MAP=map_run, num_warps=4)
     # few sequences: narrow state tiles on fewer warps, so more programs stream the state (as decode)
     small = B < 16
     bv = min(bv or (16 if small else 64), DV)
