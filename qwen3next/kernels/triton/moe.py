@@ -121,11 +121,12 @@ def _place_kernel(ids_ptr, rank_ptr, pst_ptr, rows_ptr, M, BLK: tl.constexpr):
     tl.store(rows_ptr + pos, a.to(tl.int64), mask=m)
 
 
-def _align(ids: torch.Tensor, E: int, BM: int):
+def _align(ids: torch.Tensor, E: int, BM: int, extra_blocks: int = 0):
     """Group assignments by expert, each expert's run padded to BM rows (three small launches,
     no host sync, no sort).
 
     -> rows [NB*BM] (assignment index, -1 = padding), block_expert [NB] (-1 = unused block), NB.
+    `extra_blocks` more blocks are allocated at the end, left for the caller to fill.
     """
     M = ids.numel()
     flat = ids.reshape(-1).contiguous()
@@ -134,21 +135,22 @@ def _align(ids: torch.Tensor, E: int, BM: int):
     counts = torch.zeros(E, dtype=torch.int64, device=dev)
     rank = torch.empty(M, dtype=torch.int64, device=dev)
     pst = torch.empty(E, dtype=torch.int64, device=dev)
-    rows = torch.empty(NB * BM, dtype=torch.int64, device=dev)
-    block_expert = torch.empty(NB, dtype=torch.int64, device=dev)
+    rows = torch.empty((NB + extra_blocks) * BM, dtype=torch.int64, device=dev)
+    block_expert = torch.empty(NB + extra_blocks, dtype=torch.int64, device=dev)
     BLK, BLKB = 256, 32
     _count_kernel[(triton.cdiv(M, BLK),)](flat, counts, rank, M, BLK=BLK)
     _blocks_kernel[(triton.cdiv(NB, BLKB),)](counts, pst, block_expert, rows, E, NB, BM=BM, BE=pow2(E), BLKB=BLKB)
     _place_kernel[(triton.cdiv(M, BLK),)](flat, rank, pst, rows, M, BLK=BLK)
-    return rows, block_expert, NB
+    return rows, block_expert, NB + extra_blocks
 
 
 @autotune(_GEMM_CONFIGS, key=["H", "I", "BM", "NBK"])
-@triton.jit(do_not_specialize=["NBK"])
-def _gate_up_kernel(x_ptr, w_ptr, rows_ptr, be_ptr, h_ptr, sg_ptr, su_ptr, H, I, IS, IH, SH_E, NBK,
+@triton.jit(do_not_specialize=["NBK", "M"])
+def _gate_up_kernel(x_ptr, w_ptr, rows_ptr, be_ptr, h_ptr, sg_ptr, su_ptr, M, H, I, IS, IH, SH_E, NBK,
                     TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """Block pm of BM rows of one expert (the shared expert's [IS, H] gate / up when it is SH_E),
-    BN columns -> h rows (row stride IH)."""
+    BN columns -> h rows (row stride IH). Row a < M is routed assignment a (token a // TOPK), a >= M
+    the shared expert of token a - M."""
     pm = tl.program_id(0)
     pn = tl.program_id(1)
     e = tl.load(be_ptr + pm).to(tl.int64)
@@ -164,7 +166,7 @@ def _gate_up_kernel(x_ptr, w_ptr, rows_ptr, be_ptr, h_ptr, sg_ptr, su_ptr, H, I,
         r = pm * BM + tl.arange(0, BM)
         a = tl.load(rows_ptr + r)
         valid = a >= 0
-        tok = tl.where(valid, a // TOPK, 0)
+        tok = tl.where(valid, tl.where(a < M, a // TOPK, a - M), 0)
         n = pn * BN + tl.arange(0, BN)
         nm = n < N
         kk = tl.arange(0, BK)
@@ -219,19 +221,37 @@ def _down_kernel(h_ptr, w_ptr, rows_ptr, be_ptr, rw_ptr, y_ptr, sd_ptr, H, I, IS
         tl.store(y_ptr + tl.where(valid, a, 0)[:, None] * H + n[None, :], y.to(dt), mask=valid[:, None] & nm[None, :])
 
 
-@triton.jit
-def _extend_kernel(ids_ptr, w_ptr, x_ptr, sgw_ptr, ids_out, w_out, H, E, TOPK: tl.constexpr, KP: tl.constexpr,
-                   BK: tl.constexpr):
-    """Row t of [T, TOPK + 1]: the token's k (expert, weight) pairs, then (E, its shared-expert
-    gate sigmoid(x . w_sg)): the shared expert becomes expert E of the grouped GEMM."""
+@triton.jit(do_not_specialize=["T", "M", "B0", "NBS"])
+def _shared_rows_kernel(w_ptr, x_ptr, sgw_ptr, w_out, rows_ptr, be_ptr, T, H, E, M, B0, NBS,
+                        TOPK: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """Token t's shared-expert row of the grouped GEMM: assignment M + t with weight sigmoid(x . w_sg)
+    (w_out [M + T] = the routing weights, then the gates), placed at row t of the NBS blocks from
+    block B0 (block expert E; rows past T are padding)."""
     t = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, KP)
     jm = j < TOPK
-    tl.store(ids_out + t * (TOPK + 1) + j, tl.load(ids_ptr + t * TOPK + j, mask=jm, other=0), mask=jm)
-    tl.store(w_out + t * (TOPK + 1) + j, tl.load(w_ptr + t * TOPK + j, mask=jm, other=0.0), mask=jm)
-    g = _shared_gate(x_ptr + t * H, sgw_ptr, H, x_ptr.dtype.element_ty, BK)
-    tl.store(ids_out + t * (TOPK + 1) + TOPK, t * 0 + E)  # (int64 like t)
-    tl.store(w_out + t * (TOPK + 1) + TOPK, g)
+    tl.store(w_out + t * TOPK + j, tl.load(w_ptr + t * TOPK + j, mask=jm, other=0.0), mask=jm)
+    tl.store(w_out + M + t, _shared_gate(x_ptr + t * H, sgw_ptr, H, x_ptr.dtype.element_ty, BK))
+    r0 = B0 * BM
+    tl.store(rows_ptr + r0 + t, M + t)
+    if t % BM == 0:
+        tl.store(be_ptr + B0 + t // BM, t * 0 + E)  # (int64 like t)
+    if t == T - 1:
+        i = T + tl.arange(0, BM)
+        tl.store(rows_ptr + r0 + i, tl.full([BM], -1, tl.int64), mask=i < NBS * BM)
+
+
+@triton.jit(do_not_specialize=["T", "M"])
+def _sum_shared_kernel(y_ptr, o_ptr, T, H, M, TOPK: tl.constexpr, BH: tl.constexpr):
+    """out[t] = sum of y rows t*TOPK + j (j < TOPK), then y row M + t (the shared expert), in fp32."""
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BH + tl.arange(0, BH)
+    cm = c < H
+    acc = tl.zeros([BH], dtype=tl.float32)
+    for j in range(TOPK):
+        acc += tl.load(y_ptr + (t * TOPK + j) * H + c, mask=cm, other=0.0).to(tl.float32)
+    acc += tl.load(y_ptr + (M + t) * H + c, mask=cm, other=0.0).to(tl.float32)
+    tl.store(o_ptr + t * H + c, acc.to(o_ptr.dtype.element_ty), mask=cm)
 
 
 @triton.jit
@@ -361,39 +381,44 @@ def _gemv(x, gate_up_proj, down_proj, weights, ids, shared):
 
 
 def _grouped(x, gate_up_proj, down_proj, weights, ids, shared, block_m: int | None = None):
-    """The grouped-GEMM path; with `shared` (as in _gemv) the shared expert joins as expert E,
-    every token one more assignment weighted by its sigmoid gate."""
+    """The grouped-GEMM path; with `shared` (as in _gemv) the shared expert joins as expert E:
+    its rows (every token, in order, weighted by its sigmoid gate) need no grouping and go in
+    blocks after the routed ones."""
     T, H = x.shape
     E, I = gate_up_proj.shape[0], down_proj.shape[-1]
     k = ids.shape[1]
+    M = T * k
+    BM = block_m or (16 if M <= 16 * E else 64)
+    weights = weights.contiguous()
     if shared is None:
         sg = su = sd = gate_up_proj  # never read
-        IS, SH_E, kx = I, -1, k
+        IS, SH_E, NS = I, -1, 0
+        rows, block_expert, NB = _align(ids, E, BM)
     else:
         sg, su, sd, sgw = (w.contiguous() for w in shared)
-        IS, SH_E, kx = sg.shape[0], E, k + 1
-        ids_x = torch.empty(T, kx, dtype=torch.int64, device=x.device)
-        w_x = torch.empty(T, kx, dtype=torch.float32, device=x.device)
-        _extend_kernel[(T,)](ids, weights.contiguous(), x, sgw, ids_x, w_x, H, E, TOPK=k, KP=pow2(k, 2),
-                             BK=min(1024, pow2(H)))
-        ids, weights = ids_x, w_x
-    M = T * kx
-    BM = block_m or (16 if M <= 16 * E else 64)
-    rows, block_expert, NB = _align(ids, E + (shared is not None), BM)
+        IS, SH_E, NS = sg.shape[0], E, 1
+        NBS = triton.cdiv(T, BM)
+        rows, block_expert, NB = _align(ids, E, BM, extra_blocks=NBS)
+        w_x = torch.empty(M + T, dtype=torch.float32, device=x.device)
+        _shared_rows_kernel[(T,)](weights, x, sgw, w_x, rows, block_expert, T, H, E, M, NB - NBS, NBS, TOPK=k,
+                                  KP=pow2(k, 2), BM=BM, BK=min(1024, pow2(H)))
+        weights = w_x
     prec = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 models get fp32 products
     NBK = size_class(NB)
     IH = max(I, IS)
     h = torch.empty(NB * BM, IH, dtype=x.dtype, device=x.device)
     _gate_up_kernel[lambda meta: (NB, triton.cdiv(IH, meta["BN"]))](x, gate_up_proj, rows, block_expert, h, sg, su,
-                                                                    H, I, IS, IH, SH_E, NBK, TOPK=kx, BM=BM,
+                                                                    M, H, I, IS, IH, SH_E, NBK, TOPK=k, BM=BM,
                                                                     PREC=prec)
-    y = torch.empty(M, H, dtype=x.dtype, device=x.device)
-    _down_kernel[lambda meta: (NB, triton.cdiv(H, meta["BN"]))](h, down_proj, rows, block_expert,
-                                                                weights.contiguous(), y, sd, H, I, IS, IH, SH_E,
-                                                                NBK, BM=BM, PREC=prec)
+    y = torch.empty(M + NS * T, H, dtype=x.dtype, device=x.device)
+    _down_kernel[lambda meta: (NB, triton.cdiv(H, meta["BN"]))](h, down_proj, rows, block_expert, weights, y, sd,
+                                                                H, I, IS, IH, SH_E, NBK, BM=BM, PREC=prec)
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     BH = min(1024, pow2(H))
-    _sum_k_kernel[(T, triton.cdiv(H, BH))](y, out, T, H, TOPK=kx, BH=BH)
+    if shared is None:
+        _sum_k_kernel[(T, triton.cdiv(H, BH))](y, out, T, H, TOPK=k, BH=BH)
+    else:
+        _sum_shared_kernel[(T, triton.cdiv(H, BH))](y, out, T, H, M, TOPK=k, BH=BH)
     return out
 
 
