@@ -7,7 +7,9 @@ same batch sample exactly as alone; speculative engines refuse; the request pars
 import json
 import re
 
+import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
@@ -236,3 +238,21 @@ def test_bad_requests_are_400_naming_the_field(kw, param):
     with pytest.raises(APIError) as e:
         _parse(**kw)
     assert e.value.status == 400 and e.value.param == param, e.value.message
+
+
+def test_packed_mask_helpers():
+    from qwen3next.engine.structured_output import set_bits, unpack_bits, unpack_bits_numpy
+
+    rng = np.random.default_rng(0)
+    bits = rng.integers(-2**31, 2**31, size=(3, 5), dtype=np.int64).astype(np.int32)
+    V = 150
+    ref = np.array([[(int(bits[r, t // 32]) >> (t % 32)) & 1 for t in range(V)] for r in range(3)], dtype=bool)
+    assert (unpack_bits_numpy(bits, V) == ref).all()
+    assert (unpack_bits(torch.from_numpy(bits), V).numpy() == ref).all()  # the device path, on CPU
+    set_bits(bits[1], [0, 31, 31, 63, 149], True)
+    set_bits(bits[2], [5, 32, 31], False)
+    got = unpack_bits_numpy(bits, V)
+    assert got[1, [0, 31, 63, 149]].all() and not got[2, [5, 32, 31]].any()
+    ref[1, [0, 31, 63, 149]] = True
+    ref[2, [5, 32, 31]] = False
+    assert (got == ref).all()
