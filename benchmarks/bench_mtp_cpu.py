@@ -3,7 +3,7 @@ and 16 concurrent requests, plus the cost of the two ways to roll DeltaNet state
 
     .venv/bin/python benchmarks/bench_mtp_cpu.py [--model DIR] [--ks 0,1,2,3] [--concurrency 1,16]
         [--requests-per-slot 2] [--max-tokens 64] [--threads 1] [--repeat 1] [--oracle] [--rollback]
-        [--wall] [--disable-by-batch-size N] [--sampling]
+        [--wall] [--disable-by-batch-size N] [--sampling] [--split]
 
 Tokens/s are per second of this process's CPU time (one torch thread), since on a shared machine
 other jobs inflate wall time at random; --wall times by the wall clock instead.
@@ -18,6 +18,10 @@ counts only equal lengths.
 
 --oracle adds rows whose drafts are the k = 0 run's own outputs (the MTP forwards still run, only
 the draft choice is replaced): acceptance 1, the ceiling a perfect MTP head would reach.
+
+--split prints where a step's time goes (last repeat): steps that run prompt tokens apart from pure
+decode / verify steps, and for the latter the trunk forward, the MTP (forward or one-call greedy
+drafting), the logits and the rest (engine work).
 
 Rollback study (--rollback): a verify forward of B x (k+1) tokens keeping per-position DeltaNet
 states (per_token_state_slots) vs. the recompute alternative (save the states, run the same forward
@@ -62,8 +66,59 @@ def make_prompts(model_dir: str, vocab: int, n: int, seed: int = 0) -> tuple[lis
     return [torch.randint(0, vocab, (L,), generator=g).tolist() for L in lens], "random ids"
 
 
+class Split:
+    """CPU time of each step, split into steps with prompt tokens and decode steps; in decode steps
+    also the trunk forward, the MTP and the logits (timers on the model's entry points)."""
+
+    PARTS = ("trunk", "mtp", "logits")
+
+    def __init__(self, model):
+        self.on = False
+        self.t: dict[str, float] = {}
+        self.reset()
+        for obj, name, part in ((model, "forward", "trunk"), (model, "compute_logits", "logits"),
+                                (model.mtp, "forward", "mtp"), (model.mtp, "draft_greedy", "mtp")):
+            setattr(obj, name, self._timed(getattr(obj, name), part))
+
+    def reset(self) -> None:
+        self.t = {p: 0.0 for p in (*self.PARTS, "decode", "prompt")}
+        self.n = {"decode": 0, "prompt": 0}
+
+    def _timed(self, fn, part):
+        def g(*a, **kw):
+            t = CLOCK()
+            r = fn(*a, **kw)
+            if self.on:
+                self.t[part] += CLOCK() - t
+            return r
+        return g
+
+    def step(self, eng, concurrency: int) -> list:
+        s = eng.scheduler
+        prompt = (bool(s.waiting) and len(s.running) < concurrency) or any(
+            q.num_tokens - q.num_computed_tokens > 1 for q in s.running)
+        self.on = not prompt
+        t = CLOCK()
+        outs = eng.step()
+        kind = "prompt" if prompt else "decode"
+        self.t[kind] += CLOCK() - t
+        self.n[kind] += 1
+        self.on = False
+        return outs
+
+    def line(self) -> str:
+        n, t = self.n["decode"], self.t
+        if not n:
+            return "no decode steps"
+        per = {p: t[p] / n * 1e3 for p in self.PARTS}
+        rest = t["decode"] / n * 1e3 - sum(per.values())
+        return (f"decode steps {n}: {t['decode'] / n * 1e3:.2f} ms each = " + ", ".join(f"{p} {v:.2f}" for p, v in
+                per.items()) + f", rest {rest:.2f}; steps with prompt tokens {self.n['prompt']}: "
+                f"{t['prompt'] * 1e3:.0f} ms in all")
+
+
 def run(model, prompts, k: int, concurrency: int, max_tokens: int, eos: list[int], oracle=None,
-        disable_by_batch_size: int | None = None, sampling: bool = False):
+        disable_by_batch_size: int | None = None, sampling: bool = False, split: Split | None = None):
     """-> (seconds, generated tokens, outputs, spec stats or None). oracle: outputs to draft from."""
     spec = {"method": "qwen3_next_mtp", "num_speculative_tokens": k} if k else None
     if spec and disable_by_batch_size:
@@ -93,8 +148,10 @@ def run(model, prompts, k: int, concurrency: int, max_tokens: int, eos: list[int
     t = CLOCK()
     for i, pr in enumerate(prompts):
         eng.add_request(str(i), pr, p[i] if sampling else p)
+    if split is not None:
+        split.reset()
     while eng.has_unfinished_requests():
-        for o in eng.step():
+        for o in (eng.step() if split is None else split.step(eng, concurrency)):
             out[o.request_id] += o.outputs[0].token_ids
     dt = CLOCK() - t
     outs = [out[str(i)] for i in range(len(prompts))]
@@ -174,6 +231,7 @@ def main() -> None:
     ap.add_argument("--oracle", action="store_true", help="also run with perfect drafts (acceptance 1)")
     ap.add_argument("--sampling", action="store_true",
                     help="the demo model's sampling defaults instead of greedy (seeded per request)")
+    ap.add_argument("--split", action="store_true", help="where a step's time goes (see the module docstring)")
     ap.add_argument("--disable-by-batch-size", type=int, default=None,
                     help="speculative_config.disable_by_batch_size for the k > 0 runs")
     a = ap.parse_args()
@@ -205,6 +263,7 @@ def main() -> None:
         pass
     ks = [int(x) for x in a.ks.split(",")]
     conc = [int(x) for x in a.concurrency.split(",")]
+    split = Split(model) if a.split else None
     print(f"model {os.path.relpath(model_dir) if tmp is None else 'tiny random checkpoint'}, "
           f"torch threads {torch.get_num_threads()}, max_tokens {a.max_tokens}, "
           f"{'wall' if a.wall else 'process CPU'} time, {'sampling defaults' if a.sampling else 'greedy'}")
@@ -218,11 +277,14 @@ def main() -> None:
             plan.insert(0, (0, False))
         rates: dict = {p: [] for p in plan}
         last: dict = {}
+        splits: dict = {}
         ref = None
         for _ in range(a.repeat):  # interleaved, so a change in the machine's load hits every k
             for k, oracle in plan:
                 dt, ntok, outs, st = run(model, prompts, k, c, a.max_tokens, eos, ref if oracle else None,
-                                         a.disable_by_batch_size, a.sampling)
+                                         a.disable_by_batch_size, a.sampling, split)
+                if split is not None:
+                    splits[(k, oracle)] = split.line()
                 ref = outs if k == 0 else ref
                 rates[(k, oracle)].append(ntok / dt)
                 last[(k, oracle)] = (outs, st)
@@ -239,6 +301,8 @@ def main() -> None:
                   f"{same:>6}/{len(outs)}")
         if a.oracle:
             print("  (* oracle drafts: acceptance 1)")
+        for (k, oracle), line in splits.items():
+            print(f"  k={k}{'*' if oracle else ''}: {line}")
     if a.rollback:
         print()
         rollback_study(model, 16, max(ks[-1], 1))
