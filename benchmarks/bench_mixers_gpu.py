@@ -206,13 +206,14 @@ def gdn_rows():
 
         both(name, lambda: layer(x, fb), lambda: old_gdn_forward(layer, x, fb), graph, check)
         if name == "gdn_prefill_8k":  # A/B the two prefill switches
-            for grouped, fuse in ((False, True), (True, False), (False, False)):
+            defaults = gdn_mod.GROUPED_MAX_T, gdn_prep.FUSE_QK_NORM
+            for grouped, fuse in ((False, False), (False, True), (True, False), (True, True)):
                 gdn_mod.GROUPED_MAX_T, gdn_prep.FUSE_QK_NORM = (1 << 30) if grouped else 0, fuse
                 try:
                     RES[name][f"after_grouped{int(grouped)}_fuse{int(fuse)}_ms"] = bench(lambda: layer(x, fb))
                 except Exception as e:
                     RES[name][f"after_grouped{int(grouped)}_fuse{int(fuse)}_ms"] = repr(e)[:200]
-            gdn_mod.GROUPED_MAX_T, gdn_prep.FUSE_QK_NORM = 1 << 30, True
+            gdn_mod.GROUPED_MAX_T, gdn_prep.FUSE_QK_NORM = defaults
             print(name, RES[name], flush=True)
             conv_rows(layer, x)
 

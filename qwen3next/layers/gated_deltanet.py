@@ -26,8 +26,9 @@ from .norm import GatedRMSNorm
 
 
 # Cached batches up to this many tokens hand the conv the grouped projection + column map; longer
-# ones copy q / k / v into one [T, conv_dim] buffer first (kept as a switch: benchmarks A/B it).
-GROUPED_MAX_T = 1 << 30
+# ones copy q / k / v into one [T, conv_dim] buffer first (a switch: benchmarks A/B it; the map's
+# gather loads ran the 8K prefill conv 5x slower before they were hinted as contiguous runs).
+GROUPED_MAX_T = 512
 
 
 def _regroup_rows(Hk: int, dk: int, rdv: int, r: int, w_qkvz: torch.Tensor, w_ba: torch.Tensor) -> torch.Tensor:

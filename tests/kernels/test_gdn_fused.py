@@ -90,8 +90,11 @@ def _dev(*xs):
     return [torch.tensor(x, device=DEV) for x in xs]
 
 
-def test_cached_prefill_chunks_match_reference():
-    """Prefill chunks (fresh and continued), varlen, lengths around the 64-token chunk."""
+@pytest.mark.parametrize("fuse", [False, True])
+def test_cached_prefill_chunks_match_reference(fuse, monkeypatch):
+    """Prefill chunks (fresh and continued), varlen, lengths around the 64-token chunk; q / k norms
+    in the prep kernel or in the conv's epilogue."""
+    monkeypatch.setattr(gdn_prep, "FUSE_QK_NORM", fuse)
     slots, fresh, cont = _dev([5, 0, 3, 1], [False] * 4, [True, True, False, True])
     _check_cached([([63, 1, 65, 5], slots, fresh, None), ([64, 2, 30, 1], slots, cont, None)], T=231)
 

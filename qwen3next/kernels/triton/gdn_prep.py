@@ -22,7 +22,7 @@ from .conv1d import NORM_BC, causal_conv1d_varlen
 from .delta_rule import gated_delta_rule_chunked
 
 
-FUSE_QK_NORM = True  # q / k norms in the conv epilogue (else in the prep kernel); a switch for benchmarks
+FUSE_QK_NORM = False  # q / k norms in the conv epilogue (else in the prep kernel); a switch for benchmarks
 
 
 @triton.jit(do_not_specialize=["T", "SM", "SA", "SB"])
