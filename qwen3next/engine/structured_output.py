@@ -27,7 +27,7 @@ log = logging.getLogger("qwen3next.structured_output")
 # JSON whitespace between tokens, at most 24 characters in a row: any amount (vLLM's default) lets
 # a looping or random model emit whitespace until max_tokens; 24 still allows indented JSON
 JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,24}"
-INSTALL_HINT = "pip install llguidance (or qwen3next[structured])"
+INSTALL_HINT = "pip install llguidance, or the qwen3next[structured] extra"
 
 
 def llguidance():
