@@ -2,7 +2,7 @@
 (DeltaNet 16 / 32 heads of 128, attention 16 q / 2 kv heads of 256, hidden 2048), one layer each,
 random bf16 weights.
 
-    python benchmarks/bench_mixers_gpu.py --out mixers.json [--smoke]
+    python benchmarks/bench_mixers_gpu.py --out mixers.json [--smoke] [--no-delta-rule]
 
 "before" re-runs the session-2 layer code kept here (`old_*`: reshape copies + cat for the conv
 input, b / a copies, the torch q / k L2 norm and gates with fp32 casts, the chunked delta rule's
@@ -287,10 +287,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="mixers.json")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--no-delta-rule", action="store_true", help="skip the delta-rule variant sweep")
     args = ap.parse_args()
     if not SMOKE:
         RES["device"] = torch.cuda.get_device_name()
-    for fn in (gdn_rows, attn_rows, delta_rule_rows):
+    for fn in (gdn_rows, attn_rows) + (() if args.no_delta_rule else (delta_rule_rows,)):
         try:
             fn()
         except Exception as e:
