@@ -978,11 +978,21 @@ std::vector<int64_t> greedy_tokens(const torch::Tensor& x, const torch::Tensor& 
   const int64_t R = logits.size(0), V = logits.size(1), lim = std::min(n, V);
   const float* lp = logits.data_ptr<float>();
   std::vector<int64_t> out(R);
-  for (int64_t r = 0; r < R; ++r) {
+  for (int64_t r = 0; r < R; ++r) {  // the maximum 8 lanes at a time, then its first index
     const float* row = lp + r * V;
+    float mx = row[0];
+    int64_t v = 0;
+    if (lim >= 8) {
+      v8 m = load8(row);
+      for (v = 8; v + 8 <= lim; v += 8) {
+        const v8 x = load8(row + v);
+        m = m > x ? m : x;
+      }
+      for (int u = 0; u < 8; ++u) mx = std::max(mx, m[u]);
+    }
+    for (; v < lim; ++v) mx = std::max(mx, row[v]);
     int64_t best = 0;
-    for (int64_t v = 1; v < lim; ++v)
-      if (row[v] > row[best]) best = v;
+    while (best + 1 < lim && !(row[best] >= mx)) ++best;
     out[r] = best;
   }
   return out;
