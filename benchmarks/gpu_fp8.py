@@ -3,6 +3,7 @@ random bf16 weights), once in bf16 and once quantised to block-FP8 at load (laye
 to_fp8_, what `quantization="fp8"` does with a bf16 checkpoint), on one GPU, in the same run.
 
     python benchmarks/gpu_fp8.py --out gpu_fp8.json [--commit SHA] [--sizes 1,16,64] [--no-prefill]
+                                 [--no-accuracy] [--no-w8a16]
 
 Sections (each writes its results into the JSON as it finishes; a failing one records its error):
   memory    parameter bytes and allocated GPU memory of each model
@@ -214,6 +215,8 @@ def main() -> None:
     ap.add_argument("--commit", default=None)
     ap.add_argument("--sizes", default="1,16,64")
     ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument("--no-accuracy", action="store_true")
+    ap.add_argument("--no-w8a16", action="store_true", help="skip the w8a16-experts variant")
     a = ap.parse_args()
     OUT = a.out
     sizes = [int(s) for s in a.sizes.split(",")]
@@ -232,23 +235,26 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
         memory(name, models[name], before)
-    models["deq"] = dequantised_copy(models["fp8"])
-    accuracy(models)
-    del models["deq"]
-    gc.collect()
-    torch.cuda.empty_cache()
+    if not a.no_accuracy:
+        models["deq"] = dequantised_copy(models["fp8"])
+        accuracy(models)
+        del models["deq"]
+        gc.collect()
+        torch.cuda.empty_cache()
     decode("fp8", models["fp8"], sizes)
-    moe_fp8.ACT_QUANT = False
-    decode("fp8_w8a16", models["fp8"], [b for b in sizes if b >= 16], profile=())
-    moe_fp8.ACT_QUANT = True
+    if not a.no_w8a16:
+        moe_fp8.ACT_QUANT = False
+        decode("fp8_w8a16", models["fp8"], [b for b in sizes if b >= 16], profile=())
+        moe_fp8.ACT_QUANT = True
     decode("bf16", models["bf16"], sizes)
     gc.collect()
     torch.cuda.empty_cache()
     if not a.no_prefill:
         prefill("fp8", models["fp8"])
-        moe_fp8.ACT_QUANT = False
-        prefill("fp8_w8a16", models["fp8"])
-        moe_fp8.ACT_QUANT = True
+        if not a.no_w8a16:
+            moe_fp8.ACT_QUANT = False
+            prefill("fp8_w8a16", models["fp8"])
+            moe_fp8.ACT_QUANT = True
         prefill("bf16", models["bf16"])
     RES["peak_allocated_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     save()
