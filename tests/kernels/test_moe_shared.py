@@ -39,7 +39,7 @@ def test_experts_shared(T, Is, block_m):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 8, 16, 64, 256])
+@pytest.mark.parametrize("T", [1, 64])  # GEMV path, grouped GEMM (every new shape autotunes: compiles)
 def test_experts_shared_bf16_gpu(T):
     gen = seeded(T)
     E, H, I, k = 512, 2048, 512, 10
@@ -47,6 +47,6 @@ def test_experts_shared_bf16_gpu(T):
     ws = _weights(E, H, I, I, gen, dtype=torch.bfloat16, scale=0.02)
     w, ids = ref.moe_route(randn(T, E, gen=gen), k, True)
     want = _reference(x, ws[0], ws[1], w, ids, *ws[2:])
-    for gemv in ((True, False) if T <= 8 else (False,)):
+    for gemv in ((True, False) if T == 1 else (False,)):
         y = tri.moe_experts_shared(x, ws[0], ws[1], w, ids, *ws[2:], gemv=gemv)
         assert rel_err(y, want) < 1e-2, gemv
