@@ -38,6 +38,25 @@ def test_experts_shared(T, Is, block_m):
     assert rel_err(y, _reference(x, gate_up, down, w, ids, sg, su, sd, sgw)) < 1e-5
 
 
+@pytest.mark.parametrize("pf", [0, 1])
+def test_gemv_k_tiles(pf, monkeypatch):
+    """The GEMV kernels over several K tiles (the last one partial), with and without the next
+    tile's loads issued early (the PF autotune option)."""
+    import triton
+
+    cfg = [triton.Config({"BN": 8, "BK": 16, "PF": pf}, num_warps=4)]
+    for kern in (tri._gemv_gate_up_kernel, tri._gemv_down_kernel):
+        monkeypatch.setattr(kern, "configs", cfg)
+        monkeypatch.setattr(kern, "cache", {})
+    gen = seeded(40 + pf)
+    E, H, I, Is, k, T = 6, 40, 24, 20, 2, 3
+    x = randn(T, H, gen=gen)
+    gate_up, down, sg, su, sd, sgw = _weights(E, H, I, Is, gen)
+    w, ids = ref.moe_route(randn(T, E, gen=gen), k, True)
+    y = tri.moe_experts_shared(x, gate_up, down, w, ids, sg, su, sd, sgw, gemv=True)
+    assert rel_err(y, _reference(x, gate_up, down, w, ids, sg, su, sd, sgw)) < 1e-5
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 64])  # GEMV path, grouped GEMM (every new shape autotunes: compiles)
 def test_experts_shared_bf16_gpu(T):
