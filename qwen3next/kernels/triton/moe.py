@@ -29,7 +29,8 @@ from ._util import autotune, pow2, size_class
 _GEMM_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
                  for bn, bk, w, st in ((32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3),
                                        (128, 64, 4, 4), (32, 128, 4, 4), (128, 64, 4, 3), (256, 64, 8, 3),
-                                       (128, 128, 8, 3), (256, 64, 8, 4), (128, 64, 8, 4), (64, 64, 4, 5))]
+                                       (128, 128, 8, 3), (256, 64, 8, 4), (128, 64, 8, 4), (64, 64, 4, 5),
+                                       (128, 128, 4, 4), (256, 128, 8, 3), (64, 128, 4, 4))]
 # GEMV path: (BN, BK, warps, PF); PF = 1: the next K tile's loads are issued before this tile's
 # FMAs (twice the bytes in flight per program); the first config is the interpreter's
 _GEMV_CONFIGS = [triton.Config({"BN": bn, "BK": bk, "PF": pf}, num_warps=w)
