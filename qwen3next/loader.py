@@ -124,7 +124,7 @@ def load_weights(model, path_or_id: str, progress: bool = True) -> None:
     targets = dict(model.state_dict(keep_vars=True))  # stacked experts kept whole
     tied = cfg.tie_word_embeddings
     qcfg = cfg.quantization_config or {}
-    block = tuple(qcfg.get("weight_block_size") or (128, 128))
+    block = tuple(qcfg.get("weight_block_size") or qfp8.BLOCK)
     filled: set[str] = set()
     expert_filled: dict[str, set] = {}
     unexpected: list[str] = []
@@ -164,6 +164,7 @@ def load_weights(model, path_or_id: str, progress: bool = True) -> None:
                 t = read(name)
             param = targets[target_name]
             scale = None  # fp8 parameters: the block scales that go with t
+            pblock = _block_of(model, target_name) if param.dtype == qfp8.FP8 else block
             if t.dtype == qfp8.FP8:
                 scale_name = name + "_scale_inv"
                 if scale_name not in wmap:
@@ -171,8 +172,8 @@ def load_weights(model, path_or_id: str, progress: bool = True) -> None:
                 scale = read(scale_name).float()
                 if param.dtype != qfp8.FP8:
                     t, scale = qfp8.dequantize(t, scale, block), None
-            elif param.dtype == qfp8.FP8:  # quantised at load, on the parameter's device
-                t, scale = qfp8.quantize(t.to(param.device), block)
+            elif param.dtype == qfp8.FP8:  # quantised at load, on the parameter's device, in its blocks
+                t, scale = qfp8.quantize(t.to(param.device), pblock)
             if m:
                 e, part = int(m.group(2)), m.group(3)
                 if e >= param.shape[0] * tp:
@@ -182,7 +183,7 @@ def load_weights(model, path_or_id: str, progress: bool = True) -> None:
                 inter = param.shape[1] // 2 if part != "down_proj" else param.shape[2]
                 dst = {"gate_proj": param[e, :inter], "up_proj": param[e, inter:], "down_proj": param[e]}[part]
                 if scale is not None:  # gate and up rows own whole scale blocks (quant.experts_fit)
-                    sp, si = targets[target_name + "_scale_inv"], inter // block[0]
+                    sp, si = targets[target_name + "_scale_inv"], inter // pblock[0]
                     sdst = {"gate_proj": sp[e, :si], "up_proj": sp[e, si:], "down_proj": sp[e]}[part]
                 key = (e, part)
                 expert_filled.setdefault(target_name, set()).add(key)
@@ -197,7 +198,7 @@ def load_weights(model, path_or_id: str, progress: bool = True) -> None:
             if scale is not None:
                 if tuple(scale.shape) != tuple(sdst.shape):
                     raise CheckpointError(f"{name}_scale_inv has shape {list(scale.shape)}, the model expects "
-                                          f"{list(sdst.shape)} (weight_block_size {list(block)})")
+                                          f"{list(sdst.shape)} (weight_block_size {list(pblock)})")
                 sdst.copy_(scale)
     if unexpected:
         raise CheckpointError(f"unexpected tensors in checkpoint: {_few(unexpected)}")

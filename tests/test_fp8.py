@@ -165,3 +165,21 @@ def test_bf16_model_quantised_at_load(tiny_ckpt, monkeypatch):
                 getattr(d, p).copy_(qfp8.dequantize(getattr(q, p), getattr(q, p + "_scale_inv"), BLOCK))
     ids = torch.randint(0, model.config.vocab_size, (12,), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(_logits(model, ids), _logits(deq, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_checkpoint_quantised_by_the_loader(tiny_ckpt, monkeypatch):
+    """quantization='fp8' on a bf16 checkpoint: the loader quantises each tensor as it reads it
+    (experts one per-expert tensor at a time), giving the bytes to_fp8_ gives the loaded model."""
+    monkeypatch.setattr(loader, "fp8_at_load", lambda *a: True)
+    monkeypatch.setattr(qfp8, "BLOCK", BLOCK)  # the tiny experts' intermediate size (32) needs 16-row blocks
+    model, _ = load_model(tiny_ckpt, dtype=torch.float32, progress=False)
+    monkeypatch.undo()
+    ref, _ = load_model(tiny_ckpt, dtype=torch.float32, progress=False)
+    to_fp8_(ref, BLOCK)
+    got, want = model.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys()
+    n8 = [k for k, t in want.items() if t.dtype == qfp8.FP8]
+    assert "model.layers.1.mlp.experts.gate_up_proj" in n8 and "model.layers.3.self_attn.q_proj.weight" in n8
+    for k in n8:
+        assert torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8)), k
+        torch.testing.assert_close(got[k + "_scale_inv"], want[k + "_scale_inv"])
