@@ -2,17 +2,18 @@
 expert weights (tile sizes autotuned per shape on the GPU).
 
 Same signatures as kernels/moe.py. Two paths for the experts:
-* few assignments (decode, M = T*k <= GEMV_MAX_ROWS): no grouping at all. One launch computes
-  h = silu(x W_gate^T) * (x W_up^T) per (assignment, column block), a second w_j h_j W_down^T per
-  (assignment, column block), a third each token's sum over its k terms (fp32, in a fixed order);
-  weight streaming is all that costs, and an expert picked twice is read twice (fine while M is
-  small). `moe_experts_shared` adds the MoE block's gated shared expert as one more assignment
-  per token (its sigmoid gate computed in the down pass).
+* few assignments (decode, M = T*k <= GEMV_MAX_ROWS): no grouping at all (kernels in
+  moe_gemv.py). One launch computes h = silu(x W_gate^T) * (x W_up^T) per (assignment, column
+  block), a second w_j h_j W_down^T per (assignment, column block), a third each token's sum over
+  its k terms (fp32, in a fixed order); weight streaming is all that costs, and an expert picked
+  twice is read twice (fine while M is small).
 * otherwise a grouped GEMM: the (token, k) assignments are sorted by expert and each expert's run
   padded to a multiple of BM rows (three small launches, no sort and no host sync, so decode can
   be graph-captured); one launch computes the gated product per BM-row block of one expert, a
   second multiplies by W_down^T and the routing weight, a third sums each token's k rows in fp32.
   Blocks past the real ones exit at once. BM = 16 when experts see few tokens, 64 for big batches.
+`moe_experts_shared` adds the MoE block's gated shared expert: one more GEMV assignment per token,
+or in the grouped GEMM its rows (every token, in order) in blocks after the routed experts'.
 Rounding follows the reference (products in the activation dtype, then the gate, the routing
 weight, and the fp32 sum over k).
 """
@@ -24,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ._util import autotune, pow2, size_class
+from .moe_gemv import _gemv_down_kernel, _gemv_gate_up_kernel, _shared_gate
 
 # (BN, BK, warps, stages); the first is the interpreter's
 _GEMM_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
@@ -31,13 +33,6 @@ _GEMM_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
                                        (128, 64, 4, 4), (32, 128, 4, 4), (128, 64, 4, 3), (256, 64, 8, 3),
                                        (128, 128, 8, 3), (256, 64, 8, 4), (128, 64, 8, 4), (64, 64, 4, 5),
                                        (128, 128, 4, 4), (256, 128, 8, 3), (64, 128, 4, 4))]
-# GEMV path: (BN, BK, warps, PF); PF = 1: the next K tile's loads are issued before this tile's
-# FMAs (twice the bytes in flight per program); the first config is the interpreter's
-_GEMV_CONFIGS = [triton.Config({"BN": bn, "BK": bk, "PF": pf}, num_warps=w)
-                 for bn, bk, w, pf in ((16, 256, 4, 1), (16, 256, 4, 0), (8, 256, 4, 0), (16, 128, 4, 0),
-                                       (32, 128, 4, 0), (8, 512, 4, 0), (16, 256, 8, 0), (4, 512, 2, 0),
-                                       (32, 256, 8, 0), (16, 512, 8, 0), (64, 128, 8, 0), (8, 256, 4, 1),
-                                       (16, 128, 4, 1), (32, 128, 4, 1), (8, 128, 2, 1))]
 GEMV_MAX_ROWS = 80  # M = T*k up to this uses the GEMV path (measured: T = 8 still gains at k = 10)
 # the MoE block hands its shared expert to the experts' kernels up to this many routed rows (decode,
 # verify); prefill-sized batches keep it in cuBLAS (not measured against the grouped GEMM there)
@@ -256,122 +251,6 @@ def _sum_shared_kernel(y_ptr, o_ptr, T, H, M, TOPK: tl.constexpr, BH: tl.constex
         acc += tl.load(y_ptr + (t * TOPK + j) * H + c, mask=cm, other=0.0).to(tl.float32)
     acc += tl.load(y_ptr + (M + t) * H + c, mask=cm, other=0.0).to(tl.float32)
     tl.store(o_ptr + t * H + c, acc.to(o_ptr.dtype.element_ty), mask=cm)
-
-
-@triton.jit
-def _gate_up_rows(x_ptr, wg_ptr, wu_ptr, h_ptr, nb, H, N, BN: tl.constexpr, BK: tl.constexpr, PF: tl.constexpr):
-    """h[n] = silu(x . Wg[n]) * (x . Wu[n]) for the BN rows n of block nb (x, Wg, Wu rows of H)."""
-    n = nb * BN + tl.arange(0, BN)
-    nm = n < N
-    kk = tl.arange(0, BK)
-    acc_g = tl.zeros([BN, BK], dtype=tl.float32)
-    acc_u = tl.zeros([BN, BK], dtype=tl.float32)
-    pg = wg_ptr + n[:, None] * H + kk[None, :]
-    pu = wu_ptr + n[:, None] * H + kk[None, :]
-    if PF:
-        km = kk < H
-        wg = tl.load(pg, mask=nm[:, None] & km[None, :], other=0.0)
-        wu = tl.load(pu, mask=nm[:, None] & km[None, :], other=0.0)
-        xv = tl.load(x_ptr + kk, mask=km, other=0.0)
-        for k0 in range(BK, H + BK, BK):  # accumulates tile k0 - BK while tile k0 loads (none past H)
-            km = (k0 + kk) < H
-            wg_n = tl.load(pg + k0, mask=nm[:, None] & km[None, :], other=0.0)
-            wu_n = tl.load(pu + k0, mask=nm[:, None] & km[None, :], other=0.0)
-            xv_n = tl.load(x_ptr + k0 + kk, mask=km, other=0.0)
-            acc_g += wg.to(tl.float32) * xv.to(tl.float32)[None, :]
-            acc_u += wu.to(tl.float32) * xv.to(tl.float32)[None, :]
-            wg, wu, xv = wg_n, wu_n, xv_n
-    else:
-        for k0 in range(0, H, BK):
-            km = (k0 + kk) < H
-            xv = tl.load(x_ptr + k0 + kk, mask=km, other=0.0).to(tl.float32)
-            wg = tl.load(pg + k0, mask=nm[:, None] & km[None, :], other=0.0)
-            wu = tl.load(pu + k0, mask=nm[:, None] & km[None, :], other=0.0)
-            acc_g += wg.to(tl.float32) * xv[None, :]
-            acc_u += wu.to(tl.float32) * xv[None, :]
-    dt = h_ptr.dtype.element_ty
-    # round like the reference (products in the activation dtype, then the gate)
-    gt = tl.sum(acc_g, 1).to(dt).to(tl.float32)
-    hv = (gt / (1.0 + tl.exp(-gt))).to(dt).to(tl.float32) * tl.sum(acc_u, 1).to(dt).to(tl.float32)
-    tl.store(h_ptr + n, hv.to(dt), mask=nm)
-
-
-@triton.jit
-def _rows_dot(v_ptr, w_ptr, n, nm, K, BN: tl.constexpr, BK: tl.constexpr, PF: tl.constexpr):
-    """[BN] fp32: v (K values) . W[n] for rows n of a row-major [*, K] weight (PF as in _gate_up_rows)."""
-    kk = tl.arange(0, BK)
-    acc = tl.zeros([BN, BK], dtype=tl.float32)
-    pw = w_ptr + n[:, None] * K + kk[None, :]
-    if PF:
-        km = kk < K
-        w = tl.load(pw, mask=nm[:, None] & km[None, :], other=0.0)
-        v = tl.load(v_ptr + kk, mask=km, other=0.0)
-        for k0 in range(BK, K + BK, BK):
-            km = (k0 + kk) < K
-            w_n = tl.load(pw + k0, mask=nm[:, None] & km[None, :], other=0.0)
-            v_n = tl.load(v_ptr + k0 + kk, mask=km, other=0.0)
-            acc += w.to(tl.float32) * v.to(tl.float32)[None, :]
-            w, v = w_n, v_n
-    else:
-        for k0 in range(0, K, BK):
-            km = (k0 + kk) < K
-            v = tl.load(v_ptr + k0 + kk, mask=km, other=0.0).to(tl.float32)
-            w = tl.load(pw + k0, mask=nm[:, None] & km[None, :], other=0.0)
-            acc += w.to(tl.float32) * v[None, :]
-    return tl.sum(acc, 1)
-
-
-@triton.jit
-def _shared_gate(x_ptr, sgw_ptr, H, dt: tl.constexpr, BK: tl.constexpr):
-    """sigmoid(x . w) rounded like torch.sigmoid(linear(x)) in dtype dt (fp32 scalar)."""
-    kk = tl.arange(0, BK)
-    acc = tl.zeros([BK], dtype=tl.float32)
-    for k0 in range(0, H, BK):
-        km = (k0 + kk) < H
-        acc += (tl.load(x_ptr + k0 + kk, mask=km, other=0.0).to(tl.float32)
-                * tl.load(sgw_ptr + k0 + kk, mask=km, other=0.0).to(tl.float32))
-    g = tl.sum(acc, 0).to(dt).to(tl.float32)
-    return (1.0 / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-
-
-@autotune(_GEMV_CONFIGS, key=["H", "I", "TB"])
-@triton.jit(do_not_specialize=["TB", "M"])
-def _gemv_gate_up_kernel(x_ptr, w_ptr, ids_ptr, h_ptr, sg_ptr, su_ptr, hs_ptr, M, H, I, IS, TB,
-                         TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PF: tl.constexpr):
-    """Program (a, block): a < M is routed assignment a (token a // TOPK, expert ids[a]) -> h[a];
-    a >= M the shared expert (rows of IS) of token a - M -> hs[a - M]."""
-    a = tl.program_id(0).to(tl.int64)
-    nb = tl.program_id(1)
-    if a < M:
-        wg = w_ptr + tl.load(ids_ptr + a) * (2 * I) * H
-        _gate_up_rows(x_ptr + (a // TOPK) * H, wg, wg + I * H, h_ptr + a * I, nb, H, I, BN, BK, PF)
-    else:
-        t = a - M
-        _gate_up_rows(x_ptr + t * H, sg_ptr, su_ptr, hs_ptr + t * IS, nb, H, IS, BN, BK, PF)
-
-
-@autotune(_GEMV_CONFIGS, key=["H", "I", "TB"])
-@triton.jit(do_not_specialize=["TB", "M"])
-def _gemv_down_kernel(h_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, hs_ptr, sd_ptr, x_ptr, sgw_ptr, M, H, I, IS, TB,
-                      TOPK: tl.constexpr, NS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PF: tl.constexpr):
-    """One term per program (a loop over a token's terms in one program measured 1.5x slower on the
-    H200, B = 1: fewer loads in flight): a < M routed assignment
-    a -> y[t, j] = w h W_down^T; a >= M the shared expert of token t = a - M -> y[t, TOPK]. Rows
-    of y [T, TOPK + NS, H] are rounded like the reference; _sum_k_kernel adds them in order."""
-    a = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
-    nm = n < H
-    dt = y_ptr.dtype.element_ty
-    if a < M:
-        acc = _rows_dot(h_ptr + a * I, w_ptr + tl.load(ids_ptr + a) * H * I, n, nm, I, BN, BK, PF)
-        rw = tl.load(rw_ptr + a).to(dt).to(tl.float32)
-        row = (a // TOPK) * (TOPK + NS) + a % TOPK
-    else:
-        t = a - M
-        acc = _rows_dot(hs_ptr + t * IS, sd_ptr, n, nm, IS, BN, BK, PF)
-        rw = _shared_gate(x_ptr + t * H, sgw_ptr, H, dt, BK)
-        row = t * (TOPK + NS) + TOPK
-    tl.store(y_ptr + row * H + n, (acc.to(dt).to(tl.float32) * rw).to(dt), mask=nm)
 
 
 @triton.jit(do_not_specialize=["T"])
