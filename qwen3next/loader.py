@@ -97,14 +97,11 @@ def _fp8_modules(model, wmap: dict[str, str]) -> list[str]:
     names = fp8_candidates(model)
     if not any(k.endswith("_scale_inv") for k in wmap):
         return names
-    dtypes: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
         files = {f: stack.enter_context(safe_open(f, framework="pt")) for f in set(wmap.values())}
 
-        def dtype(t: str) -> str | None:
-            if t not in dtypes and t in wmap:
-                dtypes[t] = files[wmap[t]].get_slice(t).get_dtype()
-            return dtypes.get(t)
+        def dtype(t: str) -> str | None:  # from the safetensors header, no data read
+            return files[wmap[t]].get_slice(t).get_dtype() if t in wmap else None
 
         return [n for n in names if "F8_E4M3" in (dtype(f"{n}.weight"), dtype(f"{n}.0.gate_proj.weight"))]
 
