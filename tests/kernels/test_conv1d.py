@@ -127,7 +127,7 @@ def test_grouped_map_is_vectorised_and_right():
     with torch.inference_mode():
         cols = (torch.arange(2)[:, None] * 80 + torch.arange(32)).flatten().to(DEV)  # 2 heads of 32 in rows of 80
     assert tri._map_run(cols) == 16
-    assert tri._map_run(torch.randperm(64, generator=gen).to(DEV)) == 1
+    assert tri._map_run(torch.randperm(64, generator=gen).to(DEV)) == 1  # gathered first, then MAP 0
     x, w = randn(20, 160, gen=gen), randn(64, 4, gen=gen)
     y = tri.causal_conv1d_varlen(x, w, cu([20]), x_cols=cols)
     assert rel_err(y, ref.causal_conv1d_varlen(x[:, cols], w, cu([20]))) < 1e-6

@@ -23,13 +23,11 @@ from ._util import autotune, pow2, size_class
 @triton.jit
 def _x_cols(map_ptr, c, cm, MAP: tl.constexpr):
     """[BC] input column of channels c: c itself (MAP 0), or map[c] (the layer's grouped projection
-    read in place); MAP > 1: the map runs contiguously in aligned groups of MAP channels, told to
-    the compiler so the loads stay vectorised."""
+    read in place), the map running contiguously in aligned groups of MAP channels: told to the
+    compiler so the loads stay vectorised."""
     col = c
     if MAP > 0:
-        col = tl.load(map_ptr + c, mask=cm, other=0)
-        if MAP > 1:
-            col = tl.max_contiguous(tl.multiple_of(col, MAP), MAP)
+        col = tl.max_contiguous(tl.multiple_of(tl.load(map_ptr + c, mask=cm, other=0), MAP), MAP)
     return col
 
 
@@ -37,9 +35,9 @@ _RUNS: dict[int, tuple] = {}  # id(map tensor) -> (weakref to it, its version, r
 
 
 def _map_run(cols: torch.Tensor) -> int:
-    """The MAP constant for a column map: 16 or 8 when it runs contiguously in aligned groups of that
-    many (starting at multiples of it), else 1. Checked once per map tensor (a host sync, so not
-    while a CUDA graph is being captured: then 1, correct but unvectorised)."""
+    """16 when a column map runs contiguously in aligned groups of 16 (starting at multiples of 16),
+    else 1. Checked once per map tensor (a host sync, so not while a CUDA graph is being captured:
+    then 1)."""
     # inference tensors keep no version counter (and cannot be written outside inference mode)
     version = -1 if cols.is_inference() else cols._version
     hit = _RUNS.get(id(cols))
@@ -48,12 +46,10 @@ def _map_run(cols: torch.Tensor) -> int:
     if cols.is_cuda and torch.cuda.is_current_stream_capturing():
         return 1
     c, run = cols.cpu(), 1
-    for n in (16, 8):
-        if c.numel() % n == 0:
-            v = c.view(-1, n)
-            if bool((v - v[:, :1] == torch.arange(n)).all()) and bool((v[:, 0] % n == 0).all()):
-                run = n
-                break
+    if c.numel() % 16 == 0:
+        v = c.view(-1, 16)
+        if bool((v - v[:, :1] == torch.arange(16)).all()) and bool((v[:, 0] % 16 == 0).all()):
+            run = 16
     if len(_RUNS) > 256:  # drop entries of freed maps
         for k in [k for k, v in _RUNS.items() if v[0]() is None]:
             del _RUNS[k]
@@ -71,12 +67,17 @@ def _inputs(x: torch.Tensor, C: int, x_cols: torch.Tensor | None):
         return x, x.stride(0), x, 0
     if x_cols.shape != (C,):
         raise ValueError(f"x_cols must be [{C}] (one input column per channel)")
-    return x, x.stride(0), x_cols, _map_run(x_cols)
+    if _map_run(x_cols) == 1:
+        # other maps: gathered once (unhinted gathers ran 5x slower, and Triton 3.6 failed to compile
+        # some of their tiles)
+        x = x.index_select(1, x_cols)
+        return x, x.stride(0), x, 0
+    return x, x.stride(0), x_cols, 16
 
 
 @triton.jit(do_not_specialize=["T", "TB"])
-def _conv_varlen_body(x_ptr, w_ptr, y_ptr, seq_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, map_ptr,
-                      T, C, TB, SX, scale, K: tl.constexpr, HAS_STATE: tl.constexpr, MAP: tl.constexpr,
+def _conv_varlen_body(x_ptr, w_ptr, y_ptr, seq_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr,
+                      T, C, TB, SX, scale, K: tl.constexpr, HAS_STATE: tl.constexpr,
                       QK_HEADS: tl.constexpr, DK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -87,7 +88,7 @@ def _conv_varlen_body(x_ptr, w_ptr, y_ptr, seq_ptr, cu_ptr, st_ptr, slot_ptr, in
     seq = tl.load(seq_ptr + t, mask=tm, other=0)
     bos = tl.load(cu_ptr + seq, mask=tm, other=0)
     offs = (t.to(tl.int64) * C)[:, None] + c[None, :]                   # [BT, BC] this token's outputs
-    ptrs = x_ptr + (t.to(tl.int64) * SX)[:, None] + _x_cols(map_ptr, c, cm, MAP)[None, :]  # and inputs
+    ptrs = x_ptr + (t.to(tl.int64) * SX)[:, None] + c[None, :]                  # and inputs
     m2 = tm[:, None] & cm[None, :]
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     # a tile whose rows all sit >= K-1 tokens into their sequence reads no state and masks no tap
@@ -138,8 +139,8 @@ NORM_BC = 128  # the smallest tile of the norm variant: DK must divide it
 
 
 @triton.jit
-def _conv_state_kernel(x_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, map_ptr, C, SX,
-                       K: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr, MAP: tl.constexpr):
+def _conv_state_kernel(x_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, C, SX,
+                       K: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr):
     b = tl.program_id(0)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     cm = c < C
@@ -152,7 +153,7 @@ def _conv_state_kernel(x_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, map_ptr, C, SX
         init = tl.load(init_ptr + b + 0 * i) != 0      # [KP] (a vector: scalar masks upset the interpreter)
         src = n - (K - 1) + i                          # position in the sequence, <0: old state
         from_x = src >= 0
-        xv = tl.load(x_ptr + (bos + src).to(tl.int64)[None, :] * SX + _x_cols(map_ptr, c, cm, MAP)[:, None],
+        xv = tl.load(x_ptr + (bos + src).to(tl.int64)[None, :] * SX + c[:, None],
                      mask=cm[:, None] & (im & from_x)[None, :], other=0.0)
         old = tl.load(st_ptr + (slot * C + c[:, None]) * (K - 1) + ((K - 1) + src)[None, :],
                       mask=cm[:, None] & (im & (~from_x) & init)[None, :], other=0.0)
@@ -168,11 +169,15 @@ def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torc
                          x_cols: torch.Tensor | None = None, qk_heads: tuple[int, int] | None = None) -> torch.Tensor:
     """x [T, C] pre-conv (any row stride), weight [C, K] -> silu(conv) [T, C]; conv_state
     [N, C, K-1] updated in place. x_cols [C] (optional): channel c is x[:, x_cols[c]] (x wider).
-    qk_heads (Hk, dk) (optional, dk dividing NORM_BC): the DeltaNet's q and k heads (the first
+    (The map is gathered here first; the one-token update and the fused verify kernel read it in
+    place.) qk_heads (Hk, dk) (optional, dk dividing NORM_BC): the DeltaNet's q and k heads (the first
     2 Hk dk channels) come out L2-normalised, q scaled by dk^-0.5 (kernels/gdn.py's qkv_gates)."""
     T = x.shape[0]
     C, K = weight.shape[0], weight.shape[-1]
-    x, SX, xmap, map_run = _inputs(x, C, x_cols)
+    if x_cols is not None:
+        # gathered once: Triton 3.6 mis-compiles this kernel's two tap paths over gathered columns
+        x = x.index_select(1, x_cols)
+    x, SX, _, _ = _inputs(x, C, None)
     weight = weight.reshape(C, K).contiguous()
     y = torch.empty(T, C, dtype=x.dtype, device=x.device)
     B = cu_seqlens.numel() - 1
@@ -193,12 +198,11 @@ def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torc
         raise ValueError(f"qk_heads: dk {qk_heads[1]} must divide {NORM_BC}")
     hk, dk = qk_heads or (0, 1)
     kernel = _conv_varlen_kernel if qk_heads is None else _conv_varlen_norm_kernel
-    kernel[grid](x, weight, y, seq, cu, conv_state if has_state else x, slots, init, xmap, T, C, size_class(T), SX,
-                 dk ** -0.5, K=K, HAS_STATE=has_state, MAP=map_run, QK_HEADS=2 * hk, DK=dk)
+    kernel[grid](x, weight, y, seq, cu, conv_state if has_state else x, slots, init, T, C, size_class(T), SX,
+                 dk ** -0.5, K=K, HAS_STATE=has_state, QK_HEADS=2 * hk, DK=dk)
     if has_state:
-        _conv_state_kernel[(B, triton.cdiv(C, 256))](x, cu, conv_state, slots, init, xmap, C, SX, K=K,
-                                                    KP=triton.next_power_of_2(max(K - 1, 1)), BC=256,
-                                                    MAP=map_run)
+        _conv_state_kernel[(B, triton.cdiv(C, 256))](x, cu, conv_state, slots, init, C, SX, K=K,
+                                                    KP=triton.next_power_of_2(max(K - 1, 1)), BC=256)
     return y
 
 
