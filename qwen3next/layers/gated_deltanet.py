@@ -11,6 +11,7 @@ read/written at `batch.state_slots` in `cache.conv[i]` / `cache.recurrent[i]`.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ from .norm import GatedRMSNorm
 # Cached batches up to this many tokens hand the conv the grouped projection + column map; longer
 # ones copy q / k / v into one [T, conv_dim] buffer first (a switch: benchmarks A/B it; the map's
 # gather loads ran the 8K prefill conv 5x slower before they were hinted as contiguous runs).
-GROUPED_MAX_T = 512
+GROUPED_MAX_T = 512 if os.environ.get("QWEN3NEXT_GDN_FUSED", "1") != "0" else 0  # (=0: session 2's path)
 
 
 def _regroup_rows(Hk: int, dk: int, rdv: int, r: int, w_qkvz: torch.Tensor, w_ba: torch.Tensor) -> torch.Tensor:

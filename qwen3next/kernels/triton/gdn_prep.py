@@ -13,6 +13,8 @@ the gates.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -23,6 +25,9 @@ from .delta_rule import gated_delta_rule_chunked
 
 
 FUSE_QK_NORM = False  # q / k norms in the conv epilogue (else in the prep kernel); a switch for benchmarks
+# QWEN3NEXT_GDN_FUSED=0: gdn_cached runs kernels/gdn.py's composition of the single kernels instead
+# (session 2's path: torch glue for the norms and gates, the recurrent kernel for verify)
+FUSED = os.environ.get("QWEN3NEXT_GDN_FUSED", "1") != "0"
 
 
 @triton.jit(do_not_specialize=["T", "SM", "SA", "SB"])
@@ -93,6 +98,12 @@ def gdn_cached(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, st
     (gdn_verify.py), else conv -> `qkv_gates_` -> chunked delta rule -> o [T, Hv, dv].
     m_cols [conv_dim] (optional): channel c of the conv input is m[:, m_cols[c]] (read in place)."""
     Hv, dk, dv = recurrent_state.shape[1:]
+    if not FUSED:
+        from .. import gdn
+
+        m = m if m_cols is None else m.index_select(1, m_cols)
+        return gdn.gdn_cached(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots,
+                              has_initial_state, per_token_state_slots, A_log, dt_bias, num_k_heads)
     if per_token_state_slots is not None:
         from .gdn_verify import gdn_verify
 
