@@ -1,0 +1,101 @@
+"""Compile every variant of the mixer kernels (DeltaNet conv / prep / verify / decode / delta rule,
+attention rotary and gate) for sm_90 with the installed triton, on any machine: no GPU needed.
+
+    python benchmarks/check_mixers_compile.py
+    PYTHONPATH=/tmp/tri36 python benchmarks/check_mixers_compile.py   # the H200 image's triton 3.6.0
+                                                                      # (pip install --target /tmp/tri36 triton==3.6.0)
+
+Arguments are specialised as at run time (pointers 16-byte aligned, integer strides and sizes
+divisible by 16, the kernels' do_not_specialize arguments left alone), which is what made a
+column-mapped conv fail to compile on the H200 under triton 3.6 (TritonGPURemoveLayoutConversions:
+"operand does not dominate this use") while 3.9 compiled it. Exit status 1 when any variant fails.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from qwen3next.kernels.triton import attention, conv1d, delta_rule, gdn_decode, gdn_prep, gdn_verify, rotary
+
+TARGET = GPUTarget("cuda", 90, 32)
+NO_SPECIALIZE = {"T", "TB", "B", "R", "NH", "S0", "S1", "N"}
+FAILS: list[str] = []
+
+
+def compile_one(name: str, fn, sig: dict, const: dict, warps: int = 4) -> None:
+    fn = fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig)
+             if sig[n].startswith("*") or (sig[n].startswith("i") and n not in NO_SPECIALIZE)}
+    try:
+        triton.compile(ASTSource(fn, sig, const, attrs=attrs), target=TARGET, options={"num_warps": warps})
+        print("ok  ", name, const, flush=True)
+    except Exception as e:  # report every variant, fail at the end
+        FAILS.append(f"{name} {const}")
+        print("FAIL", name, const, str(e).splitlines()[0][:160], flush=True)
+
+
+def p(t: str) -> str:
+    return "*" + t
+
+
+def main() -> int:
+    print("triton", triton.__version__)
+    conv = dict(x_ptr=p("bf16"), w_ptr=p("bf16"), y_ptr=p("bf16"), seq_ptr=p("i64"), cu_ptr=p("i64"), st_ptr=p("bf16"),
+                slot_ptr=p("i64"), init_ptr=p("i32"), T="i32", C="i32", TB="i32", SX="i32", scale="fp32")
+    for qk, state, (bt, bc, w) in itertools.product((0, 32), (False, True), conv1d._CONFIGS):
+        if not qk or bc >= conv1d.NORM_BC:
+            compile_one("conv_varlen", conv1d._conv_varlen_body, conv,
+                        dict(K=4, HAS_STATE=state, QK_HEADS=qk, DK=128 if qk else 1, BT=bt, BC=bc), w)
+    compile_one("conv_state", conv1d._conv_state_kernel, dict(x_ptr=p("bf16"), cu_ptr=p("i64"), st_ptr=p("bf16"),
+                slot_ptr=p("i64"), init_ptr=p("i32"), C="i32", SX="i32"), dict(K=4, KP=4, BC=256))
+    for mp in (0, 16):
+        compile_one("conv_update", conv1d._conv_update_kernel, dict(x_ptr=p("bf16"), w_ptr=p("bf16"), y_ptr=p("bf16"),
+                    st_ptr=p("bf16"), slot_ptr=p("i64"), map_ptr=p("i64"), C="i32", SX="i32"),
+                    dict(K=4, KP=4, BC=256, MAP=mp))
+        compile_one("verify_conv", gdn_verify._verify_conv_kernel, dict(x_ptr=p("bf16"), w_ptr=p("bf16"), y_ptr=p("bf16"),
+                    cu_ptr=p("i64"), st_ptr=p("bf16"), slot_ptr=p("i64"), init_ptr=p("i1"), ts_ptr=p("i64"),
+                    map_ptr=p("i64"), C="i32", SX="i32"), dict(K=4, KP=4, BC=256, MAP=mp))
+    heads = dict(HK=16, HV=32, DK=128, DV=128)
+    for bv, w in ((16, 2), (64, 4)):
+        compile_one("verify_rec", gdn_verify._verify_rec_kernel, dict(mc_ptr=p("bf16"), a_ptr=p("bf16"), b_ptr=p("bf16"),
+                    alog_ptr=p("bf16"), dtb_ptr=p("bf16"), o_ptr=p("bf16"), cu_ptr=p("i64"), st_ptr=p("fp32"),
+                    slot_ptr=p("i64"), init_ptr=p("i1"), pts_ptr=p("i64"), SA="i32", SB="i32", scale="fp32"),
+                    dict(heads, BV=bv), w)
+        compile_one("decode", gdn_decode._decode_kernel, dict(m_ptr=p("bf16"), a_ptr=p("bf16"), b_ptr=p("bf16"),
+                    alog_ptr=p("bf16"), dtb_ptr=p("bf16"), st_ptr=p("fp32"), slot_ptr=p("i64"), o_ptr=p("bf16"),
+                    scale="fp32", SA="i32", SB="i32"), dict(heads, BV=bv), w)
+    for do_qk in (False, True):
+        compile_one("prep", gdn_prep._prep_kernel, dict(mc_ptr=p("bf16"), a_ptr=p("bf16"), b_ptr=p("bf16"),
+                    alog_ptr=p("bf16"), dtb_ptr=p("bf16"), g_ptr=p("fp32"), beta_ptr=p("fp32"), T="i32", SM="i32",
+                    SA="i32", SB="i32", scale="fp32"), dict(HK=16, HV=32, DK=128, R=2, RP=2, BR=16, DO_QK=do_qk))
+    for norm in (False, True):
+        compile_one("rotary", rotary._rotary_kernel, dict(x_ptr=p("bf16"), cos_ptr=p("bf16"), sin_ptr=p("bf16"),
+                    y_ptr=p("bf16"), w_ptr=p("bf16"), eps="fp32", R="i32", NH="i32", S0="i32", S1="i32", D="i32",
+                    d="i32"), dict(HAS_NORM=norm, BR=16, BLOCK=256))
+    compile_one("gate_rows", attention._gate_rows_kernel, dict(o_ptr=p("bf16"), g_ptr=p("bf16"), y_ptr=p("bf16"),
+                R="i32", NH="i32", S0="i32", S1="i32"), dict(D=256, BR=16))
+    dr = dict(HK=16, HV=32, DK=128, BB=16, BT=64, PREC="tf32")
+    compile_one("dr_kkt", delta_rule._kkt_solve_kernel, dict(k_ptr=p("bf16"), g_ptr=p("fp32"), b_ptr=p("fp32"),
+                cu_ptr=p("i64"), B="i32", G_ptr=p("fp32"), A_ptr=p("bf16"), SK="i32"), dict(dr, BC=16, BK=64))
+    compile_one("dr_wu", delta_rule._wu_kernel, dict(k_ptr=p("bf16"), v_ptr=p("bf16"), b_ptr=p("fp32"),
+                G_ptr=p("fp32"), A_ptr=p("bf16"), cu_ptr=p("i64"), B="i32", u_ptr=p("bf16"), kd_ptr=p("bf16"),
+                SK="i32", SV="i32"), dict(dr, DV=128, BK=64, BV=64))
+    for fuse in (False, True):
+        compile_one("dr_state", delta_rule._state_kernel, dict(q_ptr=p("bf16"), k_ptr=p("bf16"), u_ptr=p("bf16"),
+                    kd_ptr=p("bf16"), G_ptr=p("fp32"), w_ptr=p("bf16"), h_ptr=p("bf16"), o_ptr=p("bf16"),
+                    cu_ptr=p("i64"), B="i32", st_ptr=p("fp32"), slot_ptr=p("i64"), init_ptr=p("i1"), SQ="i32",
+                    SK="i32"), dict(dr, DV=128, BV=32, HAS_STATE=True, FUSE_O=fuse))
+    compile_one("dr_out", delta_rule._out_kernel, dict(q_ptr=p("bf16"), k_ptr=p("bf16"), w_ptr=p("bf16"),
+                h_ptr=p("bf16"), G_ptr=p("fp32"), o_ptr=p("bf16"), cu_ptr=p("i64"), B="i32", SQ="i32", SK="i32"),
+                dict(dr, DV=128, BV=128))
+    print(f"{len(FAILS)} failed" + "".join(f"\n  {f}" for f in FAILS))
+    return 1 if FAILS else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
