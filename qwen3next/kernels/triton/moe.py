@@ -31,8 +31,7 @@ from .moe_gemv import _gemv_down_kernel, _gemv_gate_up_kernel, _shared_gate
 _GEMM_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
                  for bn, bk, w, st in ((32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3),
                                        (128, 64, 4, 4), (32, 128, 4, 4), (128, 64, 4, 3), (256, 64, 8, 3),
-                                       (128, 128, 8, 3), (256, 64, 8, 4), (128, 64, 8, 4), (64, 64, 4, 5),
-                                       (128, 128, 4, 4), (256, 128, 8, 3), (64, 128, 4, 4))]
+                                       (128, 128, 8, 3), (256, 64, 8, 4), (128, 64, 8, 4), (64, 64, 4, 5))]
 GEMV_MAX_ROWS = 80  # M = T*k up to this uses the GEMV path (measured: T = 8 still gains at k = 10)
 # the MoE block hands its shared expert to the experts' kernels up to this many routed rows (decode,
 # verify); prefill-sized batches keep it in cuBLAS (not measured against the grouped GEMM there)

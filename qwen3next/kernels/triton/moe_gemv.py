@@ -12,46 +12,27 @@ import triton.language as tl
 
 from ._util import autotune
 
-# GEMV path: (BN, BK, warps, PF); PF = 1: the next K tile's loads are issued before this tile's
-# FMAs (twice the bytes in flight per program); the first config is the interpreter's
-_GEMV_CONFIGS = [triton.Config({"BN": bn, "BK": bk, "PF": pf}, num_warps=w)
-                 for bn, bk, w, pf in ((16, 256, 4, 1), (16, 256, 4, 0), (8, 256, 4, 0), (16, 128, 4, 0),
-                                       (32, 128, 4, 0), (8, 512, 4, 0), (16, 256, 8, 0), (4, 512, 2, 0),
-                                       (32, 256, 8, 0), (16, 512, 8, 0), (64, 128, 8, 0), (8, 256, 4, 1),
-                                       (4, 512, 2, 1), (8, 512, 4, 1), (4, 256, 2, 1))]
+# (BN, BK, warps); the first is the interpreter's
+_GEMV_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w)
+                 for bn, bk, w in ((16, 256, 4), (8, 256, 4), (16, 128, 4), (32, 128, 4), (8, 512, 4),
+                                   (16, 256, 8), (4, 512, 2), (32, 256, 8), (16, 512, 8), (64, 128, 8))]
 
 
 @triton.jit
-def _gate_up_rows(x_ptr, wg_ptr, wu_ptr, h_ptr, nb, H, N, BN: tl.constexpr, BK: tl.constexpr, PF: tl.constexpr):
+def _gate_up_rows(x_ptr, wg_ptr, wu_ptr, h_ptr, nb, H, N, BN: tl.constexpr, BK: tl.constexpr):
     """h[n] = silu(x . Wg[n]) * (x . Wu[n]) for the BN rows n of block nb (x, Wg, Wu rows of H)."""
     n = nb * BN + tl.arange(0, BN)
     nm = n < N
     kk = tl.arange(0, BK)
     acc_g = tl.zeros([BN, BK], dtype=tl.float32)
     acc_u = tl.zeros([BN, BK], dtype=tl.float32)
-    pg = wg_ptr + n[:, None] * H + kk[None, :]
-    pu = wu_ptr + n[:, None] * H + kk[None, :]
-    if PF:
-        km = kk < H
-        wg = tl.load(pg, mask=nm[:, None] & km[None, :], other=0.0)
-        wu = tl.load(pu, mask=nm[:, None] & km[None, :], other=0.0)
-        xv = tl.load(x_ptr + kk, mask=km, other=0.0)
-        for k0 in range(BK, H + BK, BK):  # accumulates tile k0 - BK while tile k0 loads (none past H)
-            km = (k0 + kk) < H
-            wg_n = tl.load(pg + k0, mask=nm[:, None] & km[None, :], other=0.0)
-            wu_n = tl.load(pu + k0, mask=nm[:, None] & km[None, :], other=0.0)
-            xv_n = tl.load(x_ptr + k0 + kk, mask=km, other=0.0)
-            acc_g += wg.to(tl.float32) * xv.to(tl.float32)[None, :]
-            acc_u += wu.to(tl.float32) * xv.to(tl.float32)[None, :]
-            wg, wu, xv = wg_n, wu_n, xv_n
-    else:
-        for k0 in range(0, H, BK):
-            km = (k0 + kk) < H
-            xv = tl.load(x_ptr + k0 + kk, mask=km, other=0.0).to(tl.float32)
-            wg = tl.load(pg + k0, mask=nm[:, None] & km[None, :], other=0.0)
-            wu = tl.load(pu + k0, mask=nm[:, None] & km[None, :], other=0.0)
-            acc_g += wg.to(tl.float32) * xv[None, :]
-            acc_u += wu.to(tl.float32) * xv[None, :]
+    for k0 in range(0, H, BK):
+        km = (k0 + kk) < H
+        xv = tl.load(x_ptr + k0 + kk, mask=km, other=0.0).to(tl.float32)
+        wg = tl.load(wg_ptr + n[:, None] * H + k0 + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+        wu = tl.load(wu_ptr + n[:, None] * H + k0 + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+        acc_g += wg.to(tl.float32) * xv[None, :]
+        acc_u += wu.to(tl.float32) * xv[None, :]
     dt = h_ptr.dtype.element_ty
     # round like the reference (products in the activation dtype, then the gate)
     gt = tl.sum(acc_g, 1).to(dt).to(tl.float32)
@@ -60,27 +41,15 @@ def _gate_up_rows(x_ptr, wg_ptr, wu_ptr, h_ptr, nb, H, N, BN: tl.constexpr, BK: 
 
 
 @triton.jit
-def _rows_dot(v_ptr, w_ptr, n, nm, K, BN: tl.constexpr, BK: tl.constexpr, PF: tl.constexpr):
-    """[BN] fp32: v (K values) . W[n] for rows n of a row-major [*, K] weight (PF as in _gate_up_rows)."""
+def _rows_dot(v_ptr, w_ptr, n, nm, K, BN: tl.constexpr, BK: tl.constexpr):
+    """[BN] fp32: v (K values) . W[n] for rows n of a row-major [*, K] weight."""
     kk = tl.arange(0, BK)
     acc = tl.zeros([BN, BK], dtype=tl.float32)
-    pw = w_ptr + n[:, None] * K + kk[None, :]
-    if PF:
-        km = kk < K
-        w = tl.load(pw, mask=nm[:, None] & km[None, :], other=0.0)
-        v = tl.load(v_ptr + kk, mask=km, other=0.0)
-        for k0 in range(BK, K + BK, BK):
-            km = (k0 + kk) < K
-            w_n = tl.load(pw + k0, mask=nm[:, None] & km[None, :], other=0.0)
-            v_n = tl.load(v_ptr + k0 + kk, mask=km, other=0.0)
-            acc += w.to(tl.float32) * v.to(tl.float32)[None, :]
-            w, v = w_n, v_n
-    else:
-        for k0 in range(0, K, BK):
-            km = (k0 + kk) < K
-            v = tl.load(v_ptr + k0 + kk, mask=km, other=0.0).to(tl.float32)
-            w = tl.load(pw + k0, mask=nm[:, None] & km[None, :], other=0.0)
-            acc += w.to(tl.float32) * v[None, :]
+    for k0 in range(0, K, BK):
+        km = (k0 + kk) < K
+        v = tl.load(v_ptr + k0 + kk, mask=km, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + n[:, None] * K + k0 + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+        acc += w.to(tl.float32) * v[None, :]
     return tl.sum(acc, 1)
 
 
@@ -100,23 +69,23 @@ def _shared_gate(x_ptr, sgw_ptr, H, dt: tl.constexpr, BK: tl.constexpr):
 @autotune(_GEMV_CONFIGS, key=["H", "I", "TB"])
 @triton.jit(do_not_specialize=["TB", "M"])
 def _gemv_gate_up_kernel(x_ptr, w_ptr, ids_ptr, h_ptr, sg_ptr, su_ptr, hs_ptr, M, H, I, IS, TB,
-                         TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PF: tl.constexpr):
+                         TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """Program (a, block): a < M is routed assignment a (token a // TOPK, expert ids[a]) -> h[a];
     a >= M the shared expert (rows of IS) of token a - M -> hs[a - M]."""
     a = tl.program_id(0).to(tl.int64)
     nb = tl.program_id(1)
     if a < M:
         wg = w_ptr + tl.load(ids_ptr + a) * (2 * I) * H
-        _gate_up_rows(x_ptr + (a // TOPK) * H, wg, wg + I * H, h_ptr + a * I, nb, H, I, BN, BK, PF)
+        _gate_up_rows(x_ptr + (a // TOPK) * H, wg, wg + I * H, h_ptr + a * I, nb, H, I, BN, BK)
     else:
         t = a - M
-        _gate_up_rows(x_ptr + t * H, sg_ptr, su_ptr, hs_ptr + t * IS, nb, H, IS, BN, BK, PF)
+        _gate_up_rows(x_ptr + t * H, sg_ptr, su_ptr, hs_ptr + t * IS, nb, H, IS, BN, BK)
 
 
 @autotune(_GEMV_CONFIGS, key=["H", "I", "TB"])
 @triton.jit(do_not_specialize=["TB", "M"])
 def _gemv_down_kernel(h_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, hs_ptr, sd_ptr, x_ptr, sgw_ptr, M, H, I, IS, TB,
-                      TOPK: tl.constexpr, NS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PF: tl.constexpr):
+                      TOPK: tl.constexpr, NS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """One term per program (a loop over a token's terms in one program measured 1.5x slower on the
     H200, B = 1: fewer loads in flight): a < M routed assignment
     a -> y[t, j] = w h W_down^T; a >= M the shared expert of token t = a - M -> y[t, TOPK]. Rows
@@ -126,12 +95,12 @@ def _gemv_down_kernel(h_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, hs_ptr, sd_ptr, x_pt
     nm = n < H
     dt = y_ptr.dtype.element_ty
     if a < M:
-        acc = _rows_dot(h_ptr + a * I, w_ptr + tl.load(ids_ptr + a) * H * I, n, nm, I, BN, BK, PF)
+        acc = _rows_dot(h_ptr + a * I, w_ptr + tl.load(ids_ptr + a) * H * I, n, nm, I, BN, BK)
         rw = tl.load(rw_ptr + a).to(dt).to(tl.float32)
         row = (a // TOPK) * (TOPK + NS) + a % TOPK
     else:
         t = a - M
-        acc = _rows_dot(hs_ptr + t * IS, sd_ptr, n, nm, IS, BN, BK, PF)
+        acc = _rows_dot(hs_ptr + t * IS, sd_ptr, n, nm, IS, BN, BK)
         rw = _shared_gate(x_ptr + t * H, sgw_ptr, H, dt, BK)
         row = t * (TOPK + NS) + TOPK
     tl.store(y_ptr + row * H + n, (acc.to(dt).to(tl.float32) * rw).to(dt), mask=nm)
