@@ -26,10 +26,10 @@ from .fused import DerivedWeight
 from .norm import GatedRMSNorm
 
 
-# Cached batches up to this many tokens hand the conv the grouped projection + column map; longer
-# ones copy q / k / v into one [T, conv_dim] buffer first (a switch: benchmarks A/B it; the map's
-# gather loads ran the 8K prefill conv 5x slower before they were hinted as contiguous runs).
-GROUPED_MAX_T = 512 if os.environ.get("QWEN3NEXT_GDN_FUSED", "1") != "0" else 0  # (=0: session 2's path)
+# Cached batches up to this many tokens (decode, verify, short chunks) hand the conv kernels the
+# grouped projection + column map; longer ones copy q / k / v into one [T, conv_dim] buffer (three
+# strided copies; the varlen conv would gather a map first anyway). QWEN3NEXT_GDN_FUSED=0: never.
+GROUPED_MAX_T = 512 if os.environ.get("QWEN3NEXT_GDN_FUSED", "1") != "0" else 0
 
 
 def _regroup_rows(Hk: int, dk: int, rdv: int, r: int, w_qkvz: torch.Tensor, w_ba: torch.Tensor) -> torch.Tensor:
