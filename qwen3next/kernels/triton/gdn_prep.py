@@ -6,9 +6,9 @@ logits, L2-normalises q (and scales it by dk^-0.5) and k *in place* in mc's colu
 one rounding to mc's dtype, as the reference's fp32 q / k are rounded when the delta rule casts
 them), writes g = -exp(A_log) softplus(a + dt_bias) and beta = sigmoid(b) as fp32 [T, Hv], and
 returns q, k, v as row-strided views of mc: the delta rule reads them in place (no split, reshape,
-cast or contiguous copies). The reference is kernels/gdn.py's `qkv_gates`. In `gdn_cached` the
-conv's epilogue normalises q / k already (its tiles hold whole heads) and this kernel only writes
-the gates.
+cast or contiguous copies). The reference is kernels/gdn.py's `qkv_gates`. With FUSE_QK_NORM
+`gdn_cached` has the conv's epilogue normalise q / k (its tiles hold whole heads) and this kernel
+only writes the gates.
 """
 
 from __future__ import annotations
