@@ -7,6 +7,8 @@ Catch-up: for every position t the trunk computed (and kept) this step, run the 
 (d_{j-1}, the MTP's previous output) at the next position. Drafts are sampled with the request's
 own rules (penalties, min_tokens, temperature, top-k/p, min-p; argmax when greedy) and their
 distributions kept for rejection sampling. Results go to `seq.spec_token_ids` / `spec_draft_probs`.
+The catch-up asks the head only for the rows that draft (`mtp(..., rows=)`); plain-greedy drafts
+on CPU come from one C++ call for the catch-up and all k draft steps (`Qwen3NextMTP.draft_greedy`).
 """
 
 from __future__ import annotations
