@@ -4,6 +4,8 @@ Given the trunk's final hidden h_t (after model.norm) and the next token x_{t+1}
 z = fc([ZCRMSNorm(embed(x_{t+1})) ; ZCRMSNorm(h_t)]), then full-attention + MoE decoder layer(s)
 with their own KV cache (ModelCache.kv[num_hidden_layers + i]), then mtp.norm. Embedding and
 lm_head are the trunk's (not stored under mtp.*); logits come from the trunk's compute_logits.
+On CPU a cached step (draft, catch-up) runs as one C++ call (OneCallMTP, the torch path being its
+reference), and greedy drafting as one call for the catch-up and all draft steps (draft_greedy).
 """
 
 from __future__ import annotations
@@ -67,7 +69,6 @@ class Qwen3NextMTP(nn.Module):
         if rows is not None:
             out = out[torch.as_tensor(rows, dtype=torch.long, device=out.device)]
         return out
-
 
     def draft_greedy(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                      batch: ForwardBatch, rows: list[int], draft_positions: list[list[int]],
