@@ -64,24 +64,38 @@ def _plain_references(monkeypatch):
     monkeypatch.setattr(ops, "_use_triton", lambda *t: False)
 
 
+def _grouped_cols(hk, hv, dk, dv, T):
+    """The layer's map: each key head's row block [q dk | k dk | v r dv | z r dv] of in_proj_qkvz
+    (16-aligned runs, read in place by the kernels) -> (cols [C], width)."""
+    rdv, W = hv // hk * dv, 2 * dk + 2 * hv // hk * dv
+    base = torch.arange(hk)[:, None] * W
+    cols = torch.cat([(base + torch.arange(dk)).flatten(), (base + dk + torch.arange(dk)).flatten(),
+                      (base + 2 * dk + torch.arange(rdv)).flatten()])
+    return cols.to(DEV), hk * W
+
+
 def _check_cached(batches, T, dtype=torch.float32, shape=(2, 4, 16, 32), N=8, tol=1e-5, state_tol=1e-5,
-                  rows=slice(None), padded=False):
-    """Kernel vs reference over `batches`; `padded`: some row has slot -1, which the torch reference
-    reads as the last slot (Python indexing) and the kernels skip: that slot is left out of the
-    comparison and must stay untouched by the kernels."""
+                  rows=slice(None), padded=False, scattered=False):
+    """Kernel vs reference over `batches`, the kernels reading m in place from a wider projection
+    through a column map (the layer's grouped one, or `scattered`: a random one, gathered first).
+    bf16 inputs are checked against the reference on fp32 copies of them. `padded`: some row has
+    slot -1, which the torch reference reads as the last slot (Python indexing) and the kernels
+    skip: that slot is left out of the comparison and must stay untouched by the kernels."""
     args = _case(T, *shape, K=4, N=N, dtype=dtype, seed=T)
-    a_t, a_r = _clone(args), _clone(args)
-    # the kernels read m in place from a wider projection through a column map (as the layer's)
+    a_t, a_r = _clone(args), {k: (v.clone().float() if torch.is_tensor(v) else v) for k, v in args.items()}
     C = args["m"].shape[1]
-    cols = torch.randperm(C + 7, generator=seeded(T))[:C].to(DEV)
-    a_t["m"] = torch.zeros(T, C + 7, dtype=dtype, device=DEV)
+    if scattered:
+        cols, width = torch.randperm(C + 7, generator=seeded(T))[:C].to(DEV), C + 7
+    else:
+        cols, width = _grouped_cols(*shape, T)
+    a_t["m"] = torch.zeros(T, width, dtype=dtype, device=DEV)
     a_t["m"][:, cols] = args["m"]
     o_t = _run_cached(functools.partial(gdn_prep.gdn_cached, m_cols=cols), a_t, batches)
     o_r = _run_cached(ref.gdn_cached, a_r, batches)
     assert rel_err(o_t[rows], o_r[rows]) < tol
     n = N - 1 if padded else N
-    for name in ("recurrent_state", "conv_state"):
-        assert rel_err(a_t[name][:n], a_r[name][:n]) < state_tol
+    for name, bound in (("recurrent_state", state_tol), ("conv_state", 1e-6)):  # windows: copied values
+        assert rel_err(a_t[name][:n], a_r[name][:n]) < bound
         if padded:
             assert torch.equal(a_t[name][n:], args[name][n:])
 
@@ -91,15 +105,18 @@ def _dev(*xs):
 
 
 @pytest.mark.parametrize("fuse", [False, True])
-def test_cached_prefill_chunks_match_reference(fuse, monkeypatch):
+@pytest.mark.parametrize("scattered", [False, True])
+def test_cached_prefill_chunks_match_reference(fuse, scattered, monkeypatch):
     """Prefill chunks (fresh and continued), varlen, lengths around the 64-token chunk; q / k norms
     in the prep kernel or in the conv's epilogue."""
     monkeypatch.setattr(gdn_prep, "FUSE_QK_NORM", fuse)
     slots, fresh, cont = _dev([5, 0, 3, 1], [False] * 4, [True, True, False, True])
-    _check_cached([([63, 1, 65, 5], slots, fresh, None), ([64, 2, 30, 1], slots, cont, None)], T=231)
+    _check_cached([([63, 1, 65, 5], slots, fresh, None), ([64, 2, 30, 1], slots, cont, None)], T=231,
+                  scattered=scattered)
 
 
-def test_verify_matches_reference():
+@pytest.mark.parametrize("scattered", [False, True])
+def test_verify_matches_reference(scattered):
     """Verify steps: per-token states into scratch slots, a padded row (slot -1), then a second step
     continuing from the first's states."""
     slots, init = _dev([4, 0, -1], [True, False, True])
@@ -108,7 +125,7 @@ def test_verify_matches_reference():
     pts2 = torch.tensor([11, -1, 12, 13], device=DEV)
     rows = torch.tensor([0, 1, 2, 3, 4, 5, 9, 10, 11, 12], device=DEV)
     _check_cached([([3, 3, 3], slots, init, pts), ([2, 2], slots2, init2, pts2)], T=13, N=15, rows=rows,
-                  padded=True)
+                  padded=True, scattered=scattered)
 
 
 @pytest.mark.gpu
@@ -116,7 +133,7 @@ def test_verify_matches_reference():
 def test_cached_prefill_bf16_gpu(lens):
     slots, init = torch.arange(len(lens), device=DEV), torch.ones(len(lens), dtype=torch.bool, device=DEV)
     _check_cached([(lens, slots, init, None)], T=sum(lens), dtype=torch.bfloat16, shape=(16, 32, 128, 128),
-                  N=len(lens) + 1, tol=1e-2, state_tol=1e-2)
+                  N=len(lens) + 1, tol=2e-2, state_tol=1e-2)
 
 
 @pytest.mark.gpu
@@ -126,4 +143,4 @@ def test_verify_bf16_gpu(B, q):
     init = torch.ones(B, dtype=torch.bool, device=DEV)
     pts = torch.arange(B * q, device=DEV) + B
     _check_cached([([q] * B, slots, init, pts)], T=B * q, dtype=torch.bfloat16, shape=(16, 32, 128, 128),
-                  N=B * (q + 1), tol=1e-2, state_tol=1e-3)
+                  N=B * (q + 1), tol=2e-2, state_tol=1e-2)
