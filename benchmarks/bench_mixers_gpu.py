@@ -219,8 +219,8 @@ def gdn_rows():
 
 
 def conv_rows(layer, x):
-    """The conv alone at 8K: contiguous input vs the grouped projection through the column map,
-    with and without the q / k norm epilogue."""
+    """The conv alone at 8K: contiguous input vs the grouped projection (its map gathered by
+    index_select first), with and without the q / k norm epilogue."""
     from qwen3next.kernels.triton import conv1d
 
     T = x.shape[0]
@@ -233,8 +233,8 @@ def conv_rows(layer, x):
     row = RES.setdefault("conv_8k", {"map_run": conv1d._map_run(cols)})
     for key, fn in (("contig", lambda: conv1d.causal_conv1d_varlen(m, w, cu)),
                     ("contig_norm", lambda: conv1d.causal_conv1d_varlen(m, w, cu, qk_heads=qk)),
-                    ("map", lambda: conv1d.causal_conv1d_varlen(p, w, cu, x_cols=cols)),
-                    ("map_norm", lambda: conv1d.causal_conv1d_varlen(p, w, cu, x_cols=cols, qk_heads=qk))):
+                    ("gathered", lambda: conv1d.causal_conv1d_varlen(p, w, cu, x_cols=cols)),
+                    ("gathered_norm", lambda: conv1d.causal_conv1d_varlen(p, w, cu, x_cols=cols, qk_heads=qk))):
         try:
             row[key + "_ms"] = bench(fn)
         except Exception as e:
