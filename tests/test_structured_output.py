@@ -1,10 +1,12 @@
 """Structured outputs in the engine (grammar masks from llguidance) on the tiny random model with its
 tiny byte-level tokenizer: whatever garbage the weights prefer, the output parses and matches the
 schema / regex / choice; the grammar starts after `start_after_token_id`; unconstrained rows in the
-same batch sample exactly as alone; speculative engines refuse; the request parsing of the server
+same batch sample exactly as alone; with MTP speculative decoding greedy outputs equal the
+plain engine's (constrained rows do not draft); the request parsing of the server
 (response_format, structured_outputs, guided_*) and its 400s."""
 
 import json
+import os
 import re
 
 import numpy as np
@@ -165,13 +167,72 @@ def test_abort_frees_matchers_and_bad_grammars_are_value_errors(llm):
         S(regex="a", choice=["a"])
 
 
-def test_speculative_engine_refuses(tiny_ckpt):
+def _spec_engines(model, model_dir, eos, ks):
+    """A plain engine and one MTP engine per k over the same float32 model."""
     from qwen3next.engine import EngineArgs, LLMEngine
 
-    eng = LLMEngine.from_args(EngineArgs(model=tiny_ckpt, max_model_len=128, max_num_seqs=2,
-                                         speculative_config={"method": "qwen3_next_mtp", "num_speculative_tokens": 1}))
-    with pytest.raises(ValueError, match="speculative decoding"):
-        eng.add_request("x", [1, 2, 3], SamplingParams(structured_outputs=S(choice=["a"])))
+    out = []
+    for k in [None, *ks]:
+        spec = {"method": "qwen3_next_mtp", "num_speculative_tokens": k} if k else None
+        eng = LLMEngine(model, EngineArgs(max_model_len=512, max_num_seqs=8, speculative_config=spec),
+                        eos_token_ids=eos)
+        eng.structured.tokenizer_dir = model_dir
+        out.append(eng)
+    return out
+
+
+def test_speculative_greedy_equals_plain_tiny(tiny_ckpt, llm, monkeypatch):
+    """MTP on (k = 2, drafts = the plain run's continuation with planted errors): constrained rows
+    (no drafts: a masked step in the verify forward), a row waiting for </think> (drafts cut
+    before it) and free rows in one batch give exactly the plain engine's greedy tokens."""
+    from qwen3next.loader import load_model
+    from tests.test_spec_decode import ScriptedDrafts, use_drafter
+
+    model, _ = load_model(tiny_ckpt, dtype=torch.float32, device="cpu", with_mtp=True, progress=False)
+    tok = llm.tokenizer
+    end = tok.token_to_id("</think>")
+    g = dict(temperature=0.0, max_tokens=300)
+    reqs = {"free": (tok.encode("Tell me"), SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)),
+            "json": (tok.encode("Hello"), SamplingParams(**g, structured_outputs=S(json=SCHEMA))),
+            "choice": (tok.encode("Hi"), SamplingParams(**g, structured_outputs=S(choice=["yes", "no", "maybe not"]))),
+            "think": (tok.encode("Hi"), SamplingParams(**g, logit_bias={end: 100.0},
+                                                       structured_outputs=S(json=SCHEMA, start_after_token_id=end)))}
+    plain, spec = _spec_engines(model, tiny_ckpt, llm.llm_engine.eos_token_ids, [2])
+    ref = run(plain, reqs)
+    use_drafter(monkeypatch, ScriptedDrafts({r: ([t], None) for r, t in ref.items()}))
+    assert run(spec, reqs) == ref
+    assert spec.stats["spec_decode"]["num_accepted_tokens"] > 10 and not spec.structured.rows
+    jsonschema.validate(json.loads(tok.decode(ref["json"])), SCHEMA)
+
+
+DEMO = os.path.join(os.path.dirname(__file__), "..", "qwen3next", "demo_model")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(DEMO, "model.safetensors")), reason="demo model not built")
+def test_speculative_greedy_equals_plain_demo_model():
+    """The demo model's own MTP head (acceptance ~0.4-0.7): a JSON schema, a choice, a schema that
+    starts after the model's own </think> (drafts cut mid-run) and a free row, k = 1..3."""
+    from tokenizers import Tokenizer
+
+    from qwen3next.loader import load_model
+
+    model, _ = load_model(DEMO, dtype=torch.float32, device="cpu", with_mtp=True, progress=False)
+    tok = Tokenizer.from_file(os.path.join(DEMO, "tokenizer.json"))
+    end = tok.token_to_id("</think>")
+    schema = {"type": "object", "required": ["name", "age"],
+              "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}}}
+    reqs = {r: (tok.encode(p).ids, SamplingParams(temperature=0.0, **kw)) for r, p, kw in [
+        ("free", "Once upon a time", dict(max_tokens=40, ignore_eos=True)),
+        ("json", "The user is", dict(max_tokens=60, structured_outputs=S(json=schema))),
+        ("choice", "Is it good?", dict(max_tokens=10, structured_outputs=S(choice=["yes", "no", "maybe"]))),
+        ("think", "Once upon a time", dict(max_tokens=90, structured_outputs=S(json=schema, start_after_token_id=end)))]}
+    plain, *specs = _spec_engines(model, DEMO, [], [1, 2, 3])
+    ref = run(plain, reqs)
+    think = tok.decode(ref["think"], skip_special_tokens=False)
+    assert "</think>" in think and json.loads(think.split("</think>")[1])["age"] is not None
+    for eng in specs:
+        assert run(eng, reqs) == ref
+        assert eng.stats["spec_decode"]["acceptance_rate"] > 0.3
 
 
 def test_without_llguidance_a_clear_error(monkeypatch):

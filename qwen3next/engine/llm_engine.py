@@ -10,7 +10,7 @@ gathered chunk by chunk during prefill (engine/prompt_logprobs.py) and reported 
 request's first output. Structured outputs (SamplingParams.structured_outputs) keep a grammar
 matcher per sequence (engine/structured_output.py): the sampler masks those rows, step() feeds
 each sampled token back and stops a sequence whose grammar is complete; with speculative decoding
-such requests are refused at add_request. The engine is single-threaded; the async server drives it from one thread.
+constrained rows do not draft (a masked plain step inside the verify forward). The engine is single-threaded; the async server drives it from one thread.
 """
 
 from __future__ import annotations
@@ -247,9 +247,6 @@ class LLMEngine:
         for i in range(params.n):
             req.seqs.append(Sequence(next(self._seq_ids), req, i, self.device))
         if params.structured_outputs is not None:
-            if self.spec is not None:
-                raise ValueError("structured outputs (response_format / guided decoding) are not "
-                                 "available with speculative decoding (--speculative-config)")
             self.structured.add([s.seq_id for s in req.seqs], params)
         first = req.seqs[0]
         first.children = req.seqs[1:]
@@ -366,6 +363,7 @@ class LLMEngine:
         for seq, n in zip(sched.seqs, res.computed):
             seq.num_computed_tokens += n
         finished = []
+        grammars = self.structured.rows
         for i, seq in enumerate(res.rows):
             for j, tok in enumerate(res.tokens[i]):
                 seq.token_ids.append(tok)
@@ -373,6 +371,10 @@ class LLMEngine:
                     seq.logprobs.append(res.logprobs[i][j])
                     seq.cumulative_logprob += res.chosen_logprobs[i][j]
                 if self._check_stop(seq, tok):
+                    finished.append(seq)
+                    break
+                if grammars and self.structured.advance(seq, tok):  # its grammar is complete
+                    seq.finish_reason = "stop"
                     finished.append(seq)
                     break
         self.spec.propose(sched, res, {s.seq_id for s in res.rows})

@@ -182,10 +182,33 @@ class SpecDecoder:
                 h = torch.cat([*seq.mtp_pending, h])
                 n = seq.num_computed_tokens - c
                 seq.mtp_pending = []
-            entries.append((seq, c, n, seq.seq_id in sampled))
+            entries.append((seq, c, n, seq.seq_id in sampled and self._drafts_wanted(seq)))
             hidden.append(h)
         if entries:
             self.proposer.run(entries, hidden[0] if len(hidden) == 1 else torch.cat(hidden))
+        self._cut_grammar_drafts(entries)
+
+    def _grammar_row(self, seq: Sequence):
+        """The sequence's structured-output state (None: unconstrained)."""
+        so = self.sampler.structured
+        return so.rows.get(seq.seq_id) if so is not None and so.rows else None
+
+    def _drafts_wanted(self, seq: Sequence) -> bool:
+        """Rows under a grammar do not draft: they take a plain (masked) decode step inside the
+        verify forward. Rows still waiting for their grammar's start token draft as usual."""
+        st = self._grammar_row(seq)
+        return st is None or st.waiting_for is not None
+
+    def _cut_grammar_drafts(self, entries) -> None:
+        """A row waiting for its grammar's start token keeps only the drafts before that token: the
+        positions after it would be verified without the grammar's mask."""
+        for seq, *_ in entries:
+            st = self._grammar_row(seq)
+            if st is not None and st.waiting_for in seq.spec_token_ids:
+                n = seq.spec_token_ids.index(st.waiting_for)
+                seq.spec_token_ids = seq.spec_token_ids[:n]
+                if seq.spec_draft_probs is not None:
+                    seq.spec_draft_probs = seq.spec_draft_probs[:n] if n else None
 
     def _forward(self, sched: SchedulerOutput, plain: list[int], verify: list[int], out: SpecStepOutput) -> None:
         """One trunk forward: prompt chunks and draft-less rows (`plain`: sampled where a prompt
@@ -247,8 +270,12 @@ class SpecDecoder:
         cu = [0]
         for d in drafts:
             cu.append(cu[-1] + len(d) + 1)
+        raw = logits  # (logprobs come from the raw logits, as the sampler's)
+        if self.sampler.structured is not None and self.sampler.structured.rows:
+            # rows under a grammar have no drafts: their one position gets the grammar's mask
+            logits = self.sampler.structured.mask(logits, [s for s, d in zip(seqs, drafts) for _ in range(len(d) + 1)])
         if all(s.request.plain_greedy for s in seqs):
-            # argmax of the raw logits is the target: compare on the host, no per-row tensors
+            # argmax of the logits is the target: compare on the host, no per-row tensors
             target = argmax_rows(logits).tolist()
             n_acc, nxt = [], []
             for r, d in enumerate(drafts):
@@ -258,7 +285,7 @@ class SpecDecoder:
                     a += 1
                 n_acc.append(a)
                 nxt.append(t[a])
-            self._commit(idx, seqs, drafts, n_acc, nxt, hidden, logits, cu, out)
+            self._commit(idx, seqs, drafts, n_acc, nxt, hidden, raw, cu, out)
             return
         # every verify position as a row of its own: sequence + the drafts before it
         p_seqs = [s for s, d in zip(seqs, drafts) for _ in range(len(d) + 1)]
@@ -290,7 +317,7 @@ class SpecDecoder:
             u = draw("uniform", len(rand), self.k, rs, self.sampler.generator, self.device)[:, :K]
             q = draw("exp", len(rand), V, rs, self.sampler.generator, self.device)
             n_acc[rt], nxt[rt] = rejection_sample(target, draft, d_ids[rt], n_drafts[rt], u, q)
-        self._commit(idx, seqs, drafts, n_acc.tolist(), nxt.tolist(), hidden, logits, cu, out)
+        self._commit(idx, seqs, drafts, n_acc.tolist(), nxt.tolist(), hidden, raw, cu, out)
 
     def _commit(self, idx, seqs, drafts, n_acc, nxt, hidden, logits, cu, out) -> None:
         """Record each verify row's tokens (a accepted drafts + one), roll rejected rows' DeltaNet
