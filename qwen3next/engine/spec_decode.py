@@ -9,7 +9,9 @@ sampling otherwise), and a sequence that rejected some keeps the conv/recurrent 
 accepted position; KV written for rejected positions is simply never counted. Prompt chunks run in
 the same forward on CPU (one forward's fixed cost is per-op overhead there), apart on CUDA.
 `SpecDecoder.propose` then brings the MTP cache up to date and drafts the next tokens
-(mtp_proposer.py).
+(mtp_proposer.py). Rows under a structured-output grammar do not draft: each takes one masked
+step inside the verify forward (exact, simple); rows still waiting for the grammar's start token
+(e.g. </think>) draft, cut before that token.
 """
 
 from __future__ import annotations
