@@ -5,11 +5,14 @@ Text lives here, above the token-id engine: prompts are encoded, outputs detoken
 incrementally, stop strings searched in the new text (the text is cut at the stop string, vLLM
 semantics) and the sample stopped in the engine. Unset SamplingParams fields take the model's
 generation_config.json values. Prompt logprobs (SamplingParams.prompt_logprobs) come back on
-RequestOutput.prompt_logprobs with each entry's decoded_token filled in.
+RequestOutput.prompt_logprobs with each entry's decoded_token filled in. `chat` with structured
+outputs and a Thinking template starts the grammar after the model's `</think>`, as the server.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 from typing import Any, Sequence
 
@@ -150,7 +153,24 @@ class LLM:
                 continue_final_message=continue_final_message, **(chat_template_kwargs or {}),
             )
             prompts.append({"prompt": text})
+        if sampling_params is not None:
+            many = not isinstance(sampling_params, SamplingParams)
+            params = list(sampling_params) if many else [sampling_params] * len(prompts)
+            if len(params) == len(prompts):  # (else generate names the mismatch)
+                sampling_params = [self._grammar_after_think(p, q["prompt"]) for p, q in zip(params, prompts)]
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _grammar_after_think(self, params: SamplingParams, prompt: str) -> SamplingParams:
+        """A Thinking prompt (ends in `<think>\\n`) gets its grammar only after the model's
+        `</think>`, as the server does (api/structured.py): the reasoning stays free. A copy of
+        `params` then; `params` itself when it has no grammar or sets start_after_token_id."""
+        so = params.structured_outputs
+        end = self.tokenizer.token_to_id("</think>")
+        if so is None or so.start_after_token_id is not None or end is None or not prompt.endswith("<think>\n"):
+            return params
+        out = copy.copy(params)  # (a copy, not dataclasses.replace: keeps which fields were unset)
+        out.structured_outputs = dataclasses.replace(so, start_after_token_id=end)
+        return out
 
     # ---- internals ------------------------------------------------------------------------
     def _parse_prompt(self, p) -> tuple[str | None, list[int]]:

@@ -2,7 +2,8 @@
 tiny byte-level tokenizer: whatever garbage the weights prefer, the output parses and matches the
 schema / regex / choice; the grammar starts after `start_after_token_id`; unconstrained rows in the
 same batch sample exactly as alone; with MTP speculative decoding greedy outputs equal the
-plain engine's (constrained rows do not draft); the request parsing of the server
+plain engine's (constrained rows do not draft); LLM.chat with a Thinking template starts the
+grammar after </think>; the request parsing of the server
 (response_format, structured_outputs, guided_*) and its 400s."""
 
 import json
@@ -103,6 +104,21 @@ def test_grammar_starts_after_token_and_logprobs_stay_raw(llm):
     jsonschema.validate(json.loads(body), SCHEMA)
     # the chosen tokens' logprobs are the model's own (raw): the forced "{" was not its first choice
     assert any(lp[t].rank > 1 for t, lp in zip(c.token_ids[1:], c.logprobs[1:]))
+
+
+def test_llm_chat_starts_the_grammar_after_think(llm):
+    """LLM.chat with a Thinking template: the grammar waits for the model's </think> (as the server);
+    the caller's params are not changed; a prompt without an open <think> is constrained at once."""
+    tok = llm.tokenizer
+    end = tok.token_to_id("</think>")
+    params = SamplingParams(temperature=0.0, max_tokens=300, logit_bias={end: 100.0}, structured_outputs=S(json=SCHEMA))
+    (out,) = llm.chat([{"role": "user", "content": "Hi"}], params)
+    ids = out.outputs[0].token_ids
+    assert ids[0] == end and end not in ids[1:] and params.structured_outputs.start_after_token_id is None
+    jsonschema.validate(json.loads(tok.decode(ids[1:])), SCHEMA)
+    (out,) = llm.chat([{"role": "user", "content": "Hi"}], [params], chat_template="{{ messages[0].content }}")
+    assert out.outputs[0].token_ids[0] != end
+    jsonschema.validate(json.loads(out.outputs[0].text), SCHEMA)
 
 
 def run(eng, requests: dict) -> dict:
