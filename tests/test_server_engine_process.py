@@ -140,7 +140,7 @@ def test_spec_decode_stats_cross_the_process_and_engine_death(tiny_ckpt):
             assert f"{line} {float(spec['accepted_per_pos'][pos])}" in text
         assert spec["num_verifies"] > 0 and sum(spec["accepted_per_pos"]) == spec["num_accepted_tokens"]
         assert f'qwen3next:spec_decode_num_drafts_total{{model_name="tiny"}} {float(spec["num_verifies"])}' in text
-        # structured outputs with speculative decoding (constrained rows do not draft), after </think>
+        # structured outputs with speculative decoding (drafts verified under the grammar), after </think>
         end = s.state.tokenizer.token_to_id("</think>")
         r = s.chat(max_tokens=200, n=2, temperature=1.0, seed=1, logit_bias={str(end): 100}, guided_json=_SCHEMA)
         assert r.status_code == 200, r.text

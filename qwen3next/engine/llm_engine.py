@@ -10,7 +10,7 @@ gathered chunk by chunk during prefill (engine/prompt_logprobs.py) and reported 
 request's first output. Structured outputs (SamplingParams.structured_outputs) keep a grammar
 matcher per sequence (engine/structured_output.py): the sampler masks those rows, step() feeds
 each sampled token back and stops a sequence whose grammar is complete; with speculative decoding
-constrained rows do not draft (a masked plain step inside the verify forward). The engine is single-threaded; the async server drives it from one thread.
+a grammar row's drafts are verified under its masks (spec_decode.py). The engine is single-threaded; the async server drives it from one thread.
 """
 
 from __future__ import annotations

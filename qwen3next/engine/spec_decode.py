@@ -9,9 +9,9 @@ sampling otherwise), and a sequence that rejected some keeps the conv/recurrent 
 accepted position; KV written for rejected positions is simply never counted. Prompt chunks run in
 the same forward on CPU (one forward's fixed cost is per-op overhead there), apart on CUDA.
 `SpecDecoder.propose` then brings the MTP cache up to date and drafts the next tokens
-(mtp_proposer.py). Rows under a structured-output grammar do not draft: each takes one masked
-step inside the verify forward (exact, simple); rows still waiting for the grammar's start token
-(e.g. </think>) draft, cut before that token.
+(mtp_proposer.py). Rows under a structured-output grammar draft as any other; their verify
+positions are masked by the grammar after the drafts before each (an invalid draft is rejected);
+rows still waiting for the grammar's start token (e.g. </think>) keep only drafts before it.
 """
 
 from __future__ import annotations
@@ -184,31 +184,30 @@ class SpecDecoder:
                 h = torch.cat([*seq.mtp_pending, h])
                 n = seq.num_computed_tokens - c
                 seq.mtp_pending = []
-            entries.append((seq, c, n, seq.seq_id in sampled and self._drafts_wanted(seq)))
+            entries.append((seq, c, n, seq.seq_id in sampled))
             hidden.append(h)
         if entries:
             self.proposer.run(entries, hidden[0] if len(hidden) == 1 else torch.cat(hidden))
         self._cut_grammar_drafts(entries)
 
-    def _grammar_row(self, seq: Sequence):
-        """The sequence's structured-output state (None: unconstrained)."""
-        so = self.sampler.structured
-        return so.rows.get(seq.seq_id) if so is not None and so.rows else None
-
-    def _drafts_wanted(self, seq: Sequence) -> bool:
-        """Rows under a grammar do not draft: they take a plain (masked) decode step inside the
-        verify forward. Rows still waiting for their grammar's start token draft as usual."""
-        st = self._grammar_row(seq)
-        return st is None or st.waiting_for is not None
-
     def _cut_grammar_drafts(self, entries) -> None:
-        """A row waiting for its grammar's start token keeps only the drafts before that token: the
-        positions after it would be verified without the grammar's mask."""
+        """Drafts of a grammar row end before the first one its grammar rejects (it could never be
+        accepted: no verify work for it or those after, as vLLM); a row waiting for its grammar's
+        start token keeps only the drafts before that token (the positions after it would be
+        verified without the grammar's mask)."""
+        so = self.sampler.structured
+        if so is None or not so.rows:
+            return
         for seq, *_ in entries:
-            st = self._grammar_row(seq)
-            if st is not None and st.waiting_for in seq.spec_token_ids:
-                n = seq.spec_token_ids.index(st.waiting_for)
-                seq.spec_token_ids = seq.spec_token_ids[:n]
+            st, d = so.rows.get(seq.seq_id), seq.spec_token_ids
+            if st is None or not d:
+                continue
+            if st.waiting_for is None:
+                n = st.matcher.validate_tokens(d)
+            else:
+                n = d.index(st.waiting_for) if st.waiting_for in d else len(d)
+            if n < len(d):
+                seq.spec_token_ids = d[:n]
                 if seq.spec_draft_probs is not None:
                     seq.spec_draft_probs = seq.spec_draft_probs[:n] if n else None
 
@@ -274,8 +273,8 @@ class SpecDecoder:
             cu.append(cu[-1] + len(d) + 1)
         raw = logits  # (logprobs come from the raw logits, as the sampler's)
         if self.sampler.structured is not None and self.sampler.structured.rows:
-            # rows under a grammar have no drafts: their one position gets the grammar's mask
-            logits = self.sampler.structured.mask(logits, [s for s, d in zip(seqs, drafts) for _ in range(len(d) + 1)])
+            # rows under a grammar: each position masked by the grammar's state after the drafts before it
+            logits = self.sampler.structured.mask_verify(logits, seqs, drafts, cu[:-1])
         if all(s.request.plain_greedy for s in seqs):
             # argmax of the logits is the target: compare on the host, no per-row tensors
             target = argmax_rows(logits).tolist()

@@ -6,7 +6,9 @@ ValueError); the API process calls it to answer 400s before a request reaches th
 `StructuredOutputs` (one per engine) builds the tokenizer-side table once, on the first
 constrained request (llguidance.LLTokenizer from the model's tokenizer.json, ~1 s for 150K
 tokens), keeps one matcher per sequence, masks the logits rows of constrained sequences before
-sampling and advances the matchers with the sampled tokens. Rows without a grammar cost nothing.
+sampling and advances the matchers with the sampled tokens; under speculative decoding
+`mask_verify` masks each verify position by the grammar after the drafts before it. Rows
+without a grammar cost nothing.
 llguidance is optional: without it a constrained request is a ValueError naming the package.
 """
 
@@ -170,24 +172,56 @@ class StructuredOutputs:
         self.rows.pop(seq_id, None)
 
     # ---- per step ---------------------------------------------------------------------------
+    def _live(self, seq):
+        """The sequence's matcher when its grammar applies now (None: unconstrained, or waiting)."""
+        st = self.rows.get(seq.seq_id)
+        return st.matcher if st is not None and st.waiting_for is None else None
+
     def mask(self, logits: torch.Tensor, rows: list) -> torch.Tensor:
         """logits [B, V] (row i samples rows[i]) -> a copy in which each constrained row allows
         only what its grammar allows next; EOS / stop tokens only where the grammar is complete.
         The same tensor when no row is constrained (or none has reached its grammar yet)."""
-        picked = []
-        for i, seq in enumerate(rows):
-            st = self.rows.get(seq.seq_id)
-            if st is not None and st.waiting_for is None:
-                picked.append((i, seq, st.matcher))
+        picked = [(i, seq, m) for i, seq in enumerate(rows) if (m := self._live(seq)) is not None]
         if not picked:
             return logits
-        B, V = logits.shape
-        R, W = len(picked), (self.vocab_size + 31) // 32
-        bits = np.empty((R, W), dtype=np.int32)  # bit t % 32 of word t // 32: token t allowed
-        self._executor.unsafe_compute_mask_ptr([(m, j) for j, (_, _, m) in enumerate(picked)],
+        return self._apply(logits, [i for i, _, _ in picked], self._bits([(s, m) for _, s, m in picked]))
+
+    def mask_verify(self, logits: torch.Tensor, seqs: list, drafts: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """logits [T, V] of a speculative verify: sequence r's positions start at row starts[r], one
+        per draft plus one. A copy in which position j of a constrained sequence allows what its
+        grammar allows after drafts d_1..d_j; a position after an invalid draft, or after the draft
+        that completes the grammar, stays unmasked (it is never accepted). Matchers end where they
+        began (rolled back)."""
+        alive = [(r, m) for r, s in enumerate(seqs) if (m := self._live(s)) is not None]
+        if not alive:
+            return logits
+        done = {r: 0 for r, _ in alive}  # drafts consumed per sequence
+        idx, blocks, j = [], [], 0
+        while alive:
+            blocks.append(self._bits([(seqs[r], m) for r, m in alive]))  # masks at depth j
+            idx += [starts[r] + j for r, _ in alive]
+            nxt = []
+            for r, m in alive:
+                # (try_consume_tokens: an invalid draft leaves the matcher as it was, not in error)
+                if j < len(drafts[r]) and m.try_consume_tokens([drafts[r][j]]) == 1:
+                    done[r] += 1
+                    if not m.is_stopped():
+                        nxt.append((r, m))
+            alive, j = nxt, j + 1
+        for r, n in done.items():
+            if n:
+                self._live(seqs[r]).rollback(n)
+        return self._apply(logits, idx, np.concatenate(blocks))
+
+    def _bits(self, items: list) -> np.ndarray:
+        """[(seq, matcher)] (distinct matchers) -> [R, W] int32 mask words of their current states:
+        bit t % 32 of word t // 32 set when token t is allowed."""
+        R, W = len(items), (self.vocab_size + 31) // 32
+        bits = np.empty((R, W), dtype=np.int32)
+        self._executor.unsafe_compute_mask_ptr([(m, j) for j, (_, m) in enumerate(items)],
                                                bits.ctypes.data, W * 4, R)
         eos_all = list(self.eos_token_ids)
-        for j, (_, seq, m) in enumerate(picked):
+        for j, (seq, m) in enumerate(items):
             req = seq.request
             # EOS: the request's own, only once the grammar accepts; stop tokens then too
             set_bits(bits[j], eos_all, False)
@@ -196,17 +230,22 @@ class StructuredOutputs:
             if not bits[j].any():  # (the matcher broke: let the row end rather than sample from nothing)
                 log.warning("structured output: no token allowed for %s (%s)", seq, m.get_error())
                 set_bits(bits[j], eos_all, True)
+        return bits
+
+    def _apply(self, logits: torch.Tensor, idx: list[int], bits: np.ndarray) -> torch.Tensor:
+        """A copy of logits [B, V] with rows idx (distinct) masked by bits [len(idx), W]."""
+        B, V = logits.shape
         if logits.device.type == "cpu":
             keep = torch.from_numpy(unpack_bits_numpy(bits, V))  # [R, V]
         else:  # (the packed words cross to the device: 1/8 of the bytes)
             keep = unpack_bits(torch.from_numpy(bits).to(logits.device), V)
         # (torch.where: 2-3x faster than masked_fill on CPU; a new tensor, the raw logits stay
         # intact for logprobs)
-        if len(picked) == B:
+        if idx == list(range(B)):
             return torch.where(keep, logits, -math.inf)
-        idx = torch.tensor([i for i, _, _ in picked], device=logits.device)
+        t = torch.tensor(idx, device=logits.device)
         out = logits.clone()
-        out[idx] = torch.where(keep, logits[idx], -math.inf)
+        out[t] = torch.where(keep, logits[t], -math.inf)
         return out
 
     def advance(self, seq, tok: int) -> bool:
