@@ -2,11 +2,14 @@
 tiny byte-level tokenizer: whatever garbage the weights prefer, the output parses and matches the
 schema / regex / choice; the grammar starts after `start_after_token_id`; unconstrained rows in the
 same batch sample exactly as alone; with MTP speculative decoding greedy outputs equal the
-plain engine's (grammar rows' drafts verified under their masks); LLM.chat with a Thinking template starts the
+plain engine's (grammar rows' drafts verified under their masks), sampled ones follow the exact
+target distribution; LLM.chat with a Thinking template starts the
 grammar after </think>; the request parsing of the server
 (response_format, structured_outputs, guided_*) and its 400s."""
 
+import itertools
 import json
+import math
 import os
 import re
 
@@ -197,15 +200,20 @@ def _spec_engines(model, model_dir, eos, ks):
     return out
 
 
-def test_speculative_greedy_equals_plain_tiny(tiny_ckpt, llm, monkeypatch):
+@pytest.fixture(scope="module")
+def mtp_model(tiny_ckpt):
+    from qwen3next.loader import load_model
+
+    return load_model(tiny_ckpt, dtype=torch.float32, device="cpu", with_mtp=True, progress=False)[0]
+
+
+def test_speculative_greedy_equals_plain_tiny(tiny_ckpt, llm, mtp_model, monkeypatch):
     """MTP on (k = 2, drafts = the plain run's continuation with planted errors): constrained rows
     (each verify position masked by the grammar after the drafts before it), a row whose grammar
     starts after </think> and a free row in one batch give exactly the plain engine's greedy tokens."""
-    from qwen3next.loader import load_model
     from tests.test_spec_decode import ScriptedDrafts, use_drafter
 
-    model, _ = load_model(tiny_ckpt, dtype=torch.float32, device="cpu", with_mtp=True, progress=False)
-    tok = llm.tokenizer
+    model, tok = mtp_model, llm.tokenizer
     end = tok.token_to_id("</think>")
     g = dict(temperature=0.0, max_tokens=300)
     reqs = {"free": (tok.encode("Tell me"), SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)),
@@ -237,6 +245,93 @@ def test_verify_masks_follow_the_drafts(llm):
     assert allowed(eng.structured.mask(torch.zeros(1, V), [seq])[0]) == {y}  # rolled back
     eng.abort_request("v")
     eng.step()
+
+
+@torch.inference_mode()
+def test_speculative_sampling_under_a_grammar_matches_the_target(tiny_ckpt, llm, mtp_model, monkeypatch):
+    """temperature 1, top_k 2, free text until </think> then a choice: the distribution of whole
+    outputs under MTP (k = 2) with a drafter that often proposes invalid tokens (and </think>
+    mid-draft) equals the exact target distribution, found by walking every path with the
+    engine's own masks (chi-square)."""
+    from qwen3next.engine.rejection_sampler import adjusted_logits, final_probs
+    from qwen3next.engine.sequence import Request, Sequence
+    from qwen3next.engine.structured_output import StructuredOutputs
+    from qwen3next.forward_batch import ForwardBatch
+    from tests.test_spec_decode import use_drafter
+
+    model, tok = mtp_model, llm.tokenizer
+    eos = llm.llm_engine.eos_token_ids
+    end, V = tok.token_to_id("</think>"), llm.llm_engine.vocab_size
+    prompt, M = tok.encode("Hi"), 4
+
+    def params(n=1):
+        return SamplingParams(n=n, temperature=1.0, top_k=2, max_tokens=M, logit_bias={end: 2.0},
+                              structured_outputs=S(choice=["ab", "b"], start_after_token_id=end))
+
+    so = StructuredOutputs(V, eos)
+    so.tokenizer_dir = tiny_ckpt
+    sids = itertools.count()
+
+    def at(path: tuple):
+        """A sequence after `path`, its matcher advanced as the engine does -> (seq, grammar stopped)."""
+        seq = Sequence(next(sids), Request("x", prompt, params(), eos, len(prompt) + M), 0, torch.device("cpu"))
+        so.add([seq.seq_id], params())
+        stopped = False
+        for t in path:
+            seq.token_ids.append(t)
+            stopped = so.advance(seq, t)
+        return seq, stopped
+
+    exact, support = {}, {}
+
+    def walk(path: tuple, prob: float) -> None:
+        seq, _ = at(path)
+        x = torch.tensor(seq.token_ids)
+        logits = model.compute_logits(model(x, torch.arange(len(x)), ForwardBatch.full([len(x)]))[-1:])
+        p = final_probs(adjusted_logits(so.mask(logits, [seq]), [seq], [[]]), [seq])[0]
+        so.free(seq.seq_id)
+        support[path] = set(torch.nonzero(p).flatten().tolist())
+        for t in support[path]:
+            q, pq = path + (t,), prob * float(p[t])
+            if t in eos or len(q) == M or at(q)[1]:  # the engine's stop rules
+                exact[q] = pq
+            else:
+                walk(q, pq)
+
+    walk((), 1.0)
+    assert abs(sum(exact.values()) - 1) < 1e-4 and any(end in p[1:] for p in exact)
+    g = torch.Generator().manual_seed(5)
+
+    def drafter(logits, seqs):
+        # q: uniform over the target's support plus one token outside it (often rejected)
+        toks, probs = [], []
+        for s in seqs:
+            allowed = sorted(support.get(tuple(s.output_token_ids + s.spec_token_ids), {0})) + [V - 1]
+            q = torch.zeros(V)
+            q[allowed] = 1.0 / len(allowed)
+            toks.append(int(torch.multinomial(q, 1, generator=g)))
+            probs.append(q)
+        return toks, probs
+
+    use_drafter(monkeypatch, drafter)
+    eng = _spec_engines(model, tiny_ckpt, eos, [2])[1]
+    N = 1600
+    for i in range(N // 16):
+        eng.add_request(str(i), prompt, params(16))
+    got = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            for c in out.outputs:
+                got.setdefault((out.request_id, c.index), []).extend(c.token_ids)
+    counts = dict.fromkeys(exact, 0)
+    for toks in got.values():
+        assert tuple(toks) in counts, f"{toks} has probability 0 under the target"
+        counts[tuple(toks)] += 1
+    st = eng.stats["spec_decode"]
+    assert 0.1 < st["acceptance_rate"] < 0.9, st  # both accepts and rejects happen
+    stat = sum((counts[p] - N * e) ** 2 / (N * e) for p, e in exact.items())
+    df = len(exact) - 1
+    assert stat < df + 4 * math.sqrt(2 * df), (stat, df, len(exact))
 
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "qwen3next", "demo_model")

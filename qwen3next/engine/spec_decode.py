@@ -9,9 +9,9 @@ sampling otherwise), and a sequence that rejected some keeps the conv/recurrent 
 accepted position; KV written for rejected positions is simply never counted. Prompt chunks run in
 the same forward on CPU (one forward's fixed cost is per-op overhead there), apart on CUDA.
 `SpecDecoder.propose` then brings the MTP cache up to date and drafts the next tokens
-(mtp_proposer.py). Rows under a structured-output grammar draft as any other; their verify
-positions are masked by the grammar after the drafts before each (an invalid draft is rejected);
-rows still waiting for the grammar's start token (e.g. </think>) keep only drafts before it.
+(mtp_proposer.py). Rows under a structured-output grammar draft as any other (drafts past the
+first one the grammar rejects are dropped); each verify position is masked by the grammar after
+the drafts before it, so an invalid draft is rejected (StructuredOutputs.mask_verify).
 """
 
 from __future__ import annotations
@@ -191,21 +191,19 @@ class SpecDecoder:
         self._cut_grammar_drafts(entries)
 
     def _cut_grammar_drafts(self, entries) -> None:
-        """Drafts of a grammar row end before the first one its grammar rejects (it could never be
-        accepted: no verify work for it or those after, as vLLM); a row waiting for its grammar's
-        start token keeps only the drafts before that token (the positions after it would be
-        verified without the grammar's mask)."""
+        """Drafts of a grammar row end at the first one its grammar rejects (as vLLM; for a row
+        waiting for its start token, counted from the draft that is that token): a greedy row drops
+        it, a random row keeps it (rejected for sure, the next token then comes from the residual
+        distribution: dropping it would bias the output). No verify work for drafts after it."""
         so = self.sampler.structured
         if so is None or not so.rows:
             return
         for seq, *_ in entries:
             st, d = so.rows.get(seq.seq_id), seq.spec_token_ids
-            if st is None or not d:
+            if st is None or not d or (st.waiting_for is not None and st.waiting_for not in d):
                 continue
-            if st.waiting_for is None:
-                n = st.matcher.validate_tokens(d)
-            else:
-                n = d.index(st.waiting_for) if st.waiting_for in d else len(d)
+            e = 0 if st.waiting_for is None else d.index(st.waiting_for) + 1
+            n = e + st.matcher.validate_tokens(d[e:]) + (not seq.params.greedy)
             if n < len(d):
                 seq.spec_token_ids = d[:n]
                 if seq.spec_draft_probs is not None:

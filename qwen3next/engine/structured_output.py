@@ -189,28 +189,41 @@ class StructuredOutputs:
     def mask_verify(self, logits: torch.Tensor, seqs: list, drafts: list[list[int]], starts: list[int]) -> torch.Tensor:
         """logits [T, V] of a speculative verify: sequence r's positions start at row starts[r], one
         per draft plus one. A copy in which position j of a constrained sequence allows what its
-        grammar allows after drafts d_1..d_j; a position after an invalid draft, or after the draft
-        that completes the grammar, stays unmasked (it is never accepted). Matchers end where they
-        began (rolled back)."""
-        alive = [(r, m) for r, s in enumerate(seqs) if (m := self._live(s)) is not None]
-        if not alive:
+        grammar allows after drafts d_1..d_j (a sequence waiting for its start token: positions
+        after the draft that is that token, from the grammar's start); a position after an invalid
+        draft, or after the draft that completes the grammar, stays unmasked (it is never
+        accepted). Matchers end where they began (rolled back)."""
+        rows = []  # (seq, matcher, row of its first masked position, drafts from there)
+        for r, s in enumerate(seqs):
+            st = self.rows.get(s.seq_id)
+            if st is None:
+                continue
+            d, e = drafts[r], 0
+            if st.waiting_for is not None:
+                if st.waiting_for not in d:
+                    continue
+                e = d.index(st.waiting_for) + 1
+            rows.append((s, st.matcher, starts[r] + e, d[e:]))
+        if not rows:
             return logits
-        done = {r: 0 for r, _ in alive}  # drafts consumed per sequence
-        idx, blocks, j = [], [], 0
-        while alive:
-            blocks.append(self._bits([(seqs[r], m) for r, m in alive]))  # masks at depth j
-            idx += [starts[r] + j for r, _ in alive]
+        took = [0] * len(rows)  # drafts each matcher consumed, rolled back at the end
+        idx, blocks = [], []
+        live, j = list(range(len(rows))), 0
+        while live:
+            blocks.append(self._bits([rows[i][:2] for i in live]))  # masks at depth j
+            idx += [rows[i][2] + j for i in live]
             nxt = []
-            for r, m in alive:
+            for i in live:
+                _, m, _, d = rows[i]
                 # (try_consume_tokens: an invalid draft leaves the matcher as it was, not in error)
-                if j < len(drafts[r]) and m.try_consume_tokens([drafts[r][j]]) == 1:
-                    done[r] += 1
+                if j < len(d) and m.try_consume_tokens([d[j]]) == 1:
+                    took[i] += 1
                     if not m.is_stopped():
-                        nxt.append((r, m))
-            alive, j = nxt, j + 1
-        for r, n in done.items():
+                        nxt.append(i)
+            live, j = nxt, j + 1
+        for (_, m, _, _), n in zip(rows, took):
             if n:
-                self._live(seqs[r]).rollback(n)
+                m.rollback(n)
         return self._apply(logits, idx, np.concatenate(blocks))
 
     def _bits(self, items: list) -> np.ndarray:
