@@ -340,7 +340,8 @@ DEMO = os.path.join(os.path.dirname(__file__), "..", "qwen3next", "demo_model")
 @pytest.mark.skipif(not os.path.isfile(os.path.join(DEMO, "model.safetensors")), reason="demo model not built")
 def test_speculative_greedy_equals_plain_demo_model():
     """The demo model's own MTP head (acceptance ~0.4-0.7): a JSON schema, a choice, a schema that
-    starts after the model's own </think> (drafts cut mid-run) and a free row, k = 1..3."""
+    starts after the model's own </think> (drafted past) and a free row, k = 1..3, and under
+    preemption."""
     from tokenizers import Tokenizer
 
     from qwen3next.loader import load_model
@@ -362,6 +363,16 @@ def test_speculative_greedy_equals_plain_demo_model():
     for eng in specs:
         assert run(eng, reqs) == ref
         assert eng.stats["spec_decode"]["acceptance_rate"] > 0.3
+    # a cache of 112 tokens and a 16-token budget: preempted and recomputed, matchers carry on
+    from qwen3next.engine import EngineArgs, LLMEngine
+    from tests.test_spec_decode import kv_budget
+
+    spec = {"method": "qwen3_next_mtp", "num_speculative_tokens": 2}
+    eng = LLMEngine(model, EngineArgs(max_model_len=256, max_num_seqs=3, max_num_batched_tokens=16, block_size=4,
+                                      kv_cache_memory_bytes=kv_budget(model, 2, 4, 3, 28), speculative_config=spec),
+                    eos_token_ids=[])
+    eng.structured.tokenizer_dir = DEMO
+    assert run(eng, reqs) == ref and eng.scheduler.num_preemptions > 0
 
 
 def test_without_llguidance_a_clear_error(monkeypatch):
