@@ -9,6 +9,8 @@ own rules (penalties, min_tokens, temperature, top-k/p, min-p; argmax when greed
 distributions kept for rejection sampling. Results go to `seq.spec_token_ids` / `spec_draft_probs`.
 The catch-up asks the head only for the rows that draft (`mtp(..., rows=)`); plain-greedy drafts
 on CPU come from one C++ call for the catch-up and all k draft steps (`Qwen3NextMTP.draft_greedy`).
+Rows under a structured-output grammar draft step by step, each step masked by the grammar after
+the drafts before it (the matchers are rolled back afterwards).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class MTPProposer:
         self.k = num_speculative_tokens
         # the head itself takes `rows` (skipping the work for the others); a TP proxy does not
         self._rows_ok = isinstance(model.mtp, Qwen3NextMTP)
+        # structured_output.StructuredOutputs (set by SpecDecoder): grammar rows' drafts are masked
+        self.structured = None
 
     def _mtp(self, ids, hidden, pos, batch, rows: list[int] | None) -> torch.Tensor:
         """The MTP forward -> outputs of `rows` (None: all)."""
@@ -71,27 +75,45 @@ class MTPProposer:
         ids, pos, batch = pack(self.cache, self.device, runs)
         # the catch-up's output is needed only at the last position of each sequence that drafts
         rows = [ends[want[i]] for i in live]
-        if self._greedy_in_one_call(ids, hidden, pos, batch, rows, [seqs[i] for i in live], [ks[i] for i in live]):
+        so = self.structured
+        grammar = {i: m for i in live if so is not None and so.rows and (m := so.active_matcher(seqs[i])) is not None}
+        if not grammar and self._greedy_in_one_call(ids, hidden, pos, batch, rows, [seqs[i] for i in live],
+                                                     [ks[i] for i in live]):
             return
         y = self._mtp(ids, hidden, pos, batch, None if len(rows) == len(hidden) else rows)  # [L, H]
         probs: dict[int, list[torch.Tensor]] = {}
-        for j in range(1, self.k + 1):
-            if not live:
-                break
-            if j > 1:
-                runs = [(seqs[i], seqs[i].num_computed_tokens + j - 2, [seqs[i].spec_token_ids[-1]]) for i in live]
-                ids, pos, batch = pack(self.cache, self.device, runs)
-                y = self.model.mtp(ids, y, pos, batch)
-            logits = self.model.compute_logits(y)  # [L, V]
-            toks, p = self._sample(logits, [seqs[i] for i in live])
-            for r, i in enumerate(live):
-                seqs[i].spec_token_ids.append(toks[r])
-                if p[r] is not None:
-                    probs.setdefault(i, []).append(p[r])
-            keep = [r for r, i in enumerate(live) if ks[i] > j]
-            if len(keep) < len(live):
-                y = y[torch.tensor(keep, dtype=torch.long, device=self.device)]
-            live = [live[r] for r in keep]
+        took = dict.fromkeys(grammar, 0)  # drafts each grammar row's matcher consumed
+        try:
+            for j in range(1, self.k + 1):
+                if not live:
+                    break
+                if j > 1:
+                    runs = [(seqs[i], seqs[i].num_computed_tokens + j - 2, [seqs[i].spec_token_ids[-1]]) for i in live]
+                    ids, pos, batch = pack(self.cache, self.device, runs)
+                    y = self.model.mtp(ids, y, pos, batch)
+                logits = self.model.compute_logits(y)  # [L, V]
+                if grammar:  # each grammar row: what its grammar allows after its drafts so far
+                    logits = so.mask(logits, [seqs[i] for i in live])
+                toks, p = self._sample(logits, [seqs[i] for i in live])
+                for r, i in enumerate(live):
+                    seqs[i].spec_token_ids.append(toks[r])
+                    if p[r] is not None:
+                        probs.setdefault(i, []).append(p[r])
+                    if i in grammar and ks[i] > j:
+                        # the matcher follows the drafts; a complete grammar (or a draft it cannot
+                        # take, e.g. a stop token) ends the row's drafting
+                        if grammar[i].try_consume_tokens([toks[r]]) == 1:
+                            took[i] += 1
+                        if took[i] < j or grammar[i].is_stopped():
+                            ks[i] = j
+                keep = [r for r, i in enumerate(live) if ks[i] > j]
+                if len(keep) < len(live):
+                    y = y[torch.tensor(keep, dtype=torch.long, device=self.device)]
+                live = [live[r] for r in keep]
+        finally:
+            for i, n in took.items():
+                if n:
+                    grammar[i].rollback(n)
         for i, ps in probs.items():
             seqs[i].spec_draft_probs = torch.stack(ps)  # [k, V]
 

@@ -9,9 +9,9 @@ sampling otherwise), and a sequence that rejected some keeps the conv/recurrent 
 accepted position; KV written for rejected positions is simply never counted. Prompt chunks run in
 the same forward on CPU (one forward's fixed cost is per-op overhead there), apart on CUDA.
 `SpecDecoder.propose` then brings the MTP cache up to date and drafts the next tokens
-(mtp_proposer.py). Rows under a structured-output grammar draft as any other (drafts past the
-first one the grammar rejects are dropped); each verify position is masked by the grammar after
-the drafts before it, so an invalid draft is rejected (StructuredOutputs.mask_verify).
+(mtp_proposer.py). Rows under a structured-output grammar draft under its masks (drafts past
+the first one the grammar rejects are dropped); each verify position is masked by the grammar
+after the drafts before it, so an invalid draft is rejected (StructuredOutputs.mask_verify).
 """
 
 from __future__ import annotations
@@ -139,6 +139,7 @@ class SpecDecoder:
         self.scratch_base = scratch_base
         self.max_num_seqs = max_num_seqs
         self.proposer = MTPProposer(model, cache, sampler.generator, device, self.k)
+        self.proposer.structured = sampler.structured  # (grammar rows draft under their masks)
         self.stats = SpecStats(self.k)
         # CUDA graphs of the verify forward (cuda_graph.VerifyGraphRunner), set by LLMEngine on CUDA
         self.verify_graphs = None

@@ -172,7 +172,7 @@ class StructuredOutputs:
         self.rows.pop(seq_id, None)
 
     # ---- per step ---------------------------------------------------------------------------
-    def _live(self, seq):
+    def active_matcher(self, seq):
         """The sequence's matcher when its grammar applies now (None: unconstrained, or waiting)."""
         st = self.rows.get(seq.seq_id)
         return st.matcher if st is not None and st.waiting_for is None else None
@@ -181,7 +181,7 @@ class StructuredOutputs:
         """logits [B, V] (row i samples rows[i]) -> a copy in which each constrained row allows
         only what its grammar allows next; EOS / stop tokens only where the grammar is complete.
         The same tensor when no row is constrained (or none has reached its grammar yet)."""
-        picked = [(i, seq, m) for i, seq in enumerate(rows) if (m := self._live(seq)) is not None]
+        picked = [(i, seq, m) for i, seq in enumerate(rows) if (m := self.active_matcher(seq)) is not None]
         if not picked:
             return logits
         return self._apply(logits, [i for i, _, _ in picked], self._bits([(s, m) for _, s, m in picked]))
