@@ -58,7 +58,9 @@ def _run_cached(fn, args, batches):
 
 @pytest.fixture(autouse=True)
 def _plain_references(monkeypatch):
-    """The reference composes ops' kernels: keep those the plain-torch ones (padded slots included)."""
+    """The reference composes ops' kernels: keep those the plain-torch ones (padded slots included);
+    the fused path switched on (it is opt-in)."""
+    monkeypatch.setattr(gdn_prep, "FUSED", True)
     monkeypatch.setattr(ops, "_use_fast", lambda *t: False)
     monkeypatch.setattr(ops, "_ext_ok", lambda *t: False)
     monkeypatch.setattr(ops, "_use_triton", lambda *t: False)

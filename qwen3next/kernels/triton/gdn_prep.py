@@ -25,9 +25,11 @@ from .delta_rule import gated_delta_rule_chunked
 
 
 FUSE_QK_NORM = False  # q / k norms in the conv epilogue (else in the prep kernel); a switch for benchmarks
-# QWEN3NEXT_GDN_FUSED=0: gdn_cached runs kernels/gdn.py's composition of the single kernels instead
-# (session 2's path: torch glue for the norms and gates, the recurrent kernel for verify)
-FUSED = os.environ.get("QWEN3NEXT_GDN_FUSED", "1") != "0"
+# Opt-in (QWEN3NEXT_GDN_FUSED=1) until the fused prefill / verify path has passed on the H200 (its
+# check step was cut by the final run's time cap: 4 passed, none failed); otherwise gdn_cached runs
+# kernels/gdn.py's composition of the single kernels (session 2's path: torch glue for the norms
+# and gates, the recurrent kernel for verify)
+FUSED = os.environ.get("QWEN3NEXT_GDN_FUSED", "0") == "1"
 
 
 @triton.jit(do_not_specialize=["T", "SM", "SA", "SB"])
