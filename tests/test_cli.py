@@ -40,6 +40,17 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
 
 
+def test_serve_missing_chat_template_file_is_one_line(tiny_ckpt, capsys, monkeypatch):
+    import uvicorn
+
+    # (were the path taken as template text, the server would start: fail instead of serving)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: (_ for _ in ()).throw(RuntimeError("served")))
+    # vLLM's rule: no '{', '}' or newline and no such file -> a missing file, not template text
+    assert main(["serve", "--model", tiny_ckpt, "--chat-template", "/nonexistent/t.jinja"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --chat-template") and "no such file" in err and "\n" not in err
+
+
 def test_missing_demo_model_is_a_clear_error(capsys, monkeypatch):
     import qwen3next.cli as cli
 

@@ -172,6 +172,19 @@ def use_engine_process(ns) -> bool:
 CPU_SERVING_BATCHED_TOKENS = 2048
 
 
+def load_chat_template(source: str | None) -> str | None:
+    """--chat-template: a file's text, or the argument itself when it is template text (vLLM's rule:
+    a value with none of '{', '}', newline that is no file is a missing file, not a template)."""
+    if not source or os.path.isfile(source):
+        if source:
+            with open(source, encoding="utf-8") as f:
+                return f.read()
+        return None
+    if not any(c in source for c in "{}\n"):
+        raise ValueError(f"--chat-template {source!r} looks like a file path, but there is no such file")
+    return source
+
+
 def build_state(ns, engine=None, model_dir: str | None = None) -> ServerState:
     """Everything the app needs, from CLI arguments (`engine` may be given pre-built, e.g. tests).
     With the engine in its own process this process never loads the model."""
@@ -181,6 +194,7 @@ def build_state(ns, engine=None, model_dir: str | None = None) -> ServerState:
     from qwen3next.api.metrics import Metrics
     from qwen3next.tokenizer import get_tokenizer, read_generation_config
 
+    template = load_chat_template(getattr(ns, "chat_template", None))  # before the model loads
     if engine is None and getattr(ns, "max_num_batched_tokens", None) is None and serving_on_cpu(ns):
         ns.max_num_batched_tokens = CPU_SERVING_BATCHED_TOKENS
     if engine is None and use_engine_process(ns):
@@ -196,12 +210,8 @@ def build_state(ns, engine=None, model_dir: str | None = None) -> ServerState:
     model_dir = info["model_dir"]
     try:
         tokenizer = get_tokenizer(model_dir)
-        if getattr(ns, "chat_template", None):
-            source = ns.chat_template
-            if os.path.isfile(source):
-                with open(source, encoding="utf-8") as f:
-                    source = f.read()
-            tokenizer.chat_template = source  # this server's own tokenizer instance
+        if template is not None:
+            tokenizer.chat_template = template  # this server's own tokenizer instance
     except BaseException:
         async_engine.shutdown()
         raise
