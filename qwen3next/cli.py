@@ -29,7 +29,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--tensor-parallel-size", "-tp", type=int,
                    help="ranks to split the model over (one process each; cuda:0..N-1 on GPUs)")
-    p.add_argument("--speculative-config", help="JSON; passed on if the engine supports it")
+    p.add_argument("--speculative-config",
+                   help='MTP speculative decoding, vLLM\'s JSON: {"method": "qwen3_next_mtp", '
+                        '"num_speculative_tokens": 1..4}')
     p.add_argument("--quantization", "-q", choices=["auto", "fp8"],
                    help="fp8: block-FP8 weights on the GPU (quantises a bf16 checkpoint at load); "
                         "auto (default): FP8 checkpoints stay FP8 on one GPU, are dequantised on CPU")
