@@ -130,7 +130,8 @@ def test_tool_choice_none_keeps_text_and_named_is_guided(srv, client):
     assert m.reasoning_content == "Use the tool.\n" and r.choices[0].finish_reason == "tool_calls"
     assert srv.tok.decode(srv.sampler.seen_prompts[-1]).endswith(
         'Use the tool.\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": ')
-    n_phase = len(srv.ids("Use the tool.\n</think>", '{"city": "Rome"}}\n</tool_call>')) + 1  # + EOS
+    # (the call's grammar is complete at </tool_call>: the request stops there, no EOS sampled)
+    n_phase = len(srv.ids("Use the tool.\n</think>", '{"city": "Rome"}}\n</tool_call>'))
     assert r.usage.completion_tokens == n_phase  # the prefill is not a completion token
     srv.push("Hmm.\n", "</think>")
     srv.push('get_weather", "arguments": {"city": "Oslo"}}\n', "</tool_call>")
@@ -141,6 +142,29 @@ def test_tool_choice_none_keeps_text_and_named_is_guided(srv, client):
     assert [d.function.name for d in deltas if d.id] == ["get_weather"]
     assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"city": "Oslo"}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_forced_calls_follow_the_tools_schemas(srv, client):
+    pytest.importorskip("llguidance")
+    from qwen3next.chat_template import builtin_template
+
+    # no script: the random tiny model samples under the forced call's grammar (Instruct template:
+    # from the first token; Thinking: after the model's </think>, made likely by the bias)
+    trip = {"type": "function", "function": {"name": "trip", "parameters": {"type": "object", "properties": {
+        "to": {"enum": ["Rome", "Oslo"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["to"]}}}
+    instruct = {"chat_template": builtin_template("qwen3_next_instruct")}
+    think = {"logit_bias": {str(srv.tok.token_to_id("</think>")): 100}}
+    # (one tool, a short prompt: the tiny tokenizer spends ~1 token per character, the call prefix too)
+    for extra in (instruct, think):
+        for choice in ({"type": "function", "function": {"name": "trip"}}, "required"):
+            r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Go"}],
+                                               tools=[trip], max_tokens=75, seed=1, temperature=1.0,
+                                               tool_choice=choice, extra_body=extra)
+            assert r.choices[0].message.tool_calls, (extra.keys(), choice, r.choices[0].message.content)
+            (call,) = r.choices[0].message.tool_calls
+            args = json.loads(call.function.arguments)
+            assert call.function.name == "trip" and r.choices[0].finish_reason == "tool_calls"
+            assert args["to"] in ("Rome", "Oslo") and set(args) <= {"to", "n"} and 0 <= args.get("n", 0) <= 9
 
 
 def test_n_samples_and_seed(srv, client):

@@ -3,7 +3,8 @@
 Phase 1 runs the request with `</think>` as an extra stop token. Each sample that closes its think
 block continues in a phase-2 request of its own whose prompt is prompt + that sample's tokens + the
 start of a hermes call (`\\n\\n<tool_call>\\n{"name": "` [+ `N", "arguments": `]), so the model
-only writes the rest of the call. The caller sees one stream of per-sample `Step`s shaped like the
+only writes the rest of the call, under `grammar` (the tools' schemas, api/structured.forced_call)
+when given. The caller sees one stream of per-sample `Step`s shaped like the
 engine's CompletionOutputs; the prefill tokens come as `forced_ids` (text, but not completion
 tokens). vLLM likewise constrains only what follows `</think>` (openai_api.md §4.3).
 """
@@ -30,16 +31,16 @@ class Step:
 
 
 def reason_then_call(engine, rid: str, ids: list[int], params, think_end: int,
-                     prefix_ids: list[int]) -> AsyncIterator[RequestOutput]:
+                     prefix_ids: list[int], grammar=None) -> AsyncIterator[RequestOutput]:
     """Admit phase 1 now (a 503 surfaces before any byte is streamed); return the merged stream of
     RequestOutputs, one Step each, `request_id` = the engine request it came from."""
     p1 = copy.copy(params)
     p1.stop_token_ids = list(params.stop_token_ids) + [think_end]
     gen1 = engine.generate(rid, ids, p1)
-    return _merged(engine, rid, ids, params, think_end, prefix_ids, gen1)
+    return _merged(engine, rid, ids, params, think_end, prefix_ids, gen1, grammar)
 
 
-async def _merged(engine, rid, ids, params, think_end, prefix_ids, gen1) -> AsyncIterator[RequestOutput]:
+async def _merged(engine, rid, ids, params, think_end, prefix_ids, gen1, grammar) -> AsyncIterator[RequestOutput]:
     queue: asyncio.Queue = asyncio.Queue()
     generated: list[list[int]] = [[] for _ in range(params.n)]
     tasks: list[asyncio.Task] = []
@@ -83,6 +84,7 @@ async def _merged(engine, rid, ids, params, think_end, prefix_ids, gen1) -> Asyn
         p2 = copy.copy(params)
         p2.n, p2.max_tokens, p2.min_tokens = 1, budget, 0
         p2.prompt_logprobs = None  # the request's prompt is phase 1's
+        p2.structured_outputs = grammar
         if params.seed is not None:
             p2.seed = params.seed + i
         await put(sub_id, Step(i, [], forced_ids=list(prefix_ids)))

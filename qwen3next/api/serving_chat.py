@@ -25,7 +25,7 @@ from qwen3next.api.protocol import (ChatChoice, ChatCompletionChunk, ChatComplet
                                     CompletionTokensDetails, DeltaMessage, Usage, now, random_id)
 from qwen3next.api.serving_common import (SSE_DONE, ServerState, check_model, max_new_tokens,
                                           sampling_params, sse, until_disconnect)
-from qwen3next.api.structured import structured_outputs
+from qwen3next.api.structured import forced_call, structured_outputs
 from qwen3next.api.text_stream import TextStream
 from qwen3next.api.validate import check_chat, template_messages
 
@@ -133,6 +133,10 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     if structured is not None and call:
         raise bad_request("response_format / structured outputs cannot be combined with a forced "
                           "tool_choice ('required' or a named function)", "tool_choice")
+    if call:  # the rest of the call follows the tools' schemas (Thinking: phase 2 only)
+        forced = forced_call(req.tools, None if req.tool_choice == "required" else req.tool_choice.function.name,
+                             state.tokenizer.token_to_id("</tool_call>"))
+        structured = None if thinking else forced
     params = sampling_params(state, req, max_tokens, top if req.logprobs else None, req.prompt_logprobs,
                              structured)
     rid = req.request_id or random_id("chatcmpl")
@@ -142,7 +146,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
                for i in range(req.n)]
     if call and thinking:
         gen = reason_then_call(state.engine, rid, ids, params, state.tokenizer.token_to_id("</think>"),
-                               state.tokenizer.encode(call))
+                               state.tokenizer.encode(call), forced)
     else:
         gen = state.engine.generate(rid, ids, params)
     if req.stream:

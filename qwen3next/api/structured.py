@@ -6,14 +6,17 @@ At most one of them per request. The grammar is compiled here, in the API proces
 regex or grammar is a 400 naming the field before the request reaches the engine (which compiles
 it again for its matcher). A Thinking prompt (ends in `<think>\\n`) gets the grammar only after the
 model's `</think>`, as vLLM's reasoning parser does: the reasoning stays free, the content is
-constrained; other prompts are constrained from the first token.
+constrained; other prompts are constrained from the first token. `forced_call` is the grammar of
+the rest of a forced tool call (tool_choice "required" / named), after its prefilled start.
 """
 
 from __future__ import annotations
 
+import json
+
 from qwen3next.api.errors import bad_request
 from qwen3next.api.protocol import SamplingFields
-from qwen3next.engine.structured_output import grammar_of
+from qwen3next.engine.structured_output import available, grammar_of, no_extra_properties
 from qwen3next.sampling_params import StructuredOutputsParams
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
@@ -64,3 +67,28 @@ def structured_outputs(req: SamplingFields, start_after_token_id: int | None = N
     except ValueError as e:
         raise bad_request(f"{param}: {e}", param) from None
     return params
+
+
+def forced_call(tools, name: str | None, end_id: int | None) -> StructuredOutputsParams | None:
+    """The rest of a hermes call after its prefilled start (`{"name": "` for "required", up to
+    `"arguments": ` for a named function): a tool's name, then arguments valid under its
+    `parameters` schema, then `}\\n</tool_call>` (vLLM guides forced calls by the schema likewise;
+    `end_id`: the `</tool_call>` token, which a tokenizer may mark special: text would not match it).
+    None without llguidance (the prefill alone then guides the call)."""
+    if not available():
+        return None
+    end = json.dumps("</tool_call>") + (f" | <[{end_id}]>" if end_id is not None else "")
+    rules, alts = [f"end: {end}"], []
+    for i, t in enumerate(t for t in tools if name is None or t.function.name == name):
+        schema = no_extra_properties(t.function.parameters or {"type": "object"})
+        # the template's own form (tojson: ", " and ": ", no other whitespace)
+        schema = {**schema, "x-guidance": {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}}
+        head = "" if name is not None else json.dumps(t.function.name + '", "arguments": ') + " "
+        alts.append(f"call{i}")
+        rules += [f"call{i}: {head}args{i} " + json.dumps("}\n") + " end", f"args{i}: %json {json.dumps(schema)}"]
+    so = StructuredOutputsParams(grammar="\n".join(["start: " + " | ".join(alts)] + rules))
+    try:
+        grammar_of(so)
+    except ValueError as e:
+        raise bad_request(f"tools: a function's parameters are no usable JSON schema ({e})", "tools") from None
+    return so
