@@ -4,8 +4,9 @@ Render with the model's chat template, check the context, submit one engine requ
 and turn each sample's ids into text (`TextStream`) and then into reasoning / content / tool calls
 (`ChoiceParser`). tool_choice "required" or a named function is *guided by prefill*: the start of
 a hermes `<tool_call>` block is appended to the prompt (Instruct) or, for Thinking templates, after
-the model's own `</think>` (`forced_tools`), so the model can only complete the call; the parser
-sees the prefill as output. `prompt_logprobs: k` (vLLM extra, not with stream) returns the
+the model's own `</think>` (`forced_tools`), and the rest of the call follows the tools' schemas
+(a grammar, api/structured.forced_call, when llguidance is there); the parser sees the prefill as
+output. `prompt_logprobs: k` (vLLM extra, not with stream) returns the
 rendered prompt's logprobs as a top-level `prompt_logprobs` list in vLLM's form. response_format /
 structured_outputs / guided_* constrain the content (api/structured.py): for a Thinking prompt only
 after the model's `</think>`.
