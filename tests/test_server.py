@@ -119,9 +119,10 @@ def test_tool_choice_none_keeps_text_and_named_is_guided(srv, client):
     r = client.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER], tool_choice="none",
                                        max_tokens=60)
     assert not r.choices[0].message.tool_calls and "<tool_call>" in r.choices[0].message.content
-    # named: the model reasons freely; after its </think> the call is prefilled up to the arguments
+    # named: the model reasons freely; after its </think> the call is prefilled up to the name,
+    # which the grammar allows to be this function's only
     srv.push("Use the tool.\n", "</think>")  # phase 1: stops at </think>
-    srv.push('{"city": "Rome"}}\n', "</tool_call>")  # phase 2: only the arguments
+    srv.push('get_weather", "arguments": {"city": "Rome"}}\n', "</tool_call>")  # phase 2: the rest
     r = client.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER], max_tokens=60,
                                        tool_choice={"type": "function", "function": {"name": "get_weather"}})
     m = r.choices[0].message
@@ -129,9 +130,9 @@ def test_tool_choice_none_keeps_text_and_named_is_guided(srv, client):
     assert json.loads(call.function.arguments) == {"city": "Rome"} and call.function.name == "get_weather"
     assert m.reasoning_content == "Use the tool.\n" and r.choices[0].finish_reason == "tool_calls"
     assert srv.tok.decode(srv.sampler.seen_prompts[-1]).endswith(
-        'Use the tool.\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": ')
+        'Use the tool.\n</think>\n\n<tool_call>\n{"name": "')
     # (the call's grammar is complete at </tool_call>: the request stops there, no EOS sampled)
-    n_phase = len(srv.ids("Use the tool.\n</think>", '{"city": "Rome"}}\n</tool_call>'))
+    n_phase = len(srv.ids("Use the tool.\n</think>", 'get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'))
     assert r.usage.completion_tokens == n_phase  # the prefill is not a completion token
     srv.push("Hmm.\n", "</think>")
     srv.push('get_weather", "arguments": {"city": "Oslo"}}\n', "</tool_call>")
@@ -141,6 +142,9 @@ def test_tool_choice_none_keeps_text_and_named_is_guided(srv, client):
     deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     assert [d.function.name for d in deltas if d.id] == ["get_weather"]
     assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"city": "Oslo"}
+    # one entry per call index in a chunk (the announcement carries the first fragment), as OpenAI sends
+    assert len(deltas) == len([c for c in chunks if c.choices and c.choices[0].delta.tool_calls])
+    assert deltas[0].function.arguments == "{"
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
@@ -324,15 +328,15 @@ def test_forced_call_on_instruct_template_and_budget(srv, client):
     from qwen3next.chat_template import builtin_template
 
     instruct = builtin_template("qwen3_next_instruct")
-    srv.push('{"city": "Rome"}}\n', "</tool_call>")
+    srv.push('get_weather", "arguments": {"city": "Rome"}}\n', "</tool_call>")
     r = client.chat.completions.create(
-        model="tiny", messages=USER, tools=[WEATHER], max_tokens=40, extra_body={"chat_template": instruct},
+        model="tiny", messages=USER, tools=[WEATHER], max_tokens=60, extra_body={"chat_template": instruct},
         tool_choice={"type": "function", "function": {"name": "get_weather"}})
     (call,) = r.choices[0].message.tool_calls
     assert json.loads(call.function.arguments) == {"city": "Rome"}
     assert r.choices[0].message.reasoning_content is None  # no think block opened: nothing to split
     assert srv.tok.decode(srv.sampler.seen_prompts[-1], skip_special_tokens=False).endswith(
-        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": ')
+        '<|im_start|>assistant\n<tool_call>\n{"name": "')
     # Thinking, n=2, and a budget the reasoning uses up: no call, finish "length", nothing leaks
     srv.sampler.sticky = srv.ids("thinking and thinking and thinking")
     r = client.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER], max_tokens=4, n=2,

@@ -123,7 +123,7 @@ def test_forced_tool_call_keeps_the_prompt_logprobs(srv, client):
     auto = client.chat.completions.create(model=name, messages=msgs, tools=[tool], max_tokens=8,
                                           extra_body={"prompt_logprobs": 1})
     srv.push("ok\n", "</think>")
-    srv.push("{}}\n", "</tool_call>")
+    srv.push('f", "arguments": {}}\n', "</tool_call>")  # (the prefill ends at the name's quote)
     forced = client.chat.completions.create(model=name, messages=msgs, tools=[tool], max_tokens=80,
                                             tool_choice={"type": "function", "function": {"name": "f"}},
                                             extra_body={"prompt_logprobs": 1})

@@ -51,6 +51,7 @@ class ChoiceParser:
                 content, calls = content + tail.content, calls + tail.tool_calls
             if not self.parallel:
                 calls = [c for c in calls if c["index"] == 0]
+        calls = merge_call_deltas(calls)
         self.called = self.called or bool(calls)
         for c in calls:
             if "id" in c:
@@ -124,3 +125,17 @@ def prompt_logprobs_json(tok, entries: list) -> list[dict[str, PromptLogprob] | 
     return [None if d is None else
             {str(t): PromptLogprob(logprob=_clamp(lp.logprob), rank=lp.rank, decoded_token=name(t))
              for t, lp in d.items()} for d in entries]
+
+
+def merge_call_deltas(calls: list[dict]) -> list[dict]:
+    """One entry per call index, as OpenAI and vLLM send them: a call announced in the same delta
+    as its first argument fragment (or two fragments) would otherwise be two entries with one index,
+    and clients that read one entry per index (tool_calls[0]) lose the opening `{"`."""
+    out: list[dict] = []
+    for c in calls:
+        if out and out[-1]["index"] == c["index"]:
+            fn = out[-1].setdefault("function", {})
+            fn["arguments"] = (fn.get("arguments") or "") + (c.get("function", {}).get("arguments") or "")
+        else:
+            out.append({**c, "function": dict(c.get("function", {}))})
+    return out

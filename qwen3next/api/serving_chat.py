@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 
 import jinja2
 
-from qwen3next.api.chat_output import ChoiceParser, prompt_logprobs_json, token_logprobs
+from qwen3next.api.chat_output import ChoiceParser, merge_call_deltas, prompt_logprobs_json, token_logprobs
 from qwen3next.api.errors import APIError, bad_request, error_body
 from qwen3next.api.forced_tools import reason_then_call
 from qwen3next.api.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -27,6 +27,7 @@ from qwen3next.api.protocol import (ChatChoice, ChatCompletionChunk, ChatComplet
 from qwen3next.api.serving_common import (SSE_DONE, ServerState, check_model, max_new_tokens,
                                           sampling_params, sse, until_disconnect)
 from qwen3next.api.structured import forced_call, structured_outputs
+from qwen3next.engine.structured_output import available as grammar_available
 from qwen3next.api.text_stream import TextStream
 from qwen3next.api.validate import check_chat, template_messages
 
@@ -111,7 +112,9 @@ def build_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[list[i
     call = ""  # guided by prefill: the start of the hermes call the model must complete
     if choice == "required" or not isinstance(choice, str):
         call = '<tool_call>\n{"name": "'
-        if not isinstance(choice, str):
+        # a named function: the grammar (forced_call) names it, so the model writes the name and
+        # `", "arguments": {` in its own tokens (a prefill ending in `": ` splits them unnaturally)
+        if not isinstance(choice, str) and not grammar_available():
             call += choice.function.name + '", "arguments": '
     ids = tok.encode(text if thinking else text + call)
     if req.truncate_prompt_tokens is not None:
@@ -142,7 +145,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
                              structured)
     rid = req.request_id or random_id("chatcmpl")
     prefix = call if not thinking else ""  # what the parser must see before the model's output
-    single = call.endswith('"arguments": ')  # a named function: exactly one call
+    single = bool(call) and req.tool_choice != "required"  # a named function: exactly one call
     choices = [_Choice(state, req, i, len(ids), reasoning, tools_on, prefix, single)
                for i in range(req.n)]
     if call and thinking:
@@ -266,7 +269,7 @@ def _merge(a: DeltaMessage | None, b: DeltaMessage | None) -> DeltaMessage | Non
     merged = a.model_dump(exclude_none=True)
     for key, value in b.model_dump(exclude_none=True).items():
         if key == "tool_calls":
-            merged[key] = merged.get(key, []) + value
+            merged[key] = merge_call_deltas(merged.get(key, []) + value)
         elif isinstance(value, str):
             merged[key] = merged.get(key, "") + value
     return DeltaMessage.model_validate(merged)

@@ -70,8 +70,8 @@ def structured_outputs(req: SamplingFields, start_after_token_id: int | None = N
 
 
 def forced_call(tools, name: str | None, end_id: int | None) -> StructuredOutputsParams | None:
-    """The rest of a hermes call after its prefilled start (`{"name": "` for "required", up to
-    `"arguments": ` for a named function): a tool's name, then arguments valid under its
+    """The rest of a hermes call after its prefilled start `<tool_call>\\n{"name": "`: a tool's name
+    (`name`'s only, when given), `", "arguments": `, then arguments valid under its
     `parameters` schema, then `}\\n</tool_call>` (vLLM guides forced calls by the schema likewise;
     `end_id`: the `</tool_call>` token, which a tokenizer may mark special: text would not match it).
     None without llguidance (the prefill alone then guides the call)."""
@@ -82,10 +82,11 @@ def forced_call(tools, name: str | None, end_id: int | None) -> StructuredOutput
     for i, t in enumerate(t for t in tools if name is None or t.function.name == name):
         schema = no_extra_properties(t.function.parameters or {"type": "object"})
         # the template's own form (tojson: ", " and ": ", no other whitespace)
-        schema = {**schema, "x-guidance": {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}}
-        head = "" if name is not None else json.dumps(t.function.name + '", "arguments": ') + " "
+        compact = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+        schema = {**schema, "x-guidance": compact}
+        head = json.dumps(t.function.name + '", "arguments": ')
         alts.append(f"call{i}")
-        rules += [f"call{i}: {head}args{i} " + json.dumps("}\n") + " end", f"args{i}: %json {json.dumps(schema)}"]
+        rules += [f"call{i}: {head} args{i} " + json.dumps("}\n") + " end", f"args{i}: %json {json.dumps(schema)}"]
     so = StructuredOutputsParams(grammar="\n".join(["start: " + " | ".join(alts)] + rules))
     try:
         grammar_of(so)
