@@ -179,7 +179,7 @@ def test_abort_frees_matchers_and_bad_grammars_are_value_errors(llm):
         eng.step()
     for bad in (S(regex="[a-"), S(json={"type": "strin"}), S(grammar="start: nothing_defined"),
                 S(json="{not json")):
-        with pytest.raises(ValueError, match="invalid"):
+        with pytest.raises(ValueError, match=rf"^structured_outputs\.{bad.kind}: invalid {bad.kind}"):
             eng.add_request("b", ids, SamplingParams(structured_outputs=bad))
     assert "b" not in eng.requests and not eng.structured.rows
     with pytest.raises(ValueError, match="exactly one"):

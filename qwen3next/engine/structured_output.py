@@ -162,9 +162,13 @@ class StructuredOutputs:
         """A matcher for each sequence of a new constrained request (ValueError if the grammar is bad)."""
         so = params.structured_outputs
         llg = llguidance()
-        matcher = llg.LLMatcher(self.tokenizer(), grammar_of(so), log_level=0)
+        try:  # offline callers see the field's name, as the server's 400 gives it
+            grammar = grammar_of(so)
+        except ValueError as e:
+            raise ValueError(f"structured_outputs.{so.kind}: {e}") from None
+        matcher = llg.LLMatcher(self.tokenizer(), grammar, log_level=0)
         if matcher.is_error():
-            raise ValueError(f"invalid {so.kind}: {_first_line(matcher.get_error())}")
+            raise ValueError(f"structured_outputs.{so.kind}: invalid {so.kind}: {_first_line(matcher.get_error())}")
         for i, sid in enumerate(seq_ids):
             self.rows[sid] = _Row(matcher if i == 0 else matcher.deep_copy(), so.start_after_token_id)
 
