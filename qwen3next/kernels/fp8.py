@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .moe import moe_experts_by
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 BLOCK = (128, 128)
@@ -74,25 +76,12 @@ def moe_experts_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weigh
     received tokens are dequantised. `act_quant`: each matmul's input is first quantised per token
     and 128-channel group (w8a8, as the fp8 tensor-core kernels compute) and the products are
     fp32, rounded to x's dtype after."""
-    T, k = ids.shape
     inter = down_proj.shape[-1]
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=gate_up_proj.shape[0]).tolist()
-    tok_of = order // k
-    w_sorted = weights.reshape(-1)[order].to(x.dtype)
-    out = torch.zeros(T, x.shape[-1], dtype=torch.float32, device=x.device)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        tok = tok_of[start : start + n]
-        xe = x.index_select(0, tok)  # [n, H]
-        wdt = torch.float32 if act_quant else x.dtype
+    wdt = torch.float32 if act_quant else x.dtype
+
+    def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
         gu = (_act(xe, act_quant) @ dequantize(gate_up_proj[e], gate_up_scale[e], block, wdt).t()).to(x.dtype)
         h = F.silu(gu[:, :inter]) * gu[:, inter:]  # [n, I]
-        ye = (_act(h, act_quant) @ dequantize(down_proj[e], down_scale[e], block, wdt).t()).to(x.dtype)
-        ye = ye * w_sorted[start : start + n, None]
-        out = out.index_add(0, tok, ye.float())
-        start += n
-    return out.to(x.dtype)
+        return (_act(h, act_quant) @ dequantize(down_proj[e], down_scale[e], block, wdt).t()).to(x.dtype)
+
+    return moe_experts_by(x, weights, ids, gate_up_proj.shape[0], expert)
