@@ -525,6 +525,21 @@ torch::Tensor moe_dense_act(torch::Tensor y, int64_t Is, int64_t E, int64_t I, i
 
 // ---- small fused elementwise ops (each replaces several aten ops on the per-token path) ----
 
+// One row of RMSNorm: y = in / sqrt(mean(in^2) + eps) * (w + off), `in` = x (+ res, then also
+// written to `sum` when res is given).
+inline void norm_row(const float* x, const float* res, float* sum, const float* w, float* y, int64_t D,
+                     float eps, float off) {
+  const float* in = x;
+  if (res) {
+    for (int64_t d = 0; d < D; ++d) sum[d] = x[d] + res[d];
+    in = sum;
+  }
+  float ss = 0.0f;
+  for (int64_t d = 0; d < D; ++d) ss += in[d] * in[d];
+  const float inv = 1.0f / std::sqrt(ss / D + eps);
+  for (int64_t d = 0; d < D; ++d) y[d] = in[d] * inv * (w[d] + off);
+}
+
 // RMSNorm over the last dim D of x (rows contiguous): y = x / sqrt(mean(x^2) + eps) * w', with
 // w' = 1 + weight (zero_centred) or weight, and weight [D] or [heads, D] (row r uses weight row
 // r % heads). With a residual: x + residual is normed and returned as well.
@@ -541,20 +556,9 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor weight, doubl
   float* sp = add ? sum.data_ptr<float>() : nullptr;
   const float off = zero_centred ? 1.0f : 0.0f, e = static_cast<float>(eps);
   at::parallel_for(0, R, grain(R, D * 4), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* in = xp + r * D;
-      if (add) {
-        float* s = sp + r * D;
-        for (int64_t d = 0; d < D; ++d) s[d] = in[d] + rp[r * D + d];
-        in = s;
-      }
-      float ss = 0.0f;
-      for (int64_t d = 0; d < D; ++d) ss += in[d] * in[d];
-      const float inv = 1.0f / std::sqrt(ss / D + e);
-      const float* w = wp + (r % heads) * D;
-      float* out = yp + r * D;
-      for (int64_t d = 0; d < D; ++d) out[d] = in[d] * inv * (w[d] + off);
-    }
+    for (int64_t r = r0; r < r1; ++r)
+      norm_row(xp + r * D, add ? rp + r * D : nullptr, add ? sp + r * D : nullptr, wp + (r % heads) * D,
+               yp + r * D, D, e, off);
   });
   if (add) return {y, sum};
   return {y};
@@ -755,18 +759,8 @@ torch::Tensor moe_experts(torch::Tensor x, torch::Tensor gate_up_proj, torch::Te
 // (then `sum` receives x + res): rms_norm's arithmetic, on raw rows.
 inline void zc_norm_rows(const float* x, const float* res, float* sum, const float* w, float* y, int64_t R,
                          int64_t D, float eps) {
-  for (int64_t r = 0; r < R; ++r) {
-    const float* in = x + r * D;
-    if (res) {
-      float* s = sum + r * D;
-      for (int64_t d = 0; d < D; ++d) s[d] = in[d] + res[r * D + d];
-      in = s;
-    }
-    float ss = 0.0f;
-    for (int64_t d = 0; d < D; ++d) ss += in[d] * in[d];
-    const float inv = 1.0f / std::sqrt(ss / D + eps);
-    for (int64_t d = 0; d < D; ++d) y[r * D + d] = in[d] * inv * (w[d] + 1.0f);
-  }
+  for (int64_t r = 0; r < R; ++r)
+    norm_row(x + r * D, res ? res + r * D : nullptr, res ? sum + r * D : nullptr, w, y + r * D, D, eps, 1.0f);
 }
 
 // x [M, K] (rows contiguous) @ w[N, K]^T: the few-row kernel up to 8 rows, torch's GEMM above
