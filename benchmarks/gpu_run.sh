@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call: the GPU tests and benchmarks named in $STEPS, results under $OUT (default ./out).
 #   STEPS="tests spec kernels model" OUT=/tmp/o bash benchmarks/gpu_run.sh
-# steps: tests verify profile spec kernels model modelhf engine (see the case below)
+# steps: tests verify profile spec kernels model modelhf fp8 engine (see the case below)
 # fla-core (for gpu_kernels / transformers) is installed from .whl/ when it is there.
 # STEP_TIMEOUT (seconds, default 600) caps each step, so one slow step leaves time for the rest;
 # SPEC_ARGS replaces gpu_spec_step.py's default extra arguments (--profile).
@@ -25,6 +25,7 @@ for s in $STEPS; do
     kernels) timeout $T python3 benchmarks/gpu_kernels.py --quick --out "$OUT/gpu_kernels.json" 2>&1 | tail -40 ;;
     model)   timeout $T python3 benchmarks/gpu_model.py --no-hf --no-engine --out "$OUT/gpu_model.json" --commit "$COMMIT" 2>&1 | grep -v "^ \|^{\|^}" | tail -20 ;;
     modelhf) timeout $T python3 benchmarks/gpu_model.py --no-engine --out "$OUT/gpu_model.json" --commit "$COMMIT" 2>&1 | grep -v "^ \|^{\|^}" | tail -30 ;;
+    fp8)     timeout $T python3 benchmarks/gpu_fp8.py --no-w8a16 --out "$OUT/gpu_fp8.json" --commit "$COMMIT" 2>&1 | tail -25 ;;
     engine)  timeout $T python3 benchmarks/gpu_model.py --only-engine --engine-passes 2 --out "$OUT/gpu_engine.json" --commit "$COMMIT" 2>&1 | grep "engine pass" ;;
     *)       echo "unknown step $s" ;;
   esac
