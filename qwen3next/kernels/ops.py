@@ -292,6 +292,9 @@ def _dense_moe_pays(x, gate_up_proj, ids) -> bool:
 
 def moe_experts(x, gate_up_proj, down_proj, weights, ids):
     if _use_triton(x, gate_up_proj, down_proj, weights) and gate_up_proj.dtype == x.dtype == down_proj.dtype:
+        # prefill-sized batches: torch's CUTLASS grouped GEMM over expert-sorted rows (moe_grouped.py)
+        if _triton("moe_grouped").grouped_mm_ok(x, gate_up_proj, down_proj, ids.numel()):
+            return _triton("moe_grouped").moe_experts_grouped_mm(x, gate_up_proj, down_proj, weights, ids)
         return _triton("moe").moe_experts(x, gate_up_proj, down_proj, weights, ids)
     if _ext_ok(x, gate_up_proj, down_proj, weights) and not _dense_moe_pays(x, gate_up_proj, ids):
         return _ext.moe_experts(x, gate_up_proj, down_proj, weights, ids)

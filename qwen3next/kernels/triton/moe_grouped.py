@@ -1,0 +1,129 @@
+"""Prefill-sized routed experts through torch's grouped GEMM (`torch._grouped_mm`: CUTLASS on sm90,
+a library kernel with TMA and warp-specialised wgmma) over an expert-sorted copy of the rows.
+
+Four steps, no host sync: count each expert's rows (atomics) and copy every (token, choice) row of
+x to its place in the expert-sorted order (one launch: no padding, no sort); gate/up as one grouped
+GEMM against the stacked [E, 2I, H] weights read transposed in place (no weight copy); silu(gate) *
+up; the down grouped GEMM; then each token's k rows gathered back, scaled by their routing weights
+and summed in fp32. Rounding follows kernels/moe.py (products in the activation dtype).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .moe import _count_kernel
+
+# routed rows (T * k) from which the grouped GEMM path is used on CUDA (measured on the H200: see
+# docs/benchmarks.md, "Session 4: prefill experts through torch._grouped_mm")
+GROUPED_MM_MIN_ROWS = 4096
+
+
+def grouped_mm_ok(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, rows: int) -> bool:
+    """This path suits the call: torch has _grouped_mm, bf16 CUDA tensors on sm90 / sm100 (elsewhere
+    torch falls back to a host-synced loop), 16-byte-aligned rows, enough routed rows, and not
+    switched on (QWEN3NEXT_MOE_GMM=1: off by default until measured on the H200)."""
+    if not hasattr(torch, "_grouped_mm") or os.environ.get("QWEN3NEXT_MOE_GMM", "0") != "1":
+        return False
+    if not (x.is_cuda and x.dtype == gate_up_proj.dtype == down_proj.dtype == torch.bfloat16):
+        return False
+    H, I = x.shape[1], down_proj.shape[-1]
+    return (rows >= GROUPED_MM_MIN_ROWS and H % 8 == 0 and I % 8 == 0
+            and torch.cuda.get_device_capability(x.device)[0] in (9, 10))
+
+
+@triton.jit(do_not_specialize=["M"])
+def _sort_rows_kernel(ids_ptr, rank_ptr, end_ptr, cnt_ptr, x_ptr, xs_ptr, pos_ptr, M, H,
+                      TOPK: tl.constexpr, BA: tl.constexpr, BH: tl.constexpr):
+    """Assignment a (token a // TOPK) -> sorted row pos[a] = first row of its expert + its rank;
+    x's row copied there."""
+    a = tl.program_id(0) * BA + tl.arange(0, BA)
+    m = a < M
+    e = tl.load(ids_ptr + a, mask=m, other=0)
+    p = (tl.load(end_ptr + e, mask=m, other=0) - tl.load(cnt_ptr + e, mask=m, other=0)
+         + tl.load(rank_ptr + a, mask=m, other=0)).to(tl.int64)
+    tl.store(pos_ptr + a, p, mask=m)
+    tok = (a // TOPK).to(tl.int64)
+    for h0 in range(0, H, BH):
+        c = h0 + tl.arange(0, BH)
+        cm = m[:, None] & (c < H)[None, :]
+        v = tl.load(x_ptr + tok[:, None] * H + c[None, :], mask=cm)
+        tl.store(xs_ptr + p[:, None] * H + c[None, :], v, mask=cm)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _silu_mul_kernel(gu_ptr, h_ptr, M, I, S, BR: tl.constexpr, BI: tl.constexpr):
+    """h [M, I] = silu(gu[:, :I]) * gu[:, I:] (gu row stride S), rounded like the reference."""
+    r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+    c = tl.program_id(1) * BI + tl.arange(0, BI)
+    msk = (r < M)[:, None] & (c < I)[None, :]
+    g = tl.load(gu_ptr + r[:, None] * S + c[None, :], mask=msk, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + r[:, None] * S + I + c[None, :], mask=msk, other=0.0).to(tl.float32)
+    dt = h_ptr.dtype.element_ty
+    hv = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u
+    tl.store(h_ptr + r[:, None] * I + c[None, :], hv.to(dt), mask=msk)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _unsort_sum_kernel(y_ptr, pos_ptr, w_ptr, o_ptr, T, H, YS, TOPK: tl.constexpr, BH: tl.constexpr):
+    """out[t] = sum over j of y[pos[t, j]] * w[t, j] (each product in y's dtype, the sum in fp32,
+    j in order)."""
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BH + tl.arange(0, BH)
+    cm = c < H
+    dt = o_ptr.dtype.element_ty
+    acc = tl.zeros([BH], dtype=tl.float32)
+    for j in range(TOPK):
+        p = tl.load(pos_ptr + t * TOPK + j)
+        wj = tl.load(w_ptr + t * TOPK + j).to(dt).to(tl.float32)
+        yv = tl.load(y_ptr + p * YS + c, mask=cm, other=0.0).to(tl.float32)
+        acc += (yv * wj).to(dt).to(tl.float32)
+    tl.store(o_ptr + t * H + c, acc.to(dt), mask=cm)
+
+
+def sort_rows(x: torch.Tensor, ids: torch.Tensor, num_experts: int):
+    """x [T, H], ids [T, k] -> (xs [T*k, H] rows grouped by expert, offs [E] int32 = each expert's
+    end row in xs, pos [T*k] = each assignment's row in xs). No host sync; the order of rows within
+    an expert is arbitrary (each row of a GEMM is computed on its own)."""
+    T, H = x.shape
+    k = ids.shape[1]
+    M = T * k
+    flat = ids.reshape(-1).contiguous()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device)
+    rank = torch.empty(M, dtype=torch.int64, device=x.device)
+    _count_kernel[(triton.cdiv(M, 256),)](flat, counts, rank, M, BLK=256)
+    ends = torch.cumsum(counts, 0)
+    xs = torch.empty(M, H, dtype=x.dtype, device=x.device)
+    pos = torch.empty(M, dtype=torch.int64, device=x.device)
+    BA, BH = 16, min(512, triton.next_power_of_2(H))
+    _sort_rows_kernel[(triton.cdiv(M, BA),)](flat, rank, ends, counts, x, xs, pos, M, H, TOPK=k, BA=BA, BH=BH)
+    return xs, ends.to(torch.int32), pos
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """gu [M, 2I] (rows may be padded) -> silu(gu[:, :I]) * gu[:, I:] [M, I]."""
+    M, I = gu.shape[0], gu.shape[1] // 2
+    h = torch.empty(M, I, dtype=gu.dtype, device=gu.device)
+    BR, BI = 16, min(256, triton.next_power_of_2(I))
+    _silu_mul_kernel[(triton.cdiv(M, BR), triton.cdiv(I, BI))](gu, h, M, I, gu.stride(0), BR=BR, BI=BI)
+    return h
+
+
+def moe_experts_grouped_mm(x, gate_up_proj, down_proj, weights, ids) -> torch.Tensor:
+    """x [T, H]; gate_up_proj [E, 2I, H]; down_proj [E, H, I]; weights/ids [T, k] -> [T, H]."""
+    T, H = x.shape
+    E = gate_up_proj.shape[0]
+    k = ids.shape[1]
+    x = x.contiguous()
+    xs, offs, pos = sort_rows(x, ids, E)
+    # [E, 2I, H] read as [E, H, 2I] (column-major B, the layout the TMA loads want): a view, no copy
+    gu = torch._grouped_mm(xs, gate_up_proj.transpose(1, 2), offs)  # [T*k, 2I]
+    y = torch._grouped_mm(silu_mul(gu), down_proj.transpose(1, 2), offs)  # [T*k, H]
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    BH = min(1024, triton.next_power_of_2(H))
+    _unsort_sum_kernel[(T, triton.cdiv(H, BH))](y, pos, weights.contiguous(), out, T, H, y.stride(0), TOPK=k, BH=BH)
+    return out

@@ -1,0 +1,62 @@
+"""The prefill MoE path through torch._grouped_mm (triton/moe_grouped.py) against kernels/moe.py:
+on CPU in float32 (torch's grouped_mm CPU fallback, the Triton glue under the interpreter) with
+experts that get no rows and uneven counts; in bf16 at the 80B's expert shapes on the GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen3next.kernels import moe as ref
+
+from .conftest import DEV, randn, rel_err, seeded
+
+gmm = pytest.importorskip("qwen3next.kernels.triton.moe_grouped")
+if not hasattr(torch, "_grouped_mm"):
+    pytest.skip("torch has no _grouped_mm", allow_module_level=True)
+
+
+def _skewed_ids(T: int, k: int, E: int, gen: torch.Generator) -> torch.Tensor:
+    """k distinct experts per token drawn from the first E - 3 only (the last three get no rows;
+    so does any the draw misses), weighted so counts are uneven."""
+    p = torch.linspace(1.0, 8.0, E - 3)
+    return torch.stack([torch.multinomial(p, k, generator=gen) for _ in range(T)]).to(DEV)
+
+
+def test_sort_rows():
+    gen = seeded(7)
+    T, H, E, k = 13, 24, 9, 3
+    x = randn(T, H, gen=gen)
+    ids = _skewed_ids(T, k, E, gen)
+    xs, offs, pos = gmm.sort_rows(x, ids, E)
+    counts = torch.bincount(ids.reshape(-1).cpu(), minlength=E)
+    assert torch.equal(offs.cpu(), counts.cumsum(0).to(torch.int32))
+    assert torch.equal(torch.sort(pos.cpu()).values, torch.arange(T * k))  # a permutation
+    starts = (counts.cumsum(0) - counts)[ids.reshape(-1).cpu()]
+    assert ((pos.cpu() >= starts) & (pos.cpu() < starts + counts[ids.reshape(-1).cpu()])).all()  # its expert's run
+    assert torch.equal(xs[pos], x.repeat_interleave(k, 0))
+
+
+@pytest.mark.parametrize("T,E,H,I,k", [(1, 4, 16, 8, 1), (29, 11, 40, 24, 3), (64, 8, 32, 16, 4)])
+def test_grouped_mm_experts(T, E, H, I, k):
+    gen = seeded(T + E)
+    x = randn(T, H, gen=gen)
+    gate_up, down = randn(E, 2 * I, H, gen=gen, scale=0.2), randn(E, H, I, gen=gen, scale=0.2)
+    ids = _skewed_ids(T, k, E, gen) if E - 3 >= k else torch.randint(0, E, (T, k), generator=gen).to(DEV)
+    w = torch.rand(T, k, generator=gen).to(DEV)
+    y = gmm.moe_experts_grouped_mm(x, gate_up, down, w, ids)
+    assert rel_err(y, ref.moe_experts(x, gate_up, down, w, ids)) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [512, 2048])
+def test_grouped_mm_bf16_gpu(T):
+    gen = seeded(T)
+    E, H, I, k = 512, 2048, 512, 10
+    x = randn(T, H, gen=gen, dtype=torch.bfloat16)
+    gate_up = randn(E, 2 * I, H, gen=gen, dtype=torch.bfloat16, scale=0.02)
+    down = randn(E, H, I, gen=gen, dtype=torch.bfloat16, scale=0.02)
+    w, ids = ref.moe_route(randn(T, E, gen=gen), k, True)
+    assert gmm.grouped_mm_ok(x, gate_up, down, max(T * k, gmm.GROUPED_MM_MIN_ROWS))
+    y = gmm.moe_experts_grouped_mm(x, gate_up, down, w, ids)
+    assert rel_err(y, ref.moe_experts(x, gate_up, down, w, ids)) < 1e-2
