@@ -110,8 +110,10 @@ def profile_kernels(fn) -> dict[str, float]:
 
 def chunked(quick: bool) -> None:
     cases = {"T4096": [4096], "T32768": [32768], "8x4096": [4096] * 8}
-    # (fuse_output, bv_state, bv_out, warps_state); the first is the default
-    variants = [(False, 32, 128, 4), (False, 32, 128, 2), (False, 64, 128, 8), (True, 32, 0, 4), (True, 64, 0, 8)]
+    # state / output kernel variants (gated_delta_rule_chunked keywords); the first is the default
+    variants = [dict(), dict(split_k=False), dict(stages_state=2), dict(fuse_wu=True), dict(fuse_wu=True, stages_state=2),
+                dict(bv_state=64, warps_state=8), dict(bv_state=16, stages_state=2), dict(bv_out=64),
+                dict(fuse_output=True)]
     for name, lens in cases.items():
         q, k, v, g, beta, cu = prefill_inputs(lens)
         B = len(lens)
@@ -132,18 +134,21 @@ def chunked(quick: bool) -> None:
             res["fla_profile_us"] = profile_kernels(run_fla)
             row(f"delta chunked {name} fla", res["fla_ms"])
         best = None
-        for fuse, bvs, bvo, ws in variants:
+        for kw in variants:
             p = pool.clone()
-            kw = dict(fuse_output=fuse, bv_state=bvs, bv_out=bvo or 64, warps_state=ws)
             o = t_dr.gated_delta_rule_chunked(q, k, v, g, beta, cu, p, slots, has, **kw)
-            key = f"ours_fuse{int(fuse)}_bvs{bvs}_bvo{bvo}_w{ws}"
+            key = "ours_" + ("_".join(f"{a}{int(b)}" for a, b in kw.items()) or "default")
             if o_fla is not None:
                 res[key + "_relerr_vs_fla"] = rel(o, o_fla[0])
                 res[key + "_state_relerr_vs_fla"] = rel(p[slots], ht)
             ms = bench(lambda: t_dr.gated_delta_rule_chunked(q, k, v, g, beta, cu, p, slots, has, **kw))
             res[key + "_ms"] = ms
-            ratio = f"fla/ours = {res['fla_ms'] / ms:.2f}" if "fla_ms" in res else ""
+            ratio = (f"fla/ours = {res['fla_ms'] / ms:.2f}, err vs fla {res[key + '_relerr_vs_fla']:.1e} "
+                     f"(state {res[key + '_state_relerr_vs_fla']:.1e})" if "fla_ms" in res else "")
             row(f"delta chunked {name} ours {key[5:]}", ms, ratio)
+            if best is None:  # the default's per-kernel times
+                res["ours_default_profile_us"] = profile_kernels(lambda: t_dr.gated_delta_rule_chunked(
+                    q, k, v, g, beta, cu, p, slots, has))
             if best is None or ms < res[best[0] + "_ms"]:
                 best = (key, kw)
         res["best"] = best[0]

@@ -32,9 +32,11 @@ def test_chunked_matches_reference_fresh(lens):
     assert rel_err(o, o_ref) < 1e-4
 
 
-@pytest.mark.parametrize("fuse", [False, True])
-def test_chunked_state_pool_carried_across_calls(fuse):
-    """Two calls over a varlen batch through the state pool == one call over the whole sequences."""
+@pytest.mark.parametrize("variant", [dict(fuse_output=False), dict(fuse_output=True), dict(split_k=False),
+                                     dict(fuse_wu=True), dict(fuse_wu=True, fuse_output=True)])
+def test_chunked_state_pool_carried_across_calls(variant):
+    """Two calls over a varlen batch through the state pool == one call over the whole sequences
+    (state kernel variants: output fused, key rows unsplit, U / Kd computed in the state loop)."""
     first, second = [70, 1, 64, 5], [30, 64, 2, 100]
     whole = [a + b for a, b in zip(first, second)]
     hk, hv, dk, dv = 1, 2, 32, 16
@@ -51,7 +53,7 @@ def test_chunked_state_pool_carried_across_calls(fuse):
     for idx, lens, init in ((idx1, first, False), (idx2, second, True)):
         has = torch.full((4,), init, dtype=torch.bool, device=DEV)
         parts.append(tri.gated_delta_rule_chunked(q[idx], k[idx], v[idx], g[idx], beta[idx], cu(lens),
-                                                  pool, slots, has, fuse_output=fuse))
+                                                  pool, slots, has, **variant))
     assert rel_err(parts[0], o_whole[idx1]) < 1e-4
     assert rel_err(parts[1], o_whole[idx2]) < 1e-4
     ref_pool = torch.zeros(6, hv, dk, dv, device=DEV)
@@ -88,9 +90,9 @@ def test_recurrent_matches_reference_with_per_token_states():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("variant", [dict(fuse_output=False), dict(fuse_output=True), dict(fuse_wu=True)])
 @pytest.mark.parametrize("lens", [[4096], [1, 700, 64, 3000, 65]])
-def test_chunked_bf16_gpu(lens, fuse):
+def test_chunked_bf16_gpu(lens, variant):
     hk, hv, dk, dv = 16, 32, 128, 128
     q, k, v, g, beta = make(lens, hk, hv, dk, dv, seed=5, dtype=torch.bfloat16)
     c = cu(lens)
@@ -98,7 +100,7 @@ def test_chunked_bf16_gpu(lens, fuse):
     slots = torch.arange(len(lens), device=DEV) + 1
     has = torch.ones(len(lens), dtype=torch.bool, device=DEV)
     pool_ref = pool.clone()
-    o = tri.gated_delta_rule_chunked(q, k, v, g, beta, c, pool, slots, has, fuse_output=fuse)
+    o = tri.gated_delta_rule_chunked(q, k, v, g, beta, c, pool, slots, has, **variant)
     o_ref = ref.gated_delta_rule_chunked(q.float(), k.float(), v.float(), g, beta, c, pool_ref, slots, has)
     assert rel_err(o, o_ref) < 2e-2
     assert rel_err(pool, pool_ref) < 2e-2
