@@ -108,7 +108,7 @@ def encode_outputs(outs: list[RequestOutput]) -> list[tuple]:
     return [(o.request_id, o.finished, [(c.index, c.token_ids, c.cumulative_logprob,
                                          None if c.logprobs is None else _encode_logprobs(c.logprobs),
                                          c.finish_reason, c.stop_reason) for c in o.outputs],
-             None if o.prompt_logprobs is None else _encode_logprobs(o.prompt_logprobs))
+             None if o.prompt_logprobs is None else _encode_logprobs(o.prompt_logprobs), o.num_cached_tokens)
             for o in outs]
 
 
@@ -122,10 +122,10 @@ def _decode_logprobs(lps: list[list[tuple] | None]) -> list[dict | None]:
 
 
 def decode_output(item: tuple) -> RequestOutput:
-    rid, finished, outputs, prompt_lps = item
+    rid, finished, outputs, prompt_lps, cached = item
     out = RequestOutput(rid, None, [], [
         CompletionOutput(index, "", ids, cum, None if lps is None else _decode_logprobs(lps), reason, stop)
-        for index, ids, cum, lps, reason, stop in outputs], finished)
+        for index, ids, cum, lps, reason, stop in outputs], finished, num_cached_tokens=cached)
     if prompt_lps is not None:
         out.prompt_logprobs = _decode_logprobs(prompt_lps)
     return out

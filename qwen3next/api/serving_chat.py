@@ -23,7 +23,8 @@ from qwen3next.api.errors import APIError, bad_request, error_body
 from qwen3next.api.forced_tools import reason_then_call
 from qwen3next.api.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                     ChatCompletionResponse, ChoiceLogprobs,
-                                    CompletionTokensDetails, DeltaMessage, Usage, now, random_id)
+                                    CompletionTokensDetails, DeltaMessage, PromptTokensDetails, Usage,
+                                    now, random_id)
 from qwen3next.api.serving_common import (SSE_DONE, ServerState, check_model, max_new_tokens,
                                           sampling_params, sse, until_disconnect)
 from qwen3next.api.structured import forced_call, structured_outputs
@@ -54,6 +55,8 @@ class _Choice:
         self.stop_reason: int | str | None = None
         self.logprobs: list = []
         self.num_tokens = 0
+        # prompt tokens the engine found in its prefix cache (choice 0 keeps the request's count)
+        self.cached_tokens: int | None = None
 
     @property
     def done(self) -> bool:
@@ -163,6 +166,8 @@ async def _steps(state, req, choices, gen, prompt_lps: list | None = None
     """Yield (choice, text delta, logprobs) per engine step until every choice is done; the
     engine's prompt logprobs, when they come, are appended to `prompt_lps`."""
     async for out in gen:
+        if choices[0].cached_tokens is None:  # the first output: the user's prompt's count
+            choices[0].cached_tokens = out.num_cached_tokens
         if out.prompt_logprobs is not None and prompt_lps is not None:
             prompt_lps.append(out.prompt_logprobs)
         for co in out.outputs:
@@ -184,8 +189,10 @@ def _usage(prompt_len: int, choices: list[_Choice]) -> Usage:
     details = None
     if choices[0].parser.reasoning:
         details = CompletionTokensDetails(reasoning_tokens=sum(c.reasoning_tokens for c in choices))
+    cached = choices[0].cached_tokens
     return Usage(prompt_tokens=prompt_len, completion_tokens=completion,
-                 total_tokens=prompt_len + completion, completion_tokens_details=details)
+                 total_tokens=prompt_len + completion, completion_tokens_details=details,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached) if cached else None)
 
 
 def _echo(req: ChatCompletionRequest) -> str:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from qwen3next.api.chat_output import prompt_logprobs_json, token_logprobs
 from qwen3next.api.errors import APIError
 from qwen3next.api.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
-                                    CompletionResponse, Usage, random_id)
+                                    CompletionResponse, PromptTokensDetails, Usage, random_id)
 from qwen3next.api.serving_common import (SSE_DONE, ServerState, check_model, max_new_tokens,
                                           sampling_params, sse, until_disconnect)
 from qwen3next.api.structured import structured_outputs
@@ -35,6 +35,8 @@ class _Sample:
         self.timer = state.metrics.timer(prompt_len)
         self.echo = echo
         self.echo_pending = req.echo  # the echo goes out with the first output
+        # prompt tokens the engine found in its prefix cache (counted on each prompt's sample 0)
+        self.cached_tokens: int | None = None
         self.echo_only = req.echo and req.max_tokens == 0  # the engine samples one token: dropped
         self.prompt_ids = prompt_ids
         self.prompt_logprobs = None  # the engine's, when asked (set by the first output)
@@ -163,6 +165,8 @@ async def _merge(state, req, pairs) -> AsyncIterator[tuple[_Sample, str]]:
     async def pump(gen, samples):
         try:
             async for out in gen:
+                if samples[0].cached_tokens is None:
+                    samples[0].cached_tokens = out.num_cached_tokens
                 if out.prompt_logprobs is not None:  # (the request's first output)
                     for s in samples:
                         s.prompt_logprobs = out.prompt_logprobs
@@ -199,8 +203,10 @@ async def _merge(state, req, pairs) -> AsyncIterator[tuple[_Sample, str]]:
 
 def _usage(samples, prompt_tokens: int) -> Usage:
     completion = sum(s.num_tokens for s in samples)
+    cached = sum(s.cached_tokens or 0 for s in samples)
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                 total_tokens=prompt_tokens + completion)
+                 total_tokens=prompt_tokens + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached) if cached else None)
 
 
 async def _full(state, req, rid, model, merged, samples, prompt_tokens) -> dict:

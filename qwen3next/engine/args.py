@@ -31,6 +31,15 @@ class EngineArgs:
     # vLLM's spelling: None / "auto" keeps an FP8 checkpoint's block-FP8 weights on one CUDA device
     # (CPU dequantises); "fp8" also quantises a bf16 checkpoint at load (loader.fp8_at_load)
     quantization: str | None = None
+    # automatic prefix caching (engine/prefix_cache.py). Off by default, as vLLM has it for hybrid
+    # models (there it needs --mamba-cache-mode align): snapshots take state memory from the KV
+    # budget and prefill chunks end at snapshot boundaries, so only workloads sharing prefixes gain
+    enable_prefix_caching: bool = False
+    # DeltaNet state snapshots every this many tokens (a multiple of block_size): the granularity
+    # of reuse; larger means fewer chunk cuts in prefill
+    prefix_caching_state_block: int = 256
+    # share of the cache budget given to snapshot slots (at least one)
+    prefix_caching_state_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         def pos_int(name: str, allow_none: bool = False) -> None:
@@ -40,7 +49,8 @@ class EngineArgs:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size",
+                     "prefix_caching_state_block"):
             pos_int(name)
         pos_int("max_model_len", allow_none=True)
         pos_int("kv_cache_memory_bytes", allow_none=True)
@@ -69,6 +79,17 @@ class EngineArgs:
         from qwen3next.engine.spec_decode import SpeculativeConfig
 
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
+        if self.prefix_caching_state_block % self.block_size:
+            raise ValueError(f"prefix_caching_state_block ({self.prefix_caching_state_block}) must be a "
+                             f"multiple of block_size ({self.block_size})")
+        if not 0 < self.prefix_caching_state_fraction < 1:
+            raise ValueError(f"prefix_caching_state_fraction must be in (0, 1), got "
+                             f"{self.prefix_caching_state_fraction!r}")
+        if self.enable_prefix_caching and self.speculative_config is not None:
+            # the MTP layer's KV and deferred catch-up are not tracked per cached block yet
+            raise ValueError("enable_prefix_caching does not work with speculative_config yet: use one of them")
         if (not self.enable_chunked_prefill and self.max_model_len is not None
                 and self.max_num_batched_tokens < self.max_model_len):
             raise ValueError(

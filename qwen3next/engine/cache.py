@@ -1,10 +1,12 @@
 """The engine's cache memory: paged KV blocks for attention layers, state slots for DeltaNet.
 
 One byte budget is split at start-up: `num_slots` state slots (conv + fp32 recurrent state per
-linear layer, one per running sequence) come first, the rest becomes KV blocks of `block_size`
-tokens. `CacheManager` hands blocks and slots to sequences, keeps a persistent block table per
-slot (rows gathered per step, never rebuilt), copies a sequence's cache for n > 1 forks, and
-frees everything when a sequence finishes, is aborted or is preempted.
+linear layer, one per running sequence) come first, then (prefix caching) `num_snapshot_slots`
+more for state snapshots, the rest becomes KV blocks of `block_size` tokens. `CacheManager` hands
+blocks and slots to sequences, keeps a persistent block table per slot (rows gathered per step,
+never rebuilt), copies a sequence's cache for n > 1 forks, and frees everything when a sequence
+finishes, is aborted or is preempted; with prefix caching (prefix_cache.py) freed hashed blocks
+stay findable until evicted, and a hit shares blocks and restores a state snapshot.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qwen3next.engine.prefix_cache import PrefixCache
 from qwen3next.forward_batch import ModelCache, StateSpec
 
 logger = logging.getLogger("qwen3next.engine")
@@ -26,6 +29,7 @@ class CachePlan:
     num_slots: int
     bytes_per_block: int  # all attention layers together
     bytes_per_slot: int  # all linear layers together
+    num_snapshot_slots: int = 0  # prefix caching: state snapshots, after the num_slots slots
 
     @property
     def num_tokens(self) -> int:
@@ -33,7 +37,7 @@ class CachePlan:
 
     @property
     def total_bytes(self) -> int:
-        return self.num_blocks * self.bytes_per_block + self.num_slots * self.bytes_per_slot
+        return self.num_blocks * self.bytes_per_block + (self.num_slots + self.num_snapshot_slots) * self.bytes_per_slot
 
 
 def bytes_per_block(spec: StateSpec, block_size: int, dtype: torch.dtype) -> int:
@@ -49,11 +53,19 @@ def bytes_per_slot(spec: StateSpec, dtype: torch.dtype) -> int:
 
 
 def plan_cache(spec: StateSpec, dtype: torch.dtype, block_size: int, num_slots: int,
-               budget_bytes: int, max_blocks: int | None = None) -> CachePlan:
-    """Slots first, the rest of `budget_bytes` to KV blocks (at most `max_blocks`)."""
+               budget_bytes: int, max_blocks: int | None = None, snapshot_fraction: float = 0.0,
+               state_block: int = 0) -> CachePlan:
+    """Slots first, then snapshot slots (`snapshot_fraction` of the budget, at least one, at most
+    one per `state_block` tokens of `max_blocks`), the rest of `budget_bytes` to KV blocks (at
+    most `max_blocks`)."""
     per_block = bytes_per_block(spec, block_size, dtype)
     per_slot = bytes_per_slot(spec, dtype)
-    left = budget_bytes - num_slots * per_slot
+    snaps = 0
+    if snapshot_fraction > 0:
+        snaps = max(1, int(snapshot_fraction * budget_bytes) // max(1, per_slot))
+        if max_blocks is not None:
+            snaps = min(snaps, max(1, max_blocks * block_size // state_block))
+    left = budget_bytes - (num_slots + snaps) * per_slot
     if per_block == 0:  # a model without attention layers still needs block bookkeeping
         num_blocks = max_blocks or 1
     else:
@@ -61,13 +73,13 @@ def plan_cache(spec: StateSpec, dtype: torch.dtype, block_size: int, num_slots: 
         if max_blocks is not None:
             num_blocks = min(num_blocks, max_blocks)
     if num_blocks < 1:
-        need = num_slots * per_slot + per_block
+        need = (num_slots + snaps) * per_slot + per_block
         raise ValueError(
             f"the cache budget of {budget_bytes} bytes (kv_cache_memory_bytes, or what "
-            f"gpu_memory_utilization leaves) is too small: {num_slots} state slots "
+            f"gpu_memory_utilization leaves) is too small: {num_slots + snaps} state slots "
             f"({per_slot} bytes each) and one KV block ({per_block} bytes) need {need} bytes"
         )
-    return CachePlan(int(num_blocks), block_size, num_slots, per_block, per_slot)
+    return CachePlan(int(num_blocks), block_size, num_slots, per_block, per_slot, snaps)
 
 
 def allocate_cache(spec: StateSpec, plan: CachePlan, dtype: torch.dtype,
@@ -75,10 +87,11 @@ def allocate_cache(spec: StateSpec, plan: CachePlan, dtype: torch.dtype,
     cache = ModelCache(block_size=plan.block_size)
     for i, (h, d) in spec.kv_layers.items():
         cache.kv[i] = torch.zeros(plan.num_blocks, 2, plan.block_size, h, d, dtype=dtype, device=device)
+    slots = plan.num_slots + plan.num_snapshot_slots
     for i, (c, k) in spec.conv_layers.items():
-        cache.conv[i] = torch.zeros(plan.num_slots, c, k, dtype=dtype, device=device)
+        cache.conv[i] = torch.zeros(slots, c, k, dtype=dtype, device=device)
     for i, shape in spec.recurrent_layers.items():
-        cache.recurrent[i] = torch.zeros(plan.num_slots, *shape, dtype=torch.float32, device=device)
+        cache.recurrent[i] = torch.zeros(slots, *shape, dtype=torch.float32, device=device)
     return cache
 
 
@@ -86,9 +99,11 @@ class CacheManager:
     """Blocks (ref-counted, so forked sequences share their prompt) and slots for sequences."""
 
     def __init__(self, spec: StateSpec, plan: CachePlan, dtype: torch.dtype,
-                 device: torch.device, max_model_len: int, num_scratch_slots: int = 0):
+                 device: torch.device, max_model_len: int, num_scratch_slots: int = 0,
+                 prefix_state_block: int = 0):
         """The last `num_scratch_slots` state slots are never handed to a sequence: speculative
-        decoding keeps per-position DeltaNet states there (slots >= `scratch_base`)."""
+        decoding keeps per-position DeltaNet states there (slots >= `scratch_base`).
+        `prefix_state_block` > 0 turns prefix caching on (snapshots every that many tokens)."""
         self.plan = plan
         self.block_size = plan.block_size
         self.cache = allocate_cache(spec, plan, dtype, device)
@@ -101,11 +116,16 @@ class CacheManager:
         # [sequence slots, max_blocks_per_seq]: row `slot` is the block table of the sequence in it
         self.block_tables = torch.zeros(self.scratch_base, self.max_blocks_per_seq,
                                         dtype=torch.long, device=device)
+        self.prefix: PrefixCache | None = None
+        if prefix_state_block:
+            self.prefix = PrefixCache(plan.block_size, prefix_state_block, plan.num_blocks,
+                                      plan.num_slots, plan.num_snapshot_slots)
 
     # ---- accounting ---------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free_blocks)
+        """Blocks an allocation can take: free ones and cached ones nobody uses (evicted then)."""
+        return len(self._free_blocks) + (len(self.prefix.evictable) if self.prefix else 0)
 
     @property
     def num_free_slots(self) -> int:
@@ -113,6 +133,12 @@ class CacheManager:
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def _take_block(self) -> int:
+        """A block for new tokens (ref 1): a free one, else the least recently freed cached one."""
+        b = self._free_blocks.pop() if self._free_blocks else self.prefix.evict()
+        self._refs[b] = 1
+        return b
 
     # ---- per-sequence operations ------------------------------------------------------------
     def allocate_slot(self, seq) -> bool:
@@ -128,24 +154,24 @@ class CacheManager:
         need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_ids)
         if need <= 0:
             return True
-        if need > len(self._free_blocks):
+        if need > self.num_free_blocks:
             return False
         start = len(seq.block_ids)
         for _ in range(need):
-            b = self._free_blocks.pop()
-            self._refs[b] = 1
-            seq.block_ids.append(b)
+            seq.block_ids.append(self._take_block())
         if seq.slot >= 0:
             self._write_table(seq, start)
         return True
 
     def free(self, seq) -> None:
-        """Give back the sequence's blocks (shared ones when their last user goes) and slot."""
-        for b in seq.block_ids:
+        """Give back the sequence's blocks (shared ones when their last user goes) and slot.
+        Cached blocks become evictable tail first, so a prefix outlives its continuations."""
+        for b in reversed(seq.block_ids):
             self._refs[b] -= 1
-            if self._refs[b] == 0:
+            if self._refs[b] == 0 and not (self.prefix and self.prefix.release(b)):
                 self._free_blocks.append(b)
         seq.block_ids = []
+        seq.num_registered = 0
         if seq.slot >= 0:
             self._free_slots.append(seq.slot)
             seq.slot = -1
@@ -155,14 +181,14 @@ class CacheManager:
         and a copied state slot. False (nothing taken) when no slot or block is free."""
         n = parent.num_computed_tokens
         partial = n % self.block_size != 0
-        if not self._free_slots or (partial and not self._free_blocks):
+        if not self._free_slots or (partial and not self.num_free_blocks):
             return False
         child.slot = self._free_slots.pop()
         # only the blocks holding computed tokens: speculative drafting may have reserved more
         blocks = parent.block_ids[:self.blocks_needed(n)]
         if partial:
             # the child will write its own tokens into the last block: copy it
-            src, dst = blocks[-1], self._free_blocks.pop()
+            src, dst = blocks[-1], self._take_block()
             self._refs[dst] = 0
             for kv in self.cache.kv.values():
                 kv[dst].copy_(kv[src])
@@ -170,6 +196,7 @@ class CacheManager:
         for b in blocks:
             self._refs[b] += 1
         child.block_ids = blocks
+        child.num_registered = min(parent.num_registered, n // self.block_size)
         for conv in self.cache.conv.values():
             conv[child.slot].copy_(conv[parent.slot])
         for rec in self.cache.recurrent.values():
@@ -177,6 +204,39 @@ class CacheManager:
         child.num_computed_tokens = n
         self._write_table(child, 0)
         return True
+
+    # ---- prefix caching (prefix_cache.py) -----------------------------------------------------
+    def match_prefix(self, seq) -> tuple[int, list[int], int] | None:
+        """The reusable prefix of a sequence with nothing computed (see PrefixCache.match)."""
+        return self.prefix.match(seq) if self.prefix is not None else None
+
+    def num_reused_free(self, blocks: list[int]) -> int:
+        """How many of these cached blocks now count as free (nobody uses them)."""
+        return sum(1 for b in blocks if self._refs[b] == 0)
+
+    def take_prefix(self, seq, hit: tuple[int, list[int], int]) -> None:
+        """Share the hit's blocks with `seq` and mark its first `b` tokens computed; the state
+        snapshot is copied into the sequence's slot by `restore_prefix` once it has one."""
+        b, blocks, _ = hit
+        for x in blocks:
+            if self._refs[x] == 0:
+                self.prefix.reuse(x)
+            self._refs[x] += 1
+        seq.block_ids = list(blocks)
+        seq.num_computed_tokens = b
+        seq.num_registered = len(blocks)
+        if seq.slot >= 0:
+            self._write_table(seq, 0)
+
+    def restore_prefix(self, seq, hit: tuple[int, list[int], int]) -> None:
+        self.copy_slots([hit[2]], [seq.slot])
+
+    def commit(self, seq) -> None:
+        """After a step: cache the sequence's newly full blocks, and snapshot its DeltaNet state
+        when its computed tokens end at a boundary that has none."""
+        key = self.prefix.register(seq)
+        if key is not None:
+            self.copy_slots([seq.slot], [self.prefix.snapshot_slot(key)])
 
     def copy_slots(self, src: list[int], dst: list[int]) -> None:
         """DeltaNet state (conv and recurrent, every layer) of slots `src` into slots `dst`."""
@@ -202,3 +262,7 @@ class CacheManager:
             p.num_slots, p.bytes_per_slot / (1 << 20), self.scratch_base,
             p.num_tokens / max_model_len, max_model_len,
         )
+        if self.prefix is not None:
+            logger.info("prefix caching: %d state snapshot slots (%.3f GiB), one per %d tokens",
+                        p.num_snapshot_slots, p.num_snapshot_slots * p.bytes_per_slot / gib,
+                        self.prefix.state_block)

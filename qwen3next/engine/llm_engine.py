@@ -10,7 +10,11 @@ gathered chunk by chunk during prefill (engine/prompt_logprobs.py) and reported 
 request's first output. Structured outputs (SamplingParams.structured_outputs) keep a grammar
 matcher per sequence (engine/structured_output.py): the sampler masks those rows, step() feeds
 each sampled token back and stops a sequence whose grammar is complete; with speculative decoding
-a grammar row's drafts are verified under its masks (spec_decode.py). The engine is single-threaded; the async server drives it from one thread.
+a grammar row's drafts are verified under its masks (spec_decode.py). With enable_prefix_caching
+(engine/prefix_cache.py) admission may start a prompt after a cached prefix, and after each step
+the cache hashes newly full blocks and snapshots DeltaNet states at boundaries; every output
+carries the request's `num_cached_tokens`. The engine is single-threaded; the async server
+drives it from one thread.
 """
 
 from __future__ import annotations
@@ -83,12 +87,15 @@ class LLMEngine:
         k = args.speculative_config.num_speculative_tokens if args.speculative_config else 0
         num_slots = args.max_num_seqs * (1 + k)
         blocks_per_seq = -(-self.max_model_len // args.block_size)
+        state_block = args.prefix_caching_state_block if args.enable_prefix_caching else 0
         plan = plan_cache(spec, self.dtype, args.block_size, num_slots,
-                          self._budget_bytes(), max_blocks=num_slots * blocks_per_seq)
+                          self._budget_bytes(), max_blocks=num_slots * blocks_per_seq,
+                          snapshot_fraction=args.prefix_caching_state_fraction if state_block else 0.0,
+                          state_block=state_block)
         # tensor parallel: every rank allocates the same plan (its own heads' shards)
         make_cache = getattr(model, "make_cache_manager", CacheManager)
         self.cache = make_cache(spec, plan, self.dtype, self.device, self.max_model_len,
-                                num_scratch_slots=args.max_num_seqs * k)
+                                num_scratch_slots=args.max_num_seqs * k, prefix_state_block=state_block)
         self.cache.log_plan(self.max_model_len)
         self.scheduler = Scheduler(self.cache, args.max_num_seqs, args.max_num_batched_tokens,
                                    args.enable_chunked_prefill)
@@ -264,7 +271,8 @@ class LLMEngine:
         if req is None:
             return
         self._prompt_lps.pop(request_id, None)
-        out = RequestOutput(request_id, None, req.prompt_token_ids, finished=True)
+        out = RequestOutput(request_id, None, req.prompt_token_ids, finished=True,
+                            num_cached_tokens=req.num_cached_tokens or 0)
         for seq in req.seqs:
             self.structured.free(seq.seq_id)
             if seq.status is Status.FINISHED:
@@ -291,7 +299,8 @@ class LLMEngine:
         if req.finished:
             del self.requests[request_id]
             self._prompt_lps.pop(request_id, None)
-            out = RequestOutput(request_id, None, req.prompt_token_ids, finished=True)
+            out = RequestOutput(request_id, None, req.prompt_token_ids, finished=True,
+                                num_cached_tokens=req.num_cached_tokens or 0)
             out.outputs.append(self._delta(seq))
             self._pending.append(out)
 
@@ -315,6 +324,8 @@ class LLMEngine:
         }
         if self.spec is not None:
             out["spec_decode"] = self.spec.stats.as_dict()
+        if c.prefix is not None:
+            out["prefix_cache"] = c.prefix.as_dict()
         return out
 
     # ---- the step -------------------------------------------------------------------------
@@ -328,6 +339,8 @@ class LLMEngine:
         rows, sampled = self.runner.execute(sched)
         for seq, n in zip(sched.seqs, sched.num_new_tokens):
             seq.num_computed_tokens += n
+            if self.cache.prefix is not None:  # hash full blocks, snapshot at a boundary
+                self.cache.commit(seq)
         if not rows:
             return outputs
         finished = []
@@ -400,7 +413,8 @@ class LLMEngine:
             req = seq.request
             if len(req.seqs) == 1:
                 done = seq.status is Status.FINISHED
-                out = RequestOutput(req.request_id, None, req.prompt_token_ids, [self._delta(seq)], done)
+                out = RequestOutput(req.request_id, None, req.prompt_token_ids, [self._delta(seq)], done,
+                                    num_cached_tokens=req.num_cached_tokens or 0)
                 outputs.append(out)
                 if plp and req.request_id in plp:
                     # a sampled row has its whole prompt computed: the entries are complete
@@ -411,7 +425,7 @@ class LLMEngine:
             out = by_request.get(req.request_id)
             if out is None:
                 out = by_request[req.request_id] = RequestOutput(
-                    req.request_id, None, req.prompt_token_ids)
+                    req.request_id, None, req.prompt_token_ids, num_cached_tokens=req.num_cached_tokens or 0)
                 outputs.append(out)
                 if plp and req.request_id in plp:
                     out.prompt_logprobs = plp.pop(req.request_id)

@@ -5,6 +5,9 @@ running sequences (oldest first: decodes take 1 token, unfinished prompts a chun
 left), then waiting ones (FIFO) as long as a state slot and KV blocks are free. When a running
 sequence needs a block and none is free, the newest running sequence is preempted: its blocks and
 slot are freed and it goes back to the front of the waiting queue to be recomputed later.
+With prefix caching a sequence admitted with nothing computed starts after its longest cached
+prefix (not for prompt-logprobs requests: every position must be computed, as vLLM), and prefill
+chunks end at boundaries that still need a state snapshot (engine/prefix_cache.py).
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ class Scheduler:
             seq = running[i]
             # a decode brings its drafts along (speculative decoding); the budget may cut them
             n = min(len(seq.token_ids) - seq.num_computed_tokens + len(seq.spec_token_ids), budget)
+            if n > 1 and self.cache.prefix is not None and self.enable_chunked_prefill:
+                n = self.cache.prefix.cut(seq, seq.num_computed_tokens, n)
             if seq.num_computed_tokens + n > len(seq.block_ids) * bs and not self._grow(seq, n, out):
                 break  # `seq` preempted itself: it was the last one running
             out.seqs.append(seq)
@@ -79,17 +84,34 @@ class Scheduler:
         return True
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
-        waiting, cache = self.waiting, self.cache
-        while waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        waiting, cache, prefix = self.waiting, self.cache, self.cache.prefix
+        while waiting and budget > 0 and len(self.running) < self.max_num_seqs and cache.num_free_slots:
             seq = waiting[0]
-            left = seq.num_tokens - seq.num_computed_tokens
+            hit = None
+            if prefix is not None and seq.num_computed_tokens == 0 and seq.params.prompt_logprobs is None:
+                hit = cache.match_prefix(seq)
+            first = hit[0] if hit else seq.num_computed_tokens
+            left = seq.num_tokens - first
             n = min(left, budget)
             if n < left and not self.enable_chunked_prefill:
                 break
-            if cache.num_free_slots == 0 or not cache.grow(seq, n):
+            if prefix is not None and self.enable_chunked_prefill:
+                n = prefix.cut(seq, first, n)
+            if hit:
+                # the hit's unused cached blocks count as free now but are about to be taken
+                if cache.blocks_needed(first + n) - len(hit[1]) > cache.num_free_blocks - cache.num_reused_free(hit[1]):
+                    break
+                cache.take_prefix(seq, hit)
+            if not cache.grow(seq, n):
                 break
             waiting.popleft()
             cache.allocate_slot(seq)
+            if hit:
+                cache.restore_prefix(seq, hit)
+            if prefix is not None:
+                prefix.record(seq.num_tokens, first)
+                if seq.index == 0 and seq.request.num_cached_tokens is None:
+                    seq.request.num_cached_tokens = first
             seq.status = Status.RUNNING
             self.running.append(seq)
             out.seqs.append(seq)

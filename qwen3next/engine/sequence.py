@@ -24,7 +24,7 @@ class Status(enum.Enum):
 
 class Request:
     __slots__ = ("request_id", "prompt_token_ids", "params", "seqs", "eos_ids", "stop_ids",
-                 "max_len", "prompt_mask", "plain_greedy")
+                 "max_len", "prompt_mask", "plain_greedy", "num_cached_tokens")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_ids: frozenset[int], max_len: int):
@@ -37,6 +37,8 @@ class Request:
         self.max_len = max_len
         self.seqs: list[Sequence] = []
         self.prompt_mask: torch.Tensor | None = None  # [V] bool, built by the sampler when needed
+        # prompt tokens found in the prefix cache when sequence 0 was first admitted (None: not yet)
+        self.num_cached_tokens: int | None = None
         # argmax of the raw logits is the whole sampling rule (the sampler's fast path)
         self.plain_greedy = (params.greedy and params.logprobs is None and params.min_tokens == 0
                              and params.repetition_penalty == 1.0 and not params.presence_penalty
@@ -52,7 +54,7 @@ class Sequence:
                  "num_computed_tokens", "status", "block_ids", "slot", "generator",
                  "logprobs", "cumulative_logprob", "num_reported", "finish_reason",
                  "stop_reason", "children", "output_counts", "num_counted", "spec_token_ids",
-                 "spec_draft_probs", "mtp_pending", "mtp_pending_start")
+                 "spec_draft_probs", "mtp_pending", "mtp_pending_start", "block_hashes", "num_registered")
 
     def __init__(self, seq_id: int, request: Request, index: int, device: torch.device):
         self.seq_id = seq_id
@@ -87,6 +89,10 @@ class Sequence:
         # deferred (steps above disable_by_batch_size), run when drafting resumes
         self.mtp_pending: list[torch.Tensor] = []
         self.mtp_pending_start = 0
+        # prefix caching: hash chain of the full blocks of token_ids (extended lazily), and how
+        # many of the sequence's blocks were offered to the cache so far
+        self.block_hashes: list[int] = []
+        self.num_registered = 0
 
     @property
     def params(self) -> SamplingParams:
