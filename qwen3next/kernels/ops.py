@@ -292,9 +292,10 @@ def _dense_moe_pays(x, gate_up_proj, ids) -> bool:
 
 def moe_experts(x, gate_up_proj, down_proj, weights, ids):
     if _use_triton(x, gate_up_proj, down_proj, weights) and gate_up_proj.dtype == x.dtype == down_proj.dtype:
-        # prefill-sized batches: torch's CUTLASS grouped GEMM over expert-sorted rows (moe_grouped.py)
-        if _triton("moe_grouped").grouped_mm_ok(x, gate_up_proj, down_proj, ids.numel()):
-            return _triton("moe_grouped").moe_experts_grouped_mm(x, gate_up_proj, down_proj, weights, ids)
+        # prefill-sized batches: grouped GEMMs over expert-sorted rows (moe_grouped.py)
+        gemm = _triton("moe_grouped").sorted_gemm(x, gate_up_proj, down_proj, ids.numel())
+        if gemm:
+            return _triton("moe_grouped").moe_experts_sorted(x, gate_up_proj, down_proj, weights, ids, gemm=gemm)
         return _triton("moe").moe_experts(x, gate_up_proj, down_proj, weights, ids)
     if _ext_ok(x, gate_up_proj, down_proj, weights) and not _dense_moe_pays(x, gate_up_proj, ids):
         return _ext.moe_experts(x, gate_up_proj, down_proj, weights, ids)
@@ -324,9 +325,12 @@ def fp8_linear(x, w8, scale, block=(128, 128)):
     return _ref_fp8.fp8_linear(x, w8, scale, block)
 
 
-def moe_experts_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids, block=(128, 128)):
-    """moe_experts over block-FP8 expert weights (kernels/fp8.py; Triton w8a16 on CUDA)."""
+def moe_experts_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids, block=(128, 128),
+                    shared=None):
+    """moe_experts over block-FP8 expert weights (kernels/fp8.py; Triton on CUDA); `shared` (fp8 gate /
+    up / down + scales, bf16 gate vector) adds the MoE block's gated shared expert in the same kernels."""
     if _use_triton(x, weights) and block[1] % 128 == 0 and down_proj.shape[-1] % block[0] == 0:
         return _triton("moe_fp8").moe_experts_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights,
-                                                  ids, block)
-    return _ref_fp8.moe_experts_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids, block)
+                                                  ids, block, shared=shared)
+    return _ref_fp8.moe_experts_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids, block,
+                                    shared=shared)

@@ -1,6 +1,7 @@
-"""The prefill MoE path through torch._grouped_mm (triton/moe_grouped.py) against kernels/moe.py:
-on CPU in float32 (torch's grouped_mm CPU fallback, the Triton glue under the interpreter) with
-experts that get no rows and uneven counts; in bf16 at the 80B's expert shapes on the GPU."""
+"""The prefill MoE over expert-sorted rows (triton/moe_grouped.py, GEMMs by torch._grouped_mm or
+moe_tma.py) against kernels/moe.py: on CPU in float32 (torch's grouped_mm CPU fallback, the Triton
+kernels under the interpreter) with experts that get no rows and uneven counts; in bf16 at the
+80B's expert shapes on the GPU."""
 
 from __future__ import annotations
 
@@ -28,35 +29,60 @@ def test_sort_rows():
     T, H, E, k = 13, 24, 9, 3
     x = randn(T, H, gen=gen)
     ids = _skewed_ids(T, k, E, gen)
-    xs, offs, pos = gmm.sort_rows(x, ids, E)
+    xs, cnt, offs, pos = gmm.sort_rows(x, ids, E)
     counts = torch.bincount(ids.reshape(-1).cpu(), minlength=E)
-    assert torch.equal(offs.cpu(), counts.cumsum(0).to(torch.int32))
+    assert torch.equal(cnt.cpu(), counts) and torch.equal(offs.cpu(), counts.cumsum(0).to(torch.int32))
     assert torch.equal(torch.sort(pos.cpu()).values, torch.arange(T * k))  # a permutation
     starts = (counts.cumsum(0) - counts)[ids.reshape(-1).cpu()]
     assert ((pos.cpu() >= starts) & (pos.cpu() < starts + counts[ids.reshape(-1).cpu()])).all()  # its expert's run
     assert torch.equal(xs[pos], x.repeat_interleave(k, 0))
 
 
+@pytest.mark.parametrize("gemm", ["torch", "triton"])
 @pytest.mark.parametrize("T,E,H,I,k", [(1, 4, 16, 8, 1), (29, 11, 40, 24, 3), (64, 8, 32, 16, 4)])
-def test_grouped_mm_experts(T, E, H, I, k):
+def test_sorted_experts(T, E, H, I, k, gemm):
     gen = seeded(T + E)
     x = randn(T, H, gen=gen)
     gate_up, down = randn(E, 2 * I, H, gen=gen, scale=0.2), randn(E, H, I, gen=gen, scale=0.2)
     ids = _skewed_ids(T, k, E, gen) if E - 3 >= k else torch.randint(0, E, (T, k), generator=gen).to(DEV)
     w = torch.rand(T, k, generator=gen).to(DEV)
-    y = gmm.moe_experts_grouped_mm(x, gate_up, down, w, ids)
+    y = gmm.moe_experts_sorted(x, gate_up, down, w, ids, gemm=gemm)
     assert rel_err(y, ref.moe_experts(x, gate_up, down, w, ids)) < 1e-5
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [512, 2048])
-def test_grouped_mm_bf16_gpu(T):
+@pytest.mark.parametrize("gemm", ["torch", "triton"])
+def test_sorted_bf16_gpu(T, gemm, monkeypatch):
     gen = seeded(T)
     E, H, I, k = 512, 2048, 512, 10
     x = randn(T, H, gen=gen, dtype=torch.bfloat16)
     gate_up = randn(E, 2 * I, H, gen=gen, dtype=torch.bfloat16, scale=0.02)
     down = randn(E, H, I, gen=gen, dtype=torch.bfloat16, scale=0.02)
     w, ids = ref.moe_route(randn(T, E, gen=gen), k, True)
-    assert gmm.grouped_mm_ok(x, gate_up, down, max(T * k, gmm.GROUPED_MM_MIN_ROWS))
-    y = gmm.moe_experts_grouped_mm(x, gate_up, down, w, ids)
+    monkeypatch.setenv("QWEN3NEXT_MOE_SORTED", gemm)
+    assert gmm.sorted_gemm(x, gate_up, down, max(T * k, gmm.SORTED_MIN_ROWS)) == gemm
+    y = gmm.moe_experts_sorted(x, gate_up, down, w, ids, gemm=gemm)
     assert rel_err(y, ref.moe_experts(x, gate_up, down, w, ids)) < 1e-2
+
+
+def test_triton_small_tiles(monkeypatch):
+    """moe_tma's kernels with tiles smaller than every dimension: several row tiles per expert,
+    K loops with a partial last tile (zero-filled by the descriptors), partial column tiles whose
+    boxes run into the next expert's weights (computed, never stored)."""
+    import triton
+
+    from qwen3next.kernels.triton import moe_tma
+
+    cfg = [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=4, pre_hook=moe_tma._set_blocks)]
+    for kern in (moe_tma._gate_up_kernel, moe_tma._down_kernel):
+        monkeypatch.setattr(kern, "configs", cfg)
+        monkeypatch.setattr(kern, "cache", {})
+    gen = seeded(5)
+    T, E, H, I, k = 37, 7, 40, 24, 3
+    x = randn(T, H, gen=gen)
+    gate_up, down = randn(E, 2 * I, H, gen=gen, scale=0.2), randn(E, H, I, gen=gen, scale=0.2)
+    ids = _skewed_ids(T, k, E, gen)
+    w = torch.rand(T, k, generator=gen).to(DEV)
+    y = gmm.moe_experts_sorted(x, gate_up, down, w, ids, gemm="triton")
+    assert rel_err(y, ref.moe_experts(x, gate_up, down, w, ids)) < 1e-5

@@ -16,24 +16,28 @@ import torch
 import triton
 import triton.language as tl
 
+from . import moe_tma
 from .moe import _count_kernel
 
-# routed rows (T * k) from which the grouped GEMM path is used on CUDA (measured on the H200: see
-# docs/benchmarks.md, "Session 4: prefill experts through torch._grouped_mm")
-GROUPED_MM_MIN_ROWS = 4096
+# routed rows (T * k) from which the expert-sorted path is used on CUDA, and its GEMMs
+# (measured on the H200: docs/benchmarks.md, "Session 4: prefill experts over expert-sorted rows")
+SORTED_MIN_ROWS = 4096
+SORTED_GEMM = "off"  # "torch" (torch._grouped_mm), "triton" (moe_tma.py) or "off"; QWEN3NEXT_MOE_SORTED overrides
 
 
-def grouped_mm_ok(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, rows: int) -> bool:
-    """This path suits the call: torch has _grouped_mm, bf16 CUDA tensors on sm90 / sm100 (elsewhere
-    torch falls back to a host-synced loop), 16-byte-aligned rows, enough routed rows, and not
-    switched on (QWEN3NEXT_MOE_GMM=1: off by default until measured on the H200)."""
-    if not hasattr(torch, "_grouped_mm") or os.environ.get("QWEN3NEXT_MOE_GMM", "0") != "1":
-        return False
+def sorted_gemm(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, rows: int) -> str | None:
+    """Which GEMMs the expert-sorted path should use for this call, None when it does not suit:
+    bf16 CUDA tensors on sm90 / sm100 (elsewhere torch's grouped_mm falls back to a host-synced
+    loop, and TMA needs Hopper), 16-byte-aligned rows, at least SORTED_MIN_ROWS routed rows."""
+    gemm = os.environ.get("QWEN3NEXT_MOE_SORTED", SORTED_GEMM)
+    if gemm not in ("torch", "triton") or (gemm == "torch" and not hasattr(torch, "_grouped_mm")):
+        return None
     if not (x.is_cuda and x.dtype == gate_up_proj.dtype == down_proj.dtype == torch.bfloat16):
-        return False
+        return None
     H, I = x.shape[1], down_proj.shape[-1]
-    return (rows >= GROUPED_MM_MIN_ROWS and H % 8 == 0 and I % 8 == 0
-            and torch.cuda.get_device_capability(x.device)[0] in (9, 10))
+    ok = (rows >= SORTED_MIN_ROWS and H % 8 == 0 and I % 8 == 0
+          and torch.cuda.get_device_capability(x.device)[0] in (9, 10))
+    return gemm if ok else None
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -86,9 +90,9 @@ def _unsort_sum_kernel(y_ptr, pos_ptr, w_ptr, o_ptr, T, H, YS, TOPK: tl.constexp
 
 
 def sort_rows(x: torch.Tensor, ids: torch.Tensor, num_experts: int):
-    """x [T, H], ids [T, k] -> (xs [T*k, H] rows grouped by expert, offs [E] int32 = each expert's
-    end row in xs, pos [T*k] = each assignment's row in xs). No host sync; the order of rows within
-    an expert is arbitrary (each row of a GEMM is computed on its own)."""
+    """x [T, H], ids [T, k] -> (xs [T*k, H] rows grouped by expert, counts [E] rows per expert,
+    offs [E] int32 = each expert's end row in xs, pos [T*k] = each assignment's row in xs). No host
+    sync; the order of rows within an expert is arbitrary (each row of a GEMM is computed alone)."""
     T, H = x.shape
     k = ids.shape[1]
     M = T * k
@@ -101,7 +105,7 @@ def sort_rows(x: torch.Tensor, ids: torch.Tensor, num_experts: int):
     pos = torch.empty(M, dtype=torch.int64, device=x.device)
     BA, BH = 16, min(512, triton.next_power_of_2(H))
     _sort_rows_kernel[(triton.cdiv(M, BA),)](flat, rank, ends, counts, x, xs, pos, M, H, TOPK=k, BA=BA, BH=BH)
-    return xs, ends.to(torch.int32), pos
+    return xs, counts, ends.to(torch.int32), pos
 
 
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:
@@ -113,16 +117,20 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def moe_experts_grouped_mm(x, gate_up_proj, down_proj, weights, ids) -> torch.Tensor:
-    """x [T, H]; gate_up_proj [E, 2I, H]; down_proj [E, H, I]; weights/ids [T, k] -> [T, H]."""
+def moe_experts_sorted(x, gate_up_proj, down_proj, weights, ids, *, gemm: str = "torch") -> torch.Tensor:
+    """x [T, H]; gate_up_proj [E, 2I, H]; down_proj [E, H, I]; weights/ids [T, k] -> [T, H].
+    gemm: "torch" (torch._grouped_mm) or "triton" (moe_tma.py's TMA kernels)."""
     T, H = x.shape
     E = gate_up_proj.shape[0]
     k = ids.shape[1]
     x = x.contiguous()
-    xs, offs, pos = sort_rows(x, ids, E)
-    # [E, 2I, H] read as [E, H, 2I] (column-major B, the layout the TMA loads want): a view, no copy
-    gu = torch._grouped_mm(xs, gate_up_proj.transpose(1, 2), offs)  # [T*k, 2I]
-    y = torch._grouped_mm(silu_mul(gu), down_proj.transpose(1, 2), offs)  # [T*k, H]
+    xs, counts, offs, pos = sort_rows(x, ids, E)
+    if gemm == "triton":
+        y = moe_tma.down(moe_tma.gate_up(xs, gate_up_proj, counts), down_proj, counts)  # [T*k, H]
+    else:
+        # [E, 2I, H] read as [E, H, 2I] (column-major B, the layout the TMA loads want): a view, no copy
+        gu = torch._grouped_mm(xs, gate_up_proj.transpose(1, 2), offs)  # [T*k, 2I]
+        y = torch._grouped_mm(silu_mul(gu), down_proj.transpose(1, 2), offs)  # [T*k, H]
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     BH = min(1024, triton.next_power_of_2(H))
     _unsort_sum_kernel[(T, triton.cdiv(H, BH))](y, pos, weights.contiguous(), out, T, H, y.stride(0), TOPK=k, BH=BH)
