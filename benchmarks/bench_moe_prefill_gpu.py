@@ -26,6 +26,7 @@ import triton
 
 E, H, I, K = 512, 2048, 512, 10
 PATHS = ("old", "torch", "triton")
+DEV = "cuda"
 
 
 def check_compile() -> int:
@@ -93,10 +94,10 @@ def experts_section(tokens: list[int], res: dict) -> None:
     from qwen3next.kernels.triton import moe_grouped as g
     from qwen3next.kernels.triton import moe_tma as t
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    gate_up = (torch.randn(E, 2 * I, H, device="cuda", generator=gen) * 0.02).bfloat16()
-    down = (torch.randn(E, H, I, device="cuda", generator=gen) * 0.02).bfloat16()
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    gate_up = (torch.randn(E, 2 * I, H, device=DEV, generator=gen) * 0.02).bfloat16()
+    down = (torch.randn(E, H, I, device=DEV, generator=gen) * 0.02).bfloat16()
+    a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
     ms = bench(lambda: a @ a)
     res["matmul_8192_tflops"] = round(2 * 8192**3 / ms / 1e9, 1)
     del a
@@ -104,8 +105,8 @@ def experts_section(tokens: list[int], res: dict) -> None:
         r = res.setdefault(f"T{T}", {})
         M = T * K
         fl_up, fl_down = 2 * M * H * 2 * I, 2 * M * I * H
-        x = torch.randn(T, H, device="cuda", generator=gen).bfloat16()
-        w, ids = ref.moe_route(torch.randn(T, E, device="cuda", generator=gen), K, True)
+        x = torch.randn(T, H, device=DEV, generator=gen).bfloat16()
+        w, ids = ref.moe_route(torch.randn(T, E, device=DEV, generator=gen), K, True)
         outs = {}
         calls = {"old": lambda: old.moe_experts(x, gate_up, down, w, ids, gemv=False),
                  "torch": lambda: g.moe_experts_sorted(x, gate_up, down, w, ids, gemm="torch"),
@@ -145,10 +146,10 @@ def experts_section(tokens: list[int], res: dict) -> None:
             r["steps_error"] = repr(e)[:300]
         if T == max(tokens):  # equal-sized groups: the grouped GEMMs' best case
             m = M // E
-            xa = torch.randn(E, m, H, device="cuda", dtype=torch.bfloat16)
+            xa = torch.randn(E, m, H, device=DEV, dtype=gate_up.dtype)
             ms = bench(lambda: torch.bmm(xa, gate_up.transpose(1, 2)))
             r["bmm_equal_gate_up"] = {"ms": round(ms, 4), "tflops": round(2 * E * m * H * 2 * I / ms / 1e9, 1)}
-            ha = torch.randn(E, m, I, device="cuda", dtype=torch.bfloat16)
+            ha = torch.randn(E, m, I, device=DEV, dtype=gate_up.dtype)
             ms = bench(lambda: torch.bmm(ha, down.transpose(1, 2)))
             r["bmm_equal_down"] = {"ms": round(ms, 4), "tflops": round(2 * E * m * I * H / ms / 1e9, 1)}
         print(f"T={T}: " + ", ".join(f"{p} {r[p].get('ms')} ms {r[p].get('tflops')} TF/s" for p in PATHS), flush=True)
@@ -166,11 +167,11 @@ def model_section(res: dict) -> None:
     ours, _ = gm.build_models(with_hf=False)
     T = 8192
     cache = gm.make_cache(ours, 2, T // gm.BS + 1)
-    ids = torch.randint(0, gm.DIMS["vocab_size"], (T,), device="cuda")
-    pos = torch.arange(T, device="cuda")
-    fb = ForwardBatch(cu_seqlens=torch.tensor([0, T], device="cuda"), seq_lens=[T], context_lens=[0], cache=cache,
-                      block_tables=torch.arange(T // gm.BS + 1, device="cuda")[None],
-                      slot_mapping=torch.arange(T, device="cuda"), state_slots=torch.tensor([0], device="cuda"))
+    ids = torch.randint(0, gm.DIMS["vocab_size"], (T,), device=DEV)
+    pos = torch.arange(T, device=DEV)
+    fb = ForwardBatch(cu_seqlens=torch.tensor([0, T], device=DEV), seq_lens=[T], context_lens=[0], cache=cache,
+                      block_tables=torch.arange(T // gm.BS + 1, device=DEV)[None],
+                      slot_mapping=torch.arange(T, device=DEV), state_slots=torch.tensor([0], device=DEV))
 
     def step():
         with torch.inference_mode():
