@@ -69,19 +69,34 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, block: tu
     return x @ dequantize(w8, scale, block, x.dtype).t()
 
 
+def _swiglu(x: torch.Tensor, w_gu: torch.Tensor, w_d: torch.Tensor, act_quant: bool) -> torch.Tensor:
+    """(silu(x Wg^T) * (x Wu^T)) W_d^T with w_gu = [Wg; Wu] [2I, H], w_d [H, I] (already dequantised),
+    products rounded to x's dtype; `act_quant`: each matmul's input round-trips per-token-group fp8."""
+    inter = w_d.shape[-1]
+    gu = (_act(x, act_quant) @ w_gu.t()).to(x.dtype)
+    h = F.silu(gu[:, :inter]) * gu[:, inter:]  # [n, I]
+    return (_act(h, act_quant) @ w_d.t()).to(x.dtype)
+
+
 def moe_experts_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids,
-                    block: tuple[int, int] = BLOCK, act_quant: bool = False) -> torch.Tensor:
+                    block: tuple[int, int] = BLOCK, act_quant: bool = False, shared=None) -> torch.Tensor:
     """kernels/moe.py's moe_experts over fp8 experts: gate_up_proj [E, 2I, H] fp8 with scale
     [E, 2I/bn, H/bk], down_proj [E, H, I] fp8 with scale [E, H/bn, I/bk]; only the experts that
     received tokens are dequantised. `act_quant`: each matmul's input is first quantised per token
     and 128-channel group (w8a8, as the fp8 tensor-core kernels compute) and the products are
-    fp32, rounded to x's dtype after."""
-    inter = down_proj.shape[-1]
+    fp32, rounded to x's dtype after. `shared` = (gate_proj [Is, H], its scale, up_proj, its scale,
+    down_proj [H, Is], its scale, shared_expert_gate [1, H] in x's dtype): the MoE block's gated
+    shared expert added, routed + sigmoid(x gate^T) * shared_expert(x), as layers/moe.py computes."""
     wdt = torch.float32 if act_quant else x.dtype
 
     def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
-        gu = (_act(xe, act_quant) @ dequantize(gate_up_proj[e], gate_up_scale[e], block, wdt).t()).to(x.dtype)
-        h = F.silu(gu[:, :inter]) * gu[:, inter:]  # [n, I]
-        return (_act(h, act_quant) @ dequantize(down_proj[e], down_scale[e], block, wdt).t()).to(x.dtype)
+        return _swiglu(xe, dequantize(gate_up_proj[e], gate_up_scale[e], block, wdt),
+                       dequantize(down_proj[e], down_scale[e], block, wdt), act_quant)
 
-    return moe_experts_by(x, weights, ids, gate_up_proj.shape[0], expert)
+    routed = moe_experts_by(x, weights, ids, gate_up_proj.shape[0], expert)
+    if shared is None:
+        return routed
+    g8, gs, u8, us, d8, ds, gate_w = shared
+    w_gu = torch.cat([dequantize(g8, gs, block, wdt), dequantize(u8, us, block, wdt)])
+    out = _swiglu(x, w_gu, dequantize(d8, ds, block, wdt), act_quant)
+    return routed + torch.sigmoid(x @ gate_w.t()) * out

@@ -20,6 +20,7 @@ from ..distributed.sharding import rows
 from ..kernels import ops
 from .fused import DerivedWeight
 from .mlp import MLP
+from .quant import fused_fp8_shared
 
 
 class Experts(nn.Module):
@@ -77,6 +78,10 @@ class SparseMoeBlock(nn.Module):
         router_logits = self.gate(x)
         weights, ids = ops.moe_route(router_logits, self.top_k, self.norm_topk_prob)
         ex, se = self.experts, self.shared_expert
+        sh8 = fused_fp8_shared(self, x)  # fp8 experts and fp8 shared expert: one call (layers/quant.py)
+        if sh8 is not None:
+            return ops.moe_experts_fp8(x, ex.gate_up_proj, ex.gate_up_proj_scale_inv, ex.down_proj,
+                                       ex.down_proj_scale_inv, weights, ids, ex.block, shared=sh8), router_logits
         shared_w = (se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight, self.shared_expert_gate.weight)
         if (ex.tp == 1 and ops.moe_experts_shared_ok(x, ex.gate_up_proj, self.top_k)
                 and all(w.dtype == x.dtype for w in shared_w)):  # (fp8 layers keep their own path)

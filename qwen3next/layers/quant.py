@@ -23,6 +23,9 @@ from ..kernels import ops
 FP8_LINEAR = re.compile(r"(^|\.)(linear_attn\.(in_proj_qkvz|out_proj)|self_attn\.[qkvo]_proj"
                         r"|mlp\.(shared_expert\.)?(gate|up|down)_proj)$")
 FP8_EXPERTS = re.compile(r"(^|\.)mlp\.experts$")
+# the MoE block hands its fp8 shared expert to the fp8 experts' kernels up to this many routed rows
+# (decode, verify; as triton/moe.py's SHARED_MAX_ROWS for bf16); prefill keeps three Fp8Linear calls
+FUSED_SHARED_MAX_ROWS = 4096
 
 
 class Fp8Linear(nn.Module):
@@ -98,6 +101,21 @@ def to_fp8_(model: nn.Module, block: tuple[int, int] = qfp8.BLOCK, names: list[s
             mod.block = block
             done.append(name)
     return done
+
+
+def fused_fp8_shared(moe: nn.Module, x: torch.Tensor) -> tuple | None:
+    """(gate_proj, scale, up_proj, scale, down_proj, scale, shared_expert_gate) of a SparseMoeBlock
+    whose routed experts and shared expert are both fp8 in one block size, for ops.moe_experts_fp8's
+    `shared` (one call: on CUDA the shared expert rides in the experts' kernels); None when it does
+    not apply (bf16, tensor parallel, prefill-sized batches: > FUSED_SHARED_MAX_ROWS routed rows)."""
+    ex, se = moe.experts, moe.shared_expert
+    mods = (se.gate_proj, se.up_proj, se.down_proj)
+    if (ex.tp > 1 or ex.gate_up_proj.dtype != qfp8.FP8 or x.shape[0] * moe.top_k > FUSED_SHARED_MAX_ROWS
+            or moe.shared_expert_gate.weight.dtype != x.dtype
+            or not all(isinstance(m, Fp8Linear) and m.block == ex.block for m in mods)
+            or se.gate_proj.out_features % 128):  # (the w8a8 kernels' 128-channel activation groups)
+        return None
+    return (*(t for m in mods for t in (m.weight, m.weight_scale_inv)), moe.shared_expert_gate.weight)
 
 
 def is_fp8(t: torch.Tensor) -> bool:

@@ -1,7 +1,10 @@
 """Triton block-FP8 linear: y = x @ dequant(W8)^T, weight fp8 [N, K] + fp32 scale_inv per
 (bn x bk) block, activations bf16 (or fp32), same signature as kernels/fp8.py's fp8_linear.
 
-* few rows (decode, verify, M <= SMALL_M): one weight-only GEMM (w8a16): each [BK, BN] fp8 tile is
+* one to GEMV_M rows (decode of a few sequences): a GEMV per BN-row block of W over the whole K,
+  wide k tiles, the 128x128 block scales gathered per element; no tensor cores, no K split (the
+  row blocks alone keep every SM busy), one launch.
+* up to SMALL_M rows (decode, verify): one weight-only GEMM (w8a16): each [BK, BN] fp8 tile is
   loaded (half the bytes of bf16), widened to the activation dtype, multiplied on the tensor
   cores and its block scale applied to the fp32 partial product. Weight streaming is the cost, so
   narrow weights (k/v, shared expert: N = 512) are split along K too, enough programs to keep
@@ -18,12 +21,43 @@ import triton.language as tl
 
 from ._util import autotune, size_class
 
+GEMV_M = 4  # rows up to this take the GEMV
 SMALL_M = 128  # rows up to this take the weight-only GEMM
 _PROGRAMS = 264  # K is split until about this many programs (2 per SM of an H100 / H200)
 # (BM, BN, BK, warps, stages); the first is the interpreter's. BK divides the 128-wide scale block.
 _CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in ((16, 32, 64, 4, 4), (16, 64, 128, 4, 4), (16, 32, 128, 4, 5),
                                      (16, 128, 128, 4, 3), (64, 64, 128, 4, 4), (64, 128, 128, 8, 3))]
+
+
+# GEMV: (BN, BK, warps); the first is the interpreter's (BK spans two scale blocks)
+_GEMV_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w)
+                 for bn, bk, w in ((8, 256, 4), (4, 512, 4), (16, 256, 4), (8, 512, 8), (4, 256, 2), (16, 128, 4))]
+
+
+@autotune(_GEMV_CONFIGS, key=["N", "K", "MP"])
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, SK, BLK_N: tl.constexpr, BLK_K: tl.constexpr,
+                 MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Rows [pn*BN, (pn+1)*BN) of y^T for all M <= MP rows of x: [MP, BN, BK] products summed at the end."""
+    pn = tl.program_id(0)
+    n = (pn * BN + tl.arange(0, BN)).to(tl.int64)
+    nm = n < N
+    kk = tl.arange(0, BK)
+    r = tl.arange(0, MP)
+    rm = r < M
+    acc = tl.zeros([MP, BN, BK], dtype=tl.float32)
+    s_row = s_ptr + (n // BLK_N) * SK
+    for k0 in range(0, K, BK):
+        km = (k0 + kk) < K
+        wm = nm[:, None] & km[None, :]
+        w = tl.load(w_ptr + n[:, None] * K + (k0 + kk)[None, :], mask=wm, other=0.0).to(tl.float32)
+        sc = tl.load(s_row[:, None] + ((k0 + kk) // BLK_K)[None, :], mask=wm, other=0.0)   # [BN, BK]
+        xv = tl.load(x_ptr + r[:, None] * K + (k0 + kk)[None, :], mask=rm[:, None] & km[None, :],
+                     other=0.0).to(tl.float32)                                               # [MP, BK]
+        acc += (w * sc)[None, :, :] * xv[:, None, :]
+    y = tl.sum(acc, 2)                                                                       # [MP, BN]
+    tl.store(y_ptr + r[:, None] * N + n[None, :], y.to(y_ptr.dtype.element_ty), mask=rm[:, None] & nm[None, :])
 
 
 @autotune(_CONFIGS, key=["N", "K", "MB", "S"])
@@ -85,13 +119,21 @@ def dequantize(w8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dt
 
 
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = (128, 128),
-               *, small: bool | None = None) -> torch.Tensor:
+               *, small: bool | None = None, gemv: bool | None = None) -> torch.Tensor:
     """x [M, K] (bf16 / fp32), w8 [N, K] fp8, scale [ceil(N/bn), ceil(K/bk)] fp32 -> [M, N] in x's
-    dtype. `small` forces a path (tests, benchmarks)."""
+    dtype. `small` / `gemv` force a path (tests, benchmarks)."""
     M, K = x.shape
     N = w8.shape[0]
     if not (small if small is not None else M <= SMALL_M):
         return x @ dequantize(w8, scale, block, x.dtype).t()
+    if gemv if gemv is not None else (M <= GEMV_M and small is None):
+        x = x.contiguous()
+        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        if M:
+            _gemv_kernel[lambda meta: (triton.cdiv(N, meta["BN"]),)](x, w8, scale, y, M, N, K, scale.shape[1],
+                                                                      BLK_N=block[0], BLK_K=block[1],
+                                                                      MP=triton.next_power_of_2(M))
+        return y
     if block[1] % 128:
         raise ValueError(f"fp8_linear needs 128 | weight_block_size[1], got {block[1]}")
     x = x.contiguous()

@@ -1,15 +1,18 @@
-"""Triton MoE experts over block-FP8 weights: kernels/fp8.py's moe_experts_fp8, same signature.
-The two paths of triton/moe.py (whose grouping `_align` and k-sum kernel are reused):
+"""Triton MoE experts over block-FP8 weights: kernels/fp8.py's moe_experts_fp8, same signature,
+optionally with the MoE block's gated shared expert (fp8 too) inside the same launches, as
+triton/moe.py's moe_experts_shared does for bf16. The two paths of triton/moe.py (whose grouping
+`_align`, shared-row and k-sum kernels are reused):
 
 * few assignments (decode, M = T*k <= GEMV_MAX_ROWS): per (assignment, column block) GEMVs, weight
-  only (w8a16); each weight tile is read as fp8, widened in registers and multiplied by its
-  128x128 block's scale.
+  only (w8a16; kernels in moe_fp8_gemv.py); the shared expert is one more assignment per token.
 * otherwise the grouped GEMM over BM-row blocks of one expert's assignments, by default w8a8
   (`act_quant`, as vLLM / DeepSeek-V3 run block-FP8): the input rows are quantised per token and
   128-channel group (one small launch for x; the gate/up kernel quantises h in its epilogue, one
   128-wide column block per program) and the fp8 tiles go to the tensor cores as they are, the
   fp32 product scaled by (row scale x block scale) per 128-wide k step. `act_quant=False` widens
   each fp8 weight tile to bf16 instead (w8a16: no activation rounding, more ALU work per byte).
+  The shared expert's rows (every token, in order, weighted by its sigmoid gate) go in blocks
+  after the routed experts' as expert E.
 
 Half the weight bytes of bf16: the decode step, which streams the routed experts, is where it pays.
 Rounding follows the reference (products rounded to the activation dtype, then the gate, the
@@ -24,7 +27,8 @@ import triton
 import triton.language as tl
 
 from ._util import autotune, pow2, size_class
-from .moe import GEMV_MAX_ROWS, _align, _sum_k_kernel
+from .moe import GEMV_MAX_ROWS, _align, _shared_rows_kernel, _sum_k_kernel, _sum_shared_kernel
+from .moe_fp8_gemv import _gemv_down_kernel, _gemv_gate_up_kernel
 
 FP8_MAX = tl.constexpr(448.0)  # largest finite e4m3fn value
 ACT_QUANT = True  # the grouped GEMM's default: w8a8 (False: w8a16); benchmarks flip it
@@ -35,9 +39,7 @@ _GEMM_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
                                        (64, 64, 4, 4))]
 # w8a8 gate/up: BN = 128, one activation group of h per program
 _A8_CONFIGS = [triton.Config({"BN": 128, "BK": bk}, num_warps=w, num_stages=st)
-               for bk, w, st in ((128, 4, 3), (128, 8, 3), (64, 4, 4), (128, 4, 4))]
-_GEMV_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w)
-                 for bn, bk, w in ((16, 128, 4), (8, 128, 4), (32, 128, 4), (16, 128, 8))]
+               for bk, w, st in ((128, 4, 3), (128, 8, 3), (64, 4, 4), (128, 4, 4), (128, 4, 5))]
 
 
 @triton.jit
@@ -65,39 +67,55 @@ def quantize_act(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch
     return q, sc
 
 
-@triton.jit(do_not_specialize=["NBK"])
-def _gate_up(x_ptr, xs_ptr, w_ptr, s_ptr, rows_ptr, be_ptr, h_ptr, hs_ptr, H, I, NBK, TOPK: tl.constexpr,
-             BLK_N: tl.constexpr, BLK_K: tl.constexpr, A8: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """A8: x is fp8 with per-(token, 128 channels) scales xs, and h leaves as fp8 + scales hs.
-    DT: the activation dtype (products are rounded to it, as the reference rounds)."""
+@triton.jit(do_not_specialize=["NBK", "M"])
+def _gate_up(x_ptr, xs_ptr, w_ptr, s_ptr, rows_ptr, be_ptr, h_ptr, hs_ptr, g8_ptr, gs_ptr, u8_ptr, us_ptr, M, H, I,
+             IS, IH, SH_E, NBK, TOPK: tl.constexpr, BLK_N: tl.constexpr, BLK_K: tl.constexpr, A8: tl.constexpr,
+             PREC: tl.constexpr, DT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Block pm of BM rows of one expert (the shared expert's gate / up [IS, H] when it is SH_E), BN
+    columns -> h rows (row stride IH). Row a < M is routed assignment a (token a // TOPK), a >= M the
+    shared expert of token a - M. A8: x is fp8 with per-(token, 128 channels) scales xs, and h
+    leaves as fp8 + scales hs [rows, IH / 128]. DT: the activation dtype (products are rounded to
+    it, as the reference rounds)."""
     pm = tl.program_id(0)
     pn = tl.program_id(1)
     e = tl.load(be_ptr + pm).to(tl.int64)
     if e >= 0:
+        SK = tl.cdiv(H, BLK_K)
+        if e == SH_E:
+            wg_base = g8_ptr
+            wu_base = u8_ptr
+            sg_base = gs_ptr
+            su_base = us_ptr
+            N = IS
+        else:
+            wg_base = w_ptr + e * (2 * I) * H
+            wu_base = wg_base + I * H
+            sg_base = s_ptr + e * ((2 * I) // BLK_N) * SK
+            su_base = sg_base + (I // BLK_N) * SK
+            N = I
         r = pm * BM + tl.arange(0, BM)
         a = tl.load(rows_ptr + r)
         valid = a >= 0
-        tok = tl.where(valid, a // TOPK, 0)
+        tok = tl.where(valid, tl.where(a < M, a // TOPK, a - M), 0)
         n = pn * BN + tl.arange(0, BN)
-        nm = n < I
+        nm = n < N
         kk = tl.arange(0, BK)
-        SN, SK = (2 * I) // BLK_N, tl.cdiv(H, BLK_K)
         dt = DT
         acc_g = tl.zeros([BM, BN], dtype=tl.float32)
         acc_u = tl.zeros([BM, BN], dtype=tl.float32)
-        wg_ptr = w_ptr + e * (2 * I) * H + n[None, :] * H + kk[:, None]          # [BK, BN] = W_gate^T
-        sg_ptr = s_ptr + e * SN * SK + (n // BLK_N) * SK                          # [BN] scale rows
-        su_ptr = sg_ptr + (I // BLK_N) * SK
+        wg_ptr = wg_base + n[None, :] * H + kk[:, None]                          # [BK, BN] = W_gate^T
+        wu_ptr = wu_base + n[None, :] * H + kk[:, None]
+        sg_ptr = sg_base + (n // BLK_N) * SK                                      # [BN] scale rows
+        su_ptr = su_base + (n // BLK_N) * SK
         for k0 in range(0, H, BK):
             km = (k0 + kk) < H
             x = tl.load(x_ptr + tok[:, None] * H + (k0 + kk)[None, :], mask=valid[:, None] & km[None, :], other=0.0)
             wg = tl.load(wg_ptr + k0, mask=km[:, None] & nm[None, :], other=0.0)
-            wu = tl.load(wg_ptr + I * H + k0, mask=km[:, None] & nm[None, :], other=0.0)
+            wu = tl.load(wu_ptr + k0, mask=km[:, None] & nm[None, :], other=0.0)
             sg = tl.load(sg_ptr + k0 // BLK_K, mask=nm, other=0.0)
             su = tl.load(su_ptr + k0 // BLK_K, mask=nm, other=0.0)
             if A8:  # fp8 x fp8 on the tensor cores; row scale x block scale on the fp32 product
-                xs = tl.load(xs_ptr + tok * SK + k0 // BLK_K, mask=valid, other=0.0)
+                xs = tl.load(xs_ptr + tok * SK + k0 // 128, mask=valid, other=0.0)
                 acc_g += tl.dot(x, wg) * (xs[:, None] * sg[None, :])
                 acc_u += tl.dot(x, wu) * (xs[:, None] * su[None, :])
             else:
@@ -110,38 +128,49 @@ def _gate_up(x_ptr, xs_ptr, w_ptr, s_ptr, rows_ptr, be_ptr, h_ptr, hs_ptr, H, I,
             amax = tl.max(tl.abs(hf), 1)
             sc = tl.where(amax > 0, amax / FP8_MAX, 1.0)
             q = tl.minimum(tl.maximum(hf / sc[:, None], -FP8_MAX), FP8_MAX)
-            tl.store(h_ptr + r[:, None] * I + n[None, :], q.to(h_ptr.dtype.element_ty), mask=nm[None, :])
-            tl.store(hs_ptr + r * (I // BN) + pn, sc)
+            tl.store(h_ptr + r[:, None] * IH + n[None, :], q.to(h_ptr.dtype.element_ty), mask=nm[None, :])
+            tl.store(hs_ptr + r * (IH // 128) + pn, sc)
         else:
-            tl.store(h_ptr + r[:, None] * I + n[None, :], hv, mask=nm[None, :])
+            tl.store(h_ptr + r[:, None] * IH + n[None, :], hv, mask=nm[None, :])
 
 
 @triton.jit(do_not_specialize=["NBK"])
-def _down(h_ptr, hs_ptr, w_ptr, s_ptr, rows_ptr, be_ptr, rw_ptr, y_ptr, H, I, NBK,
+def _down(h_ptr, hs_ptr, w_ptr, s_ptr, rows_ptr, be_ptr, rw_ptr, y_ptr, d8_ptr, ds_ptr, H, I, IS, IH, SH_E, NBK,
           BLK_N: tl.constexpr, BLK_K: tl.constexpr, A8: tl.constexpr, PREC: tl.constexpr,
           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Block pm (the shared expert's down [H, IS] when its expert is SH_E), BN columns of H -> y rows
+    (row = assignment, weighted by rw[assignment])."""
     pm = tl.program_id(0)
     pn = tl.program_id(1)
     e = tl.load(be_ptr + pm).to(tl.int64)
     if e >= 0:
+        if e == SH_E:
+            wd_base = d8_ptr
+            K = IS
+            SK = tl.cdiv(IS, BLK_K)
+            sd_base = ds_ptr
+        else:
+            wd_base = w_ptr + e * H * I
+            K = I
+            SK = tl.cdiv(I, BLK_K)
+            sd_base = s_ptr + e * tl.cdiv(H, BLK_N) * SK
         r = pm * BM + tl.arange(0, BM)
         a = tl.load(rows_ptr + r)
         valid = a >= 0
         n = pn * BN + tl.arange(0, BN)
         nm = n < H
         kk = tl.arange(0, BK)
-        SN, SK = tl.cdiv(H, BLK_N), tl.cdiv(I, BLK_K)
         dt = y_ptr.dtype.element_ty
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-        wd_ptr = w_ptr + e * H * I + n[None, :] * I + kk[:, None]                 # [BK, BN] = W_down^T
-        sd_ptr = s_ptr + e * SN * SK + (n // BLK_N) * SK
-        for k0 in range(0, I, BK):
-            km = (k0 + kk) < I
-            hv = tl.load(h_ptr + r[:, None] * I + (k0 + kk)[None, :], mask=km[None, :], other=0.0)
+        wd_ptr = wd_base + n[None, :] * K + kk[:, None]                           # [BK, BN] = W_down^T
+        sd_ptr = sd_base + (n // BLK_N) * SK
+        for k0 in range(0, K, BK):
+            km = (k0 + kk) < K
+            hv = tl.load(h_ptr + r[:, None] * IH + (k0 + kk)[None, :], mask=km[None, :], other=0.0)
             wd = tl.load(wd_ptr + k0, mask=km[:, None] & nm[None, :], other=0.0)
             sd = tl.load(sd_ptr + k0 // BLK_K, mask=nm, other=0.0)
             if A8:
-                hsc = tl.load(hs_ptr + r * SK + k0 // BLK_K)
+                hsc = tl.load(hs_ptr + r * (IH // 128) + k0 // 128)
                 acc += tl.dot(hv, wd) * (hsc[:, None] * sd[None, :])
             else:
                 acc += tl.dot(hv, wd.to(dt), input_precision=PREC) * sd[None, :]
@@ -157,114 +186,111 @@ _down_kernel = autotune(_GEMM_CONFIGS, key=_KEY)(_down)
 _down_a8_kernel = autotune(_GEMM_CONFIGS, key=_KEY)(_down)
 
 
-@autotune(_GEMV_CONFIGS, key=["H", "I", "TB"])
-@triton.jit(do_not_specialize=["TB"])
-def _gemv_gate_up_kernel(x_ptr, w_ptr, s_ptr, ids_ptr, h_ptr, H, I, TB, TOPK: tl.constexpr,
-                         BLK_N: tl.constexpr, BLK_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    a = tl.program_id(0).to(tl.int64)                                 # assignment (token, choice)
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
-    nm = n < I
-    e = tl.load(ids_ptr + a)
-    tok = a // TOPK
-    kk = tl.arange(0, BK)
-    SN, SK = (2 * I) // BLK_N, tl.cdiv(H, BLK_K)
-    acc_g = tl.zeros([BN, BK], dtype=tl.float32)
-    acc_u = tl.zeros([BN, BK], dtype=tl.float32)
-    wg_ptr = w_ptr + e * (2 * I) * H + n[:, None] * H + kk[None, :]   # [BN, BK] rows of W_gate
-    sg_ptr = s_ptr + e * SN * SK + (n // BLK_N) * SK
-    su_ptr = sg_ptr + (I // BLK_N) * SK
-    for k0 in range(0, H, BK):
-        km = (k0 + kk) < H
-        xv = tl.load(x_ptr + tok * H + k0 + kk, mask=km, other=0.0).to(tl.float32)
-        wg = tl.load(wg_ptr + k0, mask=nm[:, None] & km[None, :], other=0.0)
-        wu = tl.load(wg_ptr + I * H + k0, mask=nm[:, None] & km[None, :], other=0.0)
-        sg = tl.load(sg_ptr + k0 // BLK_K, mask=nm, other=0.0)
-        su = tl.load(su_ptr + k0 // BLK_K, mask=nm, other=0.0)
-        acc_g += wg.to(tl.float32) * sg[:, None] * xv[None, :]
-        acc_u += wu.to(tl.float32) * su[:, None] * xv[None, :]
-    dt = h_ptr.dtype.element_ty
-    gt = tl.sum(acc_g, 1).to(dt).to(tl.float32)
-    hv = (gt / (1.0 + tl.exp(-gt))).to(dt).to(tl.float32) * tl.sum(acc_u, 1).to(dt).to(tl.float32)
-    tl.store(h_ptr + a * I + n, hv.to(dt), mask=nm)
+def _gemv(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids, block, shared):
+    """The few-row path: per-assignment GEMVs (+ the gated shared expert as one more assignment per
+    token), one launch up, one per term down, an ordered fp32 sum of each token's terms."""
+    T, H = x.shape
+    I, k = down_proj.shape[-1], ids.shape[1]
+    M = T * k
+    TB = size_class(T)
+    h = torch.empty(M, I, dtype=x.dtype, device=x.device)
+    if shared is None:
+        g8 = gs = u8 = us = d8 = ds = sgw = gate_up_proj  # never read
+        IS, hs, NS = I, h, 0
+    else:
+        g8, gs, u8, us, d8, ds, sgw = shared
+        IS, NS = g8.shape[0], 1
+        hs = torch.empty(T, IS, dtype=x.dtype, device=x.device)
+    bn, bk = block
+    _gemv_gate_up_kernel[lambda meta: (M + NS * T, triton.cdiv(max(I, IS), meta["BN"]))](
+        x, gate_up_proj, gate_up_scale, ids, h, g8, gs, u8, us, hs, M, H, I, IS, TB, TOPK=k, BLK_N=bn, BLK_K=bk)
+    y = torch.empty(T, k + NS, H, dtype=x.dtype, device=x.device)
+    _gemv_down_kernel[lambda meta: (M + NS * T, triton.cdiv(H, meta["BN"]))](
+        h, down_proj, down_scale, ids, weights.contiguous(), y, hs, d8, ds, x, sgw, M, H, I, IS, TB, TOPK=k, NS=NS,
+        BLK_N=bn, BLK_K=bk)
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    BH = min(1024, pow2(H))
+    _sum_k_kernel[(T, triton.cdiv(H, BH))](y, out, T, H, TOPK=k + NS, BH=BH)
+    return out
 
 
-@autotune(_GEMV_CONFIGS, key=["H", "I", "TB"])
-@triton.jit(do_not_specialize=["TB"])
-def _gemv_down_kernel(h_ptr, w_ptr, s_ptr, ids_ptr, rw_ptr, y_ptr, H, I, TB, TOPK: tl.constexpr,
-                      BLK_N: tl.constexpr, BLK_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
-    nm = n < H
-    kk = tl.arange(0, BK)
-    SN, SK = tl.cdiv(H, BLK_N), tl.cdiv(I, BLK_K)
-    dt = y_ptr.dtype.element_ty
-    out = tl.zeros([BN], dtype=tl.float32)
-    for j in range(TOPK):  # the token's k experts, in order
-        a = t * TOPK + j
-        e = tl.load(ids_ptr + a)
-        acc = tl.zeros([BN, BK], dtype=tl.float32)
-        wd_ptr = w_ptr + e * H * I + n[:, None] * I + kk[None, :]     # [BN, BK] rows of W_down
-        sd_ptr = s_ptr + e * SN * SK + (n // BLK_N) * SK
-        for k0 in range(0, I, BK):
-            km = (k0 + kk) < I
-            hv = tl.load(h_ptr + a * I + k0 + kk, mask=km, other=0.0).to(tl.float32)
-            wd = tl.load(wd_ptr + k0, mask=nm[:, None] & km[None, :], other=0.0)
-            sd = tl.load(sd_ptr + k0 // BLK_K, mask=nm, other=0.0)
-            acc += wd.to(tl.float32) * sd[:, None] * hv[None, :]
-        rw = tl.load(rw_ptr + a).to(dt).to(tl.float32)
-        out += (tl.sum(acc, 1).to(dt).to(tl.float32) * rw).to(dt).to(tl.float32)
-    tl.store(y_ptr + t * H + n, out.to(dt), mask=nm)
-
-
-def moe_experts_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids,
-                    block: tuple[int, int] = (128, 128), act_quant: bool | None = None, *, block_m: int | None = None,
-                    gemv: bool | None = None) -> torch.Tensor:
-    """x [T, H]; gate_up_proj [E, 2I, H] fp8 + scale [E, 2I/bn, ceil(H/bk)]; down_proj [E, H, I] fp8
-    + scale [E, ceil(H/bn), ceil(I/bk)]; weights/ids [T, k] -> [T, H]. `act_quant`: the grouped
-    GEMM in w8a8 (None: ACT_QUANT; the GEMV path is always w8a16). `block_m` / `gemv` force a path
-    (tests, benchmarks)."""
+def _grouped(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids, block, shared, act_quant,
+             block_m):
+    """The grouped-GEMM path; with `shared` the shared expert joins as expert E (its rows need no
+    grouping: blocks after the routed ones, weighted by its sigmoid gate)."""
     T, H = x.shape
     E, I = gate_up_proj.shape[0], down_proj.shape[-1]
     k = ids.shape[1]
-    bn, bk = block
-    if I % bn or bk % 128 or I % 128:
-        raise ValueError(f"fp8 experts need moe_intermediate_size ({I}) % {bn} == 0 and 128 | {bk}")
-    if T == 0:
-        return x.new_zeros(T, H)
     M = T * k
-    x = x.contiguous()
-    ids = ids.contiguous()
-    if gemv if gemv is not None else (M <= GEMV_MAX_ROWS and block_m is None):
-        h = torch.empty(M, I, dtype=x.dtype, device=x.device)
-        TB = size_class(T)
-        _gemv_gate_up_kernel[lambda meta: (M, triton.cdiv(I, meta["BN"]))](
-            x, gate_up_proj, gate_up_scale, ids, h, H, I, TB, TOPK=k, BLK_N=bn, BLK_K=bk)
-        out = torch.empty(T, H, dtype=x.dtype, device=x.device)
-        _gemv_down_kernel[lambda meta: (T, triton.cdiv(H, meta["BN"]))](
-            h, down_proj, down_scale, ids, weights.contiguous(), out, H, I, TB, TOPK=k, BLK_N=bn, BLK_K=bk)
-        return out
-    act_quant = ACT_QUANT if act_quant is None else act_quant
+    bn, bk = block
     BM = block_m or (16 if M <= 16 * E else 64)
-    rows, block_expert, NB = _align(ids, E, BM)
+    weights = weights.contiguous()
+    if shared is None:
+        g8 = gs = u8 = us = d8 = ds = gate_up_proj  # never read
+        IS, SH_E, NS = I, -1, 0
+        rows, block_expert, NB = _align(ids, E, BM)
+    else:
+        g8, gs, u8, us, d8, ds, sgw = shared
+        IS, SH_E, NS = g8.shape[0], E, 1
+        NBS = triton.cdiv(T, BM)
+        rows, block_expert, NB = _align(ids, E, BM, extra_blocks=NBS)
+        w_x = torch.empty(M + T, dtype=torch.float32, device=x.device)
+        _shared_rows_kernel[(T,)](weights, x, sgw, w_x, rows, block_expert, T, H, E, M, NB - NBS, NBS, TOPK=k,
+                                  KP=pow2(k, 2), BM=BM, BK=min(1024, pow2(H)))
+        weights = w_x
+    IH = max(I, IS)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     NBK = size_class(NB)
     if act_quant:
         xa, xs = quantize_act(x)
-        h = torch.empty(NB * BM, I, dtype=torch.float8_e4m3fn, device=x.device)
-        hs = torch.empty(NB * BM, I // 128, dtype=torch.float32, device=x.device)
+        h = torch.empty(NB * BM, IH, dtype=torch.float8_e4m3fn, device=x.device)
+        hs = torch.empty(NB * BM, IH // 128, dtype=torch.float32, device=x.device)
         up, down = _gate_up_a8_kernel, _down_a8_kernel
     else:  # xs, hs: unused
         xa = xs = x
-        h = hs = torch.empty(NB * BM, I, dtype=x.dtype, device=x.device)
+        h = hs = torch.empty(NB * BM, IH, dtype=x.dtype, device=x.device)
         up, down = _gate_up_kernel, _down_kernel
-    up[lambda meta: (NB, triton.cdiv(I, meta["BN"]))](
-        xa, xs, gate_up_proj, gate_up_scale, rows, block_expert, h, hs, H, I, NBK, TOPK=k,
-        BLK_N=bn, BLK_K=bk, A8=act_quant, PREC=prec, DT=_TL_DTYPE[x.dtype], BM=BM)
-    y = torch.empty(M, H, dtype=x.dtype, device=x.device)
+    up[lambda meta: (NB, triton.cdiv(IH, meta["BN"]))](
+        xa, xs, gate_up_proj, gate_up_scale, rows, block_expert, h, hs, g8, gs, u8, us, M, H, I, IS, IH, SH_E, NBK,
+        TOPK=k, BLK_N=bn, BLK_K=bk, A8=act_quant, PREC=prec, DT=_TL_DTYPE[x.dtype], BM=BM)
+    y = torch.empty(M + NS * T, H, dtype=x.dtype, device=x.device)
     down[lambda meta: (NB, triton.cdiv(H, meta["BN"]))](
-        h, hs, down_proj, down_scale, rows, block_expert, weights.contiguous(), y, H, I, NBK, BLK_N=bn, BLK_K=bk,
-        A8=act_quant, PREC=prec, BM=BM)
+        h, hs, down_proj, down_scale, rows, block_expert, weights, y, d8, ds, H, I, IS, IH, SH_E, NBK, BLK_N=bn,
+        BLK_K=bk, A8=act_quant, PREC=prec, BM=BM)
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     BH = min(1024, pow2(H))
-    _sum_k_kernel[(T, triton.cdiv(H, BH))](y, out, T, H, TOPK=k, BH=BH)
+    if shared is None:
+        _sum_k_kernel[(T, triton.cdiv(H, BH))](y, out, T, H, TOPK=k, BH=BH)
+    else:
+        _sum_shared_kernel[(T, triton.cdiv(H, BH))](y, out, T, H, M, TOPK=k, BH=BH)
     return out
+
+
+def moe_experts_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids,
+                    block: tuple[int, int] = (128, 128), act_quant: bool | None = None, *, shared=None,
+                    block_m: int | None = None, gemv: bool | None = None) -> torch.Tensor:
+    """x [T, H]; gate_up_proj [E, 2I, H] fp8 + scale [E, 2I/bn, ceil(H/bk)]; down_proj [E, H, I] fp8
+    + scale [E, ceil(H/bn), ceil(I/bk)]; weights/ids [T, k] -> [T, H]. `shared` = (gate_proj
+    [Is, H] fp8, scale, up_proj, scale, down_proj [H, Is] fp8, scale, shared_expert_gate [1, H] in
+    x's dtype): the MoE block's gated shared expert added (kernels/fp8.py). `act_quant`: the
+    grouped GEMM in w8a8 (None: ACT_QUANT; the GEMV path is always w8a16). `block_m` / `gemv` force
+    a path (tests, benchmarks)."""
+    T, H = x.shape
+    I = down_proj.shape[-1]
+    bn, bk = block
+    if I % bn or bk % 128 or I % 128:
+        raise ValueError(f"fp8 experts need moe_intermediate_size ({I}) % {bn} == 0 and 128 | {bk}")
+    if shared is not None:
+        if shared[0].shape[0] % 128:
+            raise ValueError(f"fused fp8 shared expert needs shared_expert_intermediate_size "
+                             f"({shared[0].shape[0]}) % 128 == 0")
+        shared = tuple(t.contiguous() for t in shared)
+    if T == 0:
+        return x.new_zeros(T, H)
+    x = x.contiguous()
+    ids = ids.contiguous()
+    if gemv if gemv is not None else (T * ids.shape[1] <= GEMV_MAX_ROWS and block_m is None):
+        return _gemv(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids, block, shared)
+    act_quant = ACT_QUANT if act_quant is None else act_quant
+    return _grouped(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids, block, shared, act_quant,
+                    block_m)
