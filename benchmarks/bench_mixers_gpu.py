@@ -2,7 +2,7 @@
 (DeltaNet 16 / 32 heads of 128, attention 16 q / 2 kv heads of 256, hidden 2048), one layer each,
 random bf16 weights.
 
-    python benchmarks/bench_mixers_gpu.py --out mixers.json [--smoke] [--no-delta-rule]
+    python benchmarks/bench_mixers_gpu.py --out mixers.json [--smoke] [--only model,gdn,attn,delta_rule]
 
 "before" re-runs the session-2 layer code kept here (`old_*`: reshape copies + cat for the conv
 input, b / a copies, the torch q / k L2 norm and gates with fp32 casts, the chunked delta rule's
@@ -14,6 +14,10 @@ then rotary, the gate half copied); "after" is the layer as committed. Rows:
   attn_prefill_8k  attention layer forward, one 8K prompt with paged cache (eager)
   attn_decode_1    attention layer decode step, 1K context (graph replay)
   delta_rule_8k    the chunked delta rule alone with state-kernel variants (bv_state, warps)
+  model_prefill_8k gpu_model.py's 8-layer 80B slice, one 8K prompt with cache (its prefill
+                   section, random weights built here), DeltaNet unfused (QWEN3NEXT_GDN_FUSED=0's
+                   path) vs fused (and fused with the q / k norm in the conv), one process;
+                   profiler kernel tables of both
 --smoke: tiny shapes on CPU under TRITON_INTERPRET=1, each function run once (no timings).
 """
 
@@ -285,15 +289,60 @@ def delta_rule_rows():
     print("delta_rule_8k", row, flush=True)
 
 
+@torch.inference_mode()
+def model_rows():
+    """The 8K prefill of the 8-layer slice with each DeltaNet path (gpu_model.py's prefill section)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import gpu_model as gm
+
+    from qwen3next.model import Qwen3NextForCausalLM
+
+    cfg = ModelConfig.from_hf(dict(gm.DIMS, model_type="qwen3_next", rope_parameters=dict(gm.ROPE)))
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = Qwen3NextForCausalLM(cfg, with_mtp=False).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    gm.randomize_(model)
+    T = 8192
+    c = gm.make_cache(model, 2, T // BS + 1)
+    ids = torch.randint(0, cfg.vocab_size, (T,), device="cuda")
+    pos = torch.arange(T, device="cuda")
+    fb = ForwardBatch(cu_seqlens=torch.tensor([0, T], device="cuda"), seq_lens=[T], context_lens=[0], cache=c,
+                      block_tables=torch.arange(T // BS + 1, device="cuda")[None],
+                      slot_mapping=torch.arange(T, device="cuda"), state_slots=torch.tensor([0], device="cuda"))
+    row = RES.setdefault("model_prefill_8k", {})
+
+    def step():
+        return model.compute_logits(model(ids, pos, fb)[-1:])
+
+    defaults = gdn_prep.FUSED, gdn_mod.GROUPED_MAX_T, gdn_prep.FUSE_QK_NORM
+    for name, fused, fuse_qk in (("unfused", False, False), ("fused", True, False), ("fused_qknorm", True, True),
+                                 ("unfused_again", False, False)):
+        gdn_prep.FUSED, gdn_mod.GROUPED_MAX_T, gdn_prep.FUSE_QK_NORM = fused, 512 if fused else 0, fuse_qk
+        try:
+            row[name + "_ms"] = round(gm.timed(step, reps=10, warmup=2), 3)
+            if name in ("unfused", "fused"):
+                row[name + "_kernels_us"] = gm.top_kernels(step, n=30)
+        except Exception as e:
+            row[name + "_error"] = repr(e)[:300]
+        print("model_prefill_8k", name, row.get(name + "_ms"), flush=True)
+    gdn_prep.FUSED, gdn_mod.GROUPED_MAX_T, gdn_prep.FUSE_QK_NORM = defaults
+    del model, c
+    torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="mixers.json")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--no-delta-rule", action="store_true", help="skip the delta-rule variant sweep")
+    ap.add_argument("--only", default="gdn,attn,delta_rule", help="sections in order (model: the 8-layer slice)")
     args = ap.parse_args()
     if not SMOKE:
         RES["device"] = torch.cuda.get_device_name()
-    for fn in (gdn_rows, attn_rows) + (() if args.no_delta_rule else (delta_rule_rows,)):
+    fns = {"model": model_rows, "gdn": gdn_rows, "attn": attn_rows, "delta_rule": delta_rule_rows}
+    for fn in [fns[n] for n in args.only.split(",") if not (SMOKE and n == "model")]:
         try:
             fn()
         except Exception as e:
