@@ -87,7 +87,7 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, enable_chunked_prefill: bool = True,
                  skip_tokenizer_init: bool = False, generation_config: str = "auto",
                  speculative_config: dict | str | None = None, tensor_parallel_size: int = 1,
-                 quantization: str | None = None):
+                 quantization: str | None = None, enable_prefix_caching: bool = False):
         if generation_config not in ("auto", "vllm"):
             raise ValueError(f"generation_config must be 'auto' or 'vllm', got {generation_config!r}")
         args = EngineArgs(
@@ -96,7 +96,7 @@ class LLM:
             block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
             gpu_memory_utilization=gpu_memory_utilization, enable_chunked_prefill=enable_chunked_prefill,
             speculative_config=speculative_config, tensor_parallel_size=tensor_parallel_size,
-            quantization=quantization,
+            quantization=quantization, enable_prefix_caching=enable_prefix_caching,
         )
         self.llm_engine = LLMEngine.from_args(args)
         self.tokenizer = None

@@ -14,6 +14,8 @@ block that ends at the boundary, LRU-evicted; evicting that KV block drops its s
 Snapshots are taken after a step at every boundary a sequence's computed tokens reach and that has
 none yet: the scheduler ends prefill chunks there (`cut`), decode passes each boundary by itself,
 so a finished request leaves the state at the last boundary of its prompt + output behind.
+(Without chunked prefill no chunk is cut: a prompt then leaves only the snapshot at its own end,
+when that is a boundary, and those its decode passes.)
 
 A hit (`match`, at admission of a sequence with nothing computed) is the largest boundary
 b <= num_tokens - 1 (the last prompt token is always recomputed: its logits are needed) with
@@ -44,6 +46,7 @@ class PrefixCache:
         # counters (tokens): asked for at admission, found
         self.queried_tokens = 0
         self.hit_tokens = 0
+        self.evicted_blocks = 0
 
     # ---- hashes ---------------------------------------------------------------------------------
     def hashes(self, seq, num_blocks: int) -> list[int]:
@@ -137,6 +140,7 @@ class PrefixCache:
     def evict(self) -> int:
         """The least recently freed cached block, forgotten (with the snapshot ending at it)."""
         block, _ = self.evictable.popitem(last=False)
+        self.evicted_blocks += 1
         h = self.hash_of[block]
         self.hash_of[block] = None
         del self.block_of[h]
@@ -149,5 +153,6 @@ class PrefixCache:
         q = self.queried_tokens
         return {"queried_tokens": q, "hit_tokens": self.hit_tokens,
                 "hit_rate": self.hit_tokens / q if q else 0.0,
-                "cached_blocks": len(self.block_of), "snapshots": len(self.snapshots),
+                "cached_blocks": len(self.block_of), "evicted_blocks": self.evicted_blocks,
+                "snapshots": len(self.snapshots),
                 "snapshot_slots": self.num_snaps}
