@@ -3,18 +3,22 @@ random bf16 weights), once in bf16 and once quantised to block-FP8 at load (laye
 to_fp8_, what `quantization="fp8"` does with a bf16 checkpoint), on one GPU, in the same run.
 
     python benchmarks/gpu_fp8.py --out gpu_fp8.json [--commit SHA] [--sizes 1,16,64] [--no-prefill]
-                                 [--no-accuracy] [--no-w8a16]
+                                 [--no-accuracy] [--no-prev] [--w8a16]
 
-Sections (each writes its results into the JSON as it finishes; a failing one records its error):
+Sections in this order (each writes its results into the JSON as it finishes; a failing one
+records its error; the run can be cut at any point and keep what finished):
   memory    parameter bytes and allocated GPU memory of each model
-  accuracy  logits of fp8 (w8a8 grouped experts, the default; and w8a16) vs bf16, and vs `deq`: the
-            bf16 model holding the dequantised fp8 weights (so fp8 vs deq is the kernels' own error,
-            deq vs bf16 the weights' rounding): cache-less prefill of 4 x 512 tokens and one eager
-            decode step at B = 64 from identical caches (relative error, argmax agreement)
   decode    one step (forward + logits) at B = 1, 16, 64 with 1K tokens of context, by CUDA-graph
-            replay: fp8, fp8 with w8a16 experts (B >= 16: the grouped GEMM), bf16; floors from the
-            bytes each model must read / measured copy bandwidth; kernel tables at B = 1 and 64
-  prefill   one 8K-token prompt through the cached path, logits of the last token (fp8, fp8 w8a16, bf16)
+            replay: fp8 (as shipped), bf16; floors from the bytes each model must read / measured
+            copy bandwidth; kernel tables at B = 1 and 64
+  prefill   one 8K-token prompt through the cached path, logits of the last token (fp8: w8a8
+            grouped experts, bf16)
+  accuracy  logits of fp8 vs bf16, and vs `deq`: the bf16 model holding the dequantised fp8 weights
+            (so fp8 vs deq is the kernels' own error, deq vs bf16 the weights' rounding):
+            cache-less prefill of 4 x 512 tokens and one eager decode step at B = 64 from identical
+            caches (relative error, argmax agreement)
+  decode    fp8_prev: session 3's dispatch for comparison (no projection GEMV / skinny GEMM, the
+            shared expert as three projections); --w8a16: w8a16 grouped experts
 Medians throughout.
 """
 
@@ -35,7 +39,8 @@ from qwen3next.config import ModelConfig
 from qwen3next.engine.cuda_graph import CudaGraphRunner
 from qwen3next.forward_batch import ForwardBatch
 from qwen3next.kernels import fp8 as qfp8
-from qwen3next.kernels.triton import moe_fp8
+from qwen3next.kernels.triton import linear_fp8, moe_fp8
+from qwen3next.layers import quant
 from qwen3next.layers.quant import to_fp8_
 from qwen3next.model import Qwen3NextForCausalLM
 
@@ -150,14 +155,30 @@ def compare(a, b) -> dict:
 
 @section
 def accuracy(res, models: dict):
-    out = {}
-    for name in ("bf16", "deq", "fp8", "fp8_w8a16"):
-        moe_fp8.ACT_QUANT = name != "fp8_w8a16"
-        out[name] = logits_pair(models["fp8" if name.startswith("fp8") else name])
-    moe_fp8.ACT_QUANT = True
-    for a, b in (("fp8", "bf16"), ("fp8_w8a16", "bf16"), ("deq", "bf16"), ("fp8", "deq"), ("fp8_w8a16", "deq")):
+    out = {name: logits_pair(models[name]) for name in ("bf16", "deq", "fp8")}
+    for a, b in (("fp8", "bf16"), ("deq", "bf16"), ("fp8", "deq")):
         res[f"{a}_vs_{b}"] = {"prefill": compare(out[a][0], out[b][0]), "decode_B64": compare(out[a][1], out[b][1])}
     print({k: v for k, v in res.items() if k != "wall_s"}, flush=True)
+
+
+class dispatch:
+    """Context: the fp8 paths of session 3 (`prev`: no projection GEMV / skinny GEMM, no fused
+    shared expert) and / or w8a16 grouped experts, restored on exit."""
+
+    def __init__(self, prev: bool = False, w8a16: bool = False):
+        self.set = {(linear_fp8, "GEMV_M"): 0, (linear_fp8, "SKINNY_M"): 0,
+                    (quant, "FUSED_SHARED_MAX_ROWS"): 0} if prev else {}
+        if w8a16:
+            self.set[(moe_fp8, "ACT_QUANT")] = False
+
+    def __enter__(self):
+        self.old = {k: getattr(*k) for k in self.set}
+        for (mod, name), v in self.set.items():
+            setattr(mod, name, v)
+
+    def __exit__(self, *exc):
+        for (mod, name), v in self.old.items():
+            setattr(mod, name, v)
 
 
 @section
@@ -181,7 +202,7 @@ def decode(res, name: str, model, sizes: list[int], profile=(1, 64)):
         r[f"B{B}"] = {"graph_ms": round(ms, 4), "tok_per_s": round(B / ms * 1e3), **floor_ms(model, B, bw)}
         if B in profile:
             try:
-                r[f"B{B}"]["kernels_us"] = top_kernels(runner.graphs[B].replay, n=10)
+                r[f"B{B}"]["kernels_us"] = top_kernels(runner.graphs[B].replay, n=16)
             except Exception as e:
                 r[f"B{B}"]["profiler_error"] = repr(e)[:300]
         print(f"decode {name} B={B}: {r[f'B{B}']['graph_ms']} ms (floor {r[f'B{B}']['floor_ms']})", flush=True)
@@ -216,7 +237,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,16,64")
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--no-accuracy", action="store_true")
-    ap.add_argument("--no-w8a16", action="store_true", help="skip the w8a16-experts variant")
+    ap.add_argument("--no-prev", action="store_true", help="skip session 3's fp8 dispatch (fp8_prev)")
+    ap.add_argument("--w8a16", action="store_true", help="also the w8a16-experts variant")
     a = ap.parse_args()
     OUT = a.out
     sizes = [int(s) for s in a.sizes.split(",")]
@@ -235,37 +257,37 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
         memory(name, models[name], before)
+    decode("fp8", models["fp8"], sizes)
+    decode("bf16", models["bf16"], sizes)
+    gc.collect()
+    torch.cuda.empty_cache()
+    if not a.no_prefill:
+        prefill("fp8", models["fp8"])
+        prefill("bf16", models["bf16"])
     if not a.no_accuracy:
         models["deq"] = dequantised_copy(models["fp8"])
         accuracy(models)
         del models["deq"]
         gc.collect()
         torch.cuda.empty_cache()
-    decode("fp8", models["fp8"], sizes)
-    if not a.no_w8a16:
-        moe_fp8.ACT_QUANT = False
-        decode("fp8_w8a16", models["fp8"], [b for b in sizes if b >= 16], profile=())
-        moe_fp8.ACT_QUANT = True
-    decode("bf16", models["bf16"], sizes)
-    gc.collect()
-    torch.cuda.empty_cache()
-    if not a.no_prefill:
-        prefill("fp8", models["fp8"])
-        if not a.no_w8a16:
-            moe_fp8.ACT_QUANT = False
-            prefill("fp8_w8a16", models["fp8"])
-            moe_fp8.ACT_QUANT = True
-        prefill("bf16", models["bf16"])
+    if not a.no_prev:
+        with dispatch(prev=True):
+            decode("fp8_prev", models["fp8"], sizes, profile=(1, 64))
+    if a.w8a16:
+        with dispatch(w8a16=True):
+            decode("fp8_w8a16", models["fp8"], [b for b in sizes if b >= 16], profile=())
+            if not a.no_prefill:
+                prefill("fp8_w8a16", models["fp8"])
     RES["peak_allocated_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     save()
     dec = RES.get("decode", {})
     for B in sizes:
-        f, w, b = (dec.get(n, {}).get(f"B{B}", {}) for n in ("fp8", "fp8_w8a16", "bf16"))
-        print(f"B={B:3d}: fp8 {f.get('graph_ms')} ms (floor {f.get('floor_ms')}) | w8a16 {w.get('graph_ms')} | "
+        f, p, b = (dec.get(n, {}).get(f"B{B}", {}) for n in ("fp8", "fp8_prev", "bf16"))
+        print(f"B={B:3d}: fp8 {f.get('graph_ms')} ms (floor {f.get('floor_ms')}) | fp8_prev {p.get('graph_ms')} | "
               f"bf16 {b.get('graph_ms')} ms (floor {b.get('floor_ms')})")
-    for n in ("fp8", "bf16"):
+    for n in ("fp8", "fp8_prev", "bf16"):
         for B in (1, 64):
-            print(n, B, dec.get(n, {}).get(f"B{B}", {}).get("kernels_us", [])[:8])
+            print(n, B, dec.get(n, {}).get(f"B{B}", {}).get("kernels_us", [])[:10])
     print("prefill", RES.get("prefill"), "\nmemory", RES.get("memory"), "\naccuracy", RES.get("accuracy"))
 
 

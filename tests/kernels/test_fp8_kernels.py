@@ -19,16 +19,20 @@ def _q(w: torch.Tensor):
     return ref.quantize(w)
 
 
-@pytest.mark.parametrize("M,N,K,small,gemv", [(3, 200, 320, True, False), (37, 200, 320, True, False),
-                                              (150, 200, 320, False, False), (2, 40, 1100, True, False),
-                                              (1, 200, 320, None, True), (3, 40, 1100, None, True)])
-def test_linear(M, N, K, small, gemv):
-    """N and K not multiples of the 128 blocks (partial scale blocks); the three paths (GEMV, GEMM,
-    dequantise + matmul); a narrow weight whose K is split over programs (fp32 partials summed)."""
+@pytest.mark.parametrize("M,N,K,path", [(3, 200, 320, "w8a16"), (37, 200, 320, "w8a16"), (150, 200, 320, "deq"),
+                                        (2, 40, 1100, "w8a16"), (1, 200, 320, "gemv"), (3, 40, 1100, "gemv"),
+                                        (4, 72, 640, None), (9, 200, 320, "skinny"), (37, 100, 1100, "skinny"),
+                                        (64, 130, 2304, None)])
+def test_linear(M, N, K, path):
+    """N and K not multiples of the 128 blocks (partial scale blocks); every path (GEMV, skinny
+    GEMM, 16-row GEMM, dequantise + matmul; None: the default for M); narrow weights whose K is
+    split over programs (fp32 partials summed)."""
     gen = seeded(M + K)
     x = randn(M, K, gen=gen)
     w8, s = _q(randn(N, K, gen=gen, scale=0.1))
-    y = tri_lin.fp8_linear(x, w8, s, small=small, gemv=gemv)
+    force = {"gemv": dict(gemv=True), "skinny": dict(skinny=True), "w8a16": dict(small=True),
+             "deq": dict(small=False), None: {}}[path]
+    y = tri_lin.fp8_linear(x, w8, s, **force)
     assert y.shape == (M, N)
     assert rel_err(y, ref.fp8_linear(x, w8, s)) < 1e-5
 
@@ -100,14 +104,17 @@ def test_experts_rejects_unaligned_intermediate():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [1, 3, 16, 64, 4096])
+@pytest.mark.parametrize("M", [1, 3, 16, 64, 100, 4096])
 def test_linear_gpu(M):
     gen = seeded(M)
     for N, K in ((12288, 2048), (2048, 4096), (512, 2048)):
         x = randn(M, K, gen=gen, dtype=torch.bfloat16)
         w8, s = _q(randn(N, K, gen=gen, dtype=torch.bfloat16, scale=K ** -0.5))
-        y = tri_lin.fp8_linear(x, w8, s)
-        assert rel_err(y, ref.fp8_linear(x, w8, s)) < 1e-2, (N, K)
+        want = ref.fp8_linear(x, w8, s)
+        y = tri_lin.fp8_linear(x, w8, s)  # the default path for M
+        assert rel_err(y, want) < 1e-2, (N, K)
+        if M <= 64:  # the 16-row GEMM (the form before the GEMV / skinny kernels), still reachable
+            assert rel_err(tri_lin.fp8_linear(x, w8, s, small=True), want) < 1e-2, (N, K)
 
 
 @pytest.mark.gpu

@@ -21,43 +21,78 @@ import triton.language as tl
 
 from ._util import autotune, size_class
 
-GEMV_M = 4  # rows up to this take the GEMV
-SMALL_M = 128  # rows up to this take the weight-only GEMM
+GEMV_M = 4  # rows up to this take the GEMV (0: off)
+SKINNY_M = 64  # then up to this the swapped skinny GEMM (0: off)
+SMALL_M = 128  # then up to this the weight-only GEMM
 _PROGRAMS = 264  # K is split until about this many programs (2 per SM of an H100 / H200)
+SUB = tl.constexpr(128)  # GEMV sub-tile width: inside one (128-multiple) scale block
 # (BM, BN, BK, warps, stages); the first is the interpreter's. BK divides the 128-wide scale block.
 _CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in ((16, 32, 64, 4, 4), (16, 64, 128, 4, 4), (16, 32, 128, 4, 5),
                                      (16, 128, 128, 4, 3), (64, 64, 128, 4, 4), (64, 128, 128, 8, 3))]
-
-
-# GEMV: (BN, BK, warps); the first is the interpreter's (BK spans two scale blocks)
+# GEMV: (BN, BK, warps), BK a multiple of SUB; the first is the interpreter's (two sub-tiles a step)
 _GEMV_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w)
-                 for bn, bk, w in ((8, 256, 4), (4, 512, 4), (16, 256, 4), (8, 512, 8), (4, 256, 2), (16, 128, 4))]
+                 for bn, bk, w in ((8, 256, 4), (4, 512, 4), (16, 256, 4), (8, 512, 8), (4, 256, 2), (16, 128, 4),
+                                   (32, 128, 4), (16, 512, 8))]
+# skinny: (BN weight rows, BK, warps, stages); BK divides 128; the first is the interpreter's
+_SKINNY_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+                   for bn, bk, w, s in ((64, 64, 4, 4), (64, 128, 4, 4), (64, 128, 4, 3), (128, 128, 8, 3),
+                                        (64, 64, 4, 6), (128, 128, 4, 4), (32, 128, 4, 4))]
 
 
 @autotune(_GEMV_CONFIGS, key=["N", "K", "MP"])
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, SK, BLK_N: tl.constexpr, BLK_K: tl.constexpr,
                  MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Rows [pn*BN, (pn+1)*BN) of y^T for all M <= MP rows of x: [MP, BN, BK] products summed at the end."""
+    """Rows [pn*BN, (pn+1)*BN) of y^T for all M <= MP rows of x, on the CUDA cores: [MP, BN, SUB]
+    products summed at the end; a k step is BK / SUB sub-tiles unrolled (more loads in flight),
+    each inside one scale block (one scale per weight row)."""
     pn = tl.program_id(0)
     n = (pn * BN + tl.arange(0, BN)).to(tl.int64)
     nm = n < N
-    kk = tl.arange(0, BK)
+    kk = tl.arange(0, SUB)
     r = tl.arange(0, MP)
     rm = r < M
-    acc = tl.zeros([MP, BN, BK], dtype=tl.float32)
-    s_row = s_ptr + (n // BLK_N) * SK
+    acc = tl.zeros([MP, BN, SUB], dtype=tl.float32)
+    s_row = s_ptr + (n // BLK_N) * SK                                                        # [BN]
     for k0 in range(0, K, BK):
-        km = (k0 + kk) < K
-        wm = nm[:, None] & km[None, :]
-        w = tl.load(w_ptr + n[:, None] * K + (k0 + kk)[None, :], mask=wm, other=0.0).to(tl.float32)
-        sc = tl.load(s_row[:, None] + ((k0 + kk) // BLK_K)[None, :], mask=wm, other=0.0)   # [BN, BK]
-        xv = tl.load(x_ptr + r[:, None] * K + (k0 + kk)[None, :], mask=rm[:, None] & km[None, :],
-                     other=0.0).to(tl.float32)                                               # [MP, BK]
-        acc += (w * sc)[None, :, :] * xv[:, None, :]
+        for j in tl.static_range(BK // SUB):
+            k = k0 + j * SUB + kk
+            km = k < K
+            w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+            sc = tl.load(s_row + tl.minimum((k0 + j * SUB) // BLK_K, SK - 1), mask=nm, other=0.0)  # (w = 0 past K)
+            xv = tl.load(x_ptr + r[:, None] * K + k[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+            acc += (w.to(tl.float32) * sc[:, None])[None, :, :] * xv.to(tl.float32)[:, None, :]
     y = tl.sum(acc, 2)                                                                       # [MP, BN]
     tl.store(y_ptr + r[:, None] * N + n[None, :], y.to(y_ptr.dtype.element_ty), mask=rm[:, None] & nm[None, :])
+
+
+@autotune(_SKINNY_CONFIGS, key=["N", "K", "BM", "KS"])
+@triton.jit(do_not_specialize=["M"])
+def _skinny_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, SK, KS, BLK_N: tl.constexpr, BLK_K: tl.constexpr,
+                   PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Program (n block, k split): y^T[BN weight rows, all M <= BM rows of x] = W [BN, BK] @ x^T
+    [BK, BM], the weight as the MMA's M side (swapped: 64+ weight rows fill it where 16-row x
+    tiles would waste it; x^T is read from L2 by every program); columns [ps*KS, (ps+1)*KS) of
+    K, with more than one split fp32 partials at y_ptr[ps]."""
+    pn = tl.program_id(0)
+    ps = tl.program_id(1)
+    n = (pn * BN + tl.arange(0, BN)).to(tl.int64)
+    nm = n < N
+    m = tl.arange(0, BM)
+    mm = m < M
+    kk = tl.arange(0, BK)
+    dt = x_ptr.dtype.element_ty
+    acc = tl.zeros([BN, BM], dtype=tl.float32)
+    s_row = s_ptr + (n // BLK_N) * SK                                  # [BN] scale row of each weight row
+    for k0 in range(ps * KS, tl.minimum(ps * KS + KS, K), BK):
+        km = (k0 + kk) < K
+        w = tl.load(w_ptr + n[:, None] * K + (k0 + kk)[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+        xt = tl.load(x_ptr + m[None, :] * K + (k0 + kk)[:, None], mask=km[:, None] & mm[None, :], other=0.0)
+        sc = tl.load(s_row + k0 // BLK_K, mask=nm, other=0.0)          # [BN]: one k block per tile
+        acc += tl.dot(w.to(dt), xt, input_precision=PREC) * sc[:, None]
+    out = y_ptr + ps * M * N + m[None, :] * N + n[:, None]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=nm[:, None] & mm[None, :])
 
 
 @autotune(_CONFIGS, key=["N", "K", "MB", "S"])
@@ -119,14 +154,15 @@ def dequantize(w8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dt
 
 
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = (128, 128),
-               *, small: bool | None = None, gemv: bool | None = None) -> torch.Tensor:
+               *, small: bool | None = None, gemv: bool | None = None, skinny: bool | None = None) -> torch.Tensor:
     """x [M, K] (bf16 / fp32), w8 [N, K] fp8, scale [ceil(N/bn), ceil(K/bk)] fp32 -> [M, N] in x's
-    dtype. `small` / `gemv` force a path (tests, benchmarks)."""
+    dtype. `small` (few-row kernels vs dequantise + matmul) / `gemv` / `skinny` force a path
+    (tests, benchmarks; small=True alone: the 16-row-tile GEMM)."""
     M, K = x.shape
     N = w8.shape[0]
     if not (small if small is not None else M <= SMALL_M):
         return x @ dequantize(w8, scale, block, x.dtype).t()
-    if gemv if gemv is not None else (M <= GEMV_M and small is None):
+    if gemv if gemv is not None else (M <= GEMV_M and small is None and skinny is None):
         x = x.contiguous()
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
         if M:
@@ -140,16 +176,27 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, block: tu
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return y
-    # K splits (whole 128-column scale blocks each) for weights too narrow to fill the GPU
-    base = triton.cdiv(M, 16) * triton.cdiv(N, 32)
-    S = max(1, min(K // 256, _PROGRAMS // base))
-    KS = triton.cdiv(triton.cdiv(K, S), 128) * 128
-    S = triton.cdiv(K, KS)
-    part = y if S == 1 else torch.empty(S, M, N, dtype=torch.float32, device=x.device)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]), S)  # noqa: E731
-    _w8a16_kernel[grid](x, w8, scale, part, M, N, K, size_class(M), scale.shape[1], S, KS, BLK_N=block[0],
-                        BLK_K=block[1], PREC=prec)
+    if skinny if skinny is not None else (M <= SKINNY_M and small is None):
+        # K splits (whole 128-column blocks) until ~one program per SM: 64-row blocks of a narrow
+        # weight alone would leave most SMs idle
+        S = max(1, min(K // 512, (_PROGRAMS // 2) // triton.cdiv(N, 64)))
+        KS = triton.cdiv(triton.cdiv(K, S), 128) * 128
+        S = triton.cdiv(K, KS)
+        part = y if S == 1 else torch.empty(S, M, N, dtype=torch.float32, device=x.device)
+        _skinny_kernel[lambda meta: (triton.cdiv(N, meta["BN"]), S)](
+            x, w8, scale, part, M, N, K, scale.shape[1], KS, BLK_N=block[0], BLK_K=block[1], PREC=prec,
+            BM=max(16, triton.next_power_of_2(M)))
+    else:
+        # K splits (whole 128-column scale blocks each) for weights too narrow to fill the GPU
+        base = triton.cdiv(M, 16) * triton.cdiv(N, 32)
+        S = max(1, min(K // 256, _PROGRAMS // base))
+        KS = triton.cdiv(triton.cdiv(K, S), 128) * 128
+        S = triton.cdiv(K, KS)
+        part = y if S == 1 else torch.empty(S, M, N, dtype=torch.float32, device=x.device)
+        grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]), S)  # noqa: E731
+        _w8a16_kernel[grid](x, w8, scale, part, M, N, K, size_class(M), scale.shape[1], S, KS, BLK_N=block[0],
+                            BLK_K=block[1], PREC=prec)
     if S > 1:
         BLK = 1024
         _sum_splits_kernel[(triton.cdiv(M * N, BLK),)](part, y, M * N, S, BLK=BLK)
