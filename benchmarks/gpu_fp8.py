@@ -239,6 +239,7 @@ def main() -> None:
     ap.add_argument("--no-accuracy", action="store_true")
     ap.add_argument("--no-prev", action="store_true", help="skip session 3's fp8 dispatch (fp8_prev)")
     ap.add_argument("--w8a16", action="store_true", help="also the w8a16-experts variant")
+    ap.add_argument("--no-w8a16", action="store_true", help="(the default; gpu_run.sh passes it)")
     a = ap.parse_args()
     OUT = a.out
     sizes = [int(s) for s in a.sizes.split(",")]
