@@ -231,3 +231,29 @@ def test_server_usage_reports_cached_tokens(tiny_ckpt):
         assert h.wait_idle()
     finally:
         h.close()
+
+
+def test_decode_snapshots_give_way_before_prompt_ones():
+    """A long answer passes many boundaries: each earlier decode-time snapshot goes to the front of
+    the LRU, so a prompt's snapshot survives and the answer's last one is kept."""
+    from types import SimpleNamespace
+
+    from qwen3next.engine.prefix_cache import PrefixCache
+
+    pc = PrefixCache(BS, SB, num_blocks=64, snap_base=4, num_snaps=3)
+
+    def seq(tokens, prompt_len):
+        return SimpleNamespace(token_ids=tokens, num_prompt_tokens=prompt_len, block_hashes=[],
+                               num_registered=0, num_computed_tokens=0, block_ids=list(range(len(tokens) // BS)))
+
+    a = seq(rand(20, 90), 20)
+    a.num_computed_tokens = 16  # a prompt chunk ending at a boundary
+    p_key = pc.register(a)
+    pc.snapshot_slot(p_key)
+    b = seq(rand(70, 91), 5)
+    for c in range(6, 66):  # decoding across the boundaries 16, 32, 48, 64
+        b.num_computed_tokens = c
+        key = pc.register(b)
+        if key is not None:
+            pc.snapshot_slot(key)
+    assert p_key in pc.snapshots and b.block_hashes[64 // BS - 1] in pc.snapshots

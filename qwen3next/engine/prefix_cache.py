@@ -13,7 +13,8 @@ number is planned from the memory budget, CachePlan.num_snapshot_slots), keyed b
 block that ends at the boundary, LRU-evicted; evicting that KV block drops its snapshot too.
 Snapshots are taken after a step at every boundary a sequence's computed tokens reach and that has
 none yet: the scheduler ends prefill chunks there (`cut`), decode passes each boundary by itself,
-so a finished request leaves the state at the last boundary of its prompt + output behind.
+so a finished request leaves the state at the last boundary of its prompt + output behind (each
+earlier snapshot taken while decoding is moved to the front of the LRU when the next is taken).
 (Without chunked prefill no chunk is cut: a prompt then leaves only the snapshot at its own end,
 when that is a boundary, and those its decode passes.)
 
@@ -114,6 +115,13 @@ class PrefixCache:
         seq.num_registered = full
         if c % self.state_block or not self.num_snaps or h[full - 1] in self.snapshots:
             return None
+        prev = c - self.state_block
+        if prev > seq.num_prompt_tokens:
+            # the previous boundary was passed while decoding: only a turn's last one is likely
+            # to be asked for again, so that one goes first when a slot is needed
+            key = h[prev // bs - 1]
+            if key in self.snapshots:
+                self.snapshots.move_to_end(key, last=False)
         return h[full - 1]
 
     def snapshot_slot(self, key: int) -> int:
