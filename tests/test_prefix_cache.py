@@ -229,6 +229,9 @@ def test_server_usage_reports_cached_tokens(tiny_ckpt):
         usage = httpx.post(h.url + "/v1/chat/completions", json=chat, timeout=60).json()["usage"]
         assert usage["prompt_tokens_details"]["cached_tokens"] == 256
         assert h.wait_idle()
+        h.state.engine._update_snapshot()  # (the thread engine refreshes it after each step)
+        metrics = httpx.get(h.url + "/metrics", timeout=10).text
+        assert 'qwen3next:prefix_cache_hits_total{model_name="' + tiny_ckpt + '"} 512.0' in metrics
     finally:
         h.close()
 

@@ -4,7 +4,8 @@ Counters and histograms are fed by the serving layer as requests progress (`Requ
 gauges (running, waiting, cache use) and the speculative-decoding figures read the async engine's
 latest snapshot when scraped (with the engine in its own process, the snapshot is the stats that
 came with its last step). Names follow vLLM's with the `qwen3next:` prefix, all labelled
-`model_name`; the MTP counts per draft position carry a `position` label (0 = first draft token).
+`model_name`; the MTP counts per draft position carry a `position` label (0 = first draft token);
+prefix caching adds prefix_cache_queries / prefix_cache_hits (tokens).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class Metrics:
             g.labels(model_name).set_function(
                 lambda k=key: float((snapshot().get("spec_decode") or {}).get(k, 0.0)))
         r.register(SpecDecodeCollector(model_name, snapshot))
+        r.register(PrefixCacheCollector(model_name, snapshot))
 
         # the labelled children the per-token path uses, looked up once
         self.ttft_m, self.itl_m = self.ttft.labels(model_name), self.itl.labels(model_name)
@@ -108,6 +110,25 @@ class SpecDecodeCollector:
             for pos, value in enumerate(spec[key]):
                 m.add_metric([name, str(pos)], value)
             yield m
+
+
+class PrefixCacheCollector:
+    """vLLM's prefix_cache_queries / prefix_cache_hits (prompt tokens looked up / reused, since
+    start); nothing when prefix caching is off."""
+
+    def __init__(self, model_name: str, snapshot: Callable[[], dict]):
+        self.model_name = model_name
+        self.snapshot = snapshot
+
+    def collect(self):
+        pc = self.snapshot().get("prefix_cache")
+        if not pc:
+            return
+        for metric, key, doc in [("queries", "queried_tokens", "Prompt tokens looked up in the prefix cache"),
+                                 ("hits", "hit_tokens", "Prompt tokens reused from the prefix cache")]:
+            c = CounterMetricFamily(f"qwen3next:prefix_cache_{metric}", doc, labels=["model_name"])
+            c.add_metric([self.model_name], pc[key])
+            yield c
 
 
 class RequestTimer:

@@ -6,7 +6,7 @@ covering positions [c, c+n) of an L-token prompt yields entries c+1 .. min(c+n, 
 prompt position predicts the first output token, not a prompt entry). Only the hidden rows of
 requests that ask reach the lm_head, in slices of bounded size, so a long chunk never holds [T, V]
 at once. The lists live in the engine (request id -> entries so far) until reported. The engine
-has no prefix cache, so every prompt position is computed (vLLM skips the cache for such requests).
+skips the prefix cache's read for such requests (as vLLM), so every prompt position is computed.
 """
 
 from __future__ import annotations
