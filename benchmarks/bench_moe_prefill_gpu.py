@@ -25,7 +25,7 @@ import torch
 import triton
 
 E, H, I, K = 512, 2048, 512, 10
-PATHS = ("old", "torch", "triton")
+PATHS = ("old", "torch", "triton", "triton_gather")
 DEV = "cuda"
 
 
@@ -58,8 +58,9 @@ def check_compile() -> int:
             print("FAIL", name, const, str(e).splitlines()[0][:200], flush=True)
 
     b, i64, i32 = "*bf16", "*i64", "i32"
-    comp("sort_rows", g._sort_rows_kernel, dict(ids_ptr=i64, rank_ptr=i64, end_ptr=i64, cnt_ptr=i64, x_ptr=b, xs_ptr=b,
-         pos_ptr=i64, M=i32, H=i32), dict(TOPK=K, BA=16, BH=512), nospec=("M",))
+    for copy in (True, False):
+        comp("sort_rows", g._sort_rows_kernel, dict(ids_ptr=i64, rank_ptr=i64, end_ptr=i64, cnt_ptr=i64, x_ptr=b,
+             xs_ptr=b, pos_ptr=i64, src_ptr=i64, M=i32, H=i32), dict(TOPK=K, BA=16, BH=512, COPY=copy), nospec=("M",))
     comp("silu_mul", g._silu_mul_kernel, dict(gu_ptr=b, h_ptr=b, M=i32, I=i32, S=i32), dict(BR=16, BI=256),
          nospec=("M",))
     comp("unsort_sum", g._unsort_sum_kernel, dict(y_ptr=b, pos_ptr=i64, w_ptr="*fp32", o_ptr=b, T=i32, H=i32, YS=i32),
@@ -67,20 +68,39 @@ def check_compile() -> int:
     def desc(r, cols):
         return mangle_type(TensorDescriptor(torch.empty(1, 8, dtype=torch.bfloat16), [1, 8], [8, 1], [r, cols]))
 
-    for name, fn, out in (("tma_gate_up", t._gate_up_kernel, "h_ptr"), ("tma_down", t._down_kernel, "y_ptr")):
+    for name, fn, gather in (("tma_gate_up", t._gate_up_kernel, False), ("tma_gate_up", t._gate_up_kernel, True),
+                             ("tma_down", t._down_kernel, None)):
         for c in fn.configs:
             bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
-            sig = {"a_desc": desc(bm, bk), "b_desc": desc(bn, bk), "cnt_ptr": i64, out: b, "E": i32, "H": i32,
-                   "I": i32, "RB": i32}
-            comp(name, fn, sig, dict(BE=512, **c.kwargs), c.num_warps, c.num_stages, nospec=("RB",))
+            sig = {"a_desc": desc(bm, bk), "b_desc": desc(bn, bk), "cnt_ptr": i64}
+            sig.update({"h_ptr": b, "x_ptr": b, "src_ptr": i64} if gather is not None else {"y_ptr": b})
+            sig.update({"E": i32, "H": i32, "I": i32, "RB": i32})
+            const = dict(BE=512, **c.kwargs, **({} if gather is None else {"GATHER": gather}))
+            comp(name, fn, sig, const, c.num_warps, c.num_stages, nospec=("RB",))
             if k_smem[-1] > 232448:
-                fails.append(f"{name} {c.kwargs} smem {k_smem[-1]} > 227 KB")
+                fails.append(f"{name} {const} smem {k_smem[-1]} > 227 KB")
     print("FAILS:", fails)
     return 1 if fails else 0
 
 
 def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def sweep(kernels) -> dict:
+    """{kernel config: median ms} for each (autotuned kernel, call) with each config alone."""
+    out = {}
+    for kern, call in kernels:
+        configs, cache = kern.configs, kern.cache
+        for c in configs:
+            kern.configs, kern.cache = [c], {}
+            try:
+                v = round(bench(call), 4)
+            except Exception as e:  # out of shared memory or registers: recorded
+                v = repr(e)[:120]
+            out.setdefault(kern.fn.__name__, []).append((c.kwargs, c.num_warps, c.num_stages, v))
+        kern.configs, kern.cache = configs, cache
+    return out
 
 
 def rel(a, b) -> float:
@@ -110,7 +130,8 @@ def experts_section(tokens: list[int], res: dict) -> None:
         outs = {}
         calls = {"old": lambda: old.moe_experts(x, gate_up, down, w, ids, gemv=False),
                  "torch": lambda: g.moe_experts_sorted(x, gate_up, down, w, ids, gemm="torch"),
-                 "triton": lambda: g.moe_experts_sorted(x, gate_up, down, w, ids, gemm="triton")}
+                 "triton": lambda: g.moe_experts_sorted(x, gate_up, down, w, ids, gemm="triton"),
+                 "triton_gather": lambda: g.moe_experts_sorted(x, gate_up, down, w, ids, gemm="triton_gather")}
         for p in PATHS:
             try:
                 outs[p] = calls[p]()
@@ -120,13 +141,13 @@ def experts_section(tokens: list[int], res: dict) -> None:
                 r[p] = {"error": repr(e)[:300]}
         for p in outs:
             r[p]["rel_err_vs_old"] = rel(outs[p], outs["old"]) if "old" in outs else None
-        if T <= 512:
+        if T == min(tokens):
             want = ref.moe_experts(x, gate_up, down, w, ids)
             for p in outs:
                 r[p]["rel_err_vs_ref"] = rel(outs[p], want)
         # the sorted path's steps one by one
         try:
-            xs, cnt, offs, pos = g.sort_rows(x, ids, E)
+            xs, cnt, offs, pos, src = g.sort_rows(x, ids, E)
             r["sort_rows_ms"] = round(bench(lambda: g.sort_rows(x, ids, E)), 4)
             gu = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs)
             ms = bench(lambda: torch._grouped_mm(xs, gate_up.transpose(1, 2), offs))
@@ -138,10 +159,23 @@ def experts_section(tokens: list[int], res: dict) -> None:
             ms = bench(lambda: t.gate_up(xs, gate_up, cnt))
             r["triton_gate_up"] = {"ms": round(ms, 4), "tflops": round(fl_up / ms / 1e9, 1),
                                    "rel_err_vs_torch": rel(t.gate_up(xs, gate_up, cnt), h)}
+            ms = bench(lambda: t.gate_up(x, gate_up, cnt, src))
+            r["triton_gather_gate_up"] = {"ms": round(ms, 4), "tflops": round(fl_up / ms / 1e9, 1)}
             ms = bench(lambda: t.down(h, down, cnt))
             r["triton_down"] = {"ms": round(ms, 4), "tflops": round(fl_down / ms / 1e9, 1)}
             r["tuned"] = {n: {str(k): str(v) for k, v in f.cache.items()}
                           for n, f in (("gate_up", t._gate_up_kernel), ("down", t._down_kernel))}
+            if T == max(tokens):  # every TMA config alone (what the autotuner chose from)
+                r["tma_sweep_ms"] = sweep(((t._gate_up_kernel, lambda: t.gate_up(xs, gate_up, cnt)),
+                                           (t._gate_up_kernel, lambda: t.gate_up(x, gate_up, cnt, src)),
+                                           (t._down_kernel, lambda: t.down(h, down, cnt))))
+            if M > 128 * E:  # torch's grouped_mm takes its 64x128 tile when rows / groups <= 128: two calls
+                M1 = 128 * E
+                oa, ob = offs.clamp(max=M1), (offs - M1).clamp(min=0)
+                for name, a_, w_, fl in (("gate_up", xs, gate_up, fl_up), ("down", h, down, fl_down)):
+                    ms = bench(lambda: (torch._grouped_mm(a_[:M1], w_.transpose(1, 2), oa),
+                                        torch._grouped_mm(a_[M1:], w_.transpose(1, 2), ob)))
+                    r[f"torch_split_{name}"] = {"ms": round(ms, 4), "tflops": round(fl / ms / 1e9, 1)}
         except Exception as e:
             r["steps_error"] = repr(e)[:300]
         if T == max(tokens):  # equal-sized groups: the grouped GEMMs' best case
@@ -178,7 +212,7 @@ def model_section(res: dict) -> None:
             return ours.compute_logits(ours(ids, pos, fb)[-1:])
 
     logits = {}
-    for p in ("off", "torch", "triton"):
+    for p in ("off",) + PATHS[1:]:
         os.environ["QWEN3NEXT_MOE_SORTED"] = p
         try:
             logits[p] = step().float()
@@ -193,7 +227,7 @@ def model_section(res: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="moe_prefill.json")
-    ap.add_argument("--tokens", default="8192,2048,512")
+    ap.add_argument("--tokens", default="8192,4096,2048,1024")
     ap.add_argument("--model", action="store_true", help="also the 8-layer model's 8K prefill per path")
     ap.add_argument("--check-compile", action="store_true")
     a = ap.parse_args()

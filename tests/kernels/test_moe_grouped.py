@@ -29,16 +29,16 @@ def test_sort_rows():
     T, H, E, k = 13, 24, 9, 3
     x = randn(T, H, gen=gen)
     ids = _skewed_ids(T, k, E, gen)
-    xs, cnt, offs, pos = gmm.sort_rows(x, ids, E)
+    xs, cnt, offs, pos, src = gmm.sort_rows(x, ids, E)
     counts = torch.bincount(ids.reshape(-1).cpu(), minlength=E)
     assert torch.equal(cnt.cpu(), counts) and torch.equal(offs.cpu(), counts.cumsum(0).to(torch.int32))
     assert torch.equal(torch.sort(pos.cpu()).values, torch.arange(T * k))  # a permutation
     starts = (counts.cumsum(0) - counts)[ids.reshape(-1).cpu()]
     assert ((pos.cpu() >= starts) & (pos.cpu() < starts + counts[ids.reshape(-1).cpu()])).all()  # its expert's run
-    assert torch.equal(xs[pos], x.repeat_interleave(k, 0))
+    assert torch.equal(xs[pos], x.repeat_interleave(k, 0)) and torch.equal(x[src], xs)
 
 
-@pytest.mark.parametrize("gemm", ["torch", "triton"])
+@pytest.mark.parametrize("gemm", ["torch", "triton", "triton_gather"])
 @pytest.mark.parametrize("T,E,H,I,k", [(1, 4, 16, 8, 1), (29, 11, 40, 24, 3), (64, 8, 32, 16, 4)])
 def test_sorted_experts(T, E, H, I, k, gemm):
     gen = seeded(T + E)
@@ -51,8 +51,7 @@ def test_sorted_experts(T, E, H, I, k, gemm):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [512, 2048])
-@pytest.mark.parametrize("gemm", ["torch", "triton"])
+@pytest.mark.parametrize("T,gemm", [(512, "torch"), (512, "triton"), (512, "triton_gather"), (2048, "torch")])  # (each Triton class tunes)
 def test_sorted_bf16_gpu(T, gemm, monkeypatch):
     gen = seeded(T)
     E, H, I, k = 512, 2048, 512, 10
@@ -66,7 +65,8 @@ def test_sorted_bf16_gpu(T, gemm, monkeypatch):
     assert rel_err(y, ref.moe_experts(x, gate_up, down, w, ids)) < 1e-2
 
 
-def test_triton_small_tiles(monkeypatch):
+@pytest.mark.parametrize("gemm", ["triton", "triton_gather"])
+def test_triton_small_tiles(monkeypatch, gemm):
     """moe_tma's kernels with tiles smaller than every dimension: several row tiles per expert,
     K loops with a partial last tile (zero-filled by the descriptors), partial column tiles whose
     boxes run into the next expert's weights (computed, never stored)."""
@@ -84,5 +84,5 @@ def test_triton_small_tiles(monkeypatch):
     gate_up, down = randn(E, 2 * I, H, gen=gen, scale=0.2), randn(E, H, I, gen=gen, scale=0.2)
     ids = _skewed_ids(T, k, E, gen)
     w = torch.rand(T, k, generator=gen).to(DEV)
-    y = gmm.moe_experts_sorted(x, gate_up, down, w, ids, gemm="triton")
+    y = gmm.moe_experts_sorted(x, gate_up, down, w, ids, gemm=gemm)
     assert rel_err(y, ref.moe_experts(x, gate_up, down, w, ids)) < 1e-5

@@ -22,7 +22,7 @@ from .moe import _count_kernel
 # routed rows (T * k) from which the expert-sorted path is used on CUDA, and its GEMMs
 # (measured on the H200: docs/benchmarks.md, "Session 4: prefill experts over expert-sorted rows")
 SORTED_MIN_ROWS = 4096
-SORTED_GEMM = "off"  # "torch" (torch._grouped_mm), "triton" (moe_tma.py) or "off"; QWEN3NEXT_MOE_SORTED overrides
+SORTED_GEMM = "off"  # "torch", "triton", "triton_gather" (moe_experts_sorted) or "off"; QWEN3NEXT_MOE_SORTED overrides
 
 
 def sorted_gemm(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, rows: int) -> str | None:
@@ -30,7 +30,7 @@ def sorted_gemm(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Te
     bf16 CUDA tensors on sm90 / sm100 (elsewhere torch's grouped_mm falls back to a host-synced
     loop, and TMA needs Hopper), 16-byte-aligned rows, at least SORTED_MIN_ROWS routed rows."""
     gemm = os.environ.get("QWEN3NEXT_MOE_SORTED", SORTED_GEMM)
-    if gemm not in ("torch", "triton") or (gemm == "torch" and not hasattr(torch, "_grouped_mm")):
+    if gemm not in ("torch", "triton", "triton_gather") or (gemm == "torch" and not hasattr(torch, "_grouped_mm")):
         return None
     if not (x.is_cuda and x.dtype == gate_up_proj.dtype == down_proj.dtype == torch.bfloat16):
         return None
@@ -41,10 +41,10 @@ def sorted_gemm(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Te
 
 
 @triton.jit(do_not_specialize=["M"])
-def _sort_rows_kernel(ids_ptr, rank_ptr, end_ptr, cnt_ptr, x_ptr, xs_ptr, pos_ptr, M, H,
-                      TOPK: tl.constexpr, BA: tl.constexpr, BH: tl.constexpr):
-    """Assignment a (token a // TOPK) -> sorted row pos[a] = first row of its expert + its rank;
-    x's row copied there."""
+def _sort_rows_kernel(ids_ptr, rank_ptr, end_ptr, cnt_ptr, x_ptr, xs_ptr, pos_ptr, src_ptr, M, H,
+                      TOPK: tl.constexpr, BA: tl.constexpr, BH: tl.constexpr, COPY: tl.constexpr):
+    """Assignment a (token a // TOPK) -> sorted row pos[a] = first row of its expert + its rank,
+    src[pos[a]] = the token; with COPY x's row copied there."""
     a = tl.program_id(0) * BA + tl.arange(0, BA)
     m = a < M
     e = tl.load(ids_ptr + a, mask=m, other=0)
@@ -52,11 +52,13 @@ def _sort_rows_kernel(ids_ptr, rank_ptr, end_ptr, cnt_ptr, x_ptr, xs_ptr, pos_pt
          + tl.load(rank_ptr + a, mask=m, other=0)).to(tl.int64)
     tl.store(pos_ptr + a, p, mask=m)
     tok = (a // TOPK).to(tl.int64)
-    for h0 in range(0, H, BH):
-        c = h0 + tl.arange(0, BH)
-        cm = m[:, None] & (c < H)[None, :]
-        v = tl.load(x_ptr + tok[:, None] * H + c[None, :], mask=cm)
-        tl.store(xs_ptr + p[:, None] * H + c[None, :], v, mask=cm)
+    tl.store(src_ptr + p, tok, mask=m)
+    if COPY:
+        for h0 in range(0, H, BH):
+            c = h0 + tl.arange(0, BH)
+            cm = m[:, None] & (c < H)[None, :]
+            v = tl.load(x_ptr + tok[:, None] * H + c[None, :], mask=cm)
+            tl.store(xs_ptr + p[:, None] * H + c[None, :], v, mask=cm)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -89,10 +91,11 @@ def _unsort_sum_kernel(y_ptr, pos_ptr, w_ptr, o_ptr, T, H, YS, TOPK: tl.constexp
     tl.store(o_ptr + t * H + c, acc.to(dt), mask=cm)
 
 
-def sort_rows(x: torch.Tensor, ids: torch.Tensor, num_experts: int):
-    """x [T, H], ids [T, k] -> (xs [T*k, H] rows grouped by expert, counts [E] rows per expert,
-    offs [E] int32 = each expert's end row in xs, pos [T*k] = each assignment's row in xs). No host
-    sync; the order of rows within an expert is arbitrary (each row of a GEMM is computed alone)."""
+def sort_rows(x: torch.Tensor, ids: torch.Tensor, num_experts: int, copy: bool = True):
+    """x [T, H], ids [T, k] -> (xs [T*k, H] rows grouped by expert (None unless `copy`), counts [E]
+    rows per expert, offs [E] int32 = each expert's end row in xs, pos [T*k] = each assignment's
+    row in xs, src [T*k] = each row's token). No host sync; the order of rows within an expert is
+    arbitrary (each row of a GEMM is computed alone)."""
     T, H = x.shape
     k = ids.shape[1]
     M = T * k
@@ -101,11 +104,13 @@ def sort_rows(x: torch.Tensor, ids: torch.Tensor, num_experts: int):
     rank = torch.empty(M, dtype=torch.int64, device=x.device)
     _count_kernel[(triton.cdiv(M, 256),)](flat, counts, rank, M, BLK=256)
     ends = torch.cumsum(counts, 0)
-    xs = torch.empty(M, H, dtype=x.dtype, device=x.device)
+    xs = torch.empty(M if copy else 0, H, dtype=x.dtype, device=x.device)
     pos = torch.empty(M, dtype=torch.int64, device=x.device)
+    src = torch.empty(M, dtype=torch.int64, device=x.device)
     BA, BH = 16, min(512, triton.next_power_of_2(H))
-    _sort_rows_kernel[(triton.cdiv(M, BA),)](flat, rank, ends, counts, x, xs, pos, M, H, TOPK=k, BA=BA, BH=BH)
-    return xs, counts, ends.to(torch.int32), pos
+    _sort_rows_kernel[(triton.cdiv(M, BA),)](flat, rank, ends, counts, x, xs, pos, src, M, H, TOPK=k, BA=BA, BH=BH,
+                                             COPY=copy)
+    return (xs if copy else None), counts, ends.to(torch.int32), pos, src
 
 
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:
@@ -119,14 +124,17 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
 
 def moe_experts_sorted(x, gate_up_proj, down_proj, weights, ids, *, gemm: str = "torch") -> torch.Tensor:
     """x [T, H]; gate_up_proj [E, 2I, H]; down_proj [E, H, I]; weights/ids [T, k] -> [T, H].
-    gemm: "torch" (torch._grouped_mm) or "triton" (moe_tma.py's TMA kernels)."""
+    gemm: "torch" (torch._grouped_mm), "triton" (moe_tma.py's TMA kernels) or "triton_gather"
+    (moe_tma.py, gate/up reading x's rows in place: no sorted copy)."""
     T, H = x.shape
     E = gate_up_proj.shape[0]
     k = ids.shape[1]
     x = x.contiguous()
-    xs, counts, offs, pos = sort_rows(x, ids, E)
-    if gemm == "triton":
-        y = moe_tma.down(moe_tma.gate_up(xs, gate_up_proj, counts), down_proj, counts)  # [T*k, H]
+    xs, counts, offs, pos, src = sort_rows(x, ids, E, copy=gemm != "triton_gather")
+    if gemm == "triton_gather":
+        y = moe_tma.down(moe_tma.gate_up(x, gate_up_proj, counts, src), down_proj, counts)  # [T*k, H]
+    elif gemm == "triton":
+        y = moe_tma.down(moe_tma.gate_up(xs, gate_up_proj, counts), down_proj, counts)
     else:
         # [E, 2I, H] read as [E, H, 2I] (column-major B, the layout the TMA loads want): a view, no copy
         gu = torch._grouped_mm(xs, gate_up_proj.transpose(1, 2), offs)  # [T*k, 2I]

@@ -33,9 +33,11 @@ def _configs(shapes):
 # gate/up loads two weight tiles per step (gate and up columns): its shared memory per stage is
 # BK * (BM + 2 BN) * 2 bytes, at most 227 KB over the stages
 _UP_CONFIGS = _configs(((64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 4),
-                        (64, 256, 64, 8, 3), (64, 64, 128, 4, 3)))
+                        (64, 256, 64, 8, 3), (64, 64, 128, 4, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 5),
+                        (128, 64, 64, 4, 6)))
 _DOWN_CONFIGS = _configs(((64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 256, 64, 8, 3),
-                          (128, 128, 128, 8, 3), (128, 64, 64, 4, 4)))
+                          (128, 128, 128, 8, 3), (128, 64, 64, 4, 4), (64, 256, 64, 8, 4), (128, 256, 64, 8, 4),
+                          (128, 128, 64, 8, 5)))
 
 
 @triton.jit
@@ -53,11 +55,12 @@ def _tile(cnt_ptr, pm, E, BM: tl.constexpr, BE: tl.constexpr):
     return e, row0, rend
 
 
-@autotune(_UP_CONFIGS, key=["H", "I", "RB"])
+@autotune(_UP_CONFIGS, key=["H", "I", "RB", "GATHER"])
 @triton.jit(do_not_specialize=["RB"])
-def _gate_up_kernel(a_desc, b_desc, cnt_ptr, h_ptr, E, H, I, RB,
-                    BE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """a_desc: xs [M, H]; b_desc: gate_up [E*2I, H] -> h [M, I] = silu(xs W_gate^T) * (xs W_up^T)."""
+def _gate_up_kernel(a_desc, b_desc, cnt_ptr, h_ptr, x_ptr, src_ptr, E, H, I, RB,
+                    BE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GATHER: tl.constexpr):
+    """a_desc: xs [M, H]; b_desc: gate_up [E*2I, H] -> h [M, I] = silu(xs W_gate^T) * (xs W_up^T).
+    GATHER: row r of xs is x [T, H] row src[r], loaded by pointers (a_desc unused)."""
     NN = tl.cdiv(I, BN)
     pm = tl.program_id(0) // NN
     n0 = (tl.program_id(0) % NN) * BN
@@ -66,15 +69,21 @@ def _gate_up_kernel(a_desc, b_desc, cnt_ptr, h_ptr, E, H, I, RB,
         acc_g = tl.zeros([BM, BN], dtype=tl.float32)
         acc_u = tl.zeros([BM, BN], dtype=tl.float32)
         wrow = e * 2 * I + n0
+        r = (row0 + tl.arange(0, BM)).to(tl.int64)
+        if GATHER:
+            tok = tl.load(src_ptr + r, mask=r < rend, other=0)
+        kk = tl.arange(0, BK)
         for k0 in range(0, H, BK):
-            a = a_desc.load([row0, k0])
+            if GATHER:
+                a = tl.load(x_ptr + tok[:, None] * H + (k0 + kk)[None, :], mask=((k0 + kk) < H)[None, :], other=0.0)
+            else:
+                a = a_desc.load([row0, k0])
             acc_g = tl.dot(a, b_desc.load([wrow, k0]).T, acc_g)
             acc_u = tl.dot(a, b_desc.load([wrow + I, k0]).T, acc_u)
         dt = h_ptr.dtype.element_ty
         # round like the reference (products in the activation dtype, then the gate)
         g = acc_g.to(dt).to(tl.float32)
         hv = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * acc_u.to(dt).to(tl.float32)
-        r = (row0 + tl.arange(0, BM)).to(tl.int64)
         n = n0 + tl.arange(0, BN)
         tl.store(h_ptr + r[:, None] * I + n[None, :], hv.to(dt), mask=(r < rend)[:, None] & (n < I)[None, :])
 
@@ -108,16 +117,19 @@ def _grid(M: int, E: int, N: int):
     return lambda meta: ((triton.cdiv(M, meta["BM"]) + min(E, M)) * triton.cdiv(N, meta["BN"]),)
 
 
-def gate_up(xs: torch.Tensor, gate_up_proj: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """xs [M, H] expert-sorted rows, gate_up_proj [E, 2I, H], counts [E] rows per expert -> h [M, I]."""
-    M, H = xs.shape
+def gate_up(xs: torch.Tensor, gate_up_proj: torch.Tensor, counts: torch.Tensor,
+            src: torch.Tensor | None = None) -> torch.Tensor:
+    """xs [M, H] expert-sorted rows (or, with src [M], x [T, H] and each sorted row's token),
+    gate_up_proj [E, 2I, H], counts [E] rows per expert -> h [M, I]."""
+    M, H = xs.shape if src is None else (src.shape[0], xs.shape[1])
     E, I2, _ = gate_up_proj.shape
     I = I2 // 2
     h = torch.empty(M, I, dtype=xs.dtype, device=xs.device)
     dummy = [1, 1]  # boxes set by the pre-hook
-    a = TensorDescriptor(xs, [M, H], [H, 1], dummy)
+    a = TensorDescriptor(xs, list(xs.shape), [H, 1], dummy)
     b = TensorDescriptor(gate_up_proj, [E * I2, H], [H, 1], dummy)
-    _gate_up_kernel[_grid(M, E, I)](a, b, counts, h, E, H, I, _rows_class(M, E), BE=pow2(E))
+    _gate_up_kernel[_grid(M, E, I)](a, b, counts, h, xs, counts if src is None else src, E, H, I, _rows_class(M, E),
+                                    BE=pow2(E), GATHER=src is not None)
     return h
 
 
