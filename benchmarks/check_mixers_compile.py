@@ -85,12 +85,11 @@ def main() -> int:
     compile_one("dr_wu", delta_rule._wu_kernel, dict(k_ptr=p("bf16"), v_ptr=p("bf16"), b_ptr=p("fp32"),
                 G_ptr=p("fp32"), A_ptr=p("bf16"), cu_ptr=p("i64"), B="i32", u_ptr=p("bf16"), kd_ptr=p("bf16"),
                 SK="i32", SV="i32"), dict(dr, DV=128, BK=64, BV=64))
-    for kh, fuse_o, fuse_wu in itertools.product((64, 128), (False, True), (False, True)):
-        compile_one("dr_state", delta_rule._state_kernel, dict(q_ptr=p("bf16"), k_ptr=p("bf16"), v_ptr=p("bf16"),
-                    b_ptr=p("fp32"), A_ptr=p("bf16"), u_ptr=p("bf16"), kd_ptr=p("bf16"), G_ptr=p("fp32"),
-                    w_ptr=p("bf16"), h_ptr=p("bf16"), o_ptr=p("bf16"), cu_ptr=p("i64"), B="i32", st_ptr=p("fp32"),
-                    slot_ptr=p("i64"), init_ptr=p("i1"), SQ="i32", SK="i32", SV="i32"),
-                    dict(dr, DV=128, BV=32, KH=kh, HAS_STATE=True, FUSE_O=fuse_o, FUSE_WU=fuse_wu))
+    for fuse in (False, True):
+        compile_one("dr_state", delta_rule._state_kernel, dict(q_ptr=p("bf16"), k_ptr=p("bf16"), u_ptr=p("bf16"),
+                    kd_ptr=p("bf16"), G_ptr=p("fp32"), w_ptr=p("bf16"), h_ptr=p("bf16"), o_ptr=p("bf16"),
+                    cu_ptr=p("i64"), B="i32", st_ptr=p("fp32"), slot_ptr=p("i64"), init_ptr=p("i1"), SQ="i32",
+                    SK="i32"), dict(dr, DV=128, BV=32, HAS_STATE=True, FUSE_O=fuse))
     compile_one("dr_out", delta_rule._out_kernel, dict(q_ptr=p("bf16"), k_ptr=p("bf16"), w_ptr=p("bf16"),
                 h_ptr=p("bf16"), G_ptr=p("fp32"), o_ptr=p("bf16"), cu_ptr=p("i64"), B="i32", SQ="i32", SK="i32"),
                 dict(dr, DV=128, BV=128))
