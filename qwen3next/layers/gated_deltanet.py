@@ -28,9 +28,9 @@ from .norm import GatedRMSNorm
 
 # Cached batches up to this many tokens (decode, verify, short chunks) hand the conv kernels the
 # grouped projection + column map; longer ones copy q / k / v into one [T, conv_dim] buffer (three
-# strided copies; the varlen conv would gather a map first anyway). Only with QWEN3NEXT_GDN_FUSED=1
-# (see kernels/triton/gdn_prep.py: the path the H200's final run measured copies).
-GROUPED_MAX_T = 512 if os.environ.get("QWEN3NEXT_GDN_FUSED", "0") == "1" else 0
+# strided copies; the varlen conv would gather a map first anyway). Not with QWEN3NEXT_GDN_FUSED=0
+# (kernels/triton/gdn_prep.py's kill switch: that path copies).
+GROUPED_MAX_T = 0 if os.environ.get("QWEN3NEXT_GDN_FUSED", "1") == "0" else 512
 
 
 def _regroup_rows(Hk: int, dk: int, rdv: int, r: int, w_qkvz: torch.Tensor, w_ba: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,7 @@ def _run_cached(fn, args, batches):
 @pytest.fixture(autouse=True)
 def _plain_references(monkeypatch):
     """The reference composes ops' kernels: keep those the plain-torch ones (padded slots included);
-    the fused path switched on (it is opt-in)."""
+    the fused path switched on (whatever QWEN3NEXT_GDN_FUSED says)."""
     monkeypatch.setattr(gdn_prep, "FUSED", True)
     monkeypatch.setattr(ops, "_use_fast", lambda *t: False)
     monkeypatch.setattr(ops, "_ext_ok", lambda *t: False)
@@ -131,8 +131,10 @@ def test_verify_matches_reference(scattered):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fuse", [False, True])
 @pytest.mark.parametrize("lens", [[300, 65], [8192]])
-def test_cached_prefill_bf16_gpu(lens):
+def test_cached_prefill_bf16_gpu(lens, fuse, monkeypatch):
+    monkeypatch.setattr(gdn_prep, "FUSE_QK_NORM", fuse)
     slots, init = torch.arange(len(lens), device=DEV), torch.ones(len(lens), dtype=torch.bool, device=DEV)
     _check_cached([(lens, slots, init, None)], T=sum(lens), dtype=torch.bfloat16, shape=(16, 32, 128, 128),
                   N=len(lens) + 1, tol=2e-2, state_tol=1e-2)
