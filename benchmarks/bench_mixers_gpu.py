@@ -46,7 +46,7 @@ from qwen3next.layers.rotary import RotaryEmbedding  # noqa: E402
 
 if SMOKE:  # the Triton kernels on CPU tensors, through the interpreter
     ops._use_triton = lambda *t: True
-# "after" is the fused DeltaNet path (opt-in in the library: QWEN3NEXT_GDN_FUSED=1)
+# "after" is the fused DeltaNet path (the library's default; set here whatever QWEN3NEXT_GDN_FUSED says)
 gdn_prep.FUSED, gdn_mod.GROUPED_MAX_T = True, 512
 DEV = "cpu" if SMOKE else "cuda"
 DT = torch.float32 if SMOKE else torch.bfloat16
