@@ -17,8 +17,8 @@ records its error; the run can be cut at any point and keep what finished):
             (so fp8 vs deq is the kernels' own error, deq vs bf16 the weights' rounding):
             cache-less prefill of 4 x 512 tokens and one eager decode step at B = 64 from identical
             caches (relative error, argmax agreement)
-  decode    fp8_prev: session 3's dispatch for comparison (no projection GEMV / skinny GEMM, the
-            shared expert as three projections); --w8a16: w8a16 grouped experts
+  decode    fp8_prev: session 3's dispatch for comparison (the w8a16 GEMM for every few-row
+            projection, the shared expert as three of them); --w8a16: w8a16 grouped experts
 Medians throughout.
 """
 
@@ -162,11 +162,11 @@ def accuracy(res, models: dict):
 
 
 class dispatch:
-    """Context: the fp8 paths of session 3 (`prev`: no projection GEMV / skinny GEMM, no fused
-    shared expert) and / or w8a16 grouped experts, restored on exit."""
+    """Context: the fp8 paths of session 3 (`prev`: the w8a16 GEMM for every few-row projection, no
+    GEMV / w8a8 projections, no fused shared expert) and / or w8a16 grouped experts, restored on exit."""
 
     def __init__(self, prev: bool = False, w8a16: bool = False):
-        self.set = {(linear_fp8, "GEMV_M"): 0, (linear_fp8, "SKINNY_M"): 0,
+        self.set = {(linear_fp8, "GEMV_M"): 0, (linear_fp8, "A8_M"): 0,
                     (quant, "FUSED_SHARED_MAX_ROWS"): 0} if prev else {}
         if w8a16:
             self.set[(moe_fp8, "ACT_QUANT")] = False

@@ -1,14 +1,15 @@
 """Triton block-FP8 linear: y = x @ dequant(W8)^T, weight fp8 [N, K] + fp32 scale_inv per
-(bn x bk) block, activations bf16 (or fp32), same signature as kernels/fp8.py's fp8_linear.
+(bn x bk) block, activations bf16 (or fp32), kernels/fp8.py's fp8_linear (w8a16) / its act_quant
+form (w8a8). By the number of rows M:
 
-* one to GEMV_M rows (decode of a few sequences): a GEMV per BN-row block of W over the whole K,
-  wide k tiles, the 128x128 block scales gathered per element; no tensor cores, no K split (the
-  row blocks alone keep every SM busy), one launch.
-* up to SMALL_M rows (decode, verify): one weight-only GEMM (w8a16): each [BK, BN] fp8 tile is
-  loaded (half the bytes of bf16), widened to the activation dtype, multiplied on the tensor
-  cores and its block scale applied to the fp32 partial product. Weight streaming is the cost, so
-  narrow weights (k/v, shared expert: N = 512) are split along K too, enough programs to keep
-  every SM streaming: fp32 partials [S, M, N], summed in a fixed order by a second launch.
+* M <= GEMV_M (decode of a few sequences): a GEMV per (BN-row block of W, row of x) on the CUDA
+  cores, w8a16, 128-wide sub-tiles unrolled per k step; no K split, one launch.
+* M <= A8_M (decode of a batch): w8a8 like the grouped MoE GEMM: each program quantises its x tile
+  per token and 128-channel group in registers and multiplies fp8 by fp8 on the tensor cores (no
+  widening of the weight tile, which limited the w8a16 GEMM); narrow weights are split along K
+  (fp32 partials summed in a fixed order by a second launch).
+* M <= SMALL_M (verify): the weight-only GEMM (w8a16): each [BK, BN] fp8 tile widened to the
+  activation dtype on the tensor cores, its block scale on the fp32 partial product; K split as above.
 * many rows (prefill): the weight is dequantised into a bf16 scratch (one pass, N*K*3 bytes) and
   cuBLAS runs the GEMM: at M >= 256 the GEMM's FLOPs dwarf that pass.
 """
@@ -20,79 +21,77 @@ import triton
 import triton.language as tl
 
 from ._util import autotune, size_class
+from .moe_fp8_gemv import _dot_rows8
 
 GEMV_M = 4  # rows up to this take the GEMV (0: off)
-SKINNY_M = 64  # then up to this the swapped skinny GEMM (0: off)
+A8_M = 64  # then up to this the w8a8 GEMM (0: off)
 SMALL_M = 128  # then up to this the weight-only GEMM
 _PROGRAMS = 264  # K is split until about this many programs (2 per SM of an H100 / H200)
-SUB = tl.constexpr(128)  # GEMV sub-tile width: inside one (128-multiple) scale block
+FP8_MAX = tl.constexpr(448.0)  # largest finite e4m3fn value
 # (BM, BN, BK, warps, stages); the first is the interpreter's. BK divides the 128-wide scale block.
 _CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in ((16, 32, 64, 4, 4), (16, 64, 128, 4, 4), (16, 32, 128, 4, 5),
                                      (16, 128, 128, 4, 3), (64, 64, 128, 4, 4), (64, 128, 128, 8, 3))]
-# GEMV: (BN, BK, warps), BK a multiple of SUB; the first is the interpreter's (two sub-tiles a step)
+# GEMV: (BN, BK, warps), BK a multiple of 128; the first is the interpreter's (two sub-tiles a step)
 _GEMV_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w)
-                 for bn, bk, w in ((8, 256, 4), (4, 512, 4), (16, 256, 4), (8, 512, 8), (4, 256, 2), (16, 128, 4),
-                                   (32, 128, 4), (16, 512, 8))]
-# skinny: (BN weight rows, BK, warps, stages); BK divides 128; the first is the interpreter's
-_SKINNY_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-                   for bn, bk, w, s in ((64, 64, 4, 4), (64, 128, 4, 4), (64, 128, 4, 3), (128, 128, 8, 3),
-                                        (64, 64, 4, 6), (128, 128, 4, 4), (32, 128, 4, 4))]
+                 for bn, bk, w in ((8, 256, 4), (16, 256, 4), (8, 512, 4), (16, 512, 8), (4, 512, 2), (16, 128, 4),
+                                   (32, 128, 4), (32, 256, 8))]
+# w8a8: (BM, BN, warps, stages), BK = 128 (one activation group a step); BM = 64 takes Hopper's fp8
+# wgmma (rows past M are zeros), BM = 16 an f16 mma.sync on widened tiles; the first is the interpreter's
+_A8_CONFIGS = [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
+               for bm, bn, w, s in ((64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 5),
+                                    (16, 64, 4, 4), (16, 128, 4, 3), (16, 32, 4, 4))]
 
 
-@autotune(_GEMV_CONFIGS, key=["N", "K", "MP"])
+def _a8_fit(configs, named_args, **kw):
+    """w8a8 configs whose row block holds all M rows (MB = M rounded up to a power of two >= 16)."""
+    return [c for c in configs if c.kwargs["BM"] >= named_args["MB"]]
+
+
+@autotune(_GEMV_CONFIGS, key=["N", "K"])
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, SK, BLK_N: tl.constexpr, BLK_K: tl.constexpr,
-                 MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Rows [pn*BN, (pn+1)*BN) of y^T for all M <= MP rows of x, on the CUDA cores: [MP, BN, SUB]
-    products summed at the end; a k step is BK / SUB sub-tiles unrolled (more loads in flight),
-    each inside one scale block (one scale per weight row)."""
-    pn = tl.program_id(0)
-    n = (pn * BN + tl.arange(0, BN)).to(tl.int64)
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, BLK_N: tl.constexpr, BLK_K: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr):
+    """Program (n block, row r): y[r, n block] on the CUDA cores (moe_fp8_gemv's fp8 row dot: 128-wide
+    sub-tiles unrolled per k step); the programs of one n block run side by side, so the rows
+    after the first read the weight tile from L2."""
+    n = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)
+    r = tl.program_id(1).to(tl.int64)
     nm = n < N
-    kk = tl.arange(0, SUB)
-    r = tl.arange(0, MP)
-    rm = r < M
-    acc = tl.zeros([MP, BN, SUB], dtype=tl.float32)
-    s_row = s_ptr + (n // BLK_N) * SK                                                        # [BN]
-    for k0 in range(0, K, BK):
-        for j in tl.static_range(BK // SUB):
-            k = k0 + j * SUB + kk
-            km = k < K
-            w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
-            sc = tl.load(s_row + tl.minimum((k0 + j * SUB) // BLK_K, SK - 1), mask=nm, other=0.0)  # (w = 0 past K)
-            xv = tl.load(x_ptr + r[:, None] * K + k[None, :], mask=rm[:, None] & km[None, :], other=0.0)
-            acc += (w.to(tl.float32) * sc[:, None])[None, :, :] * xv.to(tl.float32)[:, None, :]
-    y = tl.sum(acc, 2)                                                                       # [MP, BN]
-    tl.store(y_ptr + r[:, None] * N + n[None, :], y.to(y_ptr.dtype.element_ty), mask=rm[:, None] & nm[None, :])
+    y = _dot_rows8(x_ptr + r * K, w_ptr, s_ptr, n, nm, K, BLK_N, BLK_K, BN, BK)
+    tl.store(y_ptr + r * N + n, y.to(y_ptr.dtype.element_ty), mask=nm)
 
 
-@autotune(_SKINNY_CONFIGS, key=["N", "K", "BM", "KS"])
+@autotune(_A8_CONFIGS, key=["N", "K", "MB", "KS"], prune_configs_by={"early_config_prune": _a8_fit})
 @triton.jit(do_not_specialize=["M"])
-def _skinny_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, SK, KS, BLK_N: tl.constexpr, BLK_K: tl.constexpr,
-                   PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Program (n block, k split): y^T[BN weight rows, all M <= BM rows of x] = W [BN, BK] @ x^T
-    [BK, BM], the weight as the MMA's M side (swapped: 64+ weight rows fill it where 16-row x
-    tiles would waste it; x^T is read from L2 by every program); columns [ps*KS, (ps+1)*KS) of
-    K, with more than one split fp32 partials at y_ptr[ps]."""
+def _w8a8_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, SK, KS, MB, BLK_N: tl.constexpr, BLK_K: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr):
+    """Program (n block, k split): y[:M, n block] over columns [ps*KS, (ps+1)*KS) of K (with more than
+    one split fp32 partials at y_ptr[ps]). Each 128-wide k step quantises the x tile per row in
+    registers (kernels/fp8.quantize_act's rounding: one activation group) and multiplies fp8 by fp8
+    on the tensor cores, the fp32 product scaled by (row scale x block scale): no widening of the
+    weight tile (the grouped MoE GEMM's w8a8 form)."""
     pn = tl.program_id(0)
     ps = tl.program_id(1)
+    m = tl.arange(0, BM).to(tl.int64)
+    mm = m < M
     n = (pn * BN + tl.arange(0, BN)).to(tl.int64)
     nm = n < N
-    m = tl.arange(0, BM)
-    mm = m < M
-    kk = tl.arange(0, BK)
-    dt = x_ptr.dtype.element_ty
-    acc = tl.zeros([BN, BM], dtype=tl.float32)
-    s_row = s_ptr + (n // BLK_N) * SK                                  # [BN] scale row of each weight row
-    for k0 in range(ps * KS, tl.minimum(ps * KS + KS, K), BK):
+    kk = tl.arange(0, 128)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    s_row = s_ptr + (n // BLK_N) * SK                                  # [BN] scale row of each column
+    for k0 in range(ps * KS, tl.minimum(ps * KS + KS, K), 128):
         km = (k0 + kk) < K
-        w = tl.load(w_ptr + n[:, None] * K + (k0 + kk)[None, :], mask=nm[:, None] & km[None, :], other=0.0)
-        xt = tl.load(x_ptr + m[None, :] * K + (k0 + kk)[:, None], mask=km[:, None] & mm[None, :], other=0.0)
+        xv = tl.load(x_ptr + m[:, None] * K + (k0 + kk)[None, :], mask=mm[:, None] & km[None, :],
+                     other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(xv), 1)
+        xs = tl.where(amax > 0, amax / FP8_MAX, 1.0)                     # [BM] row scales
+        xq = tl.minimum(tl.maximum(xv / xs[:, None], -FP8_MAX), FP8_MAX).to(w_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + n[None, :] * K + (k0 + kk)[:, None], mask=km[:, None] & nm[None, :], other=0.0)
         sc = tl.load(s_row + k0 // BLK_K, mask=nm, other=0.0)          # [BN]: one k block per tile
-        acc += tl.dot(w.to(dt), xt, input_precision=PREC) * sc[:, None]
-    out = y_ptr + ps * M * N + m[None, :] * N + n[:, None]
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=nm[:, None] & mm[None, :])
+        acc += tl.dot(xq, w) * (xs[:, None] * sc[None, :])
+    out = y_ptr + ps * M * N + m[:, None] * N + n[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
 
 
 @autotune(_CONFIGS, key=["N", "K", "MB", "S"])
@@ -154,39 +153,36 @@ def dequantize(w8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dt
 
 
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = (128, 128),
-               *, small: bool | None = None, gemv: bool | None = None, skinny: bool | None = None) -> torch.Tensor:
+               *, path: str | None = None) -> torch.Tensor:
     """x [M, K] (bf16 / fp32), w8 [N, K] fp8, scale [ceil(N/bn), ceil(K/bk)] fp32 -> [M, N] in x's
-    dtype. `small` (few-row kernels vs dequantise + matmul) / `gemv` / `skinny` force a path
-    (tests, benchmarks; small=True alone: the 16-row-tile GEMM)."""
+    dtype. `path` forces one of "gemv", "w8a8", "w8a16", "dequant" (tests, benchmarks); by default
+    it follows M (module docstring)."""
     M, K = x.shape
     N = w8.shape[0]
-    if not (small if small is not None else M <= SMALL_M):
+    if path is None:
+        path = ("gemv" if M <= GEMV_M else "w8a8" if M <= A8_M else "w8a16" if M <= SMALL_M else "dequant")
+    if path == "dequant":
         return x @ dequantize(w8, scale, block, x.dtype).t()
-    if gemv if gemv is not None else (M <= GEMV_M and small is None and skinny is None):
-        x = x.contiguous()
-        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        if M:
-            _gemv_kernel[lambda meta: (triton.cdiv(N, meta["BN"]),)](x, w8, scale, y, M, N, K, scale.shape[1],
-                                                                      BLK_N=block[0], BLK_K=block[1],
-                                                                      MP=triton.next_power_of_2(M))
-        return y
     if block[1] % 128:
         raise ValueError(f"fp8_linear needs 128 | weight_block_size[1], got {block[1]}")
     x = x.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return y
-    prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    if skinny if skinny is not None else (M <= SKINNY_M and small is None):
-        # K splits (whole 128-column blocks) until ~one program per SM: 64-row blocks of a narrow
-        # weight alone would leave most SMs idle
+    if path == "gemv":
+        _gemv_kernel[lambda meta: (triton.cdiv(N, meta["BN"]), M)](x, w8, scale, y, N, K, BLK_N=block[0],
+                                                                    BLK_K=block[1])
+        return y
+    if path == "w8a8":
+        # K splits (whole 128-column blocks) until ~one program per SM: 64-column blocks of a
+        # narrow weight alone would leave most SMs idle
         S = max(1, min(K // 512, (_PROGRAMS // 2) // triton.cdiv(N, 64)))
         KS = triton.cdiv(triton.cdiv(K, S), 128) * 128
         S = triton.cdiv(K, KS)
         part = y if S == 1 else torch.empty(S, M, N, dtype=torch.float32, device=x.device)
-        _skinny_kernel[lambda meta: (triton.cdiv(N, meta["BN"]), S)](
-            x, w8, scale, part, M, N, K, scale.shape[1], KS, BLK_N=block[0], BLK_K=block[1], PREC=prec,
-            BM=max(16, triton.next_power_of_2(M)))
+        _w8a8_kernel[lambda meta: (triton.cdiv(N, meta["BN"]), S)](
+            x, w8, scale, part, M, N, K, scale.shape[1], KS, max(16, triton.next_power_of_2(M)), BLK_N=block[0],
+            BLK_K=block[1])
     else:
         # K splits (whole 128-column scale blocks each) for weights too narrow to fill the GPU
         base = triton.cdiv(M, 16) * triton.cdiv(N, 32)
@@ -194,6 +190,7 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, block: tu
         KS = triton.cdiv(triton.cdiv(K, S), 128) * 128
         S = triton.cdiv(K, KS)
         part = y if S == 1 else torch.empty(S, M, N, dtype=torch.float32, device=x.device)
+        prec = "ieee" if x.dtype == torch.float32 else "tf32"
         grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]), S)  # noqa: E731
         _w8a16_kernel[grid](x, w8, scale, part, M, N, K, size_class(M), scale.shape[1], S, KS, BLK_N=block[0],
                             BLK_K=block[1], PREC=prec)

@@ -194,8 +194,8 @@ def _gemv(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids, b
     M = T * k
     TB = size_class(T)
     h = torch.empty(M, I, dtype=x.dtype, device=x.device)
-    if shared is None:
-        g8 = gs = u8 = us = d8 = ds = sgw = gate_up_proj  # never read
+    if shared is None:  # never read, but typed as the shared expert's tensors would be
+        g8, gs, u8, us, d8, ds, sgw = gate_up_proj, gate_up_scale, gate_up_proj, gate_up_scale, down_proj, down_scale, x
         IS, hs, NS = I, h, 0
     else:
         g8, gs, u8, us, d8, ds, sgw = shared
@@ -225,8 +225,8 @@ def _grouped(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids
     bn, bk = block
     BM = block_m or (16 if M <= 16 * E else 64)
     weights = weights.contiguous()
-    if shared is None:
-        g8 = gs = u8 = us = d8 = ds = gate_up_proj  # never read
+    if shared is None:  # never read, but typed as the shared expert's tensors would be (Triton checks)
+        g8, gs, u8, us, d8, ds = gate_up_proj, gate_up_scale, gate_up_proj, gate_up_scale, down_proj, down_scale
         IS, SH_E, NS = I, -1, 0
         rows, block_expert, NB = _align(ids, E, BM)
     else:
