@@ -28,6 +28,7 @@ BT = 64  # chunk length (the spec's 64)
 BC = 16  # sub-block of the (I + A) inverse
 LOG2E = tl.constexpr(1.4426950408889634)  # g -> log2 units (exp2 below)
 
+
 @triton.jit
 def _inv_unit_lower(a, BC: tl.constexpr):
     """(I + a)^-1 for a strictly lower-triangular [BC, BC] block, by forward substitution."""
