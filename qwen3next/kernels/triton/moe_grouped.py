@@ -1,11 +1,15 @@
-"""Prefill-sized routed experts through torch's grouped GEMM (`torch._grouped_mm`: CUTLASS on sm90,
-a library kernel with TMA and warp-specialised wgmma) over an expert-sorted copy of the rows.
+"""Prefill-sized routed experts over expert-sorted rows (no padding to a block size, no host sync).
 
-Four steps, no host sync: count each expert's rows (atomics) and copy every (token, choice) row of
-x to its place in the expert-sorted order (one launch: no padding, no sort); gate/up as one grouped
-GEMM against the stacked [E, 2I, H] weights read transposed in place (no weight copy); silu(gate) *
-up; the down grouped GEMM; then each token's k rows gathered back, scaled by their routing weights
-and summed in fp32. Rounding follows kernels/moe.py (products in the activation dtype).
+Count each expert's rows (atomics) and give every (token, choice) row its place in the
+expert-sorted order (one launch); gate/up and down as grouped GEMMs over the sorted rows against
+the stacked [E, 2I, H] / [E, H, I] weights (no weight copy); then each token's k rows gathered
+back, scaled by their routing weights and summed in fp32. Rounding follows kernels/moe.py
+(products in the activation dtype). The GEMMs (`gemm`):
+* "triton_gather" (default): moe_tma.py's kernels, gate/up reading x's rows in place through the
+  sort's token map, silu(gate) * up in its epilogue, the weights through TMA boxes;
+* "triton": the same on a sorted copy of x's rows (the A tiles through TMA too);
+* "torch": torch._grouped_mm (CUTLASS on sm90) on the sorted copy, the [E, 2I, H] weights read
+  as a transposed view, silu * up in one small launch between the two GEMMs.
 """
 
 from __future__ import annotations
@@ -19,16 +23,20 @@ import triton.language as tl
 from . import moe_tma
 from .moe import _count_kernel
 
-# routed rows (T * k) from which the expert-sorted path is used on CUDA, and its GEMMs
-# (measured on the H200: docs/benchmarks.md, "Session 4: prefill experts over expert-sorted rows")
-SORTED_MIN_ROWS = 4096
-SORTED_GEMM = "off"  # "torch", "triton", "triton_gather" (moe_experts_sorted) or "off"; QWEN3NEXT_MOE_SORTED overrides
+# routed rows (T * k) from which the expert-sorted path is used on CUDA, and its GEMMs. Measured on
+# the H200 (docs/benchmarks.md, "Session 4: prefill experts over expert-sorted rows"): triton_gather
+# beats the padded grouped GEMM of moe.py at T = 1024 (10240 rows) to 8192, by 8-20%; at T = 512
+# (5120 rows) the padded one was ahead of "triton" (0.822 vs 0.845 ms). "torch" was 3% ahead of
+# triton_gather at T = 8192 alone and behind the padded GEMM below T = 4096.
+SORTED_MIN_ROWS = 8192
+SORTED_GEMM = "triton_gather"  # or "torch", "triton", "off"; QWEN3NEXT_MOE_SORTED overrides
 
 
 def sorted_gemm(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, rows: int) -> str | None:
     """Which GEMMs the expert-sorted path should use for this call, None when it does not suit:
-    bf16 CUDA tensors on sm90 / sm100 (elsewhere torch's grouped_mm falls back to a host-synced
-    loop, and TMA needs Hopper), 16-byte-aligned rows, at least SORTED_MIN_ROWS routed rows."""
+    bf16 CUDA tensors on sm90 (the only chips it was measured on; elsewhere torch's grouped_mm
+    falls back to a host-synced loop, and TMA needs Hopper or later), 16-byte-aligned rows, at
+    least SORTED_MIN_ROWS routed rows."""
     gemm = os.environ.get("QWEN3NEXT_MOE_SORTED", SORTED_GEMM)
     if gemm not in ("torch", "triton", "triton_gather") or (gemm == "torch" and not hasattr(torch, "_grouped_mm")):
         return None
@@ -36,7 +44,7 @@ def sorted_gemm(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Te
         return None
     H, I = x.shape[1], down_proj.shape[-1]
     ok = (rows >= SORTED_MIN_ROWS and H % 8 == 0 and I % 8 == 0
-          and torch.cuda.get_device_capability(x.device)[0] in (9, 10))
+          and torch.cuda.get_device_capability(x.device)[0] == 9)
     return gemm if ok else None
 
 
