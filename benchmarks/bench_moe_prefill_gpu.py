@@ -25,7 +25,7 @@ import torch
 import triton
 
 E, H, I, K = 512, 2048, 512, 10
-PATHS = ("old", "torch", "triton", "triton_gather")
+PATHS = ("old", "torch", "triton", "triton_gather", "gather_torch")
 DEV = "cuda"
 
 
@@ -131,7 +131,8 @@ def experts_section(tokens: list[int], res: dict) -> None:
         calls = {"old": lambda: old.moe_experts(x, gate_up, down, w, ids, gemv=False),
                  "torch": lambda: g.moe_experts_sorted(x, gate_up, down, w, ids, gemm="torch"),
                  "triton": lambda: g.moe_experts_sorted(x, gate_up, down, w, ids, gemm="triton"),
-                 "triton_gather": lambda: g.moe_experts_sorted(x, gate_up, down, w, ids, gemm="triton_gather")}
+                 "triton_gather": lambda: g.moe_experts_sorted(x, gate_up, down, w, ids, gemm="triton_gather"),
+                 "gather_torch": lambda: g.moe_experts_sorted(x, gate_up, down, w, ids, gemm="gather_torch")}
         for p in PATHS:
             try:
                 outs[p] = calls[p]()

@@ -36,10 +36,10 @@ def test_sort_rows():
     assert torch.equal(xs[pos], x.repeat_interleave(k, 0)) and torch.equal(x[src], xs)
 
 
-@pytest.mark.parametrize("gemm", ["torch", "triton", "triton_gather"])
+@pytest.mark.parametrize("gemm", ["torch", "triton", "triton_gather", "gather_torch"])
 @pytest.mark.parametrize("T,E,H,I,k", [(1, 4, 16, 8, 1), (29, 11, 40, 24, 3), (64, 8, 32, 16, 4)])
 def test_sorted_experts(T, E, H, I, k, gemm):
-    if gemm == "torch" and not hasattr(torch, "_grouped_mm"):
+    if gemm in ("torch", "gather_torch") and not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch has no _grouped_mm")
     gen = seeded(T + E)
     x = randn(T, H, gen=gen)

@@ -9,7 +9,9 @@ back, scaled by their routing weights and summed in fp32. Rounding follows kerne
   sort's token map, silu(gate) * up in its epilogue, the weights through TMA boxes;
 * "triton": the same on a sorted copy of x's rows (the A tiles through TMA too);
 * "torch": torch._grouped_mm (CUTLASS on sm90) on the sorted copy, the [E, 2I, H] weights read
-  as a transposed view, silu * up in one small launch between the two GEMMs.
+  as a transposed view, silu * up in one small launch between the two GEMMs;
+* "gather_torch": triton_gather's gate/up, torch's down (each the faster one in its GEMM on the
+  H200 at 8K tokens; the pair not yet timed together).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .moe import _count_kernel
 # (5120 rows) the padded one was ahead of "triton" (0.822 vs 0.845 ms). "torch" was 3% ahead of
 # triton_gather at T = 8192 alone and behind the padded GEMM below T = 4096.
 SORTED_MIN_ROWS = 8192
-SORTED_GEMM = "triton_gather"  # or "torch", "triton", "off"; QWEN3NEXT_MOE_SORTED overrides
+SORTED_GEMM = "triton_gather"  # or "torch", "triton", "gather_torch", "off"; QWEN3NEXT_MOE_SORTED overrides
 
 
 def sorted_gemm(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, rows: int) -> str | None:
@@ -38,7 +40,8 @@ def sorted_gemm(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Te
     falls back to a host-synced loop, and TMA needs Hopper or later), 16-byte-aligned rows, at
     least SORTED_MIN_ROWS routed rows."""
     gemm = os.environ.get("QWEN3NEXT_MOE_SORTED", SORTED_GEMM)
-    if gemm not in ("torch", "triton", "triton_gather") or (gemm == "torch" and not hasattr(torch, "_grouped_mm")):
+    if gemm not in ("torch", "triton", "triton_gather", "gather_torch") or (
+            gemm in ("torch", "gather_torch") and not hasattr(torch, "_grouped_mm")):
         return None
     if not (x.is_cuda and x.dtype == gate_up_proj.dtype == down_proj.dtype == torch.bfloat16):
         return None
@@ -130,23 +133,26 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def moe_experts_sorted(x, gate_up_proj, down_proj, weights, ids, *, gemm: str = "torch") -> torch.Tensor:
+def moe_experts_sorted(x, gate_up_proj, down_proj, weights, ids, *, gemm: str = "triton_gather") -> torch.Tensor:
     """x [T, H]; gate_up_proj [E, 2I, H]; down_proj [E, H, I]; weights/ids [T, k] -> [T, H].
-    gemm: "torch" (torch._grouped_mm), "triton" (moe_tma.py's TMA kernels) or "triton_gather"
-    (moe_tma.py, gate/up reading x's rows in place: no sorted copy)."""
+    gemm: "triton_gather", "triton", "torch" or "gather_torch" (the module docstring)."""
     T, H = x.shape
     E = gate_up_proj.shape[0]
     k = ids.shape[1]
     x = x.contiguous()
-    xs, counts, offs, pos, src = sort_rows(x, ids, E, copy=gemm != "triton_gather")
-    if gemm == "triton_gather":
-        y = moe_tma.down(moe_tma.gate_up(x, gate_up_proj, counts, src), down_proj, counts)  # [T*k, H]
+    gather = gemm in ("triton_gather", "gather_torch")
+    xs, counts, offs, pos, src = sort_rows(x, ids, E, copy=not gather)
+    if gather:
+        h = moe_tma.gate_up(x, gate_up_proj, counts, src)  # [T*k, I]
     elif gemm == "triton":
-        y = moe_tma.down(moe_tma.gate_up(xs, gate_up_proj, counts), down_proj, counts)
+        h = moe_tma.gate_up(xs, gate_up_proj, counts)
     else:
         # [E, 2I, H] read as [E, H, 2I] (column-major B, the layout the TMA loads want): a view, no copy
-        gu = torch._grouped_mm(xs, gate_up_proj.transpose(1, 2), offs)  # [T*k, 2I]
-        y = torch._grouped_mm(silu_mul(gu), down_proj.transpose(1, 2), offs)  # [T*k, H]
+        h = silu_mul(torch._grouped_mm(xs, gate_up_proj.transpose(1, 2), offs))
+    if gemm in ("torch", "gather_torch"):
+        y = torch._grouped_mm(h, down_proj.transpose(1, 2), offs)  # [T*k, H]
+    else:
+        y = moe_tma.down(h, down_proj, counts)
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     BH = min(1024, triton.next_power_of_2(H))
     _unsort_sum_kernel[(T, triton.cdiv(H, BH))](y, pos, weights.contiguous(), out, T, H, y.stride(0), TOPK=k, BH=BH)
