@@ -34,7 +34,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         '"num_speculative_tokens": 1..4}')
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV blocks and DeltaNet state snapshots of earlier prompts' shared "
-                        "prefixes (default off; not with --speculative-config)")
+                        "prefixes (default off)")
     p.add_argument("--quantization", "-q", choices=["auto", "fp8"],
                    help="fp8: block-FP8 weights on the GPU (quantises a bf16 checkpoint at load); "
                         "auto (default): FP8 checkpoints stay FP8 on one GPU, are dequantised on CPU")

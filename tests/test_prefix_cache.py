@@ -3,7 +3,8 @@ logprobs equal to the engine without the cache for prompts sharing 0, 1 or sever
 boundaries (block_size 8, a snapshot every 16 tokens), a prompt ending exactly at a boundary or
 shorter than one, a multi-turn follow-up (snapshot taken during decode), under eviction,
 preemption and n > 1; aborts free every reference; prompt-logprobs requests bypass the cache;
-the server reports usage.prompt_tokens_details.cached_tokens; speculative decoding is refused."""
+the server reports usage.prompt_tokens_details.cached_tokens; with MTP speculative decoding the
+MTP layer's KV after a hit equals the uncached engine's."""
 
 from __future__ import annotations
 
@@ -201,8 +202,9 @@ def test_prompt_logprobs_requests_compute_every_position(model):
 
 
 def test_bad_knobs_are_one_line_errors():
-    with pytest.raises(ValueError, match="enable_prefix_caching does not work with speculative_config"):
-        EngineArgs(enable_prefix_caching=True, speculative_config={"num_speculative_tokens": 1})
+    with pytest.raises(ValueError, match="enable_prefix_caching with speculative_config needs tensor_parallel_size 1"):
+        EngineArgs(enable_prefix_caching=True, speculative_config={"num_speculative_tokens": 1},
+                   tensor_parallel_size=2)
     with pytest.raises(ValueError, match="prefix_caching_state_block"):
         EngineArgs(enable_prefix_caching=True, block_size=16, prefix_caching_state_block=40)
     with pytest.raises(ValueError, match="prefix_caching_state_fraction"):
@@ -260,3 +262,45 @@ def test_decode_snapshots_give_way_before_prompt_ones():
         if key is not None:
             pc.snapshot_slot(key)
     assert p_key in pc.snapshots and b.block_hashes[64 // BS - 1] in pc.snapshots
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_mtp_speculative_decoding_after_a_hit(tiny_ckpt, defer):
+    """The hit's last shared position gets its MTP KV from the stored trunk hidden row and this
+    request's own next token (the prompts differ right after the boundary), also when the MTP
+    catch-up is deferred (disable_by_batch_size): MTP KV and outputs equal the uncached engine's."""
+    m, _ = load_model(tiny_ckpt, dtype=torch.float32, device="cpu", with_mtp=True, progress=False)
+    P, B = rand(45, 100), None
+    spec = {"num_speculative_tokens": 2, **({"disable_by_batch_size": 1} if defer else {})}
+    params = SamplingParams(max_tokens=10, temperature=0, logprobs=1)
+    L = m.config.num_hidden_layers  # the MTP layer's KV index
+    runs = []
+    for on in (False, True):
+        eng = engine(m, on, speculative_config=spec)
+        one_by_one(eng, [P], params)
+        B = P[:32] + rand(9, 101)
+        if defer:  # two running sequences: above disable_by_batch_size, the catch-up waits
+            eng.add_request("other", rand(20, 102), SamplingParams(max_tokens=4, temperature=0))
+        eng.add_request("b", B, params)
+        seq = eng.requests["b"].seqs[0]
+        outs = []
+        for _ in range(12):  # until the other request ended and the catch-up caught up
+            outs += eng.step()
+            if not seq.mtp_pending and "other" not in eng.requests and seq.num_computed_tokens >= 41:
+                break
+        assert not seq.mtp_pending and seq.num_computed_tokens >= 41
+        kv = eng.cache.cache.kv[L]
+        runs.append((torch.stack([kv[seq.block_ids[p // BS], :, p % BS] for p in range(41)]),
+                     outs + [o for o in drain_outputs(eng)], eng.stats.get("prefix_cache")))
+    (kv_off, outs_off, _), (kv_on, outs_on, st) = runs
+    assert st["hit_tokens"] == 32
+    assert torch.allclose(kv_off, kv_on, atol=1e-5)
+    toks = [[t for o in outs if o.request_id == "b" for t in o.outputs[0].token_ids] for outs in (outs_off, outs_on)]
+    assert toks[0] == toks[1] and len(toks[0]) == 10
+
+
+def drain_outputs(eng: LLMEngine) -> list:
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += eng.step()
+    return outs

@@ -87,9 +87,9 @@ class EngineArgs:
         if not 0 < self.prefix_caching_state_fraction < 1:
             raise ValueError(f"prefix_caching_state_fraction must be in (0, 1), got "
                              f"{self.prefix_caching_state_fraction!r}")
-        if self.enable_prefix_caching and self.speculative_config is not None:
-            # the MTP layer's KV and deferred catch-up are not tracked per cached block yet
-            raise ValueError("enable_prefix_caching does not work with speculative_config yet: use one of them")
+        if self.enable_prefix_caching and self.speculative_config is not None and self.tensor_parallel_size > 1:
+            # a hit copies a KV block outside a forward, which the workers do not replay yet
+            raise ValueError("enable_prefix_caching with speculative_config needs tensor_parallel_size 1")
         if (not self.enable_chunked_prefill and self.max_model_len is not None
                 and self.max_num_batched_tokens < self.max_model_len):
             raise ValueError(

@@ -117,6 +117,11 @@ class CacheManager:
         self.block_tables = torch.zeros(self.scratch_base, self.max_blocks_per_seq,
                                         dtype=torch.long, device=device)
         self.prefix: PrefixCache | None = None
+        # speculative decoding: a snapshot also keeps the trunk's last hidden row [H] (snap_hidden,
+        # allocated on first use), and a hit copies its last block, whose last position's MTP KV
+        # depends on the token after the boundary (set by SpecDecoder's owner, LLMEngine)
+        self.mtp_prefix = False
+        self.snap_hidden: torch.Tensor | None = None
         if prefix_state_block:
             self.prefix = PrefixCache(plan.block_size, prefix_state_block, plan.num_blocks,
                                       plan.num_slots, plan.num_snapshot_slots)
@@ -210,9 +215,12 @@ class CacheManager:
         """The reusable prefix of a sequence with nothing computed (see PrefixCache.match)."""
         return self.prefix.match(seq) if self.prefix is not None else None
 
-    def num_reused_free(self, blocks: list[int]) -> int:
-        """How many of these cached blocks now count as free (nobody uses them)."""
-        return sum(1 for b in blocks if self._refs[b] == 0)
+    def prefix_blocks_needed(self, hit: tuple[int, list[int], int], num_tokens: int) -> int:
+        """Blocks a hit needs taken from the free ones to hold `num_tokens` tokens: new blocks,
+        the cached ones nobody uses yet, and (MTP) the copy of its last block."""
+        blocks = hit[1]
+        return (self.blocks_needed(num_tokens) - len(blocks) + int(self.mtp_prefix)
+                + sum(1 for b in blocks if self._refs[b] == 0))
 
     def take_prefix(self, seq, hit: tuple[int, list[int], int]) -> None:
         """Share the hit's blocks with `seq` and mark its first `b` tokens computed; the state
@@ -223,20 +231,51 @@ class CacheManager:
                 self.prefix.reuse(x)
             self._refs[x] += 1
         seq.block_ids = list(blocks)
-        seq.num_computed_tokens = b
         seq.num_registered = len(blocks)
+        if self.mtp_prefix:
+            # the MTP catch-up rewrites position b-1 (its next token is this sequence's own)
+            src, dst = blocks[-1], self._take_block()
+            self._refs[src] -= 1
+            if self._refs[src] == 0:  # back among the evictable ones
+                self.prefix.release(src)
+            self.copy_block(src, dst)
+            seq.block_ids[-1] = dst
+            seq.num_registered -= 1
+        seq.num_computed_tokens = b
         if seq.slot >= 0:
             self._write_table(seq, 0)
 
     def restore_prefix(self, seq, hit: tuple[int, list[int], int]) -> None:
-        self.copy_slots([hit[2]], [seq.slot])
+        """Copy the hit's state snapshot into the sequence's slot; with MTP, the trunk's hidden row
+        at b-1 becomes the sequence's deferred MTP catch-up (SpecDecoder.propose runs it)."""
+        b, _, slot = hit
+        self.copy_slots([slot], [seq.slot])
+        if self.mtp_prefix:
+            seq.mtp_pending = [self.snap_hidden[slot - self.plan.num_slots][None].clone()]
+            seq.mtp_pending_start = b - 1
 
-    def commit(self, seq) -> None:
+    def commit(self, seq, last_hidden: torch.Tensor | None = None) -> None:
         """After a step: cache the sequence's newly full blocks, and snapshot its DeltaNet state
-        when its computed tokens end at a boundary that has none."""
-        key = self.prefix.register(seq)
-        if key is not None:
-            self.copy_slots([seq.slot], [self.prefix.snapshot_slot(key)])
+        (and, MTP, `last_hidden` [H]: the trunk's row at its last computed position) when its
+        computed tokens end at a boundary that has none. With MTP only blocks whose MTP KV is
+        written (deferred catch-up) are cached."""
+        upto = None
+        if self.mtp_prefix and seq.mtp_pending:
+            upto = seq.mtp_pending_start
+        key = self.prefix.register(seq, upto)
+        if key is None or (self.mtp_prefix and last_hidden is None):
+            return
+        slot = self.prefix.snapshot_slot(key)
+        self.copy_slots([seq.slot], [slot])
+        if self.mtp_prefix:
+            if self.snap_hidden is None:
+                self.snap_hidden = last_hidden.new_empty(self.plan.num_snapshot_slots, last_hidden.shape[-1])
+            self.snap_hidden[slot - self.plan.num_slots] = last_hidden
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """KV (every attention layer, MTP included) of block `src` into block `dst`."""
+        for kv in self.cache.kv.values():
+            kv[dst].copy_(kv[src])
 
     def copy_slots(self, src: list[int], dst: list[int]) -> None:
         """DeltaNet state (conv and recurrent, every layer) of slots `src` into slots `dst`."""

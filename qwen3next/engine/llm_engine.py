@@ -107,6 +107,7 @@ class LLMEngine:
         # (under tensor parallelism each forward first messages the workers: not capturable)
         graphs = self.device.type == "cuda" and not args.enforce_eager and args.tensor_parallel_size == 1
         if args.speculative_config is not None:
+            self.cache.mtp_prefix = self.cache.prefix is not None
             self.spec = SpecDecoder(model, self.cache, sampler, self.device, args.speculative_config,
                                     self.cache.scratch_base, args.max_num_seqs)
             # on by default (engine path GPU-tested: test_spec_decode -k verify_cuda); =0 switches off
@@ -391,6 +392,11 @@ class LLMEngine:
                     finished.append(seq)
                     break
         self.spec.propose(sched, res, {s.seq_id for s in res.rows})
+        if self.cache.prefix is not None:  # (after the MTP catch-up wrote its KV)
+            for seq, n, h in zip(sched.seqs, res.computed, res.hidden):
+                # (a sequence that finished got no MTP catch-up for this step's positions)
+                if n and seq.finish_reason is None:
+                    self.cache.commit(seq, h[-1])
         if not res.rows:
             return outputs
         return self._finish_step(res.rows, finished, outputs)

@@ -22,6 +22,12 @@ A hit (`match`, at admission of a sequence with nothing computed) is the largest
 b <= num_tokens - 1 (the last prompt token is always recomputed: its logits are needed) with
 all KV blocks before b cached and a snapshot at b: the sequence shares those blocks, gets the
 snapshot copied into its own slot and starts prefill at b.
+
+MTP speculative decoding (CacheManager.mtp_prefix): the MTP layer's KV at position t depends on
+token t+1, so (1) blocks are cached only once the MTP catch-up covered them (not while it is
+deferred), (2) a snapshot also keeps the trunk's hidden row at b-1, and (3) a hit copies its last
+block and queues that row as the sequence's deferred catch-up, so position b-1's MTP KV is
+rewritten with this sequence's own token b.
 """
 
 from __future__ import annotations
@@ -98,21 +104,23 @@ class PrefixCache:
         return n
 
     # ---- after a step -------------------------------------------------------------------------
-    def register(self, seq) -> int | None:
-        """Hash the sequence's newly full computed blocks; -> the boundary hash that wants a
-        snapshot of the sequence's state now (None: not at a boundary, or one exists)."""
+    def register(self, seq, upto: int | None = None) -> int | None:
+        """Hash the sequence's newly full blocks among its first `upto` tokens (default: the
+        computed ones); -> the boundary hash that wants a snapshot of the sequence's state now
+        (None: not at a boundary, or one exists)."""
         c, bs = seq.num_computed_tokens, self.block_size
         full = c // bs
         if full <= seq.num_registered:
             return None
         h = self.hashes(seq, full)
-        for i in range(seq.num_registered, full):
+        done = full if upto is None else min(full, upto // bs)
+        for i in range(seq.num_registered, done):
             b = seq.block_ids[i]
             # a block another sequence computed first keeps that hash; this one stays uncached
             if h[i] not in self.block_of and self.hash_of[b] is None:
                 self.block_of[h[i]] = b
                 self.hash_of[b] = h[i]
-        seq.num_registered = full
+        seq.num_registered = max(seq.num_registered, done)
         if c % self.state_block or not self.num_snaps or h[full - 1] in self.snapshots:
             return None
         prev = c - self.state_block

@@ -60,7 +60,9 @@ class Scheduler:
             seq = running[i]
             # a decode brings its drafts along (speculative decoding); the budget may cut them
             n = min(len(seq.token_ids) - seq.num_computed_tokens + len(seq.spec_token_ids), budget)
-            if n > 1 and self.cache.prefix is not None and self.enable_chunked_prefill:
+            # (prompt chunks only: a verify's drafts are not cut)
+            if (self.cache.prefix is not None and self.enable_chunked_prefill
+                    and len(seq.token_ids) - seq.num_computed_tokens > 1):
                 n = self.cache.prefix.cut(seq, seq.num_computed_tokens, n)
             if seq.num_computed_tokens + n > len(seq.block_ids) * bs and not self._grow(seq, n, out):
                 break  # `seq` preempted itself: it was the last one running
@@ -98,8 +100,7 @@ class Scheduler:
             if prefix is not None and self.enable_chunked_prefill:
                 n = prefix.cut(seq, first, n)
             if hit:
-                # the hit's unused cached blocks count as free now but are about to be taken
-                if cache.blocks_needed(first + n) - len(hit[1]) > cache.num_free_blocks - cache.num_reused_free(hit[1]):
+                if cache.prefix_blocks_needed(hit, first + n) > cache.num_free_blocks:
                     break
                 cache.take_prefix(seq, hit)
             if not cache.grow(seq, n):
