@@ -162,11 +162,12 @@ def accuracy(res, models: dict):
 
 
 class dispatch:
-    """Context: the fp8 paths of session 3 (`prev`: the w8a16 GEMM for every few-row projection, no
-    GEMV / w8a8 projections, no fused shared expert) and / or w8a16 grouped experts, restored on exit."""
+    """Context: the fp8 paths of session 3 (`prev`: the 16-row w8a16 GEMM for every few-row
+    projection, no GEMV / skinny GEMM, no fused shared expert) and / or w8a16 grouped experts,
+    restored on exit."""
 
     def __init__(self, prev: bool = False, w8a16: bool = False):
-        self.set = {(linear_fp8, "GEMV_M"): 0, (linear_fp8, "A8_M"): 0,
+        self.set = {(linear_fp8, "GEMV_M"): 0, (linear_fp8, "SKINNY_M"): 0,
                     (quant, "FUSED_SHARED_MAX_ROWS"): 0} if prev else {}
         if w8a16:
             self.set[(moe_fp8, "ACT_QUANT")] = False

@@ -63,13 +63,9 @@ def _act(x: torch.Tensor, act_quant: bool) -> torch.Tensor:
     return dequantize(x8, s, (1, 128))
 
 
-def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = BLOCK,
-               act_quant: bool = False):
+def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = BLOCK):
     """x [M, K] @ dequant(w8 [N, K])^T -> [M, N] in x's dtype (the weight rounded to x's dtype first,
-    as a dequantised bf16 model computes). `act_quant`: x first quantised per token and 128-channel
-    group (w8a8, as the tensor-core kernel for a batch of decode rows computes), fp32 products."""
-    if act_quant:
-        return (_act(x, True) @ dequantize(w8, scale, block).t()).to(x.dtype)
+    as a dequantised bf16 model computes)."""
     return x @ dequantize(w8, scale, block, x.dtype).t()
 
 

@@ -1,13 +1,14 @@
 """Triton block-FP8 linear: y = x @ dequant(W8)^T, weight fp8 [N, K] + fp32 scale_inv per
 (bn x bk) block, activations bf16 (or fp32), kernels/fp8.py's fp8_linear (w8a16) / its act_quant
-form (w8a8). By the number of rows M:
+form. By the number of rows M:
 
 * M <= GEMV_M (decode of a few sequences): a GEMV per (BN-row block of W, row of x) on the CUDA
   cores, w8a16, 128-wide sub-tiles unrolled per k step; no K split, one launch.
-* M <= A8_M (decode of a batch): w8a8 like the grouped MoE GEMM: each program quantises its x tile
-  per token and 128-channel group in registers and multiplies fp8 by fp8 on the tensor cores (no
-  widening of the weight tile, which limited the w8a16 GEMM); narrow weights are split along K
-  (fp32 partials summed in a fixed order by a second launch).
+* M <= SKINNY_M (decode of a batch): w8a16 with the operands swapped, y^T = W x^T: 64+ weight
+  rows fill the MMA's M side (Hopper wgmma) where 16-row x tiles would waste it; x^T comes from
+  L2; narrow weights are split along K (fp32 partials summed in a fixed order by a second launch).
+  (A w8a8 form, x quantised per 128-group in the kernel and fp8 x fp8 on the tensor cores, measured
+  slower on the H200, 305 vs 264 us per B = 64 step, and less accurate: not kept.)
 * M <= SMALL_M (verify): the weight-only GEMM (w8a16): each [BK, BN] fp8 tile widened to the
   activation dtype on the tensor cores, its block scale on the fp32 partial product; K split as above.
 * many rows (prefill): the weight is dequantised into a bf16 scratch (one pass, N*K*3 bytes) and
@@ -24,10 +25,9 @@ from ._util import autotune, size_class
 from .moe_fp8_gemv import _dot_rows8
 
 GEMV_M = 4  # rows up to this take the GEMV (0: off)
-A8_M = 64  # then up to this the w8a8 GEMM (0: off)
+SKINNY_M = 64  # then up to this the swapped skinny GEMM (0: off)
 SMALL_M = 128  # then up to this the weight-only GEMM
 _PROGRAMS = 264  # K is split until about this many programs (2 per SM of an H100 / H200)
-FP8_MAX = tl.constexpr(448.0)  # largest finite e4m3fn value
 # (BM, BN, BK, warps, stages); the first is the interpreter's. BK divides the 128-wide scale block.
 _CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in ((16, 32, 64, 4, 4), (16, 64, 128, 4, 4), (16, 32, 128, 4, 5),
@@ -36,16 +36,10 @@ _CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stage
 _GEMV_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w)
                  for bn, bk, w in ((8, 256, 4), (16, 256, 4), (8, 512, 4), (16, 512, 8), (4, 512, 2), (16, 128, 4),
                                    (32, 128, 4), (32, 256, 8))]
-# w8a8: (BM, BN, warps, stages), BK = 128 (one activation group a step); BM = 64 takes Hopper's fp8
-# wgmma (rows past M are zeros), BM = 16 an f16 mma.sync on widened tiles; the first is the interpreter's
-_A8_CONFIGS = [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
-               for bm, bn, w, s in ((64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 5),
-                                    (16, 64, 4, 4), (16, 128, 4, 3), (16, 32, 4, 4))]
-
-
-def _a8_fit(configs, named_args, **kw):
-    """w8a8 configs whose row block holds all M rows (MB = M rounded up to a power of two >= 16)."""
-    return [c for c in configs if c.kwargs["BM"] >= named_args["MB"]]
+# skinny: (BN weight rows, BK, warps, stages); BK divides 128; the first is the interpreter's
+_SKINNY_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+                   for bn, bk, w, s in ((64, 64, 4, 4), (64, 128, 4, 4), (64, 128, 4, 3), (128, 128, 8, 3),
+                                        (64, 64, 4, 6), (128, 128, 4, 4), (32, 128, 4, 4))]
 
 
 @autotune(_GEMV_CONFIGS, key=["N", "K"])
@@ -62,36 +56,32 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, BLK_N: tl.constexpr, BLK_K: t
     tl.store(y_ptr + r * N + n, y.to(y_ptr.dtype.element_ty), mask=nm)
 
 
-@autotune(_A8_CONFIGS, key=["N", "K", "MB", "KS"], prune_configs_by={"early_config_prune": _a8_fit})
+@autotune(_SKINNY_CONFIGS, key=["N", "K", "BM", "KS"])
 @triton.jit(do_not_specialize=["M"])
-def _w8a8_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, SK, KS, MB, BLK_N: tl.constexpr, BLK_K: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr):
-    """Program (n block, k split): y[:M, n block] over columns [ps*KS, (ps+1)*KS) of K (with more than
-    one split fp32 partials at y_ptr[ps]). Each 128-wide k step quantises the x tile per row in
-    registers (kernels/fp8.quantize_act's rounding: one activation group) and multiplies fp8 by fp8
-    on the tensor cores, the fp32 product scaled by (row scale x block scale): no widening of the
-    weight tile (the grouped MoE GEMM's w8a8 form)."""
+def _skinny_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, SK, KS, BLK_N: tl.constexpr, BLK_K: tl.constexpr,
+                   PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Program (n block, k split): y^T[BN weight rows, all M <= BM rows of x] = W [BN, BK] @ x^T
+    [BK, BM], the weight as the MMA's M side (swapped: 64+ weight rows fill it where 16-row x
+    tiles would waste it; x^T is read from L2 by every program); columns [ps*KS, (ps+1)*KS) of
+    K, with more than one split fp32 partials at y_ptr[ps]."""
     pn = tl.program_id(0)
     ps = tl.program_id(1)
-    m = tl.arange(0, BM).to(tl.int64)
-    mm = m < M
     n = (pn * BN + tl.arange(0, BN)).to(tl.int64)
     nm = n < N
-    kk = tl.arange(0, 128)
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    s_row = s_ptr + (n // BLK_N) * SK                                  # [BN] scale row of each column
-    for k0 in range(ps * KS, tl.minimum(ps * KS + KS, K), 128):
+    m = tl.arange(0, BM)
+    mm = m < M
+    kk = tl.arange(0, BK)
+    dt = x_ptr.dtype.element_ty
+    acc = tl.zeros([BN, BM], dtype=tl.float32)
+    s_row = s_ptr + (n // BLK_N) * SK                                  # [BN] scale row of each weight row
+    for k0 in range(ps * KS, tl.minimum(ps * KS + KS, K), BK):
         km = (k0 + kk) < K
-        xv = tl.load(x_ptr + m[:, None] * K + (k0 + kk)[None, :], mask=mm[:, None] & km[None, :],
-                     other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(xv), 1)
-        xs = tl.where(amax > 0, amax / FP8_MAX, 1.0)                     # [BM] row scales
-        xq = tl.minimum(tl.maximum(xv / xs[:, None], -FP8_MAX), FP8_MAX).to(w_ptr.dtype.element_ty)
-        w = tl.load(w_ptr + n[None, :] * K + (k0 + kk)[:, None], mask=km[:, None] & nm[None, :], other=0.0)
+        w = tl.load(w_ptr + n[:, None] * K + (k0 + kk)[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+        xt = tl.load(x_ptr + m[None, :] * K + (k0 + kk)[:, None], mask=km[:, None] & mm[None, :], other=0.0)
         sc = tl.load(s_row + k0 // BLK_K, mask=nm, other=0.0)          # [BN]: one k block per tile
-        acc += tl.dot(xq, w) * (xs[:, None] * sc[None, :])
-    out = y_ptr + ps * M * N + m[:, None] * N + n[None, :]
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+        acc += tl.dot(w.to(dt), xt, input_precision=PREC) * sc[:, None]
+    out = y_ptr + ps * M * N + m[None, :] * N + n[:, None]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=nm[:, None] & mm[None, :])
 
 
 @autotune(_CONFIGS, key=["N", "K", "MB", "S"])
@@ -155,12 +145,12 @@ def dequantize(w8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dt
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = (128, 128),
                *, path: str | None = None) -> torch.Tensor:
     """x [M, K] (bf16 / fp32), w8 [N, K] fp8, scale [ceil(N/bn), ceil(K/bk)] fp32 -> [M, N] in x's
-    dtype. `path` forces one of "gemv", "w8a8", "w8a16", "dequant" (tests, benchmarks); by default
+    dtype. `path` forces one of "gemv", "skinny", "w8a16", "dequant" (tests, benchmarks); by default
     it follows M (module docstring)."""
     M, K = x.shape
     N = w8.shape[0]
     if path is None:
-        path = ("gemv" if M <= GEMV_M else "w8a8" if M <= A8_M else "w8a16" if M <= SMALL_M else "dequant")
+        path = ("gemv" if M <= GEMV_M else "skinny" if M <= SKINNY_M else "w8a16" if M <= SMALL_M else "dequant")
     if path == "dequant":
         return x @ dequantize(w8, scale, block, x.dtype).t()
     if block[1] % 128:
@@ -173,16 +163,17 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, block: tu
         _gemv_kernel[lambda meta: (triton.cdiv(N, meta["BN"]), M)](x, w8, scale, y, N, K, BLK_N=block[0],
                                                                     BLK_K=block[1])
         return y
-    if path == "w8a8":
-        # K splits (whole 128-column blocks) until ~one program per SM: 64-column blocks of a
-        # narrow weight alone would leave most SMs idle
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    if path == "skinny":
+        # K splits (whole 128-column blocks) until ~one program per SM: 64-row blocks of a narrow
+        # weight alone would leave most SMs idle
         S = max(1, min(K // 512, (_PROGRAMS // 2) // triton.cdiv(N, 64)))
         KS = triton.cdiv(triton.cdiv(K, S), 128) * 128
         S = triton.cdiv(K, KS)
         part = y if S == 1 else torch.empty(S, M, N, dtype=torch.float32, device=x.device)
-        _w8a8_kernel[lambda meta: (triton.cdiv(N, meta["BN"]), S)](
-            x, w8, scale, part, M, N, K, scale.shape[1], KS, max(16, triton.next_power_of_2(M)), BLK_N=block[0],
-            BLK_K=block[1])
+        _skinny_kernel[lambda meta: (triton.cdiv(N, meta["BN"]), S)](
+            x, w8, scale, part, M, N, K, scale.shape[1], KS, BLK_N=block[0], BLK_K=block[1], PREC=prec,
+            BM=max(16, triton.next_power_of_2(M)))
     else:
         # K splits (whole 128-column scale blocks each) for weights too narrow to fill the GPU
         base = triton.cdiv(M, 16) * triton.cdiv(N, 32)
@@ -190,7 +181,6 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, block: tu
         KS = triton.cdiv(triton.cdiv(K, S), 128) * 128
         S = triton.cdiv(K, KS)
         part = y if S == 1 else torch.empty(S, M, N, dtype=torch.float32, device=x.device)
-        prec = "ieee" if x.dtype == torch.float32 else "tf32"
         grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]), S)  # noqa: E731
         _w8a16_kernel[grid](x, w8, scale, part, M, N, K, size_class(M), scale.shape[1], S, KS, BLK_N=block[0],
                             BLK_K=block[1], PREC=prec)
