@@ -215,6 +215,7 @@ class LLM:
                         stop = comps[out.request_id][delta.index].add(delta)
                         if stop is not None:
                             engine.stop_sequence(out.request_id, delta.index, stop)
+                    results[out.request_id].num_cached_tokens = out.num_cached_tokens
                     if out.finished:
                         results[out.request_id].finished = True
                         if bar is not None:

@@ -304,3 +304,21 @@ def drain_outputs(eng: LLMEngine) -> list:
     while eng.has_unfinished_requests():
         outs += eng.step()
     return outs
+
+
+def test_two_ranks_replay_the_snapshot_copies(tiny_ckpt):
+    """Under tensor parallelism the snapshot and restore copies are replayed by the worker."""
+    from qwen3next import LLM
+
+    P = rand(300, 110)
+    prompts = [{"prompt_token_ids": P + rand(5, 111 + i)} for i in range(2)]
+    kw = dict(dtype="float32", device="cpu", max_model_len=512, max_num_seqs=2)
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    ref = [LLM(model=tiny_ckpt, **kw).generate([p], greedy)[0].outputs[0].token_ids for p in prompts]
+    llm = LLM(model=tiny_ckpt, tensor_parallel_size=2, enable_prefix_caching=True, **kw)
+    try:
+        outs = [llm.generate([p], greedy)[0] for p in prompts]
+        assert [o.outputs[0].token_ids for o in outs] == ref
+        assert [o.num_cached_tokens for o in outs] == [0, 256]
+    finally:
+        llm.llm_engine.shutdown()
