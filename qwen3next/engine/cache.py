@@ -195,8 +195,7 @@ class CacheManager:
             # the child will write its own tokens into the last block: copy it
             src, dst = blocks[-1], self._take_block()
             self._refs[dst] = 0
-            for kv in self.cache.kv.values():
-                kv[dst].copy_(kv[src])
+            self.copy_block(src, dst)
             blocks[-1] = dst
         for b in blocks:
             self._refs[b] += 1
