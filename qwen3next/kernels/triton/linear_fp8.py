@@ -1,6 +1,6 @@
 """Triton block-FP8 linear: y = x @ dequant(W8)^T, weight fp8 [N, K] + fp32 scale_inv per
-(bn x bk) block, activations bf16 (or fp32), kernels/fp8.py's fp8_linear (w8a16) / its act_quant
-form. By the number of rows M:
+(bn x bk) block, activations bf16 (or fp32), kernels/fp8.py's fp8_linear (weight only: w8a16
+throughout). By the number of rows M:
 
 * M <= GEMV_M (decode of a few sequences): a GEMV per (BN-row block of W, row of x) on the CUDA
   cores, w8a16, 128-wide sub-tiles unrolled per k step; no K split, one launch.
