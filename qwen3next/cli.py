@@ -35,6 +35,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV blocks and DeltaNet state snapshots of earlier prompts' shared "
                         "prefixes (default off)")
+    p.add_argument("--prefix-caching-state-block", type=int,
+                   help="tokens between DeltaNet state snapshots, a multiple of --block-size (default 256; "
+                        "larger on GPUs: a prompt's prefill stops at each boundary that needs one)")
     p.add_argument("--quantization", "-q", choices=["auto", "fp8"],
                    help="fp8: block-FP8 weights on the GPU (quantises a bf16 checkpoint at load); "
                         "auto (default): FP8 checkpoints stay FP8 on one GPU, are dequantised on CPU")

@@ -217,23 +217,26 @@ def test_server_usage_reports_cached_tokens(tiny_ckpt):
 
     from tests.helpers.server_harness import ServerHarness
 
-    h = ServerHarness(tiny_ckpt, "--enable-prefix-caching", "--max-model-len", "512")
+    h = ServerHarness(tiny_ckpt, "--enable-prefix-caching", "--prefix-caching-state-block", "96",
+                      "--max-model-len", "512")
     try:
         prompt = rand(300, 80)
         body = {"model": tiny_ckpt, "prompt": prompt, "max_tokens": 3, "temperature": 0}
         first = httpx.post(h.url + "/v1/completions", json=body, timeout=60).json()["usage"]
         again = httpx.post(h.url + "/v1/completions", json=body, timeout=60).json()["usage"]
         assert first.get("prompt_tokens_details") is None
-        assert again["prompt_tokens"] == 300 and again["prompt_tokens_details"] == {"cached_tokens": 256}
+        # the last snapshot boundary before the last prompt token: 3 * 96
+        assert again["prompt_tokens"] == 300 and again["prompt_tokens_details"] == {"cached_tokens": 288}
         msgs = [{"role": "user", "content": "hello " * 100}]
         chat = {"model": tiny_ckpt, "messages": msgs, "max_tokens": 3}
         httpx.post(h.url + "/v1/chat/completions", json=chat, timeout=60)
         usage = httpx.post(h.url + "/v1/chat/completions", json=chat, timeout=60).json()["usage"]
-        assert usage["prompt_tokens_details"]["cached_tokens"] == 256
+        chat_hit = (usage["prompt_tokens"] - 1) // 96 * 96
+        assert chat_hit > 0 and usage["prompt_tokens_details"]["cached_tokens"] == chat_hit
         assert h.wait_idle()
         h.state.engine._update_snapshot()  # (the thread engine refreshes it after each step)
         metrics = httpx.get(h.url + "/metrics", timeout=10).text
-        assert 'qwen3next:prefix_cache_hits_total{model_name="' + tiny_ckpt + '"} 512.0' in metrics
+        assert f'qwen3next:prefix_cache_hits_total{{model_name="{tiny_ckpt}"}} {288 + chat_hit}.0' in metrics
     finally:
         h.close()
 

@@ -18,7 +18,8 @@ def build_engine(ns):
     fields = {k: getattr(ns, k) for k in ("dtype", "device", "max_num_seqs", "max_num_batched_tokens",
                                           "max_model_len", "kv_cache_memory_bytes", "gpu_memory_utilization",
                                           "block_size", "seed", "tensor_parallel_size",
-                                          "quantization", "enable_prefix_caching")
+                                          "quantization", "enable_prefix_caching",
+                                          "prefix_caching_state_block")
               if getattr(ns, k, None) is not None}
     spec = getattr(ns, "speculative_config", None)
     if spec is not None:
