@@ -27,7 +27,9 @@ MTP speculative decoding (CacheManager.mtp_prefix): the MTP layer's KV at positi
 token t+1, so (1) blocks are cached only once the MTP catch-up covered them (not while it is
 deferred), (2) a snapshot also keeps the trunk's hidden row at b-1, and (3) a hit copies its last
 block and queues that row as the sequence's deferred catch-up, so position b-1's MTP KV is
-rewritten with this sequence's own token b.
+rewritten with this sequence's own token b. (A verify step that jumps over a boundary leaves
+no snapshot there: verify rows are not cut.) Snapshot and restore are plain index copies
+(CacheManager.copy_slots: CPU or CUDA, outside any graph; replayed by tensor-parallel workers).
 """
 
 from __future__ import annotations
