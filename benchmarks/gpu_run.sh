@@ -4,6 +4,7 @@
 # steps: tests verify profile spec kernels model modelhf fp8 engine (see the case below)
 # fla-core (for gpu_kernels / transformers) is installed from .whl/ when it is there.
 # STEP_TIMEOUT (seconds, default 600) caps each step, so one slow step leaves time for the rest;
+# test steps run with QWEN3NEXT_AUTOTUNE=0 (first config only: correctness, fewer compiles);
 # SPEC_ARGS replaces gpu_spec_step.py's default extra arguments (--profile).
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -18,8 +19,8 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,no
 for s in $STEPS; do
   t0=$(date +%s)
   case $s in
-    tests)   timeout $T python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider tests/gpu tests/kernels 2>&1 | tail -25 | tee "$OUT/pytest_gpu.txt" ;;
-    verify)  timeout $T python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_spec_decode.py -k verify_cuda 2>&1 | tail -5 | tee "$OUT/pytest_verify.txt" ;;
+    tests)   QWEN3NEXT_AUTOTUNE=${QWEN3NEXT_AUTOTUNE:-0} timeout $T python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider tests/gpu tests/kernels 2>&1 | tail -25 | tee "$OUT/pytest_gpu.txt" ;;
+    verify)  QWEN3NEXT_AUTOTUNE=${QWEN3NEXT_AUTOTUNE:-0} timeout $T python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_spec_decode.py -k verify_cuda 2>&1 | tail -5 | tee "$OUT/pytest_verify.txt" ;;
     profile) timeout $T python3 benchmarks/gpu_decode_profile.py --out "$OUT/gpu_decode_profile.json" --batches 1,16,64 --commit "$COMMIT" 2>&1 | grep -v "^unfused" | tail -20 ;;
     spec)    timeout $T python3 benchmarks/gpu_spec_step.py --out "$OUT/gpu_spec_step.json" ${SPEC_ARGS---profile} --commit "$COMMIT" 2>&1 | tail -30 ;;
     kernels) timeout $T python3 benchmarks/gpu_kernels.py --quick --out "$OUT/gpu_kernels.json" 2>&1 | tail -40 ;;
