@@ -12,7 +12,8 @@ triton/moe.py's moe_experts_shared does for bf16. The two paths of triton/moe.py
   fp32 product scaled by (row scale x block scale) per 128-wide k step. `act_quant=False` widens
   each fp8 weight tile to bf16 instead (w8a16: no activation rounding, more ALU work per byte).
   The shared expert's rows (every token, in order, weighted by its sigmoid gate) go in blocks
-  after the routed experts' as expert E.
+  after the routed experts' as expert E. With SORTED_FP8, prefill-sized w8a8 calls without the
+  shared expert take moe_tma_fp8.py's expert-sorted TMA kernels instead (no padded blocks).
 
 Half the weight bytes of bf16: the decode step, which streams the routed experts, is where it pays.
 Rounding follows the reference (products rounded to the activation dtype, then the gate, the
@@ -21,6 +22,8 @@ multiple of the row block (gate and up rows never share a scale block).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -32,6 +35,10 @@ from .moe_fp8_gemv import _gemv_down_kernel, _gemv_gate_up_kernel
 
 FP8_MAX = tl.constexpr(448.0)  # largest finite e4m3fn value
 ACT_QUANT = True  # the grouped GEMM's default: w8a8 (False: w8a16); benchmarks flip it
+# prefill-sized w8a8 calls without a fused shared expert go to moe_tma_fp8.py's expert-sorted TMA
+# GEMMs (sm90, >= moe_grouped.SORTED_MIN_ROWS rows); env QWEN3NEXT_FP8_SORTED=1 turns it on at import,
+# benchmarks flip the attribute
+SORTED_FP8 = os.environ.get("QWEN3NEXT_FP8_SORTED", "0") == "1"
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 # (BN, BK, warps, stages); the first is the interpreter's. BK divides 128.
 _GEMM_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
@@ -292,5 +299,11 @@ def moe_experts_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weigh
     if gemv if gemv is not None else (T * ids.shape[1] <= GEMV_MAX_ROWS and block_m is None):
         return _gemv(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids, block, shared)
     act_quant = ACT_QUANT if act_quant is None else act_quant
+    if SORTED_FP8 and act_quant and shared is None and block_m is None:
+        from . import moe_tma_fp8  # (imports this module)
+
+        if moe_tma_fp8.suits(x, gate_up_proj, down_proj, block, T * ids.shape[1]):
+            return moe_tma_fp8.moe_experts_sorted_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale,
+                                                      weights, ids)
     return _grouped(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids, block, shared, act_quant,
                     block_m)

@@ -1,0 +1,175 @@
+"""Prefill-sized routed experts over block-FP8 weights, w8a8, over expert-sorted rows: the fp8
+counterpart of moe_grouped.py's "triton_gather" path (moe_tma.py's kernels), for moe_fp8.py.
+
+x is quantised once per token and 128-channel group (moe_fp8.quantize_act); moe_grouped.sort_rows
+gives each (token, choice) row its place in the expert-sorted order (no padding, no host sync).
+Gate/up reads x's fp8 rows in place through the sort's token map, the weight tiles through TMA
+boxes, and per 128-wide k step adds the fp8 tensor-core product times act_scale[row, k block] x
+w_scale[n block, k block]; its epilogue forms silu(gate) * up (rounded as the reference rounds) and
+quantises it per row and 128 columns for the down GEMM, which reads h and the weights through TMA
+the same way. moe_grouped's unsort-sum weights and sums each token's k rows. No shared expert: the
+MoE block keeps its three Fp8Linear calls at prefill sizes (layers/quant.py FUSED_SHARED_MAX_ROWS).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ._util import autotune, pow2
+from .moe_fp8 import FP8_MAX, _TL_DTYPE, quantize_act
+from . import moe_grouped
+from .moe_grouped import _unsort_sum_kernel, sort_rows
+from .moe_tma import _grid, _rows_class, _tile
+
+GROUP = 128  # activation groups and weight scale blocks (the kernels step K in these)
+
+
+def _set_up_blocks(nargs):
+    """Autotune pre-hook: the weight descriptor's box follows the config's tile."""
+    nargs["b_desc"].block_shape = [nargs["BN"], nargs["BK"]]
+
+
+def _set_down_blocks(nargs):
+    nargs["a_desc"].block_shape = [nargs["BM"], nargs["BK"]]
+    nargs["b_desc"].block_shape = [nargs["BN"], nargs["BK"]]
+
+
+# (BM, BN, BK, warps, stages); the first is the interpreter's and QWEN3NEXT_AUTOTUNE=0's. BK divides
+# 128 (one scale per k step); gate/up has BN = 128 (one activation group of h per program) and
+# holds two fp32 accumulators; shared memory per stage BK * (BM + 2 BN) bytes (gate/up), BK * (BM +
+# BN) (down), at most 227 KB over the stages.
+_UP_CONFIGS = [triton.Config({"BM": bm, "BN": 128, "BK": bk}, num_warps=w, num_stages=st, pre_hook=_set_up_blocks)
+               for bm, bk, w, st in ((128, 128, 8, 3), (64, 128, 4, 4), (128, 128, 8, 4), (64, 128, 4, 3),
+                                     (128, 64, 8, 4), (64, 64, 4, 5))]
+_DOWN_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=st,
+                               pre_hook=_set_down_blocks)
+                 for bm, bn, bk, w, st in ((128, 128, 128, 8, 3), (64, 128, 128, 4, 4), (128, 256, 128, 8, 3),
+                                           (64, 256, 128, 8, 3), (128, 128, 128, 8, 4), (128, 64, 128, 4, 4))]
+
+
+@autotune(_UP_CONFIGS, key=["H", "I", "RB"])
+@triton.jit(do_not_specialize=["RB"])
+def _gate_up_kernel(b_desc, cnt_ptr, src_ptr, x_ptr, xs_ptr, s_ptr, h_ptr, hs_ptr, E, H, I, RB,
+                    DT: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """x [T, H] fp8 + scales xs [T, H/128]; b_desc: gate_up [E*2I, H] fp8 + scales s [E, 2I/128,
+    H/128] -> h [M, I] fp8 + scales hs [M, I/128] of silu(x W_gate^T) * (x W_up^T), sorted row r
+    being token src[r]'s row."""
+    NN = tl.cdiv(I, BN)
+    pm = tl.program_id(0) // NN
+    n0 = (tl.program_id(0) % NN) * BN
+    e, row0, rend = _tile(cnt_ptr, pm, E, BM, BE)
+    if e < E:
+        SK = H // 128
+        r = (row0 + tl.arange(0, BM)).to(tl.int64)
+        rm = r < rend
+        tok = tl.load(src_ptr + r, mask=rm, other=0)  # rows past the expert's end: token 0, never stored
+        n = n0 + tl.arange(0, BN)
+        wrow = e * 2 * I + n0
+        sg_ptr = s_ptr + (e * (2 * I // 128) + n // 128) * SK  # [BN] the gate columns' scale rows
+        su_ptr = sg_ptr + (I // 128) * SK
+        kk = tl.arange(0, BK)
+        acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+        acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+        for k0 in range(0, H, BK):
+            a = tl.load(x_ptr + tok[:, None] * H + (k0 + kk)[None, :])  # [BM, BK] fp8
+            kb = k0 // 128
+            xsc = tl.load(xs_ptr + tok * SK + kb)[:, None]  # [BM, 1]
+            # fp8 x fp8 on the tensor cores, the fp32 product scaled per 128-wide k block
+            acc_g += tl.dot(a, b_desc.load([wrow, k0]).T) * (xsc * tl.load(sg_ptr + kb)[None, :])
+            acc_u += tl.dot(a, b_desc.load([wrow + I, k0]).T) * (xsc * tl.load(su_ptr + kb)[None, :])
+        # round like the reference (products in the activation dtype, then the gate, then the product)
+        gt = acc_g.to(DT).to(tl.float32)
+        hv = ((gt / (1.0 + tl.exp(-gt))).to(DT).to(tl.float32) * acc_u.to(DT).to(tl.float32)).to(DT).to(tl.float32)
+        # BN = 128: this program's columns are one activation group of each row
+        amax = tl.max(tl.abs(hv), 1)
+        sc = tl.where(amax > 0, amax / FP8_MAX, 1.0)
+        q = tl.minimum(tl.maximum(hv / sc[:, None], -FP8_MAX), FP8_MAX)
+        tl.store(h_ptr + r[:, None] * I + n[None, :], q.to(h_ptr.dtype.element_ty), mask=rm[:, None])
+        tl.store(hs_ptr + r * (I // 128) + n0 // 128, sc, mask=rm)
+
+
+@autotune(_DOWN_CONFIGS, key=["H", "I", "RB"])
+@triton.jit(do_not_specialize=["RB"])
+def _down_kernel(a_desc, b_desc, cnt_ptr, hs_ptr, s_ptr, y_ptr, E, H, I, RB,
+                 BE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """a_desc: h [M, I] fp8 + scales hs [M, I/128]; b_desc: down [E*H, I] fp8 + scales s [E, H/128,
+    I/128] -> y [M, H] = h W_down^T (expert-sorted rows, y's dtype)."""
+    NN = tl.cdiv(H, BN)
+    pm = tl.program_id(0) // NN
+    n0 = (tl.program_id(0) % NN) * BN
+    e, row0, rend = _tile(cnt_ptr, pm, E, BM, BE)
+    if e < E:
+        SK = I // 128
+        r = (row0 + tl.arange(0, BM)).to(tl.int64)
+        rm = r < rend
+        n = n0 + tl.arange(0, BN)
+        nm = n < H
+        sd_ptr = s_ptr + (e * (H // 128) + n // 128) * SK  # [BN]
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for k0 in range(0, I, BK):
+            kb = k0 // 128
+            hsc = tl.load(hs_ptr + r * SK + kb, mask=rm, other=0.0)
+            sd = tl.load(sd_ptr + kb, mask=nm, other=0.0)
+            acc += tl.dot(a_desc.load([row0, k0]), b_desc.load([e * H + n0, k0]).T) * (hsc[:, None] * sd[None, :])
+        tl.store(y_ptr + r[:, None] * H + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=rm[:, None] & nm[None, :])
+
+
+def suits(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, block, rows: int) -> bool:
+    """Whether this path takes the call: fp8 experts in 128x128 blocks, bf16/fp16 CUDA activations
+    on sm90 (TMA; the chip it was written for), H and I multiples of 128, at least
+    moe_grouped.SORTED_MIN_ROWS routed rows (prefill)."""
+    H, I = x.shape[1], down_proj.shape[-1]
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and tuple(block) == (GROUP, GROUP)
+            and gate_up_proj.dtype == down_proj.dtype == torch.float8_e4m3fn and rows >= moe_grouped.SORTED_MIN_ROWS
+            and H % GROUP == 0 and I % GROUP == 0 and torch.cuda.get_device_capability(x.device)[0] == 9)
+
+
+def gate_up(xq: torch.Tensor, xs: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_scale: torch.Tensor,
+            counts: torch.Tensor, src: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """xq [T, H] fp8 + xs [T, H/128], gate_up_proj [E, 2I, H] fp8 + scale [E, 2I/128, H/128], counts
+    [E], src [M] each sorted row's token -> (h [M, I] fp8, hs [M, I/128] fp32); `dtype`: the
+    activation dtype the reference rounds its products to."""
+    M, H = src.shape[0], xq.shape[1]
+    E, I2, _ = gate_up_proj.shape
+    I = I2 // 2
+    h = torch.empty(M, I, dtype=torch.float8_e4m3fn, device=xq.device)
+    hs = torch.empty(M, I // GROUP, dtype=torch.float32, device=xq.device)
+    b = TensorDescriptor(gate_up_proj, [E * I2, H], [H, 1], [1, 1])  # box set by the pre-hook
+    _gate_up_kernel[_grid(M, E, I)](b, counts, src, xq, xs, gate_up_scale, h, hs, E, H, I, _rows_class(M, E),
+                                    DT=_TL_DTYPE[dtype], BE=pow2(E))
+    return h, hs
+
+
+def down(h: torch.Tensor, hs: torch.Tensor, down_proj: torch.Tensor, down_scale: torch.Tensor,
+         counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """h [M, I] fp8 + hs [M, I/128], down_proj [E, H, I] fp8 + scale [E, H/128, I/128] -> y [M, H]."""
+    M, I = h.shape
+    E, H, _ = down_proj.shape
+    y = torch.empty(M, H, dtype=dtype, device=h.device)
+    a = TensorDescriptor(h, [M, I], [I, 1], [1, 1])
+    b = TensorDescriptor(down_proj, [E * H, I], [I, 1], [1, 1])
+    _down_kernel[_grid(M, E, H)](a, b, counts, hs, down_scale, y, E, H, I, _rows_class(M, E), BE=pow2(E))
+    return y
+
+
+def moe_experts_sorted_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids) -> torch.Tensor:
+    """x [T, H]; gate_up_proj [E, 2I, H] fp8 + scale [E, 2I/128, H/128]; down_proj [E, H, I] fp8 +
+    scale [E, H/128, I/128]; weights/ids [T, k] -> [T, H] in x's dtype: kernels/fp8.py's
+    moe_experts_fp8 with act_quant=True."""
+    T, H = x.shape
+    E, k = gate_up_proj.shape[0], ids.shape[1]
+    I = down_proj.shape[-1]
+    if H % GROUP or I % GROUP:
+        raise ValueError(f"sorted fp8 experts need hidden_size ({H}) and moe_intermediate_size ({I}) % 128 == 0")
+    x = x.contiguous()
+    _, counts, _, pos, src = sort_rows(x, ids, E, copy=False)
+    xq, xs = quantize_act(x, GROUP)  # [T, H] fp8, [T, H/128]
+    h, hs = gate_up(xq, xs, gate_up_proj.contiguous(), gate_up_scale.contiguous(), counts, src, x.dtype)
+    y = down(h, hs, down_proj.contiguous(), down_scale.contiguous(), counts, x.dtype)  # [T*k, H]
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    BH = min(1024, pow2(H))
+    _unsort_sum_kernel[(T, triton.cdiv(H, BH))](y, pos, weights.contiguous(), out, T, H, y.stride(0), TOPK=k, BH=BH)
+    return out

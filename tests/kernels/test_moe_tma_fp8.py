@@ -1,0 +1,151 @@
+"""The w8a8 prefill experts over expert-sorted rows (triton/moe_tma_fp8.py) against kernels/fp8.py's
+references: each GEMM alone and the whole call on CPU (the interpreter, float32, experts with no
+rows and uneven counts, H and I multiples of 128), the moe_fp8 dispatch switch, and the 80B's
+expert shapes in bf16 on the GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen3next.kernels import fp8 as ref
+from qwen3next.kernels import moe as ref_moe
+
+from .conftest import DEV, randn, rel_err, seeded
+
+tf8 = pytest.importorskip("qwen3next.kernels.triton.moe_tma_fp8")
+from qwen3next.kernels.triton import moe_fp8, moe_grouped  # noqa: E402
+
+
+def _skewed_ids(T: int, k: int, E: int, gen: torch.Generator) -> torch.Tensor:
+    """k distinct experts per token from the first E - 2 only (the last two get no rows), uneven."""
+    p = torch.linspace(1.0, 8.0, E - 2)
+    return torch.stack([torch.multinomial(p, k, generator=gen) for _ in range(T)]).to(DEV)
+
+
+def _experts(gen, E, H, I, scale=0.1, dtype=torch.float32):
+    gu8, gus = ref.quantize(randn(E, 2 * I, H, gen=gen, dtype=dtype, scale=scale))
+    dn8, dns = ref.quantize(randn(E, H, I, gen=gen, dtype=dtype, scale=scale))
+    return gu8, gus, dn8, dns
+
+
+def _sorted(x, ids, E):
+    _, counts, _, pos, src = moe_grouped.sort_rows(x, ids, E, copy=False)
+    return counts, pos, src
+
+
+@pytest.mark.parametrize("T,E,H,I,k", [(9, 5, 256, 128, 2), (21, 7, 384, 256, 3)])
+def test_gate_up(T, E, H, I, k):
+    """h (dequantised) against silu(gate) * up of the dequantised fp8 x and weights, each row at its
+    sorted place; the scales are per row and 128 columns."""
+    gen = seeded(T * E)
+    x = randn(T, H, gen=gen)
+    gu8, gus, _, _ = _experts(gen, E, H, I)
+    ids = _skewed_ids(T, k, E, gen)
+    counts, pos, src = _sorted(x, ids, E)
+    xq, xs = ref.quantize_act(x)
+    h8, hs = tf8.gate_up(xq, xs, gu8, gus, counts, src, x.dtype)
+    assert h8.dtype == torch.float8_e4m3fn and h8.shape == (T * k, I) and hs.shape == (T * k, I // 128)
+    xd = ref.dequantize(xq, xs, (1, 128))
+    w = ref.dequantize(gu8, gus)  # [E, 2I, H]
+    e_of = ids.reshape(-1)
+    gu = torch.einsum("mh,mnh->mn", xd.repeat_interleave(k, 0), w[e_of])  # [T*k, 2I] in assignment order
+    want = torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]
+    # h leaves as fp8, quantised per row and 128 columns: compare with want put through the same
+    # quantiser (Triton's, which under the interpreter rounds its own way: test_fp8_kernels)
+    q_want, s_want = moe_fp8.quantize_act(want)
+    torch.testing.assert_close(hs[pos], s_want, rtol=1e-5, atol=0)
+    same = (h8[pos].float() == q_want.float()).float().mean()
+    assert same > 0.98  # (a value next to a rounding boundary can land one step apart)
+    assert rel_err(ref.dequantize(h8, hs, (1, 128))[pos], want) < 0.07
+
+
+@pytest.mark.parametrize("M,E,H,I", [(17, 4, 256, 128), (40, 6, 128, 384)])
+def test_down(M, E, H, I):
+    """y = dequant(h) dequant(W_down)^T exactly (fp8 products are exact in fp32), with empty experts."""
+    gen = seeded(M + E)
+    h8, hs = ref.quantize_act(randn(M, I, gen=gen))
+    _, _, dn8, dns = _experts(gen, E, H, I)
+    cnt = torch.tensor([0] * (E - 3) + [M // 3, 0, M - M // 3], device=DEV)
+    y = tf8.down(h8, hs, dn8, dns, cnt, torch.float32)
+    e_of = torch.repeat_interleave(torch.arange(E, device=DEV), cnt)
+    want = torch.einsum("mi,mhi->mh", ref.dequantize(h8, hs, (1, 128)), ref.dequantize(dn8, dns)[e_of])
+    assert rel_err(y, want) < 1e-5
+
+
+def _w8a8_same_quantiser(x, gu8, gus, dn8, dns, w, ids):
+    """kernels/fp8.py's w8a8 reference with the activations quantised by moe_fp8.quantize_act (the
+    Triton quantiser the kernels use: under the interpreter it rounds some values differently)."""
+    I = dn8.shape[-1]
+
+    def act(a):
+        return ref.dequantize(*moe_fp8.quantize_act(a), (1, 128))
+
+    def expert(e, xe):
+        gu = (act(xe) @ ref.dequantize(gu8[e], gus[e]).t()).to(x.dtype)
+        h = torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]
+        return (act(h) @ ref.dequantize(dn8[e], dns[e]).t()).to(x.dtype)
+
+    return ref_moe.moe_experts_by(x, w, ids, gu8.shape[0], expert)
+
+
+@pytest.mark.parametrize("T,E,H,I,k", [(1, 4, 128, 128, 1), (29, 9, 384, 256, 3), (64, 6, 256, 128, 4)])
+def test_sorted_fp8(T, E, H, I, k):
+    gen = seeded(T + E)
+    x = randn(T, H, gen=gen)
+    gu8, gus, dn8, dns = _experts(gen, E, H, I)
+    ids = _skewed_ids(T, k, E, gen) if E - 2 >= k else torch.randint(0, E, (T, k), generator=gen).to(DEV)
+    w = torch.rand(T, k, generator=gen).to(DEV)
+    y = tf8.moe_experts_sorted_fp8(x, gu8, gus, dn8, dns, w, ids)
+    # (h's fp8 rounding can land one step apart where the two fp32 sums straddle a boundary)
+    assert rel_err(y, _w8a8_same_quantiser(x, gu8, gus, dn8, dns, w, ids)) < 5e-3
+    want = ref.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids, act_quant=True)
+    assert rel_err(y, want) < (0.2 if DEV == "cpu" else 1e-2)  # (the interpreter's fp8 rounding: above)
+
+
+def test_rejects_unaligned():
+    gen = seeded(0)
+    x = randn(3, 192, gen=gen)
+    gu8, gus, dn8, dns = _experts(gen, 2, 192, 128)
+    with pytest.raises(ValueError, match="hidden_size"):
+        tf8.moe_experts_sorted_fp8(x, gu8, gus, dn8, dns, torch.ones(3, 1, device=DEV),
+                                   torch.zeros(3, 1, dtype=torch.long, device=DEV))
+
+
+def test_dispatch_off_cpu(monkeypatch):
+    """SORTED_FP8 on: CPU tensors keep the padded grouped GEMM, whatever the row count."""
+    if DEV == "cuda":
+        pytest.skip("CPU dispatch")
+    gen = seeded(5)
+    T, E, H, I, k = 8, 4, 128, 128, 4
+    x = randn(T, H, gen=gen)
+    gu8, gus, dn8, dns = _experts(gen, E, H, I)
+    monkeypatch.setattr(moe_grouped, "SORTED_MIN_ROWS", 1)
+    assert not tf8.suits(x, gu8, dn8, (128, 128), T * k)
+    called = []
+    monkeypatch.setattr(moe_fp8, "SORTED_FP8", True)
+    monkeypatch.setattr(tf8, "moe_experts_sorted_fp8", lambda *a: called.append(1))
+    ids = torch.randint(0, E, (T, k), generator=gen).to(DEV)
+    y = moe_fp8.moe_experts_fp8(x, gu8, gus, dn8, dns, torch.rand(T, k, generator=gen).to(DEV), ids, gemv=False)
+    assert not called and y.shape == (T, H)
+
+
+@pytest.mark.gpu
+def test_sorted_fp8_gpu(monkeypatch):
+    """The 80B's experts (512 of 2048 x 512, top-10) at T = 1024 (10240 routed rows, the sorted path's
+    size) in bf16: the kernels alone and through moe_fp8's dispatch, against the w8a8 reference."""
+    gen = seeded(11)
+    T, E, H, I, k = 1024, 512, 2048, 512, 10
+    x = randn(T, H, gen=gen, dtype=torch.bfloat16)
+    gu8, gus, dn8, dns = _experts(gen, E, H, I, scale=0.02, dtype=torch.bfloat16)
+    w, ids = ref_moe.moe_route(randn(T, E, gen=gen), k, True)
+    want = ref.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids, act_quant=True)
+    y = tf8.moe_experts_sorted_fp8(x, gu8, gus, dn8, dns, w, ids)
+    assert rel_err(y, want) < 1e-2
+    assert tf8.suits(x, gu8, dn8, (128, 128), T * k)
+    monkeypatch.setattr(moe_fp8, "SORTED_FP8", True)
+    called = []
+    real = tf8.moe_experts_sorted_fp8
+    monkeypatch.setattr(tf8, "moe_experts_sorted_fp8", lambda *a: called.append(1) or real(*a))
+    y2 = moe_fp8.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids)
+    assert called and torch.equal(y2, y)
