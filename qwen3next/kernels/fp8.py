@@ -69,6 +69,15 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, block: tu
     return x @ dequantize(w8, scale, block, x.dtype).t()
 
 
+def fp8_linear_a8(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = BLOCK,
+                  act: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """w8a8 (triton/linear_fp8_a8.py): x [M, K] quantised per token and 128-channel group
+    (quantize_act; or `act` = (x8 [M, K], scale [M, K/128]) already quantised), times dequant(w8)^T
+    in fp32, rounded to x's dtype once."""
+    x8, xs = quantize_act(x) if act is None else act
+    return (dequantize(x8, xs, (1, 128)) @ dequantize(w8, scale, block).t()).to(x.dtype)
+
+
 def _swiglu(x: torch.Tensor, w_gu: torch.Tensor, w_d: torch.Tensor, act_quant: bool) -> torch.Tensor:
     """(silu(x Wg^T) * (x Wu^T)) W_d^T with w_gu = [Wg; Wu] [2I, H], w_d [H, I] (already dequantised),
     products rounded to x's dtype; `act_quant`: each matmul's input round-trips per-token-group fp8."""
