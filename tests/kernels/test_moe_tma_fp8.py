@@ -137,7 +137,9 @@ def test_sorted_fp8_gpu(monkeypatch):
     gen = seeded(11)
     T, E, H, I, k = 1024, 512, 2048, 512, 10
     x = randn(T, H, gen=gen, dtype=torch.bfloat16)
-    gu8, gus, dn8, dns = _experts(gen, E, H, I, scale=0.02, dtype=torch.bfloat16)
+    g = torch.Generator(DEV).manual_seed(11)  # (1.6 G weights: drawn on the GPU, not the CPU)
+    gu8, gus = ref.quantize(torch.randn(E, 2 * I, H, generator=g, device=DEV, dtype=torch.bfloat16) * 0.02)
+    dn8, dns = ref.quantize(torch.randn(E, H, I, generator=g, device=DEV, dtype=torch.bfloat16) * 0.02)
     w, ids = ref_moe.moe_route(randn(T, E, gen=gen), k, True)
     want = ref.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids, act_quant=True)
     y = tf8.moe_experts_sorted_fp8(x, gu8, gus, dn8, dns, w, ids)
@@ -148,4 +150,4 @@ def test_sorted_fp8_gpu(monkeypatch):
     real = tf8.moe_experts_sorted_fp8
     monkeypatch.setattr(tf8, "moe_experts_sorted_fp8", lambda *a: called.append(1) or real(*a))
     y2 = moe_fp8.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids)
-    assert called and torch.equal(y2, y)
+    assert called and rel_err(y2, y) < 1e-6  # (rows may sit in other places within an expert)
