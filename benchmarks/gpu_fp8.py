@@ -3,7 +3,8 @@ random bf16 weights), once in bf16 and once quantised to block-FP8 at load (laye
 to_fp8_, what `quantization="fp8"` does with a bf16 checkpoint), on one GPU, in the same run.
 
     python benchmarks/gpu_fp8.py --out gpu_fp8.json [--commit SHA] [--sizes 1,16,64] [--no-prefill]
-                                 [--no-accuracy] [--no-prev] [--w8a16]
+                                 [--no-accuracy] [--no-prev] [--w8a16] [--prefill-only]
+    PYTHONPATH=.:/tmp/tri36 python benchmarks/gpu_fp8.py --check-compile   # no GPU: sm_90 compiles
 
 Sections in this order (each writes its results into the JSON as it finishes; a failing one
 records its error; the run can be cut at any point and keep what finished):
@@ -11,15 +12,18 @@ records its error; the run can be cut at any point and keep what finished):
   decode    one step (forward + logits) at B = 1, 16, 64 with 1K tokens of context, by CUDA-graph
             replay: fp8 (as shipped), bf16; floors from the bytes each model must read / measured
             copy bandwidth; kernel tables at B = 1 and 64
-  prefill   one 8K-token prompt through the cached path, logits of the last token (fp8: w8a8
-            grouped experts, bf16)
+  prefill   one 8K-token prompt through the cached path, logits of the last token: bf16, then fp8
+            with each prefill dispatch in one process -- moe_fp8.SORTED_FP8 (w8a8 experts over
+            expert-sorted rows, moe_tma_fp8.py) off / on x linear_fp8.DENSE_A8 (w8a8 projections)
+            off / on where that switch exists -- each with the relative error of its logits on the
+            prompt's last PREFILL_ROWS rows vs bf16's ("fp8" = both off: the default dispatch)
   accuracy  logits of fp8 vs bf16, and vs `deq`: the bf16 model holding the dequantised fp8 weights
             (so fp8 vs deq is the kernels' own error, deq vs bf16 the weights' rounding):
             cache-less prefill of 4 x 512 tokens and one eager decode step at B = 64 from identical
             caches (relative error, argmax agreement)
   decode    fp8_prev: session 3's dispatch for comparison (the w8a16 GEMM for every few-row
             projection, the shared expert as three of them); --w8a16: w8a16 grouped experts
-Medians throughout.
+Medians throughout. --prefill-only: memory and prefill alone (the quick A/B).
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ from qwen3next.model import Qwen3NextForCausalLM
 
 RES: dict = {}
 OUT = "gpu_fp8.json"
+PREFILL_ROWS = 256  # prefill logits compared on the prompt's last rows
+PREFILL_REF: dict = {}  # bf16's prefill logits, for the fp8 variants' errors
 
 
 def save() -> None:
@@ -163,14 +169,15 @@ def accuracy(res, models: dict):
 
 class dispatch:
     """Context: the fp8 paths of session 3 (`prev`: the 16-row w8a16 GEMM for every few-row
-    projection, no GEMV / skinny GEMM, no fused shared expert) and / or w8a16 grouped experts,
-    restored on exit."""
+    projection, no GEMV / skinny GEMM, no fused shared expert) and / or w8a16 grouped experts, and
+    / or other module switches ({(module, name): value}), restored on exit."""
 
-    def __init__(self, prev: bool = False, w8a16: bool = False):
+    def __init__(self, prev: bool = False, w8a16: bool = False, switches: dict | None = None):
         self.set = {(linear_fp8, "GEMV_M"): 0, (linear_fp8, "SKINNY_M"): 0,
                     (quant, "FUSED_SHARED_MAX_ROWS"): 0} if prev else {}
         if w8a16:
             self.set[(moe_fp8, "ACT_QUANT")] = False
+        self.set.update(switches or {})
 
     def __enter__(self):
         self.old = {k: getattr(*k) for k in self.set}
@@ -211,23 +218,101 @@ def decode(res, name: str, model, sizes: list[int], profile=(1, 64)):
     del runner, cache
 
 
+def prefill_variants() -> dict:
+    """{label: switches} of the fp8 prefill A/B: moe_fp8.SORTED_FP8 x linear_fp8.DENSE_A8 (when
+    linear_fp8 has it)."""
+    dense = (False, True) if hasattr(linear_fp8, "DENSE_A8") else (None,)
+    out = {}
+    for srt in (False, True):
+        for d in dense:
+            sw = {(moe_fp8, "SORTED_FP8"): srt}
+            if d is not None:
+                sw[(linear_fp8, "DENSE_A8")] = d
+            out["fp8" + ("_sorted" if srt else "") + ("_densea8" if d else "")] = sw
+    return out
+
+
 @section
-def prefill(res, name: str, model):
+def prefill(res, name: str, model, variants: dict | None = None):
+    """8K-token prefill of `model` under each {label: switches} (default {name: {}}); bf16 ("bf16")
+    keeps its logits as the others' reference."""
     T = 8192
+    torch.manual_seed(4)
     cache = make_cache(model, 2, T // BS + 1)
-    ids = torch.randint(0, DIMS["vocab_size"], (T,), device="cuda")
+    ids = torch.randint(0, DIMS["vocab_size"], (T,), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
     pos = torch.arange(T, device="cuda")
     fb = ForwardBatch(cu_seqlens=torch.tensor([0, T], device="cuda"), seq_lens=[T], context_lens=[0], cache=cache,
                       block_tables=torch.arange(T // BS + 1, device="cuda")[None],
                       slot_mapping=torch.arange(T, device="cuda"), state_slots=torch.tensor([0], device="cuda"))
 
-    def step():
+    def step(rows: int = 1):
         with torch.inference_mode():
-            return model.compute_logits(model(ids, pos, fb)[-1:])
+            return model.compute_logits(model(ids, pos, fb)[-rows:])
 
-    res[f"{name}_ms"] = round(timed(step, reps=5, warmup=2), 3)
-    print(f"prefill 8K {name}: {res[f'{name}_ms']} ms", flush=True)
+    for label, switches in (variants or {name: {}}).items():
+        try:
+            with dispatch(switches=switches):
+                res[f"{label}_ms"] = round(timed(step, reps=5, warmup=2), 3)
+                logits = step(PREFILL_ROWS).float()
+        except Exception:
+            res[f"{label}_error"] = traceback.format_exc()[-2000:]
+            print(res[f"{label}_error"], flush=True)
+            continue
+        if label == "bf16":
+            PREFILL_REF["bf16"] = logits
+        elif "bf16" in PREFILL_REF:
+            res[f"{label}_vs_bf16"] = compare(logits, PREFILL_REF["bf16"])
+        print(f"prefill 8K {label}: {res[f'{label}_ms']} ms {res.get(f'{label}_vs_bf16', '')}", flush=True)
+        save()
     del cache
+
+
+def check_compile() -> int:
+    """Compile moe_tma_fp8.py's kernels (every autotune config) for sm_90 with the installed triton,
+    specialised as at run time; -> the number of failures."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import mangle_type
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from qwen3next.kernels.triton import moe_tma_fp8 as f
+
+    print("triton", triton.__version__)
+    fails = []
+
+    def comp(name, fn, sig, const, warps, stages):
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig)
+                 if sig[n].startswith("*") or (sig[n] == "i32" and n != "RB")}
+        try:
+            k = triton.compile(ASTSource(fn.fn, sig, const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": warps, "num_stages": stages})
+            ptx = k.asm.get("ptx", "")
+            ok = k.metadata.shared <= 232448 and "wgmma" in ptx and "e4m3" in ptx
+            print("ok  " if ok else "BAD ", name, const, warps, stages, f"smem {k.metadata.shared}", flush=True)
+            if not ok:
+                fails.append(name)
+        except Exception as e:
+            fails.append(name)
+            print("FAIL", name, const, str(e).splitlines()[0][:300], flush=True)
+
+    def desc(r, c):
+        return mangle_type(TensorDescriptor(torch.empty(1, 16, dtype=qfp8.FP8), [1, 16], [16, 1], [r, c]))
+
+    i32, i64, f8, f32 = "i32", "*i64", "*fp8e4nv", "*fp32"
+    for c in f._gate_up_kernel.configs:
+        kw = c.kwargs
+        sig = dict(b_desc=desc(kw["BN"], kw["BK"]), cnt_ptr=i64, src_ptr=i64, x_ptr=f8, xs_ptr=f32, s_ptr=f32,
+                   h_ptr=f8, hs_ptr=f32, E=i32, H=i32, I=i32, RB=i32)
+        comp("gate_up", f._gate_up_kernel, sig, dict(DT=tl.bfloat16, BE=512, **kw), c.num_warps, c.num_stages)
+    for c in f._down_kernel.configs:
+        kw = c.kwargs
+        sig = dict(a_desc=desc(kw["BM"], kw["BK"]), b_desc=desc(kw["BN"], kw["BK"]), cnt_ptr=i64, hs_ptr=f32,
+                   s_ptr=f32, y_ptr="*bf16", E=i32, H=i32, I=i32, RB=i32)
+        comp("down", f._down_kernel, sig, dict(BE=512, **kw), c.num_warps, c.num_stages)
+    print("FAILS:", fails)
+    return len(fails)
 
 
 def main() -> None:
@@ -241,7 +326,11 @@ def main() -> None:
     ap.add_argument("--no-prev", action="store_true", help="skip session 3's fp8 dispatch (fp8_prev)")
     ap.add_argument("--w8a16", action="store_true", help="also the w8a16-experts variant")
     ap.add_argument("--no-w8a16", action="store_true", help="(the default; gpu_run.sh passes it)")
+    ap.add_argument("--prefill-only", action="store_true", help="memory and the prefill A/B alone")
+    ap.add_argument("--check-compile", action="store_true", help="no GPU: compile moe_tma_fp8 for sm_90")
     a = ap.parse_args()
+    if a.check_compile:
+        raise SystemExit(1 if check_compile() else 0)
     OUT = a.out
     sizes = [int(s) for s in a.sizes.split(",")]
     import triton
@@ -259,13 +348,17 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
         memory(name, models[name], before)
-    decode("fp8", models["fp8"], sizes)
-    decode("bf16", models["bf16"], sizes)
+    if a.prefill_only:
+        a.no_accuracy = a.no_prev = True
+        a.w8a16 = False
+    else:
+        decode("fp8", models["fp8"], sizes)
+        decode("bf16", models["bf16"], sizes)
     gc.collect()
     torch.cuda.empty_cache()
     if not a.no_prefill:
-        prefill("fp8", models["fp8"])
         prefill("bf16", models["bf16"])
+        prefill("fp8", models["fp8"], prefill_variants())
     if not a.no_accuracy:
         models["deq"] = dequantised_copy(models["fp8"])
         accuracy(models)
