@@ -1,10 +1,12 @@
 """Automatic prefix caching for the hybrid model (vLLM's `enable_prefix_caching`, "align" mode).
 
 KV blocks: every full block of `block_size` computed tokens gets a chained hash
-`hash((parent hash, its token ids))` (positions are implied by the chain; nothing else changes
+`sha256(parent digest + its token ids)` (positions are implied by the chain; nothing else changes
 the KV today). A hashed block stays findable after its last user frees it: it sits in an LRU of
 evictable blocks that allocation takes from (oldest first; a freed sequence's tail before its
-head) once the plain free list is empty. Python's tuple hash is 64-bit; a collision is not checked.
+head) once the plain free list is empty. The digest is cryptographic because Python's own hash of
+ints is forgeable (an int hashes to itself mod 2**61 - 1): a crafted prompt could otherwise
+collide with another user's block and read or poison its KV (vLLM's CVE-2025-25183).
 
 DeltaNet layers cannot resume from KV: a prefix is reusable only up to a *boundary* (a multiple of
 `state_block` tokens, itself a multiple of block_size) where a snapshot of the conv + recurrent
@@ -34,10 +36,12 @@ no snapshot there: verify rows are not cut.) Snapshot and restore are plain inde
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
-# the parent hash of a sequence's first block
-_ROOT = 0x51E7
+# the parent digest of a sequence's first block
+_ROOT = b"qwen3next-prefix-cache-v1"
 
 
 class PrefixCache:
@@ -46,10 +50,10 @@ class PrefixCache:
     def __init__(self, block_size: int, state_block: int, num_blocks: int, snap_base: int, num_snaps: int):
         self.block_size = block_size
         self.state_block = state_block
-        self.block_of: dict[int, int] = {}  # block hash -> block id
-        self.hash_of: list[int | None] = [None] * num_blocks  # block id -> its hash (None: not cached)
+        self.block_of: dict[bytes, int] = {}  # block hash -> block id
+        self.hash_of: list[bytes | None] = [None] * num_blocks  # block id -> its hash (None: not cached)
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody uses, LRU first
-        self.snapshots: OrderedDict[int, int] = OrderedDict()  # boundary block hash -> slot, LRU first
+        self.snapshots: OrderedDict[bytes, int] = OrderedDict()  # boundary block hash -> slot, LRU first
         self.free_snaps = list(range(snap_base + num_snaps - 1, snap_base - 1, -1))
         self.num_snaps = num_snaps
         # counters (tokens): asked for at admission, found
@@ -58,16 +62,16 @@ class PrefixCache:
         self.evicted_blocks = 0
 
     # ---- hashes ---------------------------------------------------------------------------------
-    def hashes(self, seq, num_blocks: int) -> list[int]:
+    def hashes(self, seq, num_blocks: int) -> list[bytes]:
         """The sequence's block hash chain, extended to its first `num_blocks` full blocks."""
         h, bs, toks = seq.block_hashes, self.block_size, seq.token_ids
         parent = h[-1] if h else _ROOT
         for i in range(len(h), min(num_blocks, len(toks) // bs)):
-            parent = hash((parent, tuple(toks[i * bs:(i + 1) * bs])))
+            parent = hashlib.sha256(parent + array("q", toks[i * bs:(i + 1) * bs]).tobytes()).digest()
             h.append(parent)
         return h
 
-    def _boundary_hash(self, seq, b: int) -> int:
+    def _boundary_hash(self, seq, b: int) -> bytes:
         return self.hashes(seq, b // self.block_size)[b // self.block_size - 1]
 
     # ---- lookups ------------------------------------------------------------------------------

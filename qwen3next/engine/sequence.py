@@ -91,7 +91,7 @@ class Sequence:
         self.mtp_pending_start = 0
         # prefix caching: hash chain of the full blocks of token_ids (extended lazily), and how
         # many of the sequence's blocks were offered to the cache so far
-        self.block_hashes: list[int] = []
+        self.block_hashes: list[bytes] = []
         self.num_registered = 0
 
     @property
