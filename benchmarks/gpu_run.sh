@@ -1,6 +1,7 @@
 #!/bin/bash
 # One device call: the GPU tests and benchmarks named in $STEPS, results under $OUT (default ./out).
 #   STEPS="tests spec kernels model" OUT=/tmp/o bash benchmarks/gpu_run.sh
+# TESTS overrides the test paths of the tests step (full -v log in $OUT/pytest_gpu.txt: per-test results survive a cut)
 # steps: tests verify profile spec kernels model modelhf fp8 engine (see the case below)
 # fla-core (for gpu_kernels / transformers) is installed from .whl/ when it is there.
 # STEP_TIMEOUT (seconds, default 600) caps each step, so one slow step leaves time for the rest;
@@ -19,7 +20,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,no
 for s in $STEPS; do
   t0=$(date +%s)
   case $s in
-    tests)   QWEN3NEXT_AUTOTUNE=${QWEN3NEXT_AUTOTUNE:-0} timeout $T python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider tests/gpu tests/kernels 2>&1 | tail -25 | tee "$OUT/pytest_gpu.txt" ;;
+    tests)   QWEN3NEXT_AUTOTUNE=${QWEN3NEXT_AUTOTUNE:-0} timeout $T python3 -m pytest -v -m gpu -n 8 -p no:cacheprovider ${TESTS:-tests/gpu tests/kernels} > "$OUT/pytest_gpu.txt" 2>&1; grep -c PASSED "$OUT/pytest_gpu.txt"; grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest_gpu.txt" | tail -25 ;;
     verify)  QWEN3NEXT_AUTOTUNE=${QWEN3NEXT_AUTOTUNE:-0} timeout $T python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_spec_decode.py -k verify_cuda 2>&1 | tail -5 | tee "$OUT/pytest_verify.txt" ;;
     profile) timeout $T python3 benchmarks/gpu_decode_profile.py --out "$OUT/gpu_decode_profile.json" --batches 1,16,64 --commit "$COMMIT" 2>&1 | grep -v "^unfused" | tail -20 ;;
     spec)    timeout $T python3 benchmarks/gpu_spec_step.py --out "$OUT/gpu_spec_step.json" ${SPEC_ARGS---profile} --commit "$COMMIT" 2>&1 | tail -30 ;;
