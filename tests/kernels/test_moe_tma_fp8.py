@@ -34,10 +34,20 @@ def _sorted(x, ids, E):
     return counts, pos, src
 
 
-@pytest.mark.parametrize("T,E,H,I,k", [(9, 5, 256, 128, 2), (21, 7, 384, 256, 3)])
-def test_gate_up(T, E, H, I, k):
+@pytest.fixture
+def force_config(monkeypatch):
+    """Run a kernel with one given config (the interpreter otherwise takes the first only)."""
+    def force(kernel, config):
+        monkeypatch.setattr(kernel, "configs", [config])
+    return force
+
+
+@pytest.mark.parametrize("T,E,H,I,k,cfg", [(9, 5, 256, 128, 2, 0), (21, 7, 384, 256, 3, 0), (21, 7, 384, 256, 3, 1),
+                                           (9, 5, 256, 128, 2, 4), (9, 5, 256, 128, 2, 5)])
+def test_gate_up(T, E, H, I, k, cfg, force_config):
     """h (dequantised) against silu(gate) * up of the dequantised fp8 x and weights, each row at its
-    sorted place; the scales are per row and 128 columns."""
+    sorted place; the scales are per row and 128 columns; cfg: which of the configs runs."""
+    force_config(tf8._gate_up_kernel, tf8._UP_CONFIGS[cfg])
     gen = seeded(T * E)
     x = randn(T, H, gen=gen)
     gu8, gus, _, _ = _experts(gen, E, H, I)
@@ -60,9 +70,12 @@ def test_gate_up(T, E, H, I, k):
     assert rel_err(ref.dequantize(h8, hs, (1, 128))[pos], want) < 0.07
 
 
+@pytest.mark.parametrize("cfg", range(len(tf8._DOWN_CONFIGS)))
 @pytest.mark.parametrize("M,E,H,I", [(17, 4, 256, 128), (40, 6, 128, 384)])
-def test_down(M, E, H, I):
-    """y = dequant(h) dequant(W_down)^T exactly (fp8 products are exact in fp32), with empty experts."""
+def test_down(M, E, H, I, cfg, force_config):
+    """y = dequant(h) dequant(W_down)^T exactly (fp8 products are exact in fp32), with empty experts;
+    every config (BN of 64 to 256: one or two weight scale blocks per tile, H = 128 < BN)."""
+    force_config(tf8._down_kernel, tf8._DOWN_CONFIGS[cfg])
     gen = seeded(M + E)
     h8, hs = ref.quantize_act(randn(M, I, gen=gen))
     _, _, dn8, dns = _experts(gen, E, H, I)

@@ -68,7 +68,8 @@ def _gate_up_kernel(b_desc, cnt_ptr, src_ptr, x_ptr, xs_ptr, s_ptr, h_ptr, hs_pt
         tok = tl.load(src_ptr + r, mask=rm, other=0)  # rows past the expert's end: token 0, never stored
         n = n0 + tl.arange(0, BN)
         wrow = e * 2 * I + n0
-        sg_ptr = s_ptr + (e * (2 * I // 128) + n // 128) * SK  # [BN] the gate columns' scale rows
+        # BN = 128 inside one scale block: one weight scale per k step (a scalar, not a [BN] vector)
+        sg_ptr = s_ptr + (e * (2 * I // 128) + n0 // 128) * SK
         su_ptr = sg_ptr + (I // 128) * SK
         kk = tl.arange(0, BK)
         acc_g = tl.zeros([BM, BN], dtype=tl.float32)
@@ -78,8 +79,8 @@ def _gate_up_kernel(b_desc, cnt_ptr, src_ptr, x_ptr, xs_ptr, s_ptr, h_ptr, hs_pt
             kb = k0 // 128
             xsc = tl.load(xs_ptr + tok * SK + kb)[:, None]  # [BM, 1]
             # fp8 x fp8 on the tensor cores, the fp32 product scaled per 128-wide k block
-            acc_g += tl.dot(a, b_desc.load([wrow, k0]).T) * (xsc * tl.load(sg_ptr + kb)[None, :])
-            acc_u += tl.dot(a, b_desc.load([wrow + I, k0]).T) * (xsc * tl.load(su_ptr + kb)[None, :])
+            acc_g += tl.dot(a, b_desc.load([wrow, k0]).T) * (xsc * tl.load(sg_ptr + kb))
+            acc_u += tl.dot(a, b_desc.load([wrow + I, k0]).T) * (xsc * tl.load(su_ptr + kb))
         # round like the reference (products in the activation dtype, then the gate, then the product)
         gt = acc_g.to(DT).to(tl.float32)
         hv = ((gt / (1.0 + tl.exp(-gt))).to(DT).to(tl.float32) * acc_u.to(DT).to(tl.float32)).to(DT).to(tl.float32)
@@ -107,13 +108,15 @@ def _down_kernel(a_desc, b_desc, cnt_ptr, hs_ptr, s_ptr, y_ptr, E, H, I, RB,
         rm = r < rend
         n = n0 + tl.arange(0, BN)
         nm = n < H
-        sd_ptr = s_ptr + (e * (H // 128) + n // 128) * SK  # [BN]
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         for k0 in range(0, I, BK):
             kb = k0 // 128
-            hsc = tl.load(hs_ptr + r * SK + kb, mask=rm, other=0.0)
-            sd = tl.load(sd_ptr + kb, mask=nm, other=0.0)
-            acc += tl.dot(a_desc.load([row0, k0]), b_desc.load([e * H + n0, k0]).T) * (hsc[:, None] * sd[None, :])
+            hsc = tl.load(hs_ptr + r * SK + kb, mask=rm, other=0.0)[:, None]  # [BM, 1]
+            if BN <= 128:  # one scale block: a scalar weight scale (H % 128 == 0 keeps it in range)
+                sd = tl.load(s_ptr + (e * (H // 128) + n0 // 128) * SK + kb)
+            else:  # [1, BN]: the columns' scale blocks
+                sd = tl.load(s_ptr + (e * (H // 128) + n // 128) * SK + kb, mask=nm, other=0.0)[None, :]
+            acc += tl.dot(a_desc.load([row0, k0]), b_desc.load([e * H + n0, k0]).T) * (hsc * sd)
         tl.store(y_ptr + r[:, None] * H + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=rm[:, None] & nm[None, :])
 
 
