@@ -16,7 +16,8 @@ records its error; the run can be cut at any point and keep what finished):
             with each prefill dispatch in one process -- moe_fp8.SORTED_FP8 (w8a8 experts over
             expert-sorted rows, moe_tma_fp8.py) off / on x linear_fp8.DENSE_A8 (w8a8 projections)
             off / on where that switch exists -- each with the relative error of its logits on the
-            prompt's last PREFILL_ROWS rows vs bf16's ("fp8" = both off: the default dispatch)
+            prompt's last PREFILL_ROWS rows vs bf16's and vs "fp8"'s (both off: the default
+            dispatch)
   accuracy  logits of fp8 vs bf16, and vs `deq`: the bf16 model holding the dequantised fp8 weights
             (so fp8 vs deq is the kernels' own error, deq vs bf16 the weights' rounding):
             cache-less prefill of 4 x 512 tokens and one eager decode step at B = 64 from identical
@@ -51,7 +52,7 @@ from qwen3next.model import Qwen3NextForCausalLM
 RES: dict = {}
 OUT = "gpu_fp8.json"
 PREFILL_ROWS = 256  # prefill logits compared on the prompt's last rows
-PREFILL_REF: dict = {}  # bf16's prefill logits, for the fp8 variants' errors
+PREFILL_REF: dict = {}  # bf16's and fp8's prefill logits, for the variants' errors
 
 
 def save() -> None:
@@ -258,10 +259,11 @@ def prefill(res, name: str, model, variants: dict | None = None):
             res[f"{label}_error"] = traceback.format_exc()[-2000:]
             print(res[f"{label}_error"], flush=True)
             continue
-        if label == "bf16":
-            PREFILL_REF["bf16"] = logits
-        elif "bf16" in PREFILL_REF:
-            res[f"{label}_vs_bf16"] = compare(logits, PREFILL_REF["bf16"])
+        if label in ("bf16", "fp8"):  # the references: bf16, and fp8's default dispatch
+            PREFILL_REF[label] = logits
+        for ref in ("bf16", "fp8"):
+            if ref in PREFILL_REF and ref != label:
+                res[f"{label}_vs_{ref}"] = compare(logits, PREFILL_REF[ref])
         print(f"prefill 8K {label}: {res[f'{label}_ms']} ms {res.get(f'{label}_vs_bf16', '')}", flush=True)
         save()
     del cache
