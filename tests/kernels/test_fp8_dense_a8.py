@@ -52,6 +52,20 @@ def test_gemm_a8(M, N, K):
     assert rel_err(a8.fp8_linear_a8(x, w8, s, ref.BLOCK), ref.fp8_linear_a8(x, w8, s)) < (0.1 if DEV == "cpu" else A8_TOL)
 
 
+@pytest.mark.parametrize("block", [(128, 128), (64, 128)])
+def test_gemm_a8_every_config(block):
+    """Each autotune config (tile shapes, the one-scale-per-tile and per-column weight scale forms),
+    with several row / column tiles and bands; weight scale blocks narrower than the tile too."""
+    gen = seeded(block[0])
+    M, N, K = 130, 320, 384
+    x = randn(M, K, gen=gen)
+    w8, s = ref.quantize(randn(N, K, gen=gen, scale=K ** -0.5), block)
+    x8, xs = a8.quantize_act(x)
+    want = ref.fp8_linear_a8(x, w8, s, block, act=(x8, xs))
+    for cfg in a8._CONFIGS:
+        assert rel_err(a8.gemm_a8(x8, xs, w8, s, block, x.dtype, config=cfg), want) < A8_TOL, cfg
+
+
 def test_dispatch_flag(monkeypatch):
     """DENSE_A8 routes M > SKINNY_M through w8a8 (read per call); off, the w8a16 paths; blocks other
     than 128 along K fall back."""

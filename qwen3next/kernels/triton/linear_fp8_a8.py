@@ -93,8 +93,13 @@ def _a8_kernel(a_desc, b_desc, xs_ptr, s_ptr, y_ptr, M, N, K, MC, SK, BLK_N: tl.
         a = a_desc.load([m0, k0])                                       # [BM, 128] fp8
         b = b_desc.load([n0, k0])                                       # [BN, 128] fp8, K contiguous
         xs = tl.load(xs_ptr + kb * M + m, mask=mm, other=0.0)            # [BM]
-        ws = tl.load(ws_row + kb, mask=nm, other=0.0)                   # [BN]
-        acc += tl.dot(a, b.T) * (xs[:, None] * ws[None, :])
+        if BLK_N % BN == 0:
+            # the tile lies in one weight scale block: one scalar, one FMA per element (the
+            # scaling runs on the CUDA cores between MMAs, so its cost matters)
+            acc += tl.dot(a, b.T) * (xs * tl.load(s_ptr + (n0 // BLK_N) * SK + kb))[:, None]
+        else:
+            ws = tl.load(ws_row + kb, mask=nm, other=0.0)               # [BN]
+            acc += tl.dot(a, b.T) * (xs[:, None] * ws[None, :])
     out = y_ptr + m.to(tl.int64)[:, None] * N + n[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
 
@@ -106,9 +111,10 @@ def supports(w8: torch.Tensor, block: tuple[int, int]) -> bool:
 
 
 def gemm_a8(x8: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
-            dtype: torch.dtype) -> torch.Tensor:
+            dtype: torch.dtype, config: triton.Config | None = None) -> torch.Tensor:
     """x8 [M, K] fp8 + scales xs [M, SK] (quantize_act's transposed view), w8 [N, K] fp8 + scale
-    [ceil(N/bn), SK] -> y [M, N] in `dtype`."""
+    [ceil(N/bn), SK] -> y [M, N] in `dtype`. `config` (one of _CONFIGS) skips the autotuner (tests,
+    benchmarks)."""
     M, K = x8.shape
     N = w8.shape[0]
     SK = triton.cdiv(K, GROUP)
@@ -122,7 +128,13 @@ def gemm_a8(x8: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor, scale: torch.T
     a = TensorDescriptor(x8, [M, K], [K, 1], dummy)
     b = TensorDescriptor(w8, [N, K], [w8.stride(0), 1], dummy)
     grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
-    _a8_kernel[grid](a, b, xs, scale.contiguous(), y, M, N, K, size_class(M), SK, BLK_N=block[0], GROUP_M=8)
+    args = (a, b, xs, scale.contiguous(), y, M, N, K, size_class(M), SK)
+    if config is None:
+        _a8_kernel[grid](*args, BLK_N=block[0], GROUP_M=8)
+    else:
+        _set_blocks({"a_desc": a, "b_desc": b, **config.kwargs})
+        _a8_kernel.fn[grid(config.kwargs)](*args, BLK_N=block[0], GROUP_M=8, num_warps=config.num_warps,
+                                           num_stages=config.num_stages, **config.kwargs)
     return y
 
 
