@@ -224,8 +224,8 @@ def prefill_variants() -> dict:
     linear_fp8 has it)."""
     dense = (False, True) if hasattr(linear_fp8, "DENSE_A8") else (None,)
     out = {}
-    for srt in (False, True):
-        for d in dense:
+    for d in dense:  # (each switch alone before the pair)
+        for srt in (False, True):
             sw = {(moe_fp8, "SORTED_FP8"): srt}
             if d is not None:
                 sw[(linear_fp8, "DENSE_A8")] = d
