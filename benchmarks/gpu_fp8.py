@@ -18,13 +18,16 @@ records its error; the run can be cut at any point and keep what finished):
             off / on where that switch exists -- each with the relative error of its logits on the
             prompt's last PREFILL_ROWS rows vs bf16's and vs "fp8"'s (both off: the default
             dispatch)
+  experts   one MoE layer's routed experts alone (layer 0's weights of each model, random routing) at
+            T = 8192 and 2048: fp8 w8a8 with SORTED_FP8 off / on, bf16 (ms, TFLOP/s, relative
+            error of each fp8 output vs the bf16 one and of sorted vs off)
   accuracy  logits of fp8 vs bf16, and vs `deq`: the bf16 model holding the dequantised fp8 weights
             (so fp8 vs deq is the kernels' own error, deq vs bf16 the weights' rounding):
             cache-less prefill of 4 x 512 tokens and one eager decode step at B = 64 from identical
             caches (relative error, argmax agreement)
   decode    fp8_prev: session 3's dispatch for comparison (the w8a16 GEMM for every few-row
             projection, the shared expert as three of them); --w8a16: w8a16 grouped experts
-Medians throughout. --prefill-only: memory and prefill alone (the quick A/B).
+Medians throughout. --prefill-only: memory, prefill and experts alone (the quick A/B).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from qwen3next.config import ModelConfig
 from qwen3next.engine.cuda_graph import CudaGraphRunner
 from qwen3next.forward_batch import ForwardBatch
 from qwen3next.kernels import fp8 as qfp8
+from qwen3next.kernels import ops
+from qwen3next.kernels.moe import moe_route
 from qwen3next.kernels.triton import linear_fp8, moe_fp8
 from qwen3next.layers import quant
 from qwen3next.layers.quant import to_fp8_
@@ -269,6 +274,41 @@ def prefill(res, name: str, model, variants: dict | None = None):
     del cache
 
 
+@section
+def experts(res, models: dict, tokens=(8192, 2048)):
+    """Layer 0's routed experts of each model on the same x and routing: fp8 (SORTED_FP8 off, on), bf16."""
+    ex = {n: next(m for name, m in models[n].named_modules() if name.endswith("mlp.experts")) for n in ("fp8", "bf16")}
+    E, k, H, I = DIMS["num_experts"], DIMS["num_experts_per_tok"], DIMS["hidden_size"], DIMS["moe_intermediate_size"]
+    g = torch.Generator("cuda").manual_seed(6)
+    for T in tokens:
+        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, generator=g)
+        w, ids = moe_route(torch.randn(T, E, device="cuda", generator=g), k, True)
+        e8, e16 = ex["fp8"], ex["bf16"]
+        calls = {"bf16": lambda: ops.moe_experts(x, e16.gate_up_proj, e16.down_proj, w, ids)}
+        for srt in (False, True):
+            def call(srt=srt):
+                with dispatch(switches={(moe_fp8, "SORTED_FP8"): srt}):
+                    return ops.moe_experts_fp8(x, e8.gate_up_proj, e8.gate_up_proj_scale_inv, e8.down_proj,
+                                               e8.down_proj_scale_inv, w, ids, e8.block)
+            calls["fp8_sorted" if srt else "fp8"] = call
+        r = res.setdefault(f"T{T}", {})
+        outs = {}
+        flop = 2 * T * k * 3 * H * I
+        for name, fn in calls.items():
+            try:
+                with torch.inference_mode():
+                    outs[name] = fn()
+                    ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+                r[name] = {"ms": round(ms, 4), "tflops": round(flop / ms / 1e9, 1)}
+            except Exception:
+                r[name] = {"error": traceback.format_exc()[-2000:]}
+            save()
+        for a, b in (("fp8", "bf16"), ("fp8_sorted", "bf16"), ("fp8_sorted", "fp8")):
+            if a in outs and b in outs:
+                r[f"{a}_vs_{b}"] = round(rel_err(outs[a], outs[b]), 5)
+        print(f"experts T={T}: {r}", flush=True)
+
+
 def check_compile() -> int:
     """Compile moe_tma_fp8.py's kernels (every autotune config) for sm_90 with the installed triton,
     specialised as at run time; -> the number of failures."""
@@ -361,6 +401,7 @@ def main() -> None:
     if not a.no_prefill:
         prefill("bf16", models["bf16"])
         prefill("fp8", models["fp8"], prefill_variants())
+        experts(models)
     if not a.no_accuracy:
         models["deq"] = dequantised_copy(models["fp8"])
         accuracy(models)
