@@ -143,6 +143,28 @@ def test_dispatch_off_cpu(monkeypatch):
     assert not called and y.shape == (T, H)
 
 
+def test_dispatch_on(monkeypatch):
+    """With the switch on and a call that suits, moe_fp8's entry hands over its arguments in order;
+    w8a16 calls (act_quant=False) and calls with a fused shared expert stay on the padded GEMM."""
+    gen = seeded(6)
+    T, E, H, I, k = 12, 5, 256, 128, 2
+    x = randn(T, H, gen=gen)
+    gu8, gus, dn8, dns = _experts(gen, E, H, I)
+    w, ids = ref_moe.moe_route(randn(T, E, gen=gen), k, True)
+    monkeypatch.setattr(moe_fp8, "SORTED_FP8", True)
+    monkeypatch.setattr(tf8, "suits", lambda *a: True)
+    calls = []
+    real = tf8.moe_experts_sorted_fp8
+    monkeypatch.setattr(tf8, "moe_experts_sorted_fp8", lambda *a: calls.append(1) or real(*a))
+    y = moe_fp8.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids, gemv=False)
+    assert calls == [1] and torch.equal(y, real(x, gu8, gus, dn8, dns, w, ids))
+    moe_fp8.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids, gemv=False, act_quant=False)
+    sh = (*ref.quantize(randn(128, H, gen=gen, scale=0.1)), *ref.quantize(randn(128, H, gen=gen, scale=0.1)),
+          *ref.quantize(randn(H, 128, gen=gen, scale=0.1)), randn(1, H, gen=gen, scale=0.1))
+    moe_fp8.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids, gemv=False, shared=sh)
+    assert calls == [1]
+
+
 @pytest.mark.gpu
 def test_sorted_fp8_gpu(monkeypatch):
     """The 80B's experts (512 of 2048 x 512, top-10) at T = 1024 (10240 routed rows, the sorted path's
