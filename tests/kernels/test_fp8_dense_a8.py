@@ -100,5 +100,5 @@ def test_dense_a8_gpu():
         y = tri_lin.fp8_linear(x, w8, s, path="a8")
         assert y.dtype == torch.bfloat16 and y.shape == (M, N)
         assert rel_err(y, ref.fp8_linear_a8(x, w8, s)) < 1e-2, (N, K)
-        assert rel_err(y, ref.fp8_linear(x, w8, s)) < 0.06, (N, K)
+        assert rel_err(y, ref.fp8_linear(x, w8, s)) < 0.04, (N, K)  # ~0.026: e4m3 rounding of x
         torch.cuda.synchronize()
