@@ -90,15 +90,15 @@ def test_dispatch_flag(monkeypatch):
 @pytest.mark.gpu
 def test_dense_a8_gpu():
     """The 80B projections' shapes at an 8K prefill: in_proj_qkvz (2048 -> 12288), out_proj / o_proj
-    (4096 -> 2048), k/v (2048 -> 512); bf16 out vs the fp32 reference on the same quantised x, and
-    within activation rounding of the w8a16 result."""
+    (4096 -> 2048), k/v (2048 -> 512), shared expert down (512 -> 2048), and a row count off the
+    tiles; bf16 out vs the fp32 reference on the same quantised x, and within activation rounding of
+    the w8a16 result."""
     gen = seeded(8192)
-    M = 8192
-    for N, K in ((12288, 2048), (2048, 4096), (512, 2048)):
+    for M, N, K in ((8192, 12288, 2048), (8192, 2048, 4096), (8192, 512, 2048), (8192, 2048, 512), (300, 2048, 4096)):
         x = randn(M, K, gen=gen, dtype=torch.bfloat16)
         w8, s = _w(gen, N, K, torch.bfloat16)
         y = tri_lin.fp8_linear(x, w8, s, path="a8")
         assert y.dtype == torch.bfloat16 and y.shape == (M, N)
-        assert rel_err(y, ref.fp8_linear_a8(x, w8, s)) < 1e-2, (N, K)
-        assert rel_err(y, ref.fp8_linear(x, w8, s)) < 0.04, (N, K)  # ~0.026: e4m3 rounding of x
+        assert rel_err(y, ref.fp8_linear_a8(x, w8, s)) < 1e-2, (M, N, K)
+        assert rel_err(y, ref.fp8_linear(x, w8, s)) < 0.04, (M, N, K)  # ~0.026: e4m3 rounding of x
         torch.cuda.synchronize()
