@@ -65,7 +65,7 @@ def check_compile() -> int:
             print("FAIL", name, const, str(e).splitlines()[0][:300], flush=True)
 
     for yt in ("bf16", "fp32"):
-        for c in A._CONFIGS:
+        for c in A._CONFIGS + A.WS_CONFIGS:
             bm, bn = c.kwargs["BM"], c.kwargs["BN"]
             for sk_div in ((), ("SK",)):  # K = 512 (4 k blocks) and K >= 2048 (16 | SK) specialise apart
                 sig = dict(a_desc=f"tensordesc<fp8e4nv[{bm}, 128]>", b_desc=f"tensordesc<fp8e4nv[{bn}, 128]>",
@@ -106,6 +106,7 @@ def main() -> int:
     ap.add_argument("--out", default="fp8_dense.json")
     ap.add_argument("--tokens", default="8192")
     ap.add_argument("--configs", type=int, default=3, help="time the first n autotune configs one by one")
+    ap.add_argument("--ws", type=int, default=1, help="1: also time the warp-specialised configs")
     ap.add_argument("--autotune", action="store_true", help="also time the autotuned path (all configs)")
     ap.add_argument("--check-compile", action="store_true")
     args = ap.parse_args()
@@ -120,7 +121,7 @@ def main() -> int:
 
     torch.manual_seed(0)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "configs": [str(c) for c in A._CONFIGS[:args.configs]], "shapes": {}}
+           "configs": [str(c) for c in A._CONFIGS[:args.configs] + A.WS_CONFIGS * args.ws], "shapes": {}}
     t0 = time.time()
     for M in (int(t) for t in args.tokens.split(",")):
         tot = {"dequant_cublas": 0.0, "cublas_only": 0.0, "a8_best_config": 0.0, "quant": 0.0}
@@ -135,19 +136,23 @@ def main() -> int:
             r["dequant_cublas"] = do_bench(lambda: lin.fp8_linear(x, w8, s, path="dequant"))
             r["cublas_only"] = do_bench(lambda: x @ wb.t())
             r["quant"] = do_bench(lambda: A.quantize_act(x))
-            per_cfg = []
-            for cfg in A._CONFIGS[:args.configs]:
+            want = ref.fp8_linear_a8(x, w8, s, act=(x8, xs))
+            # per config: time and error (a config off by more than bf16 rounding does not count)
+            per_cfg, cfg_err = [], []
+            for cfg in A._CONFIGS[:args.configs] + A.WS_CONFIGS * args.ws:
+                cfg_err.append(rel(A.gemm_a8(x8, xs, w8, s, ref.BLOCK, x.dtype, config=cfg), want))
                 per_cfg.append(do_bench(lambda: A.gemm_a8(x8, xs, w8, s, ref.BLOCK, x.dtype, config=cfg)))
-            r["gemm_a8_per_config"] = per_cfg
-            r["a8_best_config"] = r["quant"] + min(per_cfg)
+            r["gemm_a8_per_config"], r["err_per_config"] = per_cfg, cfg_err
+            best = min(t for t, e in zip(per_cfg, cfg_err) if e < 1e-2)
+            r["a8_best_config"] = r["quant"] + best
             y = A.gemm_a8(x8, xs, w8, s, ref.BLOCK, x.dtype, config=A._CONFIGS[0])
             if args.autotune:
                 y = lin.fp8_linear(x, w8, s, path="a8")  # autotunes here
                 r["a8_autotuned"] = do_bench(lambda: lin.fp8_linear(x, w8, s, path="a8"))
             r["scaled_mm"] = scaled_mm_variants(x8, xs, w8, s, y)
-            r["tflops_gemm_a8_best"] = 2 * M * N * K / min(per_cfg) * 1e-9
+            r["tflops_gemm_a8_best"] = 2 * M * N * K / best * 1e-9
             r["tflops_cublas_bf16"] = 2 * M * N * K / r["cublas_only"] * 1e-9
-            r["err_vs_a8_ref"] = rel(y, ref.fp8_linear_a8(x, w8, s, act=(x8, xs)))
+            r["err_vs_a8_ref"] = rel(y, want)
             r["err_vs_w8a16"] = rel(y, x @ wb.t())
             res["shapes"][f"M={M} {name} {K}->{N}"] = r
             for k in tot:
@@ -155,9 +160,12 @@ def main() -> int:
             print(f"M={M} {name:22s} {K:5d}->{N:5d} x{calls:2d}: dequant+cuBLAS {r['dequant_cublas'] * 1e3:7.1f} us"
                   f" (cuBLAS {r['cublas_only'] * 1e3:7.1f}, {r['tflops_cublas_bf16']:.0f} TF) | a8 "
                   f"{r['a8_best_config'] * 1e3:7.1f} us (quant {r['quant'] * 1e3:5.1f}, gemm per config "
-                  f"{[round(t * 1e3, 1) for t in per_cfg]}, {r['tflops_gemm_a8_best']:.0f} TF) | err "
+                  f"{[round(t * 1e3, 1) for t in per_cfg]}, {r['tflops_gemm_a8_best']:.0f} TF) | errs "
+                  f"{[f'{e:.0e}' for e in cfg_err]} "
                   f"{r['err_vs_a8_ref']:.1e} / vs w8a16 {r['err_vs_w8a16']:.3f} | scaled_mm {r['scaled_mm']}",
                   flush=True)
+            with open(args.out, "w") as f:  # after every shape: a later hang keeps what was measured
+                json.dump(res, f, indent=1)
         res[f"total_per_prefill_ms_M={M}"] = tot
         print(f"M={M} per prefill (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in tot.items()), flush=True)
     res["wall_s"] = time.time() - t0

@@ -62,7 +62,7 @@ def test_gemm_a8_every_config(block):
     w8, s = ref.quantize(randn(N, K, gen=gen, scale=K ** -0.5), block)
     x8, xs = a8.quantize_act(x)
     want = ref.fp8_linear_a8(x, w8, s, block, act=(x8, xs))
-    for cfg in a8._CONFIGS:
+    for cfg in a8._CONFIGS + a8.WS_CONFIGS:
         assert rel_err(a8.gemm_a8(x8, xs, w8, s, block, x.dtype, config=cfg), want) < A8_TOL, cfg
 
 
