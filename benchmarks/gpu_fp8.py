@@ -311,7 +311,13 @@ def experts(res, models: dict, tokens=(8192, 2048)):
 
 def check_compile() -> int:
     """Compile moe_tma_fp8.py's kernels (every autotune config) for sm_90 with the installed triton,
-    specialised as at run time; -> the number of failures."""
+    specialised as at run time, with triton's ptxas's register / spill report; -> the number of
+    failures (no wgmma on fp8, shared memory past 227 KB)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -332,12 +338,24 @@ def check_compile() -> int:
                                options={"num_warps": warps, "num_stages": stages})
             ptx = k.asm.get("ptx", "")
             ok = k.metadata.shared <= 232448 and "wgmma" in ptx and "e4m3" in ptx
-            print("ok  " if ok else "BAD ", name, const, warps, stages, f"smem {k.metadata.shared}", flush=True)
+            print("ok  " if ok else "BAD ", name, const, warps, stages, f"smem {k.metadata.shared}", regs(ptx), flush=True)
             if not ok:
                 fails.append(name)
         except Exception as e:
             fails.append(name)
             print("FAIL", name, const, str(e).splitlines()[0][:300], flush=True)
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+    def regs(ptx: str) -> str:
+        if not os.path.exists(ptxas):
+            return ""
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as fh:
+            fh.write(ptx)
+            fh.flush()
+            r = subprocess.run([ptxas, "-arch=sm_90a", "-v", fh.name, "-o", os.devnull], capture_output=True, text=True)
+        m = re.findall(r"(\d+ bytes spill stores|Used \d+ registers)", r.stdout + r.stderr)
+        return ", ".join(m)
 
     def desc(r, c):
         return mangle_type(TensorDescriptor(torch.empty(1, 16, dtype=qfp8.FP8), [1, 16], [16, 1], [r, c]))

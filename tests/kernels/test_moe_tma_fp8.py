@@ -42,8 +42,8 @@ def force_config(monkeypatch):
     return force
 
 
-@pytest.mark.parametrize("T,E,H,I,k,cfg", [(9, 5, 256, 128, 2, 0), (21, 7, 384, 256, 3, 0), (21, 7, 384, 256, 3, 1),
-                                           (9, 5, 256, 128, 2, 4), (9, 5, 256, 128, 2, 5)])
+@pytest.mark.parametrize("T,E,H,I,k,cfg", [(9, 5, 256, 128, 2, 0), (21, 7, 384, 256, 3, 0), (21, 7, 384, 256, 3, 2),
+                                           (9, 5, 256, 128, 2, 3)])
 def test_gate_up(T, E, H, I, k, cfg, force_config):
     """h (dequantised) against silu(gate) * up of the dequantised fp8 x and weights, each row at its
     sorted place; the scales are per row and 128 columns; cfg: which of the configs runs."""
