@@ -67,10 +67,10 @@ def test_gemm_a8_every_config(block):
 
 
 def test_dispatch_flag(monkeypatch):
-    """DENSE_A8 routes M > SKINNY_M through w8a8 (read per call); off, the w8a16 paths; blocks other
-    than 128 along K fall back."""
+    """DENSE_A8 routes prefill rows (M > SMALL_M) through w8a8 (read per call); off, or at verify
+    sizes, the w8a16 paths; blocks other than 128 along K fall back."""
     gen = seeded(7)
-    x = randn(80, 256, gen=gen)
+    x = randn(tri_lin.SMALL_M + 3, 256, gen=gen)
     w8, s = _w(gen, 128, 256)
     x8, xs = a8.quantize_act(x)
     want_a8 = ref.fp8_linear_a8(x, w8, s, act=(x8, xs))
@@ -78,7 +78,8 @@ def test_dispatch_flag(monkeypatch):
     assert rel_err(want_a8, want_a16) > 1e-3  # the two are distinguishable
     monkeypatch.setattr(tri_lin, "DENSE_A8", True)
     assert rel_err(tri_lin.fp8_linear(x, w8, s), want_a8) < A8_TOL
-    assert rel_err(tri_lin.fp8_linear(x[:8], w8, s), want_a16[:8]) < 1e-5  # skinny rows stay w8a16
+    for m in (8, tri_lin.SMALL_M):  # skinny and verify rows stay w8a16
+        assert rel_err(tri_lin.fp8_linear(x[:m], w8, s), want_a16[:m]) < 1e-5, m
     w8b, sb = ref.quantize(randn(128, 256, gen=gen, scale=0.06), (128, 256))
     assert rel_err(tri_lin.fp8_linear(x, w8b, sb, (128, 256)), ref.fp8_linear(x, w8b, sb, (128, 256))) < 1e-5
     with pytest.raises(ValueError, match="weight_block_size"):

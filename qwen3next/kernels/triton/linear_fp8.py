@@ -13,9 +13,10 @@ throughout). By the number of rows M:
   activation dtype on the tensor cores, its block scale on the fp32 partial product; K split as above.
 * many rows (prefill): the weight is dequantised into a bf16 scratch (one pass, N*K*3 bytes) and
   cuBLAS runs the GEMM: at M >= 256 the GEMM's FLOPs dwarf that pass.
-* with DENSE_A8 (env QWEN3NEXT_FP8_DENSE_A8=1; benchmarks toggle the attribute), every M > SKINNY_M
-  takes linear_fp8_a8.py's w8a8 GEMM instead (activations quantised per token and 128-group, fp8
-  tensor cores; needs 128-wide K scale blocks, else the paths above).
+* with DENSE_A8 (env QWEN3NEXT_FP8_DENSE_A8=1; benchmarks toggle the attribute), prefill rows
+  (M > SMALL_M) take linear_fp8_a8.py's w8a8 GEMM instead (activations quantised per token and
+  128-group, fp8 tensor cores; needs 128-wide K scale blocks, else dequant). Verify sizes keep the
+  K-split w8a16 GEMM: 64-row tiles without a K split leave most SMs idle at M <= 128.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .moe_fp8_gemv import _dot_rows8
 GEMV_M = 4  # rows up to this take the GEMV (0: off)
 SKINNY_M = 64  # then up to this the swapped skinny GEMM (0: off)
 SMALL_M = 128  # then up to this the weight-only GEMM
-DENSE_A8 = os.environ.get("QWEN3NEXT_FP8_DENSE_A8", "0") == "1"  # M > SKINNY_M: w8a8 (read per call)
+DENSE_A8 = os.environ.get("QWEN3NEXT_FP8_DENSE_A8", "0") == "1"  # M > SMALL_M: w8a8 (read per call)
 _PROGRAMS = 264  # K is split until about this many programs (2 per SM of an H100 / H200)
 # (BM, BN, BK, warps, stages); the first is the interpreter's. BK divides the 128-wide scale block.
 _CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
@@ -157,8 +158,8 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, block: tu
     M, K = x.shape
     N = w8.shape[0]
     if path is None:
-        path = ("gemv" if M <= GEMV_M else "skinny" if M <= SKINNY_M
-                else "a8" if DENSE_A8 and a8_supports(w8, block) else "w8a16" if M <= SMALL_M else "dequant")
+        path = ("gemv" if M <= GEMV_M else "skinny" if M <= SKINNY_M else "w8a16" if M <= SMALL_M
+                else "a8" if DENSE_A8 and a8_supports(w8, block) else "dequant")
     if path == "a8":
         return fp8_linear_a8(x, w8, scale, block)
     if path == "dequant":
