@@ -51,8 +51,9 @@ def _quant_kernel(x_ptr, q_ptr, s_ptr, M, K, BR: tl.constexpr, G: tl.constexpr):
     msk = (r < M)[:, None] & (c < K)[None, :]
     x = tl.load(x_ptr + r[:, None] * K + c[None, :], mask=msk, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), 1)                                        # [BR]
-    sc = tl.where(amax > 0, amax / FP8_MAX, 1.0)
-    q = tl.minimum(tl.maximum(x / sc[:, None], -FP8_MAX), FP8_MAX)
+    # IEEE divisions (div_rn; `/` is the ~2-ulp approximate one on GPUs): torch's bits exactly
+    sc = tl.where(amax > 0, tl.math.div_rn(amax, FP8_MAX), 1.0)
+    q = tl.minimum(tl.maximum(tl.math.div_rn(x, sc[:, None]), -FP8_MAX), FP8_MAX)
     tl.store(q_ptr + r[:, None] * K + c[None, :], q.to(q_ptr.dtype.element_ty), mask=msk)
     tl.store(s_ptr + g * M + r, sc, mask=r < M)
 
