@@ -43,7 +43,7 @@ def force_config(monkeypatch):
 
 
 @pytest.mark.parametrize("T,E,H,I,k,cfg", [(9, 5, 256, 128, 2, 0), (21, 7, 384, 256, 3, 0), (21, 7, 384, 256, 3, 2),
-                                           (9, 5, 256, 128, 2, 3)])
+                                           (9, 5, 256, 128, 2, 3), (150, 5, 128, 256, 2, 0)])
 def test_gate_up(T, E, H, I, k, cfg, force_config):
     """h (dequantised) against silu(gate) * up of the dequantised fp8 x and weights, each row at its
     sorted place; the scales are per row and 128 columns; cfg: which of the configs runs."""
@@ -71,10 +71,11 @@ def test_gate_up(T, E, H, I, k, cfg, force_config):
 
 
 @pytest.mark.parametrize("cfg", range(len(tf8._DOWN_CONFIGS)))
-@pytest.mark.parametrize("M,E,H,I", [(17, 4, 256, 128), (40, 6, 128, 384)])
+@pytest.mark.parametrize("M,E,H,I", [(17, 4, 256, 128), (40, 6, 128, 384), (300, 4, 128, 128)])
 def test_down(M, E, H, I, cfg, force_config):
     """y = dequant(h) dequant(W_down)^T exactly (fp8 products are exact in fp32), with empty experts;
-    every config (BN of 64 to 256: one or two weight scale blocks per tile, H = 128 < BN)."""
+    every config (BN of 64 to 256: one or two weight scale blocks per tile, H = 128 < BN); M = 300:
+    experts of 100 and 200 rows, several row tiles each."""
     force_config(tf8._down_kernel, tf8._DOWN_CONFIGS[cfg])
     gen = seeded(M + E)
     h8, hs = ref.quantize_act(randn(M, I, gen=gen))
@@ -102,8 +103,10 @@ def _w8a8_same_quantiser(x, gu8, gus, dn8, dns, w, ids):
     return ref_moe.moe_experts_by(x, w, ids, gu8.shape[0], expert)
 
 
-@pytest.mark.parametrize("T,E,H,I,k", [(1, 4, 128, 128, 1), (29, 9, 384, 256, 3), (64, 6, 256, 128, 4)])
+@pytest.mark.parametrize("T,E,H,I,k", [(1, 4, 128, 128, 1), (29, 9, 384, 256, 3), (64, 6, 256, 128, 4),
+                                       (150, 5, 128, 128, 2)])
 def test_sorted_fp8(T, E, H, I, k):
+    """(The last: ~100 rows per expert, several row tiles of one expert.)"""
     gen = seeded(T + E)
     x = randn(T, H, gen=gen)
     gu8, gus, dn8, dns = _experts(gen, E, H, I)
@@ -165,16 +168,24 @@ def test_dispatch_on(monkeypatch):
     assert calls == [1]
 
 
-@pytest.mark.gpu
-def test_sorted_fp8_gpu(monkeypatch):
-    """The 80B's experts (512 of 2048 x 512, top-10) at T = 1024 (10240 routed rows, the sorted path's
-    size) in bf16: the kernels alone and through moe_fp8's dispatch, against the w8a8 reference."""
-    gen = seeded(11)
-    T, E, H, I, k = 1024, 512, 2048, 512, 10
-    x = randn(T, H, gen=gen, dtype=torch.bfloat16)
-    g = torch.Generator(DEV).manual_seed(11)  # (1.6 G weights: drawn on the GPU, not the CPU)
+@pytest.fixture(scope="module")
+def experts_80b():
+    """The 80B's routed experts (512 of 2048 x 512) in fp8, drawn on the GPU (1.6 G weights)."""
+    E, H, I = 512, 2048, 512
+    g = torch.Generator(DEV).manual_seed(11)
     gu8, gus = ref.quantize(torch.randn(E, 2 * I, H, generator=g, device=DEV, dtype=torch.bfloat16) * 0.02)
     dn8, dns = ref.quantize(torch.randn(E, H, I, generator=g, device=DEV, dtype=torch.bfloat16) * 0.02)
+    return gu8, gus, dn8, dns
+
+
+@pytest.mark.gpu
+def test_sorted_fp8_gpu(experts_80b, monkeypatch):
+    """T = 1024 tokens (10240 routed rows, the sorted path's size), top-10, bf16: the kernels alone
+    and through moe_fp8's dispatch, against kernels/fp8.py's w8a8 reference."""
+    gen = seeded(11)
+    T, E, H, k = 1024, 512, 2048, 10
+    gu8, gus, dn8, dns = experts_80b
+    x = randn(T, H, gen=gen, dtype=torch.bfloat16)
     w, ids = ref_moe.moe_route(randn(T, E, gen=gen), k, True)
     want = ref.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids, act_quant=True)
     y = tf8.moe_experts_sorted_fp8(x, gu8, gus, dn8, dns, w, ids)
@@ -186,3 +197,16 @@ def test_sorted_fp8_gpu(monkeypatch):
     monkeypatch.setattr(tf8, "moe_experts_sorted_fp8", lambda *a: called.append(1) or real(*a))
     y2 = moe_fp8.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids)
     assert called and rel_err(y2, y) < 1e-6  # (rows may sit in other places within an expert)
+
+
+@pytest.mark.gpu
+def test_sorted_fp8_8k_gpu(experts_80b):
+    """The prefill's size (T = 8192: ~160 rows per expert, several row tiles each) against the padded
+    w8a8 grouped GEMM (block_m forces it)."""
+    T, E, H, k = 8192, 512, 2048, 10
+    gu8, gus, dn8, dns = experts_80b
+    g = torch.Generator(DEV).manual_seed(12)
+    x = torch.randn(T, H, generator=g, device=DEV, dtype=torch.bfloat16)
+    w, ids = ref_moe.moe_route(torch.randn(T, E, generator=g, device=DEV), k, True)
+    y = tf8.moe_experts_sorted_fp8(x, gu8, gus, dn8, dns, w, ids)
+    assert rel_err(y, moe_fp8.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids, block_m=64)) < 1e-2
