@@ -105,7 +105,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="fp8_dense.json")
     ap.add_argument("--tokens", default="8192")
-    ap.add_argument("--configs", type=int, default=3, help="time the first n autotune configs one by one")
+    ap.add_argument("--configs", type=int, default=4, help="time the first n autotune configs one by one")
     ap.add_argument("--ws", type=int, default=1, help="1: also time the warp-specialised configs")
     ap.add_argument("--autotune", action="store_true", help="also time the autotuned path (all configs)")
     ap.add_argument("--check-compile", action="store_true")
