@@ -45,7 +45,7 @@ def _set_down_blocks(nargs):
 # 227 KB over the stages. Down's BM = 128 x BN = 256 spills (1 KB): left out.
 _UP_CONFIGS = [triton.Config({"BM": bm, "BN": 128, "BK": bk}, num_warps=w, num_stages=st, pre_hook=_set_up_blocks)
                for bm, bk, w, st in ((64, 128, 8, 3), (64, 128, 8, 4), (64, 64, 8, 5), (128, 128, 8, 3),
-                                     (64, 128, 8, 5))]
+                                     (64, 128, 8, 5), (64, 128, 8, 2))]
 _DOWN_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=st,
                                pre_hook=_set_down_blocks)
                  for bm, bn, bk, w, st in ((128, 128, 128, 8, 3), (64, 128, 128, 4, 4), (64, 256, 128, 8, 3),
