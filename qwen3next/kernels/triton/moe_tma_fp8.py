@@ -123,11 +123,11 @@ def _down_kernel(a_desc, b_desc, cnt_ptr, hs_ptr, s_ptr, y_ptr, E, H, I, RB,
 
 
 def suits(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, block, rows: int) -> bool:
-    """Whether this path takes the call: fp8 experts in 128x128 blocks, bf16/fp16 CUDA activations
-    on sm90 (TMA; the chip it was written for), H and I multiples of 128, at least
+    """Whether this path takes the call: fp8 experts in 128x128 blocks, bf16 CUDA activations (the
+    GPU-tested case) on sm90 (TMA; the chip it was written for), H and I multiples of 128, at least
     moe_grouped.SORTED_MIN_ROWS routed rows (prefill)."""
     H, I = x.shape[1], down_proj.shape[-1]
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and tuple(block) == (GROUP, GROUP)
+    return (x.is_cuda and x.dtype == torch.bfloat16 and tuple(block) == (GROUP, GROUP)
             and gate_up_proj.dtype == down_proj.dtype == torch.float8_e4m3fn and rows >= moe_grouped.SORTED_MIN_ROWS
             and H % GROUP == 0 and I % GROUP == 0 and torch.cuda.get_device_capability(x.device)[0] == 9)
 
