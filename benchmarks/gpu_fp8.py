@@ -20,7 +20,7 @@ records its error; the run can be cut at any point and keep what finished):
             dispatch)
   experts   one MoE layer's routed experts alone (layer 0's weights of each model, random routing) at
             T = 8192 and 2048: fp8 w8a8 with SORTED_FP8 off / on, bf16 (ms, TFLOP/s, relative
-            error of each fp8 output vs the bf16 one and of sorted vs off)
+            error of each fp8 output vs the bf16 one and of sorted vs off; fp8 kernel tables at 8192)
   accuracy  logits of fp8 vs bf16, and vs `deq`: the bf16 model holding the dequantised fp8 weights
             (so fp8 vs deq is the kernels' own error, deq vs bf16 the weights' rounding):
             cache-less prefill of 4 x 512 tokens and one eager decode step at B = 64 from identical
@@ -300,6 +300,8 @@ def experts(res, models: dict, tokens=(8192, 2048)):
                     outs[name] = fn()
                     ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
                 r[name] = {"ms": round(ms, 4), "tflops": round(flop / ms / 1e9, 1)}
+                if T == tokens[0] and name.startswith("fp8"):  # where the time goes, kernel by kernel
+                    r[name]["kernels_us"] = top_kernels(fn, n=8)
             except Exception:
                 r[name] = {"error": traceback.format_exc()[-2000:]}
             save()
