@@ -40,9 +40,10 @@ def _set_down_blocks(nargs):
 # (BM, BN, BK, warps, stages); the first is the interpreter's and QWEN3NEXT_AUTOTUNE=0's. BK divides
 # 128 (one scale per k step); gate/up has BN = 128 (one activation group of h per program) and
 # holds two fp32 accumulators plus the two products: ptxas (triton 3.6, sm_90a) fits BM = 64 over 8
-# warps in 174 registers, while 64 rows per warpgroup (BM = 128 / 8 warps, BM = 64 / 4) spill ~200
-# bytes; shared memory per stage BK * (BM + 2 BN) bytes (gate/up), BK * (BM + BN) (down), at most
-# 227 KB over the stages. Down's BM = 128 x BN = 256 spills (1 KB): left out.
+# warps in 126 registers (two CTAs per SM where shared memory allows: 2 stages), BM = 128 in 253;
+# 64 rows per warpgroup over 4 warps spilled. Shared memory per stage BK * (BM + 2 BN) bytes
+# (gate/up), BK * (BM + BN) (down), at most 227 KB over the stages. Down's BM = 128 x BN = 256
+# spilled (1 KB): left out.
 _UP_CONFIGS = [triton.Config({"BM": bm, "BN": 128, "BK": bk}, num_warps=w, num_stages=st, pre_hook=_set_up_blocks)
                for bm, bk, w, st in ((64, 128, 8, 3), (64, 128, 8, 4), (64, 64, 8, 5), (128, 128, 8, 3),
                                      (64, 128, 8, 5), (64, 128, 8, 2))]
@@ -76,13 +77,21 @@ def _gate_up_kernel(b_desc, cnt_ptr, src_ptr, x_ptr, xs_ptr, s_ptr, h_ptr, hs_pt
         kk = tl.arange(0, BK)
         acc_g = tl.zeros([BM, BN], dtype=tl.float32)
         acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+        xsc = tl.load(xs_ptr + tok * SK)  # [BM] this k step's scales (k block 0)
+        sg = tl.load(sg_ptr)
+        su = tl.load(su_ptr)
         for k0 in range(0, H, BK):
+            # the next step's scales loaded one step ahead (Triton pipelines only the dot operands:
+            # loaded here they would stall each step on their latency)
+            kn = tl.minimum((k0 + BK) // 128, SK - 1)
+            xsc_n = tl.load(xs_ptr + tok * SK + kn)
+            sg_n = tl.load(sg_ptr + kn)
+            su_n = tl.load(su_ptr + kn)
             a = tl.load(x_ptr + tok[:, None] * H + (k0 + kk)[None, :])  # [BM, BK] fp8
-            kb = k0 // 128
-            xsc = tl.load(xs_ptr + tok * SK + kb)[:, None]  # [BM, 1]
             # fp8 x fp8 on the tensor cores, the fp32 product scaled per 128-wide k block
-            acc_g += tl.dot(a, b_desc.load([wrow, k0]).T) * (xsc * tl.load(sg_ptr + kb))
-            acc_u += tl.dot(a, b_desc.load([wrow + I, k0]).T) * (xsc * tl.load(su_ptr + kb))
+            acc_g += tl.dot(a, b_desc.load([wrow, k0]).T) * (xsc[:, None] * sg)
+            acc_u += tl.dot(a, b_desc.load([wrow + I, k0]).T) * (xsc[:, None] * su)
+            xsc, sg, su = xsc_n, sg_n, su_n
         # round like the reference (products in the activation dtype, then the gate, then the product)
         gt = acc_g.to(DT).to(tl.float32)
         hv = ((gt / (1.0 + tl.exp(-gt))).to(DT).to(tl.float32) * acc_u.to(DT).to(tl.float32)).to(DT).to(tl.float32)
@@ -110,15 +119,25 @@ def _down_kernel(a_desc, b_desc, cnt_ptr, hs_ptr, s_ptr, y_ptr, E, H, I, RB,
         rm = r < rend
         n = n0 + tl.arange(0, BN)
         nm = n < H
+        if BN <= 128:  # one scale block: a scalar weight scale (H % 128 == 0 keeps it in range)
+            sd_ptr = s_ptr + (e * (H // 128) + n0 // 128) * SK
+            sd_mask = True
+        else:  # [BN]: the columns' scale blocks
+            sd_ptr = s_ptr + (e * (H // 128) + n // 128) * SK
+            sd_mask = nm
         acc = tl.zeros([BM, BN], dtype=tl.float32)
+        hsc = tl.load(hs_ptr + r * SK, mask=rm, other=0.0)  # [BM] (k block 0)
+        sd = tl.load(sd_ptr, mask=sd_mask, other=0.0)
         for k0 in range(0, I, BK):
-            kb = k0 // 128
-            hsc = tl.load(hs_ptr + r * SK + kb, mask=rm, other=0.0)[:, None]  # [BM, 1]
-            if BN <= 128:  # one scale block: a scalar weight scale (H % 128 == 0 keeps it in range)
-                sd = tl.load(s_ptr + (e * (H // 128) + n0 // 128) * SK + kb)
-            else:  # [1, BN]: the columns' scale blocks
-                sd = tl.load(s_ptr + (e * (H // 128) + n // 128) * SK + kb, mask=nm, other=0.0)[None, :]
-            acc += tl.dot(a_desc.load([row0, k0]), b_desc.load([e * H + n0, k0]).T) * (hsc * sd)
+            kn = tl.minimum((k0 + BK) // 128, SK - 1)  # the next step's scales, one step ahead
+            hsc_n = tl.load(hs_ptr + r * SK + kn, mask=rm, other=0.0)
+            sd_n = tl.load(sd_ptr + kn, mask=sd_mask, other=0.0)
+            if BN <= 128:
+                scale = hsc[:, None] * sd
+            else:
+                scale = hsc[:, None] * sd[None, :]
+            acc += tl.dot(a_desc.load([row0, k0]), b_desc.load([e * H + n0, k0]).T) * scale
+            hsc, sd = hsc_n, sd_n
         tl.store(y_ptr + r[:, None] * H + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=rm[:, None] & nm[None, :])
 
 
