@@ -36,10 +36,10 @@ def _set_blocks(nargs):
 _CONFIGS = [triton.Config({"BM": bm, "BN": bn, "WS": False}, num_warps=w, num_stages=s, pre_hook=_set_blocks)
             for bm, bn, w, s in ((64, 128, 4, 3), (128, 128, 8, 3), (64, 128, 4, 4), (64, 256, 8, 3))]
 # Triton's automatic warp specialisation (a TMA producer warp beside the MMA + scaling consumers);
-# it compiles for sm_90 under triton 3.6 but is unproven on the H200: the benchmark times these,
-# the autotuner does not take them.
+# these compile for sm_90 under triton 3.6 (128 x 128 over 4 warps does not; 8 warps are not
+# specialised) but are unproven on the H200: the benchmark times them, the autotuner does not.
 WS_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "WS": True}, num_warps=w, num_stages=s, pre_hook=_set_blocks)
-              for bm, bn, w, s in ((64, 128, 4, 3), (128, 128, 4, 3))]
+              for bm, bn, w, s in ((64, 128, 4, 3), (64, 128, 4, 4))]
 
 
 @triton.jit
@@ -90,22 +90,33 @@ def _a8_kernel(a_desc, b_desc, xs_ptr, s_ptr, y_ptr, M, N, K, MC, SK, BLK_N: tl.
     n0 = pn * BN
     m = m0 + tl.arange(0, BM)
     n = n0 + tl.arange(0, BN)
-    mm = m < M
-    nm = n < N
-    ws_row = s_ptr + (n // BLK_N) * SK                                  # [BN] scale row of each column
+    # scale pointers of clamped rows / columns (no masks: rows and columns past M, N are computed
+    # from a real scale and never stored); one scalar when the tile lies in one weight scale block
+    xs_col = xs_ptr + tl.minimum(m, M - 1)                              # [BM], + kb * M
+    if BLK_N % BN == 0:
+        ws_row = s_ptr + (n0 // BLK_N) * SK                             # scalar, + kb
+    else:
+        ws_row = s_ptr + (tl.minimum(n, N - 1) // BLK_N) * SK           # [BN], + kb
+    # the scales of step kb + 1 are loaded during step kb's MMA: Triton's pipeliner only
+    # prefetches dot operands, and a plain load here would put an L2 round trip after every MMA
+    xs_nxt = tl.load(xs_col)
+    ws_nxt = tl.load(ws_row)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for kb in tl.range(0, SK, warp_specialize=WS):
+        xs = xs_nxt
+        ws = ws_nxt
+        kn = tl.minimum(kb + 1, SK - 1)
+        xs_nxt = tl.load(xs_col + kn * M)
+        ws_nxt = tl.load(ws_row + kn)
         k0 = kb * 128
         a = a_desc.load([m0, k0])                                       # [BM, 128] fp8
         b = b_desc.load([n0, k0])                                       # [BN, 128] fp8, K contiguous
-        xs = tl.load(xs_ptr + kb * M + m, mask=mm, other=0.0)            # [BM]
-        if BLK_N % BN == 0:
-            # the tile lies in one weight scale block: one scalar, one FMA per element (the
-            # scaling runs on the CUDA cores between MMAs, so its cost matters)
-            acc += tl.dot(a, b.T) * (xs * tl.load(s_ptr + (n0 // BLK_N) * SK + kb))[:, None]
+        if BLK_N % BN == 0:  # one FMA per element (the scaling sits between MMAs on the CUDA cores)
+            acc += tl.dot(a, b.T) * (xs * ws)[:, None]
         else:
-            ws = tl.load(ws_row + kb, mask=nm, other=0.0)               # [BN]
             acc += tl.dot(a, b.T) * (xs[:, None] * ws[None, :])
+    mm = m < M
+    nm = n < N
     out = y_ptr + m.to(tl.int64)[:, None] * N + n[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
 
