@@ -122,9 +122,11 @@ def _a8_kernel(a_desc, b_desc, xs_ptr, s_ptr, y_ptr, M, N, K, MC, SK, BLK_N: tl.
 
 
 def supports(w8: torch.Tensor, block: tuple[int, int]) -> bool:
-    """The kernel's conditions: 128-wide scale blocks along K (= the activation group) and a
-    weight TMA can read (16-byte aligned base and rows)."""
-    return block[1] == GROUP and w8.shape[1] % 16 == 0 and w8.data_ptr() % 16 == 0 and w8.stride(1) == 1
+    """The kernel's conditions: 128-wide scale blocks along K (= the activation group), a weight TMA
+    can read (16-byte aligned base and rows) and a GPU with TMA and fp8 MMAs (sm_90+; the
+    interpreter's CPU tensors pass)."""
+    return (block[1] == GROUP and w8.shape[1] % 16 == 0 and w8.data_ptr() % 16 == 0 and w8.stride(1) == 1
+            and (w8.device.type != "cuda" or torch.cuda.get_device_capability(w8.device)[0] >= 9))
 
 
 def gemm_a8(x8: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
