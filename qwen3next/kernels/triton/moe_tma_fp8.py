@@ -95,10 +95,11 @@ def _gate_up_kernel(b_desc, cnt_ptr, src_ptr, x_ptr, xs_ptr, s_ptr, h_ptr, hs_pt
         # round like the reference (products in the activation dtype, then the gate, then the product)
         gt = acc_g.to(DT).to(tl.float32)
         hv = ((gt / (1.0 + tl.exp(-gt))).to(DT).to(tl.float32) * acc_u.to(DT).to(tl.float32)).to(DT).to(tl.float32)
-        # BN = 128: this program's columns are one activation group of each row
+        # BN = 128: this program's columns are one activation group of each row; IEEE divisions
+        # (div_rn; `/` is the ~2-ulp approximate one on GPUs): kernels/fp8.quantize_act's bits
         amax = tl.max(tl.abs(hv), 1)
-        sc = tl.where(amax > 0, amax / FP8_MAX, 1.0)
-        q = tl.minimum(tl.maximum(hv / sc[:, None], -FP8_MAX), FP8_MAX)
+        sc = tl.where(amax > 0, tl.math.div_rn(amax, FP8_MAX), 1.0)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(hv, sc[:, None]), -FP8_MAX), FP8_MAX)
         tl.store(h_ptr + r[:, None] * I + n[None, :], q.to(h_ptr.dtype.element_ty), mask=rm[:, None])
         tl.store(hs_ptr + r * (I // 128) + n0 // 128, sc, mask=rm)
 
