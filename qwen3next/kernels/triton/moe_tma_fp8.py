@@ -40,13 +40,13 @@ def _set_down_blocks(nargs):
 # (BM, BN, BK, warps, stages); the first is the interpreter's and QWEN3NEXT_AUTOTUNE=0's. BK divides
 # 128 (one scale per k step); gate/up has BN = 128 (one activation group of h per program) and
 # holds two fp32 accumulators plus the two products: ptxas (triton 3.6, sm_90a) fits BM = 64 over 8
-# warps in 126 registers (two CTAs per SM where shared memory allows: 2 stages), BM = 128 in 253;
+# warps in 128 registers (two CTAs per SM where shared memory allows: 2 stages), BM = 128 in ~250;
 # 64 rows per warpgroup over 4 warps spilled. Shared memory per stage BK * (BM + 2 BN) bytes
 # (gate/up), BK * (BM + BN) (down), at most 227 KB over the stages. Down's BM = 128 x BN = 256
 # spilled (1 KB): left out.
 _UP_CONFIGS = [triton.Config({"BM": bm, "BN": 128, "BK": bk}, num_warps=w, num_stages=st, pre_hook=_set_up_blocks)
                for bm, bk, w, st in ((64, 128, 8, 3), (64, 128, 8, 4), (64, 64, 8, 5), (128, 128, 8, 3),
-                                     (64, 128, 8, 5), (64, 128, 8, 2))]
+                                     (64, 128, 8, 5), (64, 128, 8, 2), (128, 64, 8, 4))]
 _DOWN_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=st,
                                pre_hook=_set_down_blocks)
                  for bm, bn, bk, w, st in ((128, 128, 128, 8, 3), (64, 128, 128, 4, 4), (64, 256, 128, 8, 3),
