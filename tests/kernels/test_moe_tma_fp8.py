@@ -136,7 +136,7 @@ def test_dispatch_off_cpu(monkeypatch):
     T, E, H, I, k = 8, 4, 128, 128, 4
     x = randn(T, H, gen=gen)
     gu8, gus, dn8, dns = _experts(gen, E, H, I)
-    monkeypatch.setattr(moe_grouped, "SORTED_MIN_ROWS", 1)
+    monkeypatch.setattr(tf8, "MIN_ROWS", 1)
     assert not tf8.suits(x, gu8, dn8, (128, 128), T * k)
     called = []
     monkeypatch.setattr(moe_fp8, "SORTED_FP8", True)
@@ -190,6 +190,8 @@ def test_sorted_fp8_gpu(experts_80b, monkeypatch):
     want = ref.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids, act_quant=True)
     y = tf8.moe_experts_sorted_fp8(x, gu8, gus, dn8, dns, w, ids)
     assert rel_err(y, want) < 1e-2
+    assert not tf8.suits(x, gu8, dn8, (128, 128), T * k)  # below MIN_ROWS: the padded GEMM wins there
+    monkeypatch.setattr(tf8, "MIN_ROWS", T * k)
     assert tf8.suits(x, gu8, dn8, (128, 128), T * k)
     monkeypatch.setattr(moe_fp8, "SORTED_FP8", True)
     called = []
