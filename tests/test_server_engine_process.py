@@ -272,3 +272,24 @@ def _rounded(x):
     if isinstance(x, dict):
         return {k: _rounded(v) for k, v in x.items()}
     return x
+
+
+def test_engine_flags_reach_the_child(tiny_ckpt):
+    """Every engine flag of `serve` crosses to the engine process: prefix caching on, a repeated
+    prompt reports the reused tokens (the child once dropped --enable-prefix-caching silently)."""
+    from qwen3next.api.engine_process import ENGINE_OPTIONS
+    from qwen3next.engine.args import EngineArgs
+
+    ns = build_parser().parse_args(["serve", "--model", tiny_ckpt])
+    flags = {k for k in vars(ns) if k in EngineArgs.names()}
+    assert flags <= set(ENGINE_OPTIONS), flags - set(ENGINE_OPTIONS)
+    proc = ProcServer(tiny_ckpt, "--enable-prefix-caching", "--prefix-caching-state-block", "96")
+    try:
+        body = {"model": "tiny", "prompt": list(range(5, 305)), "max_tokens": 2, "temperature": 0}
+        for want in (None, {"cached_tokens": 288}):
+            r = httpx.post(proc.url + "/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"].get("prompt_tokens_details") == want
+        assert proc.wait_idle()
+    finally:
+        proc.close()

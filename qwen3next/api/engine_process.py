@@ -15,14 +15,13 @@ import argparse
 import logging
 import signal
 
+from qwen3next.api.engine_setup import ENGINE_FIELDS
 from qwen3next.outputs import CompletionOutput, Logprob, RequestOutput
 
 log = logging.getLogger("qwen3next.engine_process")
 
-# the serve arguments the engine needs (build_engine's fields + device/model)
-ENGINE_OPTIONS = ("model", "dtype", "device", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
-                  "kv_cache_memory_bytes", "gpu_memory_utilization", "block_size", "seed",
-                  "tensor_parallel_size", "speculative_config", "quantization")
+# the serve arguments the engine needs (build_engine's)
+ENGINE_OPTIONS = ("model", "speculative_config", *ENGINE_FIELDS)
 
 
 def main(conn, options: dict, log_level: int) -> None:

@@ -9,18 +9,19 @@ import logging
 
 log = logging.getLogger("qwen3next.api")
 
+# command-line options that are EngineArgs fields of the same name (the engine process receives
+# these + model + speculative_config: one list, so a new flag cannot miss the child)
+ENGINE_FIELDS = ("dtype", "device", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+                 "kv_cache_memory_bytes", "gpu_memory_utilization", "block_size", "seed", "tensor_parallel_size",
+                 "quantization", "enable_prefix_caching", "prefix_caching_state_block")
+
 
 def build_engine(ns):
     """An LLMEngine from the serve/chat/generate arguments (model dir or hub id)."""
     from qwen3next.engine.args import EngineArgs
     from qwen3next.engine.llm_engine import LLMEngine
 
-    fields = {k: getattr(ns, k) for k in ("dtype", "device", "max_num_seqs", "max_num_batched_tokens",
-                                          "max_model_len", "kv_cache_memory_bytes", "gpu_memory_utilization",
-                                          "block_size", "seed", "tensor_parallel_size",
-                                          "quantization", "enable_prefix_caching",
-                                          "prefix_caching_state_block")
-              if getattr(ns, k, None) is not None}
+    fields = {k: getattr(ns, k) for k in ENGINE_FIELDS if getattr(ns, k, None) is not None}
     spec = getattr(ns, "speculative_config", None)
     if spec is not None:
         if "speculative_config" in EngineArgs.names():
