@@ -290,6 +290,24 @@ def _gemv(x, gate_up_proj, down_proj, weights, ids, shared):
     return out
 
 
+def align_blocks(x, weights, ids, E: int, BM: int, shared_gate: torch.Tensor | None = None):
+    """Rows grouped into BM-row blocks per expert -> (rows, block_expert, NB, per-row weights).
+    With `shared_gate` ([1, H], the shared expert's gate) the shared expert joins as expert E: its
+    rows (every token, in order, weighted by its sigmoid gate) need no grouping and go in blocks
+    after the routed ones; the weights then hold the routed rows' and its rows' (fp32)."""
+    T, k = ids.shape
+    weights = weights.contiguous()
+    if shared_gate is None:
+        return (*_align(ids, E, BM), weights)
+    M, H = T * k, x.shape[1]
+    NBS = triton.cdiv(T, BM)
+    rows, block_expert, NB = _align(ids, E, BM, extra_blocks=NBS)
+    w_x = torch.empty(M + T, dtype=torch.float32, device=x.device)
+    _shared_rows_kernel[(T,)](weights, x, shared_gate, w_x, rows, block_expert, T, H, E, M, NB - NBS, NBS, TOPK=k,
+                              KP=pow2(k, 2), BM=BM, BK=min(1024, pow2(H)))
+    return rows, block_expert, NB, w_x
+
+
 def _grouped(x, gate_up_proj, down_proj, weights, ids, shared, block_m: int | None = None):
     """The grouped-GEMM path; with `shared` (as in _gemv) the shared expert joins as expert E:
     its rows (every token, in order, weighted by its sigmoid gate) need no grouping and go in
@@ -299,20 +317,14 @@ def _grouped(x, gate_up_proj, down_proj, weights, ids, shared, block_m: int | No
     k = ids.shape[1]
     M = T * k
     BM = block_m or (16 if M <= 16 * E else 64)
-    weights = weights.contiguous()
     if shared is None:
         sg = su = sd = gate_up_proj  # never read
         IS, SH_E, NS = I, -1, 0
-        rows, block_expert, NB = _align(ids, E, BM)
+        rows, block_expert, NB, weights = align_blocks(x, weights, ids, E, BM)
     else:
         sg, su, sd, sgw = (w.contiguous() for w in shared)
         IS, SH_E, NS = sg.shape[0], E, 1
-        NBS = triton.cdiv(T, BM)
-        rows, block_expert, NB = _align(ids, E, BM, extra_blocks=NBS)
-        w_x = torch.empty(M + T, dtype=torch.float32, device=x.device)
-        _shared_rows_kernel[(T,)](weights, x, sgw, w_x, rows, block_expert, T, H, E, M, NB - NBS, NBS, TOPK=k,
-                                  KP=pow2(k, 2), BM=BM, BK=min(1024, pow2(H)))
-        weights = w_x
+        rows, block_expert, NB, weights = align_blocks(x, weights, ids, E, BM, sgw)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 models get fp32 products
     NBK = size_class(NB)
     IH = max(I, IS)

@@ -1,7 +1,7 @@
 """Triton MoE experts over block-FP8 weights: kernels/fp8.py's moe_experts_fp8, same signature,
 optionally with the MoE block's gated shared expert (fp8 too) inside the same launches, as
 triton/moe.py's moe_experts_shared does for bf16. The two paths of triton/moe.py (whose grouping
-`_align`, shared-row and k-sum kernels are reused):
+`align_blocks` (grouping + shared-expert rows) and the k-sum kernels are reused):
 
 * few assignments (decode, M = T*k <= GEMV_MAX_ROWS): per (assignment, column block) GEMVs, weight
   only (w8a16; kernels in moe_fp8_gemv.py); the shared expert is one more assignment per token.
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._util import autotune, pow2, size_class
-from .moe import GEMV_MAX_ROWS, _align, _shared_rows_kernel, _sum_k_kernel, _sum_shared_kernel
+from .moe import GEMV_MAX_ROWS, _sum_k_kernel, _sum_shared_kernel, align_blocks
 from .moe_fp8_gemv import _gemv_down_kernel, _gemv_gate_up_kernel
 
 FP8_MAX = tl.constexpr(448.0)  # largest finite e4m3fn value
@@ -232,20 +232,14 @@ def _grouped(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids
     M = T * k
     bn, bk = block
     BM = block_m or (16 if M <= 16 * E else 64)
-    weights = weights.contiguous()
     if shared is None:  # never read, but typed as the shared expert's tensors would be (Triton checks)
         g8, gs, u8, us, d8, ds = gate_up_proj, gate_up_scale, gate_up_proj, gate_up_scale, down_proj, down_scale
         IS, SH_E, NS = I, -1, 0
-        rows, block_expert, NB = _align(ids, E, BM)
+        rows, block_expert, NB, weights = align_blocks(x, weights, ids, E, BM)
     else:
         g8, gs, u8, us, d8, ds, sgw = shared
         IS, SH_E, NS = g8.shape[0], E, 1
-        NBS = triton.cdiv(T, BM)
-        rows, block_expert, NB = _align(ids, E, BM, extra_blocks=NBS)
-        w_x = torch.empty(M + T, dtype=torch.float32, device=x.device)
-        _shared_rows_kernel[(T,)](weights, x, sgw, w_x, rows, block_expert, T, H, E, M, NB - NBS, NBS, TOPK=k,
-                                  KP=pow2(k, 2), BM=BM, BK=min(1024, pow2(H)))
-        weights = w_x
+        rows, block_expert, NB, weights = align_blocks(x, weights, ids, E, BM, sgw)
     IH = max(I, IS)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     NBK = size_class(NB)
