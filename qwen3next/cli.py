@@ -36,7 +36,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="reuse the KV blocks and DeltaNet state snapshots of earlier prompts' shared "
                         "prefixes (default off)")
     p.add_argument("--prefix-caching-state-block", type=int,
-                   help="tokens between DeltaNet state snapshots, a multiple of --block-size (default 256; "
+                   help="tokens between DeltaNet state snapshots, a multiple of --block-size (default 256, rounded up to one; "
                         "larger on GPUs: a prompt's prefill stops at each boundary that needs one)")
     p.add_argument("--quantization", "-q", choices=["auto", "fp8"],
                    help="fp8: block-FP8 weights on the GPU (quantises a bf16 checkpoint at load); "

@@ -210,6 +210,10 @@ def test_bad_knobs_are_one_line_errors():
     with pytest.raises(ValueError, match="prefix_caching_state_fraction"):
         EngineArgs(enable_prefix_caching=True, prefix_caching_state_fraction=1.5)
     assert EngineArgs(speculative_config={"num_speculative_tokens": 1}).enable_prefix_caching is False
+    # the default snapshot spacing follows block_size: a block size not dividing 256 works, cache on or off
+    assert EngineArgs(block_size=24).prefix_caching_state_block == 264
+    assert EngineArgs(block_size=512, enable_prefix_caching=True).prefix_caching_state_block == 512
+    assert EngineArgs().prefix_caching_state_block == 256
 
 
 def test_server_usage_reports_cached_tokens(tiny_ckpt):

@@ -36,8 +36,9 @@ class EngineArgs:
     # budget and prefill chunks end at snapshot boundaries, so only workloads sharing prefixes gain
     enable_prefix_caching: bool = False
     # DeltaNet state snapshots every this many tokens (a multiple of block_size): the granularity
-    # of reuse; larger means fewer chunk cuts in prefill
-    prefix_caching_state_block: int = 256
+    # of reuse; larger means fewer chunk cuts in prefill. None: 256 rounded up to a multiple of
+    # block_size (so any block_size works without setting it)
+    prefix_caching_state_block: int | None = None
     # share of the cache budget given to snapshot slots (at least one)
     prefix_caching_state_fraction: float = 0.1
 
@@ -49,9 +50,11 @@ class EngineArgs:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size",
-                     "prefix_caching_state_block"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
             pos_int(name)
+        pos_int("prefix_caching_state_block", allow_none=True)
+        if self.prefix_caching_state_block is None:
+            self.prefix_caching_state_block = -(-256 // self.block_size) * self.block_size
         pos_int("max_model_len", allow_none=True)
         pos_int("kv_cache_memory_bytes", allow_none=True)
         if not isinstance(self.seed, int):
