@@ -241,6 +241,18 @@ def test_server_usage_reports_cached_tokens(tiny_ckpt):
         h.state.engine._update_snapshot()  # (the thread engine refreshes it after each step)
         metrics = httpx.get(h.url + "/metrics", timeout=10).text
         assert f'qwen3next:prefix_cache_hits_total{{model_name="{tiny_ckpt}"}} {288 + chat_hit}.0' in metrics
+        # tool_choice "required" on the Thinking template (api/forced_tools: reason, then the call)
+        # reports the cached tokens of its phase-1 request too
+        tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+        forced = {**chat, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "tools": [tool],
+                  "tool_choice": "required"}
+        for _ in range(2):
+            h.push("x", "</think>")
+            h.push('f", "arguments": {}}\n', "</tool_call>")
+            r = httpx.post(h.url + "/v1/chat/completions", json=forced, timeout=60).json()
+            assert "choices" in r, r
+            assert r["choices"][0]["finish_reason"] == "tool_calls"
+        assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == (r["usage"]["prompt_tokens"] - 1) // 96 * 96
     finally:
         h.close()
 

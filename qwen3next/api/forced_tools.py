@@ -45,16 +45,19 @@ async def _merged(engine, rid, ids, params, think_end, prefix_ids, gen1, grammar
     generated: list[list[int]] = [[] for _ in range(params.n)]
     tasks: list[asyncio.Task] = []
     prompt_lps: list = []  # phase 1's prompt logprobs, handed on with the next step
+    cached = [0]  # phase 1's prompt tokens found in the prefix cache (usage: the user's prompt's)
 
     async def put(request_id: str, step: Step) -> None:
-        out = RequestOutput(request_id, None, ids, [step])
+        out = RequestOutput(request_id, None, ids, [step], num_cached_tokens=cached[0])
         if prompt_lps:
             out.prompt_logprobs = prompt_lps.pop()
         await queue.put(out)
 
-    async def run(gen, on_output) -> None:
+    async def run(gen, on_output, phase1: bool = False) -> None:
         try:
             async for out in gen:
+                if phase1:
+                    cached[0] = out.num_cached_tokens
                 if out.prompt_logprobs is not None:
                     prompt_lps.append(out.prompt_logprobs)
                 for co in out.outputs:
@@ -96,7 +99,7 @@ async def _merged(engine, rid, ids, params, think_end, prefix_ids, gen1, grammar
         # the sample's capacity was admitted in phase 1: no second admission check
         await run(engine.generate(sub_id, ids + generated[i] + prefix_ids, p2, reserved=True), forward)
 
-    tasks.append(asyncio.ensure_future(run(gen1, phase1_output)))
+    tasks.append(asyncio.ensure_future(run(gen1, phase1_output, phase1=True)))
     finished = 0
     try:
         while finished < params.n:
