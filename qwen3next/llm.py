@@ -87,16 +87,21 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, enable_chunked_prefill: bool = True,
                  skip_tokenizer_init: bool = False, generation_config: str = "auto",
                  speculative_config: dict | str | None = None, tensor_parallel_size: int = 1,
-                 quantization: str | None = None, enable_prefix_caching: bool = False):
+                 quantization: str | None = None, enable_prefix_caching: bool = False, **engine_kwargs):
+        """`engine_kwargs`: the other EngineArgs fields by name (enforce_eager,
+        prefix_caching_state_block, prefix_caching_state_fraction), as vLLM's LLM passes them on."""
         if generation_config not in ("auto", "vllm"):
             raise ValueError(f"generation_config must be 'auto' or 'vllm', got {generation_config!r}")
+        unknown = sorted(set(engine_kwargs) - set(EngineArgs.names()))
+        if unknown:
+            raise ValueError(f"LLM got unknown option(s) {', '.join(unknown)} (not EngineArgs fields)")
         args = EngineArgs(
             model=model, dtype=dtype, device=device, seed=seed, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
             gpu_memory_utilization=gpu_memory_utilization, enable_chunked_prefill=enable_chunked_prefill,
             speculative_config=speculative_config, tensor_parallel_size=tensor_parallel_size,
-            quantization=quantization, enable_prefix_caching=enable_prefix_caching,
+            quantization=quantization, enable_prefix_caching=enable_prefix_caching, **engine_kwargs,
         )
         self.llm_engine = LLMEngine.from_args(args)
         self.tokenizer = None

@@ -216,6 +216,16 @@ def test_bad_knobs_are_one_line_errors():
     assert EngineArgs().prefix_caching_state_block == 256
 
 
+def test_llm_takes_the_other_engine_fields(tiny_ckpt):
+    from qwen3next import LLM
+
+    llm = LLM(tiny_ckpt, max_model_len=256, enable_prefix_caching=True, prefix_caching_state_block=32,
+              enforce_eager=True)
+    assert llm.llm_engine.cache.prefix.state_block == 32
+    with pytest.raises(ValueError, match="unknown option.*prefix_cache_block"):
+        LLM(tiny_ckpt, prefix_cache_block=32)
+
+
 def test_server_usage_reports_cached_tokens(tiny_ckpt):
     import httpx
 
