@@ -151,7 +151,10 @@ class SpecDecoder:
         out = SpecStepOutput([0] * S, [], [], [], [], [None] * S)
         plain, verify = [], []
         for i, (seq, n) in enumerate(zip(sched.seqs, sched.num_new_tokens)):
-            decode = seq.num_tokens - seq.num_computed_tokens == 1 and not seq.children
+            # a prompt's last chunk of one token (a prefix-cache hit, a chunk cut) is no decode:
+            # its first token is sampled as any prompt's, so a seeded stream does not depend on chunking
+            decode = (seq.num_tokens - seq.num_computed_tokens == 1 and not seq.children
+                      and seq.num_computed_tokens >= seq.num_prompt_tokens)
             (verify if decode else plain).append(i)
         # CPU: prompt chunks and verify rows in one forward (a forward's fixed cost is per-op
         # overhead); CUDA: apart (the verify has its own kernels and graphs)
