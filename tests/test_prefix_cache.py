@@ -330,14 +330,21 @@ def test_mtp_speculative_decoding_after_a_hit(tiny_ckpt, defer):
 
 def test_mtp_seeded_sampling_after_a_hit_of_all_but_one_token(tiny_ckpt):
     """A hit that leaves one prompt token to compute (P[:33] after P: resumes at 32) samples the
-    first token as the prompt's last chunk, not as a draft-less verify row: a seeded request gets
-    the tokens it gets without the cache."""
+    first token as the prompt's last chunk, and a prompt row draws as a draft-less verify row:
+    a seeded request gets the tokens it gets without the cache."""
     m, _ = load_model(tiny_ckpt, dtype=torch.float32, device="cpu", with_mtp=True, progress=False)
     P = rand(45, 110)
     params = SamplingParams(max_tokens=8, temperature=0.9, seed=3)
     runs = [one_by_one(engine(m, on, speculative_config={"num_speculative_tokens": 2}), [P, P[:33]], params)
             for on in (False, True)]
     assert [c for _, _, c in runs[1]] == [0, 32]
+    assert_same(runs[0], runs[1])
+    # n=2 with one sequence at a time: sample 1 is recomputed (prompt + its first token) after
+    # sample 0; with the cache its last chunk is that one token (a verify row), without it the
+    # whole 33: both draw alike
+    params = SamplingParams(max_tokens=6, temperature=0.9, seed=4, n=2)
+    runs = [one_by_one(engine(m, on, speculative_config={"num_speculative_tokens": 2}, max_num_seqs=1), [P[:32]],
+                       params) for on in (False, True)]
     assert_same(runs[0], runs[1])
 
 

@@ -258,6 +258,11 @@ class SpecDecoder:
             out.hidden[i] = hidden[o:o + n]
             o += n
         if rows:
+            # a seeded row draws the k uniforms a draft-less verify row would draw first, so its
+            # stream does not depend on which of the two samples it (a recompute's last chunk)
+            for s in rows:
+                if s.generator is not None and not s.params.greedy:
+                    torch.empty(self.k, device=self.device).uniform_(generator=s.generator)
             smp = self.sampler(logits[:len(rows)], rows)
             out.rows += rows
             out.tokens += [[t] for t in smp.token_ids]
