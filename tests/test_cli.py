@@ -143,3 +143,25 @@ def test_chat_shows_thinking_apart(tiny_ckpt, monkeypatch, capsys):
     assert out.count("[thinking] Let me think.") == 2 and out.count("Hi there.") == 2
     assert out.index("Let me think.") < out.index("Hi there.")
     assert "</think>" not in out
+
+
+def test_chat_turns_reuse_the_prefix_cache(tiny_ckpt, monkeypatch, capsys):
+    """`chat --enable-prefix-caching`: the second turn's prompt (history + new message) resumes
+    after the first turn's cached prefix."""
+    import io
+
+    import qwen3next.api.engine_setup as setup
+
+    real_build, engines = setup.build_engine, []
+
+    def keep(ns):
+        engine, path = real_build(ns)
+        engines.append(engine)
+        return engine, path
+
+    monkeypatch.setattr(setup, "build_engine", keep)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\nAgain\n/exit\n"))
+    assert main(["chat", "--model", tiny_ckpt, "--max-tokens", "4", "--system", "Be brief. " * 8,
+                 "--enable-prefix-caching", "--block-size", "8", "--prefix-caching-state-block", "16"]) == 0
+    st = engines[0].stats["prefix_cache"]
+    assert engines[0].cache.prefix.state_block == 16 and st["hit_tokens"] >= 64
