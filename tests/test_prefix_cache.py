@@ -216,6 +216,14 @@ def test_bad_knobs_are_one_line_errors():
     assert EngineArgs().prefix_caching_state_block == 256
 
 
+def test_too_small_a_budget_names_the_snapshot_slots(model):
+    from qwen3next.engine.cache import plan_cache
+
+    slot = bytes_per_slot(model.state_spec(), torch.float32)
+    with pytest.raises(ValueError, match="4 state slots \\+ 1 prefix-caching snapshot slots"):
+        plan_cache(model.state_spec(), torch.float32, BS, 4, 5 * slot, snapshot_fraction=0.1, state_block=SB)
+
+
 def test_llm_takes_the_other_engine_fields(tiny_ckpt):
     from qwen3next import LLM
 

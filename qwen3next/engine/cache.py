@@ -74,9 +74,10 @@ def plan_cache(spec: StateSpec, dtype: torch.dtype, block_size: int, num_slots: 
             num_blocks = min(num_blocks, max_blocks)
     if num_blocks < 1:
         need = (num_slots + snaps) * per_slot + per_block
+        slots = f"{num_slots} state slots" + (f" + {snaps} prefix-caching snapshot slots" if snaps else "")
         raise ValueError(
             f"the cache budget of {budget_bytes} bytes (kv_cache_memory_bytes, or what "
-            f"gpu_memory_utilization leaves) is too small: {num_slots + snaps} state slots "
+            f"gpu_memory_utilization leaves) is too small: {slots} "
             f"({per_slot} bytes each) and one KV block ({per_block} bytes) need {need} bytes"
         )
     return CachePlan(int(num_blocks), block_size, num_slots, per_block, per_slot, snaps)
