@@ -38,6 +38,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-caching-state-block", type=int,
                    help="tokens between DeltaNet state snapshots, a multiple of --block-size (default 256, rounded up to one; "
                         "larger on GPUs: a prompt's prefill stops at each boundary that needs one)")
+    p.add_argument("--hf-overrides",
+                   help="config.json keys to change at load, as JSON (vLLM's flag), e.g. YaRN for 1M tokens: "
+                        '\'{"rope_scaling": {"rope_type": "yarn", "factor": 4.0, '
+                        '"original_max_position_embeddings": 262144}}\'')
     p.add_argument("--quantization", "-q", choices=["auto", "fp8"],
                    help="fp8: block-FP8 weights on the GPU (quantises a bf16 checkpoint at load); "
                         "auto (default): FP8 checkpoints stay FP8 on one GPU, are dequantised on CPU")

@@ -37,6 +37,14 @@ class RopeConfig:
     truncate: bool = True
 
 
+def _merged(base: dict, over: dict) -> dict:
+    """`base` updated by `over`: a dict value merges into a dict value, anything else replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -96,6 +104,16 @@ class ModelConfig:
         )
 
     @property
+    def max_model_len_limit(self) -> int:
+        """The longest context this config allows (vLLM's rule): max_position_embeddings, or with
+        YaRN original_max_position_embeddings x factor (the model card's 1M-token recipe keeps
+        max_position_embeddings at 262144 and adds rope_scaling with factor 4)."""
+        r = self.rope
+        if r.rope_type == "yarn":
+            return max(self.max_position_embeddings, int(r.original_max_position_embeddings * r.factor))
+        return self.max_position_embeddings
+
+    @property
     def linear_key_dim(self) -> int:
         return self.linear_num_key_heads * self.linear_key_head_dim
 
@@ -109,7 +127,11 @@ class ModelConfig:
 
     # ---- reading -------------------------------------------------------------------------
     @classmethod
-    def from_dir(cls, path: str) -> "ModelConfig":
+    def from_dir(cls, path: str, overrides: dict | None = None) -> "ModelConfig":
+        """config.json of `path`, with `overrides` (vLLM's hf_overrides: nested dicts merged key by
+        key, other values replaced) applied before it is read. A `rope_scaling` override also goes
+        into a transformers-5 `rope_parameters` block, whose keys win over `rope_scaling`'s: the
+        model card's recipe then works on either layout."""
         file = os.path.join(path, "config.json")
         if not os.path.isfile(file):
             raise ConfigError(f"no config.json in {path}")
@@ -118,7 +140,10 @@ class ModelConfig:
                 data = json.load(f)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{file} is not valid JSON: {e}") from None
-        return cls.from_hf(data)
+        overrides = dict(overrides or {})
+        if isinstance(overrides.get("rope_scaling"), dict) and isinstance(data.get("rope_parameters"), dict):
+            overrides["rope_parameters"] = {**overrides["rope_scaling"], **overrides.get("rope_parameters", {})}
+        return cls.from_hf(_merged(data, overrides))
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "ModelConfig":

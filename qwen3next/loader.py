@@ -228,13 +228,15 @@ def _few(names: list[str], k: int = 5) -> str:
 
 
 def load_model(path_or_id: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-               with_mtp: bool | None = None, progress: bool = True, quantization: str | None = None):
+               with_mtp: bool | None = None, progress: bool = True, quantization: str | None = None,
+               hf_overrides: dict | None = None):
     """-> (model in eval mode, ModelConfig). Parameters are allocated uninitialised, then loaded.
-    `quantization` ("auto" / None, "fp8"): see fp8_at_load."""
+    `quantization` ("auto" / None, "fp8"): see fp8_at_load. `hf_overrides`: config.json keys to
+    change (ModelConfig.from_dir)."""
     from .model import Qwen3NextForCausalLM
 
     path = resolve_model_dir(path_or_id)
-    cfg = ModelConfig.from_dir(path)
+    cfg = ModelConfig.from_dir(path, hf_overrides)
     fp8 = fp8_at_load(quantization, cfg, device)
     with torch.device("meta"):
         model = Qwen3NextForCausalLM(cfg, with_mtp=with_mtp)

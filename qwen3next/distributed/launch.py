@@ -39,14 +39,14 @@ def _wait_ready(procs: list, conns: list, timeout_s: float) -> None:
 
 
 def start(model_dir: str, size: int, dtype: torch.dtype, device: torch.device, with_mtp: bool,
-          timeout_s: float = 600.0):
+          timeout_s: float = 600.0, hf_overrides: dict | None = None):
     """-> (DriverModel around rank 0's shard, ModelConfig). device: cpu, or cuda (rank r on cuda:r)."""
     from qwen3next.loader import load_model
 
     from .driver import DriverModel
     from .parallel_state import destroy_tp, init_tp
 
-    cfg = ModelConfig.from_dir(model_dir)
+    cfg = ModelConfig.from_dir(model_dir, hf_overrides)
     check_divisible(cfg, size)
     if device.type == "cuda":
         if torch.cuda.device_count() < size:
@@ -59,13 +59,14 @@ def start(model_dir: str, size: int, dtype: torch.dtype, device: torch.device, w
         parent_end, child_end = ctx.Pipe(duplex=False)
         p = ctx.Process(target=_worker_entry, name=f"qwen3next-tp{rank}", daemon=True,
                         args=(rank, size, init_method, model_dir, dtype, device.type, with_mtp, child_end,
-                              os.getpid(), timeout_s, torch.get_num_threads()))
+                              os.getpid(), timeout_s, torch.get_num_threads(), hf_overrides))
         p.start()
         procs.append(p)
         conns.append(parent_end)
     try:
         init_tp(0, size, init_method, device, timeout_s)
-        model, cfg = load_model(model_dir, dtype=dtype, device=device, with_mtp=with_mtp, progress=False)
+        model, cfg = load_model(model_dir, dtype=dtype, device=device, with_mtp=with_mtp, progress=False,
+                                hf_overrides=hf_overrides)
         _wait_ready(procs, conns, timeout_s)
     except BaseException:
         for p in procs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 
 import torch
@@ -19,7 +20,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_model_len: int | None = None  # None: the model's limit (ModelConfig.max_model_len_limit)
     block_size: int = 16
     kv_cache_memory_bytes: int | None = None  # None: gpu_memory_utilization on GPU, 4 GiB on CPU
     gpu_memory_utilization: float = 0.9
@@ -41,6 +42,10 @@ class EngineArgs:
     prefix_caching_state_block: int | None = None
     # share of the cache budget given to snapshot slots (at least one)
     prefix_caching_state_fraction: float = 0.1
+    # vLLM's hf_overrides: config.json keys changed at load (dict or JSON text), e.g. the model
+    # card's 1M-token YaRN: {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+    # "original_max_position_embeddings": 262144}}
+    hf_overrides: object = None
 
     def __post_init__(self) -> None:
         def pos_int(name: str, allow_none: bool = False) -> None:
@@ -79,6 +84,13 @@ class EngineArgs:
                 raise ValueError("quantization='fp8' needs a CUDA device (on CPU FP8 checkpoints are dequantised)")
             if self.tensor_parallel_size > 1:
                 raise ValueError("quantization='fp8' does not support tensor_parallel_size > 1 yet")
+        if isinstance(self.hf_overrides, str):
+            try:
+                self.hf_overrides = json.loads(self.hf_overrides)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"hf_overrides is not valid JSON: {e}") from None
+        if self.hf_overrides is not None and not isinstance(self.hf_overrides, dict):
+            raise ValueError(f"hf_overrides must be a JSON object, got {self.hf_overrides!r}")
         from qwen3next.engine.spec_decode import SpeculativeConfig
 
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)

@@ -74,10 +74,12 @@ class LLMEngine:
         self.args = args
         cfg = model.config
         self.vocab_size = cfg.vocab_size
-        self.max_model_len = args.max_model_len or cfg.max_position_embeddings
-        if self.max_model_len > cfg.max_position_embeddings:
-            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's "
-                             f"max_position_embeddings ({cfg.max_position_embeddings})")
+        limit = cfg.max_model_len_limit
+        self.max_model_len = args.max_model_len or limit
+        if self.max_model_len > limit:
+            yarn = "" if cfg.rope.rope_type == "yarn" else (
+                "; longer contexts need YaRN rope scaling (hf_overrides / --hf-overrides, see README)")
+            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's limit ({limit}){yarn}")
         if not args.enable_chunked_prefill and args.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens ({args.max_num_batched_tokens}) must be >= "
                              f"max_model_len ({self.max_model_len}) when enable_chunked_prefill is False")
@@ -136,18 +138,18 @@ class LLMEngine:
             raise ValueError("model must name a checkpoint directory or hub id")
         path = resolve_model_dir(args.model)
         device = args.torch_device()
-        dtype = args.torch_dtype(ModelConfig.from_dir(path).dtype, device)
+        dtype = args.torch_dtype(ModelConfig.from_dir(path, args.hf_overrides).dtype, device)
         torch.manual_seed(args.seed)
         # the MTP head only for speculative decoding: without it the cache has no MTP KV layer
         if args.tensor_parallel_size > 1:  # this process becomes rank 0 of N (distributed/)
             from qwen3next.distributed.launch import start
 
             model, cfg = start(path, args.tensor_parallel_size, dtype, device,
-                               with_mtp=args.speculative_config is not None)
+                               with_mtp=args.speculative_config is not None, hf_overrides=args.hf_overrides)
         else:
             model, cfg = load_model(path, dtype=dtype, device=device,
                                     with_mtp=args.speculative_config is not None, progress=False,
-                                    quantization=args.quantization)
+                                    quantization=args.quantization, hf_overrides=args.hf_overrides)
         (getattr(model, "inner", model)).sampled_vocab_size = tokenizer_size(path)
         gen = read_generation_config(path)
         eos = gen.get("eos_token_id")
