@@ -42,6 +42,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="config.json keys to change at load, as JSON (vLLM's flag), e.g. YaRN for 1M tokens: "
                         '\'{"rope_scaling": {"rope_type": "yarn", "factor": 4.0, '
                         '"original_max_position_embeddings": 262144}}\'')
+    # accepted so vLLM command lines run unchanged: this architecture's code is built in, and the
+    # KV cache is kept in the model dtype (an fp8 KV cache is not implemented: argparse names the choice)
+    p.add_argument("--trust-remote-code", action="store_true", help="accepted for vLLM compatibility; no effect")
+    p.add_argument("--kv-cache-dtype", choices=["auto"], help="auto only: the KV cache in the model dtype")
     p.add_argument("--quantization", "-q", choices=["auto", "fp8"],
                    help="fp8: block-FP8 weights on the GPU (quantises a bf16 checkpoint at load); "
                         "auto (default): FP8 checkpoints stay FP8 on one GPU, are dequantised on CPU")

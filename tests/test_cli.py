@@ -10,6 +10,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from qwen3next.cli import build_parser, main
 
@@ -165,3 +166,15 @@ def test_chat_turns_reuse_the_prefix_cache(tiny_ckpt, monkeypatch, capsys):
                  "--enable-prefix-caching", "--block-size", "8", "--prefix-caching-state-block", "16"]) == 0
     st = engines[0].stats["prefix_cache"]
     assert engines[0].cache.prefix.state_block == 16 and st["hit_tokens"] >= 64
+
+
+def test_vllm_command_lines_parse():
+    """The model card's vLLM serve commands run as they are (flags that change nothing here are
+    accepted); an fp8 KV cache, not implemented, is refused by name."""
+    p = build_parser()
+    ns = p.parse_args(["serve", "--model", "m", "--port", "8000", "--tensor-parallel-size", "4",
+                       "--max-model-len", "262144", "--reasoning-parser", "deepseek_r1", "--trust-remote-code",
+                       "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--kv-cache-dtype", "auto"])
+    assert ns.tensor_parallel_size == 4 and ns.max_model_len == 262144
+    with pytest.raises(SystemExit):
+        p.parse_args(["serve", "--model", "m", "--kv-cache-dtype", "fp8"])
