@@ -26,6 +26,7 @@ from qwen3next.api.protocol import (ChatCompletionRequest, CompletionRequest, De
 from qwen3next.api.serving_chat import create_chat_completion
 from qwen3next.api.serving_common import ServerState
 from qwen3next.api.serving_completions import create_completion
+from qwen3next.api.serving_responses import create_response
 from qwen3next.api.validate import parse_body, template_messages
 
 log = logging.getLogger("qwen3next.api")
@@ -70,6 +71,10 @@ def build_app(state: ServerState) -> FastAPI:
         req = parse_body(await request.body(), CompletionRequest)
         return _respond(await create_completion(state, req, request))
 
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        return _respond(await create_response(state, await request.body(), request))
+
     @app.post("/tokenize")
     async def tokenize(request: Request):
         body = parse_body(await request.body(), TokenizeRequest)
@@ -113,8 +118,8 @@ def build_app(state: ServerState) -> FastAPI:
     return app
 
 
-_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/version",
-           "/tokenize", "/detokenize"}
+_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health", "/metrics",
+           "/version", "/tokenize", "/detokenize"}
 
 
 class AuthAndCount:
