@@ -18,7 +18,7 @@ from qwen3next.api.errors import APIError, error_body
 from qwen3next.api.protocol import now
 from qwen3next.api.responses_input import ResponsesRequest, parse_responses_request
 from qwen3next.api.serving_chat import create_chat_completion
-from qwen3next.api.serving_common import ServerState
+from qwen3next.api.serving_common import ServerState, sse
 
 
 # chat fields -> the Responses fields they came from (for 400s raised on the chat path)
@@ -106,7 +106,7 @@ class _Events:
     def __call__(self, type_: str, **fields) -> str:
         body = {"type": type_, "sequence_number": self.seq, **fields}
         self.seq += 1
-        return f"event: {type_}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n"
+        return f"event: {type_}\n" + sse(body)
 
 
 async def _stream(req: ResponsesRequest, rid: str, created: int, chunks: AsyncIterator[str]
