@@ -27,14 +27,6 @@ def srv(tiny_ckpt):
     h.close()
 
 
-@pytest.fixture
-def client(srv):
-    srv.sampler.queue.clear()
-    srv.sampler.sticky = None
-    yield openai.OpenAI(base_url=srv.url + "/v1", api_key="EMPTY", max_retries=0)
-    assert srv.wait_idle(), "a request left cache blocks or state slots behind"
-
-
 def test_reasoning_split_non_streaming(srv, client):
     srv.push("Let me think.\n", "</think>", "\n\nParis is nice.")
     r = client.chat.completions.create(model="tiny", messages=USER, max_tokens=40)

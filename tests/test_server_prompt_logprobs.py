@@ -20,14 +20,6 @@ def srv(tiny_ckpt):
     h.close()
 
 
-@pytest.fixture
-def client(srv):
-    srv.sampler.queue.clear()
-    srv.sampler.sticky = None
-    yield openai.OpenAI(base_url=srv.url + "/v1", api_key="EMPTY", max_retries=0)
-    assert srv.wait_idle(), "a request left cache blocks or state slots behind"
-
-
 def reference(srv, ids: list[int]) -> torch.Tensor:
     """[L, V] log-softmax of a cache-less forward of the served model (row p predicts p + 1)."""
     model = srv.engine.model

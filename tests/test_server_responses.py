@@ -25,14 +25,6 @@ def srv(tiny_ckpt):
     h.close()
 
 
-@pytest.fixture
-def client(srv):
-    srv.sampler.queue.clear()
-    srv.sampler.sticky = None
-    yield openai.OpenAI(base_url=srv.url + "/v1", api_key="EMPTY", max_retries=0)
-    assert srv.wait_idle(), "a request left cache blocks or state slots behind"
-
-
 def _check_schema(r):
     """The body validates against openai's own Response model (not just the lenient construct)."""
     body = r.model_dump(exclude_unset=True)
