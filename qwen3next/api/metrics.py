@@ -76,13 +76,17 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class SpecDecodeCollector:
-    """The engine's cumulative MTP counts (vLLM's spec_decode_* names), overall and per draft
-    position; nothing when speculative decoding is off."""
+class _EngineStatsCollector:
+    """A prometheus collector reading one section of the engine's stats snapshot at scrape time."""
 
     def __init__(self, model_name: str, snapshot: Callable[[], dict]):
         self.model_name = model_name
         self.snapshot = snapshot
+
+
+class SpecDecodeCollector(_EngineStatsCollector):
+    """The engine's cumulative MTP counts (vLLM's spec_decode_* names), overall and per draft
+    position; nothing when speculative decoding is off."""
 
     def collect(self):
         spec = self.snapshot().get("spec_decode")
@@ -112,13 +116,9 @@ class SpecDecodeCollector:
             yield m
 
 
-class PrefixCacheCollector:
+class PrefixCacheCollector(_EngineStatsCollector):
     """vLLM's prefix_cache_queries / prefix_cache_hits (prompt tokens looked up / reused, since
     start); nothing when prefix caching is off."""
-
-    def __init__(self, model_name: str, snapshot: Callable[[], dict]):
-        self.model_name = model_name
-        self.snapshot = snapshot
 
     def collect(self):
         pc = self.snapshot().get("prefix_cache")
