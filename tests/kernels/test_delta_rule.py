@@ -103,3 +103,22 @@ def test_chunked_bf16_gpu(lens, variant):
     o_ref = ref.gated_delta_rule_chunked(q.float(), k.float(), v.float(), g, beta, c, pool_ref, slots, has)
     assert rel_err(o, o_ref) < 2e-2
     assert rel_err(pool, pool_ref) < 2e-2
+
+
+@pytest.mark.parametrize("form", ["chunked", "recurrent"])
+def test_bf16_state_pool(form):
+    """A bf16 state pool (vLLM's --mamba-ssm-cache-dtype): read as bf16, computed in fp32, the
+    final state rounded on store; matches the reference run on the same bf16 pool."""
+    lens = [70, 5, 130]
+    q, k, v, g, beta = make(lens, 1, 2, 16, 32, seed=21)
+    slots = torch.tensor([3, 0, 1], device=DEV)
+    pool = randn(5, 2, 16, 32, gen=seeded(22), scale=0.1).to(torch.bfloat16)
+    has = torch.tensor([True, False, True], device=DEV)
+    p_t, p_r = pool.clone(), pool.clone()
+    o = getattr(tri, f"gated_delta_rule_{form}")(q, k, v, g, beta, cu(lens), p_t, slots, has)
+    o_ref = ref.gated_delta_rule_recurrent(q, k, v, g, beta, cu(lens), p_r, slots, has)
+    assert p_t.dtype == torch.bfloat16
+    assert rel_err(o, o_ref) < 1e-4
+    assert rel_err(p_t[slots], p_r[slots]) < 1e-2
+    assert not torch.equal(p_t[slots], pool[slots])
+    assert torch.equal(p_t[[2, 4]], pool[[2, 4]])

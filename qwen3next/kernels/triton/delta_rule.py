@@ -13,7 +13,7 @@ Same signatures as kernels/delta_rule.py (spec §5.5-5.6). The chunked path:
                      decay-masked Q K^T) W in the loop), or it stores each chunk's S_0 and W and
   4. `_out_kernel`   computes O per (chunk, v-head, dv block) in parallel.
 Chunk tables are built on the device (no host sync). Matrix products take the activation dtype
-(bf16 on GPU) with fp32 accumulation; the state is fp32.
+(bf16 on GPU) with fp32 accumulation; the state is fp32 in the kernels, its pool fp32 or bf16.
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ def _state_kernel(q_ptr, k_ptr, u_ptr, kd_ptr, G_ptr, w_ptr, h_ptr, o_ptr, cu_pt
         S = S * tl.exp2(G_last) + tl.dot(tl.trans(k), wg, input_precision=PREC)
     if HAS_STATE:
         if slot >= 0:
-            tl.store(sp, S)
+            tl.store(sp, S.to(st_ptr.dtype.element_ty))  # fp32 or bf16 pool
 
 
 @triton.jit(do_not_specialize=["B"])
@@ -324,7 +324,7 @@ def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slo
 
     q, k [T, Hk, dk] (L2-normalised, q scaled); v [T, Hv, dv] (each may be a row-strided view,
     e.g. columns of the conv output: read in place); g, beta [T, Hv] fp32;
-    state [N, Hv, dk, dv] fp32 pool read at `state_slots` (if `has_initial_state`) and written
+    state [N, Hv, dk, dv] fp32 or bf16 pool (computed in fp32, rounded on store) read at `state_slots` (if `has_initial_state`) and written
     in place with each sequence's final state. The keywords pick kernel variants (benchmarks).
     """
     _check(q, k, v, g, beta, state, state_slots)
@@ -401,10 +401,11 @@ def _recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, o_ptr, cu_ptr, st_ptr, 
         if PER_TOKEN:
             ps = tl.load(pts_ptr + t)
             if ps >= 0:
-                tl.store(st_ptr + ((ps * HV + h) * DK + ck[:, None]) * DV + cv[None, :], S)
+                tl.store(st_ptr + ((ps * HV + h) * DK + ck[:, None]) * DV + cv[None, :],
+                         S.to(st_ptr.dtype.element_ty))
     if HAS_STATE:
         if slot >= 0:
-            tl.store(sp, S)
+            tl.store(sp, S.to(st_ptr.dtype.element_ty))  # fp32 or bf16 pool
 
 
 def gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, state=None, state_slots=None,
