@@ -30,14 +30,50 @@ def parse_body(raw: bytes, model: type[R]) -> R:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad_request(f"Request body is not valid JSON: {e}") from None
+    except RecursionError:  # e.g. 100k nested arrays: json's C scanner recurses per level
+        raise bad_request("Request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise bad_request("Request body must be a JSON object")
+    # "\ud800" is valid JSON but no text: the tokenizer and the UTF-8 response writer fail on it
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            where = _lone_surrogate(body, "")
+        except RecursionError:
+            raise bad_request("Request body is not valid JSON: nested too deeply") from None
+        if where is not None:
+            raise bad_request(f"{where}: string holds a lone UTF-16 surrogate (not valid Unicode)", where)
     try:
         return model.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
         param = _param_of(err["loc"])
         raise bad_request(f"{param}: {err['msg']}" if param else err["msg"], param) from None
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(value: Any, where: str) -> str | None:
+    """The path of the first string (or key) in `value` that is not encodable as UTF-8, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            # the path goes into the error body, which must itself be valid UTF-8
+            path = (f"{where}.{k}" if where else k).encode("utf-8", "backslashreplace").decode()
+            found = _lone_surrogate(k, path)
+            found = found if found is not None else _lone_surrogate(v, path)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _lone_surrogate(v, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _param_of(loc: tuple) -> str | None:

@@ -1,0 +1,47 @@
+"""Audit (session 5) of the OpenAI layer as real clients hit it: bodies that are valid JSON but
+break later stages (deep nesting, lone surrogates) must be 400s naming the field, not 500s."""
+
+import json
+
+import pytest
+
+pytest.importorskip("pydantic")
+
+from qwen3next.api.errors import APIError  # noqa: E402
+from qwen3next.api.protocol import ChatCompletionRequest, CompletionRequest  # noqa: E402
+from qwen3next.api.validate import parse_body  # noqa: E402
+
+
+def _bad(raw: bytes, model=ChatCompletionRequest) -> APIError:
+    with pytest.raises(APIError) as e:
+        parse_body(raw, model)
+    assert e.value.status == 400
+    json.dumps(e.value.body(), ensure_ascii=False).encode("utf-8")  # the error body itself is sendable
+    return e.value
+
+
+def test_deeply_nested_body_is_a_400():
+    err = _bad(b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert "nested too deeply" in err.message
+
+
+@pytest.mark.parametrize("raw,param", [
+    (b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages[0].content"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+     "messages[0].content[0].text"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "stop": ["ok", "\\udc00"]}', "stop[1]"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"k\\ud800": 1}}',
+     "chat_template_kwargs.k\\ud800"),
+])
+def test_lone_surrogate_is_a_400_naming_the_field(raw, param):
+    err = _bad(raw)
+    assert err.param == param and "surrogate" in err.message
+
+
+def test_lone_surrogate_in_a_completion_prompt():
+    assert _bad(b'{"prompt": "\\ud83d"}', CompletionRequest).param == "prompt"
+
+
+def test_surrogate_pairs_still_parse():
+    req = parse_body(b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00 \\u00e9"}]}', ChatCompletionRequest)
+    assert req.messages[0].content == "\U0001F600 \u00e9"
