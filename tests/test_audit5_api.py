@@ -45,3 +45,15 @@ def test_lone_surrogate_in_a_completion_prompt():
 def test_surrogate_pairs_still_parse():
     req = parse_body(b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00 \\u00e9"}]}', ChatCompletionRequest)
     assert req.messages[0].content == "\U0001F600 \u00e9"
+
+
+@pytest.mark.parametrize("field", ["chat_template_kwargs", "guided_json"])
+def test_nesting_is_bounded_before_the_template_and_the_schema_recurse(field):
+    inner = "1"
+    for _ in range(400):  # json.loads takes it; the template's _plain and the schema rewrite did not
+        inner = '{"a": ' + inner + "}"
+    body = '{"messages": [{"role": "user", "content": "x"}], "%s": {"k": %s}}' % (field, inner)
+    assert "nested more than 128 levels" in _bad(body.encode()).message
+    fine = '{"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"k": %s}}' % (
+        "[" * 100 + "]" * 100)
+    assert parse_body(fine.encode(), ChatCompletionRequest).chat_template_kwargs["k"] is not None

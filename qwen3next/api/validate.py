@@ -18,6 +18,8 @@ from qwen3next.api.protocol import ChatCompletionRequest, CompletionRequest, Sam
 
 MAX_N = 128
 MAX_LOGPROBS = 20
+# JSON nesting of a request body (tool schemas, arguments, template kwargs); real ones nest < 20
+MAX_DEPTH = 128
 # pydantic appends union-member tags ("str", "list[str]", "NamedToolChoice") to error locations
 _UNION_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*|dict\[.*|literal\[.*|function-.*|[A-Z]\w*)$")
 
@@ -34,12 +36,12 @@ def parse_body(raw: bytes, model: type[R]) -> R:
         raise bad_request("Request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise bad_request("Request body must be a JSON object")
+    # the template, the schema rewrites and validation recurse per level: bound it before them
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _too_deep(body):
+        raise bad_request(f"Request body is nested more than {MAX_DEPTH} levels deep")
     # "\ud800" is valid JSON but no text: the tokenizer and the UTF-8 response writer fail on it
     if _SURROGATE_ESCAPE.search(raw):
-        try:
-            where = _lone_surrogate(body, "")
-        except RecursionError:
-            raise bad_request("Request body is not valid JSON: nested too deeply") from None
+        where = _lone_surrogate(body, "")
         if where is not None:
             raise bad_request(f"{where}: string holds a lone UTF-16 surrogate (not valid Unicode)", where)
     try:
@@ -48,6 +50,17 @@ def parse_body(raw: bytes, model: type[R]) -> R:
         err = e.errors()[0]
         param = _param_of(err["loc"])
         raise bad_request(f"{param}: {err['msg']}" if param else err["msg"], param) from None
+
+
+def _too_deep(body: dict) -> bool:
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
