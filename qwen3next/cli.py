@@ -46,6 +46,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     # KV cache is kept in the model dtype (an fp8 KV cache is not implemented: argparse names the choice)
     p.add_argument("--trust-remote-code", action="store_true", help="accepted for vLLM compatibility; no effect")
     p.add_argument("--kv-cache-dtype", choices=["auto"], help="auto only: the KV cache in the model dtype")
+    p.add_argument("--mamba-ssm-cache-dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the DeltaNet recurrent states between steps (vLLM's flag; auto: float32); "
+                        "bfloat16 halves their memory and the bytes each decode step moves")
     p.add_argument("--quantization", "-q", choices=["auto", "fp8"],
                    help="fp8: block-FP8 weights on the GPU (quantises a bf16 checkpoint at load); "
                         "auto (default): FP8 checkpoints stay FP8 on one GPU, are dequantised on CPU")

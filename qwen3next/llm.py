@@ -89,7 +89,8 @@ class LLM:
                  speculative_config: dict | str | None = None, tensor_parallel_size: int = 1,
                  quantization: str | None = None, enable_prefix_caching: bool = False, **engine_kwargs):
         """`engine_kwargs`: the other EngineArgs fields by name (enforce_eager,
-        prefix_caching_state_block, prefix_caching_state_fraction), as vLLM's LLM passes them on."""
+        prefix_caching_state_block, prefix_caching_state_fraction, mamba_ssm_cache_dtype, ...), as
+        vLLM's LLM passes them on."""
         if generation_config not in ("auto", "vllm"):
             raise ValueError(f"generation_config must be 'auto' or 'vllm', got {generation_config!r}")
         unknown = sorted(set(engine_kwargs) - set(EngineArgs.names()))

@@ -8,6 +8,8 @@ from dataclasses import dataclass, fields
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# vLLM's MambaDType values for the recurrent (SSM) state pool
+_STATE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -46,6 +48,11 @@ class EngineArgs:
     # card's 1M-token YaRN: {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
     # "original_max_position_embeddings": 262144}}
     hf_overrides: object = None
+    # vLLM's mamba_ssm_cache_dtype: the dtype the DeltaNet recurrent states are kept in between steps
+    # (every kernel computes in float32 and rounds on store). "auto" keeps float32, as SGLang's
+    # default and the Qwen3.5 configs' mamba_ssm_dtype (vLLM's "auto" would follow the model dtype);
+    # "bfloat16" halves the state bytes: decode reads and writes them every step, and more fit
+    mamba_ssm_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         def pos_int(name: str, allow_none: bool = False) -> None:
@@ -66,6 +73,9 @@ class EngineArgs:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+        if self.mamba_ssm_cache_dtype not in _STATE_DTYPES:
+            raise ValueError(f"mamba_ssm_cache_dtype must be 'auto', 'float32', 'bfloat16' or 'float16', "
+                             f"got {self.mamba_ssm_cache_dtype!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.device is not None:
@@ -127,3 +137,7 @@ class EngineArgs:
         if device.type == "cpu":
             return torch.float32
         return _DTYPES.get(checkpoint_dtype or "bfloat16", torch.bfloat16)
+
+    def state_dtype(self) -> torch.dtype:
+        """The recurrent state pool's dtype (mamba_ssm_cache_dtype; "auto": float32)."""
+        return _DTYPES.get(self.mamba_ssm_cache_dtype, torch.float32)

@@ -1,7 +1,8 @@
 """The engine's cache memory: paged KV blocks for attention layers, state slots for DeltaNet.
 
-One byte budget is split at start-up: `num_slots` state slots (conv + fp32 recurrent state per
-linear layer, one per running sequence) come first, then (prefix caching) `num_snapshot_slots`
+One byte budget is split at start-up: `num_slots` state slots (conv + recurrent state per linear
+layer, one per running sequence; the recurrent pool in `plan.state_dtype`, float32 unless
+mamba_ssm_cache_dtype says otherwise) come first, then (prefix caching) `num_snapshot_slots`
 more for state snapshots, the rest becomes KV blocks of `block_size` tokens. `CacheManager` hands
 blocks and slots to sequences, keeps a persistent block table per slot (rows gathered per step,
 never rebuilt), copies a sequence's cache for n > 1 forks, and frees everything when a sequence
@@ -30,6 +31,8 @@ class CachePlan:
     bytes_per_block: int  # all attention layers together
     bytes_per_slot: int  # all linear layers together
     num_snapshot_slots: int = 0  # prefix caching: state snapshots, after the num_slots slots
+    # the recurrent state pool's dtype (travels with the plan to tensor-parallel workers)
+    state_dtype: torch.dtype = torch.float32
 
     @property
     def num_tokens(self) -> int:
@@ -45,21 +48,23 @@ def bytes_per_block(spec: StateSpec, block_size: int, dtype: torch.dtype) -> int
     return sum(2 * block_size * h * d * item for h, d in spec.kv_layers.values())
 
 
-def bytes_per_slot(spec: StateSpec, dtype: torch.dtype) -> int:
+def bytes_per_slot(spec: StateSpec, dtype: torch.dtype, state_dtype: torch.dtype = torch.float32) -> int:
+    """Conv states in the model dtype, recurrent states in `state_dtype`."""
     item = torch.empty((), dtype=dtype).element_size()
+    state_item = torch.empty((), dtype=state_dtype).element_size()
     conv = sum(c * k * item for c, k in spec.conv_layers.values())
-    rec = sum(h * dk * dv * 4 for h, dk, dv in spec.recurrent_layers.values())
+    rec = sum(h * dk * dv * state_item for h, dk, dv in spec.recurrent_layers.values())
     return conv + rec
 
 
 def plan_cache(spec: StateSpec, dtype: torch.dtype, block_size: int, num_slots: int,
                budget_bytes: int, max_blocks: int | None = None, snapshot_fraction: float = 0.0,
-               state_block: int = 0) -> CachePlan:
+               state_block: int = 0, state_dtype: torch.dtype = torch.float32) -> CachePlan:
     """Slots first, then snapshot slots (`snapshot_fraction` of the budget, at least one, at most
     one per `state_block` tokens of `max_blocks`), the rest of `budget_bytes` to KV blocks (at
     most `max_blocks`)."""
     per_block = bytes_per_block(spec, block_size, dtype)
-    per_slot = bytes_per_slot(spec, dtype)
+    per_slot = bytes_per_slot(spec, dtype, state_dtype)
     snaps = 0
     if snapshot_fraction > 0:
         snaps = max(1, int(snapshot_fraction * budget_bytes) // max(1, per_slot))
@@ -80,7 +85,7 @@ def plan_cache(spec: StateSpec, dtype: torch.dtype, block_size: int, num_slots: 
             f"gpu_memory_utilization leaves) is too small: {slots} "
             f"({per_slot} bytes each) and one KV block ({per_block} bytes) need {need} bytes"
         )
-    return CachePlan(int(num_blocks), block_size, num_slots, per_block, per_slot, snaps)
+    return CachePlan(int(num_blocks), block_size, num_slots, per_block, per_slot, snaps, state_dtype)
 
 
 def allocate_cache(spec: StateSpec, plan: CachePlan, dtype: torch.dtype,
@@ -92,7 +97,7 @@ def allocate_cache(spec: StateSpec, plan: CachePlan, dtype: torch.dtype,
     for i, (c, k) in spec.conv_layers.items():
         cache.conv[i] = torch.zeros(slots, c, k, dtype=dtype, device=device)
     for i, shape in spec.recurrent_layers.items():
-        cache.recurrent[i] = torch.zeros(slots, *shape, dtype=torch.float32, device=device)
+        cache.recurrent[i] = torch.zeros(slots, *shape, dtype=plan.state_dtype, device=device)
     return cache
 
 
@@ -295,10 +300,10 @@ class CacheManager:
         p = self.plan
         gib = 1 << 30
         logger.info(
-            "cache: %d KV blocks x %d tokens = %d tokens (%.3f GiB) + %d state slots (%.3f MiB each); "
-            "%d sequences run at once, %.2f of them at max_model_len=%d",
+            "cache: %d KV blocks x %d tokens = %d tokens (%.3f GiB) + %d state slots (%.3f MiB each, "
+            "recurrent states in %s); %d sequences run at once, %.2f of them at max_model_len=%d",
             p.num_blocks, p.block_size, p.num_tokens, p.num_blocks * p.bytes_per_block / gib,
-            p.num_slots, p.bytes_per_slot / (1 << 20), self.scratch_base,
+            p.num_slots, p.bytes_per_slot / (1 << 20), str(p.state_dtype).removeprefix("torch."), self.scratch_base,
             p.num_tokens / max_model_len, max_model_len,
         )
         if self.prefix is not None:

@@ -93,7 +93,7 @@ class LLMEngine:
         plan = plan_cache(spec, self.dtype, args.block_size, num_slots,
                           self._budget_bytes(), max_blocks=num_slots * blocks_per_seq,
                           snapshot_fraction=args.prefix_caching_state_fraction if state_block else 0.0,
-                          state_block=state_block)
+                          state_block=state_block, state_dtype=args.state_dtype())
         # tensor parallel: every rank allocates the same plan (its own heads' shards)
         make_cache = getattr(model, "make_cache_manager", CacheManager)
         self.cache = make_cache(spec, plan, self.dtype, self.device, self.max_model_len,

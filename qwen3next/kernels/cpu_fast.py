@@ -140,7 +140,8 @@ def _step(qk, v, g, beta, S):
 def delta_rule_step(q, k, v, g, beta, state, state_slots) -> torch.Tensor:
     """One token per sequence from its state slot (all slots hold a valid state).
     q, k [B, Hk, dk] fp32 (normalised, q scaled); v [B, Hv, dv]; g, beta [B, Hv] fp32;
-    state [N, Hv, dk, dv] fp32 updated in place -> o [B, Hv, dv] in v's dtype.
+    state [N, Hv, dk, dv] updated in place -> o [B, Hv, dv] in v's dtype. A bf16 / fp16 pool
+    (mamba_ssm_cache_dtype) is stepped on an fp32 copy of the batch's states, rounded back once.
 
     The states are the step's big tensor (256 KiB per sequence and layer at 4 x 128 x 128). When
     the batch's slots fill most of a range lo..hi (the usual case: slots are handed out low
@@ -149,6 +150,11 @@ def delta_rule_step(q, k, v, g, beta, state, state_slots) -> torch.Tensor:
     zero inputs, which leave them as they are (decay exp(0) = 1, beta = 0)."""
     B, N = q.shape[0], state.shape[0]
     qk = _qk_rows(q, k, state.shape[1])
+    if state.dtype != torch.float32:  # the update computes in place: never in the pool's 16 bits
+        S = state.index_select(0, state_slots).float()
+        o = _step(qk, v, g, beta, S)
+        state.index_copy_(0, state_slots, S.to(state.dtype))
+        return o.to(v.dtype)
     lo, hi = int(state_slots.min()), int(state_slots.max())
     R = hi - lo + 1
     if R > B + B // 4 + 1:  # scattered slots: gather, step, scatter back
@@ -182,7 +188,7 @@ def _recurrent_short(q, k, v, g, beta, cu, state, state_slots, has_initial_state
     vv = v.index_select(0, idx).view(B, L, Hv, -1)
     gg = (g.index_select(0, idx).float() * keep).view(B, L, Hv)
     bb = (beta.index_select(0, idx).float() * keep).view(B, L, Hv)
-    S = state.index_select(0, state_slots)
+    S = state.index_select(0, state_slots).float()  # (a bf16 / fp16 pool: fp32 here, rounded on store)
     if has_initial_state is not None and not bool(has_initial_state.all()):
         S = torch.where(has_initial_state.view(B, 1, 1, 1), S, torch.zeros_like(S))  # where: stale may be NaN
     outs, snaps = [], []
@@ -196,8 +202,8 @@ def _recurrent_short(q, k, v, g, beta, cu, state, state_slots, has_initial_state
     if snaps:
         slot = torch.where(valid, per_token_state_slots.index_select(0, idx).view(B, L), -1)
         save = slot >= 0
-        state[slot[save]] = torch.stack(snaps, dim=1)[save]
-    state.index_copy_(0, state_slots, S)
+        state[slot[save]] = torch.stack(snaps, dim=1)[save].to(state.dtype)
+    state.index_copy_(0, state_slots, S.to(state.dtype))
     return o
 
 

@@ -4,7 +4,9 @@
 heads; it also serves decode). `gated_delta_rule_chunked` is the chunked WY form (chunk 64) used
 for prefill and training: sequences with the same number of chunks are zero-padded to a common
 length and run together (zero padding at the end leaves the state unchanged: g = beta = k = 0).
-Both work in fp32 with an fp32 state [Hv, dk, dv], and support autograd when state is None.
+Both work in fp32 with an fp32 state [Hv, dk, dv], and support autograd when state is None. The
+state pool may be fp32, bf16 or fp16 (mamba_ssm_cache_dtype): read into fp32, every store
+(final and per-token states) rounded to the pool's dtype.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def _pad(x: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
 
 
 def _initial(state, state_slots, has_initial_state, rows, shape, device):
-    """Incoming fp32 state for the sequences `rows` (list of batch indices)."""
+    """Incoming fp32 state for the sequences `rows` (list of batch indices), from a pool of any float dtype."""
     if state is None:
         return torch.zeros(len(rows), *shape, dtype=torch.float32, device=device)
     idx = torch.as_tensor(rows, device=state_slots.device)

@@ -33,9 +33,9 @@ def qkv_gates(mc, a, b, A_log, dt_bias, num_k_heads: int, head_k_dim: int, num_v
 def gdn_cached(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots, has_initial_state,
                per_token_state_slots, A_log, dt_bias, num_k_heads: int) -> torch.Tensor:
     """m [T, conv_dim] pre-conv; a, b [T, Hv]; conv_weight [C, K]; conv_state [N, C, K-1] and
-    recurrent_state [N, Hv, dk, dv] fp32 updated in place at state_slots [B]; has_initial_state [B]
-    bool; per_token_state_slots [T] long or None (also store both states after each token there,
-    -1 = skip) -> o [T, Hv, dv] in m's dtype."""
+    recurrent_state [N, Hv, dk, dv] (fp32, bf16 or fp16: computed in fp32, rounded on store) updated
+    in place at state_slots [B]; has_initial_state [B] bool; per_token_state_slots [T] long or None
+    (also store both states after each token there, -1 = skip) -> o [T, Hv, dv] in m's dtype."""
     from . import ops  # the single kernels, each dispatched on its own
 
     Hv, dk, dv = recurrent_state.shape[1:]

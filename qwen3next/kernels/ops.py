@@ -138,9 +138,17 @@ def causal_conv1d_update(x, weight, conv_state, state_slots):
     return (_fast if _use_fast(x, weight) else _ref_conv).causal_conv1d_update(x, weight, conv_state, state_slots)
 
 
+# recurrent state pools the Triton DeltaNet kernels load to fp32 and round on store (mamba_ssm_cache_dtype)
+_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _state_ok(S) -> bool:
+    return _pow2(S.shape[-2]) and _pow2(S.shape[-1]) and S.dtype in _STATE_DTYPES
+
+
 def _dr_ok(q, v, state) -> bool:
     return (_pow2(q.shape[-1]) and _pow2(v.shape[-1])
-            and (state is None or state.dtype == torch.float32))
+            and (state is None or state.dtype in _STATE_DTYPES))
 
 
 def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slots=None, has_initial_state=None):
@@ -167,7 +175,7 @@ def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A
     see kernels/triton/gdn_decode.py. Both states are updated in place at `state_slots`.
     m_cols [conv_dim] (optional): conv channel c is m[:, m_cols[c]] (Triton reads it in place)."""
     S = recurrent_state
-    if _use_triton(m, a, b, conv_weight) and _pow2(S.shape[-2]) and _pow2(S.shape[-1]) and S.dtype == torch.float32:
+    if _use_triton(m, a, b, conv_weight) and _state_ok(S):
         return _triton("gdn_decode").gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots,
                                                 A_log, dt_bias, num_k_heads, m_cols=m_cols)
     if m_cols is not None:
@@ -191,7 +199,7 @@ def gdn_cached(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, st
     token; on one core it still beat the chunked torch path at every size measured (prefills of
     128-512 tokens, heads 16x16 up to 32 x 128x128: 1.6-7x faster)."""
     S = recurrent_state
-    if _use_triton(m, a, b, conv_weight) and _pow2(S.shape[-2]) and _pow2(S.shape[-1]) and S.dtype == torch.float32:
+    if _use_triton(m, a, b, conv_weight) and _state_ok(S):
         # conv -> fused q/k norms + gates -> chunked delta rule; verify: the fused kernels (gdn_verify.py)
         return _triton("gdn_prep").gdn_cached(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens,
                                               state_slots, has_initial_state, per_token_state_slots, A_log,

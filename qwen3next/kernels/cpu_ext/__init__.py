@@ -4,6 +4,8 @@ torch and source version; scripts/setup.sh prebuilds it). `get()` returns the lo
 None when switched off (QWEN3NEXT_CPU_EXT=0 or QWEN3NEXT_KERNELS=torch) or when the build fails:
 one warning is logged and the torch paths stay in charge. `usable(*tensors)` says whether float32 CPU tensors can go to it; the wrappers below
 assume it said yes (no environment checks: this is the per-op path of every decode step).
+The kernels compute in float32 only; a bf16 / fp16 recurrent state pool (mamba_ssm_cache_dtype)
+reaches `gdn_varlen` as an fp32 copy of the slots the call touches, rounded back after it.
 """
 
 from __future__ import annotations
@@ -136,9 +138,14 @@ def _long(x) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.long).contiguous()
 
 
+_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def gdn_ok(m, a, b, conv_weight, conv_state, recurrent_state, A_log, dt_bias) -> bool:
-    """The fused DeltaNet kernel can take these: float32 CPU, state pools contiguous (written in place)."""
-    return (usable(m, a, b, conv_weight, conv_state, recurrent_state, A_log, dt_bias)
+    """The fused DeltaNet kernel can take these: float32 CPU (the recurrent pool fp32, bf16 or fp16),
+    state pools contiguous (written in place)."""
+    return (usable(m, a, b, conv_weight, conv_state, A_log, dt_bias)
+            and recurrent_state.dtype in _STATE_DTYPES and recurrent_state.is_cpu
             and conv_state.is_contiguous() and recurrent_state.is_contiguous())
 
 
@@ -147,9 +154,34 @@ def gdn_varlen(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, st
     """Same contract as kernels/gdn.gdn_cached (float32; state_slots < 0: sequence skipped, o = 0)."""
     has = _NO_BOOL if has_initial_state is None else has_initial_state.to(torch.bool).contiguous()
     pts = _NO_LONG if per_token_state_slots is None else _long(per_token_state_slots)
+    if recurrent_state.dtype is not torch.float32:
+        return _gdn_narrow_pool(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, _long(state_slots),
+                                has, pts, A_log, dt_bias, num_k_heads)
     return _build().gdn_varlen(_rows(m), _rows(a), _rows(b), _rows(conv_weight), conv_state, recurrent_state,
                             _long(cu_seqlens), _long(state_slots), has, pts, A_log.contiguous(),
                             dt_bias.contiguous(), num_k_heads)
+
+
+def _gdn_narrow_pool(m, a, b, conv_weight, conv_state, pool, cu_seqlens, slots, has, pts, A_log, dt_bias,
+                     num_k_heads: int) -> torch.Tensor:
+    """gdn_varlen on a bf16 / fp16 recurrent pool: the slots the call reads or writes (sequence and
+    per-token slots) gathered into pools of their own (the recurrent one in fp32; the conv one too,
+    as the slot ids index both), the kernel run on them with the slot ids renumbered, the rows
+    copied back (rounded into `pool`): O(slots) copies around the kernel."""
+    used = torch.cat([slots, pts]) if pts.numel() else slots
+    rows = torch.unique(used[used >= 0])  # sorted distinct slots
+    renum = torch.full((pool.shape[0],), -1, dtype=torch.long)
+    renum[rows] = torch.arange(rows.numel())
+
+    def local(s: torch.Tensor) -> torch.Tensor:
+        return torch.where(s >= 0, renum[s.clamp(min=0)], -1) if s.numel() else s
+
+    tmp, conv = pool.index_select(0, rows).float(), conv_state.index_select(0, rows)
+    o = gdn_varlen(m, a, b, conv_weight, conv, tmp, cu_seqlens, local(slots), has if has.numel() else None,
+                   local(pts) if pts.numel() else None, A_log, dt_bias, num_k_heads)
+    pool.index_copy_(0, rows, tmp.to(pool.dtype))
+    conv_state.index_copy_(0, rows, conv)
+    return o
 
 
 def paged_attention_ok(q, kv_cache) -> bool:

@@ -6,7 +6,9 @@ b / a logits [B, Hv], and returns o [B, Hv, dv] (before the gated norm). Two lau
 update (it shifts the conv state, which every head program of a sequence would otherwise race
 on), then one program per (sequence, v-head, dv block) that normalises q/k, computes
 g = -exp(A_log) softplus(a + dt_bias) and beta = sigmoid(b), and updates its [dk, BV] tile of
-the fp32 state once. The plain-torch definition is `gdn_decode_ref.gdn_decode_reference`.
+the state once: loaded to fp32 from the pool (fp32, bf16 or fp16: mamba_ssm_cache_dtype), computed
+in fp32, rounded to the pool's dtype on store. The plain-torch definition is
+`gdn_decode_ref.gdn_decode_reference`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def _decode_kernel(m_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, st_ptr, slot_ptr, o_p
         ck = tl.arange(0, DK)
         cv = iv * BV + tl.arange(0, BV)
         sp = st_ptr + ((slot * HV + h) * DK + ck[:, None]) * DV + cv[None, :]
-        S = tl.load(sp)                                               # [DK, BV] fp32, issued first
+        S = tl.load(sp).to(tl.float32)                                # [DK, BV], issued first
         q = tl.load(m_ptr + b * C + hk * DK + ck).to(tl.float32)
         k = tl.load(m_ptr + b * C + HK * DK + hk * DK + ck).to(tl.float32)
         v = tl.load(m_ptr + b * C + 2 * HK * DK + h * DV + cv).to(tl.float32)
@@ -49,7 +51,7 @@ def _decode_kernel(m_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, st_ptr, slot_ptr, o_p
         vhat = tl.sum(S * k[:, None], 0)
         S = S + k[:, None] * (beta * (v - vhat))[None, :]
         tl.store(o_ptr + (b * HV + h) * DV + cv, tl.sum(S * q[:, None], 0).to(o_ptr.dtype.element_ty))
-        tl.store(sp, S)
+        tl.store(sp, S.to(st_ptr.dtype.element_ty))                  # fp32, or rounded to bf16 / fp16
     else:
         # a padded row (CUDA-graph batch): no state, but a finite output for the layers after
         tl.store(o_ptr + (b * HV + h) * DV + iv * BV + tl.arange(0, BV), tl.zeros([BV], dtype=o_ptr.dtype.element_ty))
@@ -59,8 +61,8 @@ def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A
                num_k_heads: int, *, m_cols: torch.Tensor | None = None, bv: int | None = None,
                num_warps: int | None = None) -> torch.Tensor:
     """m [B, conv_dim] pre-conv (m_cols as in conv1d.causal_conv1d_update); a, b [B, Hv] (any row
-    stride); conv_state [N, conv_dim, K-1];
-    recurrent_state [N, Hv, dk, dv] fp32; state_slots [B] (negative = skip: o = 0) -> o [B, Hv, dv]."""
+    stride); conv_state [N, conv_dim, K-1]; recurrent_state [N, Hv, dk, dv] fp32 / bf16 / fp16 (math
+    in fp32); state_slots [B] (negative = skip: o = 0) -> o [B, Hv, dv]."""
     B, C = m.shape[0], conv_weight.shape[0]
     HV, DK, DV = recurrent_state.shape[1:]
     HK = num_k_heads

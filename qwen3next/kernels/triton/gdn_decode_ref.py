@@ -1,5 +1,7 @@
 """The plain-torch definition of the fused DeltaNet decode step (`gdn_decode.gdn_decode`), as the
 model layer runs it: conv update -> split -> L2 norm (q also scaled) -> gates -> recurrence.
+The recurrent state pool may be fp32, bf16 or fp16: the recurrence (delta_rule.py) loads it to
+fp32 and rounds the new state to the pool's dtype on store, as the Triton kernel does.
 
 Kept free of triton imports so kernels/ops.py can fall back to it on machines without triton.
 """

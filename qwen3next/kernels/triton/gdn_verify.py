@@ -10,7 +10,8 @@ recurrence).
 2. `_verify_rec_kernel` per (sequence, v-head, dv block), like the decode step kernel
    (gdn_decode.py) but looping over the run's tokens with the state in registers: q / k L2 norm,
    g and beta from a / b, the delta-rule update, o, and a state store after every token whose
-   scratch slot is >= 0, the final state into the sequence's slot.
+   scratch slot is >= 0, the final state into the sequence's slot. The state is fp32 in
+   registers whatever the pool's dtype (fp32, bf16 or fp16), rounded to it on every store.
 Negative slots (graph padding) are neither read nor written; such rows still get finite outputs.
 """
 
@@ -85,7 +86,8 @@ def _verify_rec_kernel(mc_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, o_ptr, cu_ptr, s
     sp = st_ptr + ((slot * HV + h) * DK + ck[:, None]) * DV + cv[None, :]
     S = tl.zeros([DK, BV], dtype=tl.float32)
     if (slot >= 0) & (tl.load(init_ptr + b) != 0):
-        S = tl.load(sp)
+        S = tl.load(sp).to(tl.float32)
+    sdt = st_ptr.dtype.element_ty
     neg_a = -tl.exp(tl.load(alog_ptr + h).to(tl.float32))
     dtb = tl.load(dtb_ptr + h).to(tl.float32)
     for t in range(bos, eos):
@@ -105,9 +107,9 @@ def _verify_rec_kernel(mc_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, o_ptr, cu_ptr, s
         tl.store(o_ptr + (t * HV + h) * DV + cv, tl.sum(S * q[:, None], 0).to(o_ptr.dtype.element_ty))
         ps = tl.load(pts_ptr + t)
         if ps >= 0:
-            tl.store(st_ptr + ((ps * HV + h) * DK + ck[:, None]) * DV + cv[None, :], S)
+            tl.store(st_ptr + ((ps * HV + h) * DK + ck[:, None]) * DV + cv[None, :], S.to(sdt))
     if slot >= 0:
-        tl.store(sp, S)
+        tl.store(sp, S.to(sdt))
 
 
 def gdn_verify(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots, has_initial_state,
