@@ -216,3 +216,31 @@ def test_cpu_kernels_on_a_scattered_narrow_pool(path, verify, monkeypatch):
     assert not torch.equal(S[slots], args["recurrent_state"][slots])
     assert torch.equal(S[rest], args["recurrent_state"][rest])
     torch.testing.assert_close(got["conv_state"], want["conv_state"], rtol=1e-6, atol=1e-6)
+
+
+def test_tensor_parallel_workers_take_the_pool_dtype(tiny_ckpt, prompts):
+    """Two ranks: the worker allocates its heads' states from the plan, in bf16 too. Its logprobs
+    match one rank's bf16 run far closer than bf16 rounding moves them (a worker left in fp32
+    would round only half the heads)."""
+    from qwen3next.llm import LLM
+
+    knobs = dict(dtype="float32", device="cpu", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=24,
+                 skip_tokenizer_init=True)
+    params = SamplingParams(max_tokens=6, temperature=0, prompt_logprobs=0)
+    batch = [{"prompt_token_ids": [t % 256 for t in p[:80]]} for p in prompts]  # (ids the tokenizer has)
+
+    def lps(llm):
+        outs = llm.generate(batch, params)
+        return torch.tensor([next(iter(d.values())).logprob for o in outs for d in o.prompt_logprobs[1:]])
+
+    one32 = lps(LLM(tiny_ckpt, **knobs))
+    one16 = lps(LLM(tiny_ckpt, mamba_ssm_cache_dtype="bfloat16", **knobs))
+    llm = LLM(tiny_ckpt, tensor_parallel_size=2, mamba_ssm_cache_dtype="bfloat16", **knobs)
+    try:
+        assert llm.llm_engine.cache.plan.state_dtype == torch.bfloat16
+        two16 = lps(llm)
+    finally:
+        llm.llm_engine.shutdown()
+    rounding = float((one16 - one32).abs().max())
+    assert rounding > 1e-3
+    assert float((two16 - one16).abs().max()) < rounding / 5
