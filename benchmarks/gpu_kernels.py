@@ -109,14 +109,18 @@ def profile_kernels(fn) -> dict[str, float]:
 
 
 CASES = "T32768,8x4096,T4096"  # chunked delta rule cases (--cases)
+ALL_CASES = {"T32768": [32768], "8x4096": [4096] * 8, "T8192": [8192], "T4096": [4096]}
 
 
 def chunked(quick: bool) -> None:
-    cases = {n: v for n, v in {"T32768": [32768], "8x4096": [4096] * 8, "T4096": [4096]}.items() if n in CASES}
+    cases = {n: v for n, v in ALL_CASES.items() if n in CASES.split(",")}
     # launch variants (gated_delta_rule_chunked keywords); the first is the default. Measured slower
-    # (H200, session 4): state kernel with 2 stages, 16-wide state tiles, the key rows in two halves
-    # (~1%), U / Kd inside the state loop; session 3: fuse_output, 64-wide / 8-warp state tiles
-    variants = [dict(), dict(warps_kkt=2), dict(warps_kkt=4), dict(stages_state=4)]
+    # (H200, session 4): state kernel with 2 / 4 stages, 16-wide state tiles on 2 stages, the key
+    # rows in two halves (~1%), U / Kd inside the state loop, kkt on 2 / 4 warps (1.9x / 3.5x);
+    # session 3: 64-wide / 8-warp state tiles. Session 5: U / Kd in the kkt kernel (fuse_wu),
+    # output in the state kernel from a stored Q K^T (fuse_output), apply widths, 16-wide tiles.
+    variants = [dict(), dict(fuse_wu=True), dict(fuse_wu=True, ba_kkt=16), dict(fuse_output=True),
+                dict(fuse_output=True, ba_kkt=16), dict(fuse_output=True, bv_state=16)]
     for name, lens in cases.items():
         q, k, v, g, beta, cu = prefill_inputs(lens)
         B = len(lens)

@@ -23,16 +23,20 @@ def make(lens, hk, hv, dk, dv, seed, dtype=torch.float32):
     return q.to(dtype), k.to(dtype), v.to(dtype), g, beta
 
 
+VARIANTS = [dict(), dict(fuse_wu=True), dict(fuse_output=True)]  # kernel pipelines (see gated_delta_rule_chunked)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("lens", [[1], [63], [64], [65], [500], [1, 63, 64, 65, 20]])
-def test_chunked_matches_reference_fresh(lens):
+def test_chunked_matches_reference_fresh(lens, variant):
     q, k, v, g, beta = make(lens, 2, 4, 16, 32, seed=len(lens) * 1000 + sum(lens))
     c = cu(lens)
-    o = tri.gated_delta_rule_chunked(q, k, v, g, beta, c)
+    o = tri.gated_delta_rule_chunked(q, k, v, g, beta, c, **variant)
     o_ref = ref.gated_delta_rule_recurrent(q, k, v, g, beta, c)
     assert rel_err(o, o_ref) < 1e-4
 
 
-@pytest.mark.parametrize("variant", [dict(fuse_output=False), dict(fuse_output=True), dict(warps_kkt=2)])
+@pytest.mark.parametrize("variant", VARIANTS + [dict(warps_kkt=2)])
 def test_chunked_state_pool_carried_across_calls(variant):
     """Two calls over a varlen batch through the state pool == one call over the whole sequences
     (state kernel variants: output fused or not; other launch settings)."""
@@ -89,7 +93,7 @@ def test_recurrent_matches_reference_with_per_token_states():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [dict(fuse_output=False), dict(fuse_output=True)])
+@pytest.mark.parametrize("variant", VARIANTS + [dict(fuse_output=True, bv_state=16)])
 @pytest.mark.parametrize("lens", [[4096], [1, 700, 64, 3000, 65]])
 def test_chunked_bf16_gpu(lens, variant):
     hk, hv, dk, dv = 16, 32, 128, 128
@@ -122,3 +126,21 @@ def test_bf16_state_pool(form):
     assert rel_err(p_t[slots], p_r[slots]) < 1e-2
     assert not torch.equal(p_t[slots], pool[slots])
     assert torch.equal(p_t[[2, 4]], pool[[2, 4]])
+
+
+@pytest.mark.gpu
+def test_chunked_bf16_state_pool_gpu():
+    """bf16 activations and a bf16 state pool (fused-output pipeline) against the fp32 reference
+    run on the same bf16 pool."""
+    lens = [1, 700, 64, 3000]
+    q, k, v, g, beta = make(lens, 16, 32, 128, 128, seed=6, dtype=torch.bfloat16)
+    c = cu(lens)
+    pool = (torch.randn(len(lens) + 2, 32, 128, 128, device=DEV) * 0.05).bfloat16()
+    slots = torch.arange(len(lens), device=DEV) + 1
+    has = torch.tensor([True, False, True, True], device=DEV)
+    pool_ref = pool.clone()
+    o = tri.gated_delta_rule_chunked(q, k, v, g, beta, c, pool, slots, has, fuse_output=True)
+    o_ref = ref.gated_delta_rule_chunked(q.float(), k.float(), v.float(), g, beta, c, pool_ref, slots, has)
+    assert pool.dtype == torch.bfloat16
+    assert rel_err(o, o_ref) < 2e-2
+    assert rel_err(pool, pool_ref) < 2e-2

@@ -52,10 +52,51 @@ def _blk_a(kk, beta_i, G_i, G_j, DIAG: tl.constexpr, BC: tl.constexpr):
     return kk * beta_i[:, None] * tl.exp2(d)
 
 
+@triton.jit
+def _blk_qk(qk, G_i, G_j, DIAG: tl.constexpr, BC: tl.constexpr):
+    """(q_i . k_j) 2^(G_i - G_j), causal (diagonal included) on the diagonal block."""
+    d = G_i[:, None] - G_j[None, :]
+    if DIAG:
+        o = tl.arange(0, BC)
+        inc = o[:, None] >= o[None, :]
+        return tl.where(inc, qk * tl.exp2(tl.where(inc, d, 0.0)), 0.0)
+    return qk * tl.exp2(d)
+
+
+@triton.jit
+def _apply_t(t00, t10, t11, t20, t21, t22, t30, t31, t32, t33, x_ptr, SX, s0, s1, s2, s3,
+             r0, r1, r2, r3, m0, m1, m2, m3, out_ptr, SO, D: tl.constexpr, BD: tl.constexpr,
+             PREC: tl.constexpr):
+    """out = T (s X) for one chunk: T as its ten [BC, BC] blocks (out's dtype), X [4 x BC, D] rows
+    r0..r3 at x_ptr (row stride SX), s [4 x BC] row scales; out rows at out_ptr (row stride SO)."""
+    dt = out_ptr.dtype.element_ty
+    for cc in range(0, D, BD):
+        c = cc + tl.arange(0, BD)[None, :]
+        x0 = (tl.load(x_ptr + r0[:, None] * SX + c, mask=m0[:, None], other=0.0) * s0[:, None]).to(dt)
+        x1 = (tl.load(x_ptr + r1[:, None] * SX + c, mask=m1[:, None], other=0.0) * s1[:, None]).to(dt)
+        x2 = (tl.load(x_ptr + r2[:, None] * SX + c, mask=m2[:, None], other=0.0) * s2[:, None]).to(dt)
+        x3 = (tl.load(x_ptr + r3[:, None] * SX + c, mask=m3[:, None], other=0.0) * s3[:, None]).to(dt)
+        y = tl.dot(t00, x0, input_precision=PREC)
+        tl.store(out_ptr + r0[:, None] * SO + c, y.to(dt), mask=m0[:, None])
+        y = tl.dot(t10, x0, input_precision=PREC) + tl.dot(t11, x1, input_precision=PREC)
+        tl.store(out_ptr + r1[:, None] * SO + c, y.to(dt), mask=m1[:, None])
+        y = tl.dot(t20, x0, input_precision=PREC) + tl.dot(t21, x1, input_precision=PREC)
+        y += tl.dot(t22, x2, input_precision=PREC)
+        tl.store(out_ptr + r2[:, None] * SO + c, y.to(dt), mask=m2[:, None])
+        y = tl.dot(t30, x0, input_precision=PREC) + tl.dot(t31, x1, input_precision=PREC)
+        y += tl.dot(t32, x2, input_precision=PREC) + tl.dot(t33, x3, input_precision=PREC)
+        tl.store(out_ptr + r3[:, None] * SO + c, y.to(dt), mask=m3[:, None])
+
+
 @triton.jit(do_not_specialize=["B"])
-def _kkt_solve_kernel(k_ptr, g_ptr, b_ptr, cu_ptr, B, G_ptr, A_ptr, SK,
-                      HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, BB: tl.constexpr,
-                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+def _kkt_solve_kernel(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, cu_ptr, B, G_ptr, A_ptr, u_ptr, kd_ptr, qk_ptr, SQ, SK, SV,
+                      HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BB: tl.constexpr,
+                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BA: tl.constexpr,
+                      PREC: tl.constexpr, WU: tl.constexpr, QK: tl.constexpr):
+    """Per (chunk, v-head): G, T = (I + A)^-1; then either T's rows to A_ptr (WU=False: _wu_kernel
+    applies them) or U = T beta V and Kd = T (beta 2^G) K straight from the blocks in registers
+    (WU=True: no T round trip); QK=True also stores the causal decayed Q K^T rows (qk_ptr
+    [T, Hv, BT]) that the fused state kernel's output needs."""
     i_c = tl.program_id(0)
     h = tl.program_id(1)
     seq, ci = chunk_of(cu_ptr, B, i_c, BT, BB)
@@ -91,6 +132,8 @@ def _kkt_solve_kernel(k_ptr, g_ptr, b_ptr, cu_ptr, B, G_ptr, A_ptr, SK,
     b1 = tl.load(b_ptr + r1 * HV + h, mask=m1, other=0.0)
     b2 = tl.load(b_ptr + r2 * HV + h, mask=m2, other=0.0)
     b3 = tl.load(b_ptr + r3 * HV + h, mask=m3, other=0.0)
+    kbase = k_ptr + hk * DK
+    dt = k_ptr.dtype.element_ty
 
     # the ten lower blocks of K K^T  [BC, BC]
     a00 = tl.zeros([BC, BC], dtype=tl.float32)
@@ -103,7 +146,6 @@ def _kkt_solve_kernel(k_ptr, g_ptr, b_ptr, cu_ptr, B, G_ptr, A_ptr, SK,
     a31 = tl.zeros([BC, BC], dtype=tl.float32)
     a32 = tl.zeros([BC, BC], dtype=tl.float32)
     a33 = tl.zeros([BC, BC], dtype=tl.float32)
-    kbase = k_ptr + hk * DK
     for kk in range(0, DK, BK):
         ck = kk + tl.arange(0, BK)
         k0 = tl.load(kbase + r0[:, None] * SK + ck[None, :], mask=m0[:, None], other=0.0)
@@ -145,19 +187,75 @@ def _kkt_solve_kernel(k_ptr, g_ptr, b_ptr, cu_ptr, B, G_ptr, A_ptr, SK,
                   input_precision=PREC)
     t30 = -tl.dot(t33, tl.dot(a30, t00, input_precision=PREC) + tl.dot(a31, t10, input_precision=PREC)
                   + tl.dot(a32, t20, input_precision=PREC), input_precision=PREC)
-    # rows of T as [T, Hv, BT]; blocks above the diagonal are never stored (readers mask them)
-    dt = A_ptr.dtype.element_ty
-    ap = A_ptr + h * BT + o[None, :]
-    tl.store(ap + r0[:, None] * (HV * BT), t00.to(dt), mask=m0[:, None])
-    tl.store(ap + r1[:, None] * (HV * BT), t10.to(dt), mask=m1[:, None])
-    tl.store(ap + r1[:, None] * (HV * BT) + BC, t11.to(dt), mask=m1[:, None])
-    tl.store(ap + r2[:, None] * (HV * BT), t20.to(dt), mask=m2[:, None])
-    tl.store(ap + r2[:, None] * (HV * BT) + BC, t21.to(dt), mask=m2[:, None])
-    tl.store(ap + r2[:, None] * (HV * BT) + 2 * BC, t22.to(dt), mask=m2[:, None])
-    tl.store(ap + r3[:, None] * (HV * BT), t30.to(dt), mask=m3[:, None])
-    tl.store(ap + r3[:, None] * (HV * BT) + BC, t31.to(dt), mask=m3[:, None])
-    tl.store(ap + r3[:, None] * (HV * BT) + 2 * BC, t32.to(dt), mask=m3[:, None])
-    tl.store(ap + r3[:, None] * (HV * BT) + 3 * BC, t33.to(dt), mask=m3[:, None])
+    if WU:
+        # U = T (beta V) and Kd = T (beta 2^G) K, T's blocks in the operand dtype (as stored before)
+        t00, t10, t11, t20 = t00.to(dt), t10.to(dt), t11.to(dt), t20.to(dt)
+        t21, t22, t30, t31, t32, t33 = t21.to(dt), t22.to(dt), t30.to(dt), t31.to(dt), t32.to(dt), t33.to(dt)
+        _apply_t(t00, t10, t11, t20, t21, t22, t30, t31, t32, t33, v_ptr + h * DV, SV, b0, b1, b2, b3,
+                 r0, r1, r2, r3, m0, m1, m2, m3, u_ptr + h * DV, HV * DV, DV, BA, PREC)
+        _apply_t(t00, t10, t11, t20, t21, t22, t30, t31, t32, t33, kbase, SK,
+                 b0 * tl.exp2(G0), b1 * tl.exp2(G1), b2 * tl.exp2(G2), b3 * tl.exp2(G3),
+                 r0, r1, r2, r3, m0, m1, m2, m3, kd_ptr + h * DK, HV * DK, DK, BA, PREC)
+    else:
+        # rows of T as [T, Hv, 64]; blocks above the diagonal are never stored (readers mask them)
+        at = A_ptr.dtype.element_ty
+        ap = A_ptr + h * BT + o[None, :]
+        tl.store(ap + r0[:, None] * (HV * BT), t00.to(at), mask=m0[:, None])
+        tl.store(ap + r1[:, None] * (HV * BT), t10.to(at), mask=m1[:, None])
+        tl.store(ap + r1[:, None] * (HV * BT) + BC, t11.to(at), mask=m1[:, None])
+        tl.store(ap + r2[:, None] * (HV * BT), t20.to(at), mask=m2[:, None])
+        tl.store(ap + r2[:, None] * (HV * BT) + BC, t21.to(at), mask=m2[:, None])
+        tl.store(ap + r2[:, None] * (HV * BT) + 2 * BC, t22.to(at), mask=m2[:, None])
+        tl.store(ap + r3[:, None] * (HV * BT), t30.to(at), mask=m3[:, None])
+        tl.store(ap + r3[:, None] * (HV * BT) + BC, t31.to(at), mask=m3[:, None])
+        tl.store(ap + r3[:, None] * (HV * BT) + 2 * BC, t32.to(at), mask=m3[:, None])
+        tl.store(ap + r3[:, None] * (HV * BT) + 3 * BC, t33.to(at), mask=m3[:, None])
+    if QK:
+        # the ten lower blocks of Q K^T (diagonal included), decayed, stored as [T, Hv, BT] rows
+        c00 = tl.zeros([BC, BC], dtype=tl.float32)
+        c10 = tl.zeros([BC, BC], dtype=tl.float32)
+        c11 = tl.zeros([BC, BC], dtype=tl.float32)
+        c20 = tl.zeros([BC, BC], dtype=tl.float32)
+        c21 = tl.zeros([BC, BC], dtype=tl.float32)
+        c22 = tl.zeros([BC, BC], dtype=tl.float32)
+        c30 = tl.zeros([BC, BC], dtype=tl.float32)
+        c31 = tl.zeros([BC, BC], dtype=tl.float32)
+        c32 = tl.zeros([BC, BC], dtype=tl.float32)
+        c33 = tl.zeros([BC, BC], dtype=tl.float32)
+        qbase = q_ptr + hk * DK
+        # half-width pieces: eight operand tiles live here (registers: one warp)
+        for kk in range(0, DK, BK // 2):
+            ck = kk + tl.arange(0, BK // 2)
+            k0 = tl.load(kbase + r0[:, None] * SK + ck[None, :], mask=m0[:, None], other=0.0)
+            k1 = tl.load(kbase + r1[:, None] * SK + ck[None, :], mask=m1[:, None], other=0.0)
+            k2 = tl.load(kbase + r2[:, None] * SK + ck[None, :], mask=m2[:, None], other=0.0)
+            k3 = tl.load(kbase + r3[:, None] * SK + ck[None, :], mask=m3[:, None], other=0.0)
+            q0 = tl.load(qbase + r0[:, None] * SQ + ck[None, :], mask=m0[:, None], other=0.0)
+            q1 = tl.load(qbase + r1[:, None] * SQ + ck[None, :], mask=m1[:, None], other=0.0)
+            q2 = tl.load(qbase + r2[:, None] * SQ + ck[None, :], mask=m2[:, None], other=0.0)
+            q3 = tl.load(qbase + r3[:, None] * SQ + ck[None, :], mask=m3[:, None], other=0.0)
+            c00 += tl.dot(q0, tl.trans(k0), input_precision=PREC)
+            c10 += tl.dot(q1, tl.trans(k0), input_precision=PREC)
+            c11 += tl.dot(q1, tl.trans(k1), input_precision=PREC)
+            c20 += tl.dot(q2, tl.trans(k0), input_precision=PREC)
+            c21 += tl.dot(q2, tl.trans(k1), input_precision=PREC)
+            c22 += tl.dot(q2, tl.trans(k2), input_precision=PREC)
+            c30 += tl.dot(q3, tl.trans(k0), input_precision=PREC)
+            c31 += tl.dot(q3, tl.trans(k1), input_precision=PREC)
+            c32 += tl.dot(q3, tl.trans(k2), input_precision=PREC)
+            c33 += tl.dot(q3, tl.trans(k3), input_precision=PREC)
+        cp = qk_ptr + h * BT + o[None, :]
+        qt = qk_ptr.dtype.element_ty
+        tl.store(cp + r0[:, None] * (HV * BT), _blk_qk(c00, G0, G0, True, BC).to(qt), mask=m0[:, None])
+        tl.store(cp + r1[:, None] * (HV * BT), _blk_qk(c10, G1, G0, False, BC).to(qt), mask=m1[:, None])
+        tl.store(cp + r1[:, None] * (HV * BT) + BC, _blk_qk(c11, G1, G1, True, BC).to(qt), mask=m1[:, None])
+        tl.store(cp + r2[:, None] * (HV * BT), _blk_qk(c20, G2, G0, False, BC).to(qt), mask=m2[:, None])
+        tl.store(cp + r2[:, None] * (HV * BT) + BC, _blk_qk(c21, G2, G1, False, BC).to(qt), mask=m2[:, None])
+        tl.store(cp + r2[:, None] * (HV * BT) + 2 * BC, _blk_qk(c22, G2, G2, True, BC).to(qt), mask=m2[:, None])
+        tl.store(cp + r3[:, None] * (HV * BT), _blk_qk(c30, G3, G0, False, BC).to(qt), mask=m3[:, None])
+        tl.store(cp + r3[:, None] * (HV * BT) + BC, _blk_qk(c31, G3, G1, False, BC).to(qt), mask=m3[:, None])
+        tl.store(cp + r3[:, None] * (HV * BT) + 2 * BC, _blk_qk(c32, G3, G2, False, BC).to(qt), mask=m3[:, None])
+        tl.store(cp + r3[:, None] * (HV * BT) + 3 * BC, _blk_qk(c33, G3, G3, True, BC).to(qt), mask=m3[:, None])
 
 
 @triton.jit(do_not_specialize=["B"])
@@ -194,7 +292,7 @@ def _wu_kernel(k_ptr, v_ptr, b_ptr, G_ptr, A_ptr, cu_ptr, B, u_ptr, kd_ptr, SK, 
 
 
 @triton.jit(do_not_specialize=["B"])
-def _state_kernel(q_ptr, k_ptr, u_ptr, kd_ptr, G_ptr, w_ptr, h_ptr, o_ptr, cu_ptr, B,
+def _state_kernel(q_ptr, k_ptr, u_ptr, kd_ptr, G_ptr, qk_ptr, w_ptr, h_ptr, o_ptr, cu_ptr, B,
                   st_ptr, slot_ptr, init_ptr, SQ, SK,
                   HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BB: tl.constexpr,
                   BT: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr, FUSE_O: tl.constexpr,
@@ -232,11 +330,11 @@ def _state_kernel(q_ptr, k_ptr, u_ptr, kd_ptr, G_ptr, w_ptr, h_ptr, o_ptr, cu_pt
         Sd = S.to(dt)
         w = u.to(tl.float32) - tl.dot(kd, Sd, input_precision=PREC)            # [BT, BV]
         if FUSE_O:
+            # O = 2^G Q S_0 + (causal decayed Q K^T, from the kkt kernel) W: off S's dependency chain
             q = tl.load(q_ptr + rows[:, None] * SQ + hk * DK + ck[None, :], mask=rm[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC)
-            s = tl.where(causal, s * tl.exp2(tl.where(causal, G[:, None] - G[None, :], 0.0)), 0.0)
+            s = tl.load(qk_ptr + (rows[:, None] * HV + h) * BT + o_i[None, :], mask=causal & rm[:, None], other=0.0)
             o = tl.dot(q, Sd, input_precision=PREC) * tl.exp2(G)[:, None]
-            o += tl.dot(s.to(dt), w.to(dt), input_precision=PREC)
+            o += tl.dot(s, w.to(dt), input_precision=PREC)
             tl.store(o_ptr + (rows[:, None] * HV + h) * DV + cv[None, :], o.to(o_ptr.dtype.element_ty),
                      mask=rm[:, None])
         else:
@@ -317,15 +415,17 @@ def _state_args(state, state_slots, has_initial_state, cu):
 
 
 def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slots=None,
-                             has_initial_state=None, *, fuse_output: bool = False, bv_state: int = 32,
-                             bv_out: int = 128, warps_state: int = 4, stages_state: int | None = None,
-                             warps_kkt: int = 1):
+                             has_initial_state=None, *, fuse_output: bool = False, fuse_wu: bool = False,
+                             bv_state: int = 32, bv_out: int = 128, warps_state: int = 4,
+                             stages_state: int | None = None, warps_kkt: int = 1, ba_kkt: int = 32):
     """Chunked gated delta rule over a packed varlen batch -> o [T, Hv, dv] in v's dtype.
 
     q, k [T, Hk, dk] (L2-normalised, q scaled); v [T, Hv, dv] (each may be a row-strided view,
-    e.g. columns of the conv output: read in place); g, beta [T, Hv] fp32;
-    state [N, Hv, dk, dv] fp32 or bf16 pool (computed in fp32, rounded on store) read at `state_slots` (if `has_initial_state`) and written
-    in place with each sequence's final state. The keywords pick kernel variants (benchmarks).
+    e.g. columns of the conv output: read in place); g, beta [T, Hv] fp32; state [N, Hv, dk, dv]
+    fp32 or bf16 pool (computed in fp32, rounded on store) read at `state_slots` (if
+    `has_initial_state`) and written in place with each sequence's final state. The keywords pick
+    kernel variants (benchmarks): fuse_wu computes U / Kd in the kkt kernel; fuse_output (implies
+    fuse_wu) also stores Q K^T there and forms the output in the state kernel (no _out_kernel).
     """
     _check(q, k, v, g, beta, state, state_slots)
     T, HK, DK = q.shape
@@ -342,21 +442,25 @@ def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slo
     cu = cu_seqlens.to(torch.int64).contiguous()
     NC, BB = T // BT + B, pow2(B, 2)  # flat chunk bound; block holding all sequences
     prec = "ieee" if dt == torch.float32 else "tf32"
+    fuse_wu = fuse_wu or fuse_output
     G = torch.empty(T, HV, dtype=torch.float32, device=dev)
-    A = torch.empty(T, HV, BT, dtype=dt, device=dev)
-    # (warps: the H200's autotune picks at 80B shapes, session 2)
-    _kkt_solve_kernel[(NC, HV)](k, g, beta, cu, B, G, A, k.stride(0), HK=HK, HV=HV, DK=DK, BB=BB,
-                                BT=BT, BC=BC, BK=min(64, DK), PREC=prec, num_warps=warps_kkt)
     u = torch.empty(T, HV, DV, dtype=dt, device=dev)
     kd = torch.empty(T, HV, DK, dtype=dt, device=dev)
-    _wu_kernel[(NC, HV)](k, v, beta, G, A, cu, B, u, kd, k.stride(0), v.stride(0), HK=HK, HV=HV, DK=DK, DV=DV, BB=BB,
-                         BT=BT, BK=min(64, DK), BV=min(64, DV), PREC=prec, num_warps=4)
+    A = G if fuse_wu else torch.empty(T, HV, BT, dtype=dt, device=dev)
+    qk = torch.empty(T, HV, BT, dtype=dt, device=dev) if fuse_output else G
+    # (warps: the H200's autotune picks at 80B shapes, session 2)
+    _kkt_solve_kernel[(NC, HV)](q, k, v, g, beta, cu, B, G, A, u, kd, qk, q.stride(0), k.stride(0), v.stride(0),
+                                HK=HK, HV=HV, DK=DK, DV=DV, BB=BB, BT=BT, BC=BC, BK=min(64, DK), BA=min(ba_kkt, DK, DV),
+                                PREC=prec, WU=fuse_wu, QK=fuse_output, num_warps=warps_kkt)
+    if not fuse_wu:
+        _wu_kernel[(NC, HV)](k, v, beta, G, A, cu, B, u, kd, k.stride(0), v.stride(0), HK=HK, HV=HV, DK=DK, DV=DV,
+                             BB=BB, BT=BT, BK=min(64, DK), BV=min(64, DV), PREC=prec, num_warps=4)
     st, slots, init = _state_args(state, state_slots, has_initial_state, cu)
     bvs = min(bv_state, DV)
     w = u if fuse_output else torch.empty_like(u)
     hbuf = u if fuse_output else torch.empty(NC, HV, DK, DV, dtype=dt, device=dev)
     extra = {} if stages_state is None else {"num_stages": stages_state}
-    _state_kernel[(triton.cdiv(DV, bvs), B * HV)](q, k, u, kd, G, w, hbuf, o, cu, B, st, slots, init,
+    _state_kernel[(triton.cdiv(DV, bvs), B * HV)](q, k, u, kd, G, qk, w, hbuf, o, cu, B, st, slots, init,
                                                   q.stride(0), k.stride(0),
                                                   HK=HK, HV=HV, DK=DK, DV=DV, BB=BB, BT=BT, BV=bvs,
                                                   HAS_STATE=state is not None, FUSE_O=fuse_output,
