@@ -1,0 +1,218 @@
+"""GPU benchmark of bf16 recurrent states (--mamba-ssm-cache-dtype bfloat16) against fp32 ones: the
+80B dimensions on 8 layers (benchmarks/gpu_model.py's slice, built by gpu_fp8.build: random bf16
+weights, and the same weights quantised to block-FP8 by layers/quant.py's to_fp8_), one GPU.
+
+    python benchmarks/bench_state_dtype_gpu.py --out state_dtype.json [--commit SHA] [--sizes 1,16,64,256]
+
+Sections, in this order (each writes its results into the JSON as it finishes; a failing one
+records its error):
+  kernel    one DeltaNet layer's fused decode step (triton/gdn_decode.py) alone at each B, on an fp32
+            and a bf16 pool: us, and GB/s over the state bytes read + written
+  decode    one step (forward + logits) at each B with 1K tokens of context, by CUDA-graph replay,
+            for bf16 and fp8 weights, with the pool in float32 and in bfloat16; floors = bytes the
+            step must move (weights but the embedding, the experts uniform routing touches, the
+            states read + written in the pool's dtype, KV) / measured copy bandwidth
+  accuracy  per weight type: 16 prompts x 1008 tokens prefilled through the cached path, then 8
+            teacher-forced decode steps (the same random tokens for both), once per pool dtype:
+            relative error of the bf16 pool's logits vs the fp32 pool's and argmax agreement, at
+            the prompts' last position, the first decode step and the last
+Medians throughout (triton.testing.do_bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import time
+import traceback
+
+import torch
+from triton.testing import do_bench
+
+from benchmarks.gpu_fp8 import build, floor_ms
+from benchmarks.gpu_model import BS, CTX, DIMS, decode_setup, make_cache, rel_err
+from qwen3next.engine.cuda_graph import CudaGraphRunner
+from qwen3next.forward_batch import ForwardBatch
+from qwen3next.kernels.triton.gdn_decode import gdn_decode
+
+RES: dict = {}
+OUT = "bench_state_dtype_gpu.json"
+POOLS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# one DeltaNet layer's state per sequence: 32 value heads x 128 x 128
+HV, DK, DV, HK = DIMS["linear_num_value_heads"], 128, 128, DIMS["linear_num_key_heads"]
+NUM_GDN = 6  # DeltaNet layers in the slice
+
+
+def save() -> None:
+    with open(OUT, "w") as f:
+        json.dump(RES, f, indent=1)
+
+
+def section(fn):
+    def run(*a, **kw):
+        t0 = time.time()
+        res = RES.setdefault(fn.__name__, {})
+        try:
+            fn(res, *a, **kw)
+        except Exception:
+            res["error"] = traceback.format_exc()[-3000:]
+            print(res["error"], flush=True)
+        res["wall_s"] = round(time.time() - t0, 1)
+        save()
+        print(f"== {fn.__name__} done in {res['wall_s']} s", flush=True)
+    return run
+
+
+def state_bytes(B: int, dtype: torch.dtype) -> int:
+    """State bytes one decode step reads and writes over the slice's DeltaNet layers."""
+    return NUM_GDN * HV * DK * DV * torch.empty((), dtype=dtype).element_size() * 2 * B
+
+
+def ceilings() -> float:
+    n = 1 << 30
+    a = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), warmup=25, rep=100, return_mode="median")
+    RES["copy_bw_GBps"] = round(2 * n / ms / 1e6, 1)
+    return RES["copy_bw_GBps"]
+
+
+@section
+def kernel(res, sizes: list[int]):
+    C = 2 * HK * DK + HV * DV
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for B in sizes:
+        m = torch.randn(B, C, device="cuda", dtype=torch.bfloat16, generator=g)
+        ab = torch.randn(B, 2 * HV, device="cuda", dtype=torch.bfloat16, generator=g)
+        w = 0.5 * torch.randn(C, 4, device="cuda", dtype=torch.bfloat16, generator=g)
+        conv = torch.randn(B, C, 3, device="cuda", dtype=torch.bfloat16, generator=g)
+        A_log, dtb = torch.randn(HV, device="cuda", generator=g), torch.randn(HV, device="cuda", dtype=torch.bfloat16)
+        slots = torch.arange(B, device="cuda")
+        row = res[f"B{B}"] = {}
+        for name, dt in POOLS.items():
+            pool = (0.1 * torch.randn(B, HV, DK, DV, device="cuda", generator=g)).to(dt)
+            us = 1e3 * do_bench(lambda: gdn_decode(m, ab[:, HV:], ab[:, :HV], w, conv, pool, slots, A_log, dtb, HK),
+                                warmup=10, rep=50, return_mode="median")
+            row[name] = {"us": round(us, 1), "state_GBps": round(state_bytes(B, dt) / NUM_GDN / us / 1e3, 1)}
+        print(f"kernel B={B}: {row}", flush=True)
+
+
+@section
+def decode(res, name: str, model, sizes: list[int], bw: float):
+    nb = CTX // BS + 1
+    cache = make_cache(model, max(sizes) + 1, max(sizes) * nb)
+    fp32_states = cache.recurrent
+    out = res.setdefault(name, {})
+    for pool, dt in POOLS.items():
+        cache.recurrent = {i: t.to(dt) for i, t in fp32_states.items()}
+        runner = CudaGraphRunner(model, cache, nb, max_batch=max(sizes), batch_sizes=sizes)
+        setups = {B: decode_setup(model, B, cache, runner) for B in sizes}
+        with torch.inference_mode():  # compile / autotune with real routing before the capture
+            for tok, pos, fb in setups.values():
+                model.compute_logits(model(tok, pos, fb))
+        runner.capture()
+        for B in sizes:
+            tok, pos, fb = setups[B]
+            with torch.inference_mode():
+                runner.run(tok, pos, fb)
+            ms = do_bench(runner.graphs[B].replay, warmup=10, rep=100, return_mode="median")
+            f = floor_ms(model, B, bw)  # counts fp32 states: swap in this pool's bytes
+            total = f["bytes_MB"] * 1e6 - state_bytes(B, torch.float32) + state_bytes(B, dt)
+            out.setdefault(f"B{B}", {})[pool] = {"graph_ms": round(ms, 4), "tok_per_s": round(B / ms * 1e3),
+                                                 "floor_ms": round(total / bw / 1e6, 4)}
+            print(f"decode {name} {pool} pool B={B}: {out[f'B{B}'][pool]}", flush=True)
+        del runner, setups
+        gc.collect()
+        torch.cuda.empty_cache()
+        save()
+    del cache, fp32_states
+
+
+def _logits(model, dt: torch.dtype, ids, dec_ids, B: int, T: int) -> list[torch.Tensor]:
+    """Prefill B prompts of T tokens into a fresh cache with a `dt` pool, then teacher-forced decode
+    steps of dec_ids [steps, B] -> [last prompt rows' logits, each step's logits]."""
+    nb = CTX // BS + 1
+    torch.manual_seed(0)
+    cache = make_cache(model, B + 1, B * nb)
+    cache.recurrent = {i: torch.zeros_like(t, dtype=dt) for i, t in cache.recurrent.items()}
+    dev = "cuda"
+    tables = torch.arange(B * nb, device=dev).view(B, nb)
+    p = torch.arange(T, device=dev)
+    fb = ForwardBatch(cu_seqlens=torch.arange(B + 1, device=dev) * T, seq_lens=[T] * B, context_lens=[0] * B,
+                      cache=cache, block_tables=tables,
+                      slot_mapping=(tables[:, p // BS] * BS + p % BS).reshape(-1),
+                      state_slots=torch.arange(B, device=dev))
+    outs = []
+    with torch.inference_mode():
+        h = model(ids, p.repeat(B), fb)
+        outs.append(model.compute_logits(h[T - 1::T]))
+        for step, tok in enumerate(dec_ids):
+            pos = torch.full((B,), T + step, dtype=torch.long, device=dev)
+            blk = tables[:, (T + step) // BS]
+            fbd = ForwardBatch(cu_seqlens=torch.arange(B + 1, device=dev), seq_lens=[1] * B,
+                               context_lens=[T + step] * B, cache=cache, block_tables=tables,
+                               slot_mapping=blk * BS + (T + step) % BS, state_slots=torch.arange(B, device=dev))
+            outs.append(model.compute_logits(model(tok, pos, fbd)))
+    del cache
+    return outs
+
+
+@section
+def accuracy(res, name: str, model, B: int = 16, T: int = CTX - 16, steps: int = 8):
+    g = torch.Generator(device="cuda").manual_seed(5)
+    ids = torch.randint(0, DIMS["vocab_size"], (B * T,), device="cuda", generator=g)
+    dec = torch.randint(0, DIMS["vocab_size"], (steps, B), device="cuda", generator=g)
+    ref = _logits(model, torch.float32, ids, dec, B, T)
+    got = _logits(model, torch.bfloat16, ids, dec, B, T)
+
+    def cmp(a, b):
+        return {"rel_err": round(rel_err(a, b), 5),
+                "argmax_agree": round(float((a.argmax(-1) == b.argmax(-1)).float().mean()), 4)}
+
+    res[name] = {"prompt_last": cmp(got[0], ref[0]), "decode_first": cmp(got[1], ref[1]),
+                 "decode_last": cmp(got[-1], ref[-1]),
+                 "decode_max_rel_err": round(max(rel_err(a, b) for a, b in zip(got[1:], ref[1:])), 5)}
+    print(f"accuracy {name}: {res[name]}", flush=True)
+
+
+def main() -> None:
+    global OUT
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=OUT)
+    ap.add_argument("--commit", default=None)
+    ap.add_argument("--sizes", default="1,16,64,256")
+    ap.add_argument("--weights", default="bf16,fp8", help="which models: bf16, fp8 or both")
+    a = ap.parse_args()
+    OUT = a.out
+    sizes = [int(s) for s in a.sizes.split(",")]
+    import triton
+
+    RES["env"] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                  "python": platform.python_version(), "commit": a.commit,
+                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    bw = ceilings()
+    kernel(sizes)
+    for name in a.weights.split(","):
+        t0 = time.time()
+        model = build(name == "fp8")
+        RES.setdefault("build_s", {})[name] = round(time.time() - t0, 1)
+        decode(name, model, sizes, bw)
+        accuracy(name, model)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    save()
+    for name, rows in RES.get("decode", {}).items():
+        if not isinstance(rows, dict):
+            continue
+        for B, r in rows.items():
+            if isinstance(r, dict) and "fp32" in r and "bf16" in r:
+                print(f"{name} {B}: fp32 pool {r['fp32']['graph_ms']} ms (floor {r['fp32']['floor_ms']}) | "
+                      f"bf16 pool {r['bf16']['graph_ms']} ms (floor {r['bf16']['floor_ms']})")
+    print("accuracy", {k: v for k, v in RES.get("accuracy", {}).items() if k != "wall_s"})
+
+
+if __name__ == "__main__":
+    main()
