@@ -25,12 +25,18 @@ import torch
 import triton
 
 E, H, I, K = 512, 2048, 512, 10
-PATHS = ("old", "torch", "triton", "triton_gather", "gather_torch")
+PATHS = ("old", "torch", "triton", "triton_gather", "gather_torch", "persistent")
 DEV = "cuda"
 
 
 def check_compile() -> int:
-    """Compile the new kernels for sm_90 with the installed triton (specialised as at run time)."""
+    """Compile the new kernels for sm_90 with the installed triton (specialised as at run time), with
+    ptxas's register / spill report for the persistent ones (bf16 and moe_tma_fp8's)."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import mangle_type
@@ -38,21 +44,34 @@ def check_compile() -> int:
 
     from qwen3next.kernels.triton import moe_grouped as g
     from qwen3next.kernels.triton import moe_tma as t
+    from qwen3next.kernels.triton import moe_tma_fp8 as f8
 
     print("triton", triton.__version__)
     fails = []
-    k_smem = [0]
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
-    def comp(name, fn, sig, const, warps=4, stages=3, nospec=()):
+    def regs(ptx: str) -> str:
+        if not os.path.exists(ptxas):
+            return ""
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as fh:
+            fh.write(ptx)
+            fh.flush()
+            r = subprocess.run([ptxas, "-arch=sm_90a", "-v", fh.name, "-o", os.devnull], capture_output=True, text=True)
+        return ", ".join(re.findall(r"(\d+ bytes spill stores|Used \d+ registers)", r.stdout + r.stderr))
+
+    def comp(name, fn, sig, const, warps=4, stages=3, nospec=(), report=False):
         fn = fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig)
                  if sig[n].startswith("*") or (sig[n] == "i32" and n not in nospec)}
         try:
             k = triton.compile(ASTSource(fn, sig, const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                                options={"num_warps": warps, "num_stages": stages})
-            wgmma = "wgmma" in k.asm.get("ptx", "")
-            k_smem.append(k.metadata.shared)
-            print("ok  ", name, const, warps, stages, f"smem {k.metadata.shared} wgmma {wgmma}", flush=True)
+            ptx = k.asm.get("ptx", "")
+            ok = k.metadata.shared <= 232448 and ("wgmma" in ptx or not report)
+            print("ok  " if ok else "BAD ", name, const, warps, stages, f"smem {k.metadata.shared} wgmma {'wgmma' in ptx}",
+                  regs(ptx) if report else "", flush=True)
+            if not ok:
+                fails.append(f"{name} {const}")
         except Exception as e:
             fails.append(name)
             print("FAIL", name, const, str(e).splitlines()[0][:200], flush=True)
@@ -65,20 +84,38 @@ def check_compile() -> int:
          nospec=("M",))
     comp("unsort_sum", g._unsort_sum_kernel, dict(y_ptr=b, pos_ptr=i64, w_ptr="*fp32", o_ptr=b, T=i32, H=i32, YS=i32),
          dict(TOPK=K, BH=1024), nospec=("T",))
-    def desc(r, cols):
-        return mangle_type(TensorDescriptor(torch.empty(1, 8, dtype=torch.bfloat16), [1, 8], [8, 1], [r, cols]))
+    comp("tiles", t._tiles_kernel, dict(cnt_ptr=i64, tile_ptr="*i32", E=i32, NT=i32), dict(BM=64, BE=512, BLK=32),
+         nospec=("NT",))
+
+    def desc(r, cols, dt=torch.bfloat16):
+        return mangle_type(TensorDescriptor(torch.empty(1, 16, dtype=dt), [1, 16], [16, 1], [r, cols]))
 
     for name, fn, gather in (("tma_gate_up", t._gate_up_kernel, False), ("tma_gate_up", t._gate_up_kernel, True),
-                             ("tma_down", t._down_kernel, None)):
+                             ("tma_down", t._down_kernel, None), ("persist_gate_up", t._gate_up_persistent_kernel, False),
+                             ("persist_gate_up", t._gate_up_persistent_kernel, True),
+                             ("persist_down", t._down_persistent_kernel, None)):
+        persist = name.startswith("persist")
         for c in fn.configs:
             bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
-            sig = {"a_desc": desc(bm, bk), "b_desc": desc(bn, bk), "cnt_ptr": i64}
+            sig = {"a_desc": desc(bm, bk), "b_desc": desc(bn, bk), ("tile_ptr" if persist else "cnt_ptr"):
+                   ("*i32" if persist else i64)}
             sig.update({"h_ptr": b, "x_ptr": b, "src_ptr": i64} if gather is not None else {"y_ptr": b})
-            sig.update({"E": i32, "H": i32, "I": i32, "RB": i32})
-            const = dict(BE=512, **c.kwargs, **({} if gather is None else {"GATHER": gather}))
-            comp(name, fn, sig, const, c.num_warps, c.num_stages, nospec=("RB",))
-            if k_smem[-1] > 232448:
-                fails.append(f"{name} {const} smem {k_smem[-1]} > 227 KB")
+            sig.update({"H": i32, "I": i32, "RB": i32} if persist else {"E": i32, "H": i32, "I": i32, "RB": i32})
+            const = dict(**({} if persist else {"BE": 512}), **c.kwargs, **({} if gather is None else {"GATHER": gather}))
+            comp(name, fn, sig, const, c.num_warps, c.num_stages, nospec=("RB",), report=persist)
+    f8t, f32 = "*fp8e4nv", "*fp32"
+    for c in f8._gate_up_persistent_kernel.configs:
+        kw = c.kwargs
+        sig = dict(b_desc=desc(kw["BN"], kw["BK"], torch.float8_e4m3fn), tile_ptr="*i32", src_ptr=i64, x_ptr=f8t, xs_ptr=f32,
+                   s_ptr=f32, h_ptr=f8t, hs_ptr=f32, H=i32, I=i32, RB=i32)
+        comp("fp8_persist_gate_up", f8._gate_up_persistent_kernel, sig, dict(DT=tl.bfloat16, **kw), c.num_warps,
+             c.num_stages, nospec=("RB",), report=True)
+    for c in f8._down_persistent_kernel.configs:
+        kw = c.kwargs
+        sig = dict(a_desc=desc(kw["BM"], kw["BK"], torch.float8_e4m3fn), b_desc=desc(kw["BN"], kw["BK"], torch.float8_e4m3fn),
+                   tile_ptr="*i32", hs_ptr=f32, s_ptr=f32, y_ptr=b, H=i32, I=i32, RB=i32)
+        comp("fp8_persist_down", f8._down_persistent_kernel, sig, dict(**kw), c.num_warps, c.num_stages,
+             nospec=("RB",), report=True)
     print("FAILS:", fails)
     return 1 if fails else 0
 
@@ -108,15 +145,20 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm()) if torch.isfinite(a).all() else float("inf")
 
 
-def experts_section(tokens: list[int], res: dict) -> None:
+def experts_section(tokens: list[int], res: dict, paths: tuple, fp8: bool) -> None:
+    from qwen3next.kernels import fp8 as qf8
     from qwen3next.kernels import moe as ref
     from qwen3next.kernels.triton import moe as old
     from qwen3next.kernels.triton import moe_grouped as g
     from qwen3next.kernels.triton import moe_tma as t
+    from qwen3next.kernels.triton import moe_tma_fp8 as tf8
+    from qwen3next.kernels.triton.moe_fp8 import quantize_act
 
     gen = torch.Generator(device=DEV).manual_seed(0)
     gate_up = (torch.randn(E, 2 * I, H, device=DEV, generator=gen) * 0.02).bfloat16()
     down = (torch.randn(E, H, I, device=DEV, generator=gen) * 0.02).bfloat16()
+    gu8, gus = qf8.quantize(gate_up) if fp8 else (None, None)
+    dn8, dns = qf8.quantize(down) if fp8 else (None, None)
     a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
     ms = bench(lambda: a @ a)
     res["matmul_8192_tflops"] = round(2 * 8192**3 / ms / 1e9, 1)
@@ -129,75 +171,88 @@ def experts_section(tokens: list[int], res: dict) -> None:
         w, ids = ref.moe_route(torch.randn(T, E, device=DEV, generator=gen), K, True)
         outs = {}
         calls = {"old": lambda: old.moe_experts(x, gate_up, down, w, ids, gemv=False),
-                 "torch": lambda: g.moe_experts_sorted(x, gate_up, down, w, ids, gemm="torch"),
-                 "triton": lambda: g.moe_experts_sorted(x, gate_up, down, w, ids, gemm="triton"),
-                 "triton_gather": lambda: g.moe_experts_sorted(x, gate_up, down, w, ids, gemm="triton_gather"),
-                 "gather_torch": lambda: g.moe_experts_sorted(x, gate_up, down, w, ids, gemm="gather_torch")}
-        for p in PATHS:
+                 **{p: (lambda p=p: g.moe_experts_sorted(x, gate_up, down, w, ids, gemm=p)) for p in PATHS[1:]}}
+        if fp8:
+            for pers in (False, True):
+                calls["fp8_persistent" if pers else "fp8_sorted"] = (
+                    lambda pers=pers: tf8.moe_experts_sorted_fp8(x, gu8, gus, dn8, dns, w, ids, persistent=pers))
+        for p in [p for p in calls if p in paths or p.startswith("fp8")]:
             try:
                 outs[p] = calls[p]()
                 ms = bench(calls[p])
                 r[p] = {"ms": round(ms, 4), "tflops": round((fl_up + fl_down) / ms / 1e9, 1)}
             except Exception as e:  # record and go on: one call times everything
                 r[p] = {"error": repr(e)[:300]}
+        base = "triton_gather" if "triton_gather" in outs else "old"
         for p in outs:
-            r[p]["rel_err_vs_old"] = rel(outs[p], outs["old"]) if "old" in outs else None
+            r[p][f"rel_err_vs_{base}"] = rel(outs[p], outs[base]) if base in outs else None
+            r[p]["bitwise_vs_" + base] = bool(base in outs and torch.equal(outs[p], outs[base]))
+        if "fp8_persistent" in outs:
+            r["fp8_persistent"]["rel_err_vs_fp8_sorted"] = rel(outs["fp8_persistent"], outs["fp8_sorted"])
         if T == min(tokens):
             want = ref.moe_experts(x, gate_up, down, w, ids)
             for p in outs:
                 r[p]["rel_err_vs_ref"] = rel(outs[p], want)
         # the sorted path's steps one by one
         try:
-            xs, cnt, offs, pos, src = g.sort_rows(x, ids, E)
-            r["sort_rows_ms"] = round(bench(lambda: g.sort_rows(x, ids, E)), 4)
-            gu = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs)
-            ms = bench(lambda: torch._grouped_mm(xs, gate_up.transpose(1, 2), offs))
-            r["torch_gate_up"] = {"ms": round(ms, 4), "tflops": round(fl_up / ms / 1e9, 1)}
-            h = g.silu_mul(gu)
-            r["silu_mul_ms"] = round(bench(lambda: g.silu_mul(gu)), 4)
-            ms = bench(lambda: torch._grouped_mm(h, down.transpose(1, 2), offs))
-            r["torch_down"] = {"ms": round(ms, 4), "tflops": round(fl_down / ms / 1e9, 1)}
-            ms = bench(lambda: t.gate_up(xs, gate_up, cnt))
-            r["triton_gate_up"] = {"ms": round(ms, 4), "tflops": round(fl_up / ms / 1e9, 1),
-                                   "rel_err_vs_torch": rel(t.gate_up(xs, gate_up, cnt), h)}
-            ms = bench(lambda: t.gate_up(x, gate_up, cnt, src))
-            r["triton_gather_gate_up"] = {"ms": round(ms, 4), "tflops": round(fl_up / ms / 1e9, 1)}
-            ms = bench(lambda: t.down(h, down, cnt))
-            r["triton_down"] = {"ms": round(ms, 4), "tflops": round(fl_down / ms / 1e9, 1)}
+            _, cnt, offs, pos, src = g.sort_rows(x, ids, E, copy=False)
+            r["sort_rows_nocopy_ms"] = round(bench(lambda: g.sort_rows(x, ids, E, copy=False)), 4)
+            tiles = t.tile_table(cnt, M)
+            r["tile_table_ms"] = round(bench(lambda: t.tile_table(cnt, M)), 4)
+            h = t.gate_up(x, gate_up, cnt, src)
+            y = t.down(h, down, cnt)
+            r["unsort_sum_ms"] = round(bench(lambda: g._unsort_sum_kernel[(T, 2)](
+                y, pos, w, torch.empty(T, H, dtype=x.dtype, device=DEV), T, H, H, TOPK=K, BH=1024)), 4)
+            for name, fn, fl in (("gather_gate_up", lambda: t.gate_up(x, gate_up, cnt, src), fl_up),
+                                 ("persist_gather_gate_up", lambda: t.gate_up(x, gate_up, cnt, src, tiles), fl_up),
+                                 ("triton_down", lambda: t.down(h, down, cnt), fl_down),
+                                 ("persist_down", lambda: t.down(h, down, cnt, tiles), fl_down),
+                                 ("torch_down", lambda: torch._grouped_mm(h, down.transpose(1, 2), offs), fl_down)):
+                ms = bench(fn)
+                r[name] = {"ms": round(ms, 4), "tflops": round(fl / ms / 1e9, 1)}
+            r["persist_gate_up_bitwise"] = bool(torch.equal(t.gate_up(x, gate_up, cnt, src, tiles), h))
+            r["persist_down_bitwise"] = bool(torch.equal(t.down(h, down, cnt, tiles), y))
+            if fp8:
+                xq, xsc = quantize_act(x, 128)
+                h8, hs8 = tf8.gate_up(xq, xsc, gu8, gus, cnt, src, x.dtype)
+                for name, fn, fl in (
+                        ("fp8_gate_up", lambda: tf8.gate_up(xq, xsc, gu8, gus, cnt, src, x.dtype), fl_up),
+                        ("fp8_persist_gate_up", lambda: tf8.gate_up(xq, xsc, gu8, gus, cnt, src, x.dtype, tiles), fl_up),
+                        ("fp8_down", lambda: tf8.down(h8, hs8, dn8, dns, cnt, x.dtype), fl_down),
+                        ("fp8_persist_down", lambda: tf8.down(h8, hs8, dn8, dns, cnt, x.dtype, tiles), fl_down)):
+                    ms = bench(fn)
+                    r[name] = {"ms": round(ms, 4), "tflops": round(fl / ms / 1e9, 1)}
             r["tuned"] = {n: {str(k): str(v) for k, v in f.cache.items()}
-                          for n, f in (("gate_up", t._gate_up_kernel), ("down", t._down_kernel))}
-            if T == max(tokens):  # every TMA config alone (what the autotuner chose from)
-                r["tma_sweep_ms"] = sweep(((t._gate_up_kernel, lambda: t.gate_up(xs, gate_up, cnt)),
-                                           (t._gate_up_kernel, lambda: t.gate_up(x, gate_up, cnt, src)),
-                                           (t._down_kernel, lambda: t.down(h, down, cnt))))
-            if M > 128 * E:  # torch's grouped_mm takes its 64x128 tile when rows / groups <= 128: two calls
-                M1 = 128 * E
-                oa, ob = offs.clamp(max=M1), (offs - M1).clamp(min=0)
-                for name, a_, w_, fl in (("gate_up", xs, gate_up, fl_up), ("down", h, down, fl_down)):
-                    ms = bench(lambda: (torch._grouped_mm(a_[:M1], w_.transpose(1, 2), oa),
-                                        torch._grouped_mm(a_[M1:], w_.transpose(1, 2), ob)))
-                    r[f"torch_split_{name}"] = {"ms": round(ms, 4), "tflops": round(fl / ms / 1e9, 1)}
+                          for n, f in (("gate_up", t._gate_up_kernel), ("down", t._down_kernel),
+                                       ("persist_gate_up", t._gate_up_persistent_kernel),
+                                       ("persist_down", t._down_persistent_kernel),
+                                       ("fp8_persist_gate_up", tf8._gate_up_persistent_kernel),
+                                       ("fp8_persist_down", tf8._down_persistent_kernel))}
+            if T == max(tokens):  # every persistent config alone (what the autotuner chose from)
+                sw = [(t._gate_up_persistent_kernel, lambda: t.gate_up(x, gate_up, cnt, src, tiles)),
+                      (t._down_persistent_kernel, lambda: t.down(h, down, cnt, tiles))]
+                if fp8:
+                    sw += [(tf8._gate_up_persistent_kernel, lambda: tf8.gate_up(xq, xsc, gu8, gus, cnt, src, x.dtype,
+                                                                                tiles)),
+                           (tf8._down_persistent_kernel, lambda: tf8.down(h8, hs8, dn8, dns, cnt, x.dtype, tiles))]
+                r["persist_sweep_ms"] = sweep(sw)
         except Exception as e:
             r["steps_error"] = repr(e)[:300]
-        if T == max(tokens):  # equal-sized groups: the grouped GEMMs' best case
-            m = M // E
-            xa = torch.randn(E, m, H, device=DEV, dtype=gate_up.dtype)
-            ms = bench(lambda: torch.bmm(xa, gate_up.transpose(1, 2)))
-            r["bmm_equal_gate_up"] = {"ms": round(ms, 4), "tflops": round(2 * E * m * H * 2 * I / ms / 1e9, 1)}
-            ha = torch.randn(E, m, I, device=DEV, dtype=gate_up.dtype)
-            ms = bench(lambda: torch.bmm(ha, down.transpose(1, 2)))
-            r["bmm_equal_down"] = {"ms": round(ms, 4), "tflops": round(2 * E * m * I * H / ms / 1e9, 1)}
-        print(f"T={T}: " + ", ".join(f"{p} {r[p].get('ms')} ms {r[p].get('tflops')} TF/s" for p in PATHS), flush=True)
-    del gate_up, down
+        print(f"T={T}: " + ", ".join(f"{p} {r[p].get('ms')} ms" for p in outs), flush=True)
+        print({k: v for k, v in r.items() if isinstance(v, dict) and "ms" in v and k not in outs}, flush=True)
+    del gate_up, down, gu8, dn8
     torch.cuda.empty_cache()
 
 
-def model_section(res: dict) -> None:
-    """The 8-layer slice's 8K prefill (gpu_model.py) with each experts path (env switch per call)."""
+def model_section(res: dict, paths: tuple, fp8: bool) -> None:
+    """The 8-layer slice's 8K prefill (gpu_model.py) with each experts path (env switch per call);
+    with fp8, the same model quantised in place (layers/quant.py to_fp8_) with moe_tma_fp8's
+    PERSISTENT off / on."""
     sys.path.insert(0, os.path.dirname(__file__))
     import gpu_model as gm
 
     from qwen3next.forward_batch import ForwardBatch
+    from qwen3next.kernels.triton import moe_tma_fp8 as tf8
 
     ours, _ = gm.build_models(with_hf=False)
     T = 8192
@@ -213,16 +268,36 @@ def model_section(res: dict) -> None:
             return ours.compute_logits(ours(ids, pos, fb)[-1:])
 
     logits = {}
-    for p in ("off",) + PATHS[1:]:
-        os.environ["QWEN3NEXT_MOE_SORTED"] = p
-        try:
-            logits[p] = step().float()
-            res[f"prefill_8k_{p}_ms"] = round(gm.timed(step, reps=10, warmup=2), 3)
-            res[f"prefill_8k_{p}_rel_err_vs_off"] = rel(logits[p], logits["off"])
-        except Exception as e:
-            res[f"prefill_8k_{p}_error"] = repr(e)[:300]
-        print(p, res.get(f"prefill_8k_{p}_ms"), flush=True)
+    variants = [p for p in paths if p != "old"]
+    base = variants[0]
+    for rnd in range(2):  # twice, interleaved: the spread between rounds is the noise
+        for p in variants:
+            os.environ["QWEN3NEXT_MOE_SORTED"] = p
+            try:
+                logits[p] = step().float()
+                res.setdefault(f"prefill_8k_{p}_ms", []).append(round(gm.timed(step, reps=10, warmup=2), 3))
+                res[f"prefill_8k_{p}_rel_err_vs_{base}"] = rel(logits[p], logits[base])
+            except Exception as e:
+                res[f"prefill_8k_{p}_error"] = repr(e)[:300]
+            print(p, res.get(f"prefill_8k_{p}_ms"), flush=True)
     os.environ.pop("QWEN3NEXT_MOE_SORTED")
+    if fp8:
+        from qwen3next.layers.quant import to_fp8_
+
+        to_fp8_(ours, (128, 128))
+        torch.cuda.empty_cache()
+        for rnd in range(2):
+            for pers in (False, True):
+                name = "fp8_persistent" if pers else "fp8_sorted"
+                tf8.PERSISTENT = pers
+                try:
+                    logits[name] = step().float()
+                    res.setdefault(f"prefill_8k_{name}_ms", []).append(round(gm.timed(step, reps=10, warmup=2), 3))
+                    res[f"prefill_8k_{name}_rel_err_vs_fp8_sorted"] = rel(logits[name], logits["fp8_sorted"])
+                except Exception as e:
+                    res[f"prefill_8k_{name}_error"] = repr(e)[:300]
+                print(name, res.get(f"prefill_8k_{name}_ms"), flush=True)
+        tf8.PERSISTENT = False
 
 
 def main() -> int:
@@ -230,8 +305,12 @@ def main() -> int:
     ap.add_argument("--out", default="moe_prefill.json")
     ap.add_argument("--tokens", default="8192,4096,2048,1024")
     ap.add_argument("--model", action="store_true", help="also the 8-layer model's 8K prefill per path")
+    ap.add_argument("--paths", default=",".join(PATHS), help="which of " + ",".join(PATHS) + " (the first is the "
+                    "model section's baseline, 'old' is never run there)")
+    ap.add_argument("--fp8", action="store_true", help="also moe_tma_fp8's sorted experts, persistent off / on")
     ap.add_argument("--check-compile", action="store_true")
     a = ap.parse_args()
+    paths = tuple(a.paths.split(","))
     if a.check_compile:
         return check_compile()
     res = {"env": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -242,12 +321,13 @@ def main() -> int:
             json.dump(res, f, indent=1)
 
     try:
-        experts_section(sorted((int(t) for t in a.tokens.split(",")), reverse=True), res.setdefault("experts", {}))
+        experts_section(sorted((int(t) for t in a.tokens.split(",")), reverse=True), res.setdefault("experts", {}),
+                        paths, a.fp8)
     finally:
         save()
     if a.model:
         try:
-            model_section(res.setdefault("model", {}))
+            model_section(res.setdefault("model", {}), paths, a.fp8)
         finally:
             save()
     print(json.dumps(res, indent=1)[-6000:])

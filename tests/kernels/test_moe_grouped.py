@@ -36,7 +36,7 @@ def test_sort_rows():
     assert torch.equal(xs[pos], x.repeat_interleave(k, 0)) and torch.equal(x[src], xs)
 
 
-@pytest.mark.parametrize("gemm", ["torch", "triton", "triton_gather", "gather_torch"])
+@pytest.mark.parametrize("gemm", ["torch", "triton", "triton_gather", "gather_torch", "persistent"])
 @pytest.mark.parametrize("T,E,H,I,k", [(1, 4, 16, 8, 1), (29, 11, 40, 24, 3), (64, 8, 32, 16, 4)])
 def test_sorted_experts(T, E, H, I, k, gemm):
     if gemm in ("torch", "gather_torch") and not hasattr(torch, "_grouped_mm"):
@@ -63,7 +63,8 @@ def test_dispatch_cpu_unchanged(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,gemm", [(512, "torch"), (512, "triton"), (512, "triton_gather"), (2048, "torch")])  # (each Triton class tunes)
+@pytest.mark.parametrize("T,gemm", [(512, "torch"), (512, "triton"), (512, "triton_gather"), (2048, "torch"),
+                                    (1024, "persistent"), (1024, "gather_torch")])  # (each Triton class tunes)
 def test_sorted_bf16_gpu(T, gemm, monkeypatch):
     gen = seeded(T)
     E, H, I, k = 512, 2048, 512, 10
@@ -77,7 +78,21 @@ def test_sorted_bf16_gpu(T, gemm, monkeypatch):
     assert rel_err(y, ref.moe_experts(x, gate_up, down, w, ids)) < 1e-2
 
 
-@pytest.mark.parametrize("gemm", ["triton", "triton_gather"])
+def test_tile_table():
+    """The persistent kernels' table: every PERSIST_BM-row tile of every expert with rows, in expert
+    order, its first row and its expert's end row; the count first."""
+    from qwen3next.kernels.triton import moe_tma
+
+    BM = moe_tma.PERSIST_BM
+    counts = torch.tensor([0, 3 * BM, 1, 0, BM + 5, 0], device=DEV)
+    tiles = moe_tma.tile_table(counts, int(counts.sum())).cpu()
+    want = [(1, 0, 3 * BM), (1, BM, 3 * BM), (1, 2 * BM, 3 * BM), (2, 3 * BM, 3 * BM + 1),
+            (4, 3 * BM + 1, 4 * BM + 6), (4, 4 * BM + 1, 4 * BM + 6)]
+    assert int(tiles[0]) == len(want)
+    assert tiles[1:1 + 3 * len(want)].view(-1, 3).tolist() == [list(w) for w in want]
+
+
+@pytest.mark.parametrize("gemm", ["triton", "triton_gather", "persistent"])
 def test_triton_small_tiles(monkeypatch, gemm):
     """moe_tma's kernels with tiles smaller than every dimension: several row tiles per expert,
     K loops with a partial last tile (zero-filled by the descriptors), partial column tiles whose
@@ -89,6 +104,12 @@ def test_triton_small_tiles(monkeypatch, gemm):
     cfg = [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=4, pre_hook=moe_tma._set_blocks)]
     for kern in (moe_tma._gate_up_kernel, moe_tma._down_kernel):
         monkeypatch.setattr(kern, "configs", cfg)
+        monkeypatch.setattr(kern, "cache", {})
+    # the persistent kernels: 16-row tiles (the table's too), 2 programs per SM-stand-in (8 in all)
+    monkeypatch.setattr(moe_tma, "PERSIST_BM", 16)
+    pcfg = [triton.Config({**c.kwargs, "CPS": 2, "WS": False}, num_warps=4, pre_hook=moe_tma._set_blocks) for c in cfg]
+    for kern in (moe_tma._gate_up_persistent_kernel, moe_tma._down_persistent_kernel):
+        monkeypatch.setattr(kern, "configs", pcfg)
         monkeypatch.setattr(kern, "cache", {})
     gen = seeded(5)
     T, E, H, I, k = 37, 7, 40, 24, 3

@@ -11,7 +11,9 @@ back, scaled by their routing weights and summed in fp32. Rounding follows kerne
 * "torch": torch._grouped_mm (CUTLASS on sm90) on the sorted copy, the [E, 2I, H] weights read
   as a transposed view, silu * up in one small launch between the two GEMMs;
 * "gather_torch": triton_gather's gate/up, torch's down (each the faster one in its GEMM on the
-  H200 at 8K tokens; the pair not yet timed together).
+  H200 at 8K tokens; the pair not yet timed together);
+* "persistent": triton_gather's GEMMs as moe_tma's persistent kernels (a grid of a few programs
+  per SM walking a table of tiles in expert order).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from .moe import _count_kernel
 # (5120 rows) the padded one was ahead of "triton" (0.822 vs 0.845 ms). "torch" was 3% ahead of
 # triton_gather at T = 8192 alone and behind the padded GEMM below T = 4096.
 SORTED_MIN_ROWS = 8192
-SORTED_GEMM = "triton_gather"  # or "torch", "triton", "gather_torch", "off"; QWEN3NEXT_MOE_SORTED overrides
+SORTED_GEMM = "triton_gather"  # or "torch", "triton", "gather_torch", "persistent", "off"; QWEN3NEXT_MOE_SORTED overrides
+GEMMS = ("torch", "triton", "triton_gather", "gather_torch", "persistent")
 
 
 def sorted_gemm(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, rows: int) -> str | None:
@@ -40,7 +43,7 @@ def sorted_gemm(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Te
     falls back to a host-synced loop, and TMA needs Hopper or later), 16-byte-aligned rows, at
     least SORTED_MIN_ROWS routed rows."""
     gemm = os.environ.get("QWEN3NEXT_MOE_SORTED", SORTED_GEMM)
-    if gemm not in ("torch", "triton", "triton_gather", "gather_torch") or (
+    if gemm not in GEMMS or (
             gemm in ("torch", "gather_torch") and not hasattr(torch, "_grouped_mm")):
         return None
     if not (x.is_cuda and x.dtype == gate_up_proj.dtype == down_proj.dtype == torch.bfloat16):
@@ -135,24 +138,29 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
 
 def moe_experts_sorted(x, gate_up_proj, down_proj, weights, ids, *, gemm: str = "triton_gather") -> torch.Tensor:
     """x [T, H]; gate_up_proj [E, 2I, H]; down_proj [E, H, I]; weights/ids [T, k] -> [T, H].
-    gemm: "triton_gather", "triton", "torch" or "gather_torch" (the module docstring)."""
+    gemm: one of GEMMS (the module docstring)."""
     T, H = x.shape
     E = gate_up_proj.shape[0]
     k = ids.shape[1]
     x = x.contiguous()
-    gather = gemm in ("triton_gather", "gather_torch")
+    gather = gemm in ("triton_gather", "gather_torch", "persistent")
     xs, counts, offs, pos, src = sort_rows(x, ids, E, copy=not gather)
-    if gather:
-        h = moe_tma.gate_up(x, gate_up_proj, counts, src)  # [T*k, I]
-    elif gemm == "triton":
-        h = moe_tma.gate_up(xs, gate_up_proj, counts)
+    if gemm == "persistent":
+        tiles = moe_tma.tile_table(counts, T * k)
+        h = moe_tma.gate_up(x, gate_up_proj, counts, src, tiles)  # [T*k, I]
+        y = moe_tma.down(h, down_proj, counts, tiles)  # [T*k, H]
     else:
-        # [E, 2I, H] read as [E, H, 2I] (column-major B, the layout the TMA loads want): a view, no copy
-        h = silu_mul(torch._grouped_mm(xs, gate_up_proj.transpose(1, 2), offs))
-    if gemm in ("torch", "gather_torch"):
-        y = torch._grouped_mm(h, down_proj.transpose(1, 2), offs)  # [T*k, H]
-    else:
-        y = moe_tma.down(h, down_proj, counts)
+        if gather:
+            h = moe_tma.gate_up(x, gate_up_proj, counts, src)
+        elif gemm == "triton":
+            h = moe_tma.gate_up(xs, gate_up_proj, counts)
+        else:
+            # [E, 2I, H] read as [E, H, 2I] (column-major B, the layout the TMA loads want): a view, no copy
+            h = silu_mul(torch._grouped_mm(xs, gate_up_proj.transpose(1, 2), offs))
+        if gemm in ("torch", "gather_torch"):
+            y = torch._grouped_mm(h, down_proj.transpose(1, 2), offs)
+        else:
+            y = moe_tma.down(h, down_proj, counts)
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     BH = min(1024, triton.next_power_of_2(H))
     _unsort_sum_kernel[(T, triton.cdiv(H, BH))](y, pos, weights.contiguous(), out, T, H, y.stride(0), TOPK=k, BH=BH)

@@ -107,6 +107,119 @@ def _down_kernel(a_desc, b_desc, cnt_ptr, y_ptr, E, H, I, RB,
                  mask=(r < rend)[:, None] & (n < H)[None, :])
 
 
+# persistent kernels: (BN, BK, warps, stages, CTAs per SM, warp-specialised); BM is PERSIST_BM (the
+# tile table's). Shared memory per stage as above (flattened loops take ~16 KB more)
+PERSIST_BM = 64
+
+
+def _pconfigs(shapes):
+    return [triton.Config({"BM": PERSIST_BM, "BN": bn, "BK": bk, "CPS": cps, "WS": ws}, num_warps=w, num_stages=st,
+                          pre_hook=_set_blocks) for bn, bk, w, st, cps, ws in shapes]
+
+
+_UP_PCONFIGS = _pconfigs(((256, 32, 8, 5, 1, False), (128, 64, 4, 5, 1, False), (128, 64, 8, 4, 1, False),
+                          (128, 64, 4, 2, 2, False), (256, 64, 8, 2, 1, False), (256, 32, 8, 4, 1, True),
+                          (256, 64, 8, 3, 1, True)))
+_DOWN_PCONFIGS = _pconfigs(((128, 64, 4, 4, 2, False), (256, 64, 8, 3, 1, False), (128, 64, 8, 5, 1, False),
+                            (128, 128, 8, 3, 1, False), (64, 64, 4, 4, 3, False), (128, 64, 4, 4, 2, True)))
+
+
+@triton.jit(do_not_specialize=["NT"])
+def _tiles_kernel(cnt_ptr, tile_ptr, E, NT, BM: tl.constexpr, BE: tl.constexpr, BLK: tl.constexpr):
+    """The BM-row tiles of the expert-sorted rows in order: tile_ptr[0] = how many, then per tile
+    (expert, first row, end row of that expert) at 1 + 3 p; NT bounds the count."""
+    ee = tl.arange(0, BE)
+    cnt = tl.load(cnt_ptr + ee, mask=ee < E, other=0).to(tl.int32)
+    nt = (cnt + BM - 1) // BM
+    tend = tl.cumsum(nt, 0)  # [BE] end tile of each expert
+    rend = tl.cumsum(cnt, 0)  # [BE] end row of each expert
+    p = tl.program_id(0) * BLK + tl.arange(0, BLK)
+    e = tl.sum((tend[None, :] <= p[:, None]).to(tl.int32), 1)  # [BLK]
+    sel = ee[None, :] == e[:, None]
+    re = tl.sum(tl.where(sel, rend[None, :], 0), 1)
+    row0 = re - tl.sum(tl.where(sel, cnt[None, :], 0), 1) + (p - tl.sum(tl.where(sel, (tend - nt)[None, :], 0), 1)) * BM
+    m = (p < NT) & (e < E)
+    tl.store(tile_ptr + 1 + 3 * p, e, mask=m)
+    tl.store(tile_ptr + 2 + 3 * p, row0, mask=m)
+    tl.store(tile_ptr + 3 + 3 * p, re, mask=m)
+    if tl.program_id(0) == 0:
+        tl.store(tile_ptr, tl.sum(nt, 0))
+
+
+def tile_table(counts: torch.Tensor, M: int) -> torch.Tensor:
+    """counts [E] rows per expert (M in all) -> the PERSIST_BM-row tile table (_tiles_kernel)."""
+    E = counts.shape[0]
+    NT = triton.cdiv(M, PERSIST_BM) + min(E, M)
+    tiles = torch.empty(1 + 3 * NT, dtype=torch.int32, device=counts.device)
+    BLK = 32
+    _tiles_kernel[(triton.cdiv(NT, BLK),)](counts, tiles, E, NT, BM=PERSIST_BM, BE=pow2(E), BLK=BLK)
+    return tiles
+
+
+@autotune(_UP_PCONFIGS, key=["H", "I", "RB", "GATHER"])
+@triton.jit(do_not_specialize=["RB"])
+def _gate_up_persistent_kernel(a_desc, b_desc, tile_ptr, h_ptr, x_ptr, src_ptr, H, I, RB,
+                               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CPS: tl.constexpr,
+                               WS: tl.constexpr, GATHER: tl.constexpr):
+    """_gate_up_kernel's product, a grid of CPS programs per SM walking the tile table's (row tile,
+    column tile) pairs (CPS only sizes the grid)."""
+    NN = tl.cdiv(I, BN)
+    total = tl.load(tile_ptr) * NN
+    kk = tl.arange(0, BK)
+    for t in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=not WS, warp_specialize=WS):
+        pm = t // NN
+        n0 = (t % NN) * BN
+        e = tl.load(tile_ptr + 1 + 3 * pm)
+        row0 = tl.load(tile_ptr + 2 + 3 * pm)
+        rend = tl.load(tile_ptr + 3 + 3 * pm)
+        r = (row0 + tl.arange(0, BM)).to(tl.int64)
+        wrow = e * 2 * I + n0
+        if GATHER:
+            tok = tl.load(src_ptr + r, mask=r < rend, other=0)
+        acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+        acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+        for k0 in range(0, H, BK):
+            if GATHER:
+                a = tl.load(x_ptr + tok[:, None] * H + (k0 + kk)[None, :], mask=((k0 + kk) < H)[None, :], other=0.0)
+            else:
+                a = a_desc.load([row0, k0])
+            acc_g = tl.dot(a, b_desc.load([wrow, k0]).T, acc_g)
+            acc_u = tl.dot(a, b_desc.load([wrow + I, k0]).T, acc_u)
+        dt = h_ptr.dtype.element_ty
+        g = acc_g.to(dt).to(tl.float32)
+        hv = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * acc_u.to(dt).to(tl.float32)
+        n = n0 + tl.arange(0, BN)
+        tl.store(h_ptr + r[:, None] * I + n[None, :], hv.to(dt), mask=(r < rend)[:, None] & (n < I)[None, :])
+
+
+@autotune(_DOWN_PCONFIGS, key=["H", "I", "RB"])
+@triton.jit(do_not_specialize=["RB"])
+def _down_persistent_kernel(a_desc, b_desc, tile_ptr, y_ptr, H, I, RB, BM: tl.constexpr, BN: tl.constexpr,
+                            BK: tl.constexpr, CPS: tl.constexpr, WS: tl.constexpr):
+    """_down_kernel's product over the tile table (as _gate_up_persistent_kernel)."""
+    NN = tl.cdiv(H, BN)
+    total = tl.load(tile_ptr) * NN
+    for t in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=not WS, warp_specialize=WS):
+        pm = t // NN
+        n0 = (t % NN) * BN
+        e = tl.load(tile_ptr + 1 + 3 * pm)
+        row0 = tl.load(tile_ptr + 2 + 3 * pm)
+        rend = tl.load(tile_ptr + 3 + 3 * pm)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for k0 in range(0, I, BK):
+            acc = tl.dot(a_desc.load([row0, k0]), b_desc.load([e * H + n0, k0]).T, acc)
+        r = (row0 + tl.arange(0, BM)).to(tl.int64)
+        n = n0 + tl.arange(0, BN)
+        tl.store(y_ptr + r[:, None] * H + n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(r < rend)[:, None] & (n < H)[None, :])
+
+
+def _pgrid(device, NT: int, N: int):
+    """CPS programs per SM, never more than the (row, column) tiles there can be."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return lambda meta: (min(sms * meta["CPS"], NT * triton.cdiv(N, meta["BN"])),)
+
+
 def _rows_class(M: int, E: int) -> int:
     """Autotuning key: mean rows per expert rounded up to a power of two (tiles are timed once per
     class; a prefill of 8K tokens at top-10 of 512 is class 256, one of 512 tokens class 16)."""
@@ -118,9 +231,10 @@ def _grid(M: int, E: int, N: int):
 
 
 def gate_up(xs: torch.Tensor, gate_up_proj: torch.Tensor, counts: torch.Tensor,
-            src: torch.Tensor | None = None) -> torch.Tensor:
+            src: torch.Tensor | None = None, tiles: torch.Tensor | None = None) -> torch.Tensor:
     """xs [M, H] expert-sorted rows (or, with src [M], x [T, H] and each sorted row's token),
-    gate_up_proj [E, 2I, H], counts [E] rows per expert -> h [M, I]."""
+    gate_up_proj [E, 2I, H], counts [E] rows per expert -> h [M, I]. With `tiles` (tile_table of
+    these counts) the persistent kernel runs."""
     M, H = xs.shape if src is None else (src.shape[0], xs.shape[1])
     E, I2, _ = gate_up_proj.shape
     I = I2 // 2
@@ -128,18 +242,27 @@ def gate_up(xs: torch.Tensor, gate_up_proj: torch.Tensor, counts: torch.Tensor,
     dummy = [1, 1]  # boxes set by the pre-hook
     a = TensorDescriptor(xs, list(xs.shape), [H, 1], dummy)
     b = TensorDescriptor(gate_up_proj, [E * I2, H], [H, 1], dummy)
+    if tiles is not None:
+        _gate_up_persistent_kernel[_pgrid(xs.device, (tiles.shape[0] - 1) // 3, I)](
+            a, b, tiles, h, xs, tiles if src is None else src, H, I, _rows_class(M, E), GATHER=src is not None)
+        return h
     _gate_up_kernel[_grid(M, E, I)](a, b, counts, h, xs, counts if src is None else src, E, H, I, _rows_class(M, E),
                                     BE=pow2(E), GATHER=src is not None)
     return h
 
 
-def down(h: torch.Tensor, down_proj: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """h [M, I] expert-sorted rows, down_proj [E, H, I] -> y [M, H]."""
+def down(h: torch.Tensor, down_proj: torch.Tensor, counts: torch.Tensor,
+         tiles: torch.Tensor | None = None) -> torch.Tensor:
+    """h [M, I] expert-sorted rows, down_proj [E, H, I] -> y [M, H] (persistent with `tiles`)."""
     M, I = h.shape
     E, H, _ = down_proj.shape
     y = torch.empty(M, H, dtype=h.dtype, device=h.device)
     dummy = [1, 1]
     a = TensorDescriptor(h, [M, I], [I, 1], dummy)
     b = TensorDescriptor(down_proj, [E * H, I], [I, 1], dummy)
+    if tiles is not None:
+        _down_persistent_kernel[_pgrid(h.device, (tiles.shape[0] - 1) // 3, H)](a, b, tiles, y, H, I,
+                                                                                 _rows_class(M, E))
+        return y
     _down_kernel[_grid(M, E, H)](a, b, counts, y, E, H, I, _rows_class(M, E), BE=pow2(E))
     return y

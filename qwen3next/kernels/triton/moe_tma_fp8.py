@@ -9,9 +9,13 @@ w_scale[n block, k block]; its epilogue forms silu(gate) * up (rounded as the re
 quantises it per row and 128 columns for the down GEMM, which reads h and the weights through TMA
 the same way. moe_grouped's unsort-sum weights and sums each token's k rows. No shared expert: the
 MoE block keeps its three Fp8Linear calls at prefill sizes (layers/quant.py FUSED_SHARED_MAX_ROWS).
+PERSISTENT (env QWEN3NEXT_FP8_PERSISTENT=1): both GEMMs as persistent kernels walking moe_tma's
+tile table (a few programs per SM, tiles in expert order, flattened loops).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -22,7 +26,8 @@ from ._util import autotune, pow2
 from .moe_fp8 import FP8_MAX, _TL_DTYPE, quantize_act
 from . import moe_grouped
 from .moe_grouped import _unsort_sum_kernel, sort_rows
-from .moe_tma import _grid, _rows_class, _tile
+from . import moe_tma
+from .moe_tma import _grid, _pgrid, _rows_class, _tile
 
 GROUP = 128  # activation groups and weight scale blocks (the kernels step K in these)
 
@@ -51,6 +56,19 @@ _DOWN_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_
                                pre_hook=_set_down_blocks)
                  for bm, bn, bk, w, st in ((128, 128, 128, 8, 3), (64, 128, 128, 4, 4), (64, 256, 128, 8, 3),
                                            (128, 128, 128, 8, 4), (128, 64, 128, 4, 4), (64, 128, 128, 8, 4))]
+
+
+# persistent kernels: BM = moe_tma.PERSIST_BM (the tile table's); (BK, warps, stages, CTAs per SM) for gate/up
+# (BN = 128), (BN, BK, warps, stages, CTAs per SM) for down; CTAs per SM as registers (ptxas: 194-254 a
+# thread) and shared memory allow
+_UP_PCONFIGS = [triton.Config({"BM": moe_tma.PERSIST_BM, "BN": 128, "BK": bk, "CPS": cps}, num_warps=w, num_stages=st,
+                              pre_hook=_set_up_blocks)
+                for bk, w, st, cps in ((128, 8, 3, 1), (64, 8, 5, 1), (128, 8, 4, 1), (128, 8, 2, 1))]
+_DOWN_PCONFIGS = [triton.Config({"BM": moe_tma.PERSIST_BM, "BN": bn, "BK": bk, "CPS": cps}, num_warps=w,
+                                num_stages=st, pre_hook=_set_down_blocks)
+                  for bn, bk, w, st, cps in ((128, 128, 4, 4, 2), (128, 128, 8, 3, 1), (256, 128, 8, 3, 1),
+                                             (128, 128, 8, 4, 1), (64, 128, 4, 4, 2))]
+PERSISTENT = os.environ.get("QWEN3NEXT_FP8_PERSISTENT", "0") == "1"
 
 
 @autotune(_UP_CONFIGS, key=["H", "I", "RB"])
@@ -142,6 +160,85 @@ def _down_kernel(a_desc, b_desc, cnt_ptr, hs_ptr, s_ptr, y_ptr, E, H, I, RB,
         tl.store(y_ptr + r[:, None] * H + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=rm[:, None] & nm[None, :])
 
 
+@autotune(_UP_PCONFIGS, key=["H", "I", "RB"])
+@triton.jit(do_not_specialize=["RB"])
+def _gate_up_persistent_kernel(b_desc, tile_ptr, src_ptr, x_ptr, xs_ptr, s_ptr, h_ptr, hs_ptr, H, I, RB,
+                               DT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                               CPS: tl.constexpr):
+    """_gate_up_kernel's product, a grid of CPS programs per SM walking the tile table's (row tile,
+    column tile) pairs (CPS only sizes the grid)."""
+    NN = tl.cdiv(I, BN)
+    SK = H // 128
+    total = tl.load(tile_ptr) * NN
+    kk = tl.arange(0, BK)
+    for t in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=True):
+        pm = t // NN
+        n0 = (t % NN) * BN
+        e = tl.load(tile_ptr + 1 + 3 * pm)
+        row0 = tl.load(tile_ptr + 2 + 3 * pm)
+        rend = tl.load(tile_ptr + 3 + 3 * pm)
+        r = (row0 + tl.arange(0, BM)).to(tl.int64)
+        rm = r < rend
+        tok = tl.load(src_ptr + r, mask=rm, other=0)
+        wrow = e * 2 * I + n0
+        sg_ptr = s_ptr + (e * (2 * I // 128) + n0 // 128) * SK
+        su_ptr = sg_ptr + (I // 128) * SK
+        acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+        acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+        xsc = tl.load(xs_ptr + tok * SK)
+        sg = tl.load(sg_ptr)
+        su = tl.load(su_ptr)
+        for k0 in range(0, H, BK):
+            kn = tl.minimum((k0 + BK) // 128, SK - 1)  # the next step's scales, one step ahead
+            xsc_n = tl.load(xs_ptr + tok * SK + kn)
+            sg_n = tl.load(sg_ptr + kn)
+            su_n = tl.load(su_ptr + kn)
+            a = tl.load(x_ptr + tok[:, None] * H + (k0 + kk)[None, :])
+            acc_g += tl.dot(a, b_desc.load([wrow, k0]).T) * (xsc[:, None] * sg)
+            acc_u += tl.dot(a, b_desc.load([wrow + I, k0]).T) * (xsc[:, None] * su)
+            xsc, sg, su = xsc_n, sg_n, su_n
+        gt = acc_g.to(DT).to(tl.float32)
+        hv = ((gt / (1.0 + tl.exp(-gt))).to(DT).to(tl.float32) * acc_u.to(DT).to(tl.float32)).to(DT).to(tl.float32)
+        amax = tl.max(tl.abs(hv), 1)
+        sc = tl.where(amax > 0, tl.math.div_rn(amax, FP8_MAX), 1.0)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(hv, sc[:, None]), -FP8_MAX), FP8_MAX)
+        n = n0 + tl.arange(0, BN)
+        tl.store(h_ptr + r[:, None] * I + n[None, :], q.to(h_ptr.dtype.element_ty), mask=rm[:, None])
+        tl.store(hs_ptr + r * (I // 128) + n0 // 128, sc, mask=rm)
+
+
+@autotune(_DOWN_PCONFIGS, key=["H", "I", "RB"])
+@triton.jit(do_not_specialize=["RB"])
+def _down_persistent_kernel(a_desc, b_desc, tile_ptr, hs_ptr, s_ptr, y_ptr, H, I, RB, BM: tl.constexpr,
+                            BN: tl.constexpr, BK: tl.constexpr, CPS: tl.constexpr):
+    """_down_kernel's product over the tile table (as _gate_up_persistent_kernel)."""
+    NN = tl.cdiv(H, BN)
+    SK = I // 128
+    total = tl.load(tile_ptr) * NN
+    for t in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=True):
+        pm = t // NN
+        n0 = (t % NN) * BN
+        e = tl.load(tile_ptr + 1 + 3 * pm)
+        row0 = tl.load(tile_ptr + 2 + 3 * pm)
+        rend = tl.load(tile_ptr + 3 + 3 * pm)
+        r = (row0 + tl.arange(0, BM)).to(tl.int64)
+        rm = r < rend
+        n = n0 + tl.arange(0, BN)
+        nm = n < H
+        # [BN]: the columns' scale blocks (one block when BN <= 128; a vector keeps one code path)
+        sd_ptr = s_ptr + (e * (H // 128) + n // 128) * SK
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        hsc = tl.load(hs_ptr + r * SK, mask=rm, other=0.0)
+        sd = tl.load(sd_ptr, mask=nm, other=0.0)
+        for k0 in range(0, I, BK):
+            kn = tl.minimum((k0 + BK) // 128, SK - 1)
+            hsc_n = tl.load(hs_ptr + r * SK + kn, mask=rm, other=0.0)
+            sd_n = tl.load(sd_ptr + kn, mask=nm, other=0.0)
+            acc += tl.dot(a_desc.load([row0, k0]), b_desc.load([e * H + n0, k0]).T) * (hsc[:, None] * sd[None, :])
+            hsc, sd = hsc_n, sd_n
+        tl.store(y_ptr + r[:, None] * H + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=rm[:, None] & nm[None, :])
+
+
 # H200, 80B expert shapes, one layer (session 4): 1.34 vs 1.62 ms for the padded w8a8 GEMM at 81920
 # routed rows (8192 tokens), but 1.06 vs 0.85 ms at 20480 rows: taken only where it was measured to win
 MIN_ROWS = 65536
@@ -158,37 +255,49 @@ def suits(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, 
 
 
 def gate_up(xq: torch.Tensor, xs: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_scale: torch.Tensor,
-            counts: torch.Tensor, src: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            counts: torch.Tensor, src: torch.Tensor, dtype: torch.dtype,
+            tiles: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """xq [T, H] fp8 + xs [T, H/128], gate_up_proj [E, 2I, H] fp8 + scale [E, 2I/128, H/128], counts
     [E], src [M] each sorted row's token -> (h [M, I] fp8, hs [M, I/128] fp32); `dtype`: the
-    activation dtype the reference rounds its products to."""
+    activation dtype the reference rounds its products to; with `tiles` (moe_tma.tile_table) the
+    persistent kernel."""
     M, H = src.shape[0], xq.shape[1]
     E, I2, _ = gate_up_proj.shape
     I = I2 // 2
     h = torch.empty(M, I, dtype=torch.float8_e4m3fn, device=xq.device)
     hs = torch.empty(M, I // GROUP, dtype=torch.float32, device=xq.device)
     b = TensorDescriptor(gate_up_proj, [E * I2, H], [H, 1], [1, 1])  # box set by the pre-hook
+    if tiles is not None:
+        _gate_up_persistent_kernel[_pgrid(xq.device, (tiles.shape[0] - 1) // 3, I)](
+            b, tiles, src, xq, xs, gate_up_scale, h, hs, H, I, _rows_class(M, E), DT=_TL_DTYPE[dtype])
+        return h, hs
     _gate_up_kernel[_grid(M, E, I)](b, counts, src, xq, xs, gate_up_scale, h, hs, E, H, I, _rows_class(M, E),
                                     DT=_TL_DTYPE[dtype], BE=pow2(E))
     return h, hs
 
 
 def down(h: torch.Tensor, hs: torch.Tensor, down_proj: torch.Tensor, down_scale: torch.Tensor,
-         counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """h [M, I] fp8 + hs [M, I/128], down_proj [E, H, I] fp8 + scale [E, H/128, I/128] -> y [M, H]."""
+         counts: torch.Tensor, dtype: torch.dtype, tiles: torch.Tensor | None = None) -> torch.Tensor:
+    """h [M, I] fp8 + hs [M, I/128], down_proj [E, H, I] fp8 + scale [E, H/128, I/128] -> y [M, H]
+    (persistent with `tiles`)."""
     M, I = h.shape
     E, H, _ = down_proj.shape
     y = torch.empty(M, H, dtype=dtype, device=h.device)
     a = TensorDescriptor(h, [M, I], [I, 1], [1, 1])
     b = TensorDescriptor(down_proj, [E * H, I], [I, 1], [1, 1])
+    if tiles is not None:
+        _down_persistent_kernel[_pgrid(h.device, (tiles.shape[0] - 1) // 3, H)](a, b, tiles, hs, down_scale, y, H, I,
+                                                                                 _rows_class(M, E))
+        return y
     _down_kernel[_grid(M, E, H)](a, b, counts, hs, down_scale, y, E, H, I, _rows_class(M, E), BE=pow2(E))
     return y
 
 
-def moe_experts_sorted_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids) -> torch.Tensor:
+def moe_experts_sorted_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids, *,
+                           persistent: bool | None = None) -> torch.Tensor:
     """x [T, H]; gate_up_proj [E, 2I, H] fp8 + scale [E, 2I/128, H/128]; down_proj [E, H, I] fp8 +
     scale [E, H/128, I/128]; weights/ids [T, k] -> [T, H] in x's dtype: kernels/fp8.py's
-    moe_experts_fp8 with act_quant=True."""
+    moe_experts_fp8 with act_quant=True. `persistent`: the persistent GEMMs (default PERSISTENT)."""
     T, H = x.shape
     E, k = gate_up_proj.shape[0], ids.shape[1]
     I = down_proj.shape[-1]
@@ -196,9 +305,10 @@ def moe_experts_sorted_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale
         raise ValueError(f"sorted fp8 experts need hidden_size ({H}) and moe_intermediate_size ({I}) % 128 == 0")
     x = x.contiguous()
     _, counts, _, pos, src = sort_rows(x, ids, E, copy=False)
+    tiles = moe_tma.tile_table(counts, T * k) if (PERSISTENT if persistent is None else persistent) else None
     xq, xs = quantize_act(x, GROUP)  # [T, H] fp8, [T, H/128]
-    h, hs = gate_up(xq, xs, gate_up_proj.contiguous(), gate_up_scale.contiguous(), counts, src, x.dtype)
-    y = down(h, hs, down_proj.contiguous(), down_scale.contiguous(), counts, x.dtype)  # [T*k, H]
+    h, hs = gate_up(xq, xs, gate_up_proj.contiguous(), gate_up_scale.contiguous(), counts, src, x.dtype, tiles)
+    y = down(h, hs, down_proj.contiguous(), down_scale.contiguous(), counts, x.dtype, tiles)  # [T*k, H]
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     BH = min(1024, pow2(H))
     _unsort_sum_kernel[(T, triton.cdiv(H, BH))](y, pos, weights.contiguous(), out, T, H, y.stride(0), TOPK=k, BH=BH)
