@@ -14,6 +14,7 @@ import hmac
 import json
 import logging
 import os
+import socket
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -239,6 +240,25 @@ def build_state(ns, engine=None, model_dir: str | None = None) -> ServerState:
         cache_tokens=info["cache_tokens"])
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for uvicorn, or a one-line ValueError naming --host / --port."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {port}")
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r}: {e.strerror}") from None
+    family, kind, proto, _, address = info[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
 def run_server(ns) -> None:
     """Load the model, serve until SIGINT/SIGTERM, then shut down cleanly.
 
@@ -253,9 +273,15 @@ def run_server(ns) -> None:
 
     from qwen3next.cpu_tuning import tune_for_cpu_serving
 
-    if not use_engine_process(ns):
-        tune_for_cpu_serving(ns.device)  # else the engine process tunes itself
-    state = build_state(ns)
+    # the port first (as vLLM does): a taken or invalid port is one line now, not after the model loads
+    sock = listen_socket(ns.host, ns.port)
+    try:
+        if not use_engine_process(ns):
+            tune_for_cpu_serving(ns.device)  # else the engine process tunes itself
+        state = build_state(ns)
+    except BaseException:
+        sock.close()
+        raise
     app = build_app(state)
 
     class Server(uvicorn.Server):
@@ -273,6 +299,13 @@ def run_server(ns) -> None:
                 for s, handler in old.items():
                     signal.signal(s, handler)
 
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:  # uvicorn logs no address for sockets it did not bind itself
+                host, port = sock.getsockname()[:2]
+                url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+                logging.getLogger("uvicorn.error").info("Uvicorn running on %s (Press CTRL+C to quit)", url)
+
         def handle_exit(self, sig, frame):
             if not self.should_exit:
                 timer = threading.Timer(ns.shutdown_timeout, state.engine.fail_all,
@@ -285,6 +318,7 @@ def run_server(ns) -> None:
     config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level,
                             timeout_graceful_shutdown=ns.shutdown_timeout + 5)
     try:
-        Server(config).run()
+        Server(config).run(sockets=[sock])
     finally:
+        sock.close()
         state.engine.shutdown()  # idempotent; covers a server that failed before its lifespan ran
