@@ -23,7 +23,7 @@ from triton.compiler import ASTSource
 from qwen3next.kernels.triton import attention, conv1d, delta_rule, gdn_decode, gdn_prep, gdn_verify, rotary
 
 TARGET = GPUTarget("cuda", 90, 32)
-NO_SPECIALIZE = {"T", "TB", "B", "R", "NH", "S0", "S1", "N"}
+NO_SPECIALIZE = {"T", "TB", "B", "P", "R", "NH", "S0", "S1", "N"}
 FAILS: list[str] = []
 
 
@@ -45,14 +45,17 @@ def p(t: str) -> str:
 
 def main() -> int:
     print("triton", triton.__version__)
-    conv = dict(x_ptr=p("bf16"), w_ptr=p("bf16"), y_ptr=p("bf16"), seq_ptr=p("i64"), cu_ptr=p("i64"), st_ptr=p("bf16"),
-                slot_ptr=p("i64"), init_ptr=p("i32"), T="i32", C="i32", TB="i32", SX="i32", scale="fp32")
-    for qk, state, (bt, bc, w) in itertools.product((0, 32), (False, True), conv1d._CONFIGS):
-        if not qk or bc >= conv1d.NORM_BC:
+    conv = dict(x_ptr=p("bf16"), w_ptr=p("bf16"), y_ptr=p("bf16"), cu_ptr=p("i64"), B="i32", P="i32", st_ptr=p("bf16"),
+                slot_ptr=p("i64"), init_ptr=p("i1"), map_ptr=p("i64"), T="i32", C="i32", TB="i32", SX="i32",
+                scale="fp32")
+    for qk, state, mapped, (bt, bc, w) in itertools.product((0, 32), (False, True), (False, True), conv1d._CONFIGS):
+        if (not qk or bc >= conv1d.NORM_BC) and (not mapped or bc == conv1d.MAP_BC):
             compile_one("conv_varlen", conv1d._conv_varlen_body, conv,
-                        dict(K=4, HAS_STATE=state, QK_HEADS=qk, DK=128 if qk else 1, BT=bt, BC=bc), w)
-    compile_one("conv_state", conv1d._conv_state_kernel, dict(x_ptr=p("bf16"), cu_ptr=p("i64"), st_ptr=p("bf16"),
-                slot_ptr=p("i64"), init_ptr=p("i32"), C="i32", SX="i32"), dict(K=4, KP=4, BC=256))
+                        dict(K=4, HAS_STATE=state, QK_HEADS=qk, DK=128 if qk else 1, MAPPED=mapped, BT=bt, BC=bc), w)
+    for mapped in (False, True):
+        compile_one("conv_state", conv1d._conv_state_kernel, dict(x_ptr=p("bf16"), cu_ptr=p("i64"), st_ptr=p("bf16"),
+                    slot_ptr=p("i64"), init_ptr=p("i1"), map_ptr=p("i64"), C="i32", SX="i32"),
+                    dict(K=4, KP=4, BC=conv1d.MAP_BC if mapped else 256, MAPPED=mapped))
     for mp in (0, 16):
         compile_one("conv_update", conv1d._conv_update_kernel, dict(x_ptr=p("bf16"), w_ptr=p("bf16"), y_ptr=p("bf16"),
                     st_ptr=p("bf16"), slot_ptr=p("i64"), map_ptr=p("i64"), C="i32", SX="i32"),
@@ -80,16 +83,19 @@ def main() -> int:
     compile_one("gate_rows", attention._gate_rows_kernel, dict(o_ptr=p("bf16"), g_ptr=p("bf16"), y_ptr=p("bf16"),
                 R="i32", NH="i32", S0="i32", S1="i32"), dict(D=256, BR=16))
     dr = dict(HK=16, HV=32, DK=128, BB=16, BT=64, PREC="tf32")
-    compile_one("dr_kkt", delta_rule._kkt_solve_kernel, dict(k_ptr=p("bf16"), g_ptr=p("fp32"), b_ptr=p("fp32"),
-                cu_ptr=p("i64"), B="i32", G_ptr=p("fp32"), A_ptr=p("bf16"), SK="i32"), dict(dr, BC=16, BK=64))
+    for wu, qk in ((False, False), (True, False), (True, True)):
+        compile_one("dr_kkt", delta_rule._kkt_solve_kernel, dict(q_ptr=p("bf16"), k_ptr=p("bf16"), v_ptr=p("bf16"),
+                    g_ptr=p("fp32"), b_ptr=p("fp32"), cu_ptr=p("i64"), B="i32", G_ptr=p("fp32"), A_ptr=p("bf16"),
+                    u_ptr=p("bf16"), kd_ptr=p("bf16"), qk_ptr=p("bf16"), SQ="i32", SK="i32", SV="i32"),
+                    dict(dr, DV=128, BC=16, BK=64, BA=32, WU=wu, QK=qk), 1)
     compile_one("dr_wu", delta_rule._wu_kernel, dict(k_ptr=p("bf16"), v_ptr=p("bf16"), b_ptr=p("fp32"),
                 G_ptr=p("fp32"), A_ptr=p("bf16"), cu_ptr=p("i64"), B="i32", u_ptr=p("bf16"), kd_ptr=p("bf16"),
                 SK="i32", SV="i32"), dict(dr, DV=128, BK=64, BV=64))
-    for fuse in (False, True):
+    for fuse, st in itertools.product((False, True), ("fp32", "bf16")):
         compile_one("dr_state", delta_rule._state_kernel, dict(q_ptr=p("bf16"), k_ptr=p("bf16"), u_ptr=p("bf16"),
-                    kd_ptr=p("bf16"), G_ptr=p("fp32"), w_ptr=p("bf16"), h_ptr=p("bf16"), o_ptr=p("bf16"),
-                    cu_ptr=p("i64"), B="i32", st_ptr=p("fp32"), slot_ptr=p("i64"), init_ptr=p("i1"), SQ="i32",
-                    SK="i32"), dict(dr, DV=128, BV=32, HAS_STATE=True, FUSE_O=fuse))
+                    kd_ptr=p("bf16"), G_ptr=p("fp32"), qk_ptr=p("bf16"), w_ptr=p("bf16"), h_ptr=p("bf16"),
+                    o_ptr=p("bf16"), cu_ptr=p("i64"), B="i32", st_ptr=p(st), slot_ptr=p("i64"), init_ptr=p("i1"),
+                    SQ="i32", SK="i32"), dict(dr, DV=128, BV=32, HAS_STATE=True, FUSE_O=fuse))
     compile_one("dr_out", delta_rule._out_kernel, dict(q_ptr=p("bf16"), k_ptr=p("bf16"), w_ptr=p("bf16"),
                 h_ptr=p("bf16"), G_ptr=p("fp32"), o_ptr=p("bf16"), cu_ptr=p("i64"), B="i32", SQ="i32", SK="i32"),
                 dict(dr, DV=128, BV=128))
