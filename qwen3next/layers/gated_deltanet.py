@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import torch
 from torch import nn
@@ -26,11 +27,13 @@ from .fused import DerivedWeight
 from .norm import GatedRMSNorm
 
 
-# Cached batches up to this many tokens (decode, verify, short chunks) hand the conv kernels the
-# grouped projection + column map; longer ones copy q / k / v into one [T, conv_dim] buffer (three
-# strided copies; the varlen conv would gather a map first anyway). Not with QWEN3NEXT_GDN_FUSED=0
-# (kernels/triton/gdn_prep.py's kill switch: that path copies).
-GROUPED_MAX_T = 0 if os.environ.get("QWEN3NEXT_GDN_FUSED", "1") == "0" else 512
+# Cached batches up to this many tokens hand the conv kernels the grouped projection + column map
+# (read in place: heads of 128 columns); longer ones copy q / k / v into one [T, conv_dim] buffer
+# (three strided copies). Any length since session 5: the 8K prefill's copies were 1.07 ms of 6 layers
+# on the H200 and the varlen conv reads the map as fast as a contiguous input (174 vs 169 us), the
+# 8-layer slice's graph replay 29.41 -> 28.70 ms. Not with QWEN3NEXT_GDN_FUSED=0 (kernels/triton/
+# gdn_prep.py's kill switch: that path copies).
+GROUPED_MAX_T = 0 if os.environ.get("QWEN3NEXT_GDN_FUSED", "1") == "0" else sys.maxsize
 
 
 def _regroup_rows(Hk: int, dk: int, rdv: int, r: int, w_qkvz: torch.Tensor, w_ba: torch.Tensor) -> torch.Tensor:

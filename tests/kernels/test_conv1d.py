@@ -131,3 +131,63 @@ def test_grouped_map_is_vectorised_and_right():
     x, w = randn(20, 160, gen=gen), randn(64, 4, gen=gen)
     y = tri.causal_conv1d_varlen(x, w, cu([20]), x_cols=cols)
     assert rel_err(y, ref.causal_conv1d_varlen(x[:, cols], w, cu([20]))) < 1e-6
+
+
+def _head_runs_map(hk: int, dk: int, rdv: int):
+    """The DeltaNet layer's grouped map: head h's rows [q dk | k dk | v rdv | z rdv] -> (cols, width)."""
+    W = 2 * dk + 2 * rdv
+    base = torch.arange(hk)[:, None] * W
+    cols = torch.cat([(base + torch.arange(dk)).flatten(), (base + dk + torch.arange(dk)).flatten(),
+                      (base + 2 * dk + torch.arange(rdv)).flatten()])
+    return cols.to(DEV), hk * W
+
+
+@pytest.mark.parametrize("qk", [False, True])
+def test_head_runs_map_read_in_place(qk):
+    """A map of aligned 128-column runs (heads of 128) is read in place by the varlen conv (no
+    gather): same output and states as the conv of the gathered input, with the q / k norm too."""
+    gen = seeded(11 + qk)
+    hk, dk, rdv, K, lens = 2, 128, 256, 4, [1, 40, 5]
+    cols, W = _head_runs_map(hk, dk, rdv)
+    C = cols.numel()
+    assert tri._map_run(cols) == tri.MAP_BC
+    xw = randn(sum(lens), W, gen=gen)
+    w = randn(C, K, gen=gen)
+    pool = randn(4, C, K - 1, gen=gen)
+    slots, has = torch.tensor([2, 0, 3], device=DEV), torch.tensor([True, False, True], device=DEV)
+    calls = []
+    orig = torch.Tensor.index_select
+    try:  # count gathers: the mapped path must not gather
+        torch.Tensor.index_select = lambda self, *a: calls.append(1) or orig(self, *a)
+        p_t = pool.clone()
+        y = tri.causal_conv1d_varlen(xw, w, cu(lens), p_t, slots, has, x_cols=cols,
+                                     qk_heads=(hk, dk) if qk else None)
+    finally:
+        torch.Tensor.index_select = orig
+    assert not calls
+    p_r = pool.clone()
+    want = tri.causal_conv1d_varlen(xw[:, cols].contiguous(), w, cu(lens), p_r, slots, has,
+                                    qk_heads=(hk, dk) if qk else None)
+    assert rel_err(y, want) < 1e-6
+    assert torch.equal(p_t, p_r)
+    if not qk:
+        p_r = pool.clone()
+        assert rel_err(y, ref.causal_conv1d_varlen(xw[:, cols], w, cu(lens), p_r, slots, has)) < 1e-6
+        assert torch.equal(p_t, p_r)
+
+
+@pytest.mark.gpu
+def test_head_runs_map_bf16_gpu():
+    """The 80B layer's grouped projection at 8K tokens read in place = the copied input's conv."""
+    gen = seeded(13)
+    cols, W = _head_runs_map(16, 128, 256)
+    C, K, lens = cols.numel(), 4, [8000, 192]
+    xw = randn(sum(lens), W, gen=gen, dtype=torch.bfloat16)
+    w = randn(C, K, gen=gen, dtype=torch.bfloat16)
+    pool = randn(3, C, K - 1, gen=gen, dtype=torch.bfloat16)
+    slots, has = torch.tensor([2, 0], device=DEV), torch.tensor([True, False], device=DEV)
+    p_t, p_r = pool.clone(), pool.clone()
+    y = tri.causal_conv1d_varlen(xw, w, cu(lens), p_t, slots, has, x_cols=cols, qk_heads=(16, 128))
+    want = tri.causal_conv1d_varlen(xw[:, cols].contiguous(), w, cu(lens), p_r, slots, has, qk_heads=(16, 128))
+    assert torch.equal(y, want)
+    assert torch.equal(p_t, p_r)

@@ -7,6 +7,9 @@ kernel writes the new ones (a single launch would race: tiles of one sequence re
 another tile would be shifting). Negative state slots (graph padding) are skipped.
 `save_token_windows` (speculative verify) stores the window after every token in one launch, with
 no host sync, so a verify forward can be graph-captured.
+A column map whose aligned groups of 128 channels each read one contiguous run of 128 input columns
+(the DeltaNet's grouped in_proj_qkvz output: heads of 128) is read in place by the varlen conv,
+each channel tile from the column `map[first channel]` on (no gather, no copy of the input).
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ def _x_cols(map_ptr, c, cm, MAP: tl.constexpr):
 
 
 _RUNS: dict[int, tuple] = {}  # id(map tensor) -> (weakref to it, its version, run)
+MAP_BC = 128  # channel tile of the varlen conv over a map read in place (runs of 128 columns)
 
 
 def _map_run(cols: torch.Tensor) -> int:
-    """16 when a column map runs contiguously in aligned groups of 16 (starting at multiples of 16),
-    else 1. Checked once per map tensor (a host sync, so not while a CUDA graph is being captured:
-    then 1)."""
+    """The longest of MAP_BC (128) and 16 such that a column map runs contiguously in aligned groups
+    of that many channels, each starting at a multiple of it; else 1. Checked once per map tensor (a
+    host sync, so not while a CUDA graph is being captured: then 1)."""
     # inference tensors keep no version counter (and cannot be written outside inference mode)
     version = -1 if cols.is_inference() else cols._version
     hit = _RUNS.get(id(cols))
@@ -46,10 +50,12 @@ def _map_run(cols: torch.Tensor) -> int:
     if cols.is_cuda and torch.cuda.is_current_stream_capturing():
         return 1
     c, run = cols.cpu(), 1
-    if c.numel() % 16 == 0:
-        v = c.view(-1, 16)
-        if bool((v - v[:, :1] == torch.arange(16)).all()) and bool((v[:, 0] % 16 == 0).all()):
-            run = 16
+    for n in (MAP_BC, 16):
+        if c.numel() % n == 0:
+            v = c.view(-1, n)
+            if bool((v - v[:, :1] == torch.arange(n)).all()) and bool((v[:, 0] % n == 0).all()):
+                run = n
+                break
     if len(_RUNS) > 256:  # drop entries of freed maps
         for k in [k for k, v in _RUNS.items() if v[0]() is None]:
             del _RUNS[k]
@@ -72,23 +78,42 @@ def _inputs(x: torch.Tensor, C: int, x_cols: torch.Tensor | None):
         # some of their tiles)
         x = x.index_select(1, x_cols)
         return x, x.stride(0), x, 0
-    return x, x.stride(0), x_cols, 16
+    return x, x.stride(0), x_cols, 16  # (128-runs are 16-runs too: one variant of these kernels)
 
 
-@triton.jit(do_not_specialize=["T", "TB"])
-def _conv_varlen_body(x_ptr, w_ptr, y_ptr, seq_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr,
+@triton.jit
+def _token_seq(cu_ptr, B, P, t):
+    """[BT] sequence of each flat token t: the last b < B with cu[b] <= t (cu non-decreasing), by a
+    branch-free binary search from step P (the largest power of two <= B - 1; 0 for one sequence)."""
+    seq = tl.zeros(t.shape, dtype=tl.int32)
+    step = P
+    while step > 0:
+        cand = seq + step
+        ok = (cand < B) & (tl.load(cu_ptr + cand, mask=cand < B, other=0) <= t)
+        seq = tl.where(ok, cand, seq)
+        step = step // 2
+    return seq
+
+
+@triton.jit(do_not_specialize=["T", "TB", "B", "P"])
+def _conv_varlen_body(x_ptr, w_ptr, y_ptr, cu_ptr, B, P, st_ptr, slot_ptr, init_ptr, map_ptr,
                       T, C, TB, SX, scale, K: tl.constexpr, HAS_STATE: tl.constexpr,
-                      QK_HEADS: tl.constexpr, DK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                      QK_HEADS: tl.constexpr, DK: tl.constexpr, MAPPED: tl.constexpr,
+                      BT: tl.constexpr, BC: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     t = pid_t * BT + tl.arange(0, BT)                  # [BT] flat token index
     c = pid_c * BC + tl.arange(0, BC)                  # [BC] channel
     tm = t < T
     cm = c < C
-    seq = tl.load(seq_ptr + t, mask=tm, other=0)
+    seq = _token_seq(cu_ptr, B, P, t)
     bos = tl.load(cu_ptr + seq, mask=tm, other=0)
     offs = (t.to(tl.int64) * C)[:, None] + c[None, :]                   # [BT, BC] this token's outputs
-    ptrs = x_ptr + (t.to(tl.int64) * SX)[:, None] + c[None, :]                  # and inputs
+    xc = c
+    if MAPPED:
+        # the tile's channels read one contiguous run of input columns (BC == MAP_BC), from map[c0] on
+        xc = tl.max_contiguous(tl.multiple_of(tl.load(map_ptr + pid_c * BC) + tl.arange(0, BC), 16), BC)
+    ptrs = x_ptr + (t.to(tl.int64) * SX)[:, None] + xc[None, :]                 # and inputs
     m2 = tm[:, None] & cm[None, :]
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     # a tile whose rows all sit >= K-1 tokens into their sequence reads no state and masks no tap
@@ -143,15 +168,24 @@ _conv_varlen_kernel = autotune(_tiles, key=["C", "TB"], prune_configs_by={"early
     _conv_varlen_body)
 _conv_varlen_norm_kernel = autotune(_tiles, key=["C", "TB", "DK"], prune_configs_by={"early_config_prune": _prune})(
     _conv_varlen_body)
+# a map read in place: tiles as wide as its runs
+_map_tiles = [t for t in _tiles if t.kwargs["BC"] == MAP_BC]
+_conv_varlen_map_kernel = autotune(_map_tiles, key=["C", "TB"], prune_configs_by={"early_config_prune": _prune})(
+    _conv_varlen_body)
+_conv_varlen_map_norm_kernel = autotune(_map_tiles, key=["C", "TB", "DK"],
+                                        prune_configs_by={"early_config_prune": _prune})(_conv_varlen_body)
 NORM_BC = 128  # the smallest tile of the norm variant: DK must divide it
 
 
 @triton.jit
-def _conv_state_kernel(x_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, C, SX,
-                       K: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr):
+def _conv_state_kernel(x_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, map_ptr, C, SX,
+                       K: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr, MAPPED: tl.constexpr):
     b = tl.program_id(0)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     cm = c < C
+    xc = c
+    if MAPPED:  # as in the conv (BC == MAP_BC)
+        xc = tl.load(map_ptr + tl.program_id(1) * BC) + tl.arange(0, BC)
     slot = tl.load(slot_ptr + b).to(tl.int64)
     if slot >= 0:
         bos = tl.load(cu_ptr + b)
@@ -161,7 +195,7 @@ def _conv_state_kernel(x_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, C, SX,
         init = tl.load(init_ptr + b + 0 * i) != 0      # [KP] (a vector: scalar masks upset the interpreter)
         src = n - (K - 1) + i                          # position in the sequence, <0: old state
         from_x = src >= 0
-        xv = tl.load(x_ptr + (bos + src).to(tl.int64)[None, :] * SX + c[:, None],
+        xv = tl.load(x_ptr + (bos + src).to(tl.int64)[None, :] * SX + xc[:, None],
                      mask=cm[:, None] & (im & from_x)[None, :], other=0.0)
         old = tl.load(st_ptr + (slot * C + c[:, None]) * (K - 1) + ((K - 1) + src)[None, :],
                       mask=cm[:, None] & (im & (~from_x) & init)[None, :], other=0.0)
@@ -176,28 +210,34 @@ def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torc
                          has_initial_state: torch.Tensor | None = None, *,
                          x_cols: torch.Tensor | None = None, qk_heads: tuple[int, int] | None = None) -> torch.Tensor:
     """x [T, C] pre-conv (any row stride), weight [C, K] -> silu(conv) [T, C]; conv_state
-    [N, C, K-1] updated in place. x_cols [C] (optional): channel c is x[:, x_cols[c]] (x wider).
-    (The map is gathered here first; the one-token update and the fused verify kernel read it in
-    place.) qk_heads (Hk, dk) (optional, dk dividing NORM_BC): the DeltaNet's q and k heads (the first
+    [N, C, K-1] updated in place. x_cols [C] (optional): channel c is x[:, x_cols[c]] (x wider):
+    read in place when it runs in aligned groups of MAP_BC columns (_map_run), else gathered here
+    first (the one-token update and the fused verify kernel read 16-runs in place). qk_heads (Hk, dk) (optional, dk dividing NORM_BC): the DeltaNet's q and k heads (the first
     2 Hk dk channels) come out L2-normalised, q scaled by dk^-0.5 (kernels/gdn.py's qkv_gates)."""
     T = x.shape[0]
     C, K = weight.shape[0], weight.shape[-1]
-    if x_cols is not None:
-        # gathered once: Triton 3.6 mis-compiles this kernel's two tap paths over gathered columns
-        x = x.index_select(1, x_cols)
-    x, SX, _, _ = _inputs(x, C, None)
+    mapped = x_cols is not None and x.stride(-1) == 1 and _map_run(x_cols) == MAP_BC
+    if mapped:
+        if x_cols.shape != (C,):
+            raise ValueError(f"x_cols must be [{C}] (one input column per channel)")
+        SX, xmap = x.stride(0), x_cols
+    else:
+        if x_cols is not None:
+            # gathered once: Triton 3.6 mis-compiles this kernel's two tap paths over gathered columns
+            x = x.index_select(1, x_cols)
+        x, SX, xmap, _ = _inputs(x, C, None)
     weight = weight.reshape(C, K).contiguous()
     y = torch.empty(T, C, dtype=x.dtype, device=x.device)
     B = cu_seqlens.numel() - 1
     if T == 0 or B == 0:
         return y
     cu = cu_seqlens.to(torch.int64).contiguous()
-    seq = torch.searchsorted(cu[1:], torch.arange(T, device=x.device), right=True)
     has_state = conv_state is not None
     if has_state:
         slots = state_slots.to(torch.int64).contiguous()
+        # bool or integer flags, read as they are (no cast launch per layer)
         init = (has_initial_state if has_initial_state is not None
-                else torch.ones(B, dtype=torch.bool, device=x.device)).to(torch.int32).contiguous()
+                else torch.ones(B, dtype=torch.bool, device=x.device)).contiguous()
     else:
         slots, init = cu, cu
     # the conv writes only y (the states are moved on below), so timing configs is harmless
@@ -205,12 +245,15 @@ def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torc
     if qk_heads is not None and NORM_BC % qk_heads[1]:
         raise ValueError(f"qk_heads: dk {qk_heads[1]} must divide {NORM_BC}")
     hk, dk = qk_heads or (0, 1)
-    kernel = _conv_varlen_kernel if qk_heads is None else _conv_varlen_norm_kernel
-    kernel[grid](x, weight, y, seq, cu, conv_state if has_state else x, slots, init, T, C, size_class(T), SX,
-                 dk ** -0.5, K=K, HAS_STATE=has_state, QK_HEADS=2 * hk, DK=dk)
+    kernel = ((_conv_varlen_map_kernel, _conv_varlen_map_norm_kernel) if mapped
+              else (_conv_varlen_kernel, _conv_varlen_norm_kernel))[qk_heads is not None]
+    P = 1 << (B - 1).bit_length() - 1 if B > 1 else 0
+    kernel[grid](x, weight, y, cu, B, P, conv_state if has_state else x, slots, init, xmap, T, C, size_class(T), SX,
+                 dk ** -0.5, K=K, HAS_STATE=has_state, QK_HEADS=2 * hk, DK=dk, MAPPED=mapped)
     if has_state:
-        _conv_state_kernel[(B, triton.cdiv(C, 256))](x, cu, conv_state, slots, init, C, SX, K=K,
-                                                    KP=triton.next_power_of_2(max(K - 1, 1)), BC=256)
+        bc = MAP_BC if mapped else 256
+        _conv_state_kernel[(B, triton.cdiv(C, bc))](x, cu, conv_state, slots, init, xmap, C, SX, K=K,
+                                                   KP=triton.next_power_of_2(max(K - 1, 1)), BC=bc, MAPPED=mapped)
     return y
 
 
