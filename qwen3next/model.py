@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import FULL, ModelConfig
 from .distributed.parallel_state import tp_size
 from .forward_batch import ForwardBatch, StateSpec
 from .kernels import ops
@@ -77,10 +77,13 @@ class Qwen3NextForCausalLM(nn.Module):
         order]) for the training loss (load balancing); dense layers contribute nothing.
         """
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
         routers: list | None = [] if return_router_logits else None
-        residual = None
+        residual = cos = sin = None
         for layer in self.model.layers:
+            if cos is None and layer.layer_type == FULL:
+                # built when the first attention layer needs them: the ~10 small launches are then
+                # not between the embedding and the first layer, where the GPU waits for the host
+                cos, sin = self.rotary(positions, x.dtype)
             x, residual = layer(x, residual, cos, sin, batch, routers)
         hidden, _ = self.model.norm(x, residual)
         return (hidden, routers) if return_router_logits else hidden
