@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import uuid
 
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model")
@@ -153,8 +155,9 @@ def _params(ns, gen: dict):
     return SamplingParams(max_tokens=ns.max_tokens, seed=ns.seed, **kw).with_generation_config(gen)
 
 
-def _stream(engine, tok, ids: list[int], params):
-    """Yield text deltas of one request, stepping the engine in this thread."""
+def _stream(engine, tok, ids: list[int], params, stopped=lambda: False):
+    """Yield text deltas of one request, stepping the engine in this thread (until `stopped()`,
+    asked between steps)."""
     from qwen3next.api.text_stream import TextStream
 
     if len(ids) + params.max_tokens > engine.max_model_len:
@@ -163,8 +166,10 @@ def _stream(engine, tok, ids: list[int], params):
     text = TextStream(tok, params.stop, params.skip_special_tokens)
     engine.add_request(rid, ids, params)
     try:
-        while engine.has_unfinished_requests():
+        while engine.has_unfinished_requests() and not stopped():
             for out in engine.step():
+                if out.request_id != rid:  # e.g. the "abort" report of a reply stopped by Ctrl-C
+                    continue
                 for co in out.outputs:
                     yield text.add([t for t in co.token_ids if t not in engine.eos_token_ids])
                     if co.finish_reason is not None:
@@ -213,25 +218,55 @@ def cmd_chat(ns) -> int:
             continue
         history.append({"role": "user", "content": line})
         ids = tok.encode(tok.apply_chat_template(history))
+        if len(ids) >= engine.max_model_len:  # the session goes on: the user can /reset
+            history.pop()
+            print(f"error: the conversation ({len(ids)} tokens) no longer fits in max_model_len "
+                  f"({engine.max_model_len}); /reset starts over", file=sys.stderr)
+            continue
         split = ReasoningStream(strip_newlines=True) if thinking else None
         answer, shown_thinking = "", False
-        for delta in _stream(engine, tok, ids, _params(ns, gen)):
-            reasoning, content = split.feed(delta) if split else ("", delta)
-            if reasoning:
-                if not shown_thinking:
-                    sys.stdout.write(f"{dim}[thinking] ")
-                    shown_thinking = True
-                sys.stdout.write(reasoning)
-            if content:
-                if shown_thinking and not answer:
-                    sys.stdout.write(f"{reset}\n\n")
-                answer += content
-                sys.stdout.write(content)
-            sys.stdout.flush()
+        with _CtrlC() as ctrl_c:
+            for delta in _stream(engine, tok, ids, _params(ns, gen), stopped=lambda: ctrl_c.hit):
+                reasoning, content = split.feed(delta) if split else ("", delta)
+                if reasoning:
+                    if not shown_thinking:
+                        sys.stdout.write(f"{dim}[thinking] ")
+                        shown_thinking = True
+                    sys.stdout.write(reasoning)
+                if content:
+                    if shown_thinking and not answer:
+                        sys.stdout.write(f"{reset}\n\n")
+                    answer += content
+                    sys.stdout.write(content)
+                sys.stdout.flush()
+        if ctrl_c.hit:  # the reply was stopped: the turn is dropped from the history
+            sys.stdout.write(f"{reset}\n[interrupted]\n")
+            history.pop()
+            continue
         if split is not None:
             sys.stdout.write(split.finish()[0])
         sys.stdout.write(f"{reset}\n")
         history.append({"role": "assistant", "content": answer})
+
+
+class _CtrlC:
+    """Ctrl-C while a chat reply streams stops that reply, not the chat: SIGINT only sets `hit`,
+    which `_stream` reads between engine steps (an interrupt inside a step could leave the cache
+    half-updated)."""
+
+    def __enter__(self):
+        self.hit = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def _on_sigint(self, sig, frame):
+        self.hit = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,3 +41,70 @@ def test_serve_on_a_taken_port_fails_before_loading(no_model_load, capsys):
 def test_serve_bad_host_or_port_is_one_line(no_model_load, capsys, args, needle):
     assert main(["serve", *args]) == 1
     assert needle in _one_line_error(capsys)
+
+
+def _scripted_chat(monkeypatch, reply: str, on_step=None):
+    """`qwen3next chat` whose random tiny model "says" `reply` (TESTS ONLY); on_step(k) runs each
+    sampling call. Returns the list the built engines are appended to."""
+    import qwen3next.api.engine_setup as setup
+    from tests.helpers.server_harness import ScriptedSampler
+
+    real_build, engines = setup.build_engine, []
+
+    def scripted_build(ns):
+        engine, path = real_build(ns)
+        from qwen3next.tokenizer import get_tokenizer
+
+        sampler = ScriptedSampler(engine.runner.sampler, min(engine.eos_token_ids))
+        sampler.sticky = get_tokenizer(path).encode(reply)
+        if on_step is not None:
+            real_call = sampler.__call__
+            calls = [0]
+
+            class Hooked(ScriptedSampler):
+                def __call__(self, logits, rows):
+                    calls[0] += 1
+                    on_step(calls[0])
+                    return real_call(logits, rows)
+
+            sampler.__class__ = Hooked
+        engine.runner.sampler = sampler
+        engines.append(engine)
+        return engine, path
+
+    monkeypatch.setattr(setup, "build_engine", scripted_build)
+    return engines
+
+
+def test_chat_survives_a_conversation_longer_than_the_context(tiny_ckpt, monkeypatch, capsys):
+    import io
+
+    engines = _scripted_chat(monkeypatch, "Hi there.")
+    long_line = "hello " * 40
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"Hello\n{long_line}\n/reset\nAgain\n/exit\n"))
+    assert main(["chat", "--model", tiny_ckpt, "--max-tokens", "8", "--max-model-len", "40"]) == 0
+    cap = capsys.readouterr()
+    assert "no longer fits in max_model_len (40); /reset starts over" in cap.err
+    assert cap.out.count("Hi there.") == 2  # the turns before and after the overflow
+    assert not engines[0].has_unfinished_requests()
+
+
+def test_chat_ctrl_c_stops_the_reply_not_the_session(tiny_ckpt, monkeypatch, capsys):
+    import io
+    import os
+    import signal
+
+    stdin = io.StringIO("Hello\nAgain\n/exit\n")
+
+    def interrupt_first_reply(k):
+        if k == 3 and stdin.tell() == len("Hello\n"):  # the first reply, mid-stream
+            os.kill(os.getpid(), signal.SIGINT)
+
+    engines = _scripted_chat(monkeypatch, "one two three four five six seven eight", interrupt_first_reply)
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert main(["chat", "--model", tiny_ckpt, "--max-tokens", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "[interrupted]" in out and out.count("one two three four five six seven eight") == 1
+    st = engines[0].stats  # the stopped reply was aborted: nothing left in the cache
+    assert st["kv_blocks_used"] == 0 and st["state_slots_used"] == 0 and not engines[0].requests
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
