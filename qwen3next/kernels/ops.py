@@ -223,9 +223,14 @@ def qkv_gates(mc, a, b, A_log, dt_bias, num_k_heads, head_k_dim, num_v_heads, he
     return _gdn.qkv_gates(mc, a, b, A_log, dt_bias, num_k_heads, head_k_dim, num_v_heads, head_v_dim)
 
 
-def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale):
+def paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale, *, k=None, v=None,
+                    fresh_lens=None):
+    """Causal attention over the paged cache (new tokens already written) -> o [T, Hq, D]. On CUDA,
+    k, v [T, Hkv, D] (the new rows) with fresh_lens (host list of new tokens per sequence, given only
+    when no sequence has cached tokens) let a prefill skip the pages (cuDNN / TMA kernels)."""
     if _use_triton(q) and _pow2(q.shape[-1]) and kv_cache.dtype == q.dtype:
-        return _triton("attention").paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale)
+        return _triton("attention").paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale,
+                                                    k=k, v=v, fresh_lens=fresh_lens)
     if _ext_ok(q) and _ext.paged_attention_ok(q, kv_cache):
         return _ext.paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens, scale)
     return (_fast if _use_fast(q) else _ref_attn).paged_attention(q, kv_cache, block_tables, cu_seqlens, context_lens,

@@ -64,7 +64,10 @@ class GatedAttention(nn.Module):
         else:
             kv = batch.cache.kv[self.cache_index]
             ops.write_kv(k, v, kv, batch.slot_mapping)
-            o = ops.paged_attention(q, kv, batch.block_tables, batch.cu_seqlens, batch.context_lens_tensor, self.scale)
+            # no cached tokens anywhere: the prefill may attend over k / v directly (kernels/triton/attention.py)
+            fresh = None if any(batch.context_lens) else batch.seq_lens
+            o = ops.paged_attention(q, kv, batch.block_tables, batch.cu_seqlens, batch.context_lens_tensor, self.scale,
+                                    k=k, v=v, fresh_lens=fresh)
         o = ops.gate_output(o, gate).reshape(T, self.num_heads * D)
         if self.tp == 1 and ops.cpu_fast_ok(o, self.o_proj.weight):
             return ops.linear(o, self.o_proj.weight)
