@@ -353,7 +353,7 @@ def _state_kernel(q_ptr, k_ptr, u_ptr, kd_ptr, G_ptr, qk_ptr, w_ptr, h_ptr, o_pt
 @triton.jit(do_not_specialize=["B"])
 def _out_kernel(q_ptr, k_ptr, w_ptr, h_ptr, G_ptr, o_ptr, cu_ptr, B, SQ, SK,
                 HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BB: tl.constexpr,
-                BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     i_c = tl.program_id(0)
     h = tl.program_id(1)
     iv = tl.program_id(2)
@@ -365,21 +365,26 @@ def _out_kernel(q_ptr, k_ptr, w_ptr, h_ptr, G_ptr, o_ptr, cu_ptr, B, SQ, SK,
     eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
     rows = bos + ci * BT + tl.arange(0, BT)
     rm = rows < eos
-    ck = tl.arange(0, DK)
     cv = iv * BV + tl.arange(0, BV)
     dt = q_ptr.dtype.element_ty
-    q = tl.load(q_ptr + rows[:, None] * SQ + hk * DK + ck[None, :], mask=rm[:, None], other=0.0)
-    k = tl.load(k_ptr + rows[:, None] * SK + hk * DK + ck[None, :], mask=rm[:, None], other=0.0)
     G = tl.load(G_ptr + rows * HV + h, mask=rm, other=0.0)
-    # chunk i_c's incoming state (flat chunk index = the sequence's first chunk + ci)
-    hs = tl.load(h_ptr + ((i_c.to(tl.int64) * HV + h) * DK + ck[:, None]) * DV + cv[None, :])
+    # Q K^T and Q S_0 over BK-wide key pieces (BK < DK: a loop the compiler pipelines, streaming
+    # the pieces through shared memory instead of holding whole tiles in registers)
+    s = tl.zeros([BT, BT], dtype=tl.float32)
+    o = tl.zeros([BT, BV], dtype=tl.float32)
+    for kk in range(0, DK, BK):
+        ck = kk + tl.arange(0, BK)
+        q = tl.load(q_ptr + rows[:, None] * SQ + hk * DK + ck[None, :], mask=rm[:, None], other=0.0)
+        k = tl.load(k_ptr + rows[:, None] * SK + hk * DK + ck[None, :], mask=rm[:, None], other=0.0)
+        # chunk i_c's incoming state (flat chunk index = the sequence's first chunk + ci)
+        hs = tl.load(h_ptr + ((i_c.to(tl.int64) * HV + h) * DK + ck[:, None]) * DV + cv[None, :])
+        s += tl.dot(q, tl.trans(k), input_precision=PREC)
+        o += tl.dot(q, hs.to(dt), input_precision=PREC)
     w = tl.load(w_ptr + (rows[:, None] * HV + h) * DV + cv[None, :], mask=rm[:, None], other=0.0)
     o_i = tl.arange(0, BT)
     causal = o_i[:, None] >= o_i[None, :]
-    s = tl.dot(q, tl.trans(k), input_precision=PREC)
     s = tl.where(causal, s * tl.exp2(tl.where(causal, G[:, None] - G[None, :], 0.0)), 0.0)
-    o = tl.dot(q, hs.to(dt), input_precision=PREC) * tl.exp2(G)[:, None]
-    o += tl.dot(s.to(dt), w, input_precision=PREC)
+    o = o * tl.exp2(G)[:, None] + tl.dot(s.to(dt), w, input_precision=PREC)
     tl.store(o_ptr + (rows[:, None] * HV + h) * DV + cv[None, :], o.to(o_ptr.dtype.element_ty), mask=rm[:, None])
 
 
@@ -417,7 +422,8 @@ def _state_args(state, state_slots, has_initial_state, cu):
 def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slots=None,
                              has_initial_state=None, *, fuse_output: bool = False, fuse_wu: bool = False,
                              bv_state: int = 32, bv_out: int = 128, warps_state: int = 4,
-                             stages_state: int | None = None, warps_kkt: int = 1, ba_kkt: int = 32):
+                             stages_state: int | None = None, warps_kkt: int = 1, ba_kkt: int = 32,
+                             bk_out: int = 128, warps_out: int = 4):
     """Chunked gated delta rule over a packed varlen batch -> o [T, Hv, dv] in v's dtype.
 
     q, k [T, Hk, dk] (L2-normalised, q scaled); v [T, Hv, dv] (each may be a row-strided view,
@@ -443,6 +449,9 @@ def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slo
     NC, BB = T // BT + B, pow2(B, 2)  # flat chunk bound; block holding all sequences
     prec = "ieee" if dt == torch.float32 else "tf32"
     fuse_wu = fuse_wu or fuse_output
+    if fuse_output and bv_state < min(32, DV):
+        # (H200, triton 3.6: 16-wide fused-output tiles gave wrong outputs and an illegal address)
+        raise ValueError(f"bv_state must be >= 32 with fuse_output, got {bv_state}")
     G = torch.empty(T, HV, dtype=torch.float32, device=dev)
     u = torch.empty(T, HV, DV, dtype=dt, device=dev)
     kd = torch.empty(T, HV, DK, dtype=dt, device=dev)
@@ -468,7 +477,8 @@ def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slo
     if not fuse_output:
         bvo = min(bv_out, DV)
         _out_kernel[(NC, HV, triton.cdiv(DV, bvo))](q, k, w, hbuf, G, o, cu, B, q.stride(0), k.stride(0), HK=HK, HV=HV,
-                                                    DK=DK, DV=DV, BB=BB, BT=BT, BV=bvo, PREC=prec, num_warps=4)
+                                                    DK=DK, DV=DV, BB=BB, BT=BT, BV=bvo, BK=min(bk_out, DK), PREC=prec,
+                                                    num_warps=warps_out)
     return o
 
 
