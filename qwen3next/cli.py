@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split <think> output into reasoning_content (default: qwen3 if the template "
                         "opens <think>, else none)")
     s.add_argument("--chat-template", help="a Jinja file or template text replacing the model's own")
+    s.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let requests bring their own chat_template (vLLM's flag; off: such a request is a "
+                        "400, since its Jinja runs in the server)")
     s.add_argument("--tool-call-parser", choices=["hermes", "none"], default="hermes")
     s.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM command lines; auto tool choice is always on")

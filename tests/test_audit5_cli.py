@@ -102,9 +102,10 @@ def test_chat_ctrl_c_stops_the_reply_not_the_session(tiny_ckpt, monkeypatch, cap
 
     engines = _scripted_chat(monkeypatch, "one two three four five six seven eight", interrupt_first_reply)
     monkeypatch.setattr("sys.stdin", stdin)
+    handler = signal.getsignal(signal.SIGINT)
     assert main(["chat", "--model", tiny_ckpt, "--max-tokens", "30"]) == 0
+    assert signal.getsignal(signal.SIGINT) is handler  # restored after each reply
     out = capsys.readouterr().out
     assert "[interrupted]" in out and out.count("one two three four five six seven eight") == 1
     st = engines[0].stats  # the stopped reply was aborted: nothing left in the cache
     assert st["kv_blocks_used"] == 0 and st["state_slots_used"] == 0 and not engines[0].requests
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -22,7 +22,7 @@ USER = [{"role": "user", "content": "Weather in Paris?"}]
 @pytest.fixture(scope="module")
 def srv(tiny_ckpt):
     h = ServerHarness(tiny_ckpt, "--served-model-name", "tiny", "tiny-alias", "--max-num-seqs", "4",
-                      "--max-waiting", "4")
+                      "--max-waiting", "4", "--trust-request-chat-template")
     yield h
     h.close()
 

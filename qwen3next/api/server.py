@@ -236,7 +236,8 @@ def build_state(ns, engine=None, model_dir: str | None = None) -> ServerState:
         generation_config=gen,
         api_key=ns.api_key or os.environ.get("QWEN3NEXT_API_KEY") or os.environ.get("VLLM_API_KEY") or None,
         exclude_tools_when_none=ns.exclude_tools_when_tool_choice_none,
-        strip_reasoning_newlines=ns.strip_reasoning_newlines, eos_ids=frozenset(info["eos_token_ids"]),
+        strip_reasoning_newlines=ns.strip_reasoning_newlines,
+        trust_request_chat_template=ns.trust_request_chat_template, eos_ids=frozenset(info["eos_token_ids"]),
         cache_tokens=info["cache_tokens"])
 
 

@@ -95,6 +95,10 @@ class _Choice:
 def build_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[list[int], str, bool, bool, bool]:
     """-> (prompt ids, forced-call text, thinking template, reasoning split on, tool parsing on)."""
     tok = state.tokenizer
+    if not state.trust_request_chat_template and (
+            req.chat_template is not None or (req.chat_template_kwargs or {}).get("chat_template") is not None):
+        raise bad_request("Chat template is passed with request, but --trust-request-chat-template is not set. "
+                          "Refused request with untrusted chat template.", "chat_template")
     messages = template_messages(req)
     choice = req.tool_choice or ("auto" if req.tools else "none")
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []] or None

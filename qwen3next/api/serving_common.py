@@ -32,6 +32,8 @@ class ServerState:
     api_key: str | None = None
     exclude_tools_when_none: bool = False
     strip_reasoning_newlines: bool = False
+    # a request's own chat_template is Jinja the server runs (one with nested loops blocks it): opt-in
+    trust_request_chat_template: bool = False
     eos_ids: frozenset = frozenset()
     cache_tokens: int | None = None  # tokens one sequence may hold in the KV cache (None: no limit)
 
