@@ -179,7 +179,7 @@ def main() -> int:
             bm, bn, w, st = PTR_PICK
             o = torch.empty_like(c["q"])
             T, B = c["q"].shape[0], len(c["new_l"])
-            tri._prefill_kernel.fn[(T // bm + B, HQ)](c["q"], c["kv"], c["bt"], c["cu"], B, c["ctx"], o, SCALE,
+            tri._prefill_kernel.fn[(HQ, T // bm + B)](c["q"], c["kv"], c["bt"], c["cu"], B, c["ctx"], o, SCALE,
                                                       c["bt"].shape[1], 4096, HQ=HQ, HKV=HKV, D=D, BS=BS,
                                                       BB=max(2, triton.next_power_of_2(B)), PREC="tf32", BM=bm, BN=bn,
                                                       num_warps=w, num_stages=st)
