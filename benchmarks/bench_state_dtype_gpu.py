@@ -7,7 +7,9 @@ weights, and the same weights quantised to block-FP8 by layers/quant.py's to_fp8
 Sections, in this order (each writes its results into the JSON as it finishes; a failing one
 records its error):
   kernel    one DeltaNet layer's fused decode step (triton/gdn_decode.py) alone at each B, on an fp32
-            and a bf16 pool: us, and GB/s over the state bytes read + written
+            and a bf16 pool: us, and GB/s over the state bytes read + written (B <= 16: host-bound,
+            the Python wrapper's launches take longer than the kernels); --sweep: also each
+            (dv tile, warps) of SWEEP at B = 64 and 256
   decode    one step (forward + logits) at each B with 1K tokens of context, by CUDA-graph replay,
             for bf16 and fp8 weights, with the pool in float32 and in bfloat16; floors = bytes the
             step must move (weights but the embedding, the experts uniform routing touches, the
@@ -43,6 +45,7 @@ POOLS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # one DeltaNet layer's state per sequence: 32 value heads x 128 x 128
 HV, DK, DV, HK = DIMS["linear_num_value_heads"], 128, 128, DIMS["linear_num_key_heads"]
 NUM_GDN = 6  # DeltaNet layers in the slice
+SWEEP = [(16, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8)]  # (bv, num_warps) of gdn_decode
 
 
 def save() -> None:
@@ -80,23 +83,25 @@ def ceilings() -> float:
 
 
 @section
-def kernel(res, sizes: list[int]):
+def kernel(res, sizes: list[int], sweep: bool = False):
     C = 2 * HK * DK + HV * DV
     g = torch.Generator(device="cuda").manual_seed(0)
-    for B in sizes:
+    runs = [(B, None) for B in sizes] + ([(B, c) for B in (64, 256) for c in SWEEP] if sweep else [])
+    for B, cfg in runs:
         m = torch.randn(B, C, device="cuda", dtype=torch.bfloat16, generator=g)
         ab = torch.randn(B, 2 * HV, device="cuda", dtype=torch.bfloat16, generator=g)
         w = 0.5 * torch.randn(C, 4, device="cuda", dtype=torch.bfloat16, generator=g)
         conv = torch.randn(B, C, 3, device="cuda", dtype=torch.bfloat16, generator=g)
         A_log, dtb = torch.randn(HV, device="cuda", generator=g), torch.randn(HV, device="cuda", dtype=torch.bfloat16)
         slots = torch.arange(B, device="cuda")
-        row = res[f"B{B}"] = {}
+        kw = {} if cfg is None else {"bv": cfg[0], "num_warps": cfg[1]}
+        row = res[f"B{B}" if cfg is None else f"B{B}_bv{cfg[0]}_w{cfg[1]}"] = {}
         for name, dt in POOLS.items():
             pool = (0.1 * torch.randn(B, HV, DK, DV, device="cuda", generator=g)).to(dt)
-            us = 1e3 * do_bench(lambda: gdn_decode(m, ab[:, HV:], ab[:, :HV], w, conv, pool, slots, A_log, dtb, HK),
-                                warmup=10, rep=50, return_mode="median")
+            us = 1e3 * do_bench(lambda: gdn_decode(m, ab[:, HV:], ab[:, :HV], w, conv, pool, slots, A_log, dtb, HK,
+                                                   **kw), warmup=10, rep=50, return_mode="median")
             row[name] = {"us": round(us, 1), "state_GBps": round(state_bytes(B, dt) / NUM_GDN / us / 1e3, 1)}
-        print(f"kernel B={B}: {row}", flush=True)
+        print(f"kernel B={B} {cfg or 'default'}: {row}", flush=True)
 
 
 @section
@@ -183,7 +188,9 @@ def main() -> None:
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--commit", default=None)
     ap.add_argument("--sizes", default="1,16,64,256")
-    ap.add_argument("--weights", default="bf16,fp8", help="which models: bf16, fp8 or both")
+    ap.add_argument("--weights", default="bf16,fp8", help="which models: bf16, fp8 or both ('' = none)")
+    ap.add_argument("--sweep", action="store_true", help="the kernel section also sweeps (bv, num_warps)")
+    ap.add_argument("--no-accuracy", action="store_true")
     a = ap.parse_args()
     OUT = a.out
     sizes = [int(s) for s in a.sizes.split(",")]
@@ -193,13 +200,14 @@ def main() -> None:
                   "python": platform.python_version(), "commit": a.commit,
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     bw = ceilings()
-    kernel(sizes)
-    for name in a.weights.split(","):
+    kernel(sizes, a.sweep)
+    for name in filter(None, a.weights.split(",")):
         t0 = time.time()
         model = build(name == "fp8")
         RES.setdefault("build_s", {})[name] = round(time.time() - t0, 1)
         decode(name, model, sizes, bw)
-        accuracy(name, model)
+        if not a.no_accuracy:
+            accuracy(name, model)
         del model
         gc.collect()
         torch.cuda.empty_cache()
