@@ -3,14 +3,16 @@
 Same signatures as kernels/delta_rule.py (spec §5.5-5.6). The chunked path:
   1. `_kkt_solve_kernel` per (chunk, v-head): G = cumsum(g) (stored in log2 units: every decay
                      below is one exp2), A = beta K K^T * decay in 16x16 blocks, T = (I + A)^-1
-                     (forward substitution on the diagonal blocks, then a block merge), stored as
-                     [T, Hv, 64] rows.
-  2. `_wu_kernel`    per (chunk, v-head): U = T beta V, Kd = T (beta e^G) K with whole 64x64 tiles.
+                     (forward substitution on the diagonal blocks, then a block merge), then by
+                     default U = T beta V, Kd = T (beta e^G) K from T's blocks in registers;
+                     or (fuse_wu=False) T stored as [T, Hv, 64] rows for
+  2. `_wu_kernel`    per (chunk, v-head): U, Kd with whole 64x64 tiles.
   3. `_state_kernel` per (sequence, v-head, dv block), sequential over chunks: reads the initial
                      state from the pool slot, keeps S in registers, forms W = U - Kd S_0, decays
                      W's rows (not K's) for the update, writes the final S back to the slot. Either
                      it also emits the output (fuse_output=True: O = e^G Q S_0 + (causal
-                     decay-masked Q K^T) W in the loop), or it stores each chunk's S_0 and W and
+                     decay-masked Q K^T, stored by the kkt kernel) W in the loop), or it stores
+                     each chunk's S_0 and W and
   4. `_out_kernel`   computes O per (chunk, v-head, dv block) in parallel.
 Chunk tables are built on the device (no host sync). Matrix products take the activation dtype
 (bf16 on GPU) with fp32 accumulation; the state is fp32 in the kernels, its pool fp32 or bf16.
@@ -420,18 +422,21 @@ def _state_args(state, state_slots, has_initial_state, cu):
 
 
 def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slots=None,
-                             has_initial_state=None, *, fuse_output: bool = False, fuse_wu: bool = False,
+                             has_initial_state=None, *, fuse_output: bool = False, fuse_wu: bool = True,
                              bv_state: int = 32, bv_out: int = 128, warps_state: int = 4,
                              stages_state: int | None = None, warps_kkt: int = 1, ba_kkt: int = 32,
-                             bk_out: int = 128, warps_out: int = 4):
+                             bk_out: int = 64, warps_out: int = 4):
     """Chunked gated delta rule over a packed varlen batch -> o [T, Hv, dv] in v's dtype.
 
     q, k [T, Hk, dk] (L2-normalised, q scaled); v [T, Hv, dv] (each may be a row-strided view,
     e.g. columns of the conv output: read in place); g, beta [T, Hv] fp32; state [N, Hv, dk, dv]
     fp32 or bf16 pool (computed in fp32, rounded on store) read at `state_slots` (if
     `has_initial_state`) and written in place with each sequence's final state. The keywords pick
-    kernel variants (benchmarks): fuse_wu computes U / Kd in the kkt kernel; fuse_output (implies
-    fuse_wu) also stores Q K^T there and forms the output in the state kernel (no _out_kernel).
+    kernel variants (benchmarks): fuse_wu computes U / Kd in the kkt kernel (else _wu_kernel reads
+    T back); fuse_output (implies fuse_wu) also stores Q K^T there and forms the output in the
+    state kernel (no _out_kernel); bk_out: the output kernel's key piece. Defaults: the fastest on
+    the H200 at 80B shapes (session 5, T = 32K: 1607 us vs 1766 for fuse_wu=False, bk_out=128;
+    fuse_output 1874).
     """
     _check(q, k, v, g, beta, state, state_slots)
     T, HK, DK = q.shape
