@@ -145,6 +145,46 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm()) if torch.isfinite(a).all() else float("inf")
 
 
+PIN: dict = {}
+_PIN = {"gate_up": {(64, 256, 64, 8, 3), (64, 128, 64, 4, 5), (64, 128, 64, 4, 4)}, "down": {(64, 128, 64, 4, 4)}}
+
+
+def _shape(c) -> tuple:
+    return (c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], c.num_warps, c.num_stages)
+
+
+def balanced_probe(res: dict, gate_up, t) -> None:
+    """Gate/up (x gathered) over equal groups of 128 and 160 rows per expert, 64- against 128-row tiles:
+    whether re-reading an expert's weights once per 64-row tile (L2 -> SM traffic) is what costs."""
+    from triton import Config
+
+    from qwen3next.kernels.triton import moe_grouped as g
+
+    T = 16 * E  # 8192 tokens: 128 rows per expert at top-8, 160 at top-10
+    for k in (8, 10):
+        ids = (torch.arange(T, device=DEV)[:, None] * k + torch.arange(k, device=DEV)[None, :]) % E  # equal groups
+        x = torch.randn(T, H, device=DEV, dtype=torch.bfloat16)
+        _, cnt, _, _, src = g.sort_rows(x, ids, E, copy=False)
+        tiles = t.tile_table(cnt, T * k)
+        kern = t._gate_up_kernel
+        configs, cache = kern.configs, kern.cache
+        fl = 2 * T * k * H * 2 * I
+        out = res.setdefault(f"rows{T * k // E}", {})
+        for shape in ((64, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3)):
+            bm, bn, bk, w, st = shape
+            kern.configs, kern.cache = [Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=st,
+                                               pre_hook=t._set_blocks)], {}
+            try:
+                ms = bench(lambda: t.gate_up(x, gate_up, cnt, src))
+                out[str(shape)] = {"ms": round(ms, 4), "tflops": round(fl / ms / 1e9, 1)}
+            except Exception as e:
+                out[str(shape)] = repr(e)[:120]
+        kern.configs, kern.cache = configs, cache
+        ms = bench(lambda: t.gate_up(x, gate_up, cnt, src, tiles))
+        out["persistent"] = {"ms": round(ms, 4), "tflops": round(fl / ms / 1e9, 1)}
+    print("balanced", res, flush=True)
+
+
 def experts_section(tokens: list[int], res: dict, paths: tuple, fp8: bool) -> None:
     from qwen3next.kernels import fp8 as qf8
     from qwen3next.kernels import moe as ref
@@ -163,6 +203,11 @@ def experts_section(tokens: list[int], res: dict, paths: tuple, fp8: bool) -> No
     ms = bench(lambda: a @ a)
     res["matmul_8192_tflops"] = round(2 * 8192**3 / ms / 1e9, 1)
     del a
+    if PIN:  # the session-4 H200 winners only (fewer compiles per call): gate/up at 160 / 40 rows per expert, down
+        t._gate_up_kernel.configs = [c for c in t._gate_up_kernel.configs if _shape(c) in PIN["gate_up"]]
+        t._down_kernel.configs = [c for c in t._down_kernel.configs if _shape(c) in PIN["down"]]
+        res["pinned"] = {k: [list(v) for v in vs] for k, vs in PIN.items()}
+    balanced_probe(res.setdefault("balanced", {}), gate_up, t)
     for T in tokens:  # largest first: the old path's autotune key saturates at 4096 rows (tuned here at T*k)
         r = res.setdefault(f"T{T}", {})
         M = T * K
@@ -308,8 +353,12 @@ def main() -> int:
     ap.add_argument("--paths", default=",".join(PATHS), help="which of " + ",".join(PATHS) + " (the first is the "
                     "model section's baseline, 'old' is never run there)")
     ap.add_argument("--fp8", action="store_true", help="also moe_tma_fp8's sorted experts, persistent off / on")
+    ap.add_argument("--pin", action="store_true", help="the non-persistent bf16 kernels tune among session 4's "
+                    "H200 winners only")
     ap.add_argument("--check-compile", action="store_true")
     a = ap.parse_args()
+    if a.pin:
+        PIN.update(_PIN)
     paths = tuple(a.paths.split(","))
     if a.check_compile:
         return check_compile()
