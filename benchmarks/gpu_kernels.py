@@ -120,7 +120,7 @@ def chunked(quick: bool) -> None:
     # session 3: 64-wide / 8-warp state tiles. Session 5 (T = 32K): fuse_output 1874 us, state on
     # 8 warps 1818, fused kkt on 2 warps 1909, output pieces of 32 1630, output on 8 warps 1616
     # (default 1607); 16-wide fused-output tiles gave wrong results on the H200.
-    variants = [dict(), dict(fuse_wu=False, bk_out=128), dict(fuse_output=True)]
+    variants = [dict(), dict(fuse_wu=False, bk_out=128), dict(fuse_output=True), dict(bv_state=64)]
     for name, lens in cases.items():
         q, k, v, g, beta, cu = prefill_inputs(lens)
         B = len(lens)

@@ -95,7 +95,8 @@ def test_recurrent_matches_reference_with_per_token_states():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", VARIANTS + [dict(fuse_wu=True, bk_out=64, warps_out=8, warps_state=8, warps_kkt=2),
-                                     dict(fuse_wu=True, bk_out=32, warps_out=8), dict(fuse_wu=True, bk_out=32)])
+                                     dict(fuse_wu=True, bk_out=32, warps_out=8), dict(fuse_wu=True, bk_out=32),
+                                     dict(bv_state=64)])
 @pytest.mark.parametrize("lens", [[4096], [1, 700, 64, 3000, 65]])
 def test_chunked_bf16_gpu(lens, variant):
     hk, hv, dk, dv = 16, 32, 128, 128
