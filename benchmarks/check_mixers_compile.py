@@ -48,12 +48,10 @@ def main() -> int:
     conv = dict(x_ptr=p("bf16"), w_ptr=p("bf16"), y_ptr=p("bf16"), cu_ptr=p("i64"), B="i32", P="i32", st_ptr=p("bf16"),
                 slot_ptr=p("i64"), init_ptr=p("i1"), map_ptr=p("i64"), T="i32", C="i32", TB="i32", SX="i32",
                 scale="fp32")
-    for qk, state, mapped, fast, (bt, bc, w) in itertools.product((0, 32), (False, True), (False, True), (False, True),
-                                                                  conv1d._CONFIGS):
+    for qk, state, mapped, (bt, bc, w) in itertools.product((0, 32), (False, True), (False, True), conv1d._CONFIGS):
         if (not qk or bc >= conv1d.NORM_BC) and (not mapped or bc == conv1d.MAP_BC):
             compile_one("conv_varlen", conv1d._conv_varlen_body, conv,
-                        dict(K=4, HAS_STATE=state, QK_HEADS=qk, DK=128 if qk else 1, MAPPED=mapped, SCALAR_START=fast,
-                             HEAD_NORM=fast, BT=bt, BC=bc), w)
+                        dict(K=4, HAS_STATE=state, QK_HEADS=qk, DK=128 if qk else 1, MAPPED=mapped, BT=bt, BC=bc), w)
     for mapped in (False, True):
         compile_one("conv_state", conv1d._conv_state_kernel, dict(x_ptr=p("bf16"), cu_ptr=p("i64"), st_ptr=p("bf16"),
                     slot_ptr=p("i64"), init_ptr=p("i1"), map_ptr=p("i64"), C="i32", SX="i32"),

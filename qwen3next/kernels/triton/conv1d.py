@@ -99,7 +99,7 @@ def _token_seq(cu_ptr, B, P, t):
 def _conv_varlen_body(x_ptr, w_ptr, y_ptr, cu_ptr, B, P, st_ptr, slot_ptr, init_ptr, map_ptr,
                       T, C, TB, SX, scale, K: tl.constexpr, HAS_STATE: tl.constexpr,
                       QK_HEADS: tl.constexpr, DK: tl.constexpr, MAPPED: tl.constexpr,
-                      SCALAR_START: tl.constexpr, HEAD_NORM: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                      BT: tl.constexpr, BC: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     t = pid_t * BT + tl.arange(0, BT)                  # [BT] flat token index
@@ -115,17 +115,10 @@ def _conv_varlen_body(x_ptr, w_ptr, y_ptr, cu_ptr, B, P, st_ptr, slot_ptr, init_
     m2 = tm[:, None] & cm[None, :]
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     # a tile whose rows all sit >= K-1 tokens into their sequence reads no state and masks no tap
-    if SCALAR_START:
-        # from its first and last token alone: one sequence, the first row K-1 or more into it
-        t0 = pid_t * BT
-        s0 = _token_seq(cu_ptr, B, P, t0)
-        near_start = (s0 != _token_seq(cu_ptr, B, P, tl.minimum(t0 + BT - 1, T - 1))) | (
-            t0 - tl.load(cu_ptr + s0) < K - 1)
-    else:
-        near_start = tl.min(tl.where(tm, t - tl.load(cu_ptr + _token_seq(cu_ptr, B, P, t)), K), 0) < K - 1
+    seq = _token_seq(cu_ptr, B, P, t)
+    bos = tl.load(cu_ptr + seq, mask=tm, other=0)
+    near_start = tl.min(tl.where(tm, t - bos, K), 0) < K - 1
     if near_start:
-        seq = _token_seq(cu_ptr, B, P, t)
-        bos = tl.load(cu_ptr + seq, mask=tm, other=0)
         if HAS_STATE:
             slot = tl.load(slot_ptr + seq, mask=tm, other=0)
             init = tl.load(init_ptr + seq, mask=tm, other=0) != 0
@@ -148,12 +141,7 @@ def _conv_varlen_body(x_ptr, w_ptr, y_ptr, cu_ptr, B, P, st_ptr, slot_ptr, init_
             wj = tl.load(w_ptr + c * K + j, mask=cm, other=0.0).to(tl.float32)
             acc += xv * wj[None, :]
     y = acc / (1.0 + tl.exp(-acc))
-    if QK_HEADS > 0 and HEAD_NORM and BC == DK:
-        # one head per tile: the q / k tiles reduce their rows (no reshape), the v tiles skip the norm
-        if pid_c < QK_HEADS:
-            inv = 1.0 / tl.sqrt(tl.sum(y * y, 1) + 1e-6)                    # [BT]
-            y = y * (inv * tl.where(pid_c < QK_HEADS // 2, scale, 1.0))[:, None]
-    elif QK_HEADS > 0:
+    if QK_HEADS > 0:
         # the first QK_HEADS heads of DK channels (q heads, then as many k heads) L2-normalised in
         # fp32, q also scaled: the delta rule reads them straight from y (DK divides BC)
         y3 = tl.reshape(y, [BT, BC // DK, DK])
@@ -187,11 +175,6 @@ _conv_varlen_map_kernel = autotune(_map_tiles, key=["C", "TB"], prune_configs_by
 _conv_varlen_map_norm_kernel = autotune(_map_tiles, key=["C", "TB", "DK"],
                                         prune_configs_by={"early_config_prune": _prune})(_conv_varlen_body)
 NORM_BC = 128  # the smallest tile of the norm variant: DK must divide it
-# Tile variants, same results (A/B on the H200: benchmarks/gpu_prefill_profile.py): SCALAR_START decides
-# whether a tile starts near a sequence start from its first and last token (no per-token search and
-# cross-warp min); HEAD_NORM normalises q / k tiles of exactly one head without a reshape and skips v.
-SCALAR_START = False
-HEAD_NORM = False
 
 
 @triton.jit
@@ -266,8 +249,7 @@ def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torc
               else (_conv_varlen_kernel, _conv_varlen_norm_kernel))[qk_heads is not None]
     P = 1 << (B - 1).bit_length() - 1 if B > 1 else 0
     kernel[grid](x, weight, y, cu, B, P, conv_state if has_state else x, slots, init, xmap, T, C, size_class(T), SX,
-                 dk ** -0.5, K=K, HAS_STATE=has_state, QK_HEADS=2 * hk, DK=dk, MAPPED=mapped,
-                 SCALAR_START=SCALAR_START, HEAD_NORM=HEAD_NORM)
+                 dk ** -0.5, K=K, HAS_STATE=has_state, QK_HEADS=2 * hk, DK=dk, MAPPED=mapped)
     if has_state:
         bc = MAP_BC if mapped else 256
         _conv_state_kernel[(B, triton.cdiv(C, bc))](x, cu, conv_state, slots, init, xmap, C, SX, K=K,
