@@ -20,7 +20,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from qwen3next.kernels.triton import attention, conv1d, delta_rule, gdn_decode, gdn_prep, gdn_verify, rotary
+from qwen3next.kernels.triton import (attention, conv1d, delta_rule, delta_rule_kkt, gdn_decode, gdn_prep, gdn_verify,
+                                      rotary)
 
 TARGET = GPUTarget("cuda", 90, 32)
 NO_SPECIALIZE = {"T", "TB", "B", "P", "R", "NH", "S0", "S1", "N"}
@@ -51,7 +52,11 @@ def main() -> int:
     for qk, state, mapped, (bt, bc, w) in itertools.product((0, 32), (False, True), (False, True), conv1d._CONFIGS):
         if (not qk or bc >= conv1d.NORM_BC) and (not mapped or bc == conv1d.MAP_BC):
             compile_one("conv_varlen", conv1d._conv_varlen_body, conv,
-                        dict(K=4, HAS_STATE=state, QK_HEADS=qk, DK=128 if qk else 1, MAPPED=mapped, BT=bt, BC=bc), w)
+                        dict(K=4, HAS_STATE=state, QK_HEADS=qk, DK=128 if qk else 1, MAPPED=mapped, FIXUP=False,
+                             BT=bt, BC=bc), w)
+    for qk, mapped in itertools.product((0, 32), (False, True)):  # the state rows' launch
+        compile_one("conv_fixup", conv1d._conv_varlen_body, conv, dict(K=4, HAS_STATE=True, QK_HEADS=qk,
+                    DK=128 if qk else 1, MAPPED=mapped, FIXUP=True, BT=4, BC=128), 4)
     for mapped in (False, True):
         compile_one("conv_state", conv1d._conv_state_kernel, dict(x_ptr=p("bf16"), cu_ptr=p("i64"), st_ptr=p("bf16"),
                     slot_ptr=p("i64"), init_ptr=p("i1"), map_ptr=p("i64"), C="i32", SX="i32"),
@@ -84,11 +89,11 @@ def main() -> int:
                 R="i32", NH="i32", S0="i32", S1="i32"), dict(D=256, BR=16))
     dr = dict(HK=16, HV=32, DK=128, BB=16, BT=64, PREC="tf32")
     for wu, qk in ((False, False), (True, False), (True, True)):
-        compile_one("dr_kkt", delta_rule._kkt_solve_kernel, dict(q_ptr=p("bf16"), k_ptr=p("bf16"), v_ptr=p("bf16"),
+        compile_one("dr_kkt", delta_rule_kkt._kkt_solve_kernel, dict(q_ptr=p("bf16"), k_ptr=p("bf16"), v_ptr=p("bf16"),
                     g_ptr=p("fp32"), b_ptr=p("fp32"), cu_ptr=p("i64"), B="i32", G_ptr=p("fp32"), A_ptr=p("bf16"),
                     u_ptr=p("bf16"), kd_ptr=p("bf16"), qk_ptr=p("bf16"), SQ="i32", SK="i32", SV="i32"),
                     dict(dr, DV=128, BC=16, BK=64, BA=32, WU=wu, QK=qk), 1)
-    compile_one("dr_wu", delta_rule._wu_kernel, dict(k_ptr=p("bf16"), v_ptr=p("bf16"), b_ptr=p("fp32"),
+    compile_one("dr_wu", delta_rule_kkt._wu_kernel, dict(k_ptr=p("bf16"), v_ptr=p("bf16"), b_ptr=p("fp32"),
                 G_ptr=p("fp32"), A_ptr=p("bf16"), cu_ptr=p("i64"), B="i32", u_ptr=p("bf16"), kd_ptr=p("bf16"),
                 SK="i32", SV="i32"), dict(dr, DV=128, BK=64, BV=64))
     for fuse, st in itertools.product((False, True), ("fp32", "bf16")):
@@ -98,7 +103,7 @@ def main() -> int:
                     SQ="i32", SK="i32"), dict(dr, DV=128, BV=32, HAS_STATE=True, FUSE_O=fuse))
     compile_one("dr_out", delta_rule._out_kernel, dict(q_ptr=p("bf16"), k_ptr=p("bf16"), w_ptr=p("bf16"),
                 h_ptr=p("bf16"), G_ptr=p("fp32"), o_ptr=p("bf16"), cu_ptr=p("i64"), B="i32", SQ="i32", SK="i32"),
-                dict(dr, DV=128, BV=128))
+                dict(dr, DV=128, BV=128, BK=64))
     print(f"{len(FAILS)} failed" + "".join(f"\n  {f}" for f in FAILS))
     return 1 if FAILS else 0
 
