@@ -14,6 +14,7 @@ writes everything to JSON.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import platform
@@ -109,6 +110,7 @@ def profile_kernels(fn) -> dict[str, float]:
 
 
 CASES = "T32768,8x4096,T4096"  # chunked delta rule cases (--cases)
+VARIANTS: list[dict] = []  # --variants: chunked delta rule keyword sets instead of the list below
 ALL_CASES = {"T32768": [32768], "8x4096": [4096] * 8, "T8192": [8192], "T4096": [4096]}
 
 
@@ -120,7 +122,7 @@ def chunked(quick: bool) -> None:
     # session 3: 64-wide / 8-warp state tiles. Session 5 (T = 32K): fuse_output 1874 us, state on
     # 8 warps 1818, fused kkt on 2 warps 1909, output pieces of 32 1630, output on 8 warps 1616
     # (default 1607); 16-wide fused-output tiles gave wrong results on the H200.
-    variants = [dict(), dict(fuse_wu=False, bk_out=128), dict(fuse_output=True), dict(bv_state=64)]
+    variants = VARIANTS or [dict(), dict(fuse_wu=False, bk_out=128), dict(fuse_output=True), dict(bv_state=64)]
     for name, lens in cases.items():
         q, k, v, g, beta, cu = prefill_inputs(lens)
         B = len(lens)
@@ -363,9 +365,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one decode variant")
     ap.add_argument("--only", default="ceilings,chunked,decode,others")
     ap.add_argument("--cases", default="T32768,8x4096,T4096", help="chunked delta rule cases")
+    ap.add_argument("--variants", default="", help="chunked delta rule variants, e.g. \"[{}, {'bv_state': 64}]\"")
     args = ap.parse_args()
     global CASES  # noqa: PLW0603
     CASES = args.cases
+    VARIANTS.extend(ast.literal_eval(args.variants) if args.variants else [])
     RESULTS["meta"] = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "fla": getattr(fla, "__version__", None), "python": platform.python_version(),
