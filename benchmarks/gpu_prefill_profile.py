@@ -39,11 +39,14 @@ from qwen3next.model import Qwen3NextForCausalLM  # noqa: E402
 T = 8192
 RES: dict = {}
 # name -> {"module.attr": value}: the variants this script can A/B in one process
+_GROUPED, _SPLIT = "qwen3next.layers.gated_deltanet.GROUPED_MAX_T", "qwen3next.kernels.triton.conv1d.SPLIT_STATE"
 VARIANTS = {
-    # session 4's path: q / k / v copied for the conv above 512 tokens
-    "base": {"qwen3next.layers.gated_deltanet.GROUPED_MAX_T": 512},
-    # the grouped projection read in place by the conv at any length (the default since session 5)
-    "new": {"qwen3next.layers.gated_deltanet.GROUPED_MAX_T": 1 << 40},
+    # session 4's path: q / k / v copied for the conv above 512 tokens, the conv in one launch
+    "base": {_GROUPED: 512, _SPLIT: False},
+    # the grouped projection read in place by the conv at any length (session 5)
+    "new": {_GROUPED: 1 << 40, _SPLIT: False},
+    # + the conv's state rows in a second launch (the main one without the state path's registers)
+    "split": {_GROUPED: 1 << 40, _SPLIT: True},
 }
 
 
@@ -350,8 +353,8 @@ def conv_tiles(res: dict) -> None:
     def launch(x, SX, xmap, mapped, bt, bc, warps):
         grid = (triton.cdiv(T, bt), triton.cdiv(C, bc))
         conv1d._conv_varlen_body[grid](x, w, y, cu, 1, 0, pool, slots, init, xmap, T, C, 4096, SX, dk ** -0.5,
-                                       K=K, HAS_STATE=True, QK_HEADS=2 * Hk, DK=dk, MAPPED=mapped, BT=bt, BC=bc,
-                                       num_warps=warps)
+                                       K=K, HAS_STATE=True, QK_HEADS=2 * Hk, DK=dk, MAPPED=mapped, FIXUP=False,
+                                       BT=bt, BC=bc, num_warps=warps)
 
     rows = {}
     # (tile, mapped); session 5 measured 32 x 128 / 4 warps best: 175 us mapped, 164-169 contiguous; 16 x 128:
@@ -367,6 +370,13 @@ def conv_tiles(res: dict) -> None:
             rows[name] = round(ms * 1e3, 1)
         except Exception as e:
             rows[name] = repr(e)[:120]
+    # the whole call as the layer makes it (conv + state update), state path in one launch or split
+    for split in (False, True):
+        conv1d.SPLIT_STATE = split
+        ms = do_bench(lambda: conv1d.causal_conv1d_varlen(p, w, cu, pool, slots, init, x_cols=cols,
+                                                          qk_heads=(Hk, dk)), warmup=10, rep=40, return_mode="median")
+        rows[f"layer call, state {'split' if split else 'in one launch'}"] = round(ms * 1e3, 1)
+    conv1d.SPLIT_STATE = True
     res["conv_8k_us"] = rows
     res["conv_floor_us"] = round(2 * T * C * 2 / 4.25e12 * 1e6, 1)
     print("conv 8K (us):", rows, flush=True)

@@ -19,7 +19,11 @@ def test_varlen_fresh(lens):
     assert rel_err(tri.causal_conv1d_varlen(x, w, cu(lens)), ref.causal_conv1d_varlen(x, w, cu(lens))) < 1e-6
 
 
-def test_varlen_with_state_pool_short_and_long_runs():
+@pytest.mark.parametrize("split", [True, False])
+def test_varlen_with_state_pool_short_and_long_runs(split, monkeypatch):
+    """Fresh and continued sequences, runs shorter than the window, an empty one; the state rows in
+    their own launch (SPLIT_STATE) or in the main one."""
+    monkeypatch.setattr(tri, "SPLIT_STATE", split)
     gen = seeded(5)
     lens, C, K = [1, 2, 3, 70, 0], 24, 4
     x, w = randn(sum(lens), C, gen=gen), randn(C, K, gen=gen)
@@ -191,3 +195,11 @@ def test_head_runs_map_bf16_gpu():
     want = tri.causal_conv1d_varlen(xw[:, cols].contiguous(), w, cu(lens), p_r, slots, has, qk_heads=(16, 128))
     assert torch.equal(y, want)
     assert torch.equal(p_t, p_r)
+    tri.SPLIT_STATE = not tri.SPLIT_STATE  # the other form of the state rows: the same values
+    try:
+        p_o = pool.clone()
+        assert torch.equal(tri.causal_conv1d_varlen(xw, w, cu(lens), p_o, slots, has, x_cols=cols,
+                                                    qk_heads=(16, 128)), y)
+        assert torch.equal(p_o, p_t)
+    finally:
+        tri.SPLIT_STATE = not tri.SPLIT_STATE

@@ -99,12 +99,18 @@ def _token_seq(cu_ptr, B, P, t):
 def _conv_varlen_body(x_ptr, w_ptr, y_ptr, cu_ptr, B, P, st_ptr, slot_ptr, init_ptr, map_ptr,
                       T, C, TB, SX, scale, K: tl.constexpr, HAS_STATE: tl.constexpr,
                       QK_HEADS: tl.constexpr, DK: tl.constexpr, MAPPED: tl.constexpr,
-                      BT: tl.constexpr, BC: tl.constexpr):
+                      FIXUP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
-    t = pid_t * BT + tl.arange(0, BT)                  # [BT] flat token index
+    if FIXUP:
+        # sequence pid_t's first K-1 tokens only (BT >= K-1): the rows whose taps reach its state
+        bos0 = tl.load(cu_ptr + pid_t).to(tl.int32)
+        t = bos0 + tl.arange(0, BT)
+        tm = t < tl.minimum(bos0 + K - 1, tl.load(cu_ptr + pid_t + 1).to(tl.int32))
+    else:
+        t = pid_t * BT + tl.arange(0, BT)              # [BT] flat token index
+        tm = t < T
     c = pid_c * BC + tl.arange(0, BC)                  # [BC] channel
-    tm = t < T
     cm = c < C
     offs = (t.to(tl.int64) * C)[:, None] + c[None, :]                   # [BT, BC] this token's outputs
     xc = c
@@ -115,7 +121,7 @@ def _conv_varlen_body(x_ptr, w_ptr, y_ptr, cu_ptr, B, P, st_ptr, slot_ptr, init_
     m2 = tm[:, None] & cm[None, :]
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     # a tile whose rows all sit >= K-1 tokens into their sequence reads no state and masks no tap
-    seq = _token_seq(cu_ptr, B, P, t)
+    seq = (t * 0 + pid_t) if FIXUP else _token_seq(cu_ptr, B, P, t)
     bos = tl.load(cu_ptr + seq, mask=tm, other=0)
     near_start = tl.min(tl.where(tm, t - bos, K), 0) < K - 1
     if near_start:
@@ -175,6 +181,11 @@ _conv_varlen_map_kernel = autotune(_map_tiles, key=["C", "TB"], prune_configs_by
 _conv_varlen_map_norm_kernel = autotune(_map_tiles, key=["C", "TB", "DK"],
                                         prune_configs_by={"early_config_prune": _prune})(_conv_varlen_body)
 NORM_BC = 128  # the smallest tile of the norm variant: DK must divide it
+# With a state pool the conv runs as two launches: all tiles without the state (taps before a
+# sequence read zeros), then a small launch redoing each sequence's first K-1 rows with its state.
+# The state path in every tile cost registers (triton 3.6, sm_90: 255 and 272 bytes of spills for
+# the 32 x 128 tile vs 100 without it). False: one launch reading the state where needed.
+SPLIT_STATE = False
 
 
 @triton.jit
@@ -248,8 +259,14 @@ def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torc
     kernel = ((_conv_varlen_map_kernel, _conv_varlen_map_norm_kernel) if mapped
               else (_conv_varlen_kernel, _conv_varlen_norm_kernel))[qk_heads is not None]
     P = 1 << (B - 1).bit_length() - 1 if B > 1 else 0
-    kernel[grid](x, weight, y, cu, B, P, conv_state if has_state else x, slots, init, xmap, T, C, size_class(T), SX,
-                 dk ** -0.5, K=K, HAS_STATE=has_state, QK_HEADS=2 * hk, DK=dk, MAPPED=mapped)
+    split = has_state and SPLIT_STATE and K > 1
+    args = (x, weight, y, cu, B, P, conv_state if has_state else x, slots, init, xmap, T, C, size_class(T), SX,
+            dk ** -0.5)
+    kernel[grid](*args, K=K, HAS_STATE=has_state and not split, QK_HEADS=2 * hk, DK=dk, MAPPED=mapped, FIXUP=False)
+    if split:  # (after the main launch: it wrote these rows without the state)
+        bc = MAP_BC if mapped else NORM_BC
+        _conv_varlen_body[(B, triton.cdiv(C, bc))](*args, K=K, HAS_STATE=True, QK_HEADS=2 * hk, DK=dk, MAPPED=mapped,
+                                                   FIXUP=True, BT=pow2(K - 1, 2), BC=bc, num_warps=4)
     if has_state:
         bc = MAP_BC if mapped else 256
         _conv_state_kernel[(B, triton.cdiv(C, bc))](x, cu, conv_state, slots, init, xmap, C, SX, K=K,
