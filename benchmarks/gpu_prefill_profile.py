@@ -350,10 +350,10 @@ def conv_tiles(res: dict) -> None:
     y = torch.empty(T, C, device="cuda", dtype=torch.bfloat16)
     assert conv1d._map_run(cols) == conv1d.MAP_BC
 
-    def launch(x, SX, xmap, mapped, bt, bc, warps):
+    def launch(x, SX, xmap, mapped, bt, bc, warps, state=True):
         grid = (triton.cdiv(T, bt), triton.cdiv(C, bc))
         conv1d._conv_varlen_body[grid](x, w, y, cu, 1, 0, pool, slots, init, xmap, T, C, 4096, SX, dk ** -0.5,
-                                       K=K, HAS_STATE=True, QK_HEADS=2 * Hk, DK=dk, MAPPED=mapped, FIXUP=False,
+                                       K=K, HAS_STATE=state, QK_HEADS=2 * Hk, DK=dk, MAPPED=mapped, FIXUP=False,
                                        BT=bt, BC=bc, num_warps=warps)
 
     rows = {}
@@ -370,13 +370,23 @@ def conv_tiles(res: dict) -> None:
             rows[name] = round(ms * 1e3, 1)
         except Exception as e:
             rows[name] = repr(e)[:120]
+    # the split form's main launch (no state path): tiles again
+    for bt, bc, warps in [(32, 128, 4), (64, 128, 4), (64, 128, 8), (16, 128, 4), (128, 128, 8)]:
+        name = f"map no-state BT{bt} BC{bc} w{warps}"
+        try:
+            ms = do_bench(lambda: launch(p, p.stride(0), cols, True, bt, bc, warps, False), warmup=10, rep=40,
+                          return_mode="median")
+            rows[name] = round(ms * 1e3, 1)
+        except Exception as e:
+            rows[name] = repr(e)[:120]
     # the whole call as the layer makes it (conv + state update), state path in one launch or split
+    default = conv1d.SPLIT_STATE
     for split in (False, True):
         conv1d.SPLIT_STATE = split
         ms = do_bench(lambda: conv1d.causal_conv1d_varlen(p, w, cu, pool, slots, init, x_cols=cols,
                                                           qk_heads=(Hk, dk)), warmup=10, rep=40, return_mode="median")
         rows[f"layer call, state {'split' if split else 'in one launch'}"] = round(ms * 1e3, 1)
-    conv1d.SPLIT_STATE = True
+    conv1d.SPLIT_STATE = default
     res["conv_8k_us"] = rows
     res["conv_floor_us"] = round(2 * T * C * 2 / 4.25e12 * 1e6, 1)
     print("conv 8K (us):", rows, flush=True)
