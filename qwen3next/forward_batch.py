@@ -22,7 +22,7 @@ class StateSpec:
     kv_layers: dict[int, tuple[int, int]]
     # linear-attention layer index -> conv state shape per slot [conv_dim, K-1]
     conv_layers: dict[int, tuple[int, int]]
-    # linear-attention layer index -> recurrent state shape per slot [H_v, d_k, d_v] (fp32)
+    # linear-attention layer index -> recurrent state shape per slot [H_v, d_k, d_v] (the pool's dtype)
     recurrent_layers: dict[int, tuple[int, int, int]]
 
 
@@ -32,7 +32,8 @@ class ModelCache:
 
     kv[i]:        [num_blocks, 2, block_size, num_kv_heads, head_dim]  (K after k_norm+RoPE, V)
     conv[i]:      [num_slots, conv_dim, K-1]       activation dtype, the last K-1 pre-conv inputs
-    recurrent[i]: [num_slots, H_v, d_k, d_v]       fp32, the delta-rule state S
+    recurrent[i]: [num_slots, H_v, d_k, d_v]       the delta-rule state S: fp32 (default), bf16 or fp16
+                                                   (mamba_ssm_cache_dtype; kernels compute in fp32)
     """
 
     kv: dict[int, torch.Tensor] = field(default_factory=dict)

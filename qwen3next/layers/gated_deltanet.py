@@ -4,7 +4,8 @@
 split below reads it through a [T, Hk, ...] view, so no load-time permutation is needed and a
 tensor-parallel rank owns whole key-head groups (their rows, conv channels, A_log / dt_bias).
 Conv channels are [q_all|k_all|v_all].
-State per sequence: conv `[conv_dim, K-1]` (pre-conv inputs) and recurrent `[Hv, dk, dv]` fp32,
+State per sequence: conv `[conv_dim, K-1]` (pre-conv inputs) and recurrent `[Hv, dk, dv]` (fp32 by
+default; a bf16 / fp16 pool with mamba_ssm_cache_dtype, computed in fp32),
 read/written at `batch.state_slots` in `cache.conv[i]` / `cache.recurrent[i]`.
 """
 
