@@ -51,6 +51,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 BYTES_TO_UNICODE = _bytes_to_unicode()
 
 
+# characters above which encode goes through encode_batch (~0.1 s of tokenizing)
+_LONG_TEXT = 65536
+
+
 def set_qwen3_pipeline(tok: HFTokenizer) -> HFTokenizer:
     """NFC normalizer, regex split + ByteLevel pre-tokenizer, ByteLevel decoder (in place)."""
     tok.normalizer = normalizers.NFC()
@@ -160,6 +164,10 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise ValueError(f"encode: text must be a str, got {type(text).__name__}")
+        if len(text) > _LONG_TEXT:
+            # tokenizers' encode holds the GIL throughout on text with added tokens (a 5 MB chat
+            # prompt: 10 s in which the server's event loop cannot run); encode_batch releases it
+            return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:

@@ -57,3 +57,42 @@ def test_nesting_is_bounded_before_the_template_and_the_schema_recurse(field):
     fine = '{"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"k": %s}}' % (
         "[" * 100 + "]" * 100)
     assert parse_body(fine.encode(), ChatCompletionRequest).chat_template_kwargs["k"] is not None
+
+
+def test_long_prompts_tokenize_without_holding_the_gil(tiny_ckpt):
+    """The server tokenizes in a worker thread; that only keeps its event loop (other streams,
+    /health) running if the tokenizer lets go of the GIL. tokenizers' encode held it from its second
+    long call on: every 5 MB prompt after the first stalled the server for 10 s."""
+    import asyncio
+    import time
+
+    from qwen3next.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(tiny_ckpt)
+    text = "<|im_start|>user\n" + "1 + 1 = 2. " * 40_000 + "<|im_end|>\n<|im_start|>assistant\n"
+
+    async def timed() -> tuple[list[int], float, float]:
+        lags, done = [], asyncio.Event()
+
+        async def tick():
+            while not done.is_set():
+                t = time.perf_counter()
+                await asyncio.sleep(0.005)
+                lags.append(time.perf_counter() - t)
+
+        ticker = asyncio.create_task(tick())
+        t = time.perf_counter()
+        ids = await asyncio.to_thread(tok.encode, text)
+        took = time.perf_counter() - t
+        done.set()
+        await ticker
+        return ids, took, max(lags)
+
+    async def run():
+        await asyncio.to_thread(tok.encode, text)  # the first long call tends to let go anyway
+        return [await timed() for _ in range(3)]
+
+    expect = tok.backend.encode(text, add_special_tokens=False).ids
+    for ids, took, worst in asyncio.run(run()):
+        assert ids == expect
+        assert worst < max(0.5 * took, 0.05), (took, worst)

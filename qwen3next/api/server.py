@@ -9,6 +9,7 @@ streams) and the lifespan exit stops the engine thread.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -81,14 +82,16 @@ def build_app(state: ServerState) -> FastAPI:
         body = parse_body(await request.body(), TokenizeRequest)
         if (body.prompt is None) == (body.messages is None):
             raise APIError("give exactly one of prompt or messages", 400, "prompt")
-        if body.prompt is not None:
-            text = body.prompt
-        else:
+        def encode() -> list[int]:
+            if body.prompt is not None:
+                return state.tokenizer.encode(body.prompt)
             chat = ChatCompletionRequest(messages=body.messages, tools=body.tools)
             text = state.tokenizer.apply_chat_template(template_messages(chat), tools=[
                 t.model_dump(exclude_none=True) for t in body.tools or []] or None,
                 add_generation_prompt=body.add_generation_prompt)
-        ids = state.tokenizer.encode(text)
+            return state.tokenizer.encode(text)
+
+        ids = await asyncio.to_thread(encode)  # off the event loop, as the chat path
         return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
 
     @app.post("/detokenize")

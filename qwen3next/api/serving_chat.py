@@ -14,6 +14,7 @@ after the model's `</think>`.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import jinja2
@@ -134,7 +135,9 @@ def build_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[list[i
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, raw_request):
     check_chat(req, state.vocab_size)
     model = check_model(state, req.model)
-    ids, call, thinking, reasoning, tools_on = build_prompt(state, req)
+    # off the event loop: rendering 100k messages or tokenizing 20 MB takes seconds, and every other
+    # client (streams, /health) would wait that long
+    ids, call, thinking, reasoning, tools_on = await asyncio.to_thread(build_prompt, state, req)
     budget = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = max_new_tokens(state, len(ids), budget, param, "messages")

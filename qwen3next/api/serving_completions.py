@@ -126,8 +126,10 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw_requ
     rid = req.request_id or random_id("cmpl")
     structured = structured_outputs(req)  # (raw prompts: constrained from the first token)
     jobs = []
-    for p, prompt in enumerate(prompt_list(req)):
-        ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    prompts = prompt_list(req)
+    # off the event loop (a 20 MB prompt tokenizes for seconds; other clients would wait)
+    encoded = await asyncio.to_thread(lambda: [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts])
+    for p, (prompt, ids) in enumerate(zip(prompts, encoded)):
         if req.truncate_prompt_tokens is not None:
             ids = ids[-req.truncate_prompt_tokens:]
         # echo with max_tokens 0: vLLM runs one token and returns the prompt alone
