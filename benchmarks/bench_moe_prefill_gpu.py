@@ -82,8 +82,10 @@ def check_compile() -> int:
              xs_ptr=b, pos_ptr=i64, src_ptr=i64, M=i32, H=i32), dict(TOPK=K, BA=16, BH=512, COPY=copy), nospec=("M",))
     comp("silu_mul", g._silu_mul_kernel, dict(gu_ptr=b, h_ptr=b, M=i32, I=i32, S=i32), dict(BR=16, BI=256),
          nospec=("M",))
-    comp("unsort_sum", g._unsort_sum_kernel, dict(y_ptr=b, pos_ptr=i64, w_ptr="*fp32", o_ptr=b, T=i32, H=i32, YS=i32),
-         dict(TOPK=K, BH=1024), nospec=("T",))
+    for gated in (False, True):
+        comp("unsort_sum", g._unsort_sum_kernel, dict(y_ptr=b, pos_ptr=i64, w_ptr="*fp32", o_ptr=b, sh_ptr=b, g_ptr=b,
+                                                      T=i32, H=i32, YS=i32), dict(TOPK=K, BH=1024, GATED=gated),
+             nospec=("T",))
     comp("tiles", t._tiles_kernel, dict(cnt_ptr=i64, tile_ptr="*i32", E=i32, NT=i32), dict(BM=64, BE=512, BLK=32),
          nospec=("NT",))
 
@@ -145,12 +147,31 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm()) if torch.isfinite(a).all() else float("inf")
 
 
-PIN: dict = {}
-_PIN = {"gate_up": {(64, 256, 64, 8, 3), (64, 128, 64, 4, 5), (64, 128, 64, 4, 4)}, "down": {(64, 128, 64, 4, 4)}}
+# --pin: the winners of earlier H200 runs only (fewer compiles per call): session 4's gate/up at 160 / 40 rows
+# per expert and down; session 5's persistent ones (BN, BK, warps, stages[, WS])
+_PIN = {("moe_tma", "_gate_up_kernel"): {(64, 256, 64, 8, 3), (64, 128, 64, 4, 5), (64, 128, 64, 4, 4)},
+        ("moe_tma", "_down_kernel"): {(64, 128, 64, 4, 4)},
+        ("moe_tma", "_gate_up_persistent_kernel"): {(256, 64, 8, 3, True), (256, 32, 8, 4, True)},
+        ("moe_tma", "_down_persistent_kernel"): {(256, 64, 8, 3, False), (128, 128, 8, 3, False)},
+        ("moe_tma_fp8", "_gate_up_persistent_kernel"): {(128, 128, 8, 4, False), (128, 128, 8, 3, True),
+                                                         (128, 128, 8, 4, True)},
+        ("moe_tma_fp8", "_down_persistent_kernel"): {(128, 128, 4, 4, None), (256, 128, 8, 3, None)}}
 
 
-def _shape(c) -> tuple:
-    return (c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], c.num_warps, c.num_stages)
+def pin(res: dict) -> None:
+    import importlib
+
+    for (mod, name), keep in _PIN.items():
+        kern = getattr(importlib.import_module(f"qwen3next.kernels.triton.{mod}"), name)
+        persist = "persistent" in name
+
+        def shape(c):
+            kw = c.kwargs
+            if persist:
+                return (kw["BN"], kw["BK"], c.num_warps, c.num_stages, kw.get("WS"))
+            return (kw["BM"], kw["BN"], kw["BK"], c.num_warps, c.num_stages)
+        kern.configs = [c for c in kern.configs if shape(c) in keep]
+        res[f"{mod}.{name}"] = [str(c) for c in kern.configs]
 
 
 def balanced_probe(res: dict, gate_up, t) -> None:
@@ -203,10 +224,6 @@ def experts_section(tokens: list[int], res: dict, paths: tuple, fp8: bool) -> No
     ms = bench(lambda: a @ a)
     res["matmul_8192_tflops"] = round(2 * 8192**3 / ms / 1e9, 1)
     del a
-    if PIN:  # the session-4 H200 winners only (fewer compiles per call): gate/up at 160 / 40 rows per expert, down
-        t._gate_up_kernel.configs = [c for c in t._gate_up_kernel.configs if _shape(c) in PIN["gate_up"]]
-        t._down_kernel.configs = [c for c in t._down_kernel.configs if _shape(c) in PIN["down"]]
-        res["pinned"] = {k: [list(v) for v in vs] for k, vs in PIN.items()}
     balanced_probe(res.setdefault("balanced", {}), gate_up, t)
     for T in tokens:  # largest first: the old path's autotune key saturates at 4096 rows (tuned here at T*k)
         r = res.setdefault(f"T{T}", {})
@@ -218,8 +235,8 @@ def experts_section(tokens: list[int], res: dict, paths: tuple, fp8: bool) -> No
         calls = {"old": lambda: old.moe_experts(x, gate_up, down, w, ids, gemv=False),
                  **{p: (lambda p=p: g.moe_experts_sorted(x, gate_up, down, w, ids, gemm=p)) for p in PATHS[1:]}}
         if fp8:
-            for pers in (False, True):
-                calls["fp8_persistent" if pers else "fp8_sorted"] = (
+            for pers in ("", "down", "all"):
+                calls[f"fp8_persistent_{pers}" if pers else "fp8_sorted"] = (
                     lambda pers=pers: tf8.moe_experts_sorted_fp8(x, gu8, gus, dn8, dns, w, ids, persistent=pers))
         for p in [p for p in calls if p in paths or p.startswith("fp8")]:
             try:
@@ -232,8 +249,9 @@ def experts_section(tokens: list[int], res: dict, paths: tuple, fp8: bool) -> No
         for p in outs:
             r[p][f"rel_err_vs_{base}"] = rel(outs[p], outs[base]) if base in outs else None
             r[p]["bitwise_vs_" + base] = bool(base in outs and torch.equal(outs[p], outs[base]))
-        if "fp8_persistent" in outs:
-            r["fp8_persistent"]["rel_err_vs_fp8_sorted"] = rel(outs["fp8_persistent"], outs["fp8_sorted"])
+        for p in ("fp8_persistent_down", "fp8_persistent_all"):
+            if p in outs and "fp8_sorted" in outs:
+                r[p]["rel_err_vs_fp8_sorted"] = rel(outs[p], outs["fp8_sorted"])
         if T == min(tokens):
             want = ref.moe_experts(x, gate_up, down, w, ids)
             for p in outs:
@@ -246,8 +264,12 @@ def experts_section(tokens: list[int], res: dict, paths: tuple, fp8: bool) -> No
             r["tile_table_ms"] = round(bench(lambda: t.tile_table(cnt, M)), 4)
             h = t.gate_up(x, gate_up, cnt, src)
             y = t.down(h, down, cnt)
-            r["unsort_sum_ms"] = round(bench(lambda: g._unsort_sum_kernel[(T, 2)](
-                y, pos, w, torch.empty(T, H, dtype=x.dtype, device=DEV), T, H, H, TOPK=K, BH=1024)), 4)
+            r["unsort_sum_ms"] = round(bench(lambda: g.unsort_sum(y, pos, w, T)), 4)
+            gated = (torch.randn(T, H, device=DEV, dtype=x.dtype), torch.randn(T, 1, device=DEV, dtype=x.dtype))
+            r["unsort_sum_gated_ms"] = round(bench(lambda: g.unsort_sum(y, pos, w, T, gated)), 4)
+            r["torch_gated_add_ms"] = round(bench(lambda: y[:T] + torch.sigmoid(gated[1]) * gated[0]), 4)
+            r["unsort_gated_bitwise"] = bool(torch.equal(g.unsort_sum(y, pos, w, T, gated),
+                                                         g.unsort_sum(y, pos, w, T) + torch.sigmoid(gated[1]) * gated[0]))
             for name, fn, fl in (("gather_gate_up", lambda: t.gate_up(x, gate_up, cnt, src), fl_up),
                                  ("persist_gather_gate_up", lambda: t.gate_up(x, gate_up, cnt, src, tiles), fl_up),
                                  ("triton_down", lambda: t.down(h, down, cnt), fl_down),
@@ -289,15 +311,14 @@ def experts_section(tokens: list[int], res: dict, paths: tuple, fp8: bool) -> No
     torch.cuda.empty_cache()
 
 
-def model_section(res: dict, paths: tuple, fp8: bool) -> None:
-    """The 8-layer slice's 8K prefill (gpu_model.py) with each experts path (env switch per call);
-    with fp8, the same model quantised in place (layers/quant.py to_fp8_) with moe_tma_fp8's
-    PERSISTENT off / on."""
+def model_section(res: dict, variants: dict, fp8_variants: dict) -> None:
+    """The 8-layer slice's 8K prefill (gpu_model.py) under each variant ({name: {env var: value} or
+    {(module, attribute): value}}), wall time and CUDA-graph replay, rounds interleaved; then (fp8
+    variants) the same model quantised in place (layers/quant.py to_fp8_)."""
     sys.path.insert(0, os.path.dirname(__file__))
     import gpu_model as gm
 
     from qwen3next.forward_batch import ForwardBatch
-    from qwen3next.kernels.triton import moe_tma_fp8 as tf8
 
     ours, _ = gm.build_models(with_hf=False)
     T = 8192
@@ -312,53 +333,77 @@ def model_section(res: dict, paths: tuple, fp8: bool) -> None:
         with torch.inference_mode():
             return ours.compute_logits(ours(ids, pos, fb)[-1:])
 
-    logits = {}
-    variants = [p for p in paths if p != "old"]
-    base = variants[0]
-    for rnd in range(2):  # twice, interleaved: the spread between rounds is the noise
-        for p in variants:
-            os.environ["QWEN3NEXT_MOE_SORTED"] = p
-            try:
-                logits[p] = step().float()
-                res.setdefault(f"prefill_8k_{p}_ms", []).append(round(gm.timed(step, reps=10, warmup=2), 3))
-                res[f"prefill_8k_{p}_rel_err_vs_{base}"] = rel(logits[p], logits[base])
-            except Exception as e:
-                res[f"prefill_8k_{p}_error"] = repr(e)[:300]
-            print(p, res.get(f"prefill_8k_{p}_ms"), flush=True)
-    os.environ.pop("QWEN3NEXT_MOE_SORTED")
-    if fp8:
+    def switch(sw: dict) -> dict:
+        old = {}
+        for key, v in sw.items():
+            if isinstance(key, str):
+                old[key] = os.environ.get(key)
+                os.environ[key] = v
+            else:
+                old[key] = getattr(*key)
+                setattr(*key, v)
+        return old
+
+    def restore(old: dict) -> None:
+        for key, v in old.items():
+            if isinstance(key, str) and v is None:
+                os.environ.pop(key)
+            elif isinstance(key, str):
+                os.environ[key] = v
+            else:
+                setattr(*key, v)
+
+    def graph_ms() -> float:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            step()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step()
+        ms = gm.timed(g.replay, reps=20, warmup=2)
+        del g
+        return ms
+
+    def run(vs: dict, tag: str) -> None:
+        logits, base = {}, next(iter(vs))
+        for rnd in range(3):  # interleaved rounds: the spread between them is the noise
+            for name, sw in vs.items():
+                old = switch(sw)
+                try:
+                    logits[name] = step().float()
+                    res.setdefault(f"{tag}{name}_ms", []).append(round(gm.timed(step, reps=20, warmup=2), 3))
+                    if rnd < 2:
+                        res.setdefault(f"{tag}{name}_graph_ms", []).append(round(graph_ms(), 3))
+                    res[f"{tag}{name}_rel_err_vs_{base}"] = rel(logits[name], logits[base])
+                except Exception as e:
+                    res[f"{tag}{name}_error"] = repr(e)[:300]
+                finally:
+                    restore(old)
+                print(tag + name, res.get(f"{tag}{name}_ms"), res.get(f"{tag}{name}_graph_ms"), flush=True)
+
+    run(variants, "prefill_8k_")
+    if fp8_variants:
         from qwen3next.layers.quant import to_fp8_
 
         to_fp8_(ours, (128, 128))
         torch.cuda.empty_cache()
-        for rnd in range(2):
-            for pers in (False, True):
-                name = "fp8_persistent" if pers else "fp8_sorted"
-                tf8.PERSISTENT = pers
-                try:
-                    logits[name] = step().float()
-                    res.setdefault(f"prefill_8k_{name}_ms", []).append(round(gm.timed(step, reps=10, warmup=2), 3))
-                    res[f"prefill_8k_{name}_rel_err_vs_fp8_sorted"] = rel(logits[name], logits["fp8_sorted"])
-                except Exception as e:
-                    res[f"prefill_8k_{name}_error"] = repr(e)[:300]
-                print(name, res.get(f"prefill_8k_{name}_ms"), flush=True)
-        tf8.PERSISTENT = False
+        run(fp8_variants, "prefill_8k_fp8_")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="moe_prefill.json")
-    ap.add_argument("--tokens", default="8192,4096,2048,1024")
+    ap.add_argument("--tokens", default="8192,4096,2048,1024", help="'' : no experts section")
     ap.add_argument("--model", action="store_true", help="also the 8-layer model's 8K prefill per path")
     ap.add_argument("--paths", default=",".join(PATHS), help="which of " + ",".join(PATHS) + " (the first is the "
                     "model section's baseline, 'old' is never run there)")
     ap.add_argument("--fp8", action="store_true", help="also moe_tma_fp8's sorted experts, persistent off / on")
-    ap.add_argument("--pin", action="store_true", help="the non-persistent bf16 kernels tune among session 4's "
-                    "H200 winners only")
+    ap.add_argument("--pin", action="store_true", help="the kernels tune among earlier H200 winners only (_PIN)")
     ap.add_argument("--check-compile", action="store_true")
     a = ap.parse_args()
-    if a.pin:
-        PIN.update(_PIN)
+
     paths = tuple(a.paths.split(","))
     if a.check_compile:
         return check_compile()
@@ -369,14 +414,28 @@ def main() -> int:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
 
+    if a.pin:
+        pin(res.setdefault("pinned", {}))
+    tokens = sorted((int(t) for t in a.tokens.split(",") if t), reverse=True)
     try:
-        experts_section(sorted((int(t) for t in a.tokens.split(",")), reverse=True), res.setdefault("experts", {}),
-                        paths, a.fp8)
+        if tokens:
+            experts_section(tokens, res.setdefault("experts", {}), paths, a.fp8)
     finally:
         save()
     if a.model:
+        from qwen3next.kernels.triton import moe_grouped as g
+        from qwen3next.kernels.triton import moe_tma_fp8 as tf8
+
+        fold0 = {(g, "FOLD_GATED"): False}
+        variants = {"session4": {"QWEN3NEXT_MOE_SORTED": "triton_gather", **fold0},  # the first: the baseline
+                    "fold": {"QWEN3NEXT_MOE_SORTED": "triton_gather"}, "persistent": {"QWEN3NEXT_MOE_SORTED": "auto",
+                                                                                       **fold0},
+                    "default": {}}
+        fp8_variants = {"session4": {(tf8, "PERSISTENT"): "", **fold0}, "fold": {(tf8, "PERSISTENT"): ""},
+                        "persistent_down": {(tf8, "PERSISTENT"): "down", **fold0},
+                        "persistent_all": {(tf8, "PERSISTENT"): "all"}, "default": {}} if a.fp8 else {}
         try:
-            model_section(res.setdefault("model", {}), paths, a.fp8)
+            model_section(res.setdefault("model", {}), variants, fp8_variants)
         finally:
             save()
     print(json.dumps(res, indent=1)[-6000:])

@@ -303,17 +303,22 @@ def _dense_moe_pays(x, gate_up_proj, ids) -> bool:
     return moe_dense_pays(T, E, k, H, I2 // 2)
 
 
-def moe_experts(x, gate_up_proj, down_proj, weights, ids):
+def moe_experts(x, gate_up_proj, down_proj, weights, ids, gated=None):
+    """Routed experts; `gated` = (sh [T, H], g [T, 1]) adds sigmoid(g) * sh (the MoE block's shared
+    expert; on the expert-sorted path in the same pass as the k-sum, else with torch ops)."""
     if _use_triton(x, gate_up_proj, down_proj, weights) and gate_up_proj.dtype == x.dtype == down_proj.dtype:
         # prefill-sized batches: grouped GEMMs over expert-sorted rows (moe_grouped.py)
         gemm = _triton("moe_grouped").sorted_gemm(x, gate_up_proj, down_proj, ids.numel())
         if gemm:
-            return _triton("moe_grouped").moe_experts_sorted(x, gate_up_proj, down_proj, weights, ids, gemm=gemm)
-        return _triton("moe").moe_experts(x, gate_up_proj, down_proj, weights, ids)
-    if _ext_ok(x, gate_up_proj, down_proj, weights) and not _dense_moe_pays(x, gate_up_proj, ids):
-        return _ext.moe_experts(x, gate_up_proj, down_proj, weights, ids)
-    return (_fast if _use_fast(x, gate_up_proj, down_proj, weights) else _ref_moe).moe_experts(
-        x, gate_up_proj, down_proj, weights, ids)
+            return _triton("moe_grouped").moe_experts_sorted(x, gate_up_proj, down_proj, weights, ids, gemm=gemm,
+                                                             gated=gated)
+        out = _triton("moe").moe_experts(x, gate_up_proj, down_proj, weights, ids)
+    elif _ext_ok(x, gate_up_proj, down_proj, weights) and not _dense_moe_pays(x, gate_up_proj, ids):
+        out = _ext.moe_experts(x, gate_up_proj, down_proj, weights, ids)
+    else:
+        out = (_fast if _use_fast(x, gate_up_proj, down_proj, weights) else _ref_moe).moe_experts(
+            x, gate_up_proj, down_proj, weights, ids)
+    return out if gated is None else out + torch.sigmoid(gated[1]) * gated[0]
 
 
 def moe_experts_shared_ok(x, gate_up_proj, top_k: int) -> bool:
@@ -339,11 +344,13 @@ def fp8_linear(x, w8, scale, block=(128, 128)):
 
 
 def moe_experts_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids, block=(128, 128),
-                    shared=None):
+                    shared=None, gated=None):
     """moe_experts over block-FP8 expert weights (kernels/fp8.py; Triton on CUDA); `shared` (fp8 gate /
-    up / down + scales, bf16 gate vector) adds the MoE block's gated shared expert in the same kernels."""
+    up / down + scales, bf16 gate vector) adds the MoE block's gated shared expert in the same kernels;
+    `gated` = (sh [T, H], g [T, 1]), one computed outside, adds sigmoid(g) * sh (as moe_experts)."""
     if _use_triton(x, weights) and block[1] % 128 == 0 and down_proj.shape[-1] % block[0] == 0:
         return _triton("moe_fp8").moe_experts_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights,
-                                                  ids, block, shared=shared)
-    return _ref_fp8.moe_experts_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids, block,
-                                    shared=shared)
+                                                  ids, block, shared=shared, gated=gated)
+    out = _ref_fp8.moe_experts_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids, block,
+                                   shared=shared)
+    return out if gated is None else out + torch.sigmoid(gated[1]) * gated[0]

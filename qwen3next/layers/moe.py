@@ -36,13 +36,16 @@ class Experts(nn.Module):
         if self.tp > 1:
             self.tp_shards = {"gate_up_proj": rows(num_experts * self.tp), "down_proj": rows(num_experts * self.tp)}
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gated=None) -> torch.Tensor:
+        """`gated` = (sh [T, H], g [T, 1]): + sigmoid(g) * sh (the block's shared expert; on CUDA's
+        expert-sorted path in the same pass as the sum over each token's k experts)."""
         if self.tp > 1:
-            return self._forward_local(x, weights, ids)
+            out = self._forward_local(x, weights, ids)
+            return out if gated is None else out + torch.sigmoid(gated[1]) * gated[0]
         if self.gate_up_proj.dtype == torch.float8_e4m3fn:  # block-FP8 experts (layers/quant.py)
             return ops.moe_experts_fp8(x, self.gate_up_proj, self.gate_up_proj_scale_inv, self.down_proj,
-                                       self.down_proj_scale_inv, weights, ids, self.block)
-        return ops.moe_experts(x, self.gate_up_proj, self.down_proj, weights, ids)
+                                       self.down_proj_scale_inv, weights, ids, self.block, gated=gated)
+        return ops.moe_experts(x, self.gate_up_proj, self.down_proj, weights, ids, gated=gated)
 
     def _forward_local(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """This rank's experts only: each (token, choice) routed here becomes a one-choice row."""
@@ -88,9 +91,8 @@ class SparseMoeBlock(nn.Module):
             # decode / verify on CUDA: the shared expert and its gate ride along in the routed
             # experts' kernels, one more assignment per token (no ~9 separate launches)
             return ops.moe_experts_shared(x, ex.gate_up_proj, ex.down_proj, weights, ids, *shared_w), router_logits
-        routed = self.experts(x, weights, ids)
-        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        out = routed + shared
+        # routed + sigmoid(gate) * shared, the gated add inside the experts' last pass where it can be
+        out = self.experts(x, weights, ids, gated=(self.shared_expert(x), self.shared_expert_gate(x)))
         if self.experts.tp > 1:  # each rank added its experts' and its shared-expert slice's share
             out = all_reduce(out)
         return out, router_logits

@@ -50,6 +50,25 @@ def test_sorted_experts(T, E, H, I, k, gemm):
     assert rel_err(y, ref.moe_experts(x, gate_up, down, w, ids)) < 1e-5
 
 
+@pytest.mark.parametrize("gemm", ["triton_gather", "persistent"])
+def test_gated_add(gemm):
+    """gated = (sh, g): + sigmoid(g) * sh in the k-sum's pass, as the MoE block's torch ops add it;
+    ops.moe_experts on CPU adds it with those ops."""
+    from qwen3next.kernels import ops
+
+    gen = seeded(17)
+    T, E, H, I, k = 29, 11, 40, 24, 3
+    x = randn(T, H, gen=gen)
+    gate_up, down = randn(E, 2 * I, H, gen=gen, scale=0.2), randn(E, H, I, gen=gen, scale=0.2)
+    ids = _skewed_ids(T, k, E, gen)
+    w = torch.rand(T, k, generator=gen).to(DEV)
+    sh, g = randn(T, H, gen=gen), randn(T, 1, gen=gen, scale=3.0)
+    want = ref.moe_experts(x, gate_up, down, w, ids) + torch.sigmoid(g) * sh
+    y = gmm.moe_experts_sorted(x, gate_up, down, w, ids, gemm=gemm, gated=(sh, g))
+    assert rel_err(y, want) < 1e-5
+    assert rel_err(ops.moe_experts(x, gate_up, down, w, ids, gated=(sh, g)), want) < 1e-5
+
+
 def test_dispatch_cpu_unchanged(monkeypatch):
     """CPU tensors never take the sorted path (the engine keeps its C++ / torch MoE there), whatever
     the switch says; an unknown switch value means the old path."""
@@ -75,7 +94,11 @@ def test_sorted_bf16_gpu(T, gemm, monkeypatch):
     monkeypatch.setenv("QWEN3NEXT_MOE_SORTED", gemm)
     assert gmm.sorted_gemm(x, gate_up, down, max(T * k, gmm.SORTED_MIN_ROWS)) == gemm
     y = gmm.moe_experts_sorted(x, gate_up, down, w, ids, gemm=gemm)
-    assert rel_err(y, ref.moe_experts(x, gate_up, down, w, ids)) < 1e-2
+    want = ref.moe_experts(x, gate_up, down, w, ids)
+    assert rel_err(y, want) < 1e-2
+    sh, g = randn(T, H, gen=gen, dtype=torch.bfloat16), randn(T, 1, gen=gen, dtype=torch.bfloat16)
+    yg = gmm.moe_experts_sorted(x, gate_up, down, w, ids, gemm=gemm, gated=(sh, g))
+    assert rel_err(yg, y + torch.sigmoid(g) * sh) < 1e-2  # (bitwise but for the gate's exp: see the bench)
 
 
 def test_tile_table():
@@ -90,6 +113,19 @@ def test_tile_table():
             (4, 3 * BM + 1, 4 * BM + 6), (4, 4 * BM + 1, 4 * BM + 6)]
     assert int(tiles[0]) == len(want)
     assert tiles[1:1 + 3 * len(want)].view(-1, 3).tolist() == [list(w) for w in want]
+
+
+@pytest.mark.gpu
+def test_auto_dispatch_gpu(monkeypatch):
+    """The default ("auto"): persistent GEMMs from PERSISTENT_MIN_ROWS routed rows, triton_gather below."""
+    monkeypatch.delenv("QWEN3NEXT_MOE_SORTED", raising=False)
+    x = torch.zeros(8, 2048, dtype=torch.bfloat16, device=DEV)
+    gate_up, down = torch.zeros(4, 1024, 2048, **_bf), torch.zeros(4, 2048, 512, **_bf)
+    assert gmm.sorted_gemm(x, gate_up, down, gmm.PERSISTENT_MIN_ROWS) == "persistent"
+    assert gmm.sorted_gemm(x, gate_up, down, gmm.PERSISTENT_MIN_ROWS - 1) == "triton_gather"
+
+
+_bf = {"dtype": torch.bfloat16, "device": DEV}
 
 
 @pytest.mark.parametrize("gemm", ["triton", "triton_gather", "persistent"])

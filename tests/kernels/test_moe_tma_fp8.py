@@ -103,7 +103,7 @@ def _w8a8_same_quantiser(x, gu8, gus, dn8, dns, w, ids):
     return ref_moe.moe_experts_by(x, w, ids, gu8.shape[0], expert)
 
 
-@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("persistent", ["", "down", "all"])
 @pytest.mark.parametrize("T,E,H,I,k", [(1, 4, 128, 128, 1), (29, 9, 384, 256, 3), (64, 6, 256, 128, 4),
                                        (150, 5, 128, 128, 2)])
 def test_sorted_fp8(T, E, H, I, k, persistent):
@@ -115,6 +115,10 @@ def test_sorted_fp8(T, E, H, I, k, persistent):
     ids = _skewed_ids(T, k, E, gen) if E - 2 >= k else torch.randint(0, E, (T, k), generator=gen).to(DEV)
     w = torch.rand(T, k, generator=gen).to(DEV)
     y = tf8.moe_experts_sorted_fp8(x, gu8, gus, dn8, dns, w, ids, persistent=persistent)
+    if persistent:  # the shared expert's gated add in the k-sum's pass
+        sh, g = randn(T, H, gen=gen), randn(T, 1, gen=gen)
+        yg = tf8.moe_experts_sorted_fp8(x, gu8, gus, dn8, dns, w, ids, persistent=persistent, gated=(sh, g))
+        assert rel_err(yg, y + torch.sigmoid(g) * sh) < 1e-5
     # (h's fp8 rounding can land one step apart where the two fp32 sums straddle a boundary)
     assert rel_err(y, _w8a8_same_quantiser(x, gu8, gus, dn8, dns, w, ids)) < 5e-3
     want = ref.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids, act_quant=True)
@@ -142,7 +146,7 @@ def test_dispatch_off_cpu(monkeypatch):
     assert not tf8.suits(x, gu8, dn8, (128, 128), T * k)
     called = []
     monkeypatch.setattr(moe_fp8, "SORTED_FP8", True)
-    monkeypatch.setattr(tf8, "moe_experts_sorted_fp8", lambda *a: called.append(1))
+    monkeypatch.setattr(tf8, "moe_experts_sorted_fp8", lambda *a, **kw: called.append(1))
     ids = torch.randint(0, E, (T, k), generator=gen).to(DEV)
     y = moe_fp8.moe_experts_fp8(x, gu8, gus, dn8, dns, torch.rand(T, k, generator=gen).to(DEV), ids, gemv=False)
     assert not called and y.shape == (T, H)
@@ -160,7 +164,7 @@ def test_dispatch_on(monkeypatch):
     monkeypatch.setattr(tf8, "suits", lambda *a: True)
     calls = []
     real = tf8.moe_experts_sorted_fp8
-    monkeypatch.setattr(tf8, "moe_experts_sorted_fp8", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(tf8, "moe_experts_sorted_fp8", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     y = moe_fp8.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids, gemv=False)
     assert calls == [1] and torch.equal(y, real(x, gu8, gus, dn8, dns, w, ids))
     moe_fp8.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids, gemv=False, act_quant=False)
@@ -198,7 +202,7 @@ def test_sorted_fp8_gpu(experts_80b, monkeypatch):
     monkeypatch.setattr(moe_fp8, "SORTED_FP8", True)
     called = []
     real = tf8.moe_experts_sorted_fp8
-    monkeypatch.setattr(tf8, "moe_experts_sorted_fp8", lambda *a: called.append(1) or real(*a))
+    monkeypatch.setattr(tf8, "moe_experts_sorted_fp8", lambda *a, **kw: called.append(1) or real(*a, **kw))
     y2 = moe_fp8.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids)
     assert called and rel_err(y2, y) < 1e-6  # (rows may sit in other places within an expert)
 
@@ -214,5 +218,10 @@ def test_sorted_fp8_8k_gpu(experts_80b):
     w, ids = ref_moe.moe_route(torch.randn(T, E, generator=g, device=DEV), k, True)
     y = tf8.moe_experts_sorted_fp8(x, gu8, gus, dn8, dns, w, ids)
     assert rel_err(y, moe_fp8.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids, block_m=64)) < 1e-2
-    yp = tf8.moe_experts_sorted_fp8(x, gu8, gus, dn8, dns, w, ids, persistent=True)
+    sh, gl = torch.randn(T, H, generator=g, device=DEV, dtype=torch.bfloat16), torch.randn(T, 1, generator=g, device=DEV)
+    yg = tf8.moe_experts_sorted_fp8(x, gu8, gus, dn8, dns, w, ids, gated=(sh, gl.bfloat16()))
+    assert rel_err(yg, y + torch.sigmoid(gl.bfloat16()) * sh) < 1e-2
+    y = tf8.moe_experts_sorted_fp8(x, gu8, gus, dn8, dns, w, ids, persistent="")
+    assert rel_err(y, moe_fp8.moe_experts_fp8(x, gu8, gus, dn8, dns, w, ids, block_m=64)) < 1e-2
+    yp = tf8.moe_experts_sorted_fp8(x, gu8, gus, dn8, dns, w, ids, persistent="all")
     assert rel_err(yp, y) < 1e-2  # (configs may step K in 64 or 128: other roundings of h)

@@ -270,13 +270,14 @@ def _grouped(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids
 
 def moe_experts_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids,
                     block: tuple[int, int] = (128, 128), act_quant: bool | None = None, *, shared=None,
-                    block_m: int | None = None, gemv: bool | None = None) -> torch.Tensor:
+                    block_m: int | None = None, gemv: bool | None = None, gated=None) -> torch.Tensor:
     """x [T, H]; gate_up_proj [E, 2I, H] fp8 + scale [E, 2I/bn, ceil(H/bk)]; down_proj [E, H, I] fp8
     + scale [E, ceil(H/bn), ceil(I/bk)]; weights/ids [T, k] -> [T, H]. `shared` = (gate_proj
     [Is, H] fp8, scale, up_proj, scale, down_proj [H, Is] fp8, scale, shared_expert_gate [1, H] in
     x's dtype): the MoE block's gated shared expert added (kernels/fp8.py). `act_quant`: the
     grouped GEMM in w8a8 (None: ACT_QUANT; the GEMV path is always w8a16). `block_m` / `gemv` force
-    a path (tests, benchmarks)."""
+    a path (tests, benchmarks). `gated` = (sh [T, H], g [T, 1]), a shared expert computed outside:
+    + sigmoid(g) * sh (in the k-sum's pass on the expert-sorted path)."""
     T, H = x.shape
     I = down_proj.shape[-1]
     bn, bk = block
@@ -292,13 +293,15 @@ def moe_experts_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weigh
     x = x.contiguous()
     ids = ids.contiguous()
     if gemv if gemv is not None else (T * ids.shape[1] <= GEMV_MAX_ROWS and block_m is None):
-        return _gemv(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids, block, shared)
+        out = _gemv(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids, block, shared)
+        return out if gated is None else out + torch.sigmoid(gated[1]) * gated[0]
     act_quant = ACT_QUANT if act_quant is None else act_quant
     if SORTED_FP8 and act_quant and shared is None and block_m is None:
         from . import moe_tma_fp8  # (imports this module)
 
         if moe_tma_fp8.suits(x, gate_up_proj, down_proj, block, T * ids.shape[1]):
             return moe_tma_fp8.moe_experts_sorted_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale,
-                                                      weights, ids)
-    return _grouped(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids, block, shared, act_quant,
-                    block_m)
+                                                      weights, ids, gated=gated)
+    out = _grouped(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids, block, shared, act_quant,
+                   block_m)
+    return out if gated is None else out + torch.sigmoid(gated[1]) * gated[0]

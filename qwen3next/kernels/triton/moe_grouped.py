@@ -33,8 +33,13 @@ from .moe import _count_kernel
 # (5120 rows) the padded one was ahead of "triton" (0.822 vs 0.845 ms). "torch" was 3% ahead of
 # triton_gather at T = 8192 alone and behind the padded GEMM below T = 4096.
 SORTED_MIN_ROWS = 8192
-SORTED_GEMM = "triton_gather"  # or "torch", "triton", "gather_torch", "persistent", "off"; QWEN3NEXT_MOE_SORTED overrides
+# "auto": "persistent" from PERSISTENT_MIN_ROWS routed rows, "triton_gather" below (H200, session 5: one
+# layer 1.56 vs 1.69 ms at 81920 rows, even at 20480); or one of GEMMS, or "off"; QWEN3NEXT_MOE_SORTED overrides
+SORTED_GEMM = "auto"
+PERSISTENT_MIN_ROWS = 65536
 GEMMS = ("torch", "triton", "triton_gather", "gather_torch", "persistent")
+# the MoE block's gated shared expert added in the k-sum's pass (unsort_sum); QWEN3NEXT_MOE_FOLD=0: torch ops after
+FOLD_GATED = os.environ.get("QWEN3NEXT_MOE_FOLD", "1") != "0"
 
 
 def sorted_gemm(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, rows: int) -> str | None:
@@ -43,6 +48,8 @@ def sorted_gemm(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Te
     falls back to a host-synced loop, and TMA needs Hopper or later), 16-byte-aligned rows, at
     least SORTED_MIN_ROWS routed rows."""
     gemm = os.environ.get("QWEN3NEXT_MOE_SORTED", SORTED_GEMM)
+    if gemm == "auto":
+        gemm = "persistent" if rows >= PERSISTENT_MIN_ROWS else "triton_gather"
     if gemm not in GEMMS or (
             gemm in ("torch", "gather_torch") and not hasattr(torch, "_grouped_mm")):
         return None
@@ -89,9 +96,11 @@ def _silu_mul_kernel(gu_ptr, h_ptr, M, I, S, BR: tl.constexpr, BI: tl.constexpr)
 
 
 @triton.jit(do_not_specialize=["T"])
-def _unsort_sum_kernel(y_ptr, pos_ptr, w_ptr, o_ptr, T, H, YS, TOPK: tl.constexpr, BH: tl.constexpr):
+def _unsort_sum_kernel(y_ptr, pos_ptr, w_ptr, o_ptr, sh_ptr, g_ptr, T, H, YS, TOPK: tl.constexpr, BH: tl.constexpr,
+                       GATED: tl.constexpr):
     """out[t] = sum over j of y[pos[t, j]] * w[t, j] (each product in y's dtype, the sum in fp32,
-    j in order)."""
+    j in order); GATED: + sigmoid(g[t]) * sh[t] (the MoE block's shared expert), rounded as the
+    block's torch ops round (the gate, its product, then the sum, each in out's dtype)."""
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BH + tl.arange(0, BH)
     cm = c < H
@@ -102,7 +111,26 @@ def _unsort_sum_kernel(y_ptr, pos_ptr, w_ptr, o_ptr, T, H, YS, TOPK: tl.constexp
         wj = tl.load(w_ptr + t * TOPK + j).to(dt).to(tl.float32)
         yv = tl.load(y_ptr + p * YS + c, mask=cm, other=0.0).to(tl.float32)
         acc += (yv * wj).to(dt).to(tl.float32)
+    if GATED:
+        g = tl.load(g_ptr + t).to(tl.float32)
+        s = (1.0 / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        sh = tl.load(sh_ptr + t * H + c, mask=cm, other=0.0).to(tl.float32)
+        acc = acc.to(dt).to(tl.float32) + (s * sh).to(dt).to(tl.float32)
     tl.store(o_ptr + t * H + c, acc.to(dt), mask=cm)
+
+
+def unsort_sum(y: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor, T: int, gated=None) -> torch.Tensor:
+    """y [T*k, H] expert-sorted rows, pos [T*k] each assignment's row, weights [T, k] -> [T, H]: each
+    token's k rows weighted and summed in fp32; `gated` = (sh [T, H], g [T, 1]) adds sigmoid(g) * sh."""
+    H, k = y.shape[1], weights.shape[1]
+    if gated is not None and not FOLD_GATED:
+        return unsort_sum(y, pos, weights, T) + torch.sigmoid(gated[1]) * gated[0]
+    out = torch.empty(T, H, dtype=y.dtype, device=y.device)
+    sh, g = (t.contiguous() for t in gated) if gated is not None else (out, out)  # (never read without it)
+    BH = min(1024, triton.next_power_of_2(H))
+    _unsort_sum_kernel[(T, triton.cdiv(H, BH))](y, pos, weights.contiguous(), out, sh, g, T, H, y.stride(0), TOPK=k,
+                                                BH=BH, GATED=gated is not None)
+    return out
 
 
 def sort_rows(x: torch.Tensor, ids: torch.Tensor, num_experts: int, copy: bool = True):
@@ -136,9 +164,11 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def moe_experts_sorted(x, gate_up_proj, down_proj, weights, ids, *, gemm: str = "triton_gather") -> torch.Tensor:
+def moe_experts_sorted(x, gate_up_proj, down_proj, weights, ids, *, gemm: str = "triton_gather",
+                       gated=None) -> torch.Tensor:
     """x [T, H]; gate_up_proj [E, 2I, H]; down_proj [E, H, I]; weights/ids [T, k] -> [T, H].
-    gemm: one of GEMMS (the module docstring)."""
+    gemm: one of GEMMS (the module docstring); gated = (sh [T, H], g [T, 1]): + sigmoid(g) * sh,
+    added in the same pass as the k-sum (the MoE block's shared expert)."""
     T, H = x.shape
     E = gate_up_proj.shape[0]
     k = ids.shape[1]
@@ -161,7 +191,4 @@ def moe_experts_sorted(x, gate_up_proj, down_proj, weights, ids, *, gemm: str = 
             y = torch._grouped_mm(h, down_proj.transpose(1, 2), offs)
         else:
             y = moe_tma.down(h, down_proj, counts)
-    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
-    BH = min(1024, triton.next_power_of_2(H))
-    _unsort_sum_kernel[(T, triton.cdiv(H, BH))](y, pos, weights.contiguous(), out, T, H, y.stride(0), TOPK=k, BH=BH)
-    return out
+    return unsort_sum(y, pos, weights, T, gated)

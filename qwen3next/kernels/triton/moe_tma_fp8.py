@@ -9,8 +9,8 @@ w_scale[n block, k block]; its epilogue forms silu(gate) * up (rounded as the re
 quantises it per row and 128 columns for the down GEMM, which reads h and the weights through TMA
 the same way. moe_grouped's unsort-sum weights and sums each token's k rows. No shared expert: the
 MoE block keeps its three Fp8Linear calls at prefill sizes (layers/quant.py FUSED_SHARED_MAX_ROWS).
-PERSISTENT (env QWEN3NEXT_FP8_PERSISTENT=1): both GEMMs as persistent kernels walking moe_tma's
-tile table (a few programs per SM, tiles in expert order, flattened loops).
+PERSISTENT (env QWEN3NEXT_FP8_PERSISTENT: "down", "all" or "" for none): those GEMMs as persistent
+kernels walking moe_tma's tile table (a few programs per SM, tiles in expert order).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ._util import autotune, pow2
 from .moe_fp8 import FP8_MAX, _TL_DTYPE, quantize_act
 from . import moe_grouped
-from .moe_grouped import _unsort_sum_kernel, sort_rows
+from .moe_grouped import sort_rows, unsort_sum
 from . import moe_tma
 from .moe_tma import _grid, _pgrid, _rows_class, _tile
 
@@ -61,14 +61,17 @@ _DOWN_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_
 # persistent kernels: BM = moe_tma.PERSIST_BM (the tile table's); (BK, warps, stages, CTAs per SM) for gate/up
 # (BN = 128), (BN, BK, warps, stages, CTAs per SM) for down; CTAs per SM as registers (ptxas: 194-254 a
 # thread) and shared memory allow
-_UP_PCONFIGS = [triton.Config({"BM": moe_tma.PERSIST_BM, "BN": 128, "BK": bk, "CPS": cps}, num_warps=w, num_stages=st,
+_UP_PCONFIGS = [triton.Config({"BM": moe_tma.PERSIST_BM, "BN": 128, "BK": bk, "CPS": cps, "WS": ws}, num_warps=w,
+                              num_stages=st,
                               pre_hook=_set_up_blocks)
-                for bk, w, st, cps in ((128, 8, 3, 1), (64, 8, 5, 1), (128, 8, 4, 1), (128, 8, 2, 1))]
+                for bk, w, st, cps, ws in ((128, 8, 3, 1, False), (64, 8, 5, 1, False), (128, 8, 4, 1, False),
+                                           (128, 8, 2, 1, False), (128, 8, 3, 1, True), (128, 8, 4, 1, True))]
 _DOWN_PCONFIGS = [triton.Config({"BM": moe_tma.PERSIST_BM, "BN": bn, "BK": bk, "CPS": cps}, num_warps=w,
                                 num_stages=st, pre_hook=_set_down_blocks)
                   for bn, bk, w, st, cps in ((128, 128, 4, 4, 2), (128, 128, 8, 3, 1), (256, 128, 8, 3, 1),
                                              (128, 128, 8, 4, 1), (64, 128, 4, 4, 2))]
-PERSISTENT = os.environ.get("QWEN3NEXT_FP8_PERSISTENT", "0") == "1"
+# H200, session 5, one layer at 81920 rows: down 0.42 vs 0.47 ms persistent; gate/up 0.80-0.92 vs 0.78 (flattened)
+PERSISTENT = os.environ.get("QWEN3NEXT_FP8_PERSISTENT", "down")
 
 
 @autotune(_UP_CONFIGS, key=["H", "I", "RB"])
@@ -164,14 +167,14 @@ def _down_kernel(a_desc, b_desc, cnt_ptr, hs_ptr, s_ptr, y_ptr, E, H, I, RB,
 @triton.jit(do_not_specialize=["RB"])
 def _gate_up_persistent_kernel(b_desc, tile_ptr, src_ptr, x_ptr, xs_ptr, s_ptr, h_ptr, hs_ptr, H, I, RB,
                                DT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                               CPS: tl.constexpr):
+                               CPS: tl.constexpr, WS: tl.constexpr):
     """_gate_up_kernel's product, a grid of CPS programs per SM walking the tile table's (row tile,
     column tile) pairs (CPS only sizes the grid)."""
     NN = tl.cdiv(I, BN)
     SK = H // 128
     total = tl.load(tile_ptr) * NN
     kk = tl.arange(0, BK)
-    for t in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=True):
+    for t in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=not WS, warp_specialize=WS):
         pm = t // NN
         n0 = (t % NN) * BN
         e = tl.load(tile_ptr + 1 + 3 * pm)
@@ -294,10 +297,12 @@ def down(h: torch.Tensor, hs: torch.Tensor, down_proj: torch.Tensor, down_scale:
 
 
 def moe_experts_sorted_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale, weights, ids, *,
-                           persistent: bool | None = None) -> torch.Tensor:
+                           persistent: str | None = None, gated=None) -> torch.Tensor:
     """x [T, H]; gate_up_proj [E, 2I, H] fp8 + scale [E, 2I/128, H/128]; down_proj [E, H, I] fp8 +
     scale [E, H/128, I/128]; weights/ids [T, k] -> [T, H] in x's dtype: kernels/fp8.py's
-    moe_experts_fp8 with act_quant=True. `persistent`: the persistent GEMMs (default PERSISTENT)."""
+    moe_experts_fp8 with act_quant=True. `persistent`: which GEMMs run persistent ("down", "all", "";
+    default PERSISTENT);
+    `gated` = (sh [T, H], g [T, 1]): + sigmoid(g) * sh in the k-sum's pass (moe_grouped.unsort_sum)."""
     T, H = x.shape
     E, k = gate_up_proj.shape[0], ids.shape[1]
     I = down_proj.shape[-1]
@@ -305,11 +310,12 @@ def moe_experts_sorted_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale
         raise ValueError(f"sorted fp8 experts need hidden_size ({H}) and moe_intermediate_size ({I}) % 128 == 0")
     x = x.contiguous()
     _, counts, _, pos, src = sort_rows(x, ids, E, copy=False)
-    tiles = moe_tma.tile_table(counts, T * k) if (PERSISTENT if persistent is None else persistent) else None
+    persistent = PERSISTENT if persistent is None else persistent
+    if persistent not in ("", "down", "all"):
+        raise ValueError(f"persistent (QWEN3NEXT_FP8_PERSISTENT) must be '', 'down' or 'all', not {persistent!r}")
+    tiles = moe_tma.tile_table(counts, T * k) if persistent else None
     xq, xs = quantize_act(x, GROUP)  # [T, H] fp8, [T, H/128]
-    h, hs = gate_up(xq, xs, gate_up_proj.contiguous(), gate_up_scale.contiguous(), counts, src, x.dtype, tiles)
+    h, hs = gate_up(xq, xs, gate_up_proj.contiguous(), gate_up_scale.contiguous(), counts, src, x.dtype,
+                    tiles if persistent == "all" else None)
     y = down(h, hs, down_proj.contiguous(), down_scale.contiguous(), counts, x.dtype, tiles)  # [T*k, H]
-    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
-    BH = min(1024, pow2(H))
-    _unsort_sum_kernel[(T, triton.cdiv(H, BH))](y, pos, weights.contiguous(), out, T, H, y.stride(0), TOPK=k, BH=BH)
-    return out
+    return unsort_sum(y, pos, weights, T, gated)
