@@ -60,3 +60,33 @@ def test_lone_surrogate_over_http(srv, client):
     r = httpx.post(srv.url + "/v1/completions", content=b'{"model": "tiny", "prompt": "a\\udfffb"}',
                    headers={"Content-Type": "application/json"})
     _error(r, "prompt")
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_stream_cut_inside_a_tool_call_finishes_with_length(srv, client):
+    """max_tokens inside a call's arguments: the whole-text parse leaves the cut block in content
+    with finish_reason "length"; the stream had said "tool_calls" over arguments that are no JSON."""
+    pieces = ("x", "</think>", "\n\n", "<tool_call>", '\n{"name": "get_weather", "arguments": ',
+              '{"city": "Pa', 'ris"}}\n', "</tool_call>")
+    cut = len(srv.ids(*pieces[:-2]))  # the last token before the closing quote of "Paris"
+    for stream in (False, True):
+        srv.push(*pieces)
+        r = client.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER], max_tokens=cut,
+                                           stream=stream)
+        if not stream:
+            assert r.choices[0].finish_reason == "length" and not r.choices[0].message.tool_calls
+            continue
+        chunks = [c for c in r if c.choices]
+        args = "".join(t.function.arguments or "" for c in chunks for t in c.choices[0].delta.tool_calls or [])
+        assert args == '{"city": "Pa'  # streamed before the cut was known
+        assert chunks[-1].choices[0].finish_reason == "length"
+    # a call that completes still finishes with tool_calls, streamed or not
+    for stream in (False, True):
+        srv.push(*pieces)
+        r = client.chat.completions.create(model="tiny", messages=USER, tools=[WEATHER], max_tokens=60,
+                                           stream=stream)
+        reason = r.choices[0].finish_reason if not stream else [c for c in r if c.choices][-1].choices[0].finish_reason
+        assert reason == "tool_calls"

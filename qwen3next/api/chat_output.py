@@ -9,6 +9,7 @@ into vLLM's `prompt_logprobs` list.
 
 from __future__ import annotations
 
+import json
 import math
 
 from qwen3next.api.protocol import (DeltaMessage, DeltaToolCall, FunctionCall, PromptLogprob,
@@ -35,6 +36,19 @@ class ChoiceParser:
             text, self._prefix_fed = self.prefix + text, True
         reasoning, content = self._rs.feed(text) if self._rs else ("", text)
         return self._delta(reasoning, content, include_reasoning, final=False)
+
+    def stream_finish_reason(self, engine_reason: str | None) -> str | None:
+        """"tool_calls" once a call was streamed, unless the output was cut inside that call (its
+        arguments are no JSON): then "length", as the whole-text parse says (the call stays content)."""
+        if not self.called:
+            return engine_reason
+        last = self._ts.calls[-1 if self.parallel else 0]["function"]["arguments"]
+        if engine_reason == "length":
+            try:
+                json.loads(last)
+            except ValueError:
+                return "length"
+        return "tool_calls"
 
     def flush(self, include_reasoning: bool = True) -> DeltaMessage | None:
         """End of the choice: release held-back text and unsent tool-call fragments."""

@@ -260,7 +260,7 @@ async def _stream(state, req, rid, model, ids, choices, gen) -> AsyncIterator[st
             if c.done:
                 tail = c.parser.flush(req.include_reasoning)
                 delta = _merge(delta, tail)
-                reason = "tool_calls" if c.parser.called else c.finish_reason
+                reason = c.parser.stream_finish_reason(c.finish_reason)
                 yield chunk(c.index, delta or DeltaMessage(), logprobs=logprobs, finish_reason=reason,
                             stop_reason=c.stop_reason)
             elif delta is not None or logprobs is not None:
