@@ -92,7 +92,7 @@ def main() -> int:
         compile_one("dr_kkt", delta_rule_kkt._kkt_solve_kernel, dict(q_ptr=p("bf16"), k_ptr=p("bf16"), v_ptr=p("bf16"),
                     g_ptr=p("fp32"), b_ptr=p("fp32"), cu_ptr=p("i64"), B="i32", G_ptr=p("fp32"), A_ptr=p("bf16"),
                     u_ptr=p("bf16"), kd_ptr=p("bf16"), qk_ptr=p("bf16"), SQ="i32", SK="i32", SV="i32"),
-                    dict(dr, DV=128, BC=16, BK=64, BA=32, WU=wu, QK=qk), 1)
+                    dict(dr, DV=128, BC=16, BK=64, BQ=32, BA=32, WU=wu, QK=qk), 1)
     compile_one("dr_wu", delta_rule_kkt._wu_kernel, dict(k_ptr=p("bf16"), v_ptr=p("bf16"), b_ptr=p("fp32"),
                 G_ptr=p("fp32"), A_ptr=p("bf16"), cu_ptr=p("i64"), B="i32", u_ptr=p("bf16"), kd_ptr=p("bf16"),
                 SK="i32", SV="i32"), dict(dr, DV=128, BK=64, BV=64))

@@ -66,6 +66,12 @@ def test_chunked_state_pool_carried_across_calls(variant):
     assert torch.equal(pool[[2, 4]], untouched)
 
 
+def test_chunked_refuses_narrow_fused_output_tiles():
+    q, k, v, g, beta = make([70], 1, 2, 16, 64, seed=2)
+    with pytest.raises(ValueError, match="bv_state"):
+        tri.gated_delta_rule_chunked(q, k, v, g, beta, cu([70]), fuse_output=True, bv_state=16)
+
+
 def test_chunked_with_empty_sequences_in_the_batch():
     lens = [0, 70, 0, 5]
     q, k, v, g, beta = make(lens, 1, 2, 16, 16, seed=13)

@@ -202,8 +202,8 @@ def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slo
     qk = torch.empty(T, HV, BT, dtype=dt, device=dev) if fuse_output else G
     # (warps: the H200's autotune picks at 80B shapes, session 2)
     _kkt_solve_kernel[(NC, HV)](q, k, v, g, beta, cu, B, G, A, u, kd, qk, q.stride(0), k.stride(0), v.stride(0),
-                                HK=HK, HV=HV, DK=DK, DV=DV, BB=BB, BT=BT, BC=BC, BK=min(64, DK), BA=min(ba_kkt, DK, DV),
-                                PREC=prec, WU=fuse_wu, QK=fuse_output, num_warps=warps_kkt)
+                                HK=HK, HV=HV, DK=DK, DV=DV, BB=BB, BT=BT, BC=BC, BK=min(64, DK), BQ=min(32, DK),
+                                BA=min(ba_kkt, DK, DV), PREC=prec, WU=fuse_wu, QK=fuse_output, num_warps=warps_kkt)
     if not fuse_wu:
         _wu_kernel[(NC, HV)](k, v, beta, G, A, cu, B, u, kd, k.stride(0), v.stride(0), HK=HK, HV=HV, DK=DK, DV=DV,
                              BB=BB, BT=BT, BK=min(64, DK), BV=min(64, DV), PREC=prec, num_warps=4)

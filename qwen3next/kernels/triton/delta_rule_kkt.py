@@ -77,8 +77,8 @@ def _apply_t(t00, t10, t11, t20, t21, t22, t30, t31, t32, t33, x_ptr, SX, s0, s1
 @triton.jit(do_not_specialize=["B"])
 def _kkt_solve_kernel(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, cu_ptr, B, G_ptr, A_ptr, u_ptr, kd_ptr, qk_ptr, SQ, SK, SV,
                       HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BB: tl.constexpr,
-                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BA: tl.constexpr,
-                      PREC: tl.constexpr, WU: tl.constexpr, QK: tl.constexpr):
+                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BQ: tl.constexpr,
+                      BA: tl.constexpr, PREC: tl.constexpr, WU: tl.constexpr, QK: tl.constexpr):
     """Per (chunk, v-head): G, T = (I + A)^-1; then either T's rows to A_ptr (WU=False: _wu_kernel
     applies them) or U = T beta V and Kd = T (beta 2^G) K straight from the blocks in registers
     (WU=True: no T round trip); QK=True also stores the causal decayed Q K^T rows (qk_ptr
@@ -209,9 +209,9 @@ def _kkt_solve_kernel(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, cu_ptr, B, G_ptr, A_ptr
         c32 = tl.zeros([BC, BC], dtype=tl.float32)
         c33 = tl.zeros([BC, BC], dtype=tl.float32)
         qbase = q_ptr + hk * DK
-        # half-width pieces: eight operand tiles live here (registers: one warp)
-        for kk in range(0, DK, BK // 2):
-            ck = kk + tl.arange(0, BK // 2)
+        # narrower pieces (BQ): eight operand tiles live here (registers: one warp)
+        for kk in range(0, DK, BQ):
+            ck = kk + tl.arange(0, BQ)
             k0 = tl.load(kbase + r0[:, None] * SK + ck[None, :], mask=m0[:, None], other=0.0)
             k1 = tl.load(kbase + r1[:, None] * SK + ck[None, :], mask=m1[:, None], other=0.0)
             k2 = tl.load(kbase + r2[:, None] * SK + ck[None, :], mask=m2[:, None], other=0.0)
