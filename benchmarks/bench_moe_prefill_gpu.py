@@ -83,7 +83,7 @@ def check_compile() -> int:
     comp("silu_mul", g._silu_mul_kernel, dict(gu_ptr=b, h_ptr=b, M=i32, I=i32, S=i32), dict(BR=16, BI=256),
          nospec=("M",))
     for gated in (False, True):
-        comp("unsort_sum", g._unsort_sum_kernel, dict(y_ptr=b, pos_ptr=i64, w_ptr="*fp32", o_ptr=b, sh_ptr=b, g_ptr=b,
+        comp("unsort_sum", g._unsort_sum_kernel, dict(y_ptr=b, pos_ptr=i64, w_ptr="*fp32", o_ptr=b, sh_ptr=b, s_ptr=b,
                                                       T=i32, H=i32, YS=i32), dict(TOPK=K, BH=1024, GATED=gated),
              nospec=("T",))
     comp("tiles", t._tiles_kernel, dict(cnt_ptr=i64, tile_ptr="*i32", E=i32, NT=i32), dict(BM=64, BE=512, BLK=32),

@@ -96,11 +96,11 @@ def _silu_mul_kernel(gu_ptr, h_ptr, M, I, S, BR: tl.constexpr, BI: tl.constexpr)
 
 
 @triton.jit(do_not_specialize=["T"])
-def _unsort_sum_kernel(y_ptr, pos_ptr, w_ptr, o_ptr, sh_ptr, g_ptr, T, H, YS, TOPK: tl.constexpr, BH: tl.constexpr,
+def _unsort_sum_kernel(y_ptr, pos_ptr, w_ptr, o_ptr, sh_ptr, s_ptr, T, H, YS, TOPK: tl.constexpr, BH: tl.constexpr,
                        GATED: tl.constexpr):
     """out[t] = sum over j of y[pos[t, j]] * w[t, j] (each product in y's dtype, the sum in fp32,
-    j in order); GATED: + sigmoid(g[t]) * sh[t] (the MoE block's shared expert), rounded as the
-    block's torch ops round (the gate, its product, then the sum, each in out's dtype)."""
+    j in order); GATED: + s[t] * sh[t] (s = sigmoid(the shared expert's gate logit), the MoE block's
+    shared expert), rounded as the block's torch ops round (the product, then the sum, in out's dtype)."""
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BH + tl.arange(0, BH)
     cm = c < H
@@ -112,8 +112,7 @@ def _unsort_sum_kernel(y_ptr, pos_ptr, w_ptr, o_ptr, sh_ptr, g_ptr, T, H, YS, TO
         yv = tl.load(y_ptr + p * YS + c, mask=cm, other=0.0).to(tl.float32)
         acc += (yv * wj).to(dt).to(tl.float32)
     if GATED:
-        g = tl.load(g_ptr + t).to(tl.float32)
-        s = (1.0 / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        s = tl.load(s_ptr + t).to(tl.float32)
         sh = tl.load(sh_ptr + t * H + c, mask=cm, other=0.0).to(tl.float32)
         acc = acc.to(dt).to(tl.float32) + (s * sh).to(dt).to(tl.float32)
     tl.store(o_ptr + t * H + c, acc.to(dt), mask=cm)
@@ -126,9 +125,10 @@ def unsort_sum(y: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor, T: int
     if gated is not None and not FOLD_GATED:
         return unsort_sum(y, pos, weights, T) + torch.sigmoid(gated[1]) * gated[0]
     out = torch.empty(T, H, dtype=y.dtype, device=y.device)
-    sh, g = (t.contiguous() for t in gated) if gated is not None else (out, out)  # (never read without it)
+    # the gate by torch's own sigmoid ([T, 1], one small launch): the block's output bit for bit
+    sh, sg = (gated[0].contiguous(), torch.sigmoid(gated[1]).contiguous()) if gated is not None else (out, out)
     BH = min(1024, triton.next_power_of_2(H))
-    _unsort_sum_kernel[(T, triton.cdiv(H, BH))](y, pos, weights.contiguous(), out, sh, g, T, H, y.stride(0), TOPK=k,
+    _unsort_sum_kernel[(T, triton.cdiv(H, BH))](y, pos, weights.contiguous(), out, sh, sg, T, H, y.stride(0), TOPK=k,
                                                 BH=BH, GATED=gated is not None)
     return out
 
