@@ -3,13 +3,17 @@ against the expert-sorted path (triton/moe_grouped.py) with torch._grouped_mm or
 kernels as its GEMMs, at the 80B's expert shapes (512 experts top-10, hidden 2048, intermediate
 512), bf16, uniform random routing.
 
-    python benchmarks/bench_moe_prefill_gpu.py --out moe_prefill.json [--tokens 8192,2048,512] [--model]
+    python benchmarks/bench_moe_prefill_gpu.py --out moe_prefill.json [--tokens 8192,2048] [--paths ...]
+        [--fp8] [--model] [--pin]
     PYTHONPATH=.:/tmp/tri36 python benchmarks/bench_moe_prefill_gpu.py --check-compile   # no GPU needed
 
-Per token count: each path's whole experts call (ms, TFLOP/s over the routed FLOPs), its GEMMs one
-by one, relative error against the old path (and the torch reference at the smallest size);
-ceilings: a 8192^3 matmul, and a bmm of equal-sized groups (the grouped GEMMs' best case).
-`--model` times the 8-layer model's 8K prefill (benchmarks/gpu_model.py's slice) with each path.
+Per token count: each path's whole experts call (ms, TFLOP/s over the routed FLOPs; --fp8: also
+moe_tma_fp8 with persistent GEMMs off / down / all), the GEMMs one by one (one-tile-per-program vs
+persistent, torch's down, unsort-sum with and without the gated add), errors against triton_gather
+(and the torch reference at the smallest size), every persistent config alone at the largest size; a
+probe of equal groups (64- vs 128-row tiles). `--model` times the 8-layer model's 8K prefill
+(benchmarks/gpu_model.py's slice) under the session-4 dispatch, each change alone and the default,
+wall and CUDA-graph replay, interleaved rounds (with --fp8 the same model quantised in place after).
 Medians of triton.testing.do_bench; the expert weights (3.2 GB) are far past L2.
 """
 
@@ -397,8 +401,7 @@ def main() -> int:
     ap.add_argument("--out", default="moe_prefill.json")
     ap.add_argument("--tokens", default="8192,4096,2048,1024", help="'' : no experts section")
     ap.add_argument("--model", action="store_true", help="also the 8-layer model's 8K prefill per path")
-    ap.add_argument("--paths", default=",".join(PATHS), help="which of " + ",".join(PATHS) + " (the first is the "
-                    "model section's baseline, 'old' is never run there)")
+    ap.add_argument("--paths", default=",".join(PATHS), help="the experts section's paths, of " + ",".join(PATHS))
     ap.add_argument("--fp8", action="store_true", help="also moe_tma_fp8's sorted experts, persistent off / on")
     ap.add_argument("--pin", action="store_true", help="the kernels tune among earlier H200 winners only (_PIN)")
     ap.add_argument("--check-compile", action="store_true")
