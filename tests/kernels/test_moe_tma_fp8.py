@@ -125,6 +125,15 @@ def test_sorted_fp8(T, E, H, I, k, persistent):
     assert rel_err(y, want) < (0.2 if DEV == "cpu" else 1e-2)  # (the interpreter's fp8 rounding: above)
 
 
+def test_rejects_bad_persistent():
+    gen = seeded(0)
+    x = randn(3, 128, gen=gen)
+    gu8, gus, dn8, dns = _experts(gen, 2, 128, 128)
+    with pytest.raises(ValueError, match="persistent"):
+        tf8.moe_experts_sorted_fp8(x, gu8, gus, dn8, dns, torch.ones(3, 1, device=DEV),
+                                   torch.zeros(3, 1, dtype=torch.long, device=DEV), persistent="yes")
+
+
 def test_rejects_unaligned():
     gen = seeded(0)
     x = randn(3, 192, gen=gen)

@@ -72,6 +72,8 @@ _DOWN_PCONFIGS = [triton.Config({"BM": moe_tma.PERSIST_BM, "BN": bn, "BK": bk, "
                                              (128, 128, 8, 4, 1), (64, 128, 4, 4, 2))]
 # H200, session 5, one layer at 81920 rows: down 0.42 vs 0.47 ms persistent; gate/up 0.80-0.92 vs 0.78 (flattened)
 PERSISTENT = os.environ.get("QWEN3NEXT_FP8_PERSISTENT", "down")
+if PERSISTENT not in ("", "down", "all"):  # (other values count as the default, as every env switch's do)
+    PERSISTENT = "down"
 
 
 @autotune(_UP_CONFIGS, key=["H", "I", "RB"])
@@ -312,7 +314,7 @@ def moe_experts_sorted_fp8(x, gate_up_proj, gate_up_scale, down_proj, down_scale
     _, counts, _, pos, src = sort_rows(x, ids, E, copy=False)
     persistent = PERSISTENT if persistent is None else persistent
     if persistent not in ("", "down", "all"):
-        raise ValueError(f"persistent (QWEN3NEXT_FP8_PERSISTENT) must be '', 'down' or 'all', not {persistent!r}")
+        raise ValueError(f"persistent must be '', 'down' or 'all', not {persistent!r}")
     tiles = moe_tma.tile_table(counts, T * k) if persistent else None
     xq, xs = quantize_act(x, GROUP)  # [T, H] fp8, [T, H/128]
     h, hs = gate_up(xq, xs, gate_up_proj.contiguous(), gate_up_scale.contiguous(), counts, src, x.dtype,
