@@ -3,7 +3,7 @@ random bf16 weights), once in bf16 and once quantised to block-FP8 at load (laye
 to_fp8_, what `quantization="fp8"` does with a bf16 checkpoint), on one GPU, in the same run.
 
     python benchmarks/gpu_fp8.py --out gpu_fp8.json [--commit SHA] [--sizes 1,16,64] [--no-prefill]
-                                 [--no-accuracy] [--no-prev] [--w8a16] [--prefill-only]
+                                 [--no-accuracy] [--no-prev] [--w8a16] [--prefill-only] [--quick]
     PYTHONPATH=.:/tmp/tri36 python benchmarks/gpu_fp8.py --check-compile   # no GPU: sm_90 compiles
 
 Sections in this order (each writes its results into the JSON as it finishes; a failing one
@@ -389,6 +389,8 @@ def main() -> None:
     ap.add_argument("--w8a16", action="store_true", help="also the w8a16-experts variant")
     ap.add_argument("--no-w8a16", action="store_true", help="(the default; gpu_run.sh passes it)")
     ap.add_argument("--prefill-only", action="store_true", help="memory and the prefill A/B alone")
+    ap.add_argument("--quick", action="store_true",
+                    help="decode and the default prefill dispatch only (no A/B, experts, accuracy, fp8_prev)")
     ap.add_argument("--check-compile", action="store_true", help="no GPU: compile moe_tma_fp8 for sm_90")
     a = ap.parse_args()
     if a.check_compile:
@@ -410,6 +412,8 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
         memory(name, models[name], before)
+    if a.quick:
+        a.no_accuracy = a.no_prev = True
     if a.prefill_only:
         a.no_accuracy = a.no_prev = True
         a.w8a16 = False
@@ -420,8 +424,9 @@ def main() -> None:
     torch.cuda.empty_cache()
     if not a.no_prefill:
         prefill("bf16", models["bf16"])
-        prefill("fp8", models["fp8"], prefill_variants())
-        experts(models)
+        prefill("fp8", models["fp8"], None if a.quick else prefill_variants())
+        if not a.quick:
+            experts(models)
     if not a.no_accuracy:
         models["deq"] = dequantised_copy(models["fp8"])
         accuracy(models)
