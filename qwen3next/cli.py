@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop the newlines around </think> in reasoning/content (not vLLM-exact)")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds open requests get to finish on SIGINT/SIGTERM")
-    s.add_argument("--log-level", default="info")
+    s.add_argument("--log-level", default="info", type=str.lower,
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
     s.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                    help="run the engine in a process of its own, the API in this one (default: on "
                         "when serving on CPU, off on GPUs)")
@@ -132,6 +133,10 @@ def resolve_model(ns) -> None:
 
 
 def cmd_serve(ns) -> int:
+    if ns.max_waiting < 0:
+        raise ValueError(f"--max-waiting must be >= 0, got {ns.max_waiting}")
+    if ns.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {ns.shutdown_timeout}")
     resolve_model(ns)
     if ns.served_model_name is None and ns.model == DEMO_MODEL:
         ns.served_model_name = ["qwen3next-demo"]  # not the install path

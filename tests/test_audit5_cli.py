@@ -109,3 +109,45 @@ def test_chat_ctrl_c_stops_the_reply_not_the_session(tiny_ckpt, monkeypatch, cap
     assert "[interrupted]" in out and out.count("one two three four five six seven eight") == 1
     st = engines[0].stats  # the stopped reply was aborted: nothing left in the cache
     assert st["kv_blocks_used"] == 0 and st["state_slots_used"] == 0 and not engines[0].requests
+
+
+def test_serve_stops_the_engine_when_uvicorn_cannot_start(tiny_ckpt, monkeypatch, capsys):
+    """A failure between loading and serving (here uvicorn's config) used to leave the engine
+    process running: the error printed, then `qwen3next serve` hung on its child."""
+    import uvicorn
+
+    import qwen3next.api.server as server
+
+    real_build, stopped = server.build_state, []
+
+    def build_state(ns):
+        state = real_build(ns)
+        real_stop = state.engine.shutdown
+        state.engine.shutdown = lambda: (stopped.append(True), real_stop())
+        return state
+
+    def bad_config(*a, **k):
+        raise ValueError("bad uvicorn config")
+
+    monkeypatch.setattr(server, "build_state", build_state)
+    monkeypatch.setattr(uvicorn, "Config", bad_config)
+    assert main(["serve", "--model", tiny_ckpt, "--port", "0", "--no-engine-process"]) == 1
+    assert "bad uvicorn config" in _one_line_error(capsys) and stopped
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--max-waiting", "-1"], "--max-waiting must be >= 0"),
+    (["--shutdown-timeout", "-5"], "--shutdown-timeout must be >= 0"),
+])
+def test_serve_negative_limits_are_one_line(no_model_load, capsys, args, needle):
+    assert main(["serve", "--port", "0", *args]) == 1
+    assert needle in _one_line_error(capsys)
+
+
+def test_serve_log_level_is_checked_by_argparse(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--log-level", "bogus"])
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+    from qwen3next.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--log-level", "WARNING"]).log_level == "warning"

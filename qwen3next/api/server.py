@@ -319,9 +319,9 @@ def run_server(ns) -> None:
             super().handle_exit(sig, frame)
 
     log.info("serving %s on http://%s:%d/v1", ", ".join(state.served_names), ns.host, ns.port)
-    config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level,
-                            timeout_graceful_shutdown=ns.shutdown_timeout + 5)
-    try:
+    try:  # from here on the engine (its own process on CPU) runs: every way out must stop it
+        config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level,
+                                timeout_graceful_shutdown=ns.shutdown_timeout + 5)
         Server(config).run(sockets=[sock])
     finally:
         sock.close()
