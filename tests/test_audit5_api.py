@@ -96,3 +96,24 @@ def test_long_prompts_tokenize_without_holding_the_gil(tiny_ckpt):
     for ids, took, worst in asyncio.run(run()):
         assert ids == expect
         assert worst < max(0.5 * took, 0.05), (took, worst)
+
+
+@pytest.mark.parametrize("model,body,param", [
+    (CompletionRequest, {"prompt": ["a", 5]}, "prompt[1]"),  # was "prompt: should be a valid string"
+    (CompletionRequest, {"prompt": [[1, "x"]]}, "prompt[0][1]"),
+    (ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}], "stop": 5}, "stop"),
+    (ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}], "tool_choice": "sometimes"},
+     "tool_choice"),
+])
+def test_union_errors_name_the_deepest_field(model, body, param):
+    assert _bad(json.dumps(body).encode(), model).param == param
+
+
+def test_text_part_without_a_string_names_its_text():
+    from qwen3next.api.validate import template_messages
+
+    req = parse_body(b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}',
+                     ChatCompletionRequest)
+    with pytest.raises(APIError) as e:  # was: "content part 'text' is not supported"
+        template_messages(req)
+    assert e.value.param == "messages[0].content[0].text" and "must be a string" in e.value.message

@@ -47,7 +47,10 @@ def parse_body(raw: bytes, model: type[R]) -> R:
     try:
         return model.model_validate(body)
     except ValidationError as e:
-        err = e.errors()[0]
+        # a union (prompt: str | list[str] | ...) reports one error per member: name the deepest,
+        # e.g. "prompt[1]" rather than "prompt: should be a valid string" for ["a", 5]
+        errors = e.errors()
+        err = max(errors, key=lambda x: len(x["loc"]))  # (max keeps the first of equals)
         param = _param_of(err["loc"])
         raise bad_request(f"{param}: {err['msg']}" if param else err["msg"], param) from None
 
@@ -206,6 +209,8 @@ def _flatten(content: Any, where: str) -> str:
             texts.append(part)
         elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
+        elif isinstance(part, dict) and part.get("type") == "text":
+            raise bad_request(f"{where}[{j}].text must be a string", f"{where}[{j}].text")
         else:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             raise bad_request(f"{where}[{j}]: content part {kind!r} is not supported "
