@@ -8,6 +8,7 @@ raw prompt, `chat` is an interactive chat that shows the model's thinking apart 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -56,6 +57,16 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "auto (default): FP8 checkpoints stay FP8 on one GPU, are dequantised on CPU")
 
 
+def _json_list(text: str) -> list[str]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, e.g. '[\"*\"]', got {text!r}")
+    return value
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float)
@@ -72,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
+    for flag in ("--allowed-origins", "--allowed-methods", "--allowed-headers"):
+        s.add_argument(flag, type=_json_list, default=["*"], help="CORS, a JSON list (vLLM's flag; default [\"*\"])")
+    s.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials (vLLM's flag)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or $QWEN3NEXT_API_KEY)")
     s.add_argument("--served-model-name", nargs="+", help="names clients may ask for (default: --model)")
     s.add_argument("--reasoning-parser", choices=["qwen3", "deepseek_r1", "none"],

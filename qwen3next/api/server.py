@@ -18,6 +18,7 @@ import os
 import socket
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -47,6 +48,8 @@ def build_app(state: ServerState) -> FastAPI:
     app.state.server = state
 
     app.add_middleware(AuthAndCount, state=state)
+    # outermost: a browser's preflight (OPTIONS, no Authorization header) is answered before auth
+    app.add_middleware(CORSMiddleware, **state.cors)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -240,7 +243,9 @@ def build_state(ns, engine=None, model_dir: str | None = None) -> ServerState:
         api_key=ns.api_key or os.environ.get("QWEN3NEXT_API_KEY") or os.environ.get("VLLM_API_KEY") or None,
         exclude_tools_when_none=ns.exclude_tools_when_tool_choice_none,
         strip_reasoning_newlines=ns.strip_reasoning_newlines,
-        trust_request_chat_template=ns.trust_request_chat_template, eos_ids=frozenset(info["eos_token_ids"]),
+        trust_request_chat_template=ns.trust_request_chat_template,
+        cors={"allow_origins": ns.allowed_origins, "allow_methods": ns.allowed_methods,
+              "allow_headers": ns.allowed_headers, "allow_credentials": ns.allow_credentials}, eos_ids=frozenset(info["eos_token_ids"]),
         cache_tokens=info["cache_tokens"])
 
 

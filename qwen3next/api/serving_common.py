@@ -34,6 +34,9 @@ class ServerState:
     strip_reasoning_newlines: bool = False
     # a request's own chat_template is Jinja the server runs (one with nested loops blocks it): opt-in
     trust_request_chat_template: bool = False
+    # CORS (vLLM's defaults: any origin, method and header, no credentials), for browser clients
+    cors: dict = field(default_factory=lambda: {"allow_origins": ["*"], "allow_methods": ["*"],
+                                                "allow_headers": ["*"], "allow_credentials": False})
     eos_ids: frozenset = frozenset()
     cache_tokens: int | None = None  # tokens one sequence may hold in the KV cache (None: no limit)
 
