@@ -151,3 +151,11 @@ def test_serve_log_level_is_checked_by_argparse(capsys):
     from qwen3next.cli import build_parser
 
     assert build_parser().parse_args(["serve", "--log-level", "WARNING"]).log_level == "warning"
+
+
+def test_serve_bad_chat_template_names_the_flag_before_loading(no_model_load, tmp_path, capsys):
+    bad = tmp_path / "t.jinja"
+    bad.write_text("{% if x %}\nabc")
+    for source in ("{% for %}", str(bad)):
+        assert main(["serve", "--port", "0", "--chat-template", source]) == 1
+        assert _one_line_error(capsys).startswith("error: --chat-template: not a valid Jinja template")

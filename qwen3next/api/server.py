@@ -187,14 +187,24 @@ CPU_SERVING_BATCHED_TOKENS = 2048
 def load_chat_template(source: str | None) -> str | None:
     """--chat-template: a file's text, or the argument itself when it is template text (vLLM's rule:
     a value with none of '{', '}', newline that is no file is a missing file, not a template)."""
-    if not source or os.path.isfile(source):
-        if source:
-            with open(source, encoding="utf-8") as f:
-                return f.read()
+    if not source:
         return None
-    if not any(c in source for c in "{}\n"):
+    if os.path.isfile(source):
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+    elif not any(c in source for c in "{}\n"):
         raise ValueError(f"--chat-template {source!r} looks like a file path, but there is no such file")
-    return source
+    else:
+        text = source
+    import jinja2
+
+    from qwen3next.chat_template import compile_template
+
+    try:  # a syntax error now, naming the flag, rather than from the first render
+        compile_template(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template: not a valid Jinja template: {e} (line {e.lineno})") from None
+    return text
 
 
 def build_state(ns, engine=None, model_dir: str | None = None) -> ServerState:
