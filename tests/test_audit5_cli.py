@@ -153,7 +153,15 @@ def test_serve_log_level_is_checked_by_argparse(capsys):
     assert build_parser().parse_args(["serve", "--log-level", "WARNING"]).log_level == "warning"
 
 
-def test_serve_bad_chat_template_names_the_flag_before_loading(no_model_load, tmp_path, capsys):
+def test_serve_bad_chat_template_names_the_flag_before_loading(tmp_path, capsys, monkeypatch):
+    import qwen3next.api.engine_client as engine_client
+    import qwen3next.api.engine_setup as engine_setup
+
+    def loaded(*a, **k):
+        raise AssertionError("the model was loaded before the template was checked")
+
+    monkeypatch.setattr(engine_client, "ProcessEngine", loaded)
+    monkeypatch.setattr(engine_setup, "build_engine", loaded)
     bad = tmp_path / "t.jinja"
     bad.write_text("{% if x %}\nabc")
     for source in ("{% for %}", str(bad)):
