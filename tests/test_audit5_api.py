@@ -117,3 +117,23 @@ def test_text_part_without_a_string_names_its_text():
     with pytest.raises(APIError) as e:  # was: "content part 'text' is not supported"
         template_messages(req)
     assert e.value.param == "messages[0].content[0].text" and "must be a string" in e.value.message
+
+
+@pytest.mark.parametrize("model,field,default", [
+    (ChatCompletionRequest, "n", 1), (ChatCompletionRequest, "stream", False),
+    (ChatCompletionRequest, "logprobs", False), (ChatCompletionRequest, "add_generation_prompt", True),
+    (ChatCompletionRequest, "skip_special_tokens", True), (CompletionRequest, "echo", False),
+    (CompletionRequest, "n", 1),
+])
+def test_null_means_not_given(model, field, default):
+    """OpenAI types these "X or null"; a client sending null got 400 "should be a valid integer"."""
+    body = {"messages": [{"role": "user", "content": "x"}]} if model is ChatCompletionRequest else {"prompt": "x"}
+    req = parse_body(json.dumps({**body, field: None}).encode(), model)
+    assert getattr(req, field) == default
+
+
+def test_null_stays_null_where_it_means_something():
+    # vLLM: completions max_tokens null = the rest of the context (16 only when absent)
+    assert parse_body(b'{"prompt": "x", "max_tokens": null}', CompletionRequest).max_tokens is None
+    assert parse_body(b'{"prompt": "x"}', CompletionRequest).max_tokens == 16
+    assert _bad(b'{"messages": null}').param == "messages"  # required: still an error

@@ -7,12 +7,16 @@ several fields live in `validate.py`. Responses are built from these models and 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+import types
+import typing
 import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr,
+                      model_validator)
 
 
 def _number(v: Any) -> Any:
@@ -29,6 +33,27 @@ Number = Annotated[float, BeforeValidator(_number)]
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_not_given(cls, data: Any) -> Any:
+        # OpenAI's schema types n, stream, logprobs, echo, ... as "X or null" and clients send null
+        # for "not given": a null where the field takes no None means its default
+        if isinstance(data, dict):
+            defaulted = _defaults_on_null(cls)
+            if any(data.get(k, 0) is None for k in defaulted):
+                data = {k: v for k, v in data.items() if not (v is None and k in defaulted)}
+        return data
+
+
+@functools.lru_cache(maxsize=None)
+def _defaults_on_null(cls: type[BaseModel]) -> frozenset[str]:
+    """Fields with a default that do not take None (null in a request means that default)."""
+    def takes_none(annotation) -> bool:
+        return annotation is type(None) or (typing.get_origin(annotation) in (Union, types.UnionType)
+                                            and type(None) in typing.get_args(annotation))
+    return frozenset(name for name, f in cls.model_fields.items()
+                     if not f.is_required() and not takes_none(f.annotation))
 
 
 # ---- request pieces ----
