@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 from qwen3next.kernels import moe as ref
 
@@ -69,6 +70,36 @@ def test_gated_add(gemm):
     # the block's torch ops' rounding: bitwise equal to the sum without it plus them
     assert torch.equal(y, gmm.moe_experts_sorted(x, gate_up, down, w, ids, gemm=gemm) + torch.sigmoid(g) * sh)
     assert rel_err(ops.moe_experts(x, gate_up, down, w, ids, gated=(sh, g)), want) < 1e-5
+
+
+_PTX_OF_GATED_SUM = """
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import triton
+from qwen3next.kernels.triton import moe_grouped as gmm
+sig = dict(y_ptr="*bf16", pos_ptr="*i64", w_ptr="*fp32", o_ptr="*bf16", sh_ptr="*bf16", s_ptr="*bf16", T="i32",
+           H="i32", YS="i32")
+src = ASTSource(gmm._unsort_sum_kernel, sig, dict(TOPK=10, BH=1024, GATED=True))
+print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, **gmm.UNSORT_OPTIONS}).asm["ptx"])
+"""
+
+
+def test_gated_add_compiles_without_bf16_fma():
+    """On sm_90 Triton narrows the gated add to bf16 arithmetic; with FMA contraction it became one
+    fma.rn.bf16 (one rounding, torch's ops round twice), which failed the H200's bit-equality tests.
+    Compiles the k-sum kernel as unsort_sum launches it (no GPU needed; in a child process, since
+    the interpreter patches triton.language here) and reads the PTX."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _PTX_OF_GATED_SUM], capture_output=True, text=True, env=env,
+                         timeout=120)
+    if run.returncode:
+        pytest.skip(f"cannot compile for sm_90 here: {run.stderr.strip().splitlines()[-1][:100]}")
+    assert "mul.rn.bf16" in run.stdout and "add.rn.bf16" in run.stdout  # the product and the add, each rounded
+    assert "fma.rn.bf16" not in run.stdout
 
 
 def test_dispatch_cpu_unchanged(monkeypatch):

@@ -118,6 +118,11 @@ def _unsort_sum_kernel(y_ptr, pos_ptr, w_ptr, o_ptr, sh_ptr, s_ptr, T, H, YS, TO
     tl.store(o_ptr + t * H + c, acc.to(dt), mask=cm)
 
 
+# no FMA contraction: Triton narrows the gated add to bf16 ops and would fuse its multiply and add
+# into one fma.rn.bf16 (one rounding where torch's ops round twice: last-bit differences on the H200)
+UNSORT_OPTIONS = {"enable_fp_fusion": False}
+
+
 def unsort_sum(y: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor, T: int, gated=None) -> torch.Tensor:
     """y [T*k, H] expert-sorted rows, pos [T*k] each assignment's row, weights [T, k] -> [T, H]: each
     token's k rows weighted and summed in fp32; `gated` = (sh [T, H], g [T, 1]) adds sigmoid(g) * sh."""
@@ -128,10 +133,8 @@ def unsort_sum(y: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor, T: int
     # the gate by torch's own sigmoid ([T, 1], one small launch): the block's output bit for bit
     sh, sg = (gated[0].contiguous(), torch.sigmoid(gated[1]).contiguous()) if gated is not None else (out, out)
     BH = min(1024, triton.next_power_of_2(H))
-    # no FMA contraction: Triton narrows the gated add to bf16 ops and would fuse its multiply and add
-    # into one fma.rn.bf16 (one rounding where torch's ops round twice: last-bit differences on the H200)
     _unsort_sum_kernel[(T, triton.cdiv(H, BH))](y, pos, weights.contiguous(), out, sh, sg, T, H, y.stride(0), TOPK=k,
-                                                BH=BH, GATED=gated is not None, enable_fp_fusion=False)
+                                                BH=BH, GATED=gated is not None, **UNSORT_OPTIONS)
     return out
 
 
