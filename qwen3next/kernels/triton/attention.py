@@ -299,7 +299,9 @@ def _prefill_fresh(q, k, v, cu_seqlens, scale, fresh_lens):
         o = dense_causal_cudnn(q, k, v, len(fresh_lens), scale)
         if o is not None:
             return o
-    if PREFILL_FRESH and _rows_2d(k) and _rows_2d(v):
+    # TMA descriptors: Hopper and later (the interpreter runs them anywhere)
+    tma = not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] >= 9
+    if PREFILL_FRESH and tma and _rows_2d(k) and _rows_2d(v):
         return prefill_fresh(q, k, v, cu_seqlens, scale)
     return None
 
