@@ -90,3 +90,21 @@ def test_stream_cut_inside_a_tool_call_finishes_with_length(srv, client):
                                            stream=stream)
         reason = r.choices[0].finish_reason if not stream else [c for c in r if c.choices][-1].choices[0].finish_reason
         assert reason == "tool_calls"
+
+
+def test_truncate_prompt_tokens_follows_vllm(srv, client):
+    """-1 means max_model_len (was a 400); a value above max_model_len is a 400 (was accepted)."""
+    long_prompt = "hello " * (srv.state.max_model_len + 50)
+    r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": long_prompt, "max_tokens": 1,
+                                                      "truncate_prompt_tokens": -1})
+    # the whole context is the prompt: no room left to generate, vLLM's context error
+    assert "maximum context length" in _error(r, "prompt")
+    r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": long_prompt, "max_tokens": 1,
+                                                      "truncate_prompt_tokens": 8})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 8
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "tiny", "messages": USER, "max_tokens": 1,
+                                                           "truncate_prompt_tokens": srv.state.max_model_len + 1})
+    assert "greater than max_model_len" in _error(r, "truncate_prompt_tokens")
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "tiny", "messages": USER, "max_tokens": 1,
+                                                           "truncate_prompt_tokens": 0})
+    _error(r, "truncate_prompt_tokens")

@@ -27,7 +27,7 @@ from qwen3next.api.protocol import (ChatChoice, ChatCompletionChunk, ChatComplet
                                     CompletionTokensDetails, DeltaMessage, PromptTokensDetails, Usage,
                                     now, random_id)
 from qwen3next.api.serving_common import (SSE_DONE, ServerState, check_model, max_new_tokens,
-                                          sampling_params, sse, until_disconnect)
+                                          sampling_params, sse, truncation, until_disconnect)
 from qwen3next.api.structured import forced_call, structured_outputs
 from qwen3next.engine.structured_output import available as grammar_available
 from qwen3next.api.text_stream import TextStream
@@ -125,8 +125,9 @@ def build_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[list[i
         if not isinstance(choice, str) and not grammar_available():
             call += choice.function.name + '", "arguments": '
     ids = tok.encode(text if thinking else text + call)
-    if req.truncate_prompt_tokens is not None:
-        ids = ids[-req.truncate_prompt_tokens:]
+    keep = truncation(state, req.truncate_prompt_tokens)
+    if keep is not None:
+        ids = ids[-keep:]
     tools_on = state.tool_parser is not None and choice != "none" and bool(req.tools)
     # Thinking: the call is prefilled after the model's own </think> (forced_tools); else right away
     return ids, ("\n\n" + call if thinking else call) if call else "", thinking, reasoning, tools_on

@@ -50,6 +50,19 @@ def check_model(state: ServerState, name: str | None) -> str:
     return name
 
 
+def truncation(state: ServerState, requested: int | None) -> int | None:
+    """vLLM's truncate_prompt_tokens: -1 (any negative) = max_model_len; above it is a 400."""
+    if requested is None:
+        return None
+    if requested < 0:
+        return state.max_model_len
+    if requested > state.max_model_len:
+        raise bad_request(f"truncate_prompt_tokens value ({requested}) is greater than max_model_len "
+                          f"({state.max_model_len}). Please, select a smaller truncation size.",
+                          "truncate_prompt_tokens")
+    return requested
+
+
 def max_new_tokens(state: ServerState, prompt_len: int, requested: int | None, param: str,
                    prompt_param: str) -> int:
     """Output budget within the context; over-long prompts or budgets -> 400 (openai_api.md §6)."""

@@ -20,7 +20,7 @@ from qwen3next.api.errors import APIError
 from qwen3next.api.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
                                     CompletionResponse, PromptTokensDetails, Usage, random_id)
 from qwen3next.api.serving_common import (SSE_DONE, ServerState, check_model, max_new_tokens,
-                                          sampling_params, sse, until_disconnect)
+                                          sampling_params, sse, truncation, until_disconnect)
 from qwen3next.api.structured import structured_outputs
 from qwen3next.api.text_stream import TextStream
 from qwen3next.api.validate import check_completion, prompt_list
@@ -127,11 +127,12 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw_requ
     structured = structured_outputs(req)  # (raw prompts: constrained from the first token)
     jobs = []
     prompts = prompt_list(req)
+    keep = truncation(state, req.truncate_prompt_tokens)
     # off the event loop (a 20 MB prompt tokenizes for seconds; other clients would wait)
     encoded = await asyncio.to_thread(lambda: [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts])
     for p, (prompt, ids) in enumerate(zip(prompts, encoded)):
-        if req.truncate_prompt_tokens is not None:
-            ids = ids[-req.truncate_prompt_tokens:]
+        if keep is not None:
+            ids = ids[-keep:]
         # echo with max_tokens 0: vLLM runs one token and returns the prompt alone
         budget = 1 if req.echo and req.max_tokens == 0 else req.max_tokens
         max_tokens = max_new_tokens(state, len(ids), budget, "max_tokens", "prompt")

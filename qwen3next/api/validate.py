@@ -126,7 +126,9 @@ def check_sampling(req: SamplingFields, vocab_size: int) -> None:
     _check_range(req.repetition_penalty, "repetition_penalty", 0.0, 10.0, lo_open=True)
     _check_range(req.min_tokens, "min_tokens", 0)
     _check_range(req.seed, "seed", -(2**63), 2**63 - 1)  # int64, as vLLM
-    _check_range(req.truncate_prompt_tokens, "truncate_prompt_tokens", 1)
+    if req.truncate_prompt_tokens is not None and req.truncate_prompt_tokens == 0:
+        raise bad_request("truncate_prompt_tokens must be -1 (max_model_len) or >= 1, got 0",
+                          "truncate_prompt_tokens")
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
