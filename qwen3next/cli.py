@@ -16,6 +16,8 @@ import sys
 import threading
 import uuid
 
+from .env_switches import check_all
+
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model")
 
 
@@ -300,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_all()  # a mistyped QWEN3NEXT_* switch: one line now, not a silent default later
         return int(ns.func(ns) or 0)
     except KeyboardInterrupt:
         return 130

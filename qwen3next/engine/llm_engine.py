@@ -26,15 +26,16 @@ import os
 
 import torch
 
+from qwen3next.engine import prompt_logprobs
 from qwen3next.engine.args import EngineArgs
 from qwen3next.engine.cache import CacheManager, plan_cache
-from qwen3next.engine import prompt_logprobs
 from qwen3next.engine.model_runner import ModelRunner
 from qwen3next.engine.sampler import Sampler
 from qwen3next.engine.scheduler import Scheduler
 from qwen3next.engine.sequence import Request, Sequence, Status
 from qwen3next.engine.spec_decode import SpecDecoder
 from qwen3next.engine.structured_output import StructuredOutputs
+from qwen3next.env_switches import switch
 from qwen3next.outputs import CompletionOutput, RequestOutput
 from qwen3next.sampling_params import SamplingParams
 
@@ -113,7 +114,7 @@ class LLMEngine:
             self.spec = SpecDecoder(model, self.cache, sampler, self.device, args.speculative_config,
                                     self.cache.scratch_base, args.max_num_seqs)
             # on by default (engine path GPU-tested: test_spec_decode -k verify_cuda); =0 switches off
-            if graphs and os.environ.get("QWEN3NEXT_VERIFY_GRAPHS", "1") != "0":
+            if graphs and switch("QWEN3NEXT_VERIFY_GRAPHS") == "1":
                 self._capture_verify_graphs()
         elif graphs:
             self._capture_cuda_graphs()

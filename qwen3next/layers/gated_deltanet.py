@@ -12,7 +12,6 @@ read/written at `batch.state_slots` in `cache.conv[i]` / `cache.recurrent[i]`.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 
 import torch
@@ -22,11 +21,11 @@ from ..config import ModelConfig
 from ..distributed.comm import all_reduce
 from ..distributed.parallel_state import tp_size
 from ..distributed.sharding import Shard, cols, even_range, rows
+from ..env_switches import switch
 from ..forward_batch import ForwardBatch
 from ..kernels import ops
 from .fused import DerivedWeight
 from .norm import GatedRMSNorm
-
 
 # Cached batches up to this many tokens hand the conv kernels the grouped projection + column map
 # (read in place: heads of 128 columns); longer ones copy q / k / v into one [T, conv_dim] buffer
@@ -34,7 +33,7 @@ from .norm import GatedRMSNorm
 # on the H200 and the varlen conv reads the map as fast as a contiguous input (174 vs 169 us), the
 # 8-layer slice's graph replay 29.41 -> 28.70 ms. Not with QWEN3NEXT_GDN_FUSED=0 (kernels/triton/
 # gdn_prep.py's kill switch: that path copies).
-GROUPED_MAX_T = 0 if os.environ.get("QWEN3NEXT_GDN_FUSED", "1") == "0" else sys.maxsize
+GROUPED_MAX_T = 0 if switch("QWEN3NEXT_GDN_FUSED") == "0" else sys.maxsize
 
 
 def _regroup_rows(Hk: int, dk: int, rdv: int, r: int, w_qkvz: torch.Tensor, w_ba: torch.Tensor) -> torch.Tensor:

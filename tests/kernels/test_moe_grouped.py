@@ -104,14 +104,17 @@ def test_gated_add_compiles_without_bf16_fma():
 
 def test_dispatch_cpu_unchanged(monkeypatch):
     """CPU tensors never take the sorted path (the engine keeps its C++ / torch MoE there), whatever
-    the switch says; an unknown switch value means the old path."""
+    the switch says; an unknown switch value is refused."""
     gen = seeded(3)
     x = randn(2048, 16, gen=gen)
     gate_up, down = randn(4, 16, 16, gen=gen), randn(4, 16, 8, gen=gen)
     monkeypatch.setenv("QWEN3NEXT_MOE_SORTED", "torch")
     assert gmm.sorted_gemm(x, gate_up, down, 10**6) is None
-    monkeypatch.setenv("QWEN3NEXT_MOE_SORTED", "bogus")
+    monkeypatch.setenv("QWEN3NEXT_MOE_SORTED", "off")
     assert gmm.sorted_gemm(x, gate_up, down, 10**6) is None
+    monkeypatch.setenv("QWEN3NEXT_MOE_SORTED", "bogus")
+    with pytest.raises(ValueError, match="QWEN3NEXT_MOE_SORTED='bogus'"):
+        gmm.sorted_gemm(x, gate_up, down, 10**6)
 
 
 @pytest.mark.gpu

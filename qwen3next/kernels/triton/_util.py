@@ -7,12 +7,14 @@ import os
 import triton
 import triton.language as tl
 
+from ...env_switches import switch
+
 
 def autotune(configs: list, key: list[str], **kw):
     """triton.autotune, but with only the first config under the interpreter (CPU tests), where
     timing configs would only cost minutes, and with QWEN3NEXT_AUTOTUNE=0 (GPU correctness runs:
     one compile per shape instead of one per config)."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("QWEN3NEXT_AUTOTUNE") == "0":
+    if os.environ.get("TRITON_INTERPRET") == "1" or switch("QWEN3NEXT_AUTOTUNE") == "0":
         configs = configs[:1]
     return triton.autotune(configs=configs, key=key, **kw)
 

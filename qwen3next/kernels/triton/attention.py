@@ -14,20 +14,19 @@ reads k / v as TMA tiles (heads fastest in the grid, longest query tiles first).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ...env_switches import switch
 from ._util import autotune, chunk_of, pow2, size_class
 
 # prefills without a cached prefix (the caller hands the new k / v and the host lengths): equal
 # lengths through cuDNN's attention (QWEN3NEXT_ATTN_CUDNN=0: off), others through prefill_fresh's
 # TMA kernel (QWEN3NEXT_ATTN_FRESH=0: off); both fall back to the paged kernel
-DENSE_CUDNN = os.environ.get("QWEN3NEXT_ATTN_CUDNN", "1") == "1"
-PREFILL_FRESH = os.environ.get("QWEN3NEXT_ATTN_FRESH", "1") == "1"
+DENSE_CUDNN = switch("QWEN3NEXT_ATTN_CUDNN") == "1"
+PREFILL_FRESH = switch("QWEN3NEXT_ATTN_FRESH") == "1"
 
 
 @triton.jit

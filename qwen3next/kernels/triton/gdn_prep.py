@@ -13,16 +13,14 @@ only writes the gates.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ...env_switches import switch
 from ._util import pow2
 from .conv1d import NORM_BC, causal_conv1d_varlen
 from .delta_rule import gated_delta_rule_chunked
-
 
 # q / k norms in the conv epilogue (else in the prep kernel): the DeltaNet layer's 8K prefill 1.69 ->
 # 1.65 ms on the H200; the 8-layer slice 32.48 -> 32.18 and 32.72 -> 32.79 ms in two runs (session 4)
@@ -31,7 +29,7 @@ FUSE_QK_NORM = True
 # of the slice 34.76 -> 32.48 ms); QWEN3NEXT_GDN_FUSED=0 is the kill switch: gdn_cached then runs
 # kernels/gdn.py's composition of the single kernels (session 2's path: torch glue for the norms
 # and gates, the recurrent kernel for verify)
-FUSED = os.environ.get("QWEN3NEXT_GDN_FUSED", "1") != "0"
+FUSED = switch("QWEN3NEXT_GDN_FUSED") == "1"
 
 
 @triton.jit(do_not_specialize=["T", "SM", "SA", "SB"])

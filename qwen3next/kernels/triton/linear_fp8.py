@@ -21,20 +21,20 @@ throughout). By the number of rows M:
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ...env_switches import switch
 from ._util import autotune, size_class
-from .linear_fp8_a8 import fp8_linear_a8, supports as a8_supports
+from .linear_fp8_a8 import fp8_linear_a8
+from .linear_fp8_a8 import supports as a8_supports
 from .moe_fp8_gemv import _dot_rows8
 
 GEMV_M = 4  # rows up to this take the GEMV (0: off)
 SKINNY_M = 64  # then up to this the swapped skinny GEMM (0: off)
 SMALL_M = 128  # then up to this the weight-only GEMM
-DENSE_A8 = os.environ.get("QWEN3NEXT_FP8_DENSE_A8", "0") == "1"  # M > SMALL_M: w8a8 (read per call)
+DENSE_A8 = switch("QWEN3NEXT_FP8_DENSE_A8") == "1"  # M > SMALL_M: w8a8 (read per call)
 _PROGRAMS = 264  # K is split until about this many programs (2 per SM of an H100 / H200)
 # (BM, BN, BK, warps, stages); the first is the interpreter's. BK divides the 128-wide scale block.
 _CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)

@@ -23,12 +23,11 @@ multiple of the row block (gate and up rows never share a scale block).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ...env_switches import switch
 from ._util import autotune, pow2, size_class
 from .moe import GEMV_MAX_ROWS, _sum_k_kernel, _sum_shared_kernel, align_blocks
 from .moe_fp8_gemv import _gemv_down_kernel, _gemv_gate_up_kernel
@@ -39,7 +38,7 @@ ACT_QUANT = True  # the grouped GEMM's default: w8a8 (False: w8a16); benchmarks 
 # GEMMs (sm90, >= moe_tma_fp8.MIN_ROWS rows; passed its H200 tests in session 4, 8K prefill of the
 # 80B slice 28.7 ms vs bf16 31.1); env QWEN3NEXT_FP8_SORTED=0 turns it off at import, benchmarks
 # flip the attribute
-SORTED_FP8 = os.environ.get("QWEN3NEXT_FP8_SORTED", "1") != "0"
+SORTED_FP8 = switch("QWEN3NEXT_FP8_SORTED") == "1"
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 # (BN, BK, warps, stages); the first is the interpreter's. BK divides 128.
 _GEMM_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)

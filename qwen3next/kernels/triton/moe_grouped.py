@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...env_switches import switch
 from . import moe_tma
 from .moe import _count_kernel
 
@@ -39,7 +40,7 @@ SORTED_GEMM = "auto"
 PERSISTENT_MIN_ROWS = 65536
 GEMMS = ("torch", "triton", "triton_gather", "gather_torch", "persistent")
 # the MoE block's gated shared expert added in the k-sum's pass (unsort_sum); QWEN3NEXT_MOE_FOLD=0: torch ops after
-FOLD_GATED = os.environ.get("QWEN3NEXT_MOE_FOLD", "1") != "0"
+FOLD_GATED = switch("QWEN3NEXT_MOE_FOLD") == "1"
 
 
 def sorted_gemm(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, rows: int) -> str | None:
@@ -47,7 +48,7 @@ def sorted_gemm(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Te
     bf16 CUDA tensors on sm90 (the only chips it was measured on; elsewhere torch's grouped_mm
     falls back to a host-synced loop, and TMA needs Hopper or later), 16-byte-aligned rows, at
     least SORTED_MIN_ROWS routed rows."""
-    gemm = os.environ.get("QWEN3NEXT_MOE_SORTED", SORTED_GEMM)
+    gemm = switch("QWEN3NEXT_MOE_SORTED") if "QWEN3NEXT_MOE_SORTED" in os.environ else SORTED_GEMM
     if gemm == "auto":
         gemm = "persistent" if rows >= PERSISTENT_MIN_ROWS else "triton_gather"
     if gemm not in GEMMS or (

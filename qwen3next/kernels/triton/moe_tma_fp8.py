@@ -15,18 +15,16 @@ kernels walking moe_tma's tile table (a few programs per SM, tiles in expert ord
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._util import autotune, pow2
-from .moe_fp8 import FP8_MAX, _TL_DTYPE, quantize_act
-from . import moe_grouped
-from .moe_grouped import sort_rows, unsort_sum
+from ...env_switches import switch
 from . import moe_tma
+from ._util import autotune, pow2
+from .moe_fp8 import _TL_DTYPE, FP8_MAX, quantize_act
+from .moe_grouped import sort_rows, unsort_sum
 from .moe_tma import _grid, _pgrid, _rows_class, _tile
 
 GROUP = 128  # activation groups and weight scale blocks (the kernels step K in these)
@@ -71,9 +69,7 @@ _DOWN_PCONFIGS = [triton.Config({"BM": moe_tma.PERSIST_BM, "BN": bn, "BK": bk, "
                   for bn, bk, w, st, cps in ((128, 128, 4, 4, 2), (128, 128, 8, 3, 1), (256, 128, 8, 3, 1),
                                              (128, 128, 8, 4, 1), (64, 128, 4, 4, 2))]
 # H200, session 5, one layer at 81920 rows: down 0.42 vs 0.47 ms persistent; gate/up 0.80-0.92 vs 0.78 (flattened)
-PERSISTENT = os.environ.get("QWEN3NEXT_FP8_PERSISTENT", "down")
-if PERSISTENT not in ("", "down", "all"):  # (other values count as the default, as every env switch's do)
-    PERSISTENT = "down"
+PERSISTENT = switch("QWEN3NEXT_FP8_PERSISTENT")
 
 
 @autotune(_UP_CONFIGS, key=["H", "I", "RB"])
