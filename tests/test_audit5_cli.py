@@ -167,3 +167,16 @@ def test_serve_bad_chat_template_names_the_flag_before_loading(tmp_path, capsys,
     for source in ("{% for %}", str(bad)):
         assert main(["serve", "--port", "0", "--chat-template", source]) == 1
         assert _one_line_error(capsys).startswith("error: --chat-template: not a valid Jinja template")
+
+
+def test_serve_model_without_tokenizer_names_the_real_error(tiny_ckpt, tmp_path, capsys):
+    """The engine process starts before the tokenizer loads; its shutdown on that failure raised
+    "cannot join thread before it is started", which hid the missing tokenizer."""
+    import os
+    import shutil
+
+    for name in os.listdir(tiny_ckpt):
+        if not name.startswith("tokenizer") and name not in ("vocab.json", "merges.txt"):
+            shutil.copy(os.path.join(tiny_ckpt, name), tmp_path / name)
+    assert main(["serve", "--model", str(tmp_path), "--port", "0", "--engine-process"]) == 1
+    assert "no tokenizer.json" in _one_line_error(capsys)

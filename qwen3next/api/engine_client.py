@@ -85,7 +85,8 @@ class ProcessEngine(AsyncEngine):
                     self._conn.recv()
             except (EOFError, OSError):
                 break
-        self._thread.join(1.0)
+        if self._thread.ident is not None:  # started (a failed build_state never starts it)
+            self._thread.join(1.0)
         self._stop_child(1.0)
         self._conn.close()
 
