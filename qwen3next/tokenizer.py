@@ -127,12 +127,18 @@ class Tokenizer:
             raise ValueError(f"tokenizer path {path!r} is not a directory")
         tok_file = os.path.join(path, "tokenizer.json")
         vocab_file, merges_file = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
-        if os.path.isfile(tok_file):
-            tok = HFTokenizer.from_file(tok_file)
-        elif os.path.isfile(vocab_file) and os.path.isfile(merges_file):
-            tok = set_qwen3_pipeline(HFTokenizer(models.BPE.from_file(vocab_file, merges_file)))
-        else:
-            raise ValueError(f"{path}: no tokenizer.json (or vocab.json + merges.txt)")
+        try:  # tokenizers' own errors ("key must be a string at line 1 column 2") name no file
+            if os.path.isfile(tok_file):
+                tok = HFTokenizer.from_file(tok_file)
+            elif os.path.isfile(vocab_file) and os.path.isfile(merges_file):
+                tok = set_qwen3_pipeline(HFTokenizer(models.BPE.from_file(vocab_file, merges_file)))
+            else:
+                raise ValueError(f"{path}: no tokenizer.json (or vocab.json + merges.txt)")
+        except Exception as e:
+            if isinstance(e, ValueError) and str(e).startswith(path):
+                raise
+            where = tok_file if os.path.isfile(tok_file) else f"{vocab_file} / {merges_file}"
+            raise ValueError(f"{where}: cannot be read as a tokenizer ({e})") from None
         config = _read_json(os.path.join(path, "tokenizer_config.json"))
         template = None
         jinja_file = os.path.join(path, "chat_template.jinja")

@@ -137,3 +137,20 @@ def test_null_stays_null_where_it_means_something():
     assert parse_body(b'{"prompt": "x", "max_tokens": null}', CompletionRequest).max_tokens is None
     assert parse_body(b'{"prompt": "x"}', CompletionRequest).max_tokens == 16
     assert _bad(b'{"messages": null}').param == "messages"  # required: still an error
+
+
+def test_broken_tokenizer_json_names_the_file(tiny_ckpt, tmp_path):
+    import os
+    import shutil
+
+    from qwen3next.tokenizer import get_tokenizer
+
+    for name in os.listdir(tiny_ckpt):
+        shutil.copy(os.path.join(tiny_ckpt, name), tmp_path / name)
+    (tmp_path / "tokenizer.json").write_text("{bad")
+    with pytest.raises(ValueError) as e:  # was tokenizers' bare "key must be a string at line 1 column 2"
+        get_tokenizer(str(tmp_path))
+    assert str(tmp_path / "tokenizer.json") in str(e.value)
+    os.remove(tmp_path / "tokenizer.json")
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        get_tokenizer(str(tmp_path))
