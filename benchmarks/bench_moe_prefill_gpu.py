@@ -29,7 +29,7 @@ import torch
 import triton
 
 E, H, I, K = 512, 2048, 512, 10
-PATHS = ("old", "torch", "triton", "triton_gather", "gather_torch", "persistent")
+PATHS = ("old", "torch", "triton", "triton_gather", "gather_torch", "persistent", "persistent_mixed")
 DEV = "cuda"
 
 
@@ -71,9 +71,11 @@ def check_compile() -> int:
             k = triton.compile(ASTSource(fn, sig, const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                                options={"num_warps": warps, "num_stages": stages})
             ptx = k.asm.get("ptx", "")
-            ok = k.metadata.shared <= 232448 and ("wgmma" in ptx or not report)
+            rep = regs(ptx) if report else ""
+            ok = (k.metadata.shared <= 232448 and ("wgmma" in ptx or not report)
+                  and not re.search(r"[1-9]\d* bytes spill stores", rep))
             print("ok  " if ok else "BAD ", name, const, warps, stages, f"smem {k.metadata.shared} wgmma {'wgmma' in ptx}",
-                  regs(ptx) if report else "", flush=True)
+                  rep, flush=True)
             if not ok:
                 fails.append(f"{name} {const}")
         except Exception as e:
@@ -109,6 +111,11 @@ def check_compile() -> int:
             sig.update({"H": i32, "I": i32, "RB": i32} if persist else {"E": i32, "H": i32, "I": i32, "RB": i32})
             const = dict(**({} if persist else {"BE": 512}), **c.kwargs, **({} if gather is None else {"GATHER": gather}))
             comp(name, fn, sig, const, c.num_warps, c.num_stages, nospec=("RB",), report=persist)
+    for c in t._gate_up_mixed_kernel.configs:  # two tile heights in one kernel: both branches' registers count
+        kw = c.kwargs
+        sig = dict(b_desc=desc(kw["BN"], kw["BK"]), tile_ptr="*i32", h_ptr=b, x_ptr=b, src_ptr=i64, H=i32, I=i32, RB=i32)
+        comp("mixed_gate_up", t._gate_up_mixed_kernel, sig, dict(**kw), c.num_warps, c.num_stages, nospec=("RB",),
+             report=True)
     f8t, f32 = "*fp8e4nv", "*fp32"
     for c in f8._gate_up_persistent_kernel.configs:
         kw = c.kwargs
@@ -180,7 +187,8 @@ def pin(res: dict) -> None:
 
 def balanced_probe(res: dict, gate_up, t) -> None:
     """Gate/up (x gathered) over equal groups of 128 and 160 rows per expert, 64- against 128-row tiles:
-    whether re-reading an expert's weights once per 64-row tile (L2 -> SM traffic) is what costs."""
+    whether re-reading an expert's weights once per 64-row tile (L2 -> SM traffic) is what costs; then
+    the persistent kernel (64-row tiles) and the mixed one (128 + 64)."""
     from triton import Config
 
     from qwen3next.kernels.triton import moe_grouped as g
@@ -207,6 +215,9 @@ def balanced_probe(res: dict, gate_up, t) -> None:
         kern.configs, kern.cache = configs, cache
         ms = bench(lambda: t.gate_up(x, gate_up, cnt, src, tiles))
         out["persistent"] = {"ms": round(ms, 4), "tflops": round(fl / ms / 1e9, 1)}
+        mtiles = t.tile_table(cnt, T * k, t.MIXED_BM)
+        ms = bench(lambda: t.gate_up(x, gate_up, cnt, src, mtiles, mixed=True))
+        out["persistent_mixed"] = {"ms": round(ms, 4), "tflops": round(fl / ms / 1e9, 1)}
     print("balanced", res, flush=True)
 
 
@@ -265,6 +276,7 @@ def experts_section(tokens: list[int], res: dict, paths: tuple, fp8: bool) -> No
             _, cnt, offs, pos, src = g.sort_rows(x, ids, E, copy=False)
             r["sort_rows_nocopy_ms"] = round(bench(lambda: g.sort_rows(x, ids, E, copy=False)), 4)
             tiles = t.tile_table(cnt, M)
+            mtiles = t.tile_table(cnt, M, t.MIXED_BM)
             r["tile_table_ms"] = round(bench(lambda: t.tile_table(cnt, M)), 4)
             h = t.gate_up(x, gate_up, cnt, src)
             y = t.down(h, down, cnt)
@@ -276,12 +288,14 @@ def experts_section(tokens: list[int], res: dict, paths: tuple, fp8: bool) -> No
                                                          g.unsort_sum(y, pos, w, T) + torch.sigmoid(gated[1]) * gated[0]))
             for name, fn, fl in (("gather_gate_up", lambda: t.gate_up(x, gate_up, cnt, src), fl_up),
                                  ("persist_gather_gate_up", lambda: t.gate_up(x, gate_up, cnt, src, tiles), fl_up),
+                                 ("mixed_gate_up", lambda: t.gate_up(x, gate_up, cnt, src, mtiles, mixed=True), fl_up),
                                  ("triton_down", lambda: t.down(h, down, cnt), fl_down),
                                  ("persist_down", lambda: t.down(h, down, cnt, tiles), fl_down),
                                  ("torch_down", lambda: torch._grouped_mm(h, down.transpose(1, 2), offs), fl_down)):
                 ms = bench(fn)
                 r[name] = {"ms": round(ms, 4), "tflops": round(fl / ms / 1e9, 1)}
             r["persist_gate_up_bitwise"] = bool(torch.equal(t.gate_up(x, gate_up, cnt, src, tiles), h))
+            r["mixed_gate_up_bitwise"] = bool(torch.equal(t.gate_up(x, gate_up, cnt, src, mtiles, mixed=True), h))
             r["persist_down_bitwise"] = bool(torch.equal(t.down(h, down, cnt, tiles), y))
             if fp8:
                 xq, xsc = quantize_act(x, 128)
@@ -296,11 +310,13 @@ def experts_section(tokens: list[int], res: dict, paths: tuple, fp8: bool) -> No
             r["tuned"] = {n: {str(k): str(v) for k, v in f.cache.items()}
                           for n, f in (("gate_up", t._gate_up_kernel), ("down", t._down_kernel),
                                        ("persist_gate_up", t._gate_up_persistent_kernel),
+                                       ("mixed_gate_up", t._gate_up_mixed_kernel),
                                        ("persist_down", t._down_persistent_kernel),
                                        ("fp8_persist_gate_up", tf8._gate_up_persistent_kernel),
                                        ("fp8_persist_down", tf8._down_persistent_kernel))}
             if T == max(tokens):  # every persistent config alone (what the autotuner chose from)
                 sw = [(t._gate_up_persistent_kernel, lambda: t.gate_up(x, gate_up, cnt, src, tiles)),
+                      (t._gate_up_mixed_kernel, lambda: t.gate_up(x, gate_up, cnt, src, mtiles, mixed=True)),
                       (t._down_persistent_kernel, lambda: t.down(h, down, cnt, tiles))]
                 if fp8:
                     sw += [(tf8._gate_up_persistent_kernel, lambda: tf8.gate_up(xq, xsc, gu8, gus, cnt, src, x.dtype,
@@ -404,6 +420,8 @@ def main() -> int:
     ap.add_argument("--paths", default=",".join(PATHS), help="the experts section's paths, of " + ",".join(PATHS))
     ap.add_argument("--fp8", action="store_true", help="also moe_tma_fp8's sorted experts, persistent off / on")
     ap.add_argument("--pin", action="store_true", help="the kernels tune among earlier H200 winners only (_PIN)")
+    ap.add_argument("--model-variants", default="", help="--model's bf16 variants, the baseline first (default: "
+                    "session4,fold,persistent,default,persistent_mixed)")
     ap.add_argument("--check-compile", action="store_true")
     a = ap.parse_args()
 
@@ -433,7 +451,9 @@ def main() -> int:
         variants = {"session4": {"QWEN3NEXT_MOE_SORTED": "triton_gather", **fold0},  # the first: the baseline
                     "fold": {"QWEN3NEXT_MOE_SORTED": "triton_gather"}, "persistent": {"QWEN3NEXT_MOE_SORTED": "auto",
                                                                                        **fold0},
-                    "default": {}}
+                    "default": {}, "persistent_mixed": {"QWEN3NEXT_MOE_SORTED": "persistent_mixed"}}
+        if a.model_variants:  # the first named is the baseline the logits are compared with
+            variants = {v: variants[v] for v in a.model_variants.split(",")}
         fp8_variants = {"session4": {(tf8, "PERSISTENT"): "", **fold0}, "fold": {(tf8, "PERSISTENT"): ""},
                         "persistent_down": {(tf8, "PERSISTENT"): "down", **fold0},
                         "persistent_all": {(tf8, "PERSISTENT"): "all"}, "default": {}} if a.fp8 else {}

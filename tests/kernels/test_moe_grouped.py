@@ -37,7 +37,7 @@ def test_sort_rows():
     assert torch.equal(xs[pos], x.repeat_interleave(k, 0)) and torch.equal(x[src], xs)
 
 
-@pytest.mark.parametrize("gemm", ["torch", "triton", "triton_gather", "gather_torch", "persistent"])
+@pytest.mark.parametrize("gemm", ["torch", "triton", "triton_gather", "gather_torch", "persistent", "persistent_mixed"])
 @pytest.mark.parametrize("T,E,H,I,k", [(1, 4, 16, 8, 1), (29, 11, 40, 24, 3), (64, 8, 32, 16, 4)])
 def test_sorted_experts(T, E, H, I, k, gemm):
     if gemm in ("torch", "gather_torch") and not hasattr(torch, "_grouped_mm"):
@@ -51,7 +51,7 @@ def test_sorted_experts(T, E, H, I, k, gemm):
     assert rel_err(y, ref.moe_experts(x, gate_up, down, w, ids)) < 1e-5
 
 
-@pytest.mark.parametrize("gemm", ["triton_gather", "persistent"])
+@pytest.mark.parametrize("gemm", ["triton_gather", "persistent", "persistent_mixed"])
 def test_gated_add(gemm):
     """gated = (sh, g): + sigmoid(g) * sh in the k-sum's pass, as the MoE block's torch ops add it;
     ops.moe_experts on CPU adds it with those ops."""
@@ -119,7 +119,8 @@ def test_dispatch_cpu_unchanged(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,gemm", [(512, "torch"), (512, "triton"), (512, "triton_gather"), (2048, "torch"),
-                                    (1024, "persistent"), (1024, "gather_torch")])  # (each Triton class tunes)
+                                    (1024, "persistent"), (1024, "gather_torch"),
+                                    (4096, "persistent_mixed")])  # (~80 rows an expert: both tile heights)  # (each Triton class tunes)
 def test_sorted_bf16_gpu(T, gemm, monkeypatch):
     gen = seeded(T)
     E, H, I, k = 512, 2048, 512, 10
@@ -164,7 +165,7 @@ def test_auto_dispatch_gpu(monkeypatch):
 _bf = {"dtype": torch.bfloat16, "device": DEV}
 
 
-@pytest.mark.parametrize("gemm", ["triton", "triton_gather", "persistent"])
+@pytest.mark.parametrize("gemm", ["triton", "triton_gather", "persistent", "persistent_mixed"])
 def test_triton_small_tiles(monkeypatch, gemm):
     """moe_tma's kernels with tiles smaller than every dimension: several row tiles per expert,
     K loops with a partial last tile (zero-filled by the descriptors), partial column tiles whose
@@ -183,6 +184,12 @@ def test_triton_small_tiles(monkeypatch, gemm):
     for kern in (moe_tma._gate_up_persistent_kernel, moe_tma._down_persistent_kernel):
         monkeypatch.setattr(kern, "configs", pcfg)
         monkeypatch.setattr(kern, "cache", {})
+    # the mixed gate/up: 32-row tiles, 16-row last tiles
+    monkeypatch.setattr(moe_tma, "MIXED_BM", 32)
+    mcfg = [triton.Config({"BM": 32, "BN": 16, "BK": 16, "CPS": 2, "WS": False}, num_warps=4,
+                          pre_hook=moe_tma._set_b_block)]
+    monkeypatch.setattr(moe_tma._gate_up_mixed_kernel, "configs", mcfg)
+    monkeypatch.setattr(moe_tma._gate_up_mixed_kernel, "cache", {})
     gen = seeded(5)
     T, E, H, I, k = 37, 7, 40, 24, 3
     x = randn(T, H, gen=gen)
@@ -191,3 +198,40 @@ def test_triton_small_tiles(monkeypatch, gemm):
     w = torch.rand(T, k, generator=gen).to(DEV)
     y = gmm.moe_experts_sorted(x, gate_up, down, w, ids, gemm=gemm)
     assert rel_err(y, ref.moe_experts(x, gate_up, down, w, ids)) < 1e-5
+
+
+# rows per expert around the mixed gate/up's tile heights (128 and 64): none, one, either side of 64
+# and 128, and 200 (a 128-row tile and a 72-row one, which is too many for the 64-row shape)
+_MIXED_COUNTS = [0, 1, 63, 64, 65, 127, 128, 129, 200]
+
+
+def test_mixed_tiles_at_the_edges():
+    """persistent_mixed at its real tile heights with experts of exactly _MIXED_COUNTS rows (top-1
+    routing, shuffled tokens): its table (128-row tiles, each expert's last one where the kernel
+    picks the 64-row shape iff at most 64 rows are left) and the experts' output against the
+    reference; the mixed gate/up refuses to run without its table."""
+    from qwen3next.kernels.triton import moe_tma
+
+    gen = seeded(11)
+    E, H, I = len(_MIXED_COUNTS), 40, 24
+    ids = torch.repeat_interleave(torch.arange(E), torch.tensor(_MIXED_COUNTS))
+    ids = ids[torch.randperm(ids.numel(), generator=gen)][:, None].to(DEV)  # [T, 1]
+    T = ids.shape[0]
+    counts = torch.tensor(_MIXED_COUNTS, device=DEV)
+    tiles = moe_tma.tile_table(counts, T, moe_tma.MIXED_BM).cpu()
+    got = tiles[1:1 + 3 * int(tiles[0])].view(-1, 3).tolist()
+    want, start = [], 0
+    for e, c in enumerate(_MIXED_COUNTS):
+        want += [[e, start + r, start + c] for r in range(0, c, 128)]
+        start += c
+    assert got == want
+    # rows each tile holds (the kernel takes the 64-row shape where <= 64): 129 = 128 + 1, 200 = 128 + 72
+    assert [min(rend - row0, 128) for _, row0, rend in got] == [1, 63, 64, 65, 127, 128, 128, 1, 128, 72]
+    x = randn(T, H, gen=gen)
+    gate_up, down = randn(E, 2 * I, H, gen=gen, scale=0.2), randn(E, H, I, gen=gen, scale=0.2)
+    w = torch.rand(T, 1, generator=gen).to(DEV)
+    y = gmm.moe_experts_sorted(x, gate_up, down, w, ids, gemm="persistent_mixed")
+    assert rel_err(y, ref.moe_experts(x, gate_up, down, w, ids)) < 1e-5
+    _, cnt, _, _, src = gmm.sort_rows(x, ids, E, copy=False)
+    with pytest.raises(ValueError, match="mixed=True"):
+        moe_tma.gate_up(x, gate_up, cnt, src, mixed=True)

@@ -13,7 +13,9 @@ back, scaled by their routing weights and summed in fp32. Rounding follows kerne
 * "gather_torch": triton_gather's gate/up, torch's down (each the faster one in its GEMM on the
   H200 at 8K tokens; the pair not yet timed together);
 * "persistent": triton_gather's GEMMs as moe_tma's persistent kernels (a grid of a few programs
-  per SM walking a table of tiles in expert order).
+  per SM walking a table of tiles in expert order);
+* "persistent_mixed" (opt-in, not yet timed on a GPU): persistent, but gate/up walks a table of
+  128-row tiles, an expert's last tile 64 rows high when at most 64 rows are left (moe_tma.MIXED_BM).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ SORTED_MIN_ROWS = 8192
 # layer 1.56 vs 1.69 ms at 81920 rows, even at 20480); or one of GEMMS, or "off"; QWEN3NEXT_MOE_SORTED overrides
 SORTED_GEMM = "auto"
 PERSISTENT_MIN_ROWS = 65536
-GEMMS = ("torch", "triton", "triton_gather", "gather_torch", "persistent")
+GEMMS = ("torch", "triton", "triton_gather", "gather_torch", "persistent", "persistent_mixed")
 # the MoE block's gated shared expert added in the k-sum's pass (unsort_sum); QWEN3NEXT_MOE_FOLD=0: torch ops after
 FOLD_GATED = switch("QWEN3NEXT_MOE_FOLD") == "1"
 
@@ -179,11 +181,15 @@ def moe_experts_sorted(x, gate_up_proj, down_proj, weights, ids, *, gemm: str = 
     E = gate_up_proj.shape[0]
     k = ids.shape[1]
     x = x.contiguous()
-    gather = gemm in ("triton_gather", "gather_torch", "persistent")
+    gather = gemm in ("triton_gather", "gather_torch", "persistent", "persistent_mixed")
     xs, counts, offs, pos, src = sort_rows(x, ids, E, copy=not gather)
-    if gemm == "persistent":
+    if gemm.startswith("persistent"):
         tiles = moe_tma.tile_table(counts, T * k)
-        h = moe_tma.gate_up(x, gate_up_proj, counts, src, tiles)  # [T*k, I]
+        if gemm == "persistent_mixed":
+            h = moe_tma.gate_up(x, gate_up_proj, counts, src, moe_tma.tile_table(counts, T * k, moe_tma.MIXED_BM),
+                                mixed=True)
+        else:
+            h = moe_tma.gate_up(x, gate_up_proj, counts, src, tiles)  # [T*k, I]
         y = moe_tma.down(h, down_proj, counts, tiles)  # [T*k, H]
     else:
         if gather:

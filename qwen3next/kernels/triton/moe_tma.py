@@ -5,7 +5,8 @@ A program takes BM sorted rows of one expert (found in the kernel from the per-e
 tile table, no host sync) and BN output columns; the A rows and the weight tiles come in through
 TMA boxes (rows past the expert's end belong to the next expert or are zero-filled: computed,
 never stored). Gate/up holds two accumulators and writes h = silu(gate) * up directly (no [M, 2I]
-intermediate); down writes the expert-sorted y that moe_grouped's unsort-sum reads.
+intermediate); down writes the expert-sorted y that moe_grouped's unsort-sum reads. The persistent
+forms walk a table of tiles instead (tile_table); the mixed gate/up's table holds tiles of two heights.
 """
 
 from __future__ import annotations
@@ -55,6 +56,32 @@ def _tile(cnt_ptr, pm, E, BM: tl.constexpr, BE: tl.constexpr):
     return e, row0, rend
 
 
+@triton.jit
+def _gate_up_tile(a_desc, b_desc, h_ptr, x_ptr, src_ptr, e, row0, rend, n0, H, I, BM: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr, GATHER: tl.constexpr):
+    """One [BM, BN] tile of h: sorted rows row0.. (stored below rend) of expert e, columns n0.."""
+    acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+    acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+    wrow = e * 2 * I + n0
+    r = (row0 + tl.arange(0, BM)).to(tl.int64)
+    if GATHER:
+        tok = tl.load(src_ptr + r, mask=r < rend, other=0)
+    kk = tl.arange(0, BK)
+    for k0 in range(0, H, BK):
+        if GATHER:
+            a = tl.load(x_ptr + tok[:, None] * H + (k0 + kk)[None, :], mask=((k0 + kk) < H)[None, :], other=0.0)
+        else:
+            a = a_desc.load([row0, k0])
+        acc_g = tl.dot(a, b_desc.load([wrow, k0]).T, acc_g)
+        acc_u = tl.dot(a, b_desc.load([wrow + I, k0]).T, acc_u)
+    dt = h_ptr.dtype.element_ty
+    # round like the reference (products in the activation dtype, then the gate)
+    g = acc_g.to(dt).to(tl.float32)
+    hv = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * acc_u.to(dt).to(tl.float32)
+    n = n0 + tl.arange(0, BN)
+    tl.store(h_ptr + r[:, None] * I + n[None, :], hv.to(dt), mask=(r < rend)[:, None] & (n < I)[None, :])
+
+
 @autotune(_UP_CONFIGS, key=["H", "I", "RB", "GATHER"])
 @triton.jit(do_not_specialize=["RB"])
 def _gate_up_kernel(a_desc, b_desc, cnt_ptr, h_ptr, x_ptr, src_ptr, E, H, I, RB,
@@ -66,26 +93,7 @@ def _gate_up_kernel(a_desc, b_desc, cnt_ptr, h_ptr, x_ptr, src_ptr, E, H, I, RB,
     n0 = (tl.program_id(0) % NN) * BN
     e, row0, rend = _tile(cnt_ptr, pm, E, BM, BE)
     if e < E:
-        acc_g = tl.zeros([BM, BN], dtype=tl.float32)
-        acc_u = tl.zeros([BM, BN], dtype=tl.float32)
-        wrow = e * 2 * I + n0
-        r = (row0 + tl.arange(0, BM)).to(tl.int64)
-        if GATHER:
-            tok = tl.load(src_ptr + r, mask=r < rend, other=0)
-        kk = tl.arange(0, BK)
-        for k0 in range(0, H, BK):
-            if GATHER:
-                a = tl.load(x_ptr + tok[:, None] * H + (k0 + kk)[None, :], mask=((k0 + kk) < H)[None, :], other=0.0)
-            else:
-                a = a_desc.load([row0, k0])
-            acc_g = tl.dot(a, b_desc.load([wrow, k0]).T, acc_g)
-            acc_u = tl.dot(a, b_desc.load([wrow + I, k0]).T, acc_u)
-        dt = h_ptr.dtype.element_ty
-        # round like the reference (products in the activation dtype, then the gate)
-        g = acc_g.to(dt).to(tl.float32)
-        hv = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * acc_u.to(dt).to(tl.float32)
-        n = n0 + tl.arange(0, BN)
-        tl.store(h_ptr + r[:, None] * I + n[None, :], hv.to(dt), mask=(r < rend)[:, None] & (n < I)[None, :])
+        _gate_up_tile(a_desc, b_desc, h_ptr, x_ptr, src_ptr, e, row0, rend, n0, H, I, BM, BN, BK, GATHER)
 
 
 @autotune(_DOWN_CONFIGS, key=["H", "I", "RB"])
@@ -146,13 +154,15 @@ def _tiles_kernel(cnt_ptr, tile_ptr, E, NT, BM: tl.constexpr, BE: tl.constexpr, 
         tl.store(tile_ptr, tl.sum(nt, 0))
 
 
-def tile_table(counts: torch.Tensor, M: int) -> torch.Tensor:
-    """counts [E] rows per expert (M in all) -> the PERSIST_BM-row tile table (_tiles_kernel)."""
+def tile_table(counts: torch.Tensor, M: int, bm: int | None = None) -> torch.Tensor:
+    """counts [E] rows per expert (M in all) -> the table of bm-row tiles (_tiles_kernel; default
+    PERSIST_BM rows, MIXED_BM for the mixed gate/up)."""
+    bm = bm or PERSIST_BM
     E = counts.shape[0]
-    NT = triton.cdiv(M, PERSIST_BM) + min(E, M)
+    NT = triton.cdiv(M, bm) + min(E, M)
     tiles = torch.empty(1 + 3 * NT, dtype=torch.int32, device=counts.device)
     BLK = 32
-    _tiles_kernel[(triton.cdiv(NT, BLK),)](counts, tiles, E, NT, BM=PERSIST_BM, BE=pow2(E), BLK=BLK)
+    _tiles_kernel[(triton.cdiv(NT, BLK),)](counts, tiles, E, NT, BM=bm, BE=pow2(E), BLK=BLK)
     return tiles
 
 
@@ -190,6 +200,47 @@ def _gate_up_persistent_kernel(a_desc, b_desc, tile_ptr, h_ptr, x_ptr, src_ptr, 
         hv = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * acc_u.to(dt).to(tl.float32)
         n = n0 + tl.arange(0, BN)
         tl.store(h_ptr + r[:, None] * I + n[None, :], hv.to(dt), mask=(r < rend)[:, None] & (n < I)[None, :])
+
+
+# mixed gate/up: the table's tiles are MIXED_BM rows; an expert's last tile with at most half of that
+# left runs as a MIXED_BM / 2-row tile (160 rows: 128 + 64, not 64 + 64 + 64 or 128 + 128). Configs:
+# (BN, BK, warps, stages, CPS, WS); two fp32 [MIXED_BM, BN] accumulators need 8 warps at BN = 128
+MIXED_BM = 128
+
+
+def _set_b_block(nargs):
+    nargs["b_desc"].block_shape = [nargs["BN"], nargs["BK"]]
+
+
+def _mconfigs(shapes):
+    return [triton.Config({"BM": MIXED_BM, "BN": bn, "BK": bk, "CPS": cps, "WS": ws}, num_warps=w, num_stages=st,
+                          pre_hook=_set_b_block) for bn, bk, w, st, cps, ws in shapes]
+
+
+_UP_MCONFIGS = _mconfigs(((128, 64, 8, 3, 1, False), (128, 64, 8, 4, 1, False), (128, 64, 8, 3, 1, True),
+                          (128, 32, 8, 5, 1, False), (64, 64, 4, 4, 2, False), (64, 64, 8, 4, 1, False)))
+
+
+@autotune(_UP_MCONFIGS, key=["H", "I", "RB"])
+@triton.jit(do_not_specialize=["RB"])
+def _gate_up_mixed_kernel(b_desc, tile_ptr, h_ptr, x_ptr, src_ptr, H, I, RB, BM: tl.constexpr, BN: tl.constexpr,
+                          BK: tl.constexpr, CPS: tl.constexpr, WS: tl.constexpr):
+    """_gate_up_persistent_kernel's walk (x [T, H] gathered by pointers, so no A descriptor) over a
+    table of BM-row tiles, each in one of two shapes: [BM // 2, BN] when its expert has at most
+    BM // 2 rows left from the tile's first row, [BM, BN] otherwise."""
+    NN = tl.cdiv(I, BN)
+    total = tl.load(tile_ptr) * NN
+    for t in tl.range(tl.program_id(0), total, tl.num_programs(0), warp_specialize=WS):
+        pm = t // NN
+        n0 = (t % NN) * BN
+        e = tl.load(tile_ptr + 1 + 3 * pm)
+        row0 = tl.load(tile_ptr + 2 + 3 * pm)
+        rend = tl.load(tile_ptr + 3 + 3 * pm)
+        # (x_ptr stands in for the A descriptor: with GATHER the tile never reads it)
+        if rend - row0 <= BM // 2:
+            _gate_up_tile(x_ptr, b_desc, h_ptr, x_ptr, src_ptr, e, row0, rend, n0, H, I, BM // 2, BN, BK, True)
+        else:
+            _gate_up_tile(x_ptr, b_desc, h_ptr, x_ptr, src_ptr, e, row0, rend, n0, H, I, BM, BN, BK, True)
 
 
 @autotune(_DOWN_PCONFIGS, key=["H", "I", "RB"])
@@ -231,17 +282,24 @@ def _grid(M: int, E: int, N: int):
 
 
 def gate_up(xs: torch.Tensor, gate_up_proj: torch.Tensor, counts: torch.Tensor,
-            src: torch.Tensor | None = None, tiles: torch.Tensor | None = None) -> torch.Tensor:
+            src: torch.Tensor | None = None, tiles: torch.Tensor | None = None, mixed: bool = False) -> torch.Tensor:
     """xs [M, H] expert-sorted rows (or, with src [M], x [T, H] and each sorted row's token),
     gate_up_proj [E, 2I, H], counts [E] rows per expert -> h [M, I]. With `tiles` (tile_table of
-    these counts) the persistent kernel runs."""
+    these counts) the persistent kernel runs; with `mixed` too (tiles of MIXED_BM rows, src given)
+    the mixed-tile one."""
     M, H = xs.shape if src is None else (src.shape[0], xs.shape[1])
     E, I2, _ = gate_up_proj.shape
     I = I2 // 2
     h = torch.empty(M, I, dtype=xs.dtype, device=xs.device)
     dummy = [1, 1]  # boxes set by the pre-hook
-    a = TensorDescriptor(xs, list(xs.shape), [H, 1], dummy)
     b = TensorDescriptor(gate_up_proj, [E * I2, H], [H, 1], dummy)
+    if mixed:
+        if tiles is None or src is None:
+            raise ValueError("gate_up(mixed=True) needs tiles (tile_table(counts, M, MIXED_BM)) and src")
+        _gate_up_mixed_kernel[_pgrid(xs.device, (tiles.shape[0] - 1) // 3, I)](
+            b, tiles, h, xs, src, H, I, _rows_class(M, E))
+        return h
+    a = TensorDescriptor(xs, list(xs.shape), [H, 1], dummy)
     if tiles is not None:
         _gate_up_persistent_kernel[_pgrid(xs.device, (tiles.shape[0] - 1) // 3, I)](
             a, b, tiles, h, xs, tiles if src is None else src, H, I, _rows_class(M, E), GATHER=src is not None)
