@@ -4,14 +4,14 @@ kernels as its GEMMs, at the 80B's expert shapes (512 experts top-10, hidden 204
 512), bf16, uniform random routing.
 
     python benchmarks/bench_moe_prefill_gpu.py --out moe_prefill.json [--tokens 8192,2048] [--paths ...]
-        [--fp8] [--model] [--pin]
+        [--fp8] [--model] [--model-variants default,persistent_mixed] [--pin]
     PYTHONPATH=.:/tmp/tri36 python benchmarks/bench_moe_prefill_gpu.py --check-compile   # no GPU needed
 
 Per token count: each path's whole experts call (ms, TFLOP/s over the routed FLOPs; --fp8: also
 moe_tma_fp8 with persistent GEMMs off / down / all), the GEMMs one by one (one-tile-per-program vs
 persistent, torch's down, unsort-sum with and without the gated add), errors against triton_gather
 (and the torch reference at the smallest size), every persistent config alone at the largest size; a
-probe of equal groups (64- vs 128-row tiles). `--model` times the 8-layer model's 8K prefill
+probe of equal groups (64- vs 128-row tiles, persistent, persistent_mixed's 128 + 64-row tiles). `--model` times the 8-layer model's 8K prefill
 (benchmarks/gpu_model.py's slice) under the session-4 dispatch, each change alone and the default,
 wall and CUDA-graph replay, interleaved rounds (with --fp8 the same model quantised in place after).
 Medians of triton.testing.do_bench; the expert weights (3.2 GB) are far past L2.
@@ -30,6 +30,7 @@ import triton
 
 E, H, I, K = 512, 2048, 512, 10
 PATHS = ("old", "torch", "triton", "triton_gather", "gather_torch", "persistent", "persistent_mixed")
+MODEL_VARIANTS = ("session4", "fold", "persistent", "default", "persistent_mixed")  # --model's bf16 ones
 DEV = "cuda"
 
 
@@ -420,12 +421,15 @@ def main() -> int:
     ap.add_argument("--paths", default=",".join(PATHS), help="the experts section's paths, of " + ",".join(PATHS))
     ap.add_argument("--fp8", action="store_true", help="also moe_tma_fp8's sorted experts, persistent off / on")
     ap.add_argument("--pin", action="store_true", help="the kernels tune among earlier H200 winners only (_PIN)")
-    ap.add_argument("--model-variants", default="", help="--model's bf16 variants, the baseline first (default: "
-                    "session4,fold,persistent,default,persistent_mixed)")
+    ap.add_argument("--model-variants", default="", help="--model's bf16 variants, the baseline first, of (default "
+                    "all) " + ",".join(MODEL_VARIANTS))
     ap.add_argument("--check-compile", action="store_true")
     a = ap.parse_args()
 
     paths = tuple(a.paths.split(","))
+    unknown = sorted(set(a.model_variants.split(",")) - set(MODEL_VARIANTS) - {""})
+    if unknown:
+        ap.error(f"--model-variants: unknown {unknown}")
     if a.check_compile:
         return check_compile()
     res = {"env": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
