@@ -256,3 +256,13 @@ def test_refuses_requests_that_can_never_fit(model):
         EngineArgs(max_num_seqs=0)
     with pytest.raises(ValueError, match="enable_chunked_prefill"):
         make_engine(model, max_num_batched_tokens=100, enable_chunked_prefill=False)
+
+
+def test_corrupt_tokenizer_file_is_named(tmp_path):
+    """A broken tokenizer.json in the model dir: a one-line error naming the file (tokenizers' own
+    message says only 'key must be a string at line 1 column 2')."""
+    from qwen3next.engine.llm_engine import tokenizer_size
+
+    (tmp_path / "tokenizer.json").write_text("{bad")
+    with pytest.raises(ValueError, match=r"tokenizer\.json is not a valid tokenizer file"):
+        tokenizer_size(str(tmp_path))

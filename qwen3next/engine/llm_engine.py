@@ -50,7 +50,10 @@ def tokenizer_size(model_dir: str) -> int | None:
         return None
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(file).get_vocab_size(with_added_tokens=True)
+    try:
+        return Tokenizer.from_file(file).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # tokenizers' own message names neither the file nor the problem's kind
+        raise ValueError(f"{file} is not a valid tokenizer file: {e}") from None
 
 
 def read_generation_config(model_dir: str) -> dict:
