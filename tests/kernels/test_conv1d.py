@@ -203,3 +203,76 @@ def test_head_runs_map_bf16_gpu():
         assert torch.equal(p_o, p_t)
     finally:
         tri.SPLIT_STATE = not tri.SPLIT_STATE
+
+
+def _stream_only(monkeypatch, cfg):
+    """Route the varlen conv through the streaming kernel (small runs: sequence starts and run
+    boundaries fall mid-program); the default kernels removed so that a fallback cannot pass."""
+    monkeypatch.setattr(tri, "STREAM", True)
+    monkeypatch.setattr(tri, "STREAM_CFG", cfg)
+    for name in ("_conv_varlen_kernel", "_conv_varlen_norm_kernel", "_conv_varlen_map_kernel",
+                 "_conv_varlen_map_norm_kernel"):
+        monkeypatch.setattr(tri, name, None)
+
+
+def _both(monkeypatch, cfg, *args, **kw):
+    """(default kernel's y and pool, streaming kernel's y and pool) of the same call."""
+    pool = args[3] if len(args) > 3 else None
+    p_d = None if pool is None else pool.clone()
+    y_d = tri.causal_conv1d_varlen(*args[:3], p_d, *args[4:], **kw)
+    with monkeypatch.context() as m:
+        _stream_only(m, cfg)
+        p_s = None if pool is None else pool.clone()
+        y_s = tri.causal_conv1d_varlen(*args[:3], p_s, *args[4:], **kw)
+    return y_d, p_d, y_s, p_s
+
+
+@pytest.mark.parametrize("cfg", [(4, 8, 4, 2), (2, 5, 1, 1)])
+@pytest.mark.parametrize("lens", [[1], [63], [64], [65], [500], [2, 500, 1], [1, 2, 3, 70, 0, 9]])
+def test_stream_equals_default_and_reference(lens, cfg, monkeypatch):
+    """QWEN3NEXT_CONV_STREAM: the streaming kernel (runs of tokens, inputs carried in registers) gives
+    the default kernel's outputs bitwise and the reference's, states read from the pool (present,
+    absent, fresh) and written back."""
+    gen = seeded(sum(lens) + len(lens))
+    C, K, B = 40, 4, len(lens)
+    x, w = randn(sum(lens), C, gen=gen), randn(C, K, gen=gen)
+    pool = randn(B + 2, C, K - 1, gen=gen)
+    slots = (torch.randperm(B, generator=gen) + 2).to(DEV)
+    has = (torch.arange(B) % 3 != 1).to(DEV)
+    y_d, p_d, y_s, p_s = _both(monkeypatch, cfg, x, w, cu(lens), pool, slots, has)
+    p_r = pool.clone()
+    assert rel_err(y_s, ref.causal_conv1d_varlen(x, w, cu(lens), p_r, slots, has)) < 1e-6
+    assert torch.equal(y_s, y_d)
+    assert torch.equal(p_s, p_r) and torch.equal(p_s, p_d)
+    _, _, y_f, _ = _both(monkeypatch, cfg, x, w, cu(lens))  # no state pool: zeros before each start
+    assert rel_err(y_f, ref.causal_conv1d_varlen(x, w, cu(lens))) < 1e-6
+
+
+@pytest.mark.parametrize("lens", [[1, 40, 0, 5, 33], [70]])
+def test_stream_head_map_and_qk_norm(lens, monkeypatch):
+    """The streaming kernel over the layer's grouped map read in place (heads of 128), with the q / k
+    norm in its epilogue (one head per channel block); and the norm over an unmapped input with
+    small heads (dk 16): bitwise the default kernel, and right."""
+    gen = seeded(21 + len(lens))
+    hk, dk, rdv, K = 2, 128, 256, 4
+    cols, W = _head_runs_map(hk, dk, rdv)
+    C = cols.numel()
+    xw, w = randn(sum(lens), W, gen=gen), randn(C, K, gen=gen)
+    pool = randn(len(lens) + 1, C, K - 1, gen=gen)
+    slots = torch.arange(len(lens), device=DEV) + 1
+    has = torch.tensor([True, False, True, True, False], device=DEV)[:len(lens)]
+    y_d, p_d, y_s, p_s = _both(monkeypatch, (4, 8, 4, 2), xw, w, cu(lens), pool, slots, has, x_cols=cols,
+                               qk_heads=(hk, dk))
+    assert torch.equal(y_s, y_d) and torch.equal(p_s, p_d)
+    p_r = pool.clone()
+    plain = ref.causal_conv1d_varlen(xw[:, cols], w, cu(lens), p_r, slots, has)
+    assert torch.equal(p_s, p_r)
+    q, k = plain[:, : hk * dk].view(-1, hk, dk), plain[:, hk * dk : 2 * hk * dk].view(-1, hk, dk)
+    plain[:, : hk * dk] = (q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) * dk ** -0.5).flatten(1)
+    plain[:, hk * dk : 2 * hk * dk] = (k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)).flatten(1)
+    assert rel_err(y_s, plain) < 1e-6
+    hk, dk, C = 2, 16, 2 * 2 * 16 + 96
+    x, w = randn(sum(lens), C, gen=gen), randn(C, K, gen=gen)
+    y_d, _, y_s, _ = _both(monkeypatch, (4, 8, 4, 2), x, w, cu(lens), qk_heads=(hk, dk))
+    assert torch.equal(y_s, y_d)
+    assert rel_err(y_s[:, 2 * hk * dk :], ref.causal_conv1d_varlen(x, w, cu(lens))[:, 2 * hk * dk :]) < 1e-6

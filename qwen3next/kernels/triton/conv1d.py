@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...env_switches import switch
 from ._util import autotune, pow2, size_class
 
 
@@ -216,6 +217,104 @@ def _conv_state_kernel(x_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, map_ptr, C, SX
         tl.store(st_ptr + (slot * C + c[:, None]) * (K - 1) + i[None, :], new, mask=cm[:, None] & im[None, :])
 
 
+# Opt-in streaming form of the varlen conv (QWEN3NEXT_CONV_STREAM=1; K = 4 only): a program owns a
+# block of BC channels and R runs of L tokens each, stepping through its runs one token per step with
+# the last three inputs of every run kept in registers, so each input row is read once (plus a
+# 3-row halo per run), the taps in registers for the whole run and the next rows loaded PF steps ahead.
+# The loop ignores sequence starts; the first 3 rows of each sequence in the span are redone after it.
+STREAM = switch("QWEN3NEXT_CONV_STREAM") == "1"
+# (R runs, L tokens per run, warps, PF rows loaded ahead: 1 or 2); L shrinks to cdiv(T, R) for short batches
+STREAM_CFG = (8, 32, 4, 2)
+
+
+@triton.jit
+def _silu_norm(acc, pid_c, scale, QK_HEADS: tl.constexpr):
+    """silu, then for a q / k head (BC == DK: channel block pid_c is head pid_c) the L2 norm of each
+    row (q also scaled): a row sum, no reshape."""
+    y = acc / (1.0 + tl.exp(-acc))
+    if QK_HEADS > 0:
+        if pid_c < QK_HEADS:
+            inv = 1.0 / tl.sqrt(tl.sum(y * y, 1) + 1e-6)                    # [rows]
+            if pid_c < QK_HEADS // 2:
+                inv = inv * scale
+            y = y * inv[:, None]
+    return y
+
+
+@triton.jit(do_not_specialize=["T", "B", "P", "L"])
+def _conv_stream_kernel(x_ptr, w_ptr, y_ptr, cu_ptr, B, P, st_ptr, slot_ptr, init_ptr, map_ptr,
+                        T, C, SX, scale, L, HAS_STATE: tl.constexpr, QK_HEADS: tl.constexpr,
+                        MAPPED: tl.constexpr, R: tl.constexpr, BC: tl.constexpr, PF: tl.constexpr):
+    pid_c = tl.program_id(1)
+    base = tl.program_id(0) * (R * L)                  # the program's first token
+    end = tl.minimum(base + R * L, T)                  # and its end
+    t0 = base + tl.arange(0, R) * L                    # [R] first token of each run
+    c = pid_c * BC + tl.arange(0, BC)                  # [BC] channel
+    cm = c < C
+    cm2 = cm[None, :]
+    xc = c
+    if MAPPED:  # as in _conv_varlen_body (BC == MAP_BC)
+        xc = tl.max_contiguous(tl.multiple_of(tl.load(map_ptr + pid_c * BC) + tl.arange(0, BC), 16), BC)
+    w0 = tl.load(w_ptr + c * 4 + 0, mask=cm, other=0.0).to(tl.float32)
+    w1 = tl.load(w_ptr + c * 4 + 1, mask=cm, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + c * 4 + 2, mask=cm, other=0.0).to(tl.float32)
+    w3 = tl.load(w_ptr + c * 4 + 3, mask=cm, other=0.0).to(tl.float32)
+    xp = x_ptr + (t0.to(tl.int64) * SX)[:, None] + xc[None, :]            # [R, BC] run starts' inputs
+    yp = y_ptr + (t0.to(tl.int64) * C)[:, None] + c[None, :]              # and outputs
+    # halo: the three rows before each run
+    x3 = tl.load(xp - 3 * SX, mask=cm2 & ((t0 >= 3) & (t0 - 3 < T))[:, None], other=0.0)
+    x2 = tl.load(xp - 2 * SX, mask=cm2 & ((t0 >= 2) & (t0 - 2 < T))[:, None], other=0.0)
+    x1 = tl.load(xp - SX, mask=cm2 & ((t0 >= 1) & (t0 - 1 < T))[:, None], other=0.0)
+    xn = tl.load(xp, mask=cm2 & (t0 < T)[:, None], other=0.0)
+    if PF == 2:
+        xm = tl.load(xp + SX, mask=cm2 & ((t0 + 1 < T) & (t0 + 1 < t0 + L))[:, None], other=0.0)
+    for s in range(0, L):
+        t = t0 + s                                     # [R] this step's token of each run
+        x0 = xn
+        # the rows PF steps ahead, issued before this step's math and store
+        if PF == 2:
+            xn = xm
+            xm = tl.load(xp + (s + 2) * SX, mask=cm2 & ((t + 2 < T) & (t + 2 < t0 + L))[:, None], other=0.0)
+        else:
+            xn = tl.load(xp + (s + 1) * SX, mask=cm2 & ((t + 1 < T) & (t + 1 < t0 + L))[:, None], other=0.0)
+        # (the default kernel's order of the taps: the same fp32 sums)
+        acc = tl.zeros([R, BC], dtype=tl.float32)
+        acc += x3.to(tl.float32) * w0[None, :]
+        acc += x2.to(tl.float32) * w1[None, :]
+        acc += x1.to(tl.float32) * w2[None, :]
+        acc += x0.to(tl.float32) * w3[None, :]
+        y = _silu_norm(acc, pid_c, scale, QK_HEADS)
+        tl.store(yp + s * C, y.to(y_ptr.dtype.element_ty), mask=cm2 & (t < T)[:, None])
+        x3, x2, x1 = x2, x1, x0
+    # rows < 3 tokens into their sequence took taps across its start: redone from the conv state (or
+    # zeros), as the default kernel's near-start tiles do, for every sequence meeting the span
+    s_first = _token_seq(cu_ptr, B, P, base)
+    s_last = _token_seq(cu_ptr, B, P, end - 1)
+    if (base - tl.load(cu_ptr + s_first) < 3) | (s_last != s_first):
+        tl.debug_barrier()  # (the loop's stores of these rows came from other threads)
+        i = tl.arange(0, 4)                            # [4] row of the sequence (the 4th masked)
+        xcol = xc[None, :]
+        for b in range(s_first, s_last + 1):
+            bos = tl.load(cu_ptr + b).to(tl.int32)
+            t = bos + i
+            tm = (i < 3) & (t >= base) & (t < end) & (t < tl.load(cu_ptr + b + 1))
+            if HAS_STATE:
+                slot = tl.load(slot_ptr + b + 0 * i)   # [4] (a vector: scalar masks upset the interpreter)
+                sm = tm & (tl.load(init_ptr + b + 0 * i) != 0) & (slot >= 0)
+            acc = tl.zeros([4, BC], dtype=tl.float32)
+            for j in tl.static_range(4):
+                src = t - 3 + j                        # [4]
+                xv = tl.load(x_ptr + (src.to(tl.int64) * SX)[:, None] + xcol,
+                             mask=(tm & (src >= bos))[:, None] & cm2, other=0.0).to(tl.float32)
+                if HAS_STATE:  # position src - bos < 0 lives in state column 3 + src - bos
+                    xv += tl.load(st_ptr + (slot.to(tl.int64)[:, None] * C + c[None, :]) * 3 + (3 + src - bos)[:, None],
+                                  mask=(sm & (src < bos))[:, None] & cm2, other=0.0).to(tl.float32)
+                wj = w0 if j == 0 else (w1 if j == 1 else (w2 if j == 2 else w3))
+                acc += xv * wj[None, :]
+            y = _silu_norm(acc, pid_c, scale, QK_HEADS)
+            tl.store(y_ptr + (t.to(tl.int64) * C)[:, None] + c[None, :], y.to(y_ptr.dtype.element_ty),
+                     mask=tm[:, None] & cm2)
+
 def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor,
                          conv_state: torch.Tensor | None = None, state_slots: torch.Tensor | None = None,
                          has_initial_state: torch.Tensor | None = None, *,
@@ -262,7 +361,17 @@ def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torc
     split = has_state and SPLIT_STATE and K > 1
     args = (x, weight, y, cu, B, P, conv_state if has_state else x, slots, init, xmap, T, C, size_class(T), SX,
             dk ** -0.5)
-    kernel[grid](*args, K=K, HAS_STATE=has_state and not split, QK_HEADS=2 * hk, DK=dk, MAPPED=mapped, FIXUP=False)
+    if STREAM and K == 4 and (qk_heads is None or not mapped or dk == MAP_BC):
+        bc = MAP_BC if mapped or qk_heads is None else dk  # (a q / k norm: one head per channel block)
+        r, steps, warps, pf = STREAM_CFG
+        steps = max(1, min(steps, triton.cdiv(T, r)))
+        _conv_stream_kernel[(triton.cdiv(T, r * steps), triton.cdiv(C, bc))](
+            x, weight, y, cu, B, P, conv_state if has_state else x, slots, init, xmap, T, C, SX, dk ** -0.5, steps,
+            HAS_STATE=has_state, QK_HEADS=2 * hk, MAPPED=mapped, R=r, BC=bc, PF=pf, num_warps=warps)
+        split = False
+    else:
+        kernel[grid](*args, K=K, HAS_STATE=has_state and not split, QK_HEADS=2 * hk, DK=dk, MAPPED=mapped,
+                     FIXUP=False)
     if split:  # (after the main launch: it wrote these rows without the state)
         bc = MAP_BC if mapped else NORM_BC
         _conv_varlen_body[(B, triton.cdiv(C, bc))](*args, K=K, HAS_STATE=True, QK_HEADS=2 * hk, DK=dk, MAPPED=mapped,
