@@ -14,7 +14,11 @@ column-mapped conv fail to compile on the H200 under triton 3.6 (TritonGPURemove
 from __future__ import annotations
 
 import itertools
+import os
+import re
+import subprocess
 import sys
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -33,11 +37,28 @@ def compile_one(name: str, fn, sig: dict, const: dict, warps: int = 4) -> None:
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig)
              if sig[n].startswith("*") or (sig[n].startswith("i") and n not in NO_SPECIALIZE)}
     try:
-        triton.compile(ASTSource(fn, sig, const, attrs=attrs), target=TARGET, options={"num_warps": warps})
+        k = triton.compile(ASTSource(fn, sig, const, attrs=attrs), target=TARGET, options={"num_warps": warps})
         print("ok  ", name, const, flush=True)
+        return k
     except Exception as e:  # report every variant, fail at the end
         FAILS.append(f"{name} {const}")
         print("FAIL", name, const, str(e).splitlines()[0][:160], flush=True)
+
+
+def no_spills(name: str, k) -> None:
+    """Fail the variant when ptxas gave it local memory (register spills): cuobjdump -res-usage."""
+    if k is None:
+        return
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(k.asm["cubin"])
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
+    regs, local = re.search(r"REG:(\d+)", usage), re.search(r"LOCAL:(\d+)", usage)
+    if not (regs and local) or int(local.group(1)):
+        FAILS.append(f"{name} spills")
+    print("    ", name, "registers", regs and regs.group(1), "local bytes", local and local.group(1), flush=True)
 
 
 def p(t: str) -> str:
@@ -74,9 +95,16 @@ def main() -> int:
                     alog_ptr=p("bf16"), dtb_ptr=p("bf16"), o_ptr=p("bf16"), cu_ptr=p("i64"), st_ptr=p("fp32"),
                     slot_ptr=p("i64"), init_ptr=p("i1"), pts_ptr=p("i64"), SA="i32", SB="i32", scale="fp32"),
                     dict(heads, BV=bv), w)
-        compile_one("decode", gdn_decode._decode_kernel, dict(m_ptr=p("bf16"), a_ptr=p("bf16"), b_ptr=p("bf16"),
-                    alog_ptr=p("bf16"), dtb_ptr=p("bf16"), st_ptr=p("fp32"), slot_ptr=p("i64"), o_ptr=p("bf16"),
-                    scale="fp32", SA="i32", SB="i32"), dict(heads, BV=bv), w)
+    for st in ("fp32", "bf16"):  # the decode step on both pool dtypes; the pipelined variant's sweep
+        dec = dict(m_ptr=p("bf16"), a_ptr=p("bf16"), b_ptr=p("bf16"), alog_ptr=p("bf16"), dtb_ptr=p("bf16"),
+                   st_ptr=p(st), slot_ptr=p("i64"), o_ptr=p("bf16"), scale="fp32", SA="i32", SB="i32")
+        for bv, w in ((16, 2), (64, 4)):
+            no_spills(f"decode {st}", compile_one(f"decode {st}", gdn_decode._decode_kernel, dec,
+                                                  dict(heads, BV=bv), w))
+        for bv, w, items, stages in gdn_decode.PIPE_SWEEP:
+            for n in sorted({1, items}):
+                no_spills(f"decode_pipe {st}", compile_one(f"decode_pipe {st}", gdn_decode._decode_pipe_kernel, dec,
+                                                     dict(heads, BV=bv, ITEMS=n, STAGES=stages), w))
     for do_qk in (False, True):
         compile_one("prep", gdn_prep._prep_kernel, dict(mc_ptr=p("bf16"), a_ptr=p("bf16"), b_ptr=p("bf16"),
                     alog_ptr=p("bf16"), dtb_ptr=p("bf16"), g_ptr=p("fp32"), beta_ptr=p("fp32"), T="i32", SM="i32",
