@@ -30,7 +30,8 @@ import triton
 
 E, H, I, K = 512, 2048, 512, 10
 PATHS = ("old", "torch", "triton", "triton_gather", "gather_torch", "persistent", "persistent_mixed")
-MODEL_VARIANTS = ("session4", "fold", "persistent", "default", "persistent_mixed")  # --model's bf16 ones
+# --model's bf16 ones (persistent_mixed_up: the mixed gate/up with the 64-row persistent down)
+MODEL_VARIANTS = ("session4", "fold", "persistent", "default", "persistent_mixed", "persistent_mixed_up")
 DEV = "cuda"
 
 
@@ -116,6 +117,12 @@ def check_compile() -> int:
         kw = c.kwargs
         sig = dict(b_desc=desc(kw["BN"], kw["BK"]), tile_ptr="*i32", h_ptr=b, x_ptr=b, src_ptr=i64, H=i32, I=i32, RB=i32)
         comp("mixed_gate_up", t._gate_up_mixed_kernel, sig, dict(**kw), c.num_warps, c.num_stages, nospec=("RB",),
+             report=True)
+    for c in t._down_mixed_kernel.configs:
+        kw = c.kwargs
+        sig = dict(a_desc=desc(kw["BM"], kw["BK"]), as_desc=desc(kw["BM"] // 2, kw["BK"]), b_desc=desc(kw["BN"], kw["BK"]),
+                   tile_ptr="*i32", y_ptr=b, H=i32, I=i32, RB=i32)
+        comp("mixed_down", t._down_mixed_kernel, sig, dict(**kw), c.num_warps, c.num_stages, nospec=("RB",),
              report=True)
     f8t, f32 = "*fp8e4nv", "*fp32"
     for c in f8._gate_up_persistent_kernel.configs:
@@ -292,12 +299,14 @@ def experts_section(tokens: list[int], res: dict, paths: tuple, fp8: bool) -> No
                                  ("mixed_gate_up", lambda: t.gate_up(x, gate_up, cnt, src, mtiles, mixed=True), fl_up),
                                  ("triton_down", lambda: t.down(h, down, cnt), fl_down),
                                  ("persist_down", lambda: t.down(h, down, cnt, tiles), fl_down),
+                                 ("mixed_down", lambda: t.down(h, down, cnt, mtiles, mixed=True), fl_down),
                                  ("torch_down", lambda: torch._grouped_mm(h, down.transpose(1, 2), offs), fl_down)):
                 ms = bench(fn)
                 r[name] = {"ms": round(ms, 4), "tflops": round(fl / ms / 1e9, 1)}
             r["persist_gate_up_bitwise"] = bool(torch.equal(t.gate_up(x, gate_up, cnt, src, tiles), h))
             r["mixed_gate_up_bitwise"] = bool(torch.equal(t.gate_up(x, gate_up, cnt, src, mtiles, mixed=True), h))
             r["persist_down_bitwise"] = bool(torch.equal(t.down(h, down, cnt, tiles), y))
+            r["mixed_down_bitwise"] = bool(torch.equal(t.down(h, down, cnt, mtiles, mixed=True), y))
             if fp8:
                 xq, xsc = quantize_act(x, 128)
                 h8, hs8 = tf8.gate_up(xq, xsc, gu8, gus, cnt, src, x.dtype)
@@ -313,12 +322,14 @@ def experts_section(tokens: list[int], res: dict, paths: tuple, fp8: bool) -> No
                                        ("persist_gate_up", t._gate_up_persistent_kernel),
                                        ("mixed_gate_up", t._gate_up_mixed_kernel),
                                        ("persist_down", t._down_persistent_kernel),
+                                       ("mixed_down", t._down_mixed_kernel),
                                        ("fp8_persist_gate_up", tf8._gate_up_persistent_kernel),
                                        ("fp8_persist_down", tf8._down_persistent_kernel))}
             if T == max(tokens):  # every persistent config alone (what the autotuner chose from)
                 sw = [(t._gate_up_persistent_kernel, lambda: t.gate_up(x, gate_up, cnt, src, tiles)),
                       (t._gate_up_mixed_kernel, lambda: t.gate_up(x, gate_up, cnt, src, mtiles, mixed=True)),
-                      (t._down_persistent_kernel, lambda: t.down(h, down, cnt, tiles))]
+                      (t._down_persistent_kernel, lambda: t.down(h, down, cnt, tiles)),
+                      (t._down_mixed_kernel, lambda: t.down(h, down, cnt, mtiles, mixed=True))]
                 if fp8:
                     sw += [(tf8._gate_up_persistent_kernel, lambda: tf8.gate_up(xq, xsc, gu8, gus, cnt, src, x.dtype,
                                                                                 tiles)),
@@ -455,7 +466,8 @@ def main() -> int:
         variants = {"session4": {"QWEN3NEXT_MOE_SORTED": "triton_gather", **fold0},  # the first: the baseline
                     "fold": {"QWEN3NEXT_MOE_SORTED": "triton_gather"}, "persistent": {"QWEN3NEXT_MOE_SORTED": "auto",
                                                                                        **fold0},
-                    "default": {}, "persistent_mixed": {"QWEN3NEXT_MOE_SORTED": "persistent_mixed"}}
+                    "default": {}, "persistent_mixed": {"QWEN3NEXT_MOE_SORTED": "persistent_mixed"},
+                    "persistent_mixed_up": {"QWEN3NEXT_MOE_SORTED": "persistent_mixed", (g, "MIXED_DOWN"): False}}
         if a.model_variants:  # the first named is the baseline the logits are compared with
             variants = {v: variants[v] for v in a.model_variants.split(",")}
         fp8_variants = {"session4": {(tf8, "PERSISTENT"): "", **fold0}, "fold": {(tf8, "PERSISTENT"): ""},

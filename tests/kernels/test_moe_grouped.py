@@ -184,12 +184,13 @@ def test_triton_small_tiles(monkeypatch, gemm):
     for kern in (moe_tma._gate_up_persistent_kernel, moe_tma._down_persistent_kernel):
         monkeypatch.setattr(kern, "configs", pcfg)
         monkeypatch.setattr(kern, "cache", {})
-    # the mixed gate/up: 32-row tiles, 16-row last tiles
+    # the mixed kernels: 32-row tiles, 16-row last tiles
     monkeypatch.setattr(moe_tma, "MIXED_BM", 32)
-    mcfg = [triton.Config({"BM": 32, "BN": 16, "BK": 16, "CPS": 2, "WS": False}, num_warps=4,
-                          pre_hook=moe_tma._set_b_block)]
-    monkeypatch.setattr(moe_tma._gate_up_mixed_kernel, "configs", mcfg)
-    monkeypatch.setattr(moe_tma._gate_up_mixed_kernel, "cache", {})
+    for kern, hook in ((moe_tma._gate_up_mixed_kernel, moe_tma._set_b_block),
+                       (moe_tma._down_mixed_kernel, moe_tma._set_mixed_blocks)):
+        mcfg = [triton.Config({"BM": 32, "BN": 16, "BK": 16, "CPS": 2, "WS": False}, num_warps=4, pre_hook=hook)]
+        monkeypatch.setattr(kern, "configs", mcfg)
+        monkeypatch.setattr(kern, "cache", {})
     gen = seeded(5)
     T, E, H, I, k = 37, 7, 40, 24, 3
     x = randn(T, H, gen=gen)
@@ -205,12 +206,16 @@ def test_triton_small_tiles(monkeypatch, gemm):
 _MIXED_COUNTS = [0, 1, 63, 64, 65, 127, 128, 129, 200]
 
 
-def test_mixed_tiles_at_the_edges():
+@pytest.mark.parametrize("mixed_down", [True, False])
+def test_mixed_tiles_at_the_edges(monkeypatch, mixed_down):
     """persistent_mixed at its real tile heights with experts of exactly _MIXED_COUNTS rows (top-1
-    routing, shuffled tokens): its table (128-row tiles, each expert's last one where the kernel
-    picks the 64-row shape iff at most 64 rows are left) and the experts' output against the
-    reference; the mixed gate/up refuses to run without its table."""
+    routing, shuffled tokens): its table (128-row tiles, each expert's last one where the kernels
+    pick the 64-row shape iff at most 64 rows are left) and the experts' output against the
+    reference, down mixed or the 64-row persistent one; the mixed kernels refuse to run without
+    their table."""
     from qwen3next.kernels.triton import moe_tma
+
+    monkeypatch.setattr(gmm, "MIXED_DOWN", mixed_down)
 
     gen = seeded(11)
     E, H, I = len(_MIXED_COUNTS), 40, 24
@@ -235,3 +240,5 @@ def test_mixed_tiles_at_the_edges():
     _, cnt, _, _, src = gmm.sort_rows(x, ids, E, copy=False)
     with pytest.raises(ValueError, match="mixed=True"):
         moe_tma.gate_up(x, gate_up, cnt, src, mixed=True)
+    with pytest.raises(ValueError, match="mixed=True"):
+        moe_tma.down(torch.zeros(T, I, device=DEV), down, cnt, mixed=True)

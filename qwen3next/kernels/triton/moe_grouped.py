@@ -14,8 +14,9 @@ back, scaled by their routing weights and summed in fp32. Rounding follows kerne
   H200 at 8K tokens; the pair not yet timed together);
 * "persistent": triton_gather's GEMMs as moe_tma's persistent kernels (a grid of a few programs
   per SM walking a table of tiles in expert order);
-* "persistent_mixed" (opt-in, not yet timed on a GPU): persistent, but gate/up walks a table of
-  128-row tiles, an expert's last tile 64 rows high when at most 64 rows are left (moe_tma.MIXED_BM).
+* "persistent_mixed" (opt-in, not yet timed on a GPU): persistent, but the GEMMs walk a table of
+  128-row tiles, an expert's last tile 64 rows high when at most 64 rows are left (moe_tma.MIXED_BM;
+  down too unless MIXED_DOWN is off).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ SORTED_MIN_ROWS = 8192
 SORTED_GEMM = "auto"
 PERSISTENT_MIN_ROWS = 65536
 GEMMS = ("torch", "triton", "triton_gather", "gather_torch", "persistent", "persistent_mixed")
+# "persistent_mixed": its down GEMM over the mixed tiles too (False: the 64-row persistent down; an A/B knob)
+MIXED_DOWN = True
 # the MoE block's gated shared expert added in the k-sum's pass (unsort_sum); QWEN3NEXT_MOE_FOLD=0: torch ops after
 FOLD_GATED = switch("QWEN3NEXT_MOE_FOLD") == "1"
 
@@ -183,14 +186,17 @@ def moe_experts_sorted(x, gate_up_proj, down_proj, weights, ids, *, gemm: str = 
     x = x.contiguous()
     gather = gemm in ("triton_gather", "gather_torch", "persistent", "persistent_mixed")
     xs, counts, offs, pos, src = sort_rows(x, ids, E, copy=not gather)
-    if gemm.startswith("persistent"):
+    if gemm == "persistent":
         tiles = moe_tma.tile_table(counts, T * k)
-        if gemm == "persistent_mixed":
-            h = moe_tma.gate_up(x, gate_up_proj, counts, src, moe_tma.tile_table(counts, T * k, moe_tma.MIXED_BM),
-                                mixed=True)
-        else:
-            h = moe_tma.gate_up(x, gate_up_proj, counts, src, tiles)  # [T*k, I]
+        h = moe_tma.gate_up(x, gate_up_proj, counts, src, tiles)  # [T*k, I]
         y = moe_tma.down(h, down_proj, counts, tiles)  # [T*k, H]
+    elif gemm == "persistent_mixed":
+        mtiles = moe_tma.tile_table(counts, T * k, moe_tma.MIXED_BM)
+        h = moe_tma.gate_up(x, gate_up_proj, counts, src, mtiles, mixed=True)
+        if MIXED_DOWN:
+            y = moe_tma.down(h, down_proj, counts, mtiles, mixed=True)
+        else:
+            y = moe_tma.down(h, down_proj, counts, moe_tma.tile_table(counts, T * k))
     else:
         if gather:
             h = moe_tma.gate_up(x, gate_up_proj, counts, src)

@@ -96,6 +96,19 @@ def _gate_up_kernel(a_desc, b_desc, cnt_ptr, h_ptr, x_ptr, src_ptr, E, H, I, RB,
         _gate_up_tile(a_desc, b_desc, h_ptr, x_ptr, src_ptr, e, row0, rend, n0, H, I, BM, BN, BK, GATHER)
 
 
+@triton.jit
+def _down_tile(a_desc, b_desc, y_ptr, e, row0, rend, n0, H, I, BM: tl.constexpr, BN: tl.constexpr,
+               BK: tl.constexpr):
+    """One [BM, BN] tile of y: sorted rows row0.. (stored below rend, a_desc's box BM rows) of expert e."""
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, I, BK):
+        acc = tl.dot(a_desc.load([row0, k0]), b_desc.load([e * H + n0, k0]).T, acc)
+    r = (row0 + tl.arange(0, BM)).to(tl.int64)
+    n = n0 + tl.arange(0, BN)
+    tl.store(y_ptr + r[:, None] * H + n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(r < rend)[:, None] & (n < H)[None, :])
+
+
 @autotune(_DOWN_CONFIGS, key=["H", "I", "RB"])
 @triton.jit(do_not_specialize=["RB"])
 def _down_kernel(a_desc, b_desc, cnt_ptr, y_ptr, E, H, I, RB,
@@ -106,13 +119,7 @@ def _down_kernel(a_desc, b_desc, cnt_ptr, y_ptr, E, H, I, RB,
     n0 = (tl.program_id(0) % NN) * BN
     e, row0, rend = _tile(cnt_ptr, pm, E, BM, BE)
     if e < E:
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for k0 in range(0, I, BK):
-            acc = tl.dot(a_desc.load([row0, k0]), b_desc.load([e * H + n0, k0]).T, acc)
-        r = (row0 + tl.arange(0, BM)).to(tl.int64)
-        n = n0 + tl.arange(0, BN)
-        tl.store(y_ptr + r[:, None] * H + n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(r < rend)[:, None] & (n < H)[None, :])
+        _down_tile(a_desc, b_desc, y_ptr, e, row0, rend, n0, H, I, BM, BN, BK)
 
 
 # persistent kernels: (BN, BK, warps, stages, CTAs per SM, warp-specialised); BM is PERSIST_BM (the
@@ -212,13 +219,23 @@ def _set_b_block(nargs):
     nargs["b_desc"].block_shape = [nargs["BN"], nargs["BK"]]
 
 
-def _mconfigs(shapes):
+def _set_mixed_blocks(nargs):
+    """The mixed down's two boxes over h (the tile heights) and the weights' box."""
+    nargs["a_desc"].block_shape = [nargs["BM"], nargs["BK"]]
+    nargs["as_desc"].block_shape = [nargs["BM"] // 2, nargs["BK"]]
+    nargs["b_desc"].block_shape = [nargs["BN"], nargs["BK"]]
+
+
+def _mconfigs(shapes, hook):
     return [triton.Config({"BM": MIXED_BM, "BN": bn, "BK": bk, "CPS": cps, "WS": ws}, num_warps=w, num_stages=st,
-                          pre_hook=_set_b_block) for bn, bk, w, st, cps, ws in shapes]
+                          pre_hook=hook) for bn, bk, w, st, cps, ws in shapes]
 
 
 _UP_MCONFIGS = _mconfigs(((128, 64, 8, 3, 1, False), (128, 64, 8, 4, 1, False), (128, 64, 8, 3, 1, True),
-                          (128, 32, 8, 5, 1, False), (64, 64, 4, 4, 2, False), (64, 64, 8, 4, 1, False)))
+                          (128, 32, 8, 5, 1, False), (64, 64, 4, 3, 2, False), (64, 64, 8, 4, 1, False)), _set_b_block)
+# down: one accumulator, so 128 x 256 fits 8 warps
+_DOWN_MCONFIGS = _mconfigs(((256, 64, 8, 3, 1, False), (128, 64, 8, 4, 1, False), (128, 128, 8, 3, 1, False),
+                            (128, 64, 4, 3, 2, False), (256, 64, 8, 3, 1, True)), _set_mixed_blocks)
 
 
 @autotune(_UP_MCONFIGS, key=["H", "I", "RB"])
@@ -263,6 +280,26 @@ def _down_persistent_kernel(a_desc, b_desc, tile_ptr, y_ptr, H, I, RB, BM: tl.co
         n = n0 + tl.arange(0, BN)
         tl.store(y_ptr + r[:, None] * H + n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=(r < rend)[:, None] & (n < H)[None, :])
+
+
+@autotune(_DOWN_MCONFIGS, key=["H", "I", "RB"])
+@triton.jit(do_not_specialize=["RB"])
+def _down_mixed_kernel(a_desc, as_desc, b_desc, tile_ptr, y_ptr, H, I, RB, BM: tl.constexpr, BN: tl.constexpr,
+                       BK: tl.constexpr, CPS: tl.constexpr, WS: tl.constexpr):
+    """_down_persistent_kernel's product over _gate_up_mixed_kernel's table and tile shapes: a_desc
+    and as_desc are h with BM- and BM // 2-row boxes."""
+    NN = tl.cdiv(H, BN)
+    total = tl.load(tile_ptr) * NN
+    for t in tl.range(tl.program_id(0), total, tl.num_programs(0), warp_specialize=WS):
+        pm = t // NN
+        n0 = (t % NN) * BN
+        e = tl.load(tile_ptr + 1 + 3 * pm)
+        row0 = tl.load(tile_ptr + 2 + 3 * pm)
+        rend = tl.load(tile_ptr + 3 + 3 * pm)
+        if rend - row0 <= BM // 2:
+            _down_tile(as_desc, b_desc, y_ptr, e, row0, rend, n0, H, I, BM // 2, BN, BK)
+        else:
+            _down_tile(a_desc, b_desc, y_ptr, e, row0, rend, n0, H, I, BM, BN, BK)
 
 
 def _pgrid(device, NT: int, N: int):
@@ -310,14 +347,22 @@ def gate_up(xs: torch.Tensor, gate_up_proj: torch.Tensor, counts: torch.Tensor,
 
 
 def down(h: torch.Tensor, down_proj: torch.Tensor, counts: torch.Tensor,
-         tiles: torch.Tensor | None = None) -> torch.Tensor:
-    """h [M, I] expert-sorted rows, down_proj [E, H, I] -> y [M, H] (persistent with `tiles`)."""
+         tiles: torch.Tensor | None = None, mixed: bool = False) -> torch.Tensor:
+    """h [M, I] expert-sorted rows, down_proj [E, H, I] -> y [M, H] (persistent with `tiles`; the
+    mixed-tile kernel with `mixed` too, tiles then of MIXED_BM rows)."""
     M, I = h.shape
     E, H, _ = down_proj.shape
     y = torch.empty(M, H, dtype=h.dtype, device=h.device)
     dummy = [1, 1]
     a = TensorDescriptor(h, [M, I], [I, 1], dummy)
     b = TensorDescriptor(down_proj, [E * H, I], [I, 1], dummy)
+    if mixed:
+        if tiles is None:
+            raise ValueError("down(mixed=True) needs tiles (tile_table(counts, M, MIXED_BM))")
+        a_small = TensorDescriptor(h, [M, I], [I, 1], dummy)
+        _down_mixed_kernel[_pgrid(h.device, (tiles.shape[0] - 1) // 3, H)](a, a_small, b, tiles, y, H, I,
+                                                                           _rows_class(M, E))
+        return y
     if tiles is not None:
         _down_persistent_kernel[_pgrid(h.device, (tiles.shape[0] - 1) // 3, H)](a, b, tiles, y, H, I,
                                                                                  _rows_class(M, E))
