@@ -3,15 +3,21 @@
 weights, and the same weights quantised to block-FP8 by layers/quant.py's to_fp8_), one GPU.
 
     python benchmarks/bench_state_dtype_gpu.py --out state_dtype.json [--commit SHA] [--sizes 1,16,64,256]
+    # the pipelined decode kernel (gdn_decode variant="pipelined") against the default:
+    python benchmarks/bench_state_dtype_gpu.py --out decode_pipe.json --sizes 64,256 --weights fp8 \
+        --sweep --decode-variants tiles,pipelined --no-accuracy
 
 Sections, in this order (each writes its results into the JSON as it finishes; a failing one
 records its error):
   kernel    one DeltaNet layer's fused decode step (triton/gdn_decode.py) alone at each B, on an fp32
             and a bf16 pool: us, and GB/s over the state bytes read + written (B <= 16: host-bound,
-            the Python wrapper's launches take longer than the kernels); --sweep: also each
-            (dv tile, warps) of SWEEP at B = 64 and 256
+            the Python wrapper's launches take longer than the kernels), for the default kernel and
+            the pipelined variant (rows `B{n}_pipelined`, with its relative error against the default
+            after one step); --sweep: also each (dv tile, warps) of SWEEP and each (dv tile, warps,
+            items, stages) of gdn_decode.PIPE_SWEEP at B = 64 and 256
   decode    one step (forward + logits) at each B with 1K tokens of context, by CUDA-graph replay,
-            for bf16 and fp8 weights, with the pool in float32 and in bfloat16; floors = bytes the
+            for bf16 and fp8 weights, with the pool in float32 and in bfloat16, per decode kernel
+            variant of --decode-variants (rows `{weights}_pipelined` for the pipelined one); floors = bytes the
             step must move (weights but the embedding, the experts uniform routing touches, the
             states read + written in the pool's dtype, KV) / measured copy bandwidth
   accuracy  per weight type: 16 prompts x 1008 tokens prefilled through the cached path, then 8
@@ -37,6 +43,7 @@ from benchmarks.gpu_fp8 import build, floor_ms
 from benchmarks.gpu_model import BS, CTX, DIMS, decode_setup, make_cache, rel_err
 from qwen3next.engine.cuda_graph import CudaGraphRunner
 from qwen3next.forward_batch import ForwardBatch
+from qwen3next.kernels.triton import gdn_decode as gdn_decode_mod
 from qwen3next.kernels.triton.gdn_decode import gdn_decode
 
 RES: dict = {}
@@ -82,26 +89,42 @@ def ceilings() -> float:
     return RES["copy_bw_GBps"]
 
 
+def kernel_runs(sizes: list[int], sweep: bool) -> list[tuple[int, str, dict]]:
+    """(B, row name, gdn_decode kwargs) of the kernel section."""
+    runs = [(B, f"B{B}", {"variant": "tiles"}) for B in sizes] + [(B, f"B{B}_pipelined", {"variant": "pipelined"}) for B in sizes]
+    if sweep:
+        for B in (64, 256):
+            runs += [(B, f"B{B}_bv{bv}_w{w}", {"bv": bv, "num_warps": w, "variant": "tiles"}) for bv, w in SWEEP]
+            runs += [(B, f"B{B}_pipe_bv{bv}_w{w}_i{n}_s{st}", {"bv": bv, "num_warps": w, "items": n, "stages": st,
+                                                               "variant": "pipelined"})
+                     for bv, w, n, st in gdn_decode_mod.PIPE_SWEEP]
+    return runs
+
+
 @section
 def kernel(res, sizes: list[int], sweep: bool = False):
     C = 2 * HK * DK + HV * DV
     g = torch.Generator(device="cuda").manual_seed(0)
-    runs = [(B, None) for B in sizes] + ([(B, c) for B in (64, 256) for c in SWEEP] if sweep else [])
-    for B, cfg in runs:
+    for B, key, kw in kernel_runs(sizes, sweep):
         m = torch.randn(B, C, device="cuda", dtype=torch.bfloat16, generator=g)
         ab = torch.randn(B, 2 * HV, device="cuda", dtype=torch.bfloat16, generator=g)
         w = 0.5 * torch.randn(C, 4, device="cuda", dtype=torch.bfloat16, generator=g)
         conv = torch.randn(B, C, 3, device="cuda", dtype=torch.bfloat16, generator=g)
         A_log, dtb = torch.randn(HV, device="cuda", generator=g), torch.randn(HV, device="cuda", dtype=torch.bfloat16)
         slots = torch.arange(B, device="cuda")
-        kw = {} if cfg is None else {"bv": cfg[0], "num_warps": cfg[1]}
-        row = res[f"B{B}" if cfg is None else f"B{B}_bv{cfg[0]}_w{cfg[1]}"] = {}
+        row = res[key] = {}
         for name, dt in POOLS.items():
             pool = (0.1 * torch.randn(B, HV, DK, DV, device="cuda", generator=g)).to(dt)
+            if kw.get("variant") == "pipelined":  # one step of each kernel from the same pools
+                c1, p1, c2, p2 = conv.clone(), pool.clone(), conv.clone(), pool.clone()
+                o1 = gdn_decode(m, ab[:, HV:], ab[:, :HV], w, c1, p1, slots, A_log, dtb, HK, variant="tiles")
+                o2 = gdn_decode(m, ab[:, HV:], ab[:, :HV], w, c2, p2, slots, A_log, dtb, HK, **kw)
+                row[f"{name}_vs_tiles"] = {"o_rel_err": float(f"{rel_err(o2, o1):.3g}"),
+                                           "state_rel_err": float(f"{rel_err(p2, p1):.3g}")}
             us = 1e3 * do_bench(lambda: gdn_decode(m, ab[:, HV:], ab[:, :HV], w, conv, pool, slots, A_log, dtb, HK,
                                                    **kw), warmup=10, rep=50, return_mode="median")
             row[name] = {"us": round(us, 1), "state_GBps": round(state_bytes(B, dt) / NUM_GDN / us / 1e3, 1)}
-        print(f"kernel B={B} {cfg or 'default'}: {row}", flush=True)
+        print(f"kernel {key}: {row}", flush=True)
 
 
 @section
@@ -191,6 +214,8 @@ def main() -> None:
     ap.add_argument("--weights", default="bf16,fp8", help="which models: bf16, fp8 or both ('' = none)")
     ap.add_argument("--sweep", action="store_true", help="the kernel section also sweeps (bv, num_warps)")
     ap.add_argument("--no-accuracy", action="store_true")
+    ap.add_argument("--decode-variants", default="tiles",
+                    help="decode kernel variants the decode section times: tiles, pipelined or both")
     a = ap.parse_args()
     OUT = a.out
     sizes = [int(s) for s in a.sizes.split(",")]
@@ -205,7 +230,10 @@ def main() -> None:
         t0 = time.time()
         model = build(name == "fp8")
         RES.setdefault("build_s", {})[name] = round(time.time() - t0, 1)
-        decode(name, model, sizes, bw)
+        for variant in a.decode_variants.split(","):
+            gdn_decode_mod.PIPELINED = variant == "pipelined"  # read per call, so the capture takes it
+            decode(name if variant == "tiles" else f"{name}_{variant}", model, sizes, bw)
+        gdn_decode_mod.PIPELINED = False
         if not a.no_accuracy:
             accuracy(name, model)
         del model
