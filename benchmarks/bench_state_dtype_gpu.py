@@ -91,7 +91,8 @@ def ceilings() -> float:
 
 def kernel_runs(sizes: list[int], sweep: bool) -> list[tuple[int, str, dict]]:
     """(B, row name, gdn_decode kwargs) of the kernel section."""
-    runs = [(B, f"B{B}", {"variant": "tiles"}) for B in sizes] + [(B, f"B{B}_pipelined", {"variant": "pipelined"}) for B in sizes]
+    runs = [(B, f"B{B}", {"variant": "tiles"}) for B in sizes]
+    runs += [(B, f"B{B}_pipelined", {"variant": "pipelined"}) for B in sizes]
     if sweep:
         for B in (64, 256):
             runs += [(B, f"B{B}_bv{bv}_w{w}", {"bv": bv, "num_warps": w, "variant": "tiles"}) for bv, w in SWEEP]
