@@ -6,7 +6,7 @@ tile table, no host sync) and BN output columns; the A rows and the weight tiles
 TMA boxes (rows past the expert's end belong to the next expert or are zero-filled: computed,
 never stored). Gate/up holds two accumulators and writes h = silu(gate) * up directly (no [M, 2I]
 intermediate); down writes the expert-sorted y that moe_grouped's unsort-sum reads. The persistent
-forms walk a table of tiles instead (tile_table); the mixed gate/up's table holds tiles of two heights.
+forms walk a table of tiles instead (tile_table); the mixed ones give its tiles one of two heights.
 """
 
 from __future__ import annotations
@@ -182,6 +182,7 @@ def _gate_up_persistent_kernel(a_desc, b_desc, tile_ptr, h_ptr, x_ptr, src_ptr, 
     column tile) pairs (CPS only sizes the grid)."""
     NN = tl.cdiv(I, BN)
     total = tl.load(tile_ptr) * NN
+    # _gate_up_tile's body written out, kk hoisted (the measured default's code; the call form reorders it)
     kk = tl.arange(0, BK)
     for t in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=not WS, warp_specialize=WS):
         pm = t // NN
@@ -209,7 +210,7 @@ def _gate_up_persistent_kernel(a_desc, b_desc, tile_ptr, h_ptr, x_ptr, src_ptr, 
         tl.store(h_ptr + r[:, None] * I + n[None, :], hv.to(dt), mask=(r < rend)[:, None] & (n < I)[None, :])
 
 
-# mixed gate/up: the table's tiles are MIXED_BM rows; an expert's last tile with at most half of that
+# mixed kernels: the table's tiles are MIXED_BM rows; an expert's last tile with at most half of that
 # left runs as a MIXED_BM / 2-row tile (160 rows: 128 + 64, not 64 + 64 + 64 or 128 + 128). Configs:
 # (BN, BK, warps, stages, CPS, WS); two fp32 [MIXED_BM, BN] accumulators need 8 warps at BN = 128
 MIXED_BM = 128
@@ -273,13 +274,7 @@ def _down_persistent_kernel(a_desc, b_desc, tile_ptr, y_ptr, H, I, RB, BM: tl.co
         e = tl.load(tile_ptr + 1 + 3 * pm)
         row0 = tl.load(tile_ptr + 2 + 3 * pm)
         rend = tl.load(tile_ptr + 3 + 3 * pm)
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for k0 in range(0, I, BK):
-            acc = tl.dot(a_desc.load([row0, k0]), b_desc.load([e * H + n0, k0]).T, acc)
-        r = (row0 + tl.arange(0, BM)).to(tl.int64)
-        n = n0 + tl.arange(0, BN)
-        tl.store(y_ptr + r[:, None] * H + n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(r < rend)[:, None] & (n < H)[None, :])
+        _down_tile(a_desc, b_desc, y_ptr, e, row0, rend, n0, H, I, BM, BN, BK)
 
 
 @autotune(_DOWN_MCONFIGS, key=["H", "I", "RB"])
