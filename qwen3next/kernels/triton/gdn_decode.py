@@ -29,12 +29,13 @@ from .conv1d import causal_conv1d_update
 
 PIPELINED = switch("QWEN3NEXT_GDN_DECODE_PIPELINED") == "1"
 # the pipelined kernel's defaults: dv tile, warps, items per program (at most), pipeline stages
-PIPE_BV, PIPE_WARPS, PIPE_ITEMS, PIPE_STAGES = 16, 1, 8, 2
-# (bv, num_warps, items, stages) the GPU benchmark times and check_mixers_compile.py compiles
-# (32, 1, ...): 16 key rows per thread, ~12 instead of ~16 instructions per state element on sm_90
-# (fewer shuffles) but ~250 registers
-PIPE_SWEEP = [(16, 1, 8, 2), (16, 1, 8, 3), (16, 1, 16, 2), (8, 1, 8, 2), (8, 1, 8, 3), (32, 1, 8, 2),
-              (32, 1, 4, 2), (32, 2, 8, 2), (32, 4, 8, 2), (64, 4, 4, 2), (64, 8, 4, 2)]
+PIPE_BV, PIPE_WARPS, PIPE_ITEMS, PIPE_STAGES = 16, 1, 8, 3
+# (bv, num_warps, items, stages) the GPU benchmark times and check_mixers_compile.py compiles. In the
+# sm_90 SASS, stages = 2 issues the next item's copies after this item's math and waits for them at
+# the loop top (no overlap); from 3 up, stages - 2 items stream in while one computes. (32, 1, ...):
+# 16 key rows per thread, ~12 instead of ~16 instructions per state element (fewer shuffles).
+PIPE_SWEEP = [(16, 1, 8, 3), (16, 1, 8, 2), (16, 1, 8, 4), (16, 1, 16, 3), (8, 1, 8, 3), (8, 1, 8, 4),
+              (32, 1, 8, 3), (32, 1, 8, 2), (32, 4, 8, 3), (64, 4, 4, 3), (64, 8, 4, 3)]
 
 
 @triton.jit
