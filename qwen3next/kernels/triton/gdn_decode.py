@@ -34,8 +34,8 @@ PIPE_BV, PIPE_WARPS, PIPE_ITEMS, PIPE_STAGES = 16, 1, 8, 3
 # sm_90 SASS, stages = 2 issues the next item's copies after this item's math and waits for them at
 # the loop top (no overlap); from 3 up, stages - 2 items stream in while one computes. (32, 1, ...):
 # 16 key rows per thread, ~12 instead of ~16 instructions per state element (fewer shuffles).
-PIPE_SWEEP = [(16, 1, 8, 3), (16, 1, 8, 2), (16, 1, 8, 4), (16, 1, 16, 3), (8, 1, 8, 3), (8, 1, 8, 4),
-              (32, 1, 8, 3), (32, 1, 8, 2), (32, 4, 8, 3), (64, 4, 4, 3), (64, 8, 4, 3)]
+PIPE_SWEEP = [(16, 1, 8, 3), (16, 1, 8, 2), (16, 1, 8, 4), (16, 1, 4, 3), (16, 1, 16, 3), (8, 1, 8, 3),
+              (8, 1, 8, 4), (32, 1, 8, 3), (32, 1, 8, 2), (32, 4, 8, 3), (64, 4, 4, 3), (64, 8, 4, 3)]
 
 
 @triton.jit
