@@ -14,7 +14,7 @@ PIPELINED (opt-in: QWEN3NEXT_GDN_DECODE_PIPELINED=1, or `variant="pipelined"`) s
 launch for `_decode_pipe_kernel`: each program walks ITEMS consecutive (v-head, dv tile) items of
 one sequence in a loop whose state loads Triton pipelines (cp.async into shared memory, `stages`
 deep), so the next tile streams in while this one computes; tiles are narrow (default 128 x 16 on
-one warp: 8 key rows per thread, the key-dim sums inside one warp, no barriers) and q / k enter
+one warp: 8 key rows per thread, the key-dim sums inside one warp) and q / k enter
 unnormalised, their norms folded into per-column scalars. Not yet measured on a GPU.
 """
 
@@ -33,7 +33,7 @@ PIPE_BV, PIPE_WARPS, PIPE_ITEMS, PIPE_STAGES = 16, 1, 8, 3
 # (bv, num_warps, items, stages) the GPU benchmark times and check_mixers_compile.py compiles. In the
 # sm_90 SASS, stages = 2 issues the next item's copies after this item's math and waits for them at
 # the loop top (no overlap); from 3 up, stages - 2 items stream in while one computes. (32, 1, ...):
-# 16 key rows per thread, ~12 instead of ~16 instructions per state element (fewer shuffles).
+# 16 key rows per thread, 11 instead of 14 instructions per state element (fewer shuffles).
 PIPE_SWEEP = [(16, 1, 8, 3), (16, 1, 8, 2), (16, 1, 8, 4), (16, 1, 4, 3), (16, 1, 16, 3), (8, 1, 8, 3),
               (8, 1, 8, 4), (32, 1, 8, 3), (32, 1, 8, 2), (32, 4, 8, 3), (64, 4, 4, 3), (64, 8, 4, 3)]
 
@@ -155,8 +155,11 @@ def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A
 
 
 def _launch_pipelined(mc, a, b, A_log, dt_bias, state, slots, o, HK, bv, num_warps, items, stages) -> None:
+    """The recurrence of gdn_decode through _decode_pipe_kernel (mc post-conv [B, C]; o filled)."""
     B, (HV, DK, DV) = mc.shape[0], state.shape[1:]
     bv = min(bv or PIPE_BV, DV)
+    if DV % bv:
+        raise ValueError(f"bv={bv} does not divide head_v_dim {DV}")
     per_seq = HV * (DV // bv)
     # enough programs for every SM at small B (~512), at most `items` each; a divisor of per_seq
     n = max(1, min(items or PIPE_ITEMS, per_seq, B * per_seq // 512))
