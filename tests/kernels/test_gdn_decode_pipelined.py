@@ -39,12 +39,10 @@ def _steps(args, slots, steps, kernel, rows=None):
     return torch.stack(outs), conv, rec
 
 
-@pytest.mark.parametrize("cfg", range(len(CONFIGS)))
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("B", [1, 3, 64])
-def test_pipelined_matches_reference(B, state_dtype, cfg):
-    if B == 64 and cfg:  # the big batch once per pool dtype keeps the interpreter run short
-        pytest.skip("B = 64 runs the default configuration only")
+# every configuration at B = 1 and 3; the big batch with the default one (interpreter time)
+@pytest.mark.parametrize("B,cfg", [(B, c) for B in (1, 3) for c in range(len(CONFIGS))] + [(64, 0)])
+def test_pipelined_matches_reference(B, cfg, state_dtype):
     steps, N = 3, B + 4
     args = _case(B, steps, 2, 4, 16, 32, N, state_dtype, seed=B + cfg)
     slots = torch.randperm(N, generator=seeded(B))[:B].to(DEV)
