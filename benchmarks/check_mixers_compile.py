@@ -28,7 +28,7 @@ from qwen3next.kernels.triton import (attention, conv1d, delta_rule, delta_rule_
                                       rotary)
 
 TARGET = GPUTarget("cuda", 90, 32)
-NO_SPECIALIZE = {"T", "TB", "B", "P", "R", "NH", "S0", "S1", "N"}
+NO_SPECIALIZE = {"T", "TB", "B", "P", "R", "NH", "S0", "S1", "N", "L"}
 FAILS: list[str] = []
 
 
@@ -82,6 +82,13 @@ def main() -> int:
         compile_one("conv_state", conv1d._conv_state_kernel, dict(x_ptr=p("bf16"), cu_ptr=p("i64"), st_ptr=p("bf16"),
                     slot_ptr=p("i64"), init_ptr=p("i1"), map_ptr=p("i64"), C="i32", SX="i32"),
                     dict(K=4, KP=4, BC=conv1d.MAP_BC if mapped else 256, MAPPED=mapped))
+    stream = dict(x_ptr=p("bf16"), w_ptr=p("bf16"), y_ptr=p("bf16"), cu_ptr=p("i64"), B="i32", P="i32",
+                  st_ptr=p("bf16"), slot_ptr=p("i64"), init_ptr=p("i1"), map_ptr=p("i64"), T="i32", C="i32", SX="i32",
+                  scale="fp32", L="i32")
+    tiles = sorted({(r, w, pf) for r, _, w, pf in conv1d.STREAM_CONFIGS})  # (L is a run-time argument)
+    for (r, w, pf), qk, state, mapped in itertools.product(tiles, (0, 32), (False, True), (False, True)):
+        const = dict(HAS_STATE=state, QK_HEADS=qk, MAPPED=mapped, R=r, BC=128, PF=pf)  # (opt-in conv1d.STREAM)
+        no_spills(f"conv_stream {const}", compile_one("conv_stream", conv1d._conv_stream_kernel, stream, const, w))
     for mp in (0, 16):
         compile_one("conv_update", conv1d._conv_update_kernel, dict(x_ptr=p("bf16"), w_ptr=p("bf16"), y_ptr=p("bf16"),
                     st_ptr=p("bf16"), slot_ptr=p("i64"), map_ptr=p("i64"), C="i32", SX="i32"),

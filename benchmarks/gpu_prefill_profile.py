@@ -3,6 +3,7 @@ the torch elementwise / copy kernels, wall vs kernel sum. The 80B slice of bench
 (its dimensions, random weights, cache and step), built directly (no transformers model).
 
     python benchmarks/gpu_prefill_profile.py --out-dir $OUT [--variants base,new] [--reps 10]
+    python benchmarks/gpu_prefill_profile.py --out-dir $OUT --quick --variants new,stream   # streaming conv A/B
 
 Per variant (a named set of module switches, applied in one process on the same weights):
   wall_ms      median of `reps` prefills, each alone on the device (gpu_model.timed: host included)
@@ -40,13 +41,16 @@ T = 8192
 RES: dict = {}
 # name -> {"module.attr": value}: the variants this script can A/B in one process
 _GROUPED, _SPLIT = "qwen3next.layers.gated_deltanet.GROUPED_MAX_T", "qwen3next.kernels.triton.conv1d.SPLIT_STATE"
+_STREAM = "qwen3next.kernels.triton.conv1d.STREAM"
 VARIANTS = {
     # session 4's path: q / k / v copied for the conv above 512 tokens, the conv in one launch
-    "base": {_GROUPED: 512, _SPLIT: False},
+    "base": {_GROUPED: 512, _SPLIT: False, _STREAM: False},
     # the grouped projection read in place by the conv at any length (session 5)
-    "new": {_GROUPED: 1 << 40, _SPLIT: False},
+    "new": {_GROUPED: 1 << 40, _SPLIT: False, _STREAM: False},
     # + the conv's state rows in a second launch (the main one without the state path's registers)
-    "split": {_GROUPED: 1 << 40, _SPLIT: True},
+    "split": {_GROUPED: 1 << 40, _SPLIT: True, _STREAM: False},
+    # "new" with the streaming conv (conv1d.STREAM, its STREAM_CFG: --stream-cfg sets it)
+    "stream": {_GROUPED: 1 << 40, _SPLIT: False, _STREAM: True},
 }
 
 
@@ -387,6 +391,25 @@ def conv_tiles(res: dict) -> None:
                                                           qk_heads=(Hk, dk)), warmup=10, rep=40, return_mode="median")
         rows[f"layer call, state {'split' if split else 'in one launch'}"] = round(ms * 1e3, 1)
     conv1d.SPLIT_STATE = default
+    # the streaming kernel (conv1d.STREAM) per config, the same layer call; its output vs the default's
+    want = conv1d.causal_conv1d_varlen(p, w, cu, pool.clone(), slots, init, x_cols=cols, qk_heads=(Hk, dk))
+    stream, cfg = conv1d.STREAM, conv1d.STREAM_CFG
+    try:
+        conv1d.STREAM = True
+        for c in conv1d.STREAM_CONFIGS:
+            conv1d.STREAM_CFG = c
+            name = "layer call, stream R{} L{} w{} pf{}".format(*c)
+            try:
+                ms = do_bench(lambda: conv1d.causal_conv1d_varlen(p, w, cu, pool, slots, init, x_cols=cols,
+                                                                  qk_heads=(Hk, dk)), warmup=10, rep=40,
+                              return_mode="median")
+                got = conv1d.causal_conv1d_varlen(p, w, cu, pool.clone(), slots, init, x_cols=cols, qk_heads=(Hk, dk))
+                rows[name] = round(ms * 1e3, 1)
+                rows[name + " max|diff| vs default"] = float((got.float() - want.float()).abs().max())
+            except Exception as e:
+                rows[name] = repr(e)[:120]
+    finally:
+        conv1d.STREAM, conv1d.STREAM_CFG = stream, cfg
     res["conv_8k_us"] = rows
     res["conv_floor_us"] = round(2 * T * C * 2 / 4.25e12 * 1e6, 1)
     print("conv 8K (us):", rows, flush=True)
@@ -401,7 +424,12 @@ def main() -> None:
     ap.add_argument("--commit", default=None)
     ap.add_argument("--quick", action="store_true", help="wall, host, graph replay and kernel sums only")
     ap.add_argument("--no-conv", action="store_true", help="skip the conv tile sweep")
+    ap.add_argument("--stream-cfg", default=None, help="R,L,warps,PF: conv1d.STREAM_CFG for the 'stream' variant")
     a = ap.parse_args()
+    if a.stream_cfg:
+        from qwen3next.kernels.triton import conv1d
+
+        conv1d.STREAM_CFG = tuple(int(v) for v in a.stream_cfg.split(","))
     os.makedirs(a.out_dir, exist_ok=True)
     gm.OUT = os.path.join(a.out_dir, "prefill_profile.json")
     gm.RES = RES

@@ -223,22 +223,33 @@ def _conv_state_kernel(x_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, map_ptr, C, SX
 # 3-row halo per run), the taps in registers for the whole run and the next rows loaded PF steps ahead.
 # The loop ignores sequence starts; the first 3 rows of each sequence in the span are redone after it.
 STREAM = switch("QWEN3NEXT_CONV_STREAM") == "1"
-# (R runs, L tokens per run, warps, PF rows loaded ahead: 1 or 2); L shrinks to cdiv(T, R) for short batches
-STREAM_CFG = (8, 32, 4, 2)
+# (R runs, L tokens per run, warps, PF rows loaded ahead: 1 to 4); L shrinks to cdiv(T, R) for short batches.
+# Not yet timed on a GPU: benchmarks/gpu_prefill_profile.py times all of these, the first is the default
+# (ptxas, triton 3.6, sm_90: 116-148 registers, no spills; <= 128 for the 8-warp ones: 2 programs per SM).
+STREAM_CONFIGS = [(16, 32, 8, 3), (16, 64, 8, 3), (16, 32, 8, 2), (8, 32, 4, 2), (8, 64, 4, 2), (8, 32, 4, 1),
+                  (8, 32, 4, 4)]
+STREAM_CFG = STREAM_CONFIGS[0]
 
 
 @triton.jit
 def _silu_norm(acc, pid_c, scale, QK_HEADS: tl.constexpr):
     """silu, then for a q / k head (BC == DK: channel block pid_c is head pid_c) the L2 norm of each
-    row (q also scaled): a row sum, no reshape."""
-    y = acc / (1.0 + tl.exp(-acc))
-    if QK_HEADS > 0:
+    row (q also scaled): a row sum, no reshape. The silu's division is the fast one (rcp + mul, vs the
+    default kernel's IEEE division: ~6 instructions of ~30 per element; within 2 ulp of fp32)."""
+    y = tl.fdiv(acc, 1.0 + tl.exp(-acc), ieee_rounding=False)
+    if QK_HEADS > 0:  # noqa: SIM102 (a compile-time test around a run-time one)
         if pid_c < QK_HEADS:
             inv = 1.0 / tl.sqrt(tl.sum(y * y, 1) + 1e-6)                    # [rows]
             if pid_c < QK_HEADS // 2:
                 inv = inv * scale
             y = y * inv[:, None]
     return y
+
+
+@triton.jit
+def _stream_row(xp, t0, s, T, L, SX, cm2):
+    """[R, BC] inputs of step s of every run (zeros past the run or the batch)."""
+    return tl.load(xp + s * SX, mask=cm2 & ((t0 + s < T) & (s < t0 * 0 + L))[:, None], other=0.0)
 
 
 @triton.jit(do_not_specialize=["T", "B", "P", "L"])
@@ -262,27 +273,40 @@ def _conv_stream_kernel(x_ptr, w_ptr, y_ptr, cu_ptr, B, P, st_ptr, slot_ptr, ini
     xp = x_ptr + (t0.to(tl.int64) * SX)[:, None] + xc[None, :]            # [R, BC] run starts' inputs
     yp = y_ptr + (t0.to(tl.int64) * C)[:, None] + c[None, :]              # and outputs
     # halo: the three rows before each run
-    x3 = tl.load(xp - 3 * SX, mask=cm2 & ((t0 >= 3) & (t0 - 3 < T))[:, None], other=0.0)
-    x2 = tl.load(xp - 2 * SX, mask=cm2 & ((t0 >= 2) & (t0 - 2 < T))[:, None], other=0.0)
-    x1 = tl.load(xp - SX, mask=cm2 & ((t0 >= 1) & (t0 - 1 < T))[:, None], other=0.0)
-    xn = tl.load(xp, mask=cm2 & (t0 < T)[:, None], other=0.0)
-    if PF == 2:
-        xm = tl.load(xp + SX, mask=cm2 & ((t0 + 1 < T) & (t0 + 1 < t0 + L))[:, None], other=0.0)
-    for s in range(0, L):
+    # (carried in fp32: each input converted once, not at each of its four taps)
+    x3 = tl.load(xp - 3 * SX, mask=cm2 & ((t0 >= 3) & (t0 - 3 < T))[:, None], other=0.0).to(tl.float32)
+    x2 = tl.load(xp - 2 * SX, mask=cm2 & ((t0 >= 2) & (t0 - 2 < T))[:, None], other=0.0).to(tl.float32)
+    x1 = tl.load(xp - SX, mask=cm2 & ((t0 >= 1) & (t0 - 1 < T))[:, None], other=0.0).to(tl.float32)
+    # the PF rows ahead of each run (bf16 in flight, packed: 4 registers per 8 inputs), oldest first
+    xa = _stream_row(xp, t0, 0, T, L, SX, cm2)
+    if PF >= 2:
+        xb = _stream_row(xp, t0, 1, T, L, SX, cm2)
+    if PF >= 3:
+        xd = _stream_row(xp, t0, 2, T, L, SX, cm2)
+    if PF >= 4:
+        xe = _stream_row(xp, t0, 3, T, L, SX, cm2)
+    # unrolled by 12 (the 3-input rotation, the PF-deep queue): carried values renamed, not moved
+    for s in tl.range(0, L, loop_unroll_factor=12):
         t = t0 + s                                     # [R] this step's token of each run
-        x0 = xn
+        x0 = xa.to(tl.float32)
         # the rows PF steps ahead, issued before this step's math and store
-        if PF == 2:
-            xn = xm
-            xm = tl.load(xp + (s + 2) * SX, mask=cm2 & ((t + 2 < T) & (t + 2 < t0 + L))[:, None], other=0.0)
+        if PF == 1:
+            xa = _stream_row(xp, t0, s + 1, T, L, SX, cm2)
+        elif PF == 2:
+            xa = xb
+            xb = _stream_row(xp, t0, s + 2, T, L, SX, cm2)
+        elif PF == 3:
+            xa, xb = xb, xd
+            xd = _stream_row(xp, t0, s + 3, T, L, SX, cm2)
         else:
-            xn = tl.load(xp + (s + 1) * SX, mask=cm2 & ((t + 1 < T) & (t + 1 < t0 + L))[:, None], other=0.0)
+            xa, xb, xd = xb, xd, xe
+            xe = _stream_row(xp, t0, s + 4, T, L, SX, cm2)
         # (the default kernel's order of the taps: the same fp32 sums)
         acc = tl.zeros([R, BC], dtype=tl.float32)
-        acc += x3.to(tl.float32) * w0[None, :]
-        acc += x2.to(tl.float32) * w1[None, :]
-        acc += x1.to(tl.float32) * w2[None, :]
-        acc += x0.to(tl.float32) * w3[None, :]
+        acc += x3 * w0[None, :]
+        acc += x2 * w1[None, :]
+        acc += x1 * w2[None, :]
+        acc += x0 * w3[None, :]
         y = _silu_norm(acc, pid_c, scale, QK_HEADS)
         tl.store(yp + s * C, y.to(y_ptr.dtype.element_ty), mask=cm2 & (t < T)[:, None])
         x3, x2, x1 = x2, x1, x0
