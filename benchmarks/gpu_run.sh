@@ -2,7 +2,7 @@
 # One device call: the GPU tests and benchmarks named in $STEPS, results under $OUT (default ./out).
 #   STEPS="tests spec kernels model" OUT=/tmp/o bash benchmarks/gpu_run.sh
 # TESTS overrides the test paths of the tests step (full -v log in $OUT/pytest_gpu.txt: per-test results survive a cut)
-# steps: tests verify profile spec kernels model modelhf fp8 engine (see the case below)
+# steps: tests verify profile spec kernels model modelhf fp8 engine pending (see the case below)
 # fla-core (for gpu_kernels / transformers) is installed from .whl/ when it is there.
 # STEP_TIMEOUT (seconds, default 600) caps each step, so one slow step leaves time for the rest;
 # test steps run with QWEN3NEXT_AUTOTUNE=0 (first config only: correctness, fewer compiles);
@@ -28,6 +28,7 @@ for s in $STEPS; do
     model)   timeout $T python3 benchmarks/gpu_model.py --no-hf --no-engine --out "$OUT/gpu_model.json" --commit "$COMMIT" 2>&1 | grep -v "^ \|^{\|^}" | tail -20 ;;
     modelhf) timeout $T python3 benchmarks/gpu_model.py --no-engine --out "$OUT/gpu_model.json" --commit "$COMMIT" 2>&1 | grep -v "^ \|^{\|^}" | tail -30 ;;
     fp8)     timeout $T python3 benchmarks/gpu_fp8.py --no-w8a16 --out "$OUT/gpu_fp8.json" --commit "$COMMIT" 2>&1 | tail -25 ;;
+    pending) bash benchmarks/gpu_pending_ab.sh ;;   # session 5's unmeasured opt-in paths: tests + A/Bs
     engine)  timeout $T python3 benchmarks/gpu_model.py --only-engine --engine-passes 2 --out "$OUT/gpu_engine.json" --commit "$COMMIT" 2>&1 | grep "engine pass" ;;
     *)       echo "unknown step $s" ;;
   esac
