@@ -87,7 +87,7 @@ def main() -> int:
                   scale="fp32", L="i32")
     tiles = sorted({(r, w, pf) for r, _, w, pf in conv1d.STREAM_CONFIGS})  # (L is a run-time argument)
     for (r, w, pf), qk, state, mapped in itertools.product(tiles, (0, 32), (False, True), (False, True)):
-        const = dict(HAS_STATE=state, QK_HEADS=qk, MAPPED=mapped, R=r, BC=128, PF=pf)  # (opt-in conv1d.STREAM)
+        const = dict(HAS_STATE=state, QK_HEADS=qk, MAPPED=mapped, R=r, BC=128, PF=pf, FAST=True)  # (conv1d.STREAM)
         no_spills(f"conv_stream {const}", compile_one("conv_stream", conv1d._conv_stream_kernel, stream, const, w))
     for mp in (0, 16):
         compile_one("conv_update", conv1d._conv_update_kernel, dict(x_ptr=p("bf16"), w_ptr=p("bf16"), y_ptr=p("bf16"),

@@ -14,11 +14,13 @@ each channel tile from the column `map[first channel]` on (no gather, no copy of
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ...env_switches import switch
 from ._util import autotune, pow2, size_class
@@ -223,20 +225,25 @@ def _conv_state_kernel(x_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, map_ptr, C, SX
 # 3-row halo per run), the taps in registers for the whole run and the next rows loaded PF steps ahead.
 # The loop ignores sequence starts; the first 3 rows of each sequence in the span are redone after it.
 STREAM = switch("QWEN3NEXT_CONV_STREAM") == "1"
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (R runs, L tokens per run, warps, PF rows loaded ahead: 1 to 4); L shrinks to cdiv(T, R) for short batches.
 # Not yet timed on a GPU: benchmarks/gpu_prefill_profile.py times all of these, the first is the default
-# (ptxas, triton 3.6, sm_90: 116-148 registers, no spills; <= 128 for the 8-warp ones: 2 programs per SM).
+# (ptxas, triton 3.6, sm_90: 112-156 registers, no spills; <= 128 for the 8-warp ones: 2 programs per SM).
 STREAM_CONFIGS = [(16, 32, 8, 3), (16, 64, 8, 3), (16, 32, 8, 2), (8, 32, 4, 2), (8, 64, 4, 2), (8, 32, 4, 1),
                   (8, 32, 4, 4)]
 STREAM_CFG = STREAM_CONFIGS[0]
 
 
 @triton.jit
-def _silu_norm(acc, pid_c, scale, QK_HEADS: tl.constexpr):
+def _silu_norm(acc, pid_c, scale, QK_HEADS: tl.constexpr, FAST: tl.constexpr):
     """silu, then for a q / k head (BC == DK: channel block pid_c is head pid_c) the L2 norm of each
-    row (q also scaled): a row sum, no reshape. The silu's division is the fast one (rcp + mul, vs the
-    default kernel's IEEE division: ~6 instructions of ~30 per element; within 2 ulp of fp32)."""
-    y = tl.fdiv(acc, 1.0 + tl.exp(-acc), ieee_rounding=False)
+    row (q also scaled): a row sum, no reshape. FAST (compiled, not interpreted): the silu's exp and
+    division in their flush-to-zero approximate forms (ex2 / rcp with no denormal fix-ups: ~6 of ~25
+    instructions per value on sm_90; within 2 ulp of fp32, then rounded to bf16)."""
+    if FAST:
+        y = libdevice.fast_dividef(acc, 1.0 + libdevice.fast_expf(-acc))
+    else:  # the interpreter (no libdevice): the default kernel's operations
+        y = acc / (1.0 + tl.exp(-acc))
     if QK_HEADS > 0:  # noqa: SIM102 (a compile-time test around a run-time one)
         if pid_c < QK_HEADS:
             inv = 1.0 / tl.sqrt(tl.sum(y * y, 1) + 1e-6)                    # [rows]
@@ -255,9 +262,11 @@ def _stream_row(xp, t0, s, T, L, SX, cm2):
 @triton.jit(do_not_specialize=["T", "B", "P", "L"])
 def _conv_stream_kernel(x_ptr, w_ptr, y_ptr, cu_ptr, B, P, st_ptr, slot_ptr, init_ptr, map_ptr,
                         T, C, SX, scale, L, HAS_STATE: tl.constexpr, QK_HEADS: tl.constexpr,
-                        MAPPED: tl.constexpr, R: tl.constexpr, BC: tl.constexpr, PF: tl.constexpr):
-    pid_c = tl.program_id(1)
-    base = tl.program_id(0) * (R * L)                  # the program's first token
+                        MAPPED: tl.constexpr, R: tl.constexpr, BC: tl.constexpr, PF: tl.constexpr,
+                        FAST: tl.constexpr):
+    # channel blocks vary fastest: the programs running together read and write whole rows
+    pid_c = tl.program_id(0)
+    base = tl.program_id(1) * (R * L)                  # the program's first token
     end = tl.minimum(base + R * L, T)                  # and its end
     t0 = base + tl.arange(0, R) * L                    # [R] first token of each run
     c = pid_c * BC + tl.arange(0, BC)                  # [BC] channel
@@ -307,7 +316,7 @@ def _conv_stream_kernel(x_ptr, w_ptr, y_ptr, cu_ptr, B, P, st_ptr, slot_ptr, ini
         acc += x2 * w1[None, :]
         acc += x1 * w2[None, :]
         acc += x0 * w3[None, :]
-        y = _silu_norm(acc, pid_c, scale, QK_HEADS)
+        y = _silu_norm(acc, pid_c, scale, QK_HEADS, FAST)
         tl.store(yp + s * C, y.to(y_ptr.dtype.element_ty), mask=cm2 & (t < T)[:, None])
         x3, x2, x1 = x2, x1, x0
     # rows < 3 tokens into their sequence took taps across its start: redone from the conv state (or
@@ -335,7 +344,7 @@ def _conv_stream_kernel(x_ptr, w_ptr, y_ptr, cu_ptr, B, P, st_ptr, slot_ptr, ini
                                   mask=(sm & (src < bos))[:, None] & cm2, other=0.0).to(tl.float32)
                 wj = w0 if j == 0 else (w1 if j == 1 else (w2 if j == 2 else w3))
                 acc += xv * wj[None, :]
-            y = _silu_norm(acc, pid_c, scale, QK_HEADS)
+            y = _silu_norm(acc, pid_c, scale, QK_HEADS, FAST)
             tl.store(y_ptr + (t.to(tl.int64) * C)[:, None] + c[None, :], y.to(y_ptr.dtype.element_ty),
                      mask=tm[:, None] & cm2)
 
@@ -389,9 +398,10 @@ def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torc
         bc = MAP_BC if mapped or qk_heads is None else dk  # (a q / k norm: one head per channel block)
         r, steps, warps, pf = STREAM_CFG
         steps = max(1, min(steps, triton.cdiv(T, r)))
-        _conv_stream_kernel[(triton.cdiv(T, r * steps), triton.cdiv(C, bc))](
+        _conv_stream_kernel[(triton.cdiv(C, bc), triton.cdiv(T, r * steps))](
             x, weight, y, cu, B, P, conv_state if has_state else x, slots, init, xmap, T, C, SX, dk ** -0.5, steps,
-            HAS_STATE=has_state, QK_HEADS=2 * hk, MAPPED=mapped, R=r, BC=bc, PF=pf, num_warps=warps)
+            HAS_STATE=has_state, QK_HEADS=2 * hk, MAPPED=mapped, R=r, BC=bc, PF=pf,
+            FAST=not _INTERPRET, num_warps=warps)
         split = False
     else:
         kernel[grid](*args, K=K, HAS_STATE=has_state and not split, QK_HEADS=2 * hk, DK=dk, MAPPED=mapped,
