@@ -31,23 +31,22 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import time
-import traceback
 
 import torch
 from triton.testing import do_bench
 
 from benchmarks.gpu_fp8 import build, floor_ms
 from benchmarks.gpu_model import BS, CTX, DIMS, decode_setup, make_cache, rel_err
+from benchmarks.results import Results
 from qwen3next.engine.cuda_graph import CudaGraphRunner
 from qwen3next.forward_batch import ForwardBatch
 from qwen3next.kernels.triton import gdn_decode as gdn_decode_mod
 from qwen3next.kernels.triton.gdn_decode import gdn_decode
 
-RES: dict = {}
-OUT = "bench_state_dtype_gpu.json"
+R = Results("bench_state_dtype_gpu.json")
+RES = R.data
 POOLS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # one DeltaNet layer's state per sequence: 32 value heads x 128 x 128
 HV, DK, DV, HK = DIMS["linear_num_value_heads"], 128, 128, DIMS["linear_num_key_heads"]
@@ -55,24 +54,7 @@ NUM_GDN = 6  # DeltaNet layers in the slice
 SWEEP = [(16, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8)]  # (bv, num_warps) of gdn_decode
 
 
-def save() -> None:
-    with open(OUT, "w") as f:
-        json.dump(RES, f, indent=1)
-
-
-def section(fn):
-    def run(*a, **kw):
-        t0 = time.time()
-        res = RES.setdefault(fn.__name__, {})
-        try:
-            fn(res, *a, **kw)
-        except Exception:
-            res["error"] = traceback.format_exc()[-3000:]
-            print(res["error"], flush=True)
-        res["wall_s"] = round(time.time() - t0, 1)
-        save()
-        print(f"== {fn.__name__} done in {res['wall_s']} s", flush=True)
-    return run
+save, section = R.save, R.section
 
 
 def state_bytes(B: int, dtype: torch.dtype) -> int:
@@ -207,9 +189,8 @@ def accuracy(res, name: str, model, B: int = 16, T: int = CTX - 16, steps: int =
 
 
 def main() -> None:
-    global OUT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=OUT)
+    ap.add_argument("--out", default=R.path)
     ap.add_argument("--commit", default=None)
     ap.add_argument("--sizes", default="1,16,64,256")
     ap.add_argument("--weights", default="bf16,fp8", help="which models: bf16, fp8 or both ('' = none)")
@@ -218,7 +199,7 @@ def main() -> None:
     ap.add_argument("--decode-variants", default="tiles",
                     help="decode kernel variants the decode section times: tiles, pipelined or both")
     a = ap.parse_args()
-    OUT = a.out
+    R.path = a.out
     sizes = [int(s) for s in a.sizes.split(",")]
     import triton
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import time
 import traceback
@@ -43,6 +42,7 @@ import torch
 from triton.testing import do_bench
 
 from benchmarks.gpu_model import BS, CTX, DIMS, ROPE, decode_setup, make_cache, randomize_, rel_err, timed, top_kernels
+from benchmarks.results import Results
 from qwen3next.config import ModelConfig
 from qwen3next.engine.cuda_graph import CudaGraphRunner
 from qwen3next.forward_batch import ForwardBatch
@@ -54,30 +54,13 @@ from qwen3next.layers import quant
 from qwen3next.layers.quant import to_fp8_
 from qwen3next.model import Qwen3NextForCausalLM
 
-RES: dict = {}
-OUT = "gpu_fp8.json"
+R = Results("gpu_fp8.json")
+RES = R.data
 PREFILL_ROWS = 256  # prefill logits compared on the prompt's last rows
 PREFILL_REF: dict = {}  # bf16's and fp8's prefill logits, for the variants' errors
 
 
-def save() -> None:
-    with open(OUT, "w") as f:
-        json.dump(RES, f, indent=1)
-
-
-def section(fn):
-    def run(*a, **kw):
-        t0 = time.time()
-        res = RES.setdefault(fn.__name__, {})
-        try:
-            fn(res, *a, **kw)
-        except Exception:
-            res["error"] = traceback.format_exc()[-3000:]
-            print(res["error"], flush=True)
-        res["wall_s"] = round(time.time() - t0, 1)
-        save()
-        print(f"== {fn.__name__} done in {res['wall_s']} s", flush=True)
-    return run
+save, section = R.save, R.section
 
 
 def build(fp8: bool) -> Qwen3NextForCausalLM:
@@ -378,9 +361,8 @@ def check_compile() -> int:
 
 
 def main() -> None:
-    global OUT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=OUT)
+    ap.add_argument("--out", default=R.path)
     ap.add_argument("--commit", default=None)
     ap.add_argument("--sizes", default="1,16,64")
     ap.add_argument("--no-prefill", action="store_true")
@@ -395,7 +377,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.check_compile:
         raise SystemExit(1 if check_compile() else 0)
-    OUT = a.out
+    R.path = a.out
     sizes = [int(s) for s in a.sizes.split(",")]
     import triton
 

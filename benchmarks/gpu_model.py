@@ -26,11 +26,11 @@ import json
 import platform
 import statistics
 import time
-import traceback
 
 import torch
 from triton.testing import do_bench
 
+from benchmarks.results import Results
 from qwen3next.config import ModelConfig
 from qwen3next.engine import EngineArgs, LLMEngine
 from qwen3next.engine.cuda_graph import CudaGraphRunner
@@ -50,28 +50,11 @@ ROPE = {"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_fact
 BS = 16  # KV block size
 CTX = 1024  # decode context
 PEAK_TFLOPS = 700.0  # measured bf16 matmul rate on this card (docs/benchmarks.md, GPU kernels)
-RES: dict = {}
-OUT = "gpu_model.json"
+R = Results("gpu_model.json")
+RES = R.data
 
 
-def save() -> None:
-    with open(OUT, "w") as f:
-        json.dump(RES, f, indent=1)
-
-
-def section(fn):
-    def run(*a, **kw):
-        t0 = time.time()
-        res = RES.setdefault(fn.__name__, {})
-        try:
-            fn(res, *a, **kw)
-        except Exception:
-            res["error"] = traceback.format_exc()[-3000:]
-            print(res["error"], flush=True)
-        res["wall_s"] = round(time.time() - t0, 1)
-        save()
-        print(f"== {fn.__name__} done in {res['wall_s']} s", flush=True)
-    return run
+save, section = R.save, R.section
 
 
 def timed(fn, reps: int, warmup: int = 1) -> float:
@@ -426,16 +409,15 @@ def decode_hf(res, hf, sizes):
 
 
 def main() -> None:
-    global OUT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=OUT)
+    ap.add_argument("--out", default=R.path)
     ap.add_argument("--commit", default=None)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers (parity and its timings)")
     ap.add_argument("--no-engine", action="store_true", help="skip the offline engine throughput")
     ap.add_argument("--engine-passes", type=int, default=1, help="offline workload runs on one engine")
     ap.add_argument("--only-engine", action="store_true", help="build the models, run the engine section only")
     a = ap.parse_args()
-    OUT = a.out
+    R.path = a.out
     import triton
 
     RES["env"] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

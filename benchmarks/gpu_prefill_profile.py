@@ -431,8 +431,8 @@ def main() -> None:
 
         conv1d.STREAM_CFG = tuple(int(v) for v in a.stream_cfg.split(","))
     os.makedirs(a.out_dir, exist_ok=True)
-    gm.OUT = os.path.join(a.out_dir, "prefill_profile.json")
-    gm.RES = RES
+    gm.R.path = os.path.join(a.out_dir, "prefill_profile.json")
+    gm.R.data = gm.RES = RES  # gm.save() and gm's sections write this run's results
     import triton
 
     RES["env"] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
