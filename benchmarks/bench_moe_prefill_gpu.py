@@ -386,17 +386,7 @@ def model_section(res: dict, variants: dict, fp8_variants: dict) -> None:
                 setattr(*key, v)
 
     def graph_ms() -> float:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            step()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            step()
-        ms = gm.timed(g.replay, reps=20, warmup=2)
-        del g
-        return ms
+        return gm.graph_replay_ms(step, reps=20)
 
     def run(vs: dict, tag: str) -> None:
         logits, base = {}, next(iter(vs))

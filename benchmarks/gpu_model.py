@@ -73,6 +73,22 @@ def timed(fn, reps: int, warmup: int = 1) -> float:
     return statistics.median(ts)
 
 
+def graph_replay_ms(step, reps: int = 20, warmup: int = 2) -> float:
+    """Median ms of step() captured once in a CUDA graph and replayed: its kernels without launch
+    gaps. step runs once on a side stream first (what capture needs); a host sync in it fails."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    ms = timed(g.replay, reps=reps, warmup=warmup)
+    del g
+    return ms
+
+
 def top_kernels(fn, n: int = 12) -> list:
     """[(kernel name, us per call of fn)] from the torch profiler over 3 calls."""
     from torch.profiler import ProfilerActivity, profile

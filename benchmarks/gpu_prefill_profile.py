@@ -257,17 +257,7 @@ def graph_ms(step) -> dict:
     """The prefill replayed from a CUDA graph: its kernels with no launch gaps (an upper bound of what
     host work costs). Capture fails on a host sync: the error names it."""
     try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            step()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            step()
-        ms = gm.timed(g.replay, reps=10, warmup=2)
-        del g
-        return {"graph_ms": round(ms, 3)}
+        return {"graph_ms": round(gm.graph_replay_ms(step, reps=10), 3)}
     except Exception as e:
         return {"graph_error": repr(e)[:400]}
 
