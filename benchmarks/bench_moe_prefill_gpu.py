@@ -39,8 +39,6 @@ def check_compile() -> int:
     """Compile the new kernels for sm_90 with the installed triton (specialised as at run time), with
     ptxas's register / spill report for the persistent ones (bf16 and moe_tma_fp8's)."""
     import re
-    import subprocess
-    import tempfile
 
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -48,22 +46,13 @@ def check_compile() -> int:
     from triton.runtime.jit import mangle_type
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    from benchmarks.sm90 import ptxas_report as regs
     from qwen3next.kernels.triton import moe_grouped as g
     from qwen3next.kernels.triton import moe_tma as t
     from qwen3next.kernels.triton import moe_tma_fp8 as f8
 
     print("triton", triton.__version__)
     fails = []
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-
-    def regs(ptx: str) -> str:
-        if not os.path.exists(ptxas):
-            return ""
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as fh:
-            fh.write(ptx)
-            fh.flush()
-            r = subprocess.run([ptxas, "-arch=sm_90a", "-v", fh.name, "-o", os.devnull], capture_output=True, text=True)
-        return ", ".join(re.findall(r"(\d+ bytes spill stores|Used \d+ registers)", r.stdout + r.stderr))
 
     def comp(name, fn, sig, const, warps=4, stages=3, nospec=(), report=False):
         fn = fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn

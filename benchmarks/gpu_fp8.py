@@ -298,11 +298,6 @@ def check_compile() -> int:
     """Compile moe_tma_fp8.py's kernels (every autotune config) for sm_90 with the installed triton,
     specialised as at run time, with triton's ptxas's register / spill report; -> the number of
     failures (no wgmma on fp8, shared memory past 227 KB)."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -310,6 +305,7 @@ def check_compile() -> int:
     from triton.runtime.jit import mangle_type
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    from benchmarks.sm90 import ptxas_report as regs
     from qwen3next.kernels.triton import moe_tma_fp8 as f
 
     print("triton", triton.__version__)
@@ -329,18 +325,6 @@ def check_compile() -> int:
         except Exception as e:
             fails.append(name)
             print("FAIL", name, const, str(e).splitlines()[0][:300], flush=True)
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-
-    def regs(ptx: str) -> str:
-        if not os.path.exists(ptxas):
-            return ""
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as fh:
-            fh.write(ptx)
-            fh.flush()
-            r = subprocess.run([ptxas, "-arch=sm_90a", "-v", fh.name, "-o", os.devnull], capture_output=True, text=True)
-        m = re.findall(r"(\d+ bytes spill stores|Used \d+ registers)", r.stdout + r.stderr)
-        return ", ".join(m)
 
     def desc(r, c):
         return mangle_type(TensorDescriptor(torch.empty(1, 16, dtype=qfp8.FP8), [1, 16], [16, 1], [r, c]))
