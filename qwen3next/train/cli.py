@@ -69,7 +69,44 @@ def add_subcommands(subparsers) -> None:
     _add_eval(subparsers)
 
 
+# (field, lowest allowed value, whether the lowest is allowed): checked before any data setup
+_TRAIN_BOUNDS = [
+    ("steps", 1, True), ("batch_tokens", 1, True), ("num_conversations", 1, True), ("max_len", 1, True),
+    ("lr", 0.0, False), ("min_lr_ratio", 0.0, True), ("warmup_steps", 0, True), ("weight_decay", 0.0, True),
+    ("grad_clip", 0.0, False), ("mtp_weight", 0.0, True), ("aux_coef", 0.0, True), ("save_every", 0, True),
+    ("threads", 1, True),
+]
+
+
+def check_train_args(ns) -> None:
+    """Refuse bad numbers at once (one line naming the flag), not after the data and tokenizer setup."""
+    for field, low, inclusive in _TRAIN_BOUNDS:
+        v = getattr(ns, field)
+        if v is None:
+            continue
+        # `not (v >= low)` also refuses NaN
+        if not (v >= low if inclusive else v > low) or v == float("inf"):
+            rel = ">=" if inclusive else ">"
+            raise ValueError(f"--{field.replace('_', '-')} must be {rel} {low}, got {v}")
+    if ns.min_lr_ratio > 1:
+        raise ValueError(f"--min-lr-ratio must be <= 1, got {ns.min_lr_ratio}")
+    if ns.tokenizer is not None and not os.path.isfile(os.path.join(ns.tokenizer, "tokenizer.json")):
+        raise ValueError(f"--tokenizer {ns.tokenizer!r}: no tokenizer.json there")
+    if ns.init is not None and not os.path.isfile(os.path.join(ns.init, "config.json")):
+        raise ValueError(f"--init {ns.init!r}: no config.json there (an HF model dir is needed)")
+    held = [f for f in ("training_state.pt", "model.safetensors") if os.path.isfile(os.path.join(ns.out, f))]
+    if held and not ns.resume:
+        # a rerun must not silently overwrite a trained model and its optimizer state
+        raise ValueError(f"--out {ns.out!r} already holds a training run ({held[0]}); pass --resume to "
+                         f"continue it, or remove it / pick another --out to start over")  # fmt: skip
+    if ns.mix:
+        from qwen3next.train.data import parse_mix
+
+        parse_mix(ns.mix)
+
+
 def run_train(ns) -> int:
+    check_train_args(ns)
     import torch
 
     from qwen3next.train import trainer
@@ -119,6 +156,12 @@ def run_train(ns) -> int:
 
 
 def run_eval(ns) -> int:
+    for field in ("n", "batch_size", "threads"):
+        v = getattr(ns, field)
+        if v is not None and v < 1:
+            raise ValueError(f"--{field.replace('_', '-')} must be >= 1, got {v}")
+    if ns.json and not os.path.isdir(os.path.dirname(os.path.abspath(ns.json))):
+        raise ValueError(f"--json {ns.json!r}: its directory does not exist")
     import json
 
     import torch
@@ -144,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qwen3next.train.cli")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     ns = parser.parse_args(argv)
-    return ns.func(ns)
+    try:
+        return int(ns.func(ns) or 0)
+    except Exception as e:  # noqa: BLE001 - as the main CLI: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -149,6 +149,10 @@ def evaluate(path: str, n: int = 100, seed: int = 12345, batch_size: int = 32,
              dtype: torch.dtype = torch.float32) -> dict:
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    from qwen3next.loader import resolve_model_dir
+
+    # a bad path: the loader's one line, not the tokenizer's hub-download error
+    path = resolve_model_dir(path)
     t0 = time.time()
     gen = Generator(path, dtype, batch_size)
     rng = random.Random(seed)

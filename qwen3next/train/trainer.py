@@ -187,6 +187,9 @@ def train(model: Qwen3NextForCausalLM, tokenizer_dir: str, examples: list[Exampl
     if resume and os.path.isfile(state_path):
         start = load_state(state_path, model, opt)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args), last_epoch=start - 1)
+        if start >= args.steps:
+            raise ValueError(f"{state_path} is already at step {start}; --steps {args.steps} leaves nothing "
+                             f"to do (raise --steps to train further)")  # fmt: skip
     model.train()
     log = _open_log(os.path.join(args.out_dir, LOG_FILE), start)
     bar = tqdm(total=args.steps, initial=start, disable=not args.progress, dynamic_ncols=True, desc="train")

@@ -1,0 +1,73 @@
+"""Audit (session 5): `qwen3next train` / `qwen3next eval` refuse bad input at once with one line,
+before any data, tokenizer or model setup, and never overwrite a finished run silently."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from qwen3next.cli import main as cli_main
+from qwen3next.train import trainer
+from qwen3next.train.cli import main as train_main
+from qwen3next.train.presets import preset_config
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--steps", "-1"), ("--steps", "0"), ("--batch-tokens", "0"), ("--lr", "nan"), ("--lr", "-1"),
+    ("--grad-clip", "0"), ("--weight-decay", "-0.1"), ("--warmup-steps", "-3"), ("--min-lr-ratio", "2"),
+    ("--mtp-weight", "-1"), ("--aux-coef", "-1"), ("--save-every", "-1"), ("--threads", "0"),
+    ("--num-conversations", "0"), ("--max-len", "0"),
+])  # fmt: skip
+def test_train_refuses_bad_numbers_at_once(tmp_path, capsys, flag, value):
+    out = tmp_path / "run"
+    t0 = time.time()
+    assert cli_main(["train", "--out", str(out), "--no-progress", flag, value]) == 1
+    assert time.time() - t0 < 3  # not after ~10 s of data and tokenizer setup
+    assert flag in _one_error_line(capsys)
+    assert not out.exists()  # nothing written for a refused run
+
+
+def test_train_refuses_missing_tokenizer_and_init(tmp_path, capsys):
+    assert cli_main(["train", "--out", str(tmp_path / "r"), "--tokenizer", str(tmp_path / "none")]) == 1
+    assert "--tokenizer" in _one_error_line(capsys)
+    assert cli_main(["train", "--out", str(tmp_path / "r"), "--init", str(tmp_path)]) == 1
+    assert "--init" in _one_error_line(capsys)
+
+
+def test_train_will_not_overwrite_a_run_without_resume(tmp_path, capsys):
+    (tmp_path / "training_state.pt").write_bytes(b"x")
+    assert cli_main(["train", "--out", str(tmp_path), "--steps", "5"]) == 1
+    assert "--resume" in _one_error_line(capsys)
+    assert (tmp_path / "training_state.pt").read_bytes() == b"x"
+
+
+def test_resume_of_a_finished_run_says_so(tmp_path):
+    model = trainer.build_model(preset_config("tiny", 300, 0, 1), 0)
+    args = trainer.TrainArgs(out_dir=str(tmp_path), steps=3, progress=False)
+    opt = trainer.make_optimizer(model, args)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)  # as train() does: records initial_lr
+    trainer.save_state(str(tmp_path / trainer.STATE_FILE), model, opt, 3, args)
+    with pytest.raises(ValueError, match="already at step 3"):
+        trainer.train(model, str(tmp_path), [], args, resume=True)
+
+
+def test_standalone_train_cli_prints_one_line(tmp_path, capsys):
+    assert train_main(["train", "--out", str(tmp_path / "r"), "--steps", "-1"]) == 1
+    assert "--steps" in _one_error_line(capsys)
+
+
+def test_eval_bad_path_and_bad_flags(tmp_path, capsys):
+    assert cli_main(["eval", str(tmp_path / "nope")]) == 1
+    assert "is not a directory" in _one_error_line(capsys)
+    for args in (["--n", "0"], ["--batch-size", "0"], ["--json", str(tmp_path / "no" / "x.json")]):
+        assert cli_main(["eval", *args]) == 1
+        assert args[0] in _one_error_line(capsys)
