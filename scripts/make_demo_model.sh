@@ -15,6 +15,9 @@ DEST=qwen3next/demo_model
 COMMON=(--max-len 512 --batch-tokens 4096 --weight-decay 0.1 --grad-clip 1.0 --mtp-weight 0.3
         --min-lr-ratio 0.1 --save-every 50 --save-dtype float32 --threads "${THREADS:-2}" ${RESUME:+--resume})
 
+# from scratch unless RESUME is set (train refuses to overwrite a run dir without --resume)
+[ -n "${RESUME:-}" ] || rm -rf "$RUN" "$RUN-ft"
+
 "$PY" -m qwen3next.train.cli train --out "$RUN" --preset demo --vocab-size 2000 \
     --num-conversations 20000 --data-seed 0 --seed 0 --steps 1000 --lr 3e-3 --warmup-steps 40 "${COMMON[@]}"
 
