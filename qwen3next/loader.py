@@ -58,16 +58,28 @@ def _weight_map(path: str) -> dict[str, str]:
     """tensor name -> shard file (absolute)."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            wm = json.load(f).get("weight_map")
-        if not isinstance(wm, dict):
-            raise CheckpointError(f"{index} has no weight_map")
-        return {k: os.path.join(path, v) for k, v in wm.items()}
+        try:
+            with open(index, encoding="utf-8") as f:
+                wm = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index} is not valid JSON ({e})") from None
+        wm = wm.get("weight_map") if isinstance(wm, dict) else None
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise CheckpointError(f"{index} has no weight_map (tensor name -> shard file)")
+        out = {k: os.path.join(path, v) for k, v in wm.items()}
+        # a missing shard: named now, not as a bare FileNotFoundError halfway through the load
+        missing = sorted({os.path.basename(f) for f in out.values() if not os.path.isfile(f)})
+        if missing:
+            raise CheckpointError(f"{index} names shard file(s) missing from {path}: {_few(missing)}")
+        return out
     single = os.path.join(path, "model.safetensors")
     if not os.path.isfile(single):
         raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
-    with safe_open(single, framework="pt") as f:
-        return {k: single for k in f.keys()}
+    try:
+        with safe_open(single, framework="pt") as f:
+            return {k: single for k in f.keys()}
+    except Exception as e:  # safetensors' own errors name neither the file nor the problem well
+        raise CheckpointError(f"{single} cannot be read as safetensors ({e})") from None
 
 
 QUANTIZATIONS = (None, "auto", "fp8")
@@ -133,11 +145,18 @@ def load_weights(model, path_or_id: str, progress: bool = True) -> None:
         def handle(name: str):
             file = wmap[name]
             if file not in handles:
-                handles[file] = stack.enter_context(safe_open(file, framework="pt"))
+                try:
+                    handles[file] = stack.enter_context(safe_open(file, framework="pt"))
+                except Exception as e:  # a truncated / corrupt shard: name the file
+                    raise CheckpointError(f"{file} cannot be read as safetensors ({e})") from None
             return handles[file]
 
         def read(name: str) -> torch.Tensor:
-            return handle(name).get_tensor(name)
+            h = handle(name)
+            try:
+                return h.get_tensor(name)
+            except Exception as e:  # an index naming a tensor its shard lacks, or a cut-off file
+                raise CheckpointError(f"{name} cannot be read from {wmap[name]} ({e})") from None
 
         for name in tqdm(names, desc="loading weights", unit="tensor", disable=not progress):
             if name.startswith("mtp.") and model.mtp is None:
