@@ -16,6 +16,8 @@ import dataclasses
 import itertools
 from typing import Any, Sequence
 
+import torch
+
 from qwen3next.detokenizer import IncrementalDetokenizer
 from qwen3next.engine import EngineArgs, LLMEngine
 from qwen3next.outputs import CompletionOutput, RequestOutput
@@ -79,6 +81,16 @@ class _Completion:
         return s
 
 
+# vLLM's LLM also takes these dtype spellings (and torch dtypes); EngineArgs knows the canonical names
+_DTYPE_ALIASES = {"half": "float16", "float": "float32"}
+
+
+def _dtype_name(dtype):
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).removeprefix("torch.")
+    return _DTYPE_ALIASES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+
+
 class LLM:
     def __init__(self, model: str, tokenizer: str | None = None, dtype: str = "auto",
                  device: str | None = None, seed: int = 0, max_num_seqs: int = 64,
@@ -97,7 +109,7 @@ class LLM:
         if unknown:
             raise ValueError(f"LLM got unknown option(s) {', '.join(unknown)} (not EngineArgs fields)")
         args = EngineArgs(
-            model=model, dtype=dtype, device=device, seed=seed, max_num_seqs=max_num_seqs,
+            model=model, dtype=_dtype_name(dtype), device=device, seed=seed, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
             gpu_memory_utilization=gpu_memory_utilization, enable_chunked_prefill=enable_chunked_prefill,
@@ -138,7 +150,14 @@ class LLM:
             params = [p.with_generation_config(self._gen) for p in sampling_params]
             if len(params) != len(parsed):
                 raise ValueError(f"sampling_params has {len(params)} entries for {len(parsed)} prompts")
+        vocab = self.llm_engine.vocab_size
         for p in params:
+            # (vLLM's check against max_logprobs; here the vocabulary, else top-k fails mid-step)
+            for name in ("logprobs", "prompt_logprobs"):
+                k = getattr(p, name)
+                if k is not None and k > vocab:
+                    raise ValueError(f"{name}: requested {k}, which is greater than max allowed: {vocab} "
+                                     f"(the vocabulary size)")  # fmt: skip
             if p.stop and self.tokenizer is None:
                 raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True was given)")
         return self._run(parsed, params, use_tqdm)
