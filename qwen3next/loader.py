@@ -257,6 +257,7 @@ def load_model(path_or_id: str, dtype: torch.dtype = torch.bfloat16, device: str
     path = resolve_model_dir(path_or_id)
     cfg = ModelConfig.from_dir(path, hf_overrides)
     fp8 = fp8_at_load(quantization, cfg, device)
+    _check_config_against_checkpoint(path, cfg)
     with torch.device("meta"):
         model = Qwen3NextForCausalLM(cfg, with_mtp=with_mtp)
     # cast on meta first so real memory is allocated once, in the target dtype
@@ -271,6 +272,27 @@ def load_model(path_or_id: str, dtype: torch.dtype = torch.bfloat16, device: str
         model.lm_head.weight = model.model.embed_tokens.weight
     load_weights(model, path, progress=progress)
     return model.eval(), cfg
+
+
+def _check_config_against_checkpoint(path: str, cfg: ModelConfig) -> None:
+    """Compare the sizes config.json implies with a few checkpoint headers before any memory is
+    allocated: a config.json missing hidden_size / vocab_size / num_experts falls back to the
+    80B's values, which would otherwise allocate an 80B model before the first shape error."""
+    wmap = _weight_map(path)
+    expect = {"model.embed_tokens.weight": ([cfg.vocab_size, cfg.hidden_size], "vocab_size, hidden_size")}
+    if cfg.num_hidden_layers and cfg.is_moe_layer(0):
+        expect["model.layers.0.mlp.gate.weight"] = ([cfg.num_experts, cfg.hidden_size], "num_experts, hidden_size")
+    for name, (shape, keys) in expect.items():
+        if name not in wmap:
+            continue  # load_weights names missing tensors
+        try:
+            with safe_open(wmap[name], framework="pt") as f:
+                got = list(f.get_slice(name).get_shape())
+        except Exception as e:
+            raise CheckpointError(f"{name} cannot be read from {wmap[name]} ({e})") from None
+        if got != shape:
+            raise CheckpointError(f"{name} has shape {got} but config.json gives {keys} = {shape} "
+                                  f"(keys missing from config.json take the Qwen3-Next-80B values)")  # fmt: skip
 
 
 # ---- writing ------------------------------------------------------------------------------

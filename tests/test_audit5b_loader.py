@@ -91,3 +91,13 @@ def test_truncated_shard(dirs, tmp_path):
     data = (d / shard).read_bytes()
     (d / shard).write_bytes(data[: len(data) // 2])
     assert shard in _error(d)
+
+
+@pytest.mark.parametrize("key", ["hidden_size", "num_experts"])
+def test_config_missing_size_key_named_before_allocation(dirs, tmp_path, key):
+    d = _copy(dirs[0], tmp_path / key)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg[key]  # falls back to the 80B's value: refused from the headers, nothing allocated
+    (d / "config.json").write_text(json.dumps(cfg))
+    msg = _error(d)
+    assert "config.json gives" in msg and key in msg
