@@ -71,3 +71,15 @@ def test_eval_bad_path_and_bad_flags(tmp_path, capsys):
     for args in (["--n", "0"], ["--batch-size", "0"], ["--json", str(tmp_path / "no" / "x.json")]):
         assert cli_main(["eval", *args]) == 1
         assert args[0] in _one_error_line(capsys)
+
+
+def test_resume_with_another_model_is_one_line(tmp_path):
+    small = trainer.build_model(preset_config("tiny", 300, 0, 1), 0)
+    args = trainer.TrainArgs(out_dir=str(tmp_path), steps=3, progress=False)
+    opt = trainer.make_optimizer(small, args)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    trainer.save_state(str(tmp_path / trainer.STATE_FILE), small, opt, 1, args)
+    other = trainer.build_model(preset_config("tiny", 400, 0, 1), 0)  # another vocabulary
+    with pytest.raises(ValueError, match="holds another model") as e:
+        trainer.train(other, str(tmp_path), [], args, resume=True)
+    assert len(str(e.value).splitlines()) == 1

@@ -149,7 +149,13 @@ def save_state(path: str, model, opt, step: int, args: TrainArgs) -> None:
 
 def load_state(path: str, model, opt) -> int:
     state = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:  # torch lists every mismatch over many lines: keep the first
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        first = first if len(first) <= 160 else first[:160] + " ..."
+        raise ValueError(f"{path} holds another model than the one built now ({first}); resume with "
+                         f"the run's own --preset / --init") from None  # fmt: skip
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
