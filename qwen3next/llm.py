@@ -105,6 +105,14 @@ class LLM:
         vLLM's LLM passes them on."""
         if generation_config not in ("auto", "vllm"):
             raise ValueError(f"generation_config must be 'auto' or 'vllm', got {generation_config!r}")
+        if tokenizer is not None and not skip_tokenizer_init:
+            from qwen3next.loader import resolve_model_dir
+
+            # a bad tokenizer path: one line now, not a hub error after the model has loaded
+            try:
+                tokenizer = resolve_model_dir(tokenizer)
+            except ValueError as e:
+                raise ValueError(f"tokenizer: {e}") from None
         unknown = sorted(set(engine_kwargs) - set(EngineArgs.names()))
         if unknown:
             raise ValueError(f"LLM got unknown option(s) {', '.join(unknown)} (not EngineArgs fields)")

@@ -38,3 +38,8 @@ def test_vllm_dtype_spellings(tiny_ckpt, dtype):
     llm = LLM(model=tiny_ckpt, dtype=dtype, device="cpu", max_model_len=64, max_num_seqs=2)
     out = llm.generate({"prompt_token_ids": [1, 2]}, SamplingParams(max_tokens=1, temperature=0))
     assert len(out[0].outputs[0].token_ids) == 1
+
+
+def test_bad_tokenizer_path_is_one_line_before_loading(tiny_ckpt, tmp_path):
+    with pytest.raises(ValueError, match=r"^tokenizer: model path .* is not a directory"):
+        LLM(model=tiny_ckpt, tokenizer=str(tmp_path / "none"), device="cpu")
