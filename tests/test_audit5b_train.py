@@ -83,3 +83,9 @@ def test_resume_with_another_model_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="holds another model") as e:
         trainer.train(other, str(tmp_path), [], args, resume=True)
     assert len(str(e.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("mix", ["arith=nan", "arith=inf,tool=1", "arith=-1"])
+def test_mix_weights_must_be_finite(tmp_path, capsys, mix):
+    assert cli_main(["train", "--out", str(tmp_path / "r"), "--mix", mix]) == 1
+    assert "mix: weight of 'arith'" in _one_error_line(capsys)

@@ -257,8 +257,8 @@ def parse_mix(spec: str) -> dict[str, float]:
             weights[name] = float(value)
         except ValueError:
             raise ValueError(f"mix: weight of {name!r} is not a number: {value!r}") from None
-        if weights[name] < 0:
-            raise ValueError(f"mix: weight of {name!r} is negative")
+        if not 0 <= weights[name] < float("inf"):  # (also refuses NaN)
+            raise ValueError(f"mix: weight of {name!r} must be a finite number >= 0, got {value!r}")
     if sum(weights.values()) <= 0:
         raise ValueError(f"mix: weights must sum to more than 0, got {spec!r}")
     return weights
