@@ -3,6 +3,7 @@ before any data, tokenizer or model setup, and never overwrite a finished run si
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -89,3 +90,21 @@ def test_resume_with_another_model_is_one_line(tmp_path):
 def test_mix_weights_must_be_finite(tmp_path, capsys, mix):
     assert cli_main(["train", "--out", str(tmp_path / "r"), "--mix", mix]) == 1
     assert "mix: weight of 'arith'" in _one_error_line(capsys)
+
+
+def test_tiny_run_end_to_end_resumes_and_loads_back(tmp_path, capsys):
+    from qwen3next import LLM, SamplingParams
+    from qwen3next.train.cli import default_model_dir
+
+    out = str(tmp_path / "run")
+    base = ["train", "--out", out, "--preset", "tiny", "--tokenizer", default_model_dir(), "--num-conversations",
+            "60", "--batch-tokens", "512", "--no-progress", "--save-dtype", "bfloat16"]  # fmt: skip
+    assert cli_main([*base, "--steps", "2"]) == 0
+    assert cli_main([*base, "--steps", "3", "--resume"]) == 0
+    with open(os.path.join(out, trainer.LOG_FILE)) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
+    capsys.readouterr()
+    assert cli_main(["generate", "--model", out, "--prompt", "Hi", "--max-tokens", "3", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.strip()
+    res = LLM(out, max_model_len=128).generate("Hi", SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert len(res[0].outputs[0].token_ids) == 3
