@@ -14,6 +14,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -194,8 +195,10 @@ def train(model: Qwen3NextForCausalLM, tokenizer_dir: str, examples: list[Exampl
         start = load_state(state_path, model, opt)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args), last_epoch=start - 1)
         if start >= args.steps:
-            raise ValueError(f"{state_path} is already at step {start}; --steps {args.steps} leaves nothing "
-                             f"to do (raise --steps to train further)")  # fmt: skip
+            # not an error: scripts/make_demo_model.sh resumes a finished phase on its way to the next
+            print(f"{state_path} is already at step {start} of {args.steps}: nothing to train "
+                  f"(raise --steps to train further)", file=sys.stderr)  # fmt: skip
+            return {"step": start}
     model.train()
     log = _open_log(os.path.join(args.out_dir, LOG_FILE), start)
     bar = tqdm(total=args.steps, initial=start, disable=not args.progress, dynamic_ncols=True, desc="train")
