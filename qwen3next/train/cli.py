@@ -92,8 +92,12 @@ def check_train_args(ns) -> None:
         raise ValueError(f"--min-lr-ratio must be <= 1, got {ns.min_lr_ratio}")
     if ns.tokenizer is not None and not os.path.isfile(os.path.join(ns.tokenizer, "tokenizer.json")):
         raise ValueError(f"--tokenizer {ns.tokenizer!r}: no tokenizer.json there")
-    if ns.init is not None and not os.path.isfile(os.path.join(ns.init, "config.json")):
-        raise ValueError(f"--init {ns.init!r}: no config.json there (an HF model dir is needed)")
+    if ns.init is not None:
+        from qwen3next.loader import resolve_model_dir
+
+        ns.init = resolve_model_dir(ns.init)  # a hub id is fetched now, before the data setup
+        if not os.path.isfile(os.path.join(ns.init, "config.json")):
+            raise ValueError(f"--init {ns.init!r}: no config.json there (an HF model dir is needed)")
     held = [f for f in ("training_state.pt", "model.safetensors") if os.path.isfile(os.path.join(ns.out, f))]
     if held and not ns.resume:
         # a rerun must not silently overwrite a trained model and its optimizer state
