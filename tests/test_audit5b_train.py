@@ -109,3 +109,15 @@ def test_tiny_run_end_to_end_resumes_and_loads_back(tmp_path, capsys):
     assert capsys.readouterr().out.strip()
     res = LLM(out, max_model_len=128).generate("Hi", SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     assert len(res[0].outputs[0].token_ids) == 3
+
+
+def test_init_with_a_larger_tokenizer_refused(tmp_path, capsys):
+    from qwen3next.loader import save_checkpoint
+    from qwen3next.train.cli import default_model_dir
+
+    init = str(tmp_path / "init")
+    save_checkpoint(trainer.build_model(preset_config("tiny", 300, 0, 1), 0), init)
+    out = tmp_path / "run"
+    assert cli_main(["train", "--out", str(out), "--init", init, "--tokenizer", default_model_dir()]) == 1
+    assert "has 1110 tokens but the --init model's vocab_size is" in _one_error_line(capsys)
+    assert not out.exists()

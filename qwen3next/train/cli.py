@@ -98,6 +98,18 @@ def check_train_args(ns) -> None:
         ns.init = resolve_model_dir(ns.init)  # a hub id is fetched now, before the data setup
         if not os.path.isfile(os.path.join(ns.init, "config.json")):
             raise ValueError(f"--init {ns.init!r}: no config.json there (an HF model dir is needed)")
+        if ns.tokenizer is not None:
+            import json
+
+            from tokenizers import Tokenizer
+
+            n_tok = Tokenizer.from_file(os.path.join(ns.tokenizer, "tokenizer.json")).get_vocab_size()
+            with open(os.path.join(ns.init, "config.json"), encoding="utf-8") as f:
+                n_model = json.load(f).get("vocab_size")
+            # ids past the embedding would fail mid-step as torch's "index out of range in self"
+            if isinstance(n_model, int) and n_tok > n_model:
+                raise ValueError(f"--tokenizer {ns.tokenizer!r} has {n_tok} tokens but the --init model's "
+                                 f"vocab_size is {n_model}")  # fmt: skip
     held = [f for f in ("training_state.pt", "model.safetensors") if os.path.isfile(os.path.join(ns.out, f))]
     if held and not ns.resume:
         # a rerun must not silently overwrite a trained model and its optimizer state
