@@ -91,6 +91,19 @@ def _dtype_name(dtype):
     return _DTYPE_ALIASES.get(dtype, dtype) if isinstance(dtype, str) else dtype
 
 
+def _load_tokenizer(tokenizer: str | None, model: str):
+    from qwen3next.loader import resolve_model_dir
+    from qwen3next.tokenizer import get_tokenizer
+
+    if tokenizer is None:
+        return get_tokenizer(resolve_model_dir(model))
+    try:
+        path = resolve_model_dir(tokenizer)
+    except ValueError as e:  # (not the hub client's repo-id error)
+        raise ValueError(f"tokenizer: {e}") from None
+    return get_tokenizer(path)
+
+
 class LLM:
     def __init__(self, model: str, tokenizer: str | None = None, dtype: str = "auto",
                  device: str | None = None, seed: int = 0, max_num_seqs: int = 64,
@@ -105,14 +118,6 @@ class LLM:
         vLLM's LLM passes them on."""
         if generation_config not in ("auto", "vllm"):
             raise ValueError(f"generation_config must be 'auto' or 'vllm', got {generation_config!r}")
-        if tokenizer is not None and not skip_tokenizer_init:
-            from qwen3next.loader import resolve_model_dir
-
-            # a bad tokenizer path: one line now, not a hub error after the model has loaded
-            try:
-                tokenizer = resolve_model_dir(tokenizer)
-            except ValueError as e:
-                raise ValueError(f"tokenizer: {e}") from None
         unknown = sorted(set(engine_kwargs) - set(EngineArgs.names()))
         if unknown:
             raise ValueError(f"LLM got unknown option(s) {', '.join(unknown)} (not EngineArgs fields)")
@@ -124,12 +129,12 @@ class LLM:
             speculative_config=speculative_config, tensor_parallel_size=tensor_parallel_size,
             quantization=quantization, enable_prefix_caching=enable_prefix_caching, **engine_kwargs,
         )
-        self.llm_engine = LLMEngine.from_args(args)
         self.tokenizer = None
-        if not skip_tokenizer_init:
-            from qwen3next.tokenizer import get_tokenizer
-
-            self.tokenizer = get_tokenizer(tokenizer or self.llm_engine.model_dir)
+        if not skip_tokenizer_init and model is not None:
+            # before the (for an 80B, minutes-long) model load: a bad tokenizer path or a model dir
+            # without tokenizer files fails at once
+            self.tokenizer = _load_tokenizer(tokenizer, model)
+        self.llm_engine = LLMEngine.from_args(args)
         # "vllm": ignore the model's generation_config.json for sampling defaults
         self._gen = self.llm_engine.generation_config if generation_config == "auto" else {}
         self._ids = itertools.count()

@@ -43,3 +43,22 @@ def test_vllm_dtype_spellings(tiny_ckpt, dtype):
 def test_bad_tokenizer_path_is_one_line_before_loading(tiny_ckpt, tmp_path):
     with pytest.raises(ValueError, match=r"^tokenizer: model path .* is not a directory"):
         LLM(model=tiny_ckpt, tokenizer=str(tmp_path / "none"), device="cpu")
+
+
+def test_model_dir_without_tokenizer_fails_before_the_model_loads(tiny_ckpt, tmp_path, monkeypatch):
+    import shutil
+
+    from qwen3next.engine import LLMEngine
+
+    d = tmp_path / "notok"
+    shutil.copytree(tiny_ckpt, d)
+    for f in d.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "merges")):
+            f.unlink()
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the tokenizer was checked")
+
+    monkeypatch.setattr(LLMEngine, "from_args", no_load)
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        LLM(model=str(d), device="cpu")
