@@ -29,6 +29,7 @@ from .distributed.sharding import read_shard, shard_of
 from .kernels import fp8 as qfp8
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_SHARD_FILE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _LEGACY_KEYS = ("rope_theta", "partial_rotary_factor", "rope_scaling", "full_attention_interval", "torch_dtype")
 
 
@@ -375,6 +376,11 @@ def save_checkpoint(model, out_dir: str, max_shard_size: int = 2 * 1024**3, dtyp
         shards[-1][name] = t
         size += nbytes
     meta = {"format": "pt"}
+    # as transformers' save_pretrained: drop an earlier save's weight files first, else a stale
+    # index.json (preferred by the loader) would point at the old shards
+    for f in os.listdir(out_dir):
+        if f == "model.safetensors" or f == "model.safetensors.index.json" or _SHARD_FILE.match(f):
+            os.remove(os.path.join(out_dir, f))
     if len(shards) == 1:
         save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata=meta)
     else:

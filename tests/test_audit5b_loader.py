@@ -101,3 +101,12 @@ def test_config_missing_size_key_named_before_allocation(dirs, tmp_path, key):
     (d / "config.json").write_text(json.dumps(cfg))
     msg = _error(d)
     assert "config.json gives" in msg and key in msg
+
+
+def test_resave_over_a_sharded_dir_drops_the_stale_index(dirs, tmp_path):
+    d = _copy(dirs[1], tmp_path / "over")
+    other = build_model(preset_config("tiny", 300, 0, 1), 1)  # other weights, one file
+    save_checkpoint(other, str(d))
+    assert sorted(os.listdir(d)) == ["config.json", "model.safetensors"]
+    loaded = _load(d)[0]
+    assert all(torch.equal(x, y) for x, y in zip(loaded.state_dict().values(), other.state_dict().values()))
