@@ -121,3 +121,22 @@ def test_init_with_a_larger_tokenizer_refused(tmp_path, capsys):
     assert cli_main(["train", "--out", str(out), "--init", init, "--tokenizer", default_model_dir()]) == 1
     assert "has 1110 tokens but the --init model's vocab_size is" in _one_error_line(capsys)
     assert not out.exists()
+
+
+def test_balance_loss_reaches_every_router_and_mtp_loss_the_mtp_head():
+    from qwen3next.forward_batch import ForwardBatch
+    from qwen3next.train.losses import model_losses
+
+    model = trainer.build_model(preset_config("tiny", 300, 0, 1), 0).train()
+    ids = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(0))
+    positions = torch.cat([torch.arange(12), torch.arange(8)])
+    out = model_losses(model, ids, torch.ones(20, dtype=torch.bool), positions, ForwardBatch.full([12, 8]), 0.3, 0.01)
+    assert float(out["loss"]) == pytest.approx(float(out["lm"] + 0.3 * out["mtp"] + 0.01 * out["aux"]), rel=1e-6)
+    out["aux"].backward(retain_graph=True)
+    routers = [n for n, _ in model.named_parameters() if n.endswith("mlp.gate.weight")]
+    assert any(n.startswith("mtp.") for n in routers)
+    grads = dict(model.named_parameters())
+    assert all(grads[n].grad is not None and grads[n].grad.abs().sum() > 0 for n in routers)
+    model.zero_grad()
+    out["mtp"].backward()
+    assert grads["mtp.fc.weight"].grad.abs().sum() > 0 and grads["model.norm.weight"].grad is not None
