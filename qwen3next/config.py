@@ -140,6 +140,8 @@ class ModelConfig:
                 data = json.load(f)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{file} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file} must hold a JSON object, not {type(data).__name__}")
         overrides = dict(overrides or {})
         if isinstance(overrides.get("rope_scaling"), dict) and isinstance(data.get("rope_parameters"), dict):
             overrides["rope_parameters"] = {**overrides["rope_scaling"], **overrides.get("rope_parameters", {})}

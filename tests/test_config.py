@@ -86,3 +86,11 @@ def test_errors_are_one_line_and_name_the_field(patch, field):
         ModelConfig.from_hf({**base, **patch})
     msg = str(e.value)
     assert field in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("text", ["[1]", "3", '"qwen3_next"'])
+def test_config_json_that_is_no_object_is_named(tmp_path, text):
+    """Valid JSON that is not an object: a ConfigError naming the file (was a bare TypeError)."""
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match=r"config\.json must hold a JSON object"):
+        ModelConfig.from_dir(str(tmp_path))
