@@ -23,7 +23,10 @@ DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_mode
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model dir or hub id (default: the packaged demo model)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    # vLLM's spellings half / float name float16 / float32
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   type=lambda v: {"half": "float16", "float": "float32"}.get(v, v),
+                   help="auto | float32 (float) | bfloat16 | float16 (half)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-num-seqs", type=int)

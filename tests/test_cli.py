@@ -28,6 +28,16 @@ def test_subcommands_registered():
     assert {"train", "eval"} <= set(sub.choices)
 
 
+def test_dtype_takes_vllms_spellings():
+    """--dtype half / float (vLLM's choices) are float16 / float32; others are refused by argparse."""
+    parser = build_parser()
+    assert parser.parse_args(["generate", "--prompt", "x", "--dtype", "half"]).dtype == "float16"
+    assert parser.parse_args(["generate", "--prompt", "x", "--dtype", "float"]).dtype == "float32"
+    assert parser.parse_args(["serve", "--dtype", "bfloat16"]).dtype == "bfloat16"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--prompt", "x", "--dtype", "double"])
+
+
 def test_generate_prints_text(tiny_ckpt, capsys):
     assert main(["generate", "--model", tiny_ckpt, "--prompt", "Hello", "--max-tokens", "4",
                  "--temperature", "0"]) == 0
