@@ -118,6 +118,11 @@ class LLM:
         vLLM's LLM passes them on."""
         if generation_config not in ("auto", "vllm"):
             raise ValueError(f"generation_config must be 'auto' or 'vllm', got {generation_config!r}")
+        from qwen3next.distributed.parallel_state import tp_size
+
+        if tp_size() > 1:  # layers built now would take the live group's shard sizes and hang
+            raise ValueError("a tensor-parallel LLM is alive in this process: shut it down first "
+                             "(llm.llm_engine.shutdown(), or del llm)")  # fmt: skip
         unknown = sorted(set(engine_kwargs) - set(EngineArgs.names()))
         if unknown:
             raise ValueError(f"LLM got unknown option(s) {', '.join(unknown)} (not EngineArgs fields)")

@@ -6,14 +6,15 @@ runner, sampler, profiling) runs unchanged on rank 0 and sampling happens on ran
 `make_cache_manager` gives every rank a cache of the same plan (each holds its heads' shards);
 `TPCacheManager` queues the cache copies rank 0's engine makes outside a forward (n > 1 forks,
 speculative rollback), replayed by the workers before the next forward. `mtp` mirrors the MTP
-head the same way. `shutdown` stops the workers and leaves the group.
+head the same way. `shutdown` stops the workers and leaves the group; so does dropping the
+last reference to the driver (`del llm; gc.collect()`, as with vLLM) and interpreter exit.
 """
 
 from __future__ import annotations
 
-import atexit
 import threading
 import time
+import weakref
 
 import torch
 from torch import nn
@@ -67,7 +68,9 @@ class DriverModel(nn.Module):
         self.mtp = _MTPProxy(self) if model.mtp is not None else None
         self.workers = workers  # multiprocessing.Process of ranks 1..N-1
         self.pending_copies: list[tuple[str, int, int]] = []
-        self._stopped = False
+        # not atexit.register(self.shutdown): that strong reference kept a deleted LLM's workers
+        # and group alive, so a second tensor-parallel LLM in the process could never start
+        self._finalizer = weakref.finalize(self, stop_workers, workers)
 
     def state_spec(self):
         return self.inner.state_spec()
@@ -106,27 +109,28 @@ class DriverModel(nn.Module):
         messages.send(("cache", (plan, dtype)))
         return TPCacheManager(self, spec, plan, dtype, *args, **kwargs)
 
-    def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Tell the workers to stop, wait for them (kill after timeout_s), leave the group."""
-        if self._stopped:
-            return
-        self._stopped = True
-        atexit.unregister(self.shutdown)  # drop the reference that kept the model alive
-        if all(p.is_alive() for p in self.workers):
-            # in a thread: a worker stuck in a collective (rank 0 failed mid-forward) never
-            # receives, and killing it below is what ends the send
-            threading.Thread(target=self._send_stop, name="tp-stop", daemon=True).start()
-        deadline = time.monotonic() + timeout_s
-        for p in self.workers:
-            p.join(max(deadline - time.monotonic(), 0))
-            if p.is_alive():
-                p.kill()
-                p.join()
-        destroy_tp()
+    def shutdown(self) -> None:
+        """Stop the workers and leave the group (idempotent)."""
+        self._finalizer()
 
-    @staticmethod
-    def _send_stop() -> None:
-        try:
-            messages.send(("stop", None))
-        except Exception:  # noqa: BLE001 - a worker already gone: shutdown kills the rest
-            pass
+
+def stop_workers(workers: list, timeout_s: float = 10.0) -> None:
+    """Tell the workers to stop, wait for them (kill after timeout_s), leave the group."""
+    if all(p.is_alive() for p in workers):
+        # in a thread: a worker stuck in a collective (rank 0 failed mid-forward) never
+        # receives, and killing it below is what ends the send
+        threading.Thread(target=_send_stop, name="tp-stop", daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    for p in workers:
+        p.join(max(deadline - time.monotonic(), 0))
+        if p.is_alive():
+            p.kill()
+            p.join()
+    destroy_tp()
+
+
+def _send_stop() -> None:
+    try:
+        messages.send(("stop", None))
+    except Exception:  # noqa: BLE001 - a worker already gone: stop_workers kills the rest
+        pass

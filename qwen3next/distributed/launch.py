@@ -5,7 +5,6 @@ and hand back a DriverModel. Any rank failing to start stops them all with one e
 
 from __future__ import annotations
 
-import atexit
 import os
 import socket
 import time
@@ -74,9 +73,7 @@ def start(model_dir: str, size: int, dtype: torch.dtype, device: torch.device, w
             p.join()
         destroy_tp()
         raise
-    driver = DriverModel(model, procs)
-    atexit.register(driver.shutdown)
-    return driver, cfg
+    return DriverModel(model, procs), cfg
 
 
 def _worker_entry(*args) -> None:

@@ -46,7 +46,8 @@ def init_tp(rank: int, size: int, init_method: str, device: torch.device,
     control group waits for rank 0's next step indefinitely (an idle server sends nothing)."""
     global _STATE
     if _STATE is not None:
-        raise RuntimeError("tensor parallelism is already initialised in this process")
+        raise RuntimeError("tensor parallelism is already running in this process: shut the other "
+                           "tensor-parallel LLM down first (llm.llm_engine.shutdown(), or del llm)")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
