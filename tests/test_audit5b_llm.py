@@ -62,3 +62,10 @@ def test_model_dir_without_tokenizer_fails_before_the_model_loads(tiny_ckpt, tmp
     monkeypatch.setattr(LLMEngine, "from_args", no_load)
     with pytest.raises(ValueError, match="no tokenizer.json"):
         LLM(model=str(d), device="cpu")
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 2**70])
+def test_seed_outside_the_generator_range_refused(seed):
+    with pytest.raises(ValueError, match="seed must be an integer in"):
+        SamplingParams(seed=seed)
+    assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1
