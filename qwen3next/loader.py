@@ -79,7 +79,7 @@ def _weight_map(path: str) -> dict[str, str]:
     try:
         with safe_open(single, framework="pt") as f:
             return {k: single for k in f.keys()}
-    except Exception as e:  # safetensors' own errors name neither the file nor the problem well
+    except Exception as e:  # noqa: BLE001 - safetensors' own errors name neither the file nor the problem well
         raise CheckpointError(f"{single} cannot be read as safetensors ({e})") from None
 
 
@@ -148,7 +148,7 @@ def load_weights(model, path_or_id: str, progress: bool = True) -> None:
             if file not in handles:
                 try:
                     handles[file] = stack.enter_context(safe_open(file, framework="pt"))
-                except Exception as e:  # a truncated / corrupt shard: name the file
+                except Exception as e:  # noqa: BLE001 - a truncated / corrupt shard: name the file
                     raise CheckpointError(f"{file} cannot be read as safetensors ({e})") from None
             return handles[file]
 
@@ -156,7 +156,7 @@ def load_weights(model, path_or_id: str, progress: bool = True) -> None:
             h = handle(name)
             try:
                 return h.get_tensor(name)
-            except Exception as e:  # an index naming a tensor its shard lacks, or a cut-off file
+            except Exception as e:  # noqa: BLE001 - an index naming a tensor its shard lacks, or a cut-off file
                 raise CheckpointError(f"{name} cannot be read from {wmap[name]} ({e})") from None
 
         for name in tqdm(names, desc="loading weights", unit="tensor", disable=not progress):
@@ -258,7 +258,7 @@ def load_model(path_or_id: str, dtype: torch.dtype = torch.bfloat16, device: str
     path = resolve_model_dir(path_or_id)
     cfg = ModelConfig.from_dir(path, hf_overrides)
     fp8 = fp8_at_load(quantization, cfg, device)
-    _check_config_against_checkpoint(path, cfg)
+    _check_config_against_checkpoint(path, cfg, "config.json + hf_overrides" if hf_overrides else "config.json")
     with torch.device("meta"):
         model = Qwen3NextForCausalLM(cfg, with_mtp=with_mtp)
     # cast on meta first so real memory is allocated once, in the target dtype
@@ -275,7 +275,7 @@ def load_model(path_or_id: str, dtype: torch.dtype = torch.bfloat16, device: str
     return model.eval(), cfg
 
 
-def _check_config_against_checkpoint(path: str, cfg: ModelConfig) -> None:
+def _check_config_against_checkpoint(path: str, cfg: ModelConfig, source: str) -> None:
     """Compare the sizes config.json implies with a few checkpoint headers before any memory is
     allocated: a config.json missing hidden_size / vocab_size / num_experts falls back to the
     80B's values, which would otherwise allocate an 80B model before the first shape error."""
@@ -289,10 +289,10 @@ def _check_config_against_checkpoint(path: str, cfg: ModelConfig) -> None:
         try:
             with safe_open(wmap[name], framework="pt") as f:
                 got = list(f.get_slice(name).get_shape())
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - as in load_weights: name the file
             raise CheckpointError(f"{name} cannot be read from {wmap[name]} ({e})") from None
         if got != shape:
-            raise CheckpointError(f"{name} has shape {got} but config.json gives {keys} = {shape} "
+            raise CheckpointError(f"{name} has shape {got} but {source} gives {keys} = {shape} "
                                   f"(keys missing from config.json take the Qwen3-Next-80B values)")  # fmt: skip
 
 
