@@ -266,3 +266,11 @@ def test_corrupt_tokenizer_file_is_named(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{bad")
     with pytest.raises(ValueError, match=r"tokenizer\.json is not a valid tokenizer file"):
         tokenizer_size(str(tmp_path))
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 1.5])
+def test_engine_seed_out_of_range_is_refused(seed):
+    """EngineArgs(seed=) outside torch.manual_seed's range: a ValueError naming the field (the CLI's
+    --seed 36893488147419103232 printed 'Overflow when unpacking long long')."""
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"):
+        EngineArgs(seed=seed)

@@ -69,8 +69,9 @@ class EngineArgs:
             self.prefix_caching_state_block = -(-256 // self.block_size) * self.block_size
         pos_int("max_model_len", allow_none=True)
         pos_int("kv_cache_memory_bytes", allow_none=True)
-        if not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        # (torch.manual_seed's range; beyond it the engine start failed with "Overflow when unpacking long long")
+        if not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
         if self.mamba_ssm_cache_dtype not in _STATE_DTYPES:
