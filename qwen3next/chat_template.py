@@ -3,7 +3,8 @@
 Owns: picking the template (a string, a list of named templates, a `chat_template.jinja` file or the
 built-in Thinking template), the Jinja environment HF uses (sandboxed, trim/lstrip blocks,
 loopcontrols, HF's `tojson`), message normalisation (None values dropped, text parts flattened with
-"\\n", reasoning aliases) and `continue_final_message`. Returns text; tokenizing is the caller's job.
+"\\n", reasoning aliases, tool-call arguments sent as a JSON object string parsed to a dict) and
+`continue_final_message`. Returns text; tokenizing is the caller's job.
 """
 
 from __future__ import annotations
@@ -99,6 +100,26 @@ def _plain(value):
     return value
 
 
+def _arguments_as_dict(call):
+    """OpenAI clients send a call's arguments as a JSON string; templates iterate them
+    (Qwen3-Coder: `arguments|items`) or print them with tojson: parse a JSON object, as vLLM does.
+    Any other string stays as it is (a template that prints strings shows it verbatim)."""
+    if not isinstance(call, dict):
+        return call
+    nested = isinstance(call.get("function"), dict)
+    fn = call["function"] if nested else call
+    if not isinstance(fn.get("arguments"), str):
+        return call
+    try:
+        parsed = json.loads(fn["arguments"])
+    except (ValueError, RecursionError):
+        return call
+    if not isinstance(parsed, dict):
+        return call
+    fn = {**fn, "arguments": parsed}
+    return {**call, "function": fn} if nested else fn
+
+
 def normalize_messages(messages) -> list[dict]:
     """Copy messages as plain dicts: None values dropped, content flattened, reasoning aliased."""
     if not isinstance(messages, (list, tuple)):
@@ -113,6 +134,8 @@ def normalize_messages(messages) -> list[dict]:
         message = {k: v for k, v in message.items() if v is not None}
         if "content" in message:
             message["content"] = flatten_content(message["content"], f"messages[{i}]")
+        if isinstance(message.get("tool_calls"), list):
+            message["tool_calls"] = [_arguments_as_dict(tc) for tc in message["tool_calls"]]
         reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
         if reasoning is not None:
             # As HF: `thinking` too, for templates (gpt-oss) that read that name

@@ -100,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trust-request-chat-template", action="store_true",
                    help="let requests bring their own chat_template (vLLM's flag; off: such a request is a "
                         "400, since its Jinja runs in the server)")
-    s.add_argument("--tool-call-parser", choices=["hermes", "none"], default="hermes")
+    s.add_argument("--tool-call-parser", choices=["auto", "hermes", "qwen3_coder", "none"], default="auto",
+                   help="tool-call format read from the output: hermes (JSON in <tool_call>), qwen3_coder "
+                        "(Qwen3-Coder's XML); auto: qwen3_coder if the chat template writes calls as "
+                        "<function=...>, else hermes")
     s.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM command lines; auto tool choice is always on")
     s.add_argument("--max-waiting", type=int, default=256,

@@ -1,7 +1,8 @@
 """One chat choice's text -> reasoning / content / tool calls, whole or as stream deltas.
 
-Wraps the project parsers (`qwen3next.parsers`): the reasoning split runs first, the hermes tool
-parser sees only the content after `</think>` (openai_api.md §4.1). A forced-tool prefix (the
+Wraps the project parsers (`qwen3next.parsers`): the reasoning split runs first, the tool parser
+(hermes, or qwen3_coder reading values by the request's tool schemas) sees only the content after
+`</think>` (openai_api.md §4.1). A forced-tool prefix (the
 prefill of tool_choice required/named) is parsed as if the model had generated it. Also turns the
 engine's per-token logprob dicts into the OpenAI `logprobs.content` entries, and prompt logprobs
 into vLLM's `prompt_logprobs` list.
@@ -14,19 +15,21 @@ import math
 
 from qwen3next.api.protocol import (DeltaMessage, DeltaToolCall, FunctionCall, PromptLogprob,
                                     ResponseMessage, TokenLogprob, ToolCall, TopLogprob)
-from qwen3next.parsers import ReasoningParser, ReasoningStream, ToolCallStream, extract_tool_calls
+from qwen3next.parsers import ReasoningParser, ReasoningStream, extract_calls, tool_call_stream
 
 
 class ChoiceParser:
     def __init__(self, reasoning: bool, tools: bool, prefix: str = "", parallel: bool = True,
-                 strip_newlines: bool = False):
+                 strip_newlines: bool = False, tool_parser: str = "hermes", tool_defs=None):
         self.reasoning = reasoning
         self.tools = tools
         self.prefix = prefix
         self.parallel = parallel
         self.strip_newlines = strip_newlines
         self._rs = ReasoningStream(strip_newlines) if reasoning else None
-        self._ts = ToolCallStream() if tools else None
+        self.tool_parser = tool_parser
+        self.tool_defs = tool_defs  # the request's tools (qwen3_coder reads values by their schemas)
+        self._ts = tool_call_stream(tool_parser, tool_defs) if tools else None
         self._prefix_fed = False
         self.called = False  # a tool call was emitted (finish_reason "tool_calls")
 
@@ -90,7 +93,7 @@ class ChoiceParser:
             reasoning, content = None, text
         calls = []
         if self.tools and content:
-            content, calls = extract_tool_calls(content)
+            content, calls = extract_calls(self.tool_parser, content, self.tool_defs)
             if not self.parallel:
                 calls = calls[:1]
         if not include_reasoning:

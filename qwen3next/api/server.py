@@ -214,6 +214,7 @@ def build_state(ns, engine=None, model_dir: str | None = None) -> ServerState:
     from qwen3next.api.engine_process import ENGINE_OPTIONS, engine_info
     from qwen3next.api.engine_setup import build_engine, thinking_template
     from qwen3next.api.metrics import Metrics
+    from qwen3next.parsers import resolve_tool_parser
     from qwen3next.tokenizer import get_tokenizer, read_generation_config
 
     template = load_chat_template(getattr(ns, "chat_template", None))  # before the model loads
@@ -248,7 +249,7 @@ def build_state(ns, engine=None, model_dir: str | None = None) -> ServerState:
         max_model_len=info["max_model_len"], vocab_size=info["vocab_size"],
         metrics=Metrics(names[0], lambda: async_engine.snapshot),
         reasoning_parser=None if reasoning == "none" else reasoning,
-        tool_parser=None if ns.tool_call_parser == "none" else ns.tool_call_parser,
+        tool_parser=resolve_tool_parser(ns.tool_call_parser, tokenizer),
         generation_config=gen,
         api_key=ns.api_key or os.environ.get("QWEN3NEXT_API_KEY") or os.environ.get("VLLM_API_KEY") or None,
         exclude_tools_when_none=ns.exclude_tools_when_tool_choice_none,

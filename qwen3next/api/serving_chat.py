@@ -3,13 +3,13 @@
 Render with the model's chat template, check the context, submit one engine request (n samples),
 and turn each sample's ids into text (`TextStream`) and then into reasoning / content / tool calls
 (`ChoiceParser`). tool_choice "required" or a named function is *guided by prefill*: the start of
-a hermes `<tool_call>` block is appended to the prompt (Instruct) or, for Thinking templates, after
-the model's own `</think>` (`forced_tools`), and the rest of the call follows the tools' schemas
-(a grammar, api/structured.forced_call, when llguidance is there); the parser sees the prefill as
-output. `prompt_logprobs: k` (vLLM extra, not with stream) returns the
-rendered prompt's logprobs as a top-level `prompt_logprobs` list in vLLM's form. response_format /
-structured_outputs / guided_* constrain the content (api/structured.py): for a Thinking prompt only
-after the model's `</think>`.
+a `<tool_call>` block in the tool parser's format is appended to the prompt (Instruct) or, for
+Thinking templates, after the model's own `</think>` (`forced_tools`), and the rest of a hermes call
+follows the tools' schemas (a grammar, api/structured.forced_call, when llguidance is there; a
+qwen3_coder call has the prefill only); the parser sees the prefill as output.
+`prompt_logprobs: k` (vLLM extra, not with stream) returns the rendered prompt's logprobs as a
+top-level `prompt_logprobs` list in vLLM's form. response_format / structured_outputs / guided_*
+constrain the content (api/structured.py): for a Thinking prompt only after the model's `</think>`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from qwen3next.api.serving_common import (SSE_DONE, ServerState, check_model, ma
                                           sampling_params, sse, truncation, until_disconnect)
 from qwen3next.api.structured import forced_call, structured_outputs
 from qwen3next.engine.structured_output import available as grammar_available
+from qwen3next.parsers.tool_parsers import forced_call_prefix
 from qwen3next.api.text_stream import TextStream
 from qwen3next.api.validate import check_chat, template_messages
 
@@ -46,7 +47,8 @@ class _Choice:
                                req.include_stop_str_in_output)
         self.parser = ChoiceParser(reasoning=reasoning, tools=tools, prefix=prefix,
                                    parallel=req.parallel_tool_calls is not False and not single_call,
-                                   strip_newlines=state.strip_reasoning_newlines)
+                                   strip_newlines=state.strip_reasoning_newlines,
+                                   tool_parser=state.tool_parser or "hermes", tool_defs=req.tools)
         self.timer = state.metrics.timer(prompt_len if index == 0 else 0)
         self.eos_ids = state.eos_ids
         self.include_stop = req.include_stop_str_in_output
@@ -117,13 +119,12 @@ def build_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[list[i
     # wait for (vLLM would file its whole answer as reasoning); the request may switch it either way
     wanted = req.separate_reasoning if req.separate_reasoning is not None else state.reasoning_parser is not None
     reasoning = wanted and thinking
-    call = ""  # guided by prefill: the start of the hermes call the model must complete
+    call = ""  # guided by prefill: the start of the call (in the parser's format) the model must complete
     if choice == "required" or not isinstance(choice, str):
-        call = '<tool_call>\n{"name": "'
-        # a named function: the grammar (forced_call) names it, so the model writes the name and
+        # a named hermes function: the grammar (forced_call) names it, so the model writes the name and
         # `", "arguments": {` in its own tokens (a prefill ending in `": ` splits them unnaturally)
-        if not isinstance(choice, str) and not grammar_available():
-            call += choice.function.name + '", "arguments": '
+        call = forced_call_prefix(state.tool_parser or "hermes", None if isinstance(choice, str) else
+                                  choice.function.name, grammar_available())
     ids = tok.encode(text if thinking else text + call)
     keep = truncation(state, req.truncate_prompt_tokens)
     if keep is not None:
@@ -148,7 +149,8 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     if structured is not None and call:
         raise bad_request("response_format / structured outputs cannot be combined with a forced "
                           "tool_choice ('required' or a named function)", "tool_choice")
-    if call:  # the rest of the call follows the tools' schemas (Thinking: phase 2 only)
+    forced = None  # the rest of a hermes call follows the tools' schemas (Thinking: phase 2 only)
+    if call and state.tool_parser != "qwen3_coder":
         forced = forced_call(req.tools, None if req.tool_choice == "required" else req.tool_choice.function.name,
                              state.tokenizer.token_to_id("</tool_call>"))
         structured = None if thinking else forced
