@@ -224,8 +224,14 @@ class CacheManager:
         """Blocks a hit needs taken from the free ones to hold `num_tokens` tokens: new blocks,
         the cached ones nobody uses yet, and (MTP) the copy of its last block."""
         blocks = hit[1]
-        return (self.blocks_needed(num_tokens) - len(blocks) + int(self.mtp_prefix)
-                + sum(1 for b in blocks if self._refs[b] == 0))
+        unused = sum(1 for b in blocks if self._refs[b] == 0)
+        new = max(0, self.blocks_needed(num_tokens) - len(blocks))
+        if not self.mtp_prefix:
+            return unused + new
+        # the copy is taken while its source is held; a source nobody else uses is evictable again
+        # right after (counting it twice refused a prompt that fills the whole cache forever)
+        back = int(self._refs[blocks[-1]] == 0)
+        return unused + max(1, new + 1 - back)
 
     def take_prefix(self, seq, hit: tuple[int, list[int], int]) -> None:
         """Share the hit's blocks with `seq` and mark its first `b` tokens computed; the state
