@@ -58,3 +58,14 @@ def test_mtp_prefix_hit_of_a_prompt_filling_the_whole_cache_is_admitted(model):
         assert drain(eng)[r] == want
         assert pools_empty(eng)
     assert eng.stats["prefix_cache"]["hit_tokens"] > 0
+
+
+def test_speculative_decoding_caps_kv_blocks_at_what_max_num_seqs_can_use(model):
+    """The KV cap was (1 + k) x max_num_seqs sequences' worth of blocks with MTP: the k scratch
+    slots per sequence never hold blocks, so k = 3 allocated 4x the usable KV (3 GiB instead of
+    0.75 GiB of the CPU's 4 GiB default for the demo model)."""
+    plain = LLMEngine(model, EngineArgs(max_model_len=512, max_num_seqs=4), eos_token_ids=[])
+    mtp = LLMEngine(model, EngineArgs(max_model_len=512, max_num_seqs=4,
+                                      speculative_config={"num_speculative_tokens": 3}), eos_token_ids=[])
+    assert plain.cache.plan.num_blocks == 4 * 512 // 16
+    assert mtp.cache.plan.num_blocks == plain.cache.plan.num_blocks

@@ -94,8 +94,9 @@ class LLMEngine:
         num_slots = args.max_num_seqs * (1 + k)
         blocks_per_seq = -(-self.max_model_len // args.block_size)
         state_block = args.prefix_caching_state_block if args.enable_prefix_caching else 0
+        # (at most max_num_seqs sequences hold blocks: scratch slots never do)
         plan = plan_cache(spec, self.dtype, args.block_size, num_slots,
-                          self._budget_bytes(), max_blocks=num_slots * blocks_per_seq,
+                          self._budget_bytes(), max_blocks=args.max_num_seqs * blocks_per_seq,
                           snapshot_fraction=args.prefix_caching_state_fraction if state_block else 0.0,
                           state_block=state_block, state_dtype=args.state_dtype())
         # tensor parallel: every rank allocates the same plan (its own heads' shards)
