@@ -275,3 +275,11 @@ def test_server_history_and_named_tool_choice(srv, client):
     assert srv.tok.decode(srv.sampler.seen_prompts[-1]).endswith("<tool_call>\n<function=get_weather>\n")
     (got,) = r.choices[0].message.tool_calls
     assert got.function.name == "get_weather" and json.loads(got.function.arguments) == {"city": "Rome"}
+    # "required": the prefill opens the call, the model names the function
+    srv.push("write_file>\n<parameter=path>\na.py\n</parameter>\n</function>\n</tool_call>")
+    r = client.chat.completions.create(model="tiny", messages=USER, tools=TOOLS, max_tokens=80,
+                                       tool_choice="required")
+    assert srv.tok.decode(srv.sampler.seen_prompts[-1]).endswith("assistant\n<tool_call>\n<function=")
+    (got,) = r.choices[0].message.tool_calls
+    assert got.function.name == "write_file" and json.loads(got.function.arguments) == {"path": "a.py"}
+    assert r.choices[0].finish_reason == "tool_calls"
