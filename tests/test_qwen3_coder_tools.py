@@ -283,3 +283,19 @@ def test_server_history_and_named_tool_choice(srv, client):
     (got,) = r.choices[0].message.tool_calls
     assert got.function.name == "write_file" and json.loads(got.function.arguments) == {"path": "a.py"}
     assert r.choices[0].finish_reason == "tool_calls"
+
+
+def test_token_stream_through_the_real_tokenizer():
+    """Qwen's vocabulary (qwen-agent's qwen.tiktoken): ids -> detokenizer -> stream == whole parse."""
+    from qwen3next.detokenizer import IncrementalDetokenizer
+    from qwen3next.tokenizer import get_tokenizer
+    from tests.helpers.qwen_vocab import qwen_tokenizer_dir
+
+    path = qwen_tokenizer_dir()
+    if path is None:
+        pytest.skip("qwen-agent (qwen.tiktoken) not installed")
+    tok = get_tokenizer(path)
+    ids = tok.encode("Writing 巴黎 🌦 first.\n\n" + CODE + "\n" + TYPED)
+    detok = IncrementalDetokenizer(tok)
+    assert _run_stream([detok.add(i) for i in ids] + [detok.flush()]) == extract_coder_tool_calls(
+        tok.decode(ids), TOOLS, _ids())
