@@ -55,6 +55,7 @@ TEXTS = [
     _call("no_params"),
     _call("unknown_tool", ("n", "5")),
     "<tool_call>\n<function=get_weather>\n<parameter=city>\nRome\n<parameter=days>\n4\n</function>\n</tool_call>",
+    "<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</tool_call>",  # closed: ends the function
     "",
 ]
 
@@ -113,6 +114,9 @@ def test_malformed_blocks_stay_content():
     # a missing </parameter> ends the value at the next parameter or at </function>, as vLLM reads it
     _, (call,) = extract_coder_tool_calls(TEXTS[8], TOOLS)
     assert _args(call) == {"city": "Rome", "days": 4}
+    # ... and a closed block ends both (only a block cut by max_tokens stays text)
+    _, (call,) = extract_coder_tool_calls(TEXTS[9], TOOLS)
+    assert _args(call) == {"city": "Oslo"}
 
 
 def _splits(text):

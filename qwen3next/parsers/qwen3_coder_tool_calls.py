@@ -5,8 +5,9 @@ The model writes `<tool_call>\\n<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</pa
 number, boolean, object, array, null by the parameter's `type`; strings verbatim minus the one newline
 the format puts on each side; parameters or tools the request does not declare stay strings).
 `arguments` is the JSON object of the parameters in the order written (`json.dumps` spacing,
-non-ASCII kept). Blocks and content follow the hermes parser (tool_calls.py): a block without a whole
-`<function=...>...</function>` stays content verbatim. The stream announces a call at `<function=NAME>`,
+non-ASCII kept). Blocks and content follow the hermes parser (tool_calls.py): a block cut before its
+`</function>` (max_tokens) stays content verbatim; a block closed by `</tool_call>` may leave out
+`</function>` and `</parameter>`, as vLLM reads it. The stream announces a call at `<function=NAME>`,
 then sends each parameter as one argument fragment once it is complete, and `}` at `</function>`.
 """
 
@@ -115,29 +116,30 @@ def _one_newline_off(value: str) -> str:
     return value.removesuffix("\n")
 
 
-def next_param(body: str, pos: int, hint: int = 0):
+def next_param(body: str, pos: int, hint: int = 0, final: bool = False):
     """The next item of a function's body from `pos`: ("param", name, text, next pos), ("end", next pos)
     at `</function>`, ("bad",) for a parameter tag with no usable name, or None: more text is needed.
     A value ends at `</parameter>`, or (the model may leave that out) at the next parameter or at
-    `</function>`. `hint`: no end of the value lies before it (a caller scanning a growing text)."""
+    `</function>`; with `final` (the block was closed) the body's end closes both.
+    `hint`: no end of the value lies before it (a caller scanning a growing text)."""
     p = body.find(PARAM_START, pos)
     e = body.find(FUNC_END, pos, p if p >= 0 else len(body))
     if e >= 0:
         return ("end", e + len(FUNC_END))
     if p < 0:
-        return None
+        return ("end", len(body)) if final else None
     name_at = p + len(PARAM_START)
     gt = body.find(">", name_at)
     raw_name = body[name_at : gt if gt >= 0 else len(body)]
     if "<" in raw_name or "\n" in raw_name or (gt >= 0 and not raw_name.strip()):
         return ("bad",)
     if gt < 0:
-        return None
+        return ("bad",) if final else None
     start = max(gt + 1, hint)
     ends = [i for i in (body.find(m, start) for m in (PARAM_END, PARAM_START, FUNC_END)) if i >= 0]
-    if not ends:
+    if not ends and not final:
         return None
-    end = min(ends)
+    end = min(ends) if ends else len(body)
     after = end + len(PARAM_END) if body.startswith(PARAM_END, end) else end
     return ("param", raw_name.strip(), _one_newline_off(body[gt + 1 : end]), after)
 
@@ -148,15 +150,15 @@ def json_pair(name: str, text: str, props: dict | None) -> str:
     return json.dumps(name, ensure_ascii=False) + ": " + json.dumps(value, ensure_ascii=False)
 
 
-def parse_block(body: str, schemas: dict[str, dict]) -> tuple[str, str] | None:
-    """(name, arguments JSON) of one `<tool_call>` block's text, or None if it holds no complete call.
-    Text after `</function>` inside the block is ignored."""
+def parse_block(body: str, schemas: dict[str, dict], closed: bool) -> tuple[str, str] | None:
+    """(name, arguments JSON) of one `<tool_call>` block's text (`closed`: by `</tool_call>`), or None
+    if it holds no complete call. Text after `</function>` inside the block is ignored."""
     m = _HEAD_RE.match(body)
     if m is None or not m.group(1).strip():
         return None
     name, pos, pairs = m.group(1).strip(), m.end(), []
     while True:
-        item = next_param(body, pos)
+        item = next_param(body, pos, final=closed)
         if item is None or item[0] == "bad":
             return None
         if item[0] == "end":
@@ -171,7 +173,8 @@ def extract_coder_tool_calls(text: str, tools=None, id_factory=new_call_id) -> t
     pieces: list[str | dict] = []  # text pieces and calls, in order
     pos = 0
     for m in _BLOCK_RE.finditer(text):
-        parsed = parse_block(m.group(1) if m.group(1) is not None else m.group(2), schemas)
+        closed = m.group(1) is not None
+        parsed = parse_block(m.group(1) if closed else m.group(2), schemas, closed)
         if parsed is None:
             continue  # stays in the text between valid calls
         pieces.append(text[pos : m.start()])
@@ -216,7 +219,7 @@ class CoderToolCallStream(ToolCallStream):
             out.tool_calls.append({"index": len(self.calls) - 1, "id": call["id"], "type": "function",
                                    "function": {"name": call["function"]["name"]}})  # fmt: skip
         while not self._done:
-            item = next_param(self._buf, self._pos, self._hint)
+            item = next_param(self._buf, self._pos, self._hint, final)
             if item is None:
                 self._hint = max(self._pos, len(self._buf) - len(PARAM_END) + 1)
                 return
@@ -236,10 +239,10 @@ class CoderToolCallStream(ToolCallStream):
     def _close_block(self, out: ToolDelta, closed: bool) -> None:
         """The block's text is complete in _buf: finish the announced call, or decide it whole."""
         if self._args_start >= 0:
-            self._stream_block(out, final=True)
+            self._stream_block(out, final=closed)
             self._after_call = True
         else:
-            parsed = parse_block(self._buf, self._schemas)
+            parsed = parse_block(self._buf, self._schemas, closed)
             if parsed is not None:
                 call = make_call(self._new_id(), *parsed)
                 self.calls.append(call)
