@@ -272,6 +272,10 @@ def test_server_history_and_named_tool_choice(srv, client):
     assert r.choices[0].message.content == "It is 18C."
     prompt = srv.tok.decode(srv.sampler.seen_prompts[-1])
     assert "<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n" in prompt
+    # arguments that are no JSON object cannot be iterated by the template: a 400, not a 500
+    bad = [history[0], {**history[1], "tool_calls": [{**call, "function": {"name": "get_weather", "arguments": "x"}}]}]
+    with pytest.raises(openai.BadRequestError, match="chat template failed to render"):
+        client.chat.completions.create(model="tiny", messages=bad, tools=TOOLS, max_tokens=5)
     # a named tool_choice prefills the Coder header; the model writes only the parameters
     srv.push("<parameter=city>\nRome\n</parameter>\n</function>\n</tool_call>")
     r = client.chat.completions.create(model="tiny", messages=USER, tools=TOOLS, max_tokens=40,
