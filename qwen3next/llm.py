@@ -41,35 +41,47 @@ class _Completion:
         self.params = params
         self.tokenizer = tokenizer
         self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens) if tokenizer else None
-        self.max_stop = max((len(s) for s in params.stop), default=0)
         self.stopped = False  # ended by a stop string: later reports change nothing
+        # vLLM: a stop string counts only if it ends in the text after the first min_tokens tokens
+        self.check_from = 0
 
     def add(self, delta: CompletionOutput) -> str | None:
-        """Take a step's delta; -> the stop string that ended the text, if one did."""
+        """Take a step's delta; -> the stop string that ended the text, if one did. The search
+        runs after each token, so a step that brought several (speculative decoding) ends, as
+        one token per step would, at the token that completes the stop string."""
         if self.stopped:
             return None
         out = self.out
-        out.token_ids += delta.token_ids
         out.cumulative_logprob = delta.cumulative_logprob
+        out.finish_reason, out.stop_reason = delta.finish_reason, delta.stop_reason
         if delta.logprobs is not None:
             decode_logprobs(self.tokenizer, delta.logprobs)
-            out.logprobs += delta.logprobs
-        out.finish_reason, out.stop_reason = delta.finish_reason, delta.stop_reason
-        if self.detok is None:
-            return None
-        before = len(out.text)
-        for t in delta.token_ids:
+        toks = delta.token_ids
+        for j, t in enumerate(toks):
+            out.token_ids.append(t)
+            if delta.logprobs is not None:
+                out.logprobs.append(delta.logprobs[j])
+            if self.detok is None:
+                continue
+            before = len(out.text)
             out.text += self.detok.add(t)
-        if delta.finish_reason is not None:
-            out.text += self.detok.flush()
-        return self._find_stop(before) if self.max_stop else None
+            if j == len(toks) - 1 and delta.finish_reason is not None:
+                out.text += self.detok.flush()
+            if len(out.token_ids) <= self.params.min_tokens:
+                self.check_from = len(out.text)
+            elif self.params.stop and (stop := self._find_stop(max(before, self.check_from))) is not None:
+                if j < len(toks) - 1 and out.cumulative_logprob is not None and delta.logprobs is not None:
+                    # (the dropped tokens' logprobs leave the running sum too)
+                    out.cumulative_logprob -= sum(d[x].logprob for d, x in zip(delta.logprobs[j + 1:], toks[j + 1:]))
+                return stop
+        return None
 
     def _find_stop(self, before: int) -> str | None:
+        """The earliest stop string that ends after text offset `before`; cuts the text there."""
         text = self.out.text
-        start = max(0, before - self.max_stop + 1)
         best = None
         for s in self.params.stop:
-            i = text.find(s, start)
+            i = text.find(s, max(0, before - len(s) + 1))
             if i >= 0 and (best is None or i < best[0]):
                 best = (i, s)
         if best is None:
