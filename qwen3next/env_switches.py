@@ -18,7 +18,7 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "QWEN3NEXT_AUTOTUNE": ("1", "0"),
     "QWEN3NEXT_GDN_FUSED": ("1", "0"),
     "QWEN3NEXT_GDN_DECODE_PIPELINED": ("0", "1"),
-    "QWEN3NEXT_CONV_STREAM": ("0", "1"),
+    "QWEN3NEXT_CONV_STREAM": ("1", "0"),
     "QWEN3NEXT_VERIFY_GRAPHS": ("1", "0"),
     "QWEN3NEXT_ATTN_CUDNN": ("1", "0"),
     "QWEN3NEXT_ATTN_FRESH": ("1", "0"),

@@ -216,10 +216,12 @@ def _stream_only(monkeypatch, cfg):
 
 
 def _both(monkeypatch, cfg, *args, **kw):
-    """(default kernel's y and pool, streaming kernel's y and pool) of the same call."""
+    """(tiled kernel's y and pool, streaming kernel's y and pool) of the same call."""
     pool = args[3] if len(args) > 3 else None
     p_d = None if pool is None else pool.clone()
-    y_d = tri.causal_conv1d_varlen(*args[:3], p_d, *args[4:], **kw)
+    with monkeypatch.context() as m:  # the tiled kernels (the streaming one is the default)
+        m.setattr(tri, "STREAM", False)
+        y_d = tri.causal_conv1d_varlen(*args[:3], p_d, *args[4:], **kw)
     with monkeypatch.context() as m:
         _stream_only(m, cfg)
         p_s = None if pool is None else pool.clone()

@@ -219,16 +219,17 @@ def _conv_state_kernel(x_ptr, cu_ptr, st_ptr, slot_ptr, init_ptr, map_ptr, C, SX
         tl.store(st_ptr + (slot * C + c[:, None]) * (K - 1) + i[None, :], new, mask=cm[:, None] & im[None, :])
 
 
-# Opt-in streaming form of the varlen conv (QWEN3NEXT_CONV_STREAM=1; K = 4 only): a program owns a
-# block of BC channels and R runs of L tokens each, stepping through its runs one token per step with
+# The streaming form of the varlen conv (default; QWEN3NEXT_CONV_STREAM=0: the tiled kernels; K = 4 only):
+# a program owns a block of BC channels and R runs of L tokens each, stepping through its runs one token per step with
 # the last three inputs of every run kept in registers, so each input row is read once (plus a
 # 3-row halo per run), the taps in registers for the whole run and the next rows loaded PF steps ahead.
 # The loop ignores sequence starts; the first 3 rows of each sequence in the span are redone after it.
+# H200, 80B layer at 8K (session 6): 96-100 us vs 185 us for the tiled kernel, outputs bitwise equal.
 STREAM = switch("QWEN3NEXT_CONV_STREAM") == "1"
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (R runs, L tokens per run, warps, PF rows loaded ahead: 1 to 4); L shrinks to cdiv(T, R) for short batches.
-# Not yet timed on a GPU: benchmarks/gpu_prefill_profile.py times all of these, the first is the default
-# (ptxas, triton 3.6, sm_90: 112-156 registers, no spills; <= 128 for the 8-warp ones: 2 programs per SM).
+# H200 at 8K (benchmarks/gpu_prefill_profile.py): 95.9-123.6 us, the first 99.5; it stays the default as its
+# shorter runs keep more programs in flight for shorter batches (ptxas, triton 3.6, sm_90: 112-156 registers, no spills; <= 128 for the 8-warp ones: 2 programs per SM).
 STREAM_CONFIGS = [(16, 32, 8, 3), (16, 64, 8, 3), (16, 32, 8, 2), (8, 32, 4, 2), (8, 64, 4, 2), (8, 32, 4, 1),
                   (8, 32, 4, 4)]
 STREAM_CFG = STREAM_CONFIGS[0]
