@@ -307,3 +307,53 @@ def test_token_stream_through_the_real_tokenizer():
     detok = IncrementalDetokenizer(tok)
     assert _run_stream([detok.add(i) for i in ids] + [detok.flush()]) == extract_coder_tool_calls(
         tok.decode(ids), TOOLS, _ids())
+
+
+def test_forced_call_grammar_accepts_the_format_and_the_schemas():
+    llg = pytest.importorskip("llguidance")
+    from qwen3next.parsers.qwen3_coder_grammar import coder_call_grammar
+    from qwen3next.tokenizer import get_tokenizer
+    from tests.helpers.qwen_vocab import qwen_tokenizer_dir
+
+    path = qwen_tokenizer_dir()
+    if path is None:
+        pytest.skip("qwen-agent (qwen.tiktoken) not installed")
+    tok = get_tokenizer(path)
+    with open(os.path.join(path, "tokenizer.json"), encoding="utf-8") as f:
+        lt = llg.LLTokenizer(f.read())
+
+    def accepts(rest, name=None):
+        m = llg.LLMatcher(lt, llg.grammar_from("lark", coder_call_grammar(TOOLS, name, tok.token_to_id("</tool_call>"))),
+                          log_level=0)
+        return all(m.consume_token(t) for t in tok.encode(rest)) and m.is_accepting()
+
+    typed = _call("get_weather", ("city", "Saint-Étienne 🌦"), ("days", "-2"), ("hot", "true"), ("temp", "18.5"),
+                  ("opts", '{"units": ["°C"]}'), ("tags", '["x", 1]'), ("note", "null"), ("limit", "null"))
+    for rest in (PARIS, typed, CODE, _call("write_file")):
+        rest = rest[len("<tool_call>\n<function=") :]  # after the prefill
+        assert accepts(rest), rest
+        assert extract_coder_tool_calls("<tool_call>\n<function=" + rest, TOOLS)[1]
+    assert accepts("<parameter=path>\na\n</parameter>\n</function>\n</tool_call>", "write_file")
+    for rest in ("get_weather>\n</function>\n</tool_call>",  # city is required
+                 "get_weather>\n<parameter=days>\n3\n</parameter>\n<parameter=city>\nP\n</parameter>\n</function>\n",
+                 "get_weather>\n<parameter=city>\nP\n</parameter>\n<parameter=days>\nx\n</parameter>\n",
+                 "get_weather>\n<parameter=city>\nP</function>\n</parameter>\n",  # a tag inside a string
+                 "unknown>\n</function>\n</tool_call>"):
+        assert not accepts(rest), rest
+    with pytest.raises(ValueError, match="no tool named"):
+        coder_call_grammar(TOOLS, "nope", None)
+
+
+def test_server_forced_calls_follow_the_schemas(srv, client):
+    pytest.importorskip("llguidance")
+    # no script: the random tiny model samples under the forced call's grammar
+    trip = {"type": "function", "function": {"name": "trip", "parameters": {"type": "object", "properties": {
+        "to": {"enum": ["Rome", "Oslo"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["to"]}}}
+    for choice in ({"type": "function", "function": {"name": "trip"}}, "required"):
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Go"}], tools=[trip],
+                                           max_tokens=75, seed=1, temperature=1.0, tool_choice=choice)
+        assert r.choices[0].message.tool_calls, (choice, r.choices[0].message.content)
+        (call,) = r.choices[0].message.tool_calls
+        args = json.loads(call.function.arguments)
+        assert call.function.name == "trip" and r.choices[0].finish_reason == "tool_calls"
+        assert args["to"] in ("Rome", "Oslo") and set(args) <= {"to", "n"} and 0 <= args.get("n", 0) <= 9

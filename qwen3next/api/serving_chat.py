@@ -5,8 +5,8 @@ and turn each sample's ids into text (`TextStream`) and then into reasoning / co
 (`ChoiceParser`). tool_choice "required" or a named function is *guided by prefill*: the start of
 a `<tool_call>` block in the tool parser's format is appended to the prompt (Instruct) or, for
 Thinking templates, after the model's own `</think>` (`forced_tools`), and the rest of a hermes call
-follows the tools' schemas (a grammar, api/structured.forced_call, when llguidance is there; a
-qwen3_coder call has the prefill only); the parser sees the prefill as output.
+follows the tools' schemas (a grammar when llguidance is there: api/structured.forced_call for
+hermes, parsers/qwen3_coder_grammar for qwen3_coder); the parser sees the prefill as output.
 `prompt_logprobs: k` (vLLM extra, not with stream) returns the rendered prompt's logprobs as a
 top-level `prompt_logprobs` list in vLLM's form. response_format / structured_outputs / guided_*
 constrain the content (api/structured.py): for a Thinking prompt only after the model's `</think>`.
@@ -30,6 +30,7 @@ from qwen3next.api.serving_common import (SSE_DONE, ServerState, check_model, ma
                                           sampling_params, sse, truncation, until_disconnect)
 from qwen3next.api.structured import forced_call, structured_outputs
 from qwen3next.engine.structured_output import available as grammar_available
+from qwen3next.parsers.qwen3_coder_grammar import coder_forced_call
 from qwen3next.parsers.tool_parsers import forced_call_prefix
 from qwen3next.api.text_stream import TextStream
 from qwen3next.api.validate import check_chat, template_messages
@@ -121,8 +122,6 @@ def build_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[list[i
     reasoning = wanted and thinking
     call = ""  # guided by prefill: the start of the call (in the parser's format) the model must complete
     if choice == "required" or not isinstance(choice, str):
-        # a named hermes function: the grammar (forced_call) names it, so the model writes the name and
-        # `", "arguments": {` in its own tokens (a prefill ending in `": ` splits them unnaturally)
         call = forced_call_prefix(state.tool_parser or "hermes", None if isinstance(choice, str) else
                                   choice.function.name, grammar_available())
     ids = tok.encode(text if thinking else text + call)
@@ -149,10 +148,14 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     if structured is not None and call:
         raise bad_request("response_format / structured outputs cannot be combined with a forced "
                           "tool_choice ('required' or a named function)", "tool_choice")
-    forced = None  # the rest of a hermes call follows the tools' schemas (Thinking: phase 2 only)
-    if call and state.tool_parser != "qwen3_coder":
-        forced = forced_call(req.tools, None if req.tool_choice == "required" else req.tool_choice.function.name,
-                             state.tokenizer.token_to_id("</tool_call>"))
+    if call:  # the rest of the call follows the tools' schemas (Thinking: phase 2 only)
+        name = None if req.tool_choice == "required" else req.tool_choice.function.name
+        end_id = state.tokenizer.token_to_id("</tool_call>")
+        try:
+            forced = (coder_forced_call(req.tools, name, end_id) if state.tool_parser == "qwen3_coder"
+                      else forced_call(req.tools, name, end_id))
+        except ValueError as e:
+            raise bad_request(str(e), "tools") from None
         structured = None if thinking else forced
     params = sampling_params(state, req, max_tokens, top if req.logprobs else None, req.prompt_logprobs,
                              structured)

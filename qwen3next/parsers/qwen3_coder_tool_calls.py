@@ -51,7 +51,7 @@ def tool_schemas(tools) -> dict[str, dict]:
     return out
 
 
-def _types(schema) -> list[str]:
+def schema_types(schema) -> list[str]:
     """The JSON types a parameter's schema names: `type` (a string or a list), or its anyOf / oneOf."""
     if not isinstance(schema, dict):
         return []
@@ -61,7 +61,7 @@ def _types(schema) -> list[str]:
     for key in ("anyOf", "oneOf"):
         subs = schema.get(key)
         for sub in subs if isinstance(subs, list) else ():
-            out += _types(sub)
+            out += schema_types(sub)
     return out
 
 
@@ -92,7 +92,7 @@ def convert_value(text: str, schema) -> object:
     Non-string types are tried in the schema's order; text none of them reads stays a string."""
     if schema is None:
         return text
-    types = _types(schema)
+    types = schema_types(schema)
     s = text.strip()
     if s.lower() == "null" and ("null" in types or "string" not in types):
         return None

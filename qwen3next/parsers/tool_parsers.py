@@ -55,8 +55,8 @@ def extract_calls(parser: str, text: str, tools=None) -> tuple[str | None, list[
 
 def forced_call_prefix(parser: str, name: str | None, grammar: bool) -> str:
     """The start of a call the model must complete: any tool's (name None) or `name`'s. For hermes
-    with a grammar the name is left to the model (the grammar names it); qwen3_coder has no grammar
-    here, so a named call is prefilled up to its first parameter."""
+    with a grammar the name is left to the model (the grammar names it: a prefill ending in `": `
+    splits tokens unnaturally); a named qwen3_coder call is prefilled up to its first parameter."""
     if parser == "qwen3_coder":
         return "<tool_call>\n<function=" + (f"{name}>\n" if name is not None else "")
     call = '<tool_call>\n{"name": "'
