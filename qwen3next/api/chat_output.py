@@ -2,10 +2,9 @@
 
 Wraps the project parsers (`qwen3next.parsers`): the reasoning split runs first, the tool parser
 (hermes, or qwen3_coder reading values by the request's tool schemas) sees only the content after
-`</think>` (openai_api.md §4.1). A forced-tool prefix (the
-prefill of tool_choice required/named) is parsed as if the model had generated it. Also turns the
-engine's per-token logprob dicts into the OpenAI `logprobs.content` entries, and prompt logprobs
-into vLLM's `prompt_logprobs` list.
+`</think>` (openai_api.md §4.1). A forced-tool prefix (the prefill of tool_choice required/named) is
+parsed as if the model had generated it. Also turns the engine's per-token logprob dicts into the
+OpenAI `logprobs.content` entries, and prompt logprobs into vLLM's `prompt_logprobs` list.
 """
 
 from __future__ import annotations
