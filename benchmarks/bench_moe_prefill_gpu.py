@@ -35,9 +35,10 @@ MODEL_VARIANTS = ("session4", "fold", "persistent", "default", "persistent_mixed
 DEV = "cuda"
 
 
-def check_compile() -> int:
+def check_compile(only: str = "") -> int:
     """Compile the new kernels for sm_90 with the installed triton (specialised as at run time), with
-    ptxas's register / spill report for the persistent ones (bf16 and moe_tma_fp8's)."""
+    ptxas's register / spill report for the persistent ones (bf16 and moe_tma_fp8's); `only`: just the
+    kernels whose check names contain it."""
     import re
 
     import triton.language as tl
@@ -48,6 +49,7 @@ def check_compile() -> int:
 
     from benchmarks.sm90 import ptxas_report as regs
     from qwen3next.kernels.triton import moe_grouped as g
+    from qwen3next.kernels.triton import moe_resident as rs
     from qwen3next.kernels.triton import moe_tma as t
     from qwen3next.kernels.triton import moe_tma_fp8 as f8
 
@@ -55,6 +57,8 @@ def check_compile() -> int:
     fails = []
 
     def comp(name, fn, sig, const, warps=4, stages=3, nospec=(), report=False):
+        if only not in name:
+            return
         fn = fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig)
                  if sig[n].startswith("*") or (sig[n] == "i32" and n not in nospec)}
@@ -112,6 +116,17 @@ def check_compile() -> int:
         sig = dict(a_desc=desc(kw["BM"], kw["BK"]), as_desc=desc(kw["BM"] // 2, kw["BK"]), b_desc=desc(kw["BN"], kw["BK"]),
                    tile_ptr="*i32", y_ptr=b, H=i32, I=i32, RB=i32)
         comp("mixed_down", t._down_mixed_kernel, sig, dict(**kw), c.num_warps, c.num_stages, nospec=("RB",),
+             report=True)
+    for c in rs._gate_up_resident_kernel.configs:
+        kw = c.kwargs
+        sig = dict(b_desc=desc(kw["BN"], kw["BK"]), tile_ptr="*i32", h_ptr=b, x_ptr=b, src_ptr=i64, H=i32, I=i32, RB=i32)
+        comp("resident_gate_up", rs._gate_up_resident_kernel, sig, dict(**kw), c.num_warps, c.num_stages,
+             nospec=("RB",), report=True)
+    for c in rs._down_resident_kernel.configs:
+        kw = c.kwargs
+        sig = dict(a_desc=desc(kw["SB"], kw["BK"]), b_desc=desc(kw["BN"], kw["BK"]), tile_ptr="*i32", y_ptr=b, H=i32,
+                   I=i32, RB=i32)
+        comp("resident_down", rs._down_resident_kernel, sig, dict(**kw), c.num_warps, c.num_stages, nospec=("RB",),
              report=True)
     f8t, f32 = "*fp8e4nv", "*fp32"
     for c in f8._gate_up_persistent_kernel.configs:
@@ -414,6 +429,7 @@ def main() -> int:
     ap.add_argument("--model-variants", default="", help="--model's bf16 variants, the baseline first, of (default "
                     "all) " + ",".join(MODEL_VARIANTS))
     ap.add_argument("--check-compile", action="store_true")
+    ap.add_argument("--check-only", default="", help="--check-compile: only kernels whose names contain this")
     a = ap.parse_args()
 
     paths = tuple(a.paths.split(","))
@@ -421,7 +437,7 @@ def main() -> int:
     if unknown:
         ap.error(f"--model-variants: unknown {unknown}")
     if a.check_compile:
-        return check_compile()
+        return check_compile(a.check_only)
     res = {"env": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}}
 

@@ -16,7 +16,9 @@ back, scaled by their routing weights and summed in fp32. Rounding follows kerne
   per SM walking a table of tiles in expert order);
 * "persistent_mixed" (opt-in, not yet timed on a GPU): persistent, but the GEMMs walk a table of
   128-row tiles, an expert's last tile 64 rows high when at most 64 rows are left (moe_tma.MIXED_BM;
-  down too unless MIXED_DOWN is off).
+  down too unless MIXED_DOWN is off);
+* "resident" (opt-in): moe_resident.py's expert-resident kernels, one program per (expert's <= 192
+  rows, column tile), each weight tile loaded once for all of them.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ...env_switches import switch
-from . import moe_tma
+from . import moe_resident, moe_tma
 from .moe import _count_kernel
 
 # routed rows (T * k) from which the expert-sorted path is used on CUDA, and its GEMMs. Measured on
@@ -41,7 +43,7 @@ SORTED_MIN_ROWS = 8192
 # layer 1.56 vs 1.69 ms at 81920 rows, even at 20480); or one of GEMMS, or "off"; QWEN3NEXT_MOE_SORTED overrides
 SORTED_GEMM = "auto"
 PERSISTENT_MIN_ROWS = 65536
-GEMMS = ("torch", "triton", "triton_gather", "gather_torch", "persistent", "persistent_mixed")
+GEMMS = ("torch", "triton", "triton_gather", "gather_torch", "persistent", "persistent_mixed", "resident")
 # "persistent_mixed": its down GEMM over the mixed tiles too (False: the 64-row persistent down; an A/B knob)
 MIXED_DOWN = True
 # the MoE block's gated shared expert added in the k-sum's pass (unsort_sum); QWEN3NEXT_MOE_FOLD=0: torch ops after
@@ -184,7 +186,7 @@ def moe_experts_sorted(x, gate_up_proj, down_proj, weights, ids, *, gemm: str = 
     E = gate_up_proj.shape[0]
     k = ids.shape[1]
     x = x.contiguous()
-    gather = gemm in ("triton_gather", "gather_torch", "persistent", "persistent_mixed")
+    gather = gemm in ("triton_gather", "gather_torch", "persistent", "persistent_mixed", "resident")
     xs, counts, offs, pos, src = sort_rows(x, ids, E, copy=not gather)
     if gemm == "persistent":
         tiles = moe_tma.tile_table(counts, T * k)
@@ -197,6 +199,10 @@ def moe_experts_sorted(x, gate_up_proj, down_proj, weights, ids, *, gemm: str = 
             y = moe_tma.down(h, down_proj, counts, mtiles, mixed=True)
         else:
             y = moe_tma.down(h, down_proj, counts, moe_tma.tile_table(counts, T * k))
+    elif gemm == "resident":
+        rtiles = moe_tma.tile_table(counts, T * k, moe_resident.ROWS)
+        h = moe_resident.gate_up(x, gate_up_proj, src, rtiles)
+        y = moe_resident.down(h, down_proj, rtiles)
     else:
         if gather:
             h = moe_tma.gate_up(x, gate_up_proj, counts, src)
