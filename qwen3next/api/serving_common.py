@@ -27,7 +27,7 @@ class ServerState:
     vocab_size: int
     metrics: Metrics
     reasoning_parser: str | None = None  # "qwen3" | "deepseek_r1" | None (all text is content)
-    tool_parser: str | None = "hermes"  # "hermes" | "qwen3_coder" | None (tool calls stay in content); "auto" is resolved before this
+    tool_parser: str | None = "hermes"  # "hermes" | "qwen3_coder" | None (calls stay in content); "auto" resolved at start
     generation_config: dict = field(default_factory=dict)  # defaults for unset sampling fields
     api_key: str | None = None
     exclude_tools_when_none: bool = False
