@@ -4,14 +4,15 @@ kernels as its GEMMs, at the 80B's expert shapes (512 experts top-10, hidden 204
 512), bf16, uniform random routing.
 
     python benchmarks/bench_moe_prefill_gpu.py --out moe_prefill.json [--tokens 8192,2048] [--paths ...]
-        [--fp8] [--model] [--model-variants default,persistent_mixed] [--pin]
+        [--fp8] [--model] [--model-variants default,persistent_mixed] [--pin] [--skip-probe]
     PYTHONPATH=.:/tmp/tri36 python benchmarks/bench_moe_prefill_gpu.py --check-compile   # no GPU needed
 
 Per token count: each path's whole experts call (ms, TFLOP/s over the routed FLOPs; --fp8: also
 moe_tma_fp8 with persistent GEMMs off / down / all), the GEMMs one by one (one-tile-per-program vs
 persistent, torch's down, unsort-sum with and without the gated add), errors against triton_gather
 (and the torch reference at the smallest size), every persistent config alone at the largest size; a
-probe of equal groups (64- vs 128-row tiles, persistent, persistent_mixed's 128 + 64-row tiles). `--model` times the 8-layer model's 8K prefill
+probe of equal groups (64- vs 128-row tiles, persistent, persistent_mixed's 128 + 64-row tiles, resident's
+whole experts). The GEMMs alone and the config sweeps cover the kernels of the paths asked for. `--model` times the 8-layer model's 8K prefill
 (benchmarks/gpu_model.py's slice) under the session-4 dispatch, each change alone and the default,
 wall and CUDA-graph replay, interleaved rounds (with --fp8 the same model quantised in place after).
 Medians of triton.testing.do_bench; the expert weights (3.2 GB) are far past L2.
@@ -29,9 +30,9 @@ import torch
 import triton
 
 E, H, I, K = 512, 2048, 512, 10
-PATHS = ("old", "torch", "triton", "triton_gather", "gather_torch", "persistent", "persistent_mixed")
+PATHS = ("old", "torch", "triton", "triton_gather", "gather_torch", "persistent", "persistent_mixed", "resident")
 # --model's bf16 ones (persistent_mixed_up: the mixed gate/up with the 64-row persistent down)
-MODEL_VARIANTS = ("session4", "fold", "persistent", "default", "persistent_mixed", "persistent_mixed_up")
+MODEL_VARIANTS = ("session4", "fold", "persistent", "default", "persistent_mixed", "persistent_mixed_up", "resident")
 DEV = "cuda"
 
 
@@ -197,13 +198,14 @@ def pin(res: dict) -> None:
         res[f"{mod}.{name}"] = [str(c) for c in kern.configs]
 
 
-def balanced_probe(res: dict, gate_up, t) -> None:
+def balanced_probe(res: dict, gate_up, t, paths: tuple) -> None:
     """Gate/up (x gathered) over equal groups of 128 and 160 rows per expert, 64- against 128-row tiles:
     whether re-reading an expert's weights once per 64-row tile (L2 -> SM traffic) is what costs; then
     the persistent kernel (64-row tiles) and the mixed one (128 + 64)."""
     from triton import Config
 
     from qwen3next.kernels.triton import moe_grouped as g
+    from qwen3next.kernels.triton import moe_resident as rs
 
     T = 16 * E  # 8192 tokens: 128 rows per expert at top-8, 160 at top-10
     for k in (8, 10):
@@ -227,17 +229,23 @@ def balanced_probe(res: dict, gate_up, t) -> None:
         kern.configs, kern.cache = configs, cache
         ms = bench(lambda: t.gate_up(x, gate_up, cnt, src, tiles))
         out["persistent"] = {"ms": round(ms, 4), "tflops": round(fl / ms / 1e9, 1)}
-        mtiles = t.tile_table(cnt, T * k, t.MIXED_BM)
-        ms = bench(lambda: t.gate_up(x, gate_up, cnt, src, mtiles, mixed=True))
-        out["persistent_mixed"] = {"ms": round(ms, 4), "tflops": round(fl / ms / 1e9, 1)}
+        if "persistent_mixed" in paths:
+            mtiles = t.tile_table(cnt, T * k, t.MIXED_BM)
+            ms = bench(lambda: t.gate_up(x, gate_up, cnt, src, mtiles, mixed=True))
+            out["persistent_mixed"] = {"ms": round(ms, 4), "tflops": round(fl / ms / 1e9, 1)}
+        if "resident" in paths:
+            rtiles = t.tile_table(cnt, T * k, rs.ROWS)
+            ms = bench(lambda: rs.gate_up(x, gate_up, src, rtiles))
+            out["resident"] = {"ms": round(ms, 4), "tflops": round(fl / ms / 1e9, 1)}
     print("balanced", res, flush=True)
 
 
-def experts_section(tokens: list[int], res: dict, paths: tuple, fp8: bool) -> None:
+def experts_section(tokens: list[int], res: dict, paths: tuple, fp8: bool, probe: bool = True) -> None:
     from qwen3next.kernels import fp8 as qf8
     from qwen3next.kernels import moe as ref
     from qwen3next.kernels.triton import moe as old
     from qwen3next.kernels.triton import moe_grouped as g
+    from qwen3next.kernels.triton import moe_resident as rs
     from qwen3next.kernels.triton import moe_tma as t
     from qwen3next.kernels.triton import moe_tma_fp8 as tf8
     from qwen3next.kernels.triton.moe_fp8 import quantize_act
@@ -251,7 +259,8 @@ def experts_section(tokens: list[int], res: dict, paths: tuple, fp8: bool) -> No
     ms = bench(lambda: a @ a)
     res["matmul_8192_tflops"] = round(2 * 8192**3 / ms / 1e9, 1)
     del a
-    balanced_probe(res.setdefault("balanced", {}), gate_up, t)
+    if probe:
+        balanced_probe(res.setdefault("balanced", {}), gate_up, t, paths)
     for T in tokens:  # largest first: the old path's autotune key saturates at 4096 rows (tuned here at T*k)
         r = res.setdefault(f"T{T}", {})
         M = T * K
@@ -272,7 +281,7 @@ def experts_section(tokens: list[int], res: dict, paths: tuple, fp8: bool) -> No
                 r[p] = {"ms": round(ms, 4), "tflops": round((fl_up + fl_down) / ms / 1e9, 1)}
             except Exception as e:  # record and go on: one call times everything
                 r[p] = {"error": repr(e)[:300]}
-        base = "triton_gather" if "triton_gather" in outs else "old"
+        base = next((b for b in ("triton_gather", "persistent") if b in outs), "old")
         for p in outs:
             r[p][f"rel_err_vs_{base}"] = rel(outs[p], outs[base]) if base in outs else None
             r[p]["bitwise_vs_" + base] = bool(base in outs and torch.equal(outs[p], outs[base]))
@@ -289,6 +298,7 @@ def experts_section(tokens: list[int], res: dict, paths: tuple, fp8: bool) -> No
             r["sort_rows_nocopy_ms"] = round(bench(lambda: g.sort_rows(x, ids, E, copy=False)), 4)
             tiles = t.tile_table(cnt, M)
             mtiles = t.tile_table(cnt, M, t.MIXED_BM)
+            rtiles = t.tile_table(cnt, M, rs.ROWS)
             r["tile_table_ms"] = round(bench(lambda: t.tile_table(cnt, M)), 4)
             h = t.gate_up(x, gate_up, cnt, src)
             y = t.down(h, down, cnt)
@@ -298,19 +308,30 @@ def experts_section(tokens: list[int], res: dict, paths: tuple, fp8: bool) -> No
             r["torch_gated_add_ms"] = round(bench(lambda: y[:T] + torch.sigmoid(gated[1]) * gated[0]), 4)
             r["unsort_gated_bitwise"] = bool(torch.equal(g.unsort_sum(y, pos, w, T, gated),
                                                          g.unsort_sum(y, pos, w, T) + torch.sigmoid(gated[1]) * gated[0]))
+            # each GEMM alone: the one-tile kernels, then those of the paths asked for (name prefix -> path)
+            need = {"persist": "persistent", "mixed": "persistent_mixed", "resident": "resident", "torch": "torch"}
             for name, fn, fl in (("gather_gate_up", lambda: t.gate_up(x, gate_up, cnt, src), fl_up),
                                  ("persist_gather_gate_up", lambda: t.gate_up(x, gate_up, cnt, src, tiles), fl_up),
                                  ("mixed_gate_up", lambda: t.gate_up(x, gate_up, cnt, src, mtiles, mixed=True), fl_up),
                                  ("triton_down", lambda: t.down(h, down, cnt), fl_down),
                                  ("persist_down", lambda: t.down(h, down, cnt, tiles), fl_down),
                                  ("mixed_down", lambda: t.down(h, down, cnt, mtiles, mixed=True), fl_down),
+                                 ("resident_gate_up", lambda: rs.gate_up(x, gate_up, src, rtiles), fl_up),
+                                 ("resident_down", lambda: rs.down(h, down, rtiles), fl_down),
                                  ("torch_down", lambda: torch._grouped_mm(h, down.transpose(1, 2), offs), fl_down)):
+                if need.get(name.split("_")[0], "old") not in paths + ("old",):
+                    continue
                 ms = bench(fn)
                 r[name] = {"ms": round(ms, 4), "tflops": round(fl / ms / 1e9, 1)}
-            r["persist_gate_up_bitwise"] = bool(torch.equal(t.gate_up(x, gate_up, cnt, src, tiles), h))
-            r["mixed_gate_up_bitwise"] = bool(torch.equal(t.gate_up(x, gate_up, cnt, src, mtiles, mixed=True), h))
-            r["persist_down_bitwise"] = bool(torch.equal(t.down(h, down, cnt, tiles), y))
-            r["mixed_down_bitwise"] = bool(torch.equal(t.down(h, down, cnt, mtiles, mixed=True), y))
+            if "persistent" in paths:
+                r["persist_gate_up_bitwise"] = bool(torch.equal(t.gate_up(x, gate_up, cnt, src, tiles), h))
+                r["persist_down_bitwise"] = bool(torch.equal(t.down(h, down, cnt, tiles), y))
+            if "persistent_mixed" in paths:
+                r["mixed_gate_up_bitwise"] = bool(torch.equal(t.gate_up(x, gate_up, cnt, src, mtiles, mixed=True), h))
+                r["mixed_down_bitwise"] = bool(torch.equal(t.down(h, down, cnt, mtiles, mixed=True), y))
+            if "resident" in paths:  # against the one-tile kernels' h and y (themselves equal to persistent's)
+                r["resident_gate_up_bitwise"] = bool(torch.equal(rs.gate_up(x, gate_up, src, rtiles), h))
+                r["resident_down_bitwise"] = bool(torch.equal(rs.down(h, down, rtiles), y))
             if fp8:
                 xq, xsc = quantize_act(x, 128)
                 h8, hs8 = tf8.gate_up(xq, xsc, gu8, gus, cnt, src, x.dtype)
@@ -327,13 +348,19 @@ def experts_section(tokens: list[int], res: dict, paths: tuple, fp8: bool) -> No
                                        ("mixed_gate_up", t._gate_up_mixed_kernel),
                                        ("persist_down", t._down_persistent_kernel),
                                        ("mixed_down", t._down_mixed_kernel),
+                                       ("resident_gate_up", rs._gate_up_resident_kernel),
+                                       ("resident_down", rs._down_resident_kernel),
                                        ("fp8_persist_gate_up", tf8._gate_up_persistent_kernel),
                                        ("fp8_persist_down", tf8._down_persistent_kernel))}
             if T == max(tokens):  # every persistent config alone (what the autotuner chose from)
                 sw = [(t._gate_up_persistent_kernel, lambda: t.gate_up(x, gate_up, cnt, src, tiles)),
-                      (t._gate_up_mixed_kernel, lambda: t.gate_up(x, gate_up, cnt, src, mtiles, mixed=True)),
-                      (t._down_persistent_kernel, lambda: t.down(h, down, cnt, tiles)),
-                      (t._down_mixed_kernel, lambda: t.down(h, down, cnt, mtiles, mixed=True))]
+                      (t._down_persistent_kernel, lambda: t.down(h, down, cnt, tiles))] if "persistent" in paths else []
+                if "persistent_mixed" in paths:
+                    sw += [(t._gate_up_mixed_kernel, lambda: t.gate_up(x, gate_up, cnt, src, mtiles, mixed=True)),
+                           (t._down_mixed_kernel, lambda: t.down(h, down, cnt, mtiles, mixed=True))]
+                if "resident" in paths:
+                    sw += [(rs._gate_up_resident_kernel, lambda: rs.gate_up(x, gate_up, src, rtiles)),
+                           (rs._down_resident_kernel, lambda: rs.down(h, down, rtiles))]
                 if fp8:
                     sw += [(tf8._gate_up_persistent_kernel, lambda: tf8.gate_up(xq, xsc, gu8, gus, cnt, src, x.dtype,
                                                                                 tiles)),
@@ -428,6 +455,7 @@ def main() -> int:
     ap.add_argument("--pin", action="store_true", help="the kernels tune among earlier H200 winners only (_PIN)")
     ap.add_argument("--model-variants", default="", help="--model's bf16 variants, the baseline first, of (default "
                     "all) " + ",".join(MODEL_VARIANTS))
+    ap.add_argument("--skip-probe", action="store_true", help="no equal-groups probe")
     ap.add_argument("--check-compile", action="store_true")
     ap.add_argument("--check-only", default="", help="--check-compile: only kernels whose names contain this")
     a = ap.parse_args()
@@ -450,7 +478,7 @@ def main() -> int:
     tokens = sorted((int(t) for t in a.tokens.split(",") if t), reverse=True)
     try:
         if tokens:
-            experts_section(tokens, res.setdefault("experts", {}), paths, a.fp8)
+            experts_section(tokens, res.setdefault("experts", {}), paths, a.fp8, not a.skip_probe)
     finally:
         save()
     if a.model:
@@ -462,7 +490,8 @@ def main() -> int:
                     "fold": {"QWEN3NEXT_MOE_SORTED": "triton_gather"}, "persistent": {"QWEN3NEXT_MOE_SORTED": "auto",
                                                                                        **fold0},
                     "default": {}, "persistent_mixed": {"QWEN3NEXT_MOE_SORTED": "persistent_mixed"},
-                    "persistent_mixed_up": {"QWEN3NEXT_MOE_SORTED": "persistent_mixed", (g, "MIXED_DOWN"): False}}
+                    "persistent_mixed_up": {"QWEN3NEXT_MOE_SORTED": "persistent_mixed", (g, "MIXED_DOWN"): False},
+                    "resident": {"QWEN3NEXT_MOE_SORTED": "resident"}}
         if a.model_variants:  # the first named is the baseline the logits are compared with
             variants = {v: variants[v] for v in a.model_variants.split(",")}
         fp8_variants = {"session4": {(tf8, "PERSISTENT"): "", **fold0}, "fold": {(tf8, "PERSISTENT"): ""},
