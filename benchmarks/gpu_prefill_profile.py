@@ -4,6 +4,7 @@ the torch elementwise / copy kernels, wall vs kernel sum. The 80B slice of bench
 
     python benchmarks/gpu_prefill_profile.py --out-dir $OUT [--variants base,new] [--reps 10]
     python benchmarks/gpu_prefill_profile.py --out-dir $OUT --quick --variants new,stream   # streaming conv A/B
+    python benchmarks/gpu_prefill_profile.py --out-dir $OUT --quick --no-conv --variants stream,gnorm  # fused gated norm
 
 Per variant (a named set of module switches, applied in one process on the same weights):
   wall_ms      median of `reps` prefills, each alone on the device (gpu_model.timed: host included)
@@ -42,15 +43,18 @@ RES: dict = {}
 # name -> {"module.attr": value}: the variants this script can A/B in one process
 _GROUPED, _SPLIT = "qwen3next.layers.gated_deltanet.GROUPED_MAX_T", "qwen3next.kernels.triton.conv1d.SPLIT_STATE"
 _STREAM = "qwen3next.kernels.triton.conv1d.STREAM"
+_GNORM = "qwen3next.kernels.triton.gdn_prep.NORM_FUSED"
 VARIANTS = {
     # session 4's path: q / k / v copied for the conv above 512 tokens, the conv in one launch
-    "base": {_GROUPED: 512, _SPLIT: False, _STREAM: False},
+    "base": {_GROUPED: 512, _SPLIT: False, _STREAM: False, _GNORM: False},
     # the grouped projection read in place by the conv at any length (session 5)
-    "new": {_GROUPED: 1 << 40, _SPLIT: False, _STREAM: False},
+    "new": {_GROUPED: 1 << 40, _SPLIT: False, _STREAM: False, _GNORM: False},
     # + the conv's state rows in a second launch (the main one without the state path's registers)
-    "split": {_GROUPED: 1 << 40, _SPLIT: True, _STREAM: False},
+    "split": {_GROUPED: 1 << 40, _SPLIT: True, _STREAM: False, _GNORM: False},
     # "new" with the streaming conv (conv1d.STREAM, its STREAM_CFG: --stream-cfg sets it)
-    "stream": {_GROUPED: 1 << 40, _SPLIT: False, _STREAM: True},
+    "stream": {_GROUPED: 1 << 40, _SPLIT: False, _STREAM: True, _GNORM: False},
+    # "stream" with the DeltaNet's gated norm in the delta rule's output kernel (session 6)
+    "gnorm": {_GROUPED: 1 << 40, _SPLIT: False, _STREAM: True, _GNORM: True},
 }
 
 

@@ -193,17 +193,30 @@ def gdn_decode(m, a, b, conv_weight, conv_state, recurrent_state, state_slots, A
 
 
 def gdn_cached(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots, has_initial_state,
-               per_token_state_slots, A_log, dt_bias, num_k_heads, m_cols=None):
+               per_token_state_slots, A_log, dt_bias, num_k_heads, m_cols=None, norm=None):
     """The cached DeltaNet core of a varlen batch (see kernels/gdn.py) -> o [T, Hv, dv]: the fused C++
     kernel on CPU, else the single kernels one by one. The C++ kernel runs the recurrence token by
     token; on one core it still beat the chunked torch path at every size measured (prefills of
-    128-512 tokens, heads 16x16 up to 32 x 128x128: 1.6-7x faster)."""
+    128-512 tokens, heads 16x16 up to 32 x 128x128: 1.6-7x faster).
+    norm (z, weight, eps) (optional): o through the layer's gated RMSNorm (`gated_rmsnorm(o viewed as
+    z, z, weight, eps)`); on CUDA inside the delta rule's output kernel (triton/gdn_prep.NORM_FUSED)."""
     S = recurrent_state
     if _use_triton(m, a, b, conv_weight) and _state_ok(S):
-        # conv -> fused q/k norms + gates -> chunked delta rule; verify: the fused kernels (gdn_verify.py)
+        # conv -> fused q/k norms + gates -> chunked delta rule (+ gated norm); verify: gdn_verify.py
         return _triton("gdn_prep").gdn_cached(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens,
                                               state_slots, has_initial_state, per_token_state_slots, A_log,
-                                              dt_bias, num_k_heads, m_cols=m_cols)
+                                              dt_bias, num_k_heads, m_cols=m_cols, norm=norm)
+    o = _gdn_cached_cpu(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots,
+                        has_initial_state, per_token_state_slots, A_log, dt_bias, num_k_heads, m_cols)
+    if norm is None:
+        return o
+    z, weight, eps = norm
+    return gated_rmsnorm(o.reshape(z.shape), z, weight, eps).reshape(o.shape)
+
+
+def _gdn_cached_cpu(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots, has_initial_state,
+                    per_token_state_slots, A_log, dt_bias, num_k_heads, m_cols):
+    """gdn_cached off the Triton path: the C++ kernel, else kernels/gdn.py."""
     if m_cols is not None:  # (m_cols as in gdn_decode)
         m = m.index_select(1, m_cols)
     if _ext_ok(m, a, b, conv_weight) and _ext.gdn_ok(m, a, b, conv_weight, conv_state, recurrent_state, A_log,

@@ -152,11 +152,13 @@ class GatedDeltaNet(nn.Module):
             q, k, v, g, beta = ops.qkv_gates(mc, a, b, self.A_log, self.dt_bias, self.num_k_heads, self.head_k_dim,
                                              self.num_v_heads, self.head_v_dim)
             o = ops.gated_delta_rule_chunked(q, k, v, g, beta, batch.cu_seqlens)
-        else:  # prefill chunks, mixed steps, speculative verify (per-token states)
+            o = self.norm(o.reshape(z.shape), z)  # rows of dv
+        else:  # prefill chunks, mixed steps, speculative verify (per-token states), the gated norm
+            # included (on CUDA in the delta rule's output kernel: o is never stored unnormalised)
             o = ops.gdn_cached(m, a, b, w, cache.conv[self.layer_idx], cache.recurrent[self.layer_idx],
                                batch.cu_seqlens, batch.state_slots, batch.has_initial_state,
-                               batch.per_token_state_slots, self.A_log, self.dt_bias, self.num_k_heads, m_cols=cols)
-        o = self.norm(o.reshape(z.shape), z)  # rows of dv
+                               batch.per_token_state_slots, self.A_log, self.dt_bias, self.num_k_heads, m_cols=cols,
+                               norm=(z, self.norm.weight, self.norm.eps))
         return self._out(o.reshape(T, self.value_dim))
 
     def _out(self, o: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,10 @@ Same signatures as kernels/delta_rule.py (spec §5.5-5.6). The chunked path (1-2
                      it also emits the output (fuse_output=True: O = e^G Q S_0 + (causal
                      decay-masked Q K^T, stored by the kkt kernel) W in the loop), or it stores
                      each chunk's S_0 and W and
-  4. `_out_kernel`   computes O per (chunk, v-head, dv block) in parallel.
+  4. `_out_kernel`   computes O per (chunk, v-head, dv block) in parallel; given the layer's gate
+                     (`norm=(z, weight, eps)`, whole-head tiles) it stores the gated RMSNorm of O's
+                     rows instead (norm.gated_rows on O rounded to the output dtype: the same bits as
+                     norm.gated_rmsnorm on the stored O, without O's write and read-back).
 Chunk tables are built on the device (no host sync). Matrix products take the activation dtype
 (bf16 on GPU) with fp32 accumulation; the state is fp32 in the kernels, its pool fp32 or bf16.
 """
@@ -26,6 +29,7 @@ import triton.language as tl
 
 from ._util import chunk_of, chunk_start, pow2
 from .delta_rule_kkt import _kkt_solve_kernel, _wu_kernel
+from .norm import _row_view, gated_rmsnorm, gated_rows
 
 BT = 64  # chunk length (the spec's 64)
 BC = 16  # sub-block of the (I + A) inverse
@@ -90,10 +94,10 @@ def _state_kernel(q_ptr, k_ptr, u_ptr, kd_ptr, G_ptr, qk_ptr, w_ptr, h_ptr, o_pt
             tl.store(sp, S.to(st_ptr.dtype.element_ty))  # fp32 or bf16 pool
 
 
-@triton.jit(do_not_specialize=["B"])
-def _out_kernel(q_ptr, k_ptr, w_ptr, h_ptr, G_ptr, o_ptr, cu_ptr, B, SQ, SK,
+@triton.jit(do_not_specialize=["B", "ZNH", "ZS0", "ZS1"])
+def _out_kernel(q_ptr, k_ptr, w_ptr, h_ptr, G_ptr, o_ptr, cu_ptr, B, SQ, SK, z_ptr, nw_ptr, ZNH, ZS0, ZS1, eps,
                 HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BB: tl.constexpr,
-                BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+                BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, NORM: tl.constexpr):
     i_c = tl.program_id(0)
     h = tl.program_id(1)
     iv = tl.program_id(2)
@@ -125,6 +129,13 @@ def _out_kernel(q_ptr, k_ptr, w_ptr, h_ptr, G_ptr, o_ptr, cu_ptr, B, SQ, SK,
     causal = o_i[:, None] >= o_i[None, :]
     s = tl.where(causal, s * tl.exp2(tl.where(causal, G[:, None] - G[None, :], 0.0)), 0.0)
     o = o * tl.exp2(G)[:, None] + tl.dot(s.to(dt), w, input_precision=PREC)
+    if NORM:
+        # the gated RMSNorm of whole-head rows (BV = DV); z's row (t, h) of the [T * HV, DV] rows at
+        # (r // ZNH) * ZS0 + (r % ZNH) * ZS1, as norm.gated_rmsnorm reads it. O rounded first, as stored.
+        zr = rows * HV + h
+        z = tl.load(z_ptr + ((zr // ZNH) * ZS0 + (zr % ZNH) * ZS1)[:, None] + cv[None, :], mask=rm[:, None],
+                    other=0.0)
+        o = gated_rows(o.to(o_ptr.dtype.element_ty), z, nw_ptr, cv, DV, eps)
     tl.store(o_ptr + (rows[:, None] * HV + h) * DV + cv[None, :], o.to(o_ptr.dtype.element_ty), mask=rm[:, None])
 
 
@@ -163,7 +174,7 @@ def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slo
                              has_initial_state=None, *, fuse_output: bool = False, fuse_wu: bool = True,
                              bv_state: int = 32, bv_out: int = 128, warps_state: int = 4,
                              stages_state: int | None = None, warps_kkt: int = 1, ba_kkt: int = 32,
-                             bk_out: int = 64, warps_out: int = 4):
+                             bk_out: int = 64, warps_out: int = 4, norm=None):
     """Chunked gated delta rule over a packed varlen batch -> o [T, Hv, dv] in v's dtype.
 
     q, k [T, Hk, dk] (L2-normalised, q scaled); v [T, Hv, dv] (each may be a row-strided view,
@@ -175,6 +186,9 @@ def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slo
     state kernel (no _out_kernel); bk_out: the output kernel's key piece. Defaults: the fastest on
     the H200 at 80B shapes (session 5, T = 32K: 1607 us vs 1766 for fuse_wu=False, bk_out=128;
     fuse_output 1874).
+    norm (z, weight, eps): return the layer's gated RMSNorm of o instead (rows of dv, z [T, Hv, dv]
+    or the layer's [T * Hk, r, dv] view of its projection, unit last stride: read in place), fused
+    into the output kernel (widened to whole heads); the same bits as norm.gated_rmsnorm(o, z, ...).
     """
     _check(q, k, v, g, beta, state, state_slots)
     T, HK, DK = q.shape
@@ -187,6 +201,7 @@ def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slo
     dt = v.dtype if v.dtype != torch.float32 else q.dtype
     q, k, v = _rows(q, dt), _rows(k, dt), _rows(v, dt)
     o = torch.empty(T, HV, DV, dtype=dt, device=dev)
+    zs, ZNH, ZS0, ZS1 = _gate_rows(norm, T, HV, DV) if norm is not None else (o, 1, 0, 0)
     g, beta = g.contiguous().float(), beta.contiguous().float()
     cu = cu_seqlens.to(torch.int64).contiguous()
     NC, BB = T // BT + B, pow2(B, 2)  # flat chunk bound; block holding all sequences
@@ -218,11 +233,24 @@ def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slo
                                                   HAS_STATE=state is not None, FUSE_O=fuse_output,
                                                   PREC=prec, num_warps=warps_state, **extra)
     if not fuse_output:
-        bvo = min(bv_out, DV)
-        _out_kernel[(NC, HV, triton.cdiv(DV, bvo))](q, k, w, hbuf, G, o, cu, B, q.stride(0), k.stride(0), HK=HK, HV=HV,
+        bvo = DV if norm is not None else min(bv_out, DV)  # the norm needs whole heads
+        nw, eps = (norm[1], float(norm[2])) if norm is not None else (o, 0.0)
+        _out_kernel[(NC, HV, triton.cdiv(DV, bvo))](q, k, w, hbuf, G, o, cu, B, q.stride(0), k.stride(0),
+                                                    zs, nw, ZNH, ZS0, ZS1, eps, HK=HK, HV=HV,
                                                     DK=DK, DV=DV, BB=BB, BT=BT, BV=bvo, BK=min(bk_out, DK), PREC=prec,
-                                                    num_warps=warps_out)
+                                                    NORM=norm is not None, num_warps=warps_out)
+    elif norm is not None:  # (the state kernel's output tiles are narrower than a head: the norm after)
+        return gated_rmsnorm(o.view(norm[0].shape), norm[0], norm[1], norm[2]).view(T, HV, DV)
     return o
+
+
+def _gate_rows(norm, T: int, HV: int, DV: int):
+    """The gate z of `norm` -> (z or a copy, NH, S0, S1) as norm._row_view gives them, after checking
+    it holds T * HV rows of DV."""
+    z = norm[0]
+    if z.numel() != T * HV * DV or z.shape[-1] != DV:
+        raise ValueError(f"norm: z shape {tuple(z.shape)} does not hold [{T}, {HV}, {DV}] rows")
+    return _row_view(z)
 
 
 @triton.jit

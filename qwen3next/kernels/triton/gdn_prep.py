@@ -21,6 +21,7 @@ from ...env_switches import switch
 from ._util import pow2
 from .conv1d import NORM_BC, causal_conv1d_varlen
 from .delta_rule import gated_delta_rule_chunked
+from .norm import gated_rmsnorm
 
 # q / k norms in the conv epilogue (else in the prep kernel): the DeltaNet layer's 8K prefill 1.69 ->
 # 1.65 ms on the H200; the 8-layer slice 32.48 -> 32.18 and 32.72 -> 32.79 ms in two runs (session 4)
@@ -30,6 +31,9 @@ FUSE_QK_NORM = True
 # kernels/gdn.py's composition of the single kernels (session 2's path: torch glue for the norms
 # and gates, the recurrent kernel for verify)
 FUSED = switch("QWEN3NEXT_GDN_FUSED") == "1"
+# the layer's gated RMSNorm (`norm`) in the chunked delta rule's output kernel, o never stored
+# unnormalised (QWEN3NEXT_GDN_NORM_FUSED=0: the norm kernel after it; the same bits either way)
+NORM_FUSED = switch("QWEN3NEXT_GDN_NORM_FUSED") == "1"
 
 
 @triton.jit(do_not_specialize=["T", "SM", "SA", "SB"])
@@ -95,25 +99,39 @@ def qkv_gates_(mc, a, b, A_log, dt_bias, num_k_heads: int, head_k_dim: int, num_
 
 def gdn_cached(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots, has_initial_state,
                per_token_state_slots, A_log, dt_bias, num_k_heads: int, *,
-               m_cols: torch.Tensor | None = None) -> torch.Tensor:
+               m_cols: torch.Tensor | None = None, norm=None) -> torch.Tensor:
     """kernels/gdn.py's `gdn_cached` on the GPU: the fused verify kernel for per-token states
     (gdn_verify.py), else conv -> `qkv_gates_` -> chunked delta rule -> o [T, Hv, dv].
-    m_cols [conv_dim] (optional): channel c of the conv input is m[:, m_cols[c]] (read in place)."""
+    m_cols [conv_dim] (optional): channel c of the conv input is m[:, m_cols[c]] (read in place).
+    norm (z, weight, eps) (optional): o through the layer's gated RMSNorm (z's rows of dv, as the
+    layer's view), inside the delta rule's output kernel when NORM_FUSED, else after it."""
     Hv, dk, dv = recurrent_state.shape[1:]
     if not FUSED:
         from .. import gdn
 
         m = m if m_cols is None else m.index_select(1, m_cols)
-        return gdn.gdn_cached(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots,
-                              has_initial_state, per_token_state_slots, A_log, dt_bias, num_k_heads)
+        return _norm_after(gdn.gdn_cached(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens,
+                                          state_slots, has_initial_state, per_token_state_slots, A_log, dt_bias,
+                                          num_k_heads), norm)
     if per_token_state_slots is not None:
         from .gdn_verify import gdn_verify
 
-        return gdn_verify(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots,
-                          has_initial_state, per_token_state_slots, A_log, dt_bias, num_k_heads, m_cols=m_cols)
+        return _norm_after(gdn_verify(m, a, b, conv_weight, conv_state, recurrent_state, cu_seqlens, state_slots,
+                                      has_initial_state, per_token_state_slots, A_log, dt_bias, num_k_heads,
+                                      m_cols=m_cols), norm)
     # the q / k norms inside the conv's epilogue when its tiles hold whole heads
     fuse = FUSE_QK_NORM and NORM_BC % dk == 0
     mc = causal_conv1d_varlen(m, conv_weight, cu_seqlens, conv_state, state_slots, has_initial_state,
                               x_cols=m_cols, qk_heads=(num_k_heads, dk) if fuse else None)
     q, k, v, g, beta = qkv_gates_(mc, a, b, A_log, dt_bias, num_k_heads, dk, Hv, dv, normed=fuse)
-    return gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, recurrent_state, state_slots, has_initial_state)
+    o = gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, recurrent_state, state_slots, has_initial_state,
+                                 norm=norm if NORM_FUSED else None)
+    return o if NORM_FUSED else _norm_after(o, norm)
+
+
+def _norm_after(o: torch.Tensor, norm) -> torch.Tensor:
+    """o [T, Hv, dv] through the gated RMSNorm `norm` = (z, weight, eps) (None: o as it is)."""
+    if norm is None:
+        return o
+    z, weight, eps = norm
+    return gated_rmsnorm(o.view(z.shape), z, weight, eps).view(o.shape)

@@ -4,6 +4,8 @@ Same signatures as kernels/norm.py. Rows (the last axis) are normalised in fp32 
 the end, as the spec's §4.1 / §5.7 do. Short rows (per-head norms: 128 / 256 wide) go several to a
 program, and a per-head input may be a strided view ([T, heads, D] slice of a wider projection,
 e.g. the query half of q_proj's [query | gate]): it is read in place, not copied first.
+The gated norm's row math (`gated_rows`) is shared with the delta rule's output kernel, which can
+apply it in its epilogue (delta_rule.py): its sum of squares is exact in fp64, so both give the same bits.
 """
 
 from __future__ import annotations
@@ -80,6 +82,28 @@ def zc_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torc
     return y, h
 
 
+@triton.jit
+def _sum_sq_rows(x):
+    """sum(x * x, axis=1) of fp32 rows, accumulated in fp64: every square is exact there, and so is
+    the sum while a row's magnitudes span less than 2^15 (any bf16 row of sane values), so the bits
+    do not depend on the order tl.sum takes, which follows the register layout: the norm kernel
+    (blocked loads) and the delta rule's epilogue (MMA tiles) agree. (A fixed fp32 add tree made
+    Triton hold whole rows per thread, 16 lanes doing the same work.)"""
+    xd = x.to(tl.float64)
+    return tl.sum(xd * xd, axis=1).to(tl.float32)
+
+
+@triton.jit
+def gated_rows(x, z, w_ptr, offs, D, eps):
+    """The gated RMSNorm of [BR, BLOCK] rows x (any float dtype) with gates z: rms(x) * w * silu(z)
+    in fp32 (columns offs, D of them valid; masked columns of x must be 0)."""
+    x = x.to(tl.float32)
+    z = z.to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)
+    inv = 1.0 / tl.sqrt(_sum_sq_rows(x) / D + eps)
+    return x * inv[:, None] * w[None, :] * (z / (1.0 + tl.exp(-z)))
+
+
 @triton.jit(do_not_specialize=["R", "XNH", "XS0", "XS1", "ZNH", "ZS0", "ZS1"])
 def _gated_rmsnorm_kernel(x_ptr, z_ptr, w_ptr, y_ptr, R, D, XNH, XS0, XS1, ZNH, ZS0, ZS1, eps,
                           BR: tl.constexpr, BLOCK: tl.constexpr):
@@ -89,11 +113,9 @@ def _gated_rmsnorm_kernel(x_ptr, z_ptr, w_ptr, y_ptr, R, D, XNH, XS0, XS1, ZNH, 
     # rows of [*, NH, D] views with strides (S0, S1, 1), x and z each their own
     xo = (row // XNH) * XS0 + (row % XNH) * XS1
     zo = (row // ZNH) * ZS0 + (row % ZNH) * ZS1
-    x = tl.load(x_ptr + xo[:, None] + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + zo[:, None] + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
-    y = x * inv[:, None] * w[None, :] * (z / (1.0 + tl.exp(-z)))
+    x = tl.load(x_ptr + xo[:, None] + offs[None, :], mask=mask, other=0.0)
+    z = tl.load(z_ptr + zo[:, None] + offs[None, :], mask=mask, other=0.0)
+    y = gated_rows(x, z, w_ptr, offs, D, eps)
     tl.store(y_ptr + row[:, None] * D + offs[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
