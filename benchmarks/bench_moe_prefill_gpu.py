@@ -32,7 +32,8 @@ import triton
 E, H, I, K = 512, 2048, 512, 10
 PATHS = ("old", "torch", "triton", "triton_gather", "gather_torch", "persistent", "persistent_mixed", "resident")
 # --model's bf16 ones (persistent_mixed_up: the mixed gate/up with the 64-row persistent down)
-MODEL_VARIANTS = ("session4", "fold", "persistent", "default", "persistent_mixed", "persistent_mixed_up", "resident")
+MODEL_VARIANTS = ("session4", "fold", "persistent", "default", "persistent_mixed", "persistent_mixed_up", "resident",
+                  "resident_down")
 DEV = "cuda"
 
 
@@ -125,8 +126,8 @@ def check_compile(only: str = "") -> int:
              nospec=("RB",), report=True)
     for c in rs._down_resident_kernel.configs:
         kw = c.kwargs
-        sig = dict(a_desc=desc(kw["SB"], kw["BK"]), b_desc=desc(kw["BN"], kw["BK"]), tile_ptr="*i32", y_ptr=b, H=i32,
-                   I=i32, RB=i32)
+        sig = dict(a_desc=desc(kw["SB"], kw["BK"]), as_desc=desc(2 * kw["SB"], kw["BK"]), b_desc=desc(kw["BN"], kw["BK"]),
+                   tile_ptr="*i32", y_ptr=b, H=i32, I=i32, RB=i32)
         comp("resident_down", rs._down_resident_kernel, sig, dict(**kw), c.num_warps, c.num_stages, nospec=("RB",),
              report=True)
     f8t, f32 = "*fp8e4nv", "*fp32"
@@ -491,7 +492,8 @@ def main() -> int:
                                                                                        **fold0},
                     "default": {}, "persistent_mixed": {"QWEN3NEXT_MOE_SORTED": "persistent_mixed"},
                     "persistent_mixed_up": {"QWEN3NEXT_MOE_SORTED": "persistent_mixed", (g, "MIXED_DOWN"): False},
-                    "resident": {"QWEN3NEXT_MOE_SORTED": "resident"}}
+                    "resident": {"QWEN3NEXT_MOE_SORTED": "resident"},
+                    "resident_down": {"QWEN3NEXT_MOE_SORTED": "resident", (g, "RESIDENT_UP"): False}}
         if a.model_variants:  # the first named is the baseline the logits are compared with
             variants = {v: variants[v] for v in a.model_variants.split(",")}
         fp8_variants = {"session4": {(tf8, "PERSISTENT"): "", **fold0}, "fold": {(tf8, "PERSISTENT"): ""},

@@ -1,8 +1,8 @@
 """The expert-resident prefill expert GEMMs (triton/moe_resident.py, moe_grouped's "resident"):
 on CPU under the Triton interpreter in float32 against kernels/moe.py, with experts of exactly 0,
 1, 63, 64, 65, 128, 129, 192, 193 and 300 rows (one, two or three 64-row sub-tiles; a second table
-entry past 192 rows), both the branch-per-sub-tile-count and the masked form; on the GPU bitwise
-against the persistent path at the 80B's expert shapes, T = 8192."""
+entry past 192 rows), the branch-per-sub-tile-count and the masked forms, 64- or 128-row first
+sub-tiles; on the GPU bitwise against the persistent path at the 80B's expert shapes, T = 8192."""
 
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ from qwen3next.kernels.triton import moe_tma  # noqa: E402
 _COUNTS = [0, 1, 63, 64, 65, 128, 129, 192, 193, 300]
 
 
-def _one_config(monkeypatch, arms: bool, bn_up: int = 16, bn_down: int = 16, bk: int = 16):
+def _one_config(monkeypatch, arms: bool, pair: bool, bn_up: int = 16, bn_down: int = 16, bk: int = 16):
     """Both kernels with one small config (the interpreter's cost), sub-tiles at their real 64 rows."""
     for kern, hook, bn in ((res._gate_up_resident_kernel, res._set_up_blocks, bn_up),
                            (res._down_resident_kernel, res._set_down_blocks, bn_down)):
-        cfg = [triton.Config({"SB": res.SB, "NS": res.NS, "BN": bn, "BK": bk, "CPS": 2, "WS": False, "ARMS": arms},
+        cfg = [triton.Config({"SB": res.SB, "NS": res.NS, "BN": bn, "BK": bk, "CPS": 2, "WS": False, "ARMS": arms,
+                              "PAIR": pair},
                              num_warps=4, pre_hook=hook)]
         monkeypatch.setattr(kern, "configs", cfg)
         monkeypatch.setattr(kern, "cache", {})
@@ -43,11 +44,12 @@ def test_resident_table():
     assert got == want and [r - r0 for _, r0, r in got][-2:] == [300, 108]
 
 
-@pytest.mark.parametrize("arms", [True, False])
-def test_resident_at_the_edges(monkeypatch, arms):
+@pytest.mark.parametrize("arms,pair", [(True, False), (False, False), (True, True), (False, True)])
+def test_resident_at_the_edges(monkeypatch, arms, pair):
     """Experts of exactly _COUNTS rows (top-1 routing, shuffled tokens), partial k and column tiles
-    (H = 40, I = 24 under 16-wide tiles), against the reference."""
-    _one_config(monkeypatch, arms)
+    (H = 40, I = 24 under 16-wide tiles), sub-tiles 64 + 64 + 64 or 128 + 64 rows, against the
+    reference."""
+    _one_config(monkeypatch, arms, pair)
     gen = seeded(21)
     E, H, I = len(_COUNTS), 40, 24
     ids = torch.repeat_interleave(torch.arange(E), torch.tensor(_COUNTS))
@@ -60,11 +62,14 @@ def test_resident_at_the_edges(monkeypatch, arms):
     assert rel_err(y, ref.moe_experts(x, gate_up, down, w, ids)) < 1e-5
 
 
-def test_resident_uneven_and_gated(monkeypatch):
+@pytest.mark.parametrize("resident_up", [True, False])
+def test_resident_uneven_and_gated(monkeypatch, resident_up):
     """Top-3 routing with uneven counts (three experts without rows), the interpreter's first
-    configs as shipped (tiles wider than H and I), and the gated shared-expert fold: bitwise equal
-    to the sum without it plus the MoE block's torch ops."""
+    configs as shipped (tiles wider than H and I), gate/up resident or the persistent one, and the
+    gated shared-expert fold: bitwise equal to the sum without it plus the MoE block's torch ops."""
     from tests.kernels.test_moe_grouped import _skewed_ids
+
+    monkeypatch.setattr(gmm, "RESIDENT_UP", resident_up)
 
     gen = seeded(23)
     T, E, H, I, k = 97, 11, 40, 24, 3

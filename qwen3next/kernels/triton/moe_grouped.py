@@ -18,7 +18,8 @@ back, scaled by their routing weights and summed in fp32. Rounding follows kerne
   128-row tiles, an expert's last tile 64 rows high when at most 64 rows are left (moe_tma.MIXED_BM;
   down too unless MIXED_DOWN is off);
 * "resident" (opt-in): moe_resident.py's expert-resident kernels, one program per (expert's <= 192
-  rows, column tile), each weight tile loaded once for all of them.
+  rows, column tile), each weight tile loaded once for all of them (gate/up the persistent one
+  unless RESIDENT_UP).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ PERSISTENT_MIN_ROWS = 65536
 GEMMS = ("torch", "triton", "triton_gather", "gather_torch", "persistent", "persistent_mixed", "resident")
 # "persistent_mixed": its down GEMM over the mixed tiles too (False: the 64-row persistent down; an A/B knob)
 MIXED_DOWN = True
+# "resident": its gate/up GEMM expert-resident too (False: the persistent gate/up, the resident down)
+RESIDENT_UP = True
 # the MoE block's gated shared expert added in the k-sum's pass (unsort_sum); QWEN3NEXT_MOE_FOLD=0: torch ops after
 FOLD_GATED = switch("QWEN3NEXT_MOE_FOLD") == "1"
 
@@ -201,7 +204,10 @@ def moe_experts_sorted(x, gate_up_proj, down_proj, weights, ids, *, gemm: str = 
             y = moe_tma.down(h, down_proj, counts, moe_tma.tile_table(counts, T * k))
     elif gemm == "resident":
         rtiles = moe_tma.tile_table(counts, T * k, moe_resident.ROWS)
-        h = moe_resident.gate_up(x, gate_up_proj, src, rtiles)
+        if RESIDENT_UP:
+            h = moe_resident.gate_up(x, gate_up_proj, src, rtiles)
+        else:
+            h = moe_tma.gate_up(x, gate_up_proj, counts, src, moe_tma.tile_table(counts, T * k))
         y = moe_resident.down(h, down_proj, rtiles)
     else:
         if gather:

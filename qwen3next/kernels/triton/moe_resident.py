@@ -19,7 +19,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from . import moe_tma
 from ._util import autotune
 
-# sub-tile rows (wgmma's M per warpgroup) and sub-tiles per program: the table's entries are ROWS rows
+# sub-tile rows (wgmma's M per warpgroup) and sub-tiles per program (the kernels are written for 3): the
+# table's entries are ROWS rows
 SB, NS = 64, 3
 ROWS = SB * NS
 
@@ -30,32 +31,32 @@ def _set_up_blocks(nargs):
 
 def _set_down_blocks(nargs):
     nargs["a_desc"].block_shape = [nargs["SB"], nargs["BK"]]
+    nargs["as_desc"].block_shape = [2 * nargs["SB"], nargs["BK"]]
     nargs["b_desc"].block_shape = [nargs["BN"], nargs["BK"]]
 
 
 def _rconfigs(shapes, hook):
-    """(BN, BK, warps, stages, CPS, WS, ARMS) -> configs; ARMS: a program with fewer sub-tiles of rows
-    runs a body of that many sub-tiles (a scalar branch) instead of masked ones. The first is the
-    interpreter's."""
-    return [triton.Config({"SB": SB, "NS": NS, "BN": bn, "BK": bk, "CPS": cps, "WS": ws, "ARMS": arms}, num_warps=w,
-                          num_stages=st, pre_hook=hook) for bn, bk, w, st, cps, ws, arms in shapes]
+    """(BN, BK, warps, stages, CPS, WS, ARMS, PAIR) -> configs; ARMS: a program with fewer sub-tiles of
+    rows runs a body of that many sub-tiles (a scalar branch) instead of masked ones; PAIR: the first
+    two sub-tiles as one dot of 2 SB rows. The first is the interpreter's."""
+    return [triton.Config({"SB": SB, "NS": NS, "BN": bn, "BK": bk, "CPS": cps, "WS": ws, "ARMS": arms, "PAIR": pair},
+                          num_warps=w, num_stages=st, pre_hook=hook) for bn, bk, w, st, cps, ws, arms, pair in shapes]
 
 
 # accumulators: NS * SB x BN fp32 per dot operand (gate/up: two), 24576 at BN = 64 -- 96 registers a
-# thread at 8 warps, 192 at 4 (one warpgroup: m64n64 wgmma; 8 warps split N: m64n32); shared memory
-# per stage BK * (NS * SB + 2 BN) * 2 bytes (40 KB at 64 x 64). ptxas (check-compile): no spills
-# in any of these; 4 warps at 3 stages and BN = 128 at 8 warps spilled
-_UP_RCONFIGS = _rconfigs(((64, 64, 8, 3, 1, False, True), (64, 64, 8, 3, 1, False, False),
-                          (64, 64, 8, 3, 1, True, False), (64, 64, 8, 4, 1, False, True),
-                          (64, 64, 4, 2, 2, False, True), (64, 64, 8, 3, 2, False, True),
-                          (64, 32, 8, 5, 1, True, False), (128, 64, 16, 3, 1, False, False),
-                          (128, 32, 16, 4, 1, False, False)), _set_up_blocks)
+# thread at 8 warps, 192 at 4. 8 warps split a 64-row dot's columns between the two warpgroups (m64n32
+# wgmma at BN = 64, each reading the whole A tile), a 128-row one's rows (PAIR). Shared memory per stage
+# BK * (NS * SB + 2 BN) * 2 bytes (40 KB at 64 x 64). First: the H200's winner (session 6, call 1)
+_UP_RCONFIGS = _rconfigs(((64, 64, 4, 2, 2, False, True, False), (64, 64, 8, 3, 1, True, False, False),
+                          (128, 64, 8, 2, 1, False, True, True), (64, 64, 8, 3, 1, False, True, True),
+                          (64, 64, 8, 4, 1, False, True, True), (64, 64, 8, 3, 1, True, False, True),
+                          (128, 32, 8, 3, 1, False, True, True)), _set_up_blocks)
 # down: one accumulator per sub-tile; per stage BK * (NS * SB + BN) * 2 bytes
-_DOWN_RCONFIGS = _rconfigs(((128, 64, 8, 3, 1, False, True), (128, 64, 8, 3, 1, False, False),
-                            (128, 64, 8, 4, 1, False, True), (128, 64, 8, 3, 1, True, False),
-                            (128, 64, 4, 3, 1, False, True), (128, 64, 4, 2, 2, False, True), (64, 64, 4, 3, 2, False, True),
-                            (256, 64, 8, 3, 1, False, True), (256, 64, 8, 3, 1, False, False),
-                            (128, 128, 8, 2, 1, False, True)), _set_down_blocks)
+_DOWN_RCONFIGS = _rconfigs(((256, 64, 8, 3, 1, False, True, False), (128, 64, 4, 2, 2, False, True, False),
+                            (256, 64, 8, 3, 1, False, False, False), (256, 64, 8, 3, 1, False, True, True),
+                            (256, 64, 8, 2, 1, False, True, True), (128, 64, 8, 3, 1, False, True, True),
+                            (128, 64, 8, 4, 1, False, True, True), (256, 64, 8, 3, 1, True, False, True)),
+                           _set_down_blocks)
 
 
 @triton.jit
@@ -68,24 +69,25 @@ def _h_store(h_ptr, r, rend, n, I, acc_g, acc_u):
 
 
 @triton.jit
-def _gate_up_entry(b_desc, h_ptr, x_ptr, src_ptr, e, row0, rend, n0, H, I, kk, SB: tl.constexpr, S: tl.constexpr,
-                   BN: tl.constexpr, BK: tl.constexpr):
-    """Rows row0 .. row0 + S * SB (stored below rend) of expert e, h columns n0 .. n0 + BN: S sub-tiles
-    sharing each k-step's gate and up weight tiles (x's rows gathered through src)."""
-    r0 = (row0 + tl.arange(0, SB)).to(tl.int64)
+def _gate_up_entry(b_desc, h_ptr, x_ptr, src_ptr, e, row0, rend, n0, H, I, kk, R0: tl.constexpr, R1: tl.constexpr,
+                   R2: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Rows row0 .. row0 + R0 + R1 + R2 (stored below rend) of expert e, h columns n0 .. n0 + BN: up to
+    three sub-tiles of R0, R1, R2 rows (0: none) sharing each k-step's gate and up weight tiles (x's
+    rows gathered through src)."""
+    r0 = (row0 + tl.arange(0, R0)).to(tl.int64)
     tok0 = tl.load(src_ptr + r0, mask=r0 < rend, other=0)
-    g0 = tl.zeros([SB, BN], dtype=tl.float32)
-    u0 = tl.zeros([SB, BN], dtype=tl.float32)
-    if S >= 2:
-        r1 = r0 + SB
+    g0 = tl.zeros([R0, BN], dtype=tl.float32)
+    u0 = tl.zeros([R0, BN], dtype=tl.float32)
+    if R1 > 0:
+        r1 = (row0 + R0 + tl.arange(0, R1)).to(tl.int64)
         tok1 = tl.load(src_ptr + r1, mask=r1 < rend, other=0)
-        g1 = tl.zeros([SB, BN], dtype=tl.float32)
-        u1 = tl.zeros([SB, BN], dtype=tl.float32)
-    if S >= 3:
-        r2 = r0 + 2 * SB
+        g1 = tl.zeros([R1, BN], dtype=tl.float32)
+        u1 = tl.zeros([R1, BN], dtype=tl.float32)
+    if R2 > 0:
+        r2 = (row0 + R0 + R1 + tl.arange(0, R2)).to(tl.int64)
         tok2 = tl.load(src_ptr + r2, mask=r2 < rend, other=0)
-        g2 = tl.zeros([SB, BN], dtype=tl.float32)
-        u2 = tl.zeros([SB, BN], dtype=tl.float32)
+        g2 = tl.zeros([R2, BN], dtype=tl.float32)
+        u2 = tl.zeros([R2, BN], dtype=tl.float32)
     wrow = e * 2 * I + n0
     for k0 in range(0, H, BK):
         kmask = ((k0 + kk) < H)[None, :]
@@ -94,19 +96,19 @@ def _gate_up_entry(b_desc, h_ptr, x_ptr, src_ptr, e, row0, rend, n0, H, I, kk, S
         a = tl.load(x_ptr + tok0[:, None] * H + (k0 + kk)[None, :], mask=kmask, other=0.0)
         g0 = tl.dot(a, wg, g0)
         u0 = tl.dot(a, wu, u0)
-        if S >= 2:
+        if R1 > 0:
             a = tl.load(x_ptr + tok1[:, None] * H + (k0 + kk)[None, :], mask=kmask, other=0.0)
             g1 = tl.dot(a, wg, g1)
             u1 = tl.dot(a, wu, u1)
-        if S >= 3:
+        if R2 > 0:
             a = tl.load(x_ptr + tok2[:, None] * H + (k0 + kk)[None, :], mask=kmask, other=0.0)
             g2 = tl.dot(a, wg, g2)
             u2 = tl.dot(a, wu, u2)
     n = n0 + tl.arange(0, BN)
     _h_store(h_ptr, r0, rend, n, I, g0, u0)
-    if S >= 2:
+    if R1 > 0:
         _h_store(h_ptr, r1, rend, n, I, g1, u1)
-    if S >= 3:
+    if R2 > 0:
         _h_store(h_ptr, r2, rend, n, I, g2, u2)
 
 
@@ -114,13 +116,16 @@ def _gate_up_entry(b_desc, h_ptr, x_ptr, src_ptr, e, row0, rend, n0, H, I, kk, S
 @triton.jit(do_not_specialize=["RB"])
 def _gate_up_resident_kernel(b_desc, tile_ptr, h_ptr, x_ptr, src_ptr, H, I, RB, SB: tl.constexpr, NS: tl.constexpr,
                              BN: tl.constexpr, BK: tl.constexpr, CPS: tl.constexpr, WS: tl.constexpr,
-                             ARMS: tl.constexpr):
+                             ARMS: tl.constexpr, PAIR: tl.constexpr):
     """x [T, H] (row r of the sorted order is x[src[r]]), b_desc: gate_up [E*2I, H] -> h [M, I] =
     silu(x W_gate^T) * (x W_up^T); a grid of CPS programs per SM walks the table's (entry, column
-    tile) pairs, an entry's column tiles side by side (its x rows shared through L2)."""
+    tile) pairs, an entry's column tiles side by side (its x rows shared through L2). NS = 3."""
     NN = tl.cdiv(I, BN)
     total = tl.load(tile_ptr) * NN
     kk = tl.arange(0, BK)
+    # PAIR: the first two sub-tiles as one 2 SB-row dot (8 warps then split its rows, not its columns)
+    P0: tl.constexpr = 2 * SB if PAIR else SB
+    P1: tl.constexpr = 0 if PAIR else SB
     for t in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=not (WS or ARMS), warp_specialize=WS):
         pm = t // NN
         n0 = (t % NN) * BN
@@ -129,14 +134,14 @@ def _gate_up_resident_kernel(b_desc, tile_ptr, h_ptr, x_ptr, src_ptr, H, I, RB, 
         rend = tl.load(tile_ptr + 3 + 3 * pm)
         if ARMS:
             ns = (tl.minimum(rend - row0, NS * SB) + SB - 1) // SB
-            if ns >= NS:
-                _gate_up_entry(b_desc, h_ptr, x_ptr, src_ptr, e, row0, rend, n0, H, I, kk, SB, NS, BN, BK)
-            elif ns == NS - 1:
-                _gate_up_entry(b_desc, h_ptr, x_ptr, src_ptr, e, row0, rend, n0, H, I, kk, SB, NS - 1, BN, BK)
+            if ns >= 3:
+                _gate_up_entry(b_desc, h_ptr, x_ptr, src_ptr, e, row0, rend, n0, H, I, kk, P0, SB, P1, BN, BK)
+            elif ns == 2:
+                _gate_up_entry(b_desc, h_ptr, x_ptr, src_ptr, e, row0, rend, n0, H, I, kk, P0, P1, 0, BN, BK)
             else:
-                _gate_up_entry(b_desc, h_ptr, x_ptr, src_ptr, e, row0, rend, n0, H, I, kk, SB, 1, BN, BK)
+                _gate_up_entry(b_desc, h_ptr, x_ptr, src_ptr, e, row0, rend, n0, H, I, kk, SB, 0, 0, BN, BK)
         else:
-            _gate_up_entry(b_desc, h_ptr, x_ptr, src_ptr, e, row0, rend, n0, H, I, kk, SB, NS, BN, BK)
+            _gate_up_entry(b_desc, h_ptr, x_ptr, src_ptr, e, row0, rend, n0, H, I, kk, P0, SB, P1, BN, BK)
 
 
 @triton.jit
@@ -146,39 +151,45 @@ def _y_store(y_ptr, r, rend, n, H, acc):
 
 
 @triton.jit
-def _down_entry(a_desc, b_desc, y_ptr, e, row0, rend, n0, H, I, SB: tl.constexpr, S: tl.constexpr, BN: tl.constexpr,
-                BK: tl.constexpr):
-    """Rows row0 .. row0 + S * SB (stored below rend) of expert e, y columns n0 .. n0 + BN: S sub-tiles
-    (h through SB-row TMA boxes) sharing each k-step's weight tile."""
-    y0 = tl.zeros([SB, BN], dtype=tl.float32)
-    if S >= 2:
-        y1 = tl.zeros([SB, BN], dtype=tl.float32)
-    if S >= 3:
-        y2 = tl.zeros([SB, BN], dtype=tl.float32)
+def _down_entry(a_desc, as_desc, b_desc, y_ptr, e, row0, rend, n0, H, I, SB: tl.constexpr, R0: tl.constexpr,
+                R1: tl.constexpr, R2: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Rows row0 .. row0 + R0 + R1 + R2 (stored below rend) of expert e, y columns n0 .. n0 + BN: up to
+    three sub-tiles (0 rows: none; h through a_desc's SB-row or as_desc's 2 SB-row boxes) sharing each
+    k-step's weight tile."""
+    y0 = tl.zeros([R0, BN], dtype=tl.float32)
+    if R1 > 0:
+        y1 = tl.zeros([R1, BN], dtype=tl.float32)
+    if R2 > 0:
+        y2 = tl.zeros([R2, BN], dtype=tl.float32)
     for k0 in range(0, I, BK):
         w = b_desc.load([e * H + n0, k0]).T  # [BK, BN], loaded once for every sub-tile
-        y0 = tl.dot(a_desc.load([row0, k0]), w, y0)
-        if S >= 2:
-            y1 = tl.dot(a_desc.load([row0 + SB, k0]), w, y1)
-        if S >= 3:
-            y2 = tl.dot(a_desc.load([row0 + 2 * SB, k0]), w, y2)
-    r = (row0 + tl.arange(0, SB)).to(tl.int64)
+        if R0 == SB:
+            y0 = tl.dot(a_desc.load([row0, k0]), w, y0)
+        else:  # the paired sub-tile
+            y0 = tl.dot(as_desc.load([row0, k0]), w, y0)
+        if R1 > 0:
+            y1 = tl.dot(a_desc.load([row0 + R0, k0]), w, y1)
+        if R2 > 0:
+            y2 = tl.dot(a_desc.load([row0 + R0 + R1, k0]), w, y2)
     n = n0 + tl.arange(0, BN)
-    _y_store(y_ptr, r, rend, n, H, y0)
-    if S >= 2:
-        _y_store(y_ptr, r + SB, rend, n, H, y1)
-    if S >= 3:
-        _y_store(y_ptr, r + 2 * SB, rend, n, H, y2)
+    _y_store(y_ptr, (row0 + tl.arange(0, R0)).to(tl.int64), rend, n, H, y0)
+    if R1 > 0:
+        _y_store(y_ptr, (row0 + R0 + tl.arange(0, R1)).to(tl.int64), rend, n, H, y1)
+    if R2 > 0:
+        _y_store(y_ptr, (row0 + R0 + R1 + tl.arange(0, R2)).to(tl.int64), rend, n, H, y2)
 
 
 @autotune(_DOWN_RCONFIGS, key=["H", "I", "RB"])
 @triton.jit(do_not_specialize=["RB"])
-def _down_resident_kernel(a_desc, b_desc, tile_ptr, y_ptr, H, I, RB, SB: tl.constexpr, NS: tl.constexpr,
-                          BN: tl.constexpr, BK: tl.constexpr, CPS: tl.constexpr, WS: tl.constexpr, ARMS: tl.constexpr):
-    """a_desc: h [M, I] (SB-row boxes); b_desc: down [E*H, I] -> y [M, H] = h W_down^T (expert-sorted
-    rows), walking the table as _gate_up_resident_kernel."""
+def _down_resident_kernel(a_desc, as_desc, b_desc, tile_ptr, y_ptr, H, I, RB, SB: tl.constexpr, NS: tl.constexpr,
+                          BN: tl.constexpr, BK: tl.constexpr, CPS: tl.constexpr, WS: tl.constexpr, ARMS: tl.constexpr,
+                          PAIR: tl.constexpr):
+    """a_desc / as_desc: h [M, I] (SB- / 2 SB-row boxes); b_desc: down [E*H, I] -> y [M, H] = h W_down^T
+    (expert-sorted rows), walking the table as _gate_up_resident_kernel."""
     NN = tl.cdiv(H, BN)
     total = tl.load(tile_ptr) * NN
+    P0: tl.constexpr = 2 * SB if PAIR else SB
+    P1: tl.constexpr = 0 if PAIR else SB
     for t in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=not (WS or ARMS), warp_specialize=WS):
         pm = t // NN
         n0 = (t % NN) * BN
@@ -187,14 +198,14 @@ def _down_resident_kernel(a_desc, b_desc, tile_ptr, y_ptr, H, I, RB, SB: tl.cons
         rend = tl.load(tile_ptr + 3 + 3 * pm)
         if ARMS:
             ns = (tl.minimum(rend - row0, NS * SB) + SB - 1) // SB
-            if ns >= NS:
-                _down_entry(a_desc, b_desc, y_ptr, e, row0, rend, n0, H, I, SB, NS, BN, BK)
-            elif ns == NS - 1:
-                _down_entry(a_desc, b_desc, y_ptr, e, row0, rend, n0, H, I, SB, NS - 1, BN, BK)
+            if ns >= 3:
+                _down_entry(a_desc, as_desc, b_desc, y_ptr, e, row0, rend, n0, H, I, SB, P0, SB, P1, BN, BK)
+            elif ns == 2:
+                _down_entry(a_desc, as_desc, b_desc, y_ptr, e, row0, rend, n0, H, I, SB, P0, P1, 0, BN, BK)
             else:
-                _down_entry(a_desc, b_desc, y_ptr, e, row0, rend, n0, H, I, SB, 1, BN, BK)
+                _down_entry(a_desc, as_desc, b_desc, y_ptr, e, row0, rend, n0, H, I, SB, SB, 0, 0, BN, BK)
         else:
-            _down_entry(a_desc, b_desc, y_ptr, e, row0, rend, n0, H, I, SB, NS, BN, BK)
+            _down_entry(a_desc, as_desc, b_desc, y_ptr, e, row0, rend, n0, H, I, SB, P0, SB, P1, BN, BK)
 
 
 def _check(tiles: torch.Tensor) -> None:
@@ -222,8 +233,8 @@ def down(h: torch.Tensor, down_proj: torch.Tensor, tiles: torch.Tensor) -> torch
     M, I = h.shape
     E, H, _ = down_proj.shape
     y = torch.empty(M, H, dtype=h.dtype, device=h.device)
-    a = TensorDescriptor(h, [M, I], [I, 1], [1, 1])
+    a, a2 = TensorDescriptor(h, [M, I], [I, 1], [1, 1]), TensorDescriptor(h, [M, I], [I, 1], [1, 1])
     b = TensorDescriptor(down_proj, [E * H, I], [I, 1], [1, 1])
-    _down_resident_kernel[moe_tma._pgrid(h.device, (tiles.shape[0] - 1) // 3, H)](a, b, tiles, y, H, I,
+    _down_resident_kernel[moe_tma._pgrid(h.device, (tiles.shape[0] - 1) // 3, H)](a, a2, b, tiles, y, H, I,
                                                                                   moe_tma._rows_class(M, E))
     return y
