@@ -50,10 +50,10 @@ def left_s() -> float:
     return BUDGET[0] - (time.time() - T0)
 
 
-def build_slice(rope: dict) -> Qwen3NextForCausalLM:
-    """The 8-layer 80B-dims slice in bf16 on the GPU, random weights (no transformers copy: meta
-    build, then randomize_ in place)."""
-    cfg = ModelConfig.from_hf({"model_type": "qwen3_next", **DIMS, "rope_parameters": rope})
+def build_slice(rope: dict, **dims) -> Qwen3NextForCausalLM:
+    """The 8-layer 80B-dims slice (dims: DIMS entries replaced) in bf16 on the GPU, random weights
+    (no transformers copy: meta build, then randomize_ in place)."""
+    cfg = ModelConfig.from_hf({"model_type": "qwen3_next", **DIMS, **dims, "rope_parameters": rope})
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("meta"):
@@ -135,9 +135,9 @@ def make_engine(model, max_model_len: int, chunk: int, eager: bool = False) -> L
     return eng
 
 
-def prompt_of(n: int, seed: int) -> list[int]:
+def prompt_of(n: int, seed: int, vocab: int = DIMS["vocab_size"]) -> list[int]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, DIMS["vocab_size"], (n,), generator=g).tolist()
+    return torch.randint(0, vocab, (n,), generator=g).tolist()
 
 
 @R.section
