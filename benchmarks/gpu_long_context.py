@@ -2,7 +2,7 @@
 randomize_, random bf16 weights) through LLMEngine with chunked prefill, one request at a time.
 
     python benchmarks/gpu_long_context.py --out long.json [--commit SHA] [--budget-s 115]
-                                          [--lengths 32768,131072,262080] [--yarn-len 393216]
+                                          [--lengths 32768,131072,262080] [--yarn-len 327680]
 
 Sections (each saved as it finishes; one that would not fit in --budget-s is skipped and says so):
   engine     TTFT of one prompt per length (chunks of 8192), then ms per decode step at that
@@ -297,7 +297,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=115.0, help="skip sections that would end past this")
     ap.add_argument("--lengths", default="32768,131072,262080", help="prompt lengths (<= 262144 - decode)")
     ap.add_argument("--out-len", type=int, default=33, help="tokens generated per request (1 + decode steps)")
-    ap.add_argument("--yarn-len", type=int, default=393216, help="0: no YaRN section")
+    ap.add_argument("--yarn-len", type=int, default=327680, help="0: no YaRN section")
     a = ap.parse_args()
     R.path, BUDGET[0] = a.out, a.budget_s
     RES["env"] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
