@@ -140,8 +140,8 @@ def main() -> int:
     for nrm in (False, True):  # (NORM: the layer's gated RMSNorm in the epilogue, gdn_prep.NORM_FUSED)
         no_spills(f"dr_out NORM={nrm}", compile_one("dr_out", delta_rule._out_kernel, dict(
             q_ptr=p("bf16"), k_ptr=p("bf16"), w_ptr=p("bf16"), h_ptr=p("bf16"), G_ptr=p("fp32"), o_ptr=p("bf16"),
-            cu_ptr=p("i64"), B="i32", SQ="i32", SK="i32", z_ptr=p("bf16"), nw_ptr=p("bf16"), ZNH="i32", ZS0="i32",
-            ZS1="i32", eps="fp32"), dict(dr, DV=128, BV=128, BK=64, NORM=nrm)))
+            cu_ptr=p("i64"), B="i32", SQ="i32", SK="i32", z_ptr=p("bf16"), nw_ptr=p("bf16"), ZT="i32", ZNH="i32",
+            ZS0="i32", ZS1="i32", eps="fp32"), dict(dr, DV=128, BV=128, BK=64, NORM=nrm)))
     no_spills("gated_norm", compile_one("gated_norm", norm_k._gated_rmsnorm_kernel, dict(
         x_ptr=p("bf16"), z_ptr=p("bf16"), w_ptr=p("bf16"), y_ptr=p("bf16"), R="i32", D="i32", XNH="i32", XS0="i32",
         XS1="i32", ZNH="i32", ZS0="i32", ZS1="i32", eps="fp32"), dict(BR=32, BLOCK=128)))

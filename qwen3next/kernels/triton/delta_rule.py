@@ -95,7 +95,7 @@ def _state_kernel(q_ptr, k_ptr, u_ptr, kd_ptr, G_ptr, qk_ptr, w_ptr, h_ptr, o_pt
 
 
 @triton.jit(do_not_specialize=["B", "ZNH"])  # (z's strides specialised: 16-byte loads need their divisibility)
-def _out_kernel(q_ptr, k_ptr, w_ptr, h_ptr, G_ptr, o_ptr, cu_ptr, B, SQ, SK, z_ptr, nw_ptr, ZNH, ZS0, ZS1, eps,
+def _out_kernel(q_ptr, k_ptr, w_ptr, h_ptr, G_ptr, o_ptr, cu_ptr, B, SQ, SK, z_ptr, nw_ptr, ZT, ZNH, ZS0, ZS1, eps,
                 HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BB: tl.constexpr,
                 BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, NORM: tl.constexpr):
     i_c = tl.program_id(0)
@@ -130,11 +130,10 @@ def _out_kernel(q_ptr, k_ptr, w_ptr, h_ptr, G_ptr, o_ptr, cu_ptr, B, SQ, SK, z_p
     s = tl.where(causal, s * tl.exp2(tl.where(causal, G[:, None] - G[None, :], 0.0)), 0.0)
     o = o * tl.exp2(G)[:, None] + tl.dot(s.to(dt), w, input_precision=PREC)
     if NORM:
-        # the gated RMSNorm of whole-head rows (BV = DV); z's row (t, h) of the [T * HV, DV] rows at
-        # (r // ZNH) * ZS0 + (r % ZNH) * ZS1, as norm.gated_rmsnorm reads it. O rounded first, as stored.
-        zr = rows * HV + h
-        z = tl.load(z_ptr + ((zr // ZNH) * ZS0 + (zr % ZNH) * ZS1)[:, None] + cv[None, :], mask=rm[:, None],
-                    other=0.0)
+        # the gated RMSNorm of whole-head rows (BV = DV); z's row (t, h) at t * ZT + (h // ZNH) * ZS0 +
+        # (h % ZNH) * ZS1 (one scalar division, not a 64-bit one per row). O rounded first, as stored.
+        zh = (h // ZNH) * ZS0 + (h % ZNH) * ZS1
+        z = tl.load(z_ptr + (rows * ZT + zh)[:, None] + cv[None, :], mask=rm[:, None], other=0.0)
         o = gated_rows(o.to(o_ptr.dtype.element_ty), z, nw_ptr, cv, DV, eps)
     tl.store(o_ptr + (rows[:, None] * HV + h) * DV + cv[None, :], o.to(o_ptr.dtype.element_ty), mask=rm[:, None])
 
@@ -201,7 +200,7 @@ def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slo
     dt = v.dtype if v.dtype != torch.float32 else q.dtype
     q, k, v = _rows(q, dt), _rows(k, dt), _rows(v, dt)
     o = torch.empty(T, HV, DV, dtype=dt, device=dev)
-    zs, ZNH, ZS0, ZS1 = _gate_rows(norm, T, HV, DV) if norm is not None else (o, 1, 0, 0)
+    zs, ZT, ZNH, ZS0, ZS1 = _gate_rows(norm, T, HV, DV) if norm is not None else (o, 0, 1, 0, 0)
     g, beta = g.contiguous().float(), beta.contiguous().float()
     cu = cu_seqlens.to(torch.int64).contiguous()
     NC, BB = T // BT + B, pow2(B, 2)  # flat chunk bound; block holding all sequences
@@ -236,7 +235,7 @@ def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slo
         bvo = DV if norm is not None else min(bv_out, DV)  # the norm needs whole heads
         nw, eps = (norm[1], float(norm[2])) if norm is not None else (o, 0.0)
         _out_kernel[(NC, HV, triton.cdiv(DV, bvo))](q, k, w, hbuf, G, o, cu, B, q.stride(0), k.stride(0),
-                                                    zs, nw, ZNH, ZS0, ZS1, eps, HK=HK, HV=HV,
+                                                    zs, nw, ZT, ZNH, ZS0, ZS1, eps, HK=HK, HV=HV,
                                                     DK=DK, DV=DV, BB=BB, BT=BT, BV=bvo, BK=min(bk_out, DK), PREC=prec,
                                                     NORM=norm is not None, num_warps=warps_out)
     elif norm is not None:  # (the state kernel's output tiles are narrower than a head: the norm after)
@@ -245,12 +244,15 @@ def gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state=None, state_slo
 
 
 def _gate_rows(norm, T: int, HV: int, DV: int):
-    """The gate z of `norm` -> (z or a copy, NH, S0, S1) as norm._row_view gives them, after checking
-    it holds T * HV rows of DV."""
+    """The gate z of `norm` -> (z or a copy, ZT, NH, S0, S1): row (t, h) of its T * HV rows of DV at
+    t * ZT + (h // NH) * S0 + (h % NH) * S1 (norm._row_view's rows, NH dividing HV)."""
     z = norm[0]
     if z.numel() != T * HV * DV or z.shape[-1] != DV:
         raise ValueError(f"norm: z shape {tuple(z.shape)} does not hold [{T}, {HV}, {DV}] rows")
-    return _row_view(z)
+    z, NH, S0, S1 = _row_view(z)
+    if HV % NH:
+        z, NH, S0, S1 = z.contiguous(), 1, DV, 0
+    return z, HV // NH * S0, NH, S0, S1
 
 
 @triton.jit

@@ -109,12 +109,14 @@ def gated_rows(x, z, w_ptr, offs, D, eps):
 @triton.jit(do_not_specialize=["R", "XNH", "ZNH"])
 def _gated_rmsnorm_kernel(x_ptr, z_ptr, w_ptr, y_ptr, R, D, XNH, XS0, XS1, ZNH, ZS0, ZS1, eps,
                           BR: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    r32 = tl.program_id(0) * BR + tl.arange(0, BR)  # (int32: a 64-bit division is a long software routine)
+    row = r32.to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = (row < R)[:, None] & (offs < D)[None, :]
     # rows of [*, NH, D] views with strides (S0, S1, 1), x and z each their own
-    xo = (row // XNH) * XS0 + (row % XNH) * XS1
-    zo = (row // ZNH) * ZS0 + (row % ZNH) * ZS1
+    xq, zq = r32 // XNH, r32 // ZNH
+    xo = xq.to(tl.int64) * XS0 + (r32 - xq * XNH).to(tl.int64) * XS1
+    zo = zq.to(tl.int64) * ZS0 + (r32 - zq * ZNH).to(tl.int64) * ZS1
     x = tl.load(x_ptr + xo[:, None] + offs[None, :], mask=mask, other=0.0)
     z = tl.load(z_ptr + zo[:, None] + offs[None, :], mask=mask, other=0.0)
     y = gated_rows(x, z, w_ptr, offs, D, eps)
@@ -132,6 +134,8 @@ def gated_rmsnorm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: f
     zs, ZNH, ZS0, ZS1 = _row_view(z)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     R = x.numel() // D if D else 0
+    if R >= 2 ** 31 - 64:
+        raise ValueError(f"gated_rmsnorm: {R} rows, at most 2^31 - 64")
     if R:
         BR = _rows_per_program(R, D)
         _gated_rmsnorm_kernel[(triton.cdiv(R, BR),)](xs, zs, weight, y, R, D, XNH, XS0, XS1, ZNH, ZS0, ZS1, eps,
