@@ -492,7 +492,7 @@ def main() -> int:
                                                                                        **fold0},
                     "default": {}, "persistent_mixed": {"QWEN3NEXT_MOE_SORTED": "persistent_mixed"},
                     "persistent_mixed_up": {"QWEN3NEXT_MOE_SORTED": "persistent_mixed", (g, "MIXED_DOWN"): False},
-                    "resident": {"QWEN3NEXT_MOE_SORTED": "resident"},
+                    "resident": {"QWEN3NEXT_MOE_SORTED": "resident", (g, "RESIDENT_UP"): True},
                     "resident_down": {"QWEN3NEXT_MOE_SORTED": "resident", (g, "RESIDENT_UP"): False}}
         if a.model_variants:  # the first named is the baseline the logits are compared with
             variants = {v: variants[v] for v in a.model_variants.split(",")}

@@ -50,6 +50,7 @@ def test_resident_at_the_edges(monkeypatch, arms, pair):
     (H = 40, I = 24 under 16-wide tiles), sub-tiles 64 + 64 + 64 or 128 + 64 rows, against the
     reference."""
     _one_config(monkeypatch, arms, pair)
+    monkeypatch.setattr(gmm, "RESIDENT_UP", True)  # both GEMMs resident
     gen = seeded(21)
     E, H, I = len(_COUNTS), 40, 24
     ids = torch.repeat_interleave(torch.arange(E), torch.tensor(_COUNTS))

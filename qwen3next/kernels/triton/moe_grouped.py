@@ -17,9 +17,9 @@ back, scaled by their routing weights and summed in fp32. Rounding follows kerne
 * "persistent_mixed" (opt-in, not yet timed on a GPU): persistent, but the GEMMs walk a table of
   128-row tiles, an expert's last tile 64 rows high when at most 64 rows are left (moe_tma.MIXED_BM;
   down too unless MIXED_DOWN is off);
-* "resident" (opt-in): moe_resident.py's expert-resident kernels, one program per (expert's <= 192
-  rows, column tile), each weight tile loaded once for all of them (gate/up the persistent one
-  unless RESIDENT_UP).
+* "resident" (opt-in): the persistent gate/up, then moe_resident.py's expert-resident down (one
+  program per (expert's <= 192 rows, column tile), each weight tile loaded once for all of them;
+  its gate/up too with RESIDENT_UP).
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ PERSISTENT_MIN_ROWS = 65536
 GEMMS = ("torch", "triton", "triton_gather", "gather_torch", "persistent", "persistent_mixed", "resident")
 # "persistent_mixed": its down GEMM over the mixed tiles too (False: the 64-row persistent down; an A/B knob)
 MIXED_DOWN = True
-# "resident": its gate/up GEMM expert-resident too (False: the persistent gate/up, the resident down)
-RESIDENT_UP = True
+# "resident": its gate/up GEMM expert-resident too (H200, session 6: 1.01 vs the persistent 0.89 ms at
+# T = 8192, so off: the persistent gate/up, the resident down at 0.47 vs 0.54 ms)
+RESIDENT_UP = False
 # the MoE block's gated shared expert added in the k-sum's pass (unsort_sum); QWEN3NEXT_MOE_FOLD=0: torch ops after
 FOLD_GATED = switch("QWEN3NEXT_MOE_FOLD") == "1"
 
