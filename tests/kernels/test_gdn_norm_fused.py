@@ -76,8 +76,8 @@ def test_fused_norm_varlen_states_carried():
 
 
 def test_fused_norm_fallbacks_and_errors():
-    """fuse_output (the state kernel's narrow tiles) applies the norm after: still the same bits;
-    a z without T * Hv rows of dv is refused."""
+    """fuse_output (the state kernel's narrow tiles) applies the norm after: still the same bits; a z
+    view whose row grouping does not divide Hv is copied; a z without T * Hv rows of dv is refused."""
     T = 70
     args, z, w, state = _inputs(T, seed=11)
     slots, init = torch.tensor([0], device=DEV), torch.tensor([True], device=DEV)
@@ -86,6 +86,10 @@ def test_fused_norm_fallbacks_and_errors():
                                         fuse_output=True)
     o_two = dr.gated_delta_rule_chunked(*args, cu([T]), state.clone(), slots, init, fuse_output=True)
     assert torch.equal(o_out, tri_norm.gated_rmsnorm(o_two.view(z.shape), z, w, 1e-6).view(o_two.shape))
+    # z rows grouped 5 to a row of its view (5 does not divide Hv = 4): read as a contiguous copy
+    z5 = z.reshape(T * HV // 5, 5, DV)
+    (o_5, _), (o_5u, _) = _both(args, z5, w, state, [T], slots, init)
+    assert torch.equal(o_5, o_5u) and torch.equal(o_5, o_f)
     with pytest.raises(ValueError, match="norm: z shape"):
         dr.gated_delta_rule_chunked(*args, cu([T]), state.clone(), slots, init, norm=(z[:-2], w, 1e-6))
 
