@@ -2,18 +2,18 @@
 randomize_, random bf16 weights) through LLMEngine with chunked prefill, one request at a time.
 
     python benchmarks/gpu_long_context.py --out long.json [--commit SHA] [--budget-s 115]
-                                          [--lengths 32768,131072,262080] [--yarn-len 327680]
+        [--lengths 32768,131072,262080] [--yarn-len 327680] [--sections engine,attention,yarn]
 
 Sections (each saved as it finishes; one that would not fit in --budget-s is skipped and says so):
-  engine     TTFT of one prompt per length (chunks of 8192), then ms per decode step at that
-             context (B = 1, greedy, CUDA-graph replay), GPU memory
-  chunks     the longest prompt again with chunks of 16384: last-token logits against the 8192 run
-             (relative error, argmax, top-1 margin) and the greedy tokens after it
+  engine     TTFT of one prompt per length, longest first (chunks of 8192), then ms per decode
+             step at that context (B = 1, greedy, CUDA-graph replay), GPU memory
+  chunks     (right after the longest) that prompt again with chunks of 16384: last-token logits
+             against the 8192 run (relative error, argmax, top-1 margin), the greedy tokens after
   attention  one layer's paged attention at the longest context (8192 queries after the prefix,
              and a decode query) against torch SDPA (flash) and an fp32 reference; the KV pages
              sit above 2**31 elements of the pool, in shuffled order (int64 offsets)
-  yarn       the model card's 1M recipe (rope yarn, factor 4, original 262144): TTFT and decode
-             of one --yarn-len prompt past the native 262144 positions
+  yarn       the model card's 1M recipe (rope yarn, factor 4, original 262144): TTFT and eager
+             decode of one --yarn-len prompt past the native 262144 positions
 The paged prefill kernel is pinned to its measured pick (128/64/8/3, sessions 2-4's autotune at
 8K) so the call pays no 12-config autotune at 256K; other kernels autotune as usual.
 """
@@ -41,7 +41,6 @@ RES = R.data
 T0 = time.time()
 BUDGET = [115.0]
 CHUNKS = (8192, 16384)  # max_num_batched_tokens of the runs, and of the comparison run
-LAST: dict = {}  # the longest 8192-chunk run: prompt length, last-token logits, greedy tokens
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 262144}
 GIB = 1 << 30
 
@@ -135,38 +134,39 @@ def make_engine(model, max_model_len: int, chunk: int, eager: bool = False) -> L
     return eng
 
 
-def prompt_of(n: int, seed: int, vocab: int = DIMS["vocab_size"]) -> list[int]:
+def prompt_of(n: int, seed: int, vocab: int | None = None) -> list[int]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n,), generator=g).tolist()
+    return torch.randint(0, vocab or DIMS["vocab_size"], (n,), generator=g).tolist()
 
 
 @R.section
 def engine(res, eng, tap, lengths, out_len):
-    # warm-up: compiles the 8192- and 16384-token chunk shapes with and without a cached prefix
+    # warm-up: compiles (and autotunes) the cached-path shapes of both chunk sizes, prefix or not
     t0 = time.time()
     for chunk in CHUNKS:
-        run_request(eng, prompt_of(chunk + 3000, 99), 2, chunk).pop("_logits")
+        run_request(eng, prompt_of(chunk + 1000, 99), 2, chunk).pop("_logits")
     res["warmup_s"] = round(time.time() - t0, 1)
     print(f"warm-up {res['warmup_s']} s", flush=True)
-    for n in lengths:
-        est = 4.0 * (n / 262144) ** 1.6 + 1.0  # (quadratic attention, linear rest) with margin
-        if left_s() < est + 30:
+    # the longest first (and its chunking comparison right after): the figures that matter most
+    for i, n in enumerate(sorted(lengths, reverse=True)):
+        est = 4.0 * (n / 262144) ** 1.6 + 1.0  # (quadratic attention, linear rest), H200
+        if left_s() < est + 3:
             res[f"L{n}"] = {"skipped": f"{left_s():.0f} s left"}
             continue
         r = run_request(eng, prompt_of(n, n), out_len, CHUNKS[0], tap)
         logits = r.pop("_logits")
         r["last_logits_argmax"] = int(logits.argmax())
         res[f"L{n}"] = r
-        LAST.update(n=n, logits=logits, tokens=r["tokens"])
         print(f"L={n}: TTFT {r['ttft_s']} s ({r['prefill_tok_per_s']} tok/s), decode {r['decode_ms_per_step']} "
               f"ms/step, peak {r['peak_alloc_GiB']} GiB", flush=True)
         R.save()
+        if i == 0:
+            chunks(eng, tap, n, logits, r["tokens"], out_len)
 
 
 @R.section
-def chunks(res, eng, tap, out_len):
-    n, ref, ref_tokens = LAST["n"], LAST["logits"], LAST["tokens"]
-    if left_s() < 4.0 * (n / 262144) ** 1.6 + 25:
+def chunks(res, eng, tap, n, ref, ref_tokens, out_len):
+    if left_s() < 4.0 * (n / 262144) ** 1.6 + 3:
         res["skipped"] = f"{left_s():.0f} s left"
         return
     r = run_request(eng, prompt_of(n, n), out_len, CHUNKS[1], tap)
@@ -277,17 +277,17 @@ def attention(res, L: int, n_q: int = 8192):
 
 @R.section
 def yarn(res, n: int, out_len: int):
-    est = 4.0 * (n / 262144) ** 1.8 + 20  # engine rebuild + graphs + the prompt
+    est = 4.0 * (n / 262144) ** 1.8 + 10  # model rebuild, an eager engine (no graph capture), the prompt
     if left_s() < est:
         res["skipped"] = f"{left_s():.0f} s left, needs ~{est:.0f}"
         return
     model = build_slice(dict(ROPE, **YARN))
-    eng = make_engine(model, n + out_len + 64, CHUNKS[0])
+    eng = make_engine(model, n + out_len + 64, CHUNKS[0], eager=True)
     r = run_request(eng, prompt_of(n, n), out_len, CHUNKS[0])
     r.pop("_logits")
     r["limit"] = model.config.max_model_len_limit
     res.update(r)
-    print(f"yarn L={n}: TTFT {r['ttft_s']} s, decode {r['decode_ms_per_step']} ms/step", flush=True)
+    print(f"yarn L={n}: TTFT {r['ttft_s']} s, decode {r['decode_ms_per_step']} ms/step (eager)", flush=True)
 
 
 def main() -> None:
@@ -297,33 +297,34 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=115.0, help="skip sections that would end past this")
     ap.add_argument("--lengths", default="32768,131072,262080", help="prompt lengths (<= 262144 - decode)")
     ap.add_argument("--out-len", type=int, default=33, help="tokens generated per request (1 + decode steps)")
-    ap.add_argument("--yarn-len", type=int, default=327680, help="0: no YaRN section")
+    ap.add_argument("--yarn-len", type=int, default=327680)
+    ap.add_argument("--sections", default="engine,attention,yarn", help="which of engine (+ chunks), attention, yarn")
     a = ap.parse_args()
     R.path, BUDGET[0] = a.out, a.budget_s
     RES["env"] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                   "python": platform.python_version(), "commit": a.commit,
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     lengths = [int(x) for x in a.lengths.split(",")]
+    sections = a.sections.split(",")
     pin_paged_prefill()
-    model = build_slice(dict(ROPE))
-    RES["build_s"] = round(time.time() - T0, 1)
-    R.save()
-    eng = make_engine(model, 262144, CHUNKS[1])
-    print(f"built in {RES['build_s']} s, engine {RES['engines'][-1]}", flush=True)
-    tap = LogitTap(model)
-    engine(eng, tap, lengths, a.out_len)
-    if LAST:
-        chunks(eng, tap, a.out_len)
-    del eng, model, tap
-    gc.collect()
-    torch.cuda.empty_cache()
-    if left_s() > 12:
-        attention(max(lengths))
-    else:
-        RES["attention"] = {"skipped": f"{left_s():.0f} s left"}
-    gc.collect()
-    torch.cuda.empty_cache()
-    if a.yarn_len:
+    if "engine" in sections:
+        model = build_slice(dict(ROPE))
+        RES["build_s"] = round(time.time() - T0, 1)
+        R.save()
+        eng = make_engine(model, 262144, CHUNKS[1])
+        print(f"built in {RES['build_s']} s, engine {RES['engines'][-1]}", flush=True)
+        engine(eng, LogitTap(model), lengths, a.out_len)
+        del eng, model
+        gc.collect()
+        torch.cuda.empty_cache()
+    if "attention" in sections:
+        if left_s() > 5:
+            attention(max(lengths))
+        else:
+            RES["attention"] = {"skipped": f"{left_s():.0f} s left"}
+        gc.collect()
+        torch.cuda.empty_cache()
+    if "yarn" in sections:
         yarn(a.yarn_len, a.out_len)
     RES["total_s"] = round(time.time() - T0, 1)
     R.save()
