@@ -8,6 +8,7 @@ copied as they are into the fp8 parameters of a model converted by layers/quant.
 quantises bf16 checkpoint tensors: `quantization="fp8"`). `load_model` picks (`fp8_at_load`): fp8
 weights only on one CUDA device, for an FP8 checkpoint ("auto") or when asked ("fp8"). Under tensor parallelism each rank reads only
 the slices its modules declare (distributed/sharding.py) and the experts it owns.
+`load_format="dummy"` (vLLM's) reads config.json alone and fills random weights (`dummy_weights_`).
 `save_checkpoint` writes the official (per-expert, `mtp.*`) names back out, plus config.json.
 """
 
@@ -17,6 +18,7 @@ import contextlib
 import json
 import os
 import re
+import zlib
 
 import torch
 from safetensors import safe_open
@@ -24,7 +26,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .config import ModelConfig
-from .distributed.parallel_state import tp_size
+from .distributed.parallel_state import single_rank, tp_size
 from .distributed.sharding import read_shard, shard_of
 from .kernels import fp8 as qfp8
 
@@ -247,18 +249,26 @@ def _few(names: list[str], k: int = 5) -> str:
     return ", ".join(names[:k]) + (f" (+{len(names) - k} more)" if len(names) > k else "")
 
 
+LOAD_FORMATS = ("auto", "dummy")
+
+
 def load_model(path_or_id: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                with_mtp: bool | None = None, progress: bool = True, quantization: str | None = None,
-               hf_overrides: dict | None = None):
+               hf_overrides: dict | None = None, load_format: str = "auto"):
     """-> (model in eval mode, ModelConfig). Parameters are allocated uninitialised, then loaded.
     `quantization` ("auto" / None, "fp8"): see fp8_at_load. `hf_overrides`: config.json keys to
-    change (ModelConfig.from_dir)."""
+    change (ModelConfig.from_dir). `load_format`: "auto" reads the safetensors; "dummy" only
+    config.json, with random weights (dummy_weights_; the MTP head kept when built)."""
     from .model import Qwen3NextForCausalLM
 
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
+    dummy = load_format == "dummy"
     path = resolve_model_dir(path_or_id)
     cfg = ModelConfig.from_dir(path, hf_overrides)
     fp8 = fp8_at_load(quantization, cfg, device)
-    _check_config_against_checkpoint(path, cfg, "config.json + hf_overrides" if hf_overrides else "config.json")
+    if not dummy:
+        _check_config_against_checkpoint(path, cfg, "config.json + hf_overrides" if hf_overrides else "config.json")
     with torch.device("meta"):
         model = Qwen3NextForCausalLM(cfg, with_mtp=with_mtp)
     # cast on meta first so real memory is allocated once, in the target dtype
@@ -267,12 +277,58 @@ def load_model(path_or_id: str, dtype: torch.dtype = torch.bfloat16, device: str
         from .layers.quant import to_fp8_
 
         block = tuple((cfg.quantization_config or {}).get("weight_block_size") or qfp8.BLOCK)
-        to_fp8_(model, block, _fp8_modules(model, _weight_map(path)))
+        to_fp8_(model, block, None if dummy else _fp8_modules(model, _weight_map(path)))
     model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty re-creates parameters, which unties them
         model.lm_head.weight = model.model.embed_tokens.weight
-    load_weights(model, path, progress=progress)
+    if dummy:
+        dummy_weights_(model)
+    else:
+        load_weights(model, path, progress=progress)
     return model.eval(), cfg
+
+
+@torch.no_grad()
+def dummy_weights_(model, seed: int = 0) -> None:
+    """Random weights in place (load_format="dummy"), O(1) activations at any depth as
+    benchmarks/gpu_model.py's randomize_: fan-in scaled matrices, N(0, 1) embeddings, norms near
+    their identity, A_log / dt_bias spread. Deterministic per full tensor: each is drawn whole, in
+    its tensor-parallel-size-1 shape, on the parameter's device from a generator seeded by
+    (seed, name), and this rank keeps its shard, so any tensor_parallel_size gives the same model
+    (on one device type: CPU and CUDA generators differ)."""
+    from .model import Qwen3NextForCausalLM
+
+    with single_rank(), torch.device("meta"):  # the checkpoint's (whole) shapes
+        whole = {n: p.shape for n, p in
+                 Qwen3NextForCausalLM(model.config, with_mtp=model.mtp is not None).named_parameters()}
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        if name.endswith("_scale_inv"):  # written with its fp8 weight
+            continue
+        dt = torch.bfloat16 if p.dtype == qfp8.FP8 else p.dtype
+        g = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        t = torch.empty(whole[name], dtype=dt, device=p.device)
+        if name.endswith("linear_attn.norm.weight"):  # the gated norm scales by w (not 1 + w)
+            t.normal_(1.0, 0.1, generator=g)
+        elif "norm" in name:  # zero-centred norms: 1 + w
+            t.normal_(0.0, 0.1, generator=g)
+        elif name.endswith("A_log"):
+            t.uniform_(-2.0, 1.0, generator=g)
+        elif name.endswith(("dt_bias", "embed_tokens.weight")):
+            t.normal_(0.0, 1.0, generator=g)
+        else:
+            t.normal_(0.0, t.shape[-1] ** -0.5, generator=g)
+        shard = shard_of(model, name) if tp_size() > 1 else None
+        if shard is not None:
+            t = torch.cat([t.narrow(shard.dim, a, b - a) for a, b in shard.ranges], dim=shard.dim)
+        if p.dtype == qfp8.FP8:  # quantised in the parameter's blocks (per expert when stacked)
+            block, scale = _block_of(model, name), params[name + "_scale_inv"]
+            for i, (w, s) in enumerate(zip(t.view(-1, *t.shape[-2:]), scale.view(-1, *scale.shape[-2:]))):
+                w8, s8 = qfp8.quantize(w, block)
+                p.view(-1, *p.shape[-2:])[i].copy_(w8)
+                s.copy_(s8)
+        else:
+            p.copy_(t)
 
 
 def _check_config_against_checkpoint(path: str, cfg: ModelConfig, source: str) -> None:

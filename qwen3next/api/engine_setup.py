@@ -14,7 +14,7 @@ log = logging.getLogger("qwen3next.api")
 ENGINE_FIELDS = ("dtype", "device", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
                  "kv_cache_memory_bytes", "gpu_memory_utilization", "block_size", "seed", "tensor_parallel_size",
                  "quantization", "enable_prefix_caching", "prefix_caching_state_block", "hf_overrides",
-                 "mamba_ssm_cache_dtype")
+                 "mamba_ssm_cache_dtype", "load_format")
 
 
 def build_engine(ns):

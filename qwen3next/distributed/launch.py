@@ -38,7 +38,7 @@ def _wait_ready(procs: list, conns: list, timeout_s: float) -> None:
 
 
 def start(model_dir: str, size: int, dtype: torch.dtype, device: torch.device, with_mtp: bool,
-          timeout_s: float = 600.0, hf_overrides: dict | None = None):
+          timeout_s: float = 600.0, hf_overrides: dict | None = None, load_format: str = "auto"):
     """-> (DriverModel around rank 0's shard, ModelConfig). device: cpu, or cuda (rank r on cuda:r)."""
     from qwen3next.loader import load_model
 
@@ -58,14 +58,14 @@ def start(model_dir: str, size: int, dtype: torch.dtype, device: torch.device, w
         parent_end, child_end = ctx.Pipe(duplex=False)
         p = ctx.Process(target=_worker_entry, name=f"qwen3next-tp{rank}", daemon=True,
                         args=(rank, size, init_method, model_dir, dtype, device.type, with_mtp, child_end,
-                              os.getpid(), timeout_s, torch.get_num_threads(), hf_overrides))
+                              os.getpid(), timeout_s, torch.get_num_threads(), hf_overrides, load_format))
         p.start()
         procs.append(p)
         conns.append(parent_end)
     try:
         init_tp(0, size, init_method, device, timeout_s)
         model, cfg = load_model(model_dir, dtype=dtype, device=device, with_mtp=with_mtp, progress=False,
-                                hf_overrides=hf_overrides)
+                                hf_overrides=hf_overrides, load_format=load_format)
         _wait_ready(procs, conns, timeout_s)
     except BaseException:
         for p in procs:

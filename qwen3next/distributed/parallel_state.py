@@ -7,6 +7,7 @@ gloo) carries the step messages rank 0 broadcasts to the workers. Layers read `t
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 from dataclasses import dataclass
 
@@ -38,6 +39,17 @@ def tp_state() -> TPState:
     if _STATE is None:
         raise RuntimeError("tensor parallelism is not initialised in this process")
     return _STATE
+
+
+@contextlib.contextmanager
+def single_rank():
+    """tp_size() == 1 inside (a model built here has the whole tensors' shapes); the group stays."""
+    global _STATE
+    saved, _STATE = _STATE, None
+    try:
+        yield
+    finally:
+        _STATE = saved
 
 
 def init_tp(rank: int, size: int, init_method: str, device: torch.device,

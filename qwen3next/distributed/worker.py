@@ -32,7 +32,7 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 def worker_main(rank: int, size: int, init_method: str, model_dir: str, dtype: torch.dtype, device_type: str,
                 with_mtp: bool, conn, parent_pid: int, timeout_s: float, num_threads: int,
-                hf_overrides: dict | None = None) -> None:
+                hf_overrides: dict | None = None, load_format: str = "auto") -> None:
     _exit_with_parent(parent_pid)
     torch.set_num_threads(num_threads)
     from qwen3next.loader import load_model
@@ -43,7 +43,7 @@ def worker_main(rank: int, size: int, init_method: str, model_dir: str, dtype: t
     try:
         init_tp(rank, size, init_method, device, timeout_s)
         model, _ = load_model(model_dir, dtype=dtype, device=device, with_mtp=with_mtp, progress=False,
-                              hf_overrides=hf_overrides)
+                              hf_overrides=hf_overrides, load_format=load_format)
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, which raises it
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return

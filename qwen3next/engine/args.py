@@ -53,6 +53,10 @@ class EngineArgs:
     # default and the Qwen3.5 configs' mamba_ssm_dtype (vLLM's "auto" would follow the model dtype);
     # "bfloat16" halves the state bytes: decode reads and writes them every step, and more fit
     mamba_ssm_cache_dtype: str = "auto"
+    # vLLM's load_format: "auto" reads the checkpoint's safetensors; "dummy" reads config.json alone
+    # and fills random weights, each rank only its shard (loader.dummy_weights_): benchmarks of a
+    # size or architecture without writing its checkpoint
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
         def pos_int(name: str, allow_none: bool = False) -> None:
@@ -77,6 +81,8 @@ class EngineArgs:
         if self.mamba_ssm_cache_dtype not in _STATE_DTYPES:
             raise ValueError(f"mamba_ssm_cache_dtype must be 'auto', 'float32', 'bfloat16' or 'float16', "
                              f"got {self.mamba_ssm_cache_dtype!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.device is not None:

@@ -150,11 +150,13 @@ class LLMEngine:
             from qwen3next.distributed.launch import start
 
             model, cfg = start(path, args.tensor_parallel_size, dtype, device,
-                               with_mtp=args.speculative_config is not None, hf_overrides=args.hf_overrides)
+                               with_mtp=args.speculative_config is not None, hf_overrides=args.hf_overrides,
+                               load_format=args.load_format)
         else:
             model, cfg = load_model(path, dtype=dtype, device=device,
                                     with_mtp=args.speculative_config is not None, progress=False,
-                                    quantization=args.quantization, hf_overrides=args.hf_overrides)
+                                    quantization=args.quantization, hf_overrides=args.hf_overrides,
+                                    load_format=args.load_format)
         (getattr(model, "inner", model)).sampled_vocab_size = tokenizer_size(path)
         gen = read_generation_config(path)
         eos = gen.get("eos_token_id")
