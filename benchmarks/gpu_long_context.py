@@ -123,9 +123,13 @@ def run_request(eng: LLMEngine, prompt: list[int], out_len: int, chunk: int, tap
 
 
 def make_engine(model, max_model_len: int, chunk: int, eager: bool = False) -> LLMEngine:
+    """One sequence of max_model_len. The cache budget is given (the KV of one sequence plus room):
+    no cache-less profiling forward at start, whose compiles and autotuning this run never uses."""
     t0 = time.time()
+    kv_bytes = 2 * max_model_len * 2 * 2 * 256 * 2 + (1 << 30)  # 2 layers x K, V x 2 heads x 256 x bf16
     eng = LLMEngine(model, EngineArgs(device="cuda", max_num_seqs=1, max_num_batched_tokens=chunk,
-                                      max_model_len=max_model_len, enforce_eager=eager), eos_token_ids=[])
+                                      max_model_len=max_model_len, enforce_eager=eager,
+                                      kv_cache_memory_bytes=kv_bytes), eos_token_ids=[])
     p = eng.cache.plan
     RES.setdefault("engines", []).append(
         {"max_model_len": max_model_len, "init_s": round(time.time() - t0, 1), "kv_blocks": p.num_blocks,
