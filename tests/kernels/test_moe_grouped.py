@@ -154,11 +154,12 @@ def test_tile_table():
 
 @pytest.mark.gpu
 def test_auto_dispatch_gpu(monkeypatch):
-    """The default ("auto"): persistent GEMMs from PERSISTENT_MIN_ROWS routed rows, triton_gather below."""
+    """The default ("auto"): the persistent gate/up + resident down from PERSISTENT_MIN_ROWS routed rows,
+    triton_gather below."""
     monkeypatch.delenv("QWEN3NEXT_MOE_SORTED", raising=False)
     x = torch.zeros(8, 2048, dtype=torch.bfloat16, device=DEV)
     gate_up, down = torch.zeros(4, 1024, 2048, **_bf), torch.zeros(4, 2048, 512, **_bf)
-    assert gmm.sorted_gemm(x, gate_up, down, gmm.PERSISTENT_MIN_ROWS) == "persistent"
+    assert gmm.sorted_gemm(x, gate_up, down, gmm.PERSISTENT_MIN_ROWS) == "resident"
     assert gmm.sorted_gemm(x, gate_up, down, gmm.PERSISTENT_MIN_ROWS - 1) == "triton_gather"
 
 

@@ -17,9 +17,9 @@ back, scaled by their routing weights and summed in fp32. Rounding follows kerne
 * "persistent_mixed" (opt-in, not yet timed on a GPU): persistent, but the GEMMs walk a table of
   128-row tiles, an expert's last tile 64 rows high when at most 64 rows are left (moe_tma.MIXED_BM;
   down too unless MIXED_DOWN is off);
-* "resident" (opt-in): the persistent gate/up, then moe_resident.py's expert-resident down (one
-  program per (expert's <= 192 rows, column tile), each weight tile loaded once for all of them;
-  its gate/up too with RESIDENT_UP).
+* "resident" (auto's choice from PERSISTENT_MIN_ROWS): the persistent gate/up, then moe_resident.py's
+  expert-resident down (one program per (expert's <= 192 rows, column tile), each weight tile loaded
+  once for all of them; its gate/up too with RESIDENT_UP).
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ from .moe import _count_kernel
 # (5120 rows) the padded one was ahead of "triton" (0.822 vs 0.845 ms). "torch" was 3% ahead of
 # triton_gather at T = 8192 alone and behind the padded GEMM below T = 4096.
 SORTED_MIN_ROWS = 8192
-# "auto": "persistent" from PERSISTENT_MIN_ROWS routed rows, "triton_gather" below (H200, session 5: one
-# layer 1.56 vs 1.69 ms at 81920 rows, even at 20480); or one of GEMMS, or "off"; QWEN3NEXT_MOE_SORTED overrides
+# "auto": "resident" from PERSISTENT_MIN_ROWS routed rows, "triton_gather" below (H200: session 5, the
+# persistent GEMMs 1.56 vs 1.69 ms a layer at 81920 rows, even at 20480; session 6, the resident down
+# 0.474 vs 0.545 ms at 81920 rows, 0.415 vs 0.476 at 66560, bitwise equal, 8K prefill graph replay
+# 26.0 vs 26.5-26.8 ms); or one of GEMMS, or "off"; QWEN3NEXT_MOE_SORTED overrides
 SORTED_GEMM = "auto"
 PERSISTENT_MIN_ROWS = 65536
 GEMMS = ("torch", "triton", "triton_gather", "gather_torch", "persistent", "persistent_mixed", "resident")
@@ -61,7 +63,7 @@ def sorted_gemm(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Te
     least SORTED_MIN_ROWS routed rows."""
     gemm = switch("QWEN3NEXT_MOE_SORTED") if "QWEN3NEXT_MOE_SORTED" in os.environ else SORTED_GEMM
     if gemm == "auto":
-        gemm = "persistent" if rows >= PERSISTENT_MIN_ROWS else "triton_gather"
+        gemm = "resident" if rows >= PERSISTENT_MIN_ROWS else "triton_gather"
     if gemm not in GEMMS or (
             gemm in ("torch", "gather_torch") and not hasattr(torch, "_grouped_mm")):
         return None
