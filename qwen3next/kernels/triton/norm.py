@@ -28,15 +28,18 @@ def _rows_per_program(R: int, D: int) -> int:
     return br
 
 
-@triton.jit(do_not_specialize=["R", "NH", "S0", "S1"])
+# (strides specialised, as the gated kernel's below: 16-byte loads)
+@triton.jit(do_not_specialize=["R", "NH"])
 def _zc_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, R, D, NH, S0, S1, eps,
                        HAS_RES: tl.constexpr, BR: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)      # [BR] flat row
+    r32 = tl.program_id(0) * BR + tl.arange(0, BR)                   # [BR] flat row (int32, as below)
+    row = r32.to(tl.int64)
     rm = row < R
     offs = tl.arange(0, BLOCK)
     mask = rm[:, None] & (offs < D)[None, :]
     # row (t, head) of a [T, NH, D] view with strides (S0, S1, 1)
-    xo = (row // NH) * S0 + (row % NH) * S1
+    xq = r32 // NH
+    xo = xq.to(tl.int64) * S0 + (r32 - xq * NH).to(tl.int64) * S1
     x = tl.load(x_ptr + xo[:, None] + offs[None, :], mask=mask, other=0.0)
     if HAS_RES:
         r = tl.load(r_ptr + row[:, None] * D + offs[None, :], mask=mask, other=0.0)
@@ -69,6 +72,8 @@ def zc_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torc
         xs, NH, S0, S1 = x.contiguous(), 1, D, 0
     else:
         xs, NH, S0, S1 = _row_view(x)
+    if R >= 2 ** 31 - 64:
+        raise ValueError(f"zc_rmsnorm: {R} rows, at most 2^31 - 64")
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     h = torch.empty_like(y) if residual is not None else y
     r = residual.contiguous() if residual is not None else y
