@@ -69,3 +69,13 @@ def test_speculative_decoding_caps_kv_blocks_at_what_max_num_seqs_can_use(model)
                                       speculative_config={"num_speculative_tokens": 3}), eos_token_ids=[])
     assert plain.cache.plan.num_blocks == 4 * 512 // 16
     assert mtp.cache.plan.num_blocks == plain.cache.plan.num_blocks
+
+
+def test_prompt_filling_max_model_len_without_max_tokens_is_named_plainly(model):
+    """max_tokens unset and a prompt of max_model_len tokens: the error said
+    'max_tokens (None) exceeds max_model_len'; a prompt one shorter gets its one token."""
+    eng = LLMEngine(model, EngineArgs(max_model_len=32), eos_token_ids=[])
+    with pytest.raises(ValueError, match=r"prompt \(32 tokens\) leaves no room for output tokens within max_model_len \(32\)"):
+        eng.add_request("full", [3] * 32, SamplingParams(temperature=0, max_tokens=None))
+    eng.add_request("fits", [3] * 31, SamplingParams(temperature=0, max_tokens=None))
+    assert len(drain(eng)["fits"]) == 1 and pools_empty(eng)

@@ -19,6 +19,7 @@ drives it from one thread.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -111,14 +112,14 @@ class LLMEngine:
         self.structured = sampler.structured = StructuredOutputs(self.vocab_size, self.eos_token_ids)
         self.runner = ModelRunner(model, self.cache, sampler, self.device)
         self.spec: SpecDecoder | None = None
-        # (under tensor parallelism each forward first messages the workers: not capturable)
-        graphs = self.device.type == "cuda" and not args.enforce_eager and args.tensor_parallel_size == 1
+        graphs = self.device.type == "cuda" and not args.enforce_eager
         if args.speculative_config is not None:
             self.cache.mtp_prefix = self.cache.prefix is not None
             self.spec = SpecDecoder(model, self.cache, sampler, self.device, args.speculative_config,
                                     self.cache.scratch_base, args.max_num_seqs)
-            # on by default (engine path GPU-tested: test_spec_decode -k verify_cuda); =0 switches off
-            if graphs and switch("QWEN3NEXT_VERIFY_GRAPHS") == "1":
+            # on by default (engine path GPU-tested: test_spec_decode -k verify_cuda); =0 switches off;
+            # one rank only (tensor parallel: decode graphs only, distributed/graphs.py)
+            if graphs and args.tensor_parallel_size == 1 and switch("QWEN3NEXT_VERIFY_GRAPHS") == "1":
                 self._capture_verify_graphs()
         elif graphs:
             self._capture_cuda_graphs()
@@ -190,7 +191,9 @@ class LLMEngine:
         from qwen3next.engine.cuda_graph import CudaGraphRunner
 
         a = self.args
-        graphs = CudaGraphRunner(self.model, self.cache.cache, self.cache.max_blocks_per_seq, a.max_num_seqs)
+        # tensor parallel: the driver's runner captures and replays on every rank in step
+        make = getattr(self.model, "graph_runner", None) or functools.partial(CudaGraphRunner, self.model)
+        graphs = make(self.cache.cache, self.cache.max_blocks_per_seq, a.max_num_seqs)
         graphs.warmup_prefill(a.max_num_seqs, a.max_num_batched_tokens)
         graphs.capture()
         self.runner.graphs = graphs
@@ -248,6 +251,9 @@ class LLMEngine:
         if max_tokens is None:
             max_tokens = self.max_model_len - len(ids)
         total = len(ids) + max_tokens
+        if params.max_tokens is None and max_tokens < 1:
+            raise ValueError(f"prompt ({len(ids)} tokens) leaves no room for output tokens within "
+                             f"max_model_len ({self.max_model_len})")
         if max_tokens < 1 or total > self.max_model_len:
             raise ValueError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
