@@ -332,9 +332,24 @@ def main() -> None:
         yarn(a.yarn_len, a.out_len)
     RES["total_s"] = round(time.time() - T0, 1)
     R.save()
-    for k, v in RES.items():
-        if isinstance(v, dict):
-            print(k, {x: y for x, y in v.items() if x not in ("tokens", "error")})
+    summary(RES)
+
+
+def summary(res: dict) -> None:
+    """A few lines per section, token lists and tracebacks left out (the JSON has everything)."""
+    def brief(d):
+        return {k: v for k, v in d.items() if k not in ("tokens", "error")}
+
+    print("engines", res.get("engines"), "build_s", res.get("build_s"), "total_s", res.get("total_s"))
+    for name, v in res.items():
+        if not isinstance(v, dict) or name == "env":
+            continue
+        if "error" in v:
+            print(name, "ERROR", v["error"].strip().splitlines()[-1][:200])
+        subs = {k: x for k, x in v.items() if isinstance(x, dict)}
+        for k, x in subs.items():
+            print(name, k, brief(x))
+        print(name, {k: x for k, x in brief(v).items() if k not in subs})
 
 
 if __name__ == "__main__":
