@@ -6,8 +6,12 @@ runner, sampler, profiling) runs unchanged on rank 0 and sampling happens on ran
 `make_cache_manager` gives every rank a cache of the same plan (each holds its heads' shards);
 `TPCacheManager` queues the cache copies rank 0's engine makes outside a forward (n > 1 forks,
 speculative rollback), replayed by the workers before the next forward. `mtp` mirrors the MTP
-head the same way. `shutdown` stops the workers and leaves the group; so does dropping the
-last reference to the driver (`del llm; gc.collect()`, as with vLLM) and interpreter exit.
+head the same way; `graph_runner` gives the engine decode CUDA graphs captured on every rank
+(graphs.py). `shutdown` stops the workers and leaves the group; so does dropping the last
+reference to the driver (`del llm; gc.collect()`, as with vLLM) and interpreter exit. On GPUs a
+watcher thread aborts the NCCL communicator when a worker dies: rank 0 may be blocked on a
+collective whose peer is gone (NCCL kernels spin, unlike gloo's closed socket), and the abort
+turns that into an error naming the rank instead of a hang until the collective timeout.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from qwen3next.engine.cache import CacheManager
 from qwen3next.forward_batch import ForwardBatch
 
 from . import messages
-from .parallel_state import destroy_tp
+from .parallel_state import abort_device_group, destroy_tp
 
 
 class TPCacheManager(CacheManager):
@@ -31,11 +35,11 @@ class TPCacheManager(CacheManager):
         super().__init__(*args, **kwargs)
         self._driver = driver
 
-    def fork(self, parent, child) -> bool:
-        if not super().fork(parent, child):
+    def fork(self, parent, child, **kw) -> bool:
+        if not super().fork(parent, child, **kw):
             return False
         n = parent.num_computed_tokens
-        if n % self.block_size:  # the partial last block was copied (CacheManager.fork)
+        if n % self.block_size or kw.get("copy_last"):  # the last block was copied (CacheManager.fork)
             last = self.blocks_needed(n) - 1
             self._driver.pending_copies.append(("block", parent.block_ids[last], child.block_ids[last]))
         self._driver.pending_copies.append(("slots", [parent.slot], [child.slot]))
@@ -70,7 +74,11 @@ class DriverModel(nn.Module):
         self.pending_copies: list[tuple[str, int, int]] = []
         # not atexit.register(self.shutdown): that strong reference kept a deleted LLM's workers
         # and group alive, so a second tensor-parallel LLM in the process could never start
-        self._finalizer = weakref.finalize(self, stop_workers, workers)
+        stopping = threading.Event()  # set by stop_workers: deaths after it are expected
+        self._finalizer = weakref.finalize(self, stop_workers, workers, stopping)
+        if next(model.parameters()).device.type == "cuda":
+            threading.Thread(target=_abort_when_a_worker_dies, args=(workers, stopping),
+                             name="tp-worker-watch", daemon=True).start()
 
     def state_spec(self):
         return self.inner.state_spec()
@@ -109,13 +117,29 @@ class DriverModel(nn.Module):
         messages.send(("cache", (plan, dtype)))
         return TPCacheManager(self, spec, plan, dtype, *args, **kwargs)
 
+    def graph_runner(self, cache, max_blocks_per_seq: int, max_batch: int):
+        """The engine's decode CUDA graphs, captured and replayed on every rank in step."""
+        from .graphs import TPGraphRunner
+
+        return TPGraphRunner(self, cache, max_blocks_per_seq, max_batch)
+
     def shutdown(self) -> None:
         """Stop the workers and leave the group (idempotent)."""
         self._finalizer()
 
 
-def stop_workers(workers: list, timeout_s: float = 10.0) -> None:
+def _abort_when_a_worker_dies(workers: list, stopping: threading.Event, poll_s: float = 0.2) -> None:
+    while not stopping.wait(poll_s):
+        if any(not p.is_alive() for p in workers):
+            if not stopping.is_set():
+                abort_device_group()
+            return
+
+
+def stop_workers(workers: list, stopping: threading.Event | None = None, timeout_s: float = 10.0) -> None:
     """Tell the workers to stop, wait for them (kill after timeout_s), leave the group."""
+    if stopping is not None:
+        stopping.set()
     if all(p.is_alive() for p in workers):
         # in a thread: a worker stuck in a collective (rank 0 failed mid-forward) never
         # receives, and killing it below is what ends the send

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger("qwen3next.distributed")
 
 
 @dataclass
@@ -22,6 +25,7 @@ class TPState:
     device: torch.device
     device_group: object
     cpu_group: object
+    aborted: bool = False  # abort_device_group ran
 
 
 _STATE: TPState | None = None
@@ -73,11 +77,29 @@ def init_tp(rank: int, size: int, init_method: str, device: torch.device,
     return _STATE
 
 
+def abort_device_group() -> None:
+    """Abort the NCCL communicator (from any thread): its collectives, also those spinning on the
+    GPU for a dead peer, end with an error. No-op on gloo or without a group."""
+    st = _STATE
+    if st is None or st.device.type != "cuda":
+        return
+    try:
+        st.device_group._get_backend(torch.device("cuda")).abort()
+        st.aborted = True
+    except Exception as e:  # noqa: BLE001 - best effort: the collective timeout still ends the wait
+        logger.warning("could not abort the NCCL communicator: %s", e)
+
+
 def destroy_tp() -> None:
     """Leave the group (idempotent); a later init_tp may start a new one."""
     global _STATE
     if _STATE is None:
         return
-    _STATE = None
+    st, _STATE = _STATE, None
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # noqa: BLE001 - an aborted communicator may refuse; the process can go on
+            if not st.aborted:
+                raise
+            logger.warning("destroying the aborted process group: %s", e)

@@ -1,9 +1,9 @@
 """A tensor-parallel worker (ranks 1..N-1), one process each, started by launch.py.
 
 It joins the group, loads its shard of the checkpoint, reports "ready" (or the error) to rank 0
-through a pipe, then mirrors rank 0's model calls until told to stop. Rank 0 schedules and
-samples; a worker only runs forwards (its all-reduces / all-gathers pair with rank 0's). It exits
-when its parent (rank 0) dies, whether or not a collective notices first.
+through a pipe, then mirrors rank 0's model calls and decode-graph captures / replays until told
+to stop. Rank 0 schedules and samples; a worker only runs forwards (its all-reduces / all-gathers
+pair with rank 0's). It exits when its parent (rank 0) dies, whether or not a collective notices.
 """
 
 from __future__ import annotations
@@ -60,18 +60,27 @@ def worker_main(rank: int, size: int, init_method: str, model_dir: str, dtype: t
 def serve(model: torch.nn.Module, device: torch.device) -> None:
     """Mirror rank 0: allocate the cache, run forwards and logits, until "stop"."""
     from qwen3next.engine.cache import allocate_cache
+    from qwen3next.engine.cuda_graph import CudaGraphRunner
 
     from .messages import recv, unpack_batch
 
-    cache = None
+    cache = graphs = None
     while True:
         kind, payload = recv()
         if kind == "stop":
             return
         if kind == "cache":
             plan, dtype = payload
-            cache = None  # free the old one first
+            cache = graphs = None  # free the old ones first
             cache = allocate_cache(model.state_spec(), plan, dtype, device)
+        elif kind == "graphs":  # capture rank 0's decode graphs, in the same order (graphs.py)
+            max_blocks, sizes = payload
+            graphs = CudaGraphRunner(model, cache, max_blocks, sizes[-1], sizes)
+            graphs.capture()
+        elif kind == "replay":
+            ids, pos, fields, copies = payload
+            apply_copies(cache, copies)
+            graphs.run(ids.to(device), pos.to(device), unpack_batch(fields, cache, device))
         elif kind == "forward":
             ids, pos, fields, copies = payload
             apply_copies(cache, copies)
