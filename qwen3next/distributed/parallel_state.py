@@ -84,7 +84,7 @@ def abort_device_group() -> None:
     if st is None or st.device.type != "cuda":
         return
     try:
-        st.device_group._get_backend(torch.device("cuda")).abort()
+        st.device_group.abort()  # (WORLD of the nccl init: its one backend is NCCL)
         st.aborted = True
     except Exception as e:  # noqa: BLE001 - best effort: the collective timeout still ends the wait
         logger.warning("could not abort the NCCL communicator: %s", e)
