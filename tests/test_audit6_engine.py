@@ -79,3 +79,45 @@ def test_prompt_filling_max_model_len_without_max_tokens_is_named_plainly(model)
         eng.add_request("full", [3] * 32, SamplingParams(temperature=0, max_tokens=None))
     eng.add_request("fits", [3] * 31, SamplingParams(temperature=0, max_tokens=None))
     assert len(drain(eng)["fits"]) == 1 and pools_empty(eng)
+
+
+def _mtp_kv(eng: LLMEngine, seq, positions) -> torch.Tensor:
+    kv = eng.cache.cache.kv[eng.model.config.num_hidden_layers]  # the MTP layer's KV
+    bs = eng.cache.block_size
+    return torch.stack([kv[seq.block_ids[p // bs], :, p % bs] for p in positions])
+
+
+@pytest.mark.parametrize("parent_stops", [False, True])
+def test_mtp_forked_samples_pair_the_last_prompt_position_with_their_own_token(model, parent_stops):
+    """n > 1 with MTP: the MTP KV of the last prompt position pairs it with the next token, and
+    forked samples kept the parent's (shared, or copied before), so their drafts attended to
+    another sample's token; a parent finishing at its first token had run no catch-up at all, and
+    its samples drafted over MTP KV never written. Each sample's MTP KV now equals that of a
+    request made of the prompt and the sample's own first token."""
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, model.config.vocab_size, (32,), generator=g).tolist()  # ends on a block edge
+    spec = {"num_speculative_tokens": 2}
+
+    def sampled(stop=()):
+        eng = LLMEngine(model, EngineArgs(max_model_len=128, block_size=8, speculative_config=spec), eos_token_ids=[])
+        eng.add_request("n", prompt, SamplingParams(n=2, temperature=1.0, seed=11, max_tokens=6,
+                                                    stop_token_ids=list(stop), ignore_eos=True))
+        parent, child = eng.requests["n"].seqs
+        eng.step()  # the prompt: both samples get their first token, the child forks
+        eng.step()  # the child's first decode and its MTP catch-up
+        assert not child.mtp_pending and child.num_computed_tokens == len(prompt) + 1
+        return parent, child, eng
+
+    parent, child, _ = sampled()
+    first = [parent.token_ids[len(prompt)], child.token_ids[len(prompt)]]
+    assert first[0] != first[1]
+    parent, child, eng = sampled([first[0]] if parent_stops else [])
+    assert (parent.finish_reason == "stop") == parent_stops and child.finish_reason is None
+    alone = LLMEngine(model, EngineArgs(max_model_len=128, block_size=8, speculative_config=spec), eos_token_ids=[])
+    alone.add_request("a", prompt + [first[1]], SamplingParams(temperature=0, max_tokens=2))
+    alone.step()
+    ref = alone.requests["a"].seqs[0]
+    positions = range(len(prompt))  # (position len(prompt) pairs with a later, different token)
+    assert torch.allclose(_mtp_kv(eng, child, positions), _mtp_kv(alone, ref, positions), atol=1e-5)
+    drain(eng)
+    assert pools_empty(eng)

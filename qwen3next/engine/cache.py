@@ -187,18 +187,19 @@ class CacheManager:
             self._free_slots.append(seq.slot)
             seq.slot = -1
 
-    def fork(self, parent, child) -> bool:
+    def fork(self, parent, child, copy_last: bool = False) -> bool:
         """Give `child` a copy of `parent`'s cache: shared full blocks, a copied partial last block
-        and a copied state slot. False (nothing taken) when no slot or block is free."""
+        (`copy_last`: the last block even when full) and a copied state slot. False (nothing
+        taken) when no slot or block is free."""
         n = parent.num_computed_tokens
-        partial = n % self.block_size != 0
+        partial = n % self.block_size != 0 or copy_last
         if not self._free_slots or (partial and not self.num_free_blocks):
             return False
         child.slot = self._free_slots.pop()
         # only the blocks holding computed tokens: speculative drafting may have reserved more
         blocks = parent.block_ids[:self.blocks_needed(n)]
         if partial:
-            # the child will write its own tokens into the last block: copy it
+            # the child will write its own tokens (MTP: its own last MTP KV) into the last block: copy it
             src, dst = blocks[-1], self._take_block()
             self._refs[dst] = 0
             self.copy_block(src, dst)

@@ -406,6 +406,9 @@ class LLMEngine:
                     seq.finish_reason = "stop"
                     finished.append(seq)
                     break
+        # n > 1 parents that completed their prompt: what their children's MTP catch-up needs
+        fork_src = {seq.seq_id: (list(seq.mtp_pending), seq.mtp_pending_start, seq.num_computed_tokens - n, h)
+                    for seq, n, h in zip(sched.seqs, res.computed, res.hidden) if seq.children and n}
         self.spec.propose(sched, res, {s.seq_id for s in res.rows})
         if self.cache.prefix is not None:  # (after the MTP catch-up wrote its KV)
             for seq, n, h in zip(sched.seqs, res.computed, res.hidden):
@@ -414,14 +417,14 @@ class LLMEngine:
                     self.cache.commit(seq, h[-1])
         if not res.rows:
             return outputs
-        return self._finish_step(res.rows, finished, outputs)
+        return self._finish_step(res.rows, finished, outputs, fork_src)
 
     def _finish_step(self, rows: list[Sequence], finished: list[Sequence],
-                     outputs: list[RequestOutput]) -> list[RequestOutput]:
+                     outputs: list[RequestOutput], fork_src: dict | None = None) -> list[RequestOutput]:
         """Forks, frees what finished and reports every row's new tokens."""
         for seq in rows:
             if seq.children:
-                self._fork(seq)
+                self._fork(seq, fork_src.get(seq.seq_id) if fork_src else None)
         for seq in finished:
             self.cache.free(seq)
             self.structured.free(seq.seq_id)
@@ -471,20 +474,38 @@ class LLMEngine:
             return True
         return False
 
-    def _fork(self, parent: Sequence) -> None:
+    def _fork(self, parent: Sequence, src: tuple | None = None) -> None:
         """The prompt is prefilled and every sample has its first token: give each unfinished
-        child a copy of the parent's cache, or queue it for recompute when none is free."""
+        child a copy of the parent's cache, or queue it for recompute when none is free.
+
+        Speculative decoding (`src`: the parent's deferred catch-up, its start, the step's first
+        position and trunk hidden rows, taken before SpecDecoder.propose): the MTP KV of the last
+        prompt position pairs it with the next token, the parent's own; each child gets its own
+        copy of that block and redoes the catch-up from there with its own token."""
         for child in parent.children:
             if child.finish_reason is not None:
                 continue
-            if len(self.scheduler.running) < self.args.max_num_seqs and self.cache.fork(parent, child):
-                # deferred MTP catch-up (speculative decoding) belongs to the copied cache too
-                child.mtp_pending, child.mtp_pending_start = list(parent.mtp_pending), parent.mtp_pending_start
+            if (len(self.scheduler.running) < self.args.max_num_seqs
+                    and self.cache.fork(parent, child, copy_last=src is not None)):
+                if src is not None:
+                    self._fork_mtp_catch_up(parent, child, *src)
                 child.status = Status.RUNNING
                 self.scheduler.running.append(child)
             else:
                 self.scheduler.add(child)
         parent.children = []
+
+    @staticmethod
+    def _fork_mtp_catch_up(parent: Sequence, child: Sequence, pending: list, start: int, first: int,
+                           hidden: torch.Tensor) -> None:
+        """The positions whose MTP KV the child must (re)compute, as a deferred catch-up."""
+        if parent.mtp_pending:  # the parent's catch-up was deferred: the child replays it alike
+            child.mtp_pending, child.mtp_pending_start = list(parent.mtp_pending), parent.mtp_pending_start
+        elif parent.finish_reason is not None:  # finished at its first token: nothing was caught up
+            child.mtp_pending = pending + [hidden.clone()]  # (a copy: the step's [T, H] is not kept alive)
+            child.mtp_pending_start = start if pending else first
+        else:  # caught up with the parent's token: only the last position differs
+            child.mtp_pending, child.mtp_pending_start = [hidden[-1:].clone()], parent.num_computed_tokens - 1
 
     @staticmethod
     def _delta(seq: Sequence) -> CompletionOutput:
