@@ -32,10 +32,14 @@ def test_stop_string_inside_an_accepted_draft_run_cuts_the_tokens_too(plain):
     params = []
     for o in base:  # a stop string from the middle of each greedy answer
         t = o.outputs[0].text
-        params.append(SamplingParams(temperature=0, max_tokens=24, stop=[t[len(t) // 2:len(t) // 2 + 2]]))
-    want = texts(plain.generate(PROMPTS, params))
-    assert all(w[2] == "stop" for w in want)
-    assert texts(mtp.generate(PROMPTS, params)) == want
+        params.append(SamplingParams(temperature=0, max_tokens=24, stop=[t[len(t) // 2:len(t) // 2 + 2]], logprobs=0))
+    want, got = plain.generate(PROMPTS, params), mtp.generate(PROMPTS, params)
+    assert all(w[2] == "stop" for w in texts(want))
+    assert texts(got) == texts(want)
+    for o in got:  # the dropped tokens' logprobs leave the running sum too
+        c = o.outputs[0]
+        assert len(c.logprobs) == len(c.token_ids)
+        assert abs(c.cumulative_logprob - sum(d[t].logprob for d, t in zip(c.logprobs, c.token_ids))) < 1e-9
     assert mtp.llm_engine.stats["spec_decode"]["num_accepted_tokens"] > 0
 
 
