@@ -23,6 +23,11 @@ from .mlp import MLP
 from .quant import fused_fp8_shared
 
 
+# tensor parallel: batches up to this many tokens (decode steps, the CUDA graphs' sizes) take the
+# masked expert path; its wasted rows (other ranks' choices) cost less than nonzero's host sync
+LOCAL_MASKED_MAX_TOKENS = 512
+
+
 class Experts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -48,7 +53,11 @@ class Experts(nn.Module):
         return ops.moe_experts(x, self.gate_up_proj, self.down_proj, weights, ids, gated=gated)
 
     def _forward_local(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """This rank's experts only: each (token, choice) routed here becomes a one-choice row."""
+        """This rank's experts only: decode-sized CUDA batches by _forward_masked; otherwise the
+        (token, choice) pairs routed here are gathered as one-choice rows (a host sync, no wasted rows)."""
+        # (CPU's dense expert path scatters weights per expert id: it needs a token's ids distinct)
+        if x.is_cuda and x.shape[0] <= LOCAL_MASKED_MAX_TOKENS:
+            return self._forward_masked(x, weights, ids)
         local = ids - self.first_expert  # [T, k]
         tok, choice = torch.nonzero((local >= 0) & (local < self.num_experts), as_tuple=True)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # k choices summed in fp32
@@ -57,6 +66,14 @@ class Experts(nn.Module):
                                 local[tok, choice, None])  # [n, H]
             out.index_add_(0, tok, y.float())
         return out.to(x.dtype)
+
+    def _forward_masked(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Other ranks' choices weigh 0 on local expert 0: fixed shapes, no host sync, so CUDA graphs
+        capture it (the GPU kernels take each (token, choice) on its own, repeated ids included)."""
+        local = ids - self.first_expert  # [T, k]
+        mine = (local >= 0) & (local < self.num_experts)
+        return ops.moe_experts(x, self.gate_up_proj, self.down_proj, torch.where(mine, weights, 0.0),
+                               torch.where(mine, local, 0))
 
 
 class SparseMoeBlock(nn.Module):
