@@ -41,6 +41,15 @@ TINY_ENGINE = dict(dtype="float32", device="cuda", max_model_len=256, max_num_se
                    kv_cache_memory_bytes=256 << 20, skip_tokenizer_init=True)
 
 
+_PART: list = []  # (res, path) of this child: saved after each figure, so a time-out keeps them
+
+
+def _save() -> None:
+    if _PART:
+        with open(_PART[1], "w") as f:
+            json.dump(_PART[0], f)
+
+
 def _free(llm) -> None:
     llm.llm_engine.shutdown()
     del llm
@@ -98,6 +107,7 @@ def correct(res: dict, tp: int, tmp: str) -> None:
         return r
 
     one = res["tp1"] = tokens(1, eager=False)
+    _save()
     for name, eager in (("graphs", False), ("eager", True)):  # eager only when the graphs failed
         try:
             r = res[f"tp{tp}_{name}"] = tokens(tp, eager)
@@ -105,6 +115,7 @@ def correct(res: dict, tp: int, tmp: str) -> None:
             r["fork_equal_tp1"] = r["fork"] == [one["tokens"][1]] * 2
             print(f"correct TP={tp} {name}: equal {r['equal_tp1']}, fork {r['fork_equal_tp1']}, "
                   f"graph replays {r['graph_replays']}", flush=True)
+            _save()
             break
         except Exception:
             res[f"tp{tp}_{name}"] = {"error": traceback.format_exc()[-2500:]}
@@ -184,6 +195,7 @@ def slice_run(res: dict, tp: int, tmp: str, ttft: bool = True) -> None:
     res["graphs"] = eng.runner.graphs is not None
     print(f"slice TP={tp}: init {res['init_s']} s, weights/rank {res['weights_GiB_rank0']} GiB, "
           f"GPU mem {res['gpu_mem_used_MiB']} MiB, graphs {res['graphs']}", flush=True)
+    _save()
     V = DIMS["vocab_size"]
     if ttft:
         g = torch.Generator().manual_seed(0)
@@ -198,6 +210,7 @@ def slice_run(res: dict, tp: int, tmp: str, ttft: bool = True) -> None:
             ts.append((time.perf_counter() - t0) * 1e3)
         res["ttft_8k_ms"] = round(statistics.median(ts), 2)
         print(f"slice TP={tp}: TTFT 8K {res['ttft_8k_ms']} ms ({[round(t, 1) for t in ts]})", flush=True)
+        _save()
     n = _count_graph_runs(eng)
     for B in (1, 64):
         r = res[f"decode_B{B}"] = _decode_steps(eng, B, 1024, 30, V, "g")
@@ -208,6 +221,7 @@ def slice_run(res: dict, tp: int, tmp: str, ttft: bool = True) -> None:
             eng.runner.graphs = graphs
         print(f"slice TP={tp}: decode B={B} step {r['step_ms']} ms (graph replays {r['graph_replays']}), "
               f"eager {r.get('eager', {}).get('step_ms')} ms", flush=True)
+        _save()
     _free(llm)
 
 
@@ -250,6 +264,7 @@ SECTIONS = {"correct": correct, "slice1": slice_run, "sliceN": slice_run, "kill"
 
 def child(name: str, tp: int, tmp: str, out: str, ttft: list) -> None:
     res: dict = {}
+    _PART[:] = [res, out]
     t0 = time.time()
     try:
         kw = {"ttft": name in ttft} if name.startswith("slice") else {}
@@ -258,8 +273,7 @@ def child(name: str, tp: int, tmp: str, out: str, ttft: list) -> None:
         res["error"] = traceback.format_exc()[-3000:]
         print(res["error"], flush=True)
     res["wall_s"] = round(time.time() - t0, 1)
-    with open(out, "w") as f:
-        json.dump(res, f)
+    _save()
 
 
 def main() -> None:
