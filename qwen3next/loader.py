@@ -329,6 +329,8 @@ def dummy_weights_(model, seed: int = 0) -> None:
                 s.copy_(s8)
         else:
             p.copy_(t)
+    if any(p.is_cuda for p in params.values()):  # the whole tensors' transient blocks: back to the device
+        torch.cuda.empty_cache()
 
 
 def _check_config_against_checkpoint(path: str, cfg: ModelConfig, source: str) -> None:
