@@ -178,12 +178,15 @@ def slice_run(res: dict, tp: int, tmp: str, ttft: bool = True) -> None:
     t0 = time.time()
     kw = dict(tensor_parallel_size=tp, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", device="cuda",
               max_num_seqs=64, max_num_batched_tokens=8192, max_model_len=8192 + 64, kv_cache_memory_bytes=8 << 30)
+    llm = None
     try:
         llm = LLM(model=path, **kw)
     except Exception:  # (the CUDA graphs under TP, say): the eager figures still come back
         res["graphs_error"] = traceback.format_exc()[-2500:]
         print(res["graphs_error"], flush=True)
+    if llm is None:  # (out of the except block: its traceback no longer holds the failed model)
         gc.collect()
+        torch.cuda.empty_cache()
         llm = LLM(model=path, enforce_eager=True, **kw)
     res["init_s"] = round(time.time() - t0, 1)
     eng = llm.llm_engine
