@@ -87,25 +87,31 @@ def _mtp_kv(eng: LLMEngine, seq, positions) -> torch.Tensor:
     return torch.stack([kv[seq.block_ids[p // bs], :, p % bs] for p in positions])
 
 
-@pytest.mark.parametrize("parent_stops", [False, True])
-def test_mtp_forked_samples_pair_the_last_prompt_position_with_their_own_token(model, parent_stops):
+@pytest.mark.parametrize("parent_stops,cached", [(False, False), (True, False), (True, True)])
+def test_mtp_forked_samples_pair_the_last_prompt_position_with_their_own_token(model, parent_stops, cached):
     """n > 1 with MTP: the MTP KV of the last prompt position pairs it with the next token, and
     forked samples kept the parent's (shared, or copied before), so their drafts attended to
     another sample's token; a parent finishing at its first token had run no catch-up at all, and
-    its samples drafted over MTP KV never written. Each sample's MTP KV now equals that of a
+    its samples drafted over MTP KV never written (`cached`: after a prefix-cache hit, whose
+    catch-up of the hit's last position was pending). Each sample's MTP KV now equals that of a
     request made of the prompt and the sample's own first token."""
     g = torch.Generator().manual_seed(5)
     prompt = torch.randint(0, model.config.vocab_size, (32,), generator=g).tolist()  # ends on a block edge
     spec = {"num_speculative_tokens": 2}
 
     def sampled(stop=()):
-        eng = LLMEngine(model, EngineArgs(max_model_len=128, block_size=8, speculative_config=spec), eos_token_ids=[])
+        eng = LLMEngine(model, EngineArgs(max_model_len=128, block_size=8, speculative_config=spec,
+                                          enable_prefix_caching=cached, prefix_caching_state_block=16), eos_token_ids=[])
+        if cached:  # the prompt's first 16 tokens come from the cache
+            eng.add_request("warm", prompt[:20], SamplingParams(temperature=0, max_tokens=1))
+            drain(eng)
         eng.add_request("n", prompt, SamplingParams(n=2, temperature=1.0, seed=11, max_tokens=6,
                                                     stop_token_ids=list(stop), ignore_eos=True))
         parent, child = eng.requests["n"].seqs
         eng.step()  # the prompt: both samples get their first token, the child forks
         eng.step()  # the child's first decode and its MTP catch-up
         assert not child.mtp_pending and child.num_computed_tokens == len(prompt) + 1
+        assert (eng.requests["n"].num_cached_tokens or 0) == (16 if cached else 0)
         return parent, child, eng
 
     parent, child, _ = sampled()

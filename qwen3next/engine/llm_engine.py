@@ -499,11 +499,11 @@ class LLMEngine:
     def _fork_mtp_catch_up(parent: Sequence, child: Sequence, pending: list, start: int, first: int,
                            hidden: torch.Tensor) -> None:
         """The positions whose MTP KV the child must (re)compute, as a deferred catch-up."""
-        if parent.mtp_pending:  # the parent's catch-up was deferred: the child replays it alike
-            child.mtp_pending, child.mtp_pending_start = list(parent.mtp_pending), parent.mtp_pending_start
-        elif parent.finish_reason is not None:  # finished at its first token: nothing was caught up
+        if parent.finish_reason is not None:  # finished at its first token: nothing was caught up
             child.mtp_pending = pending + [hidden.clone()]  # (a copy: the step's [T, H] is not kept alive)
             child.mtp_pending_start = start if pending else first
+        elif parent.mtp_pending:  # the parent's catch-up was deferred: the child replays it alike
+            child.mtp_pending, child.mtp_pending_start = list(parent.mtp_pending), parent.mtp_pending_start
         else:  # caught up with the parent's token: only the last position differs
             child.mtp_pending, child.mtp_pending_start = [hidden[-1:].clone()], parent.num_computed_tokens - 1
 
