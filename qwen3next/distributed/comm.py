@@ -19,7 +19,9 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
 def all_gather_last(x: torch.Tensor) -> torch.Tensor:
     """[..., n] on each rank -> [..., size * n], rank r's part at [r * n, (r + 1) * n)."""
     st = tp_state()
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(st.size)]
-    dist.all_gather(parts, x, group=st.device_group)
-    return torch.cat(parts, dim=-1)
+    n = x.shape[-1]
+    rows = x.reshape(-1, n).contiguous()  # [M, n]
+    # one collective into one buffer (no per-rank list, one copy to interleave)
+    out = torch.empty(st.size * rows.shape[0], n, dtype=x.dtype, device=x.device)  # [size * M, n]
+    dist.all_gather_into_tensor(out, rows, group=st.device_group)
+    return out.view(st.size, -1, n).transpose(0, 1).reshape(*x.shape[:-1], st.size * n)
