@@ -7,7 +7,8 @@ results go to DIR/gpu_tp.json (written after every section). NVLink multicast st
 (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1, inherited by every
 rank). Sections:
   correct  a tiny float32 checkpoint (the tests' builder): greedy tokens at TP=N (decode CUDA
-           graphs on; then eager) equal TP=1's, an n=2 fork included
+           graphs on; eager if they fail) equal TP=1's, an n=2 fork included; the TP=1 run is
+           section correct1's when it ran first (it fits beside slice1: "slice1+correct1")
   slice    the 8-layer 80B-dims slice (gpu_model.DIMS), load_format="dummy", bf16, at TP=1 and
            TP=N: engine start-up, weights and GPU memory per rank, TTFT of one 8K prompt through
            LLM.generate, decode engine-step ms at batch 1 and 64 (1K-token prompts) by graph and
@@ -36,7 +37,7 @@ import traceback  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-LIMITS = {"correct": 90, "slice1": 75, "sliceN": 90, "kill": 45}  # seconds per subprocess, at most
+LIMITS = {"correct": 90, "correct1": 60, "slice1": 75, "sliceN": 90, "kill": 45}  # seconds per subprocess, at most
 TINY_ENGINE = dict(dtype="float32", device="cuda", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64,
                    kv_cache_memory_bytes=256 << 20, skip_tokenizer_init=True)
 
@@ -63,8 +64,12 @@ def _tiny_ckpt(tmp: str) -> str:
     from tests.helpers.checkpoints import make_tiny_checkpoint
 
     path = os.path.join(tmp, "tiny")
-    if not os.path.isdir(path):
-        make_tiny_checkpoint(path, with_tokenizer=False, with_mtp=False)
+    if not os.path.isdir(path):  # built aside, then renamed: sections side by side may both build it
+        mine = make_tiny_checkpoint(f"{path}.{os.getpid()}", with_tokenizer=False, with_mtp=False)
+        try:
+            os.rename(mine, path)
+        except OSError:  # the other one's is there (same seed, same weights)
+            pass
     return path
 
 
@@ -106,8 +111,11 @@ def correct(res: dict, tp: int, tmp: str) -> None:
         _free(llm)
         return r
 
-    one = res["tp1"] = tokens(1, eager=False)
+    done = os.path.join(tmp, "correct1.json")  # the TP=1 run, when section correct1 ran it
+    one = res["tp1"] = json.load(open(done))["tp1"] if os.path.isfile(done) else tokens(1, eager=False)
     _save()
+    if tp == 1:
+        return
     for name, eager in (("graphs", False), ("eager", True)):  # eager only when the graphs failed
         try:
             r = res[f"tp{tp}_{name}"] = tokens(tp, eager)
@@ -262,7 +270,7 @@ def kill(res: dict, tp: int, tmp: str) -> None:
     print(f"kill: {res}", flush=True)
 
 
-SECTIONS = {"correct": correct, "slice1": slice_run, "sliceN": slice_run, "kill": kill}
+SECTIONS = {"correct": correct, "correct1": correct, "slice1": slice_run, "sliceN": slice_run, "kill": kill}
 
 
 def child(name: str, tp: int, tmp: str, out: str, ttft: list) -> None:
@@ -271,7 +279,7 @@ def child(name: str, tp: int, tmp: str, out: str, ttft: list) -> None:
     t0 = time.time()
     try:
         kw = {"ttft": name in ttft} if name.startswith("slice") else {}
-        SECTIONS[name](res, 1 if name == "slice1" else tp, tmp, **kw)
+        SECTIONS[name](res, 1 if name.endswith("1") else tp, tmp, **kw)
     except Exception:
         res["error"] = traceback.format_exc()[-3000:]
         print(res["error"], flush=True)
@@ -307,27 +315,32 @@ def main() -> None:
                    "multicast_env": {k: os.environ[k] for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")}}}
     tmp = tempfile.mkdtemp(prefix="gpu_tp")
     end = time.time() + a.budget_s
-    for name in a.sections.split(","):
+    for group in a.sections.split(","):  # "a+b": one-GPU sections side by side, on GPU 0, 1, ...
         t0 = time.time()
+        names = group.split("+")
         if end - t0 < 15:
-            res[name] = {"skipped": "no budget left"}
+            res.update({name: {"skipped": "no budget left"} for name in names})
             continue
-        part = os.path.join(tmp, f"{name}.json")
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--tp", str(a.tp), "--tmp", tmp,
-               "--child-out", part, "--device", a.device, "--ttft", a.ttft]
-        # its own session: on a time-out the whole group (the spawned ranks too) is killed
-        p = subprocess.Popen(cmd, start_new_session=True)
-        try:
-            rc = p.wait(timeout=min(LIMITS[name], end - t0))
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, 9)
-            rc = "timeout"
-        r = json.load(open(part)) if os.path.isfile(part) else {}
-        r.update(rc=rc, process_s=round(time.time() - t0, 1))
-        res[name] = r
-        with open(path, "w") as f:
-            json.dump(res, f, indent=1)
-        print(f"== {name}: rc {rc} in {r['process_s']} s", flush=True)
+        procs = {}
+        for i, name in enumerate(names):
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--tp", str(a.tp), "--tmp", tmp,
+                   "--child-out", os.path.join(tmp, f"{name}.json"), "--device", a.device, "--ttft", a.ttft]
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(i)) if len(names) > 1 else None
+            # its own session: on a time-out the whole group (the spawned ranks too) is killed
+            procs[name] = subprocess.Popen(cmd, start_new_session=True, env=env)
+        for name, p in procs.items():
+            try:
+                rc = p.wait(timeout=max(1.0, min(t0 + LIMITS[name], end) - time.time()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, 9)
+                rc = "timeout"
+            part = os.path.join(tmp, f"{name}.json")
+            r = json.load(open(part)) if os.path.isfile(part) else {}
+            r.update(rc=rc, process_s=round(time.time() - t0, 1))
+            res[name] = r
+            with open(path, "w") as f:
+                json.dump(res, f, indent=1)
+            print(f"== {name}: rc {rc} in {r['process_s']} s", flush=True)
     s1, sN = res.get("slice1", {}), res.get("sliceN", {})
     ratios = {}
     for k in ("ttft_8k_ms", "decode_B1", "decode_B64"):
