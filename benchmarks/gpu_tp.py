@@ -73,8 +73,11 @@ def _tiny_ckpt(tmp: str) -> str:
     return path
 
 
-def _count_graph_runs(engine) -> list:
-    """[replays so far], counted by wrapping the runner's graph run (empty list: no graphs)."""
+def _count_graph_runs(engine, timed: list | None = None) -> list:
+    """[replays so far], counted by wrapping the runner's graph run (empty list: no graphs); with
+    `timed`, each run's ms (TP: the workers' message + the replay, synchronised) is appended."""
+    import torch
+
     g = engine.runner.graphs
     if g is None:
         return []
@@ -82,7 +85,13 @@ def _count_graph_runs(engine) -> list:
 
     def counted(*a):
         n[0] += 1
-        return run(*a)
+        if timed is None:
+            return run(*a)
+        t0 = time.perf_counter()
+        out = run(*a)
+        torch.cuda.synchronize()
+        timed.append((time.perf_counter() - t0) * 1e3)
+        return out
 
     g.run = counted
     return n
@@ -222,15 +231,20 @@ def slice_run(res: dict, tp: int, tmp: str, ttft: bool = True) -> None:
         res["ttft_8k_ms"] = round(statistics.median(ts), 2)
         print(f"slice TP={tp}: TTFT 8K {res['ttft_8k_ms']} ms ({[round(t, 1) for t in ts]})", flush=True)
         _save()
-    n = _count_graph_runs(eng)
+    run_ms: list = []
+    n = _count_graph_runs(eng, run_ms)
     for B in (1, 64):
+        del run_ms[:]
         r = res[f"decode_B{B}"] = _decode_steps(eng, B, 1024, 30, V, "g")
         r["graph_replays"] = n[0] if n else None
+        if run_ms:  # the last 30: the timed steps' graph runs (forward + logits, no sampling)
+            r["graph_run_ms"] = round(statistics.median(run_ms[-30:]), 3)
         if n:
             graphs, eng.runner.graphs = eng.runner.graphs, None
             r["eager"] = _decode_steps(eng, B, 1024, 10, V, "e")
             eng.runner.graphs = graphs
-        print(f"slice TP={tp}: decode B={B} step {r['step_ms']} ms (graph replays {r['graph_replays']}), "
+        print(f"slice TP={tp}: decode B={B} step {r['step_ms']} ms, graph run {r.get('graph_run_ms')} ms "
+              f"(graph replays {r['graph_replays']}), "
               f"eager {r.get('eager', {}).get('step_ms')} ms", flush=True)
         _save()
     _free(llm)
