@@ -68,15 +68,17 @@ class _Choice:
 
     def absorb(self, out, tok, want_logprobs: bool, top: int, as_ids: bool = False) -> tuple[str, list]:
         """One CompletionOutput step -> (released text, logprob entries)."""
-        self.num_tokens += len(out.token_ids)
-        self.timer.token(len(out.token_ids))
         ids = out.token_ids
         if (out.finish_reason == "stop" and ids and not self.include_stop
                 and (ids[-1] in self.eos_ids or ids[-1] == out.stop_reason)):
             ids = ids[:-1]  # the EOS / stop token itself is not part of the text
         # a forced tool call's prefill reads as output text but is not a completion token
-        text = self.text.add(list(getattr(out, "forced_ids", ())) + ids)
-        lps = token_logprobs(tok, out.token_ids, out.logprobs, top, as_ids) if want_logprobs else []
+        text = self.text.add(ids, getattr(out, "forced_ids", ()))
+        # a stop string inside a speculative step: the tokens after it are not output (as in plain decoding)
+        n = self.text.taken if self.text.stopped is not None else len(out.token_ids)
+        self.num_tokens += n
+        self.timer.token(n)
+        lps = token_logprobs(tok, out.token_ids[:n], out.logprobs, top, as_ids) if want_logprobs else []
         self.logprobs += lps
         if self.text.stopped is not None:
             self.finish_reason, self.stop_reason = "stop", self.text.stopped

@@ -68,8 +68,6 @@ class _Sample:
                 self.finish_reason = "length"
                 self.timer.finish(self.finish_reason)
             return prefix
-        self.num_tokens += len(out.token_ids)
-        self.timer.token(len(out.token_ids))
         ids = out.token_ids
         if (out.finish_reason == "stop" and ids and not self.include_stop
                 and (ids[-1] in self.eos_ids or ids[-1] == out.stop_reason)):
@@ -78,8 +76,12 @@ class _Sample:
         # generated tokens' offsets count from the end of the echoed text
         offset = len(self.echo) + sum(len(t) for t in lp.tokens[self._num_echoed:])
         text = prefix + self.text.add(ids)
+        # a stop string inside a speculative step: the tokens after it are not output (as in plain decoding)
+        n = self.text.taken if self.text.stopped is not None else len(out.token_ids)
+        self.num_tokens += n
+        self.timer.token(n)
         if top is not None:
-            for entry in token_logprobs(state.tokenizer, out.token_ids, out.logprobs, top, as_ids):
+            for entry in token_logprobs(state.tokenizer, out.token_ids[:n], out.logprobs, top, as_ids):
                 lp.text_offset.append(offset)
                 offset += len(entry.token)
                 lp.tokens.append(entry.token)
