@@ -1,7 +1,8 @@
 """Stop strings through the server (/v1/completions and /v1/chat/completions, streamed and not) on
 the shipped demo model, with and without MTP speculative decoding (trained: drafts are often
 accepted, so one step brings several tokens). The response (text, finish/stop reason, logprobs,
-usage) must be the same whatever the step size.
+usage) must be the same whatever the step size, and a stop string counts only where it ends after
+the text of the first min_tokens tokens (vLLM PR 22014).
 """
 
 from __future__ import annotations
@@ -145,3 +146,28 @@ def test_stop_token_id_inside_a_speculative_step(servers, stream):
                 assert want["choices"][0]["stop_reason"] == stop_id
                 assert num_logprobs(want) == want["usage"]["completion_tokens"]
                 assert same(api(mtp, p, stream, **kw), want)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("api", [completion, chat])
+def test_min_tokens_ignores_stop_strings_ending_in_the_first_tokens(servers, api, stream):
+    """vLLM (PR 22014): a stop string counts only if it ends after the text of the first
+    min_tokens tokens; one inside them ended the output early."""
+    for h in servers:
+        checked = 0
+        for p in PROMPTS:
+            base = api(h, p, False)
+            text = text_of(base)
+            head = "".join(tokens_of(base)[:3])
+            if not text.startswith(head):
+                continue
+            stop = next((ch for ch in head if ch.strip() and ch in text[len(head):]), None)
+            if stop is None:
+                continue
+            got = api(h, p, stream, stop=[stop], min_tokens=3)
+            assert text_of(got) == text[:text.index(stop, len(head))], (text, stop)
+            assert got["choices"][0]["stop_reason"] == stop
+            early = api(h, p, stream, stop=[stop])
+            assert text_of(early) == text[:text.index(stop)]
+            checked += 1
+        assert checked >= 2

@@ -45,7 +45,7 @@ class _Choice:
         self.index = index
         self.text = TextStream(tok, req.stop if isinstance(req.stop, list) else
                                ([req.stop] if req.stop else None), req.skip_special_tokens,
-                               req.include_stop_str_in_output)
+                               req.include_stop_str_in_output, req.min_tokens)
         self.parser = ChoiceParser(reasoning=reasoning, tools=tools, prefix=prefix,
                                    parallel=req.parallel_tool_calls is not False and not single_call,
                                    strip_newlines=state.strip_reasoning_newlines,

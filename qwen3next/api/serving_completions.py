@@ -31,7 +31,8 @@ class _Sample:
                  echo: str, prompt_ids: list[int]):
         self.index = index
         stops = [req.stop] if isinstance(req.stop, str) else req.stop
-        self.text = TextStream(state.tokenizer, stops, req.skip_special_tokens, req.include_stop_str_in_output)
+        self.text = TextStream(state.tokenizer, stops, req.skip_special_tokens, req.include_stop_str_in_output,
+                               req.min_tokens)
         self.timer = state.metrics.timer(prompt_len)
         self.echo = echo
         self.echo_pending = req.echo  # the echo goes out with the first output

@@ -4,8 +4,9 @@
 stop string; when one appears, the text is cut before it (or after it, with
 `include_stop_str_in_output`) and `stopped` names it. The search runs after each token, so a step
 that brought several (speculative decoding) ends, as one token per step would, at the token that
-completes the stop string: `taken` says how many of the step's ids count. `finish()` releases
-what was held back.
+completes the stop string: `taken` says how many of the step's ids count. As in vLLM (PR 22014), a
+stop string counts only where it ends after the text of the first `min_tokens` tokens.
+`finish()` releases what was held back.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from qwen3next.detokenizer import IncrementalDetokenizer
 
 class TextStream:
     def __init__(self, tokenizer, stop: list[str] | None, skip_special_tokens: bool = True,
-                 include_stop_str_in_output: bool = False):
+                 include_stop_str_in_output: bool = False, min_tokens: int = 0):
         self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
         self._stops = [s for s in (stop or []) if s]
         self._hold = max((len(s) for s in self._stops), default=1) - 1
         self._include = include_stop_str_in_output
+        self._min_tokens = min_tokens
+        self._generated = 0  # ids added (prefill not counted)
+        self._check_from = 0  # text offset a stop string must end after (the first min_tokens' text)
         self._pending = ""  # decoded but not yet released (may be the start of a stop string)
         self.text = ""  # released text
         self.stopped: str | None = None  # the stop string that ended this choice
@@ -43,6 +47,7 @@ class TextStream:
             if (hit := self._step(t)) is not None:
                 return hit
         for t in token_ids:
+            self._generated += 1
             self.taken += 1
             if (hit := self._step(t)) is not None:
                 return hit
@@ -53,9 +58,14 @@ class TextStream:
         when one did (the rest is dropped)."""
         before = len(self._pending)
         self._pending += self._detok.add(token_id)
+        base = len(self.text)  # absolute offset of _pending[0]
+        if self._min_tokens and self._generated <= self._min_tokens:
+            self._check_from = base + len(self._pending)
+            return None
+        after = max(before, self._check_from - base)
         hit = None
         for s in self._stops:
-            i = self._pending.find(s, max(0, before - len(s) + 1))
+            i = self._pending.find(s, max(0, after - len(s) + 1))
             if i >= 0 and (hit is None or i < hit[0]):
                 hit = (i, s)
         if hit is None:
