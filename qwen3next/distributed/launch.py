@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 
 import torch
@@ -23,18 +24,58 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_ready(procs: list, conns: list, timeout_s: float) -> None:
+def _check_workers(procs: list, conns: list, ready: set) -> None:
+    """RuntimeError naming the first worker that died or reported a start-up error; ranks that said
+    "ready" are added to `ready`."""
+    for rank, (p, conn) in enumerate(zip(procs, conns), start=1):
+        if rank not in ready and conn.poll():
+            try:
+                kind, msg = conn.recv()
+            except EOFError:  # it exited without a word (killed, or a crash in native code)
+                kind, msg = "gone", None
+            if kind == "error":
+                raise RuntimeError(f"tensor-parallel rank {rank} failed to start: {msg}")
+            if kind == "ready":
+                ready.add(rank)
+        if not p.is_alive():
+            p.join()
+            raise RuntimeError(f"tensor-parallel rank {rank} exited during start-up (code {p.exitcode})")
+
+
+def _join_group(procs: list, conns: list, ready: set, size: int, init_method: str, device: torch.device,
+                timeout_s: float) -> None:
+    """Rank 0's init_tp, watching the workers meanwhile: the rendezvous waits for every rank (the
+    gloo control group up to its year-long timeout), so a worker that dies or fails before joining
+    must end the wait here (seen on 2 H200s: a worker gone before joining left rank 0 hanging)."""
+    from .parallel_state import init_tp
+
+    failed: list = []
+
+    def join() -> None:
+        try:
+            init_tp(0, size, init_method, device, timeout_s)
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread below
+            failed.append(e)
+
+    t = threading.Thread(target=join, name="tp-join", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.2)
+        # (a raise leaves the thread waiting in the rendezvous until its timeout; nothing else does)
+        _check_workers(procs, conns, ready)
+    if failed:
+        raise failed[0]
+
+
+def _wait_ready(procs: list, conns: list, ready: set, timeout_s: float) -> None:
     """Every worker said "ready"; else RuntimeError naming the first rank that failed."""
     deadline = time.monotonic() + timeout_s
-    for rank, (p, conn) in enumerate(zip(procs, conns), start=1):
-        while not conn.poll(0.2):
-            if not p.is_alive():
-                raise RuntimeError(f"tensor-parallel rank {rank} exited during start-up (code {p.exitcode})")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"tensor-parallel rank {rank} did not start within {timeout_s:.0f} s")
-        kind, msg = conn.recv()
-        if kind != "ready":
-            raise RuntimeError(f"tensor-parallel rank {rank} failed to start: {msg}")
+    while len(ready) < len(procs):
+        _check_workers(procs, conns, ready)
+        missing = min(set(range(1, len(procs) + 1)) - ready, default=None)
+        if missing is not None and time.monotonic() > deadline:
+            raise RuntimeError(f"tensor-parallel rank {missing} did not start within {timeout_s:.0f} s")
+        time.sleep(0.05)
 
 
 def start(model_dir: str, size: int, dtype: torch.dtype, device: torch.device, with_mtp: bool,
@@ -43,7 +84,7 @@ def start(model_dir: str, size: int, dtype: torch.dtype, device: torch.device, w
     from qwen3next.loader import load_model
 
     from .driver import DriverModel
-    from .parallel_state import destroy_tp, init_tp
+    from .parallel_state import destroy_tp
 
     cfg = ModelConfig.from_dir(model_dir, hf_overrides)
     check_divisible(cfg, size)
@@ -68,11 +109,14 @@ def start(model_dir: str, size: int, dtype: torch.dtype, device: torch.device, w
         p.start()
         procs.append(p)
         conns.append(parent_end)
+    ready: set = set()
     try:
-        init_tp(0, size, init_method, device, timeout_s)
+        if device.type == "cuda":  # (the current device is per thread: _join_group sets it in its own)
+            torch.cuda.set_device(device)
+        _join_group(procs, conns, ready, size, init_method, device, timeout_s)
         model, cfg = load_model(model_dir, dtype=dtype, device=device, with_mtp=with_mtp, progress=False,
                                 hf_overrides=hf_overrides, load_format=load_format)
-        _wait_ready(procs, conns, timeout_s)
+        _wait_ready(procs, conns, ready, timeout_s)
     except BaseException:
         for p in procs:
             p.kill()

@@ -8,6 +8,7 @@ pair with rank 0's). It exits when its parent (rank 0) dies, whether or not a co
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import threading
@@ -33,6 +34,7 @@ def _exit_with_parent(parent_pid: int) -> None:
 def worker_main(rank: int, size: int, init_method: str, model_dir: str, dtype: torch.dtype, device_type: str,
                 with_mtp: bool, conn, parent_pid: int, timeout_s: float, num_threads: int,
                 hf_overrides: dict | None = None, load_format: str = "auto") -> None:
+    faulthandler.enable()  # a crash in native code prints its Python stack (else the rank just vanishes)
     _exit_with_parent(parent_pid)
     torch.set_num_threads(num_threads)
     from qwen3next.loader import load_model
@@ -45,6 +47,8 @@ def worker_main(rank: int, size: int, init_method: str, model_dir: str, dtype: t
         model, _ = load_model(model_dir, dtype=dtype, device=device, with_mtp=with_mtp, progress=False,
                               hf_overrides=hf_overrides, load_format=load_format)
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, which raises it
+        # logged here too: a rank 0 still waiting in the rendezvous reads the pipe only meanwhile
+        logger.error("tensor-parallel rank %d failed to start:\n%s", rank, traceback.format_exc())
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
     conn.send(("ready", None))
