@@ -15,6 +15,8 @@ rank). Sections:
            eagerly (runner.graphs set aside)
   kill     TP=N tiny model: one worker killed mid-generate -> rank 0 raises an error naming the
            rank, and every process is gone, within time limits
+  fullN    as slice, on the whole 80B architecture (48 layers, ~159 GB of bf16 weights: x4 or x8),
+           its cache sized by gpu_memory_utilization 0.9 (not in the default sections)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
@@ -37,7 +40,7 @@ import traceback  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-LIMITS = {"correct": 90, "correct1": 60, "slice1": 75, "sliceN": 90, "kill": 45}  # seconds per subprocess, at most
+LIMITS = {"correct": 90, "correct1": 60, "slice1": 75, "sliceN": 90, "kill": 45, "fullN": 300}  # seconds per subprocess, at most
 TINY_ENGINE = dict(dtype="float32", device="cuda", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64,
                    kv_cache_memory_bytes=256 << 20, skip_tokenizer_init=True)
 
@@ -139,13 +142,15 @@ def correct(res: dict, tp: int, tmp: str) -> None:
             print(res[f"tp{tp}_{name}"]["error"], flush=True)
 
 
-def _slice_dir(tmp: str) -> str:
+def _slice_dir(tmp: str, layers: int = 8) -> str:
+    """config.json of gpu_model's 80B dims on `layers` layers (48: the whole 80B architecture)."""
     from benchmarks.gpu_model import DIMS, ROPE
 
-    path = os.path.join(tmp, "slice")
+    path = os.path.join(tmp, f"slice{layers}")
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({**DIMS, "rope_parameters": ROPE, "model_type": "qwen3_next", "dtype": "bfloat16",
+        json.dump({**DIMS, "num_hidden_layers": layers, "layer_types": DIMS["layer_types"] * (layers // 8),
+                   "rope_parameters": ROPE, "model_type": "qwen3_next", "dtype": "bfloat16",
                    "architectures": ["Qwen3NextForCausalLM"]}, f)
     return path
 
@@ -184,17 +189,20 @@ def _decode_steps(engine, B: int, prompt_len: int, steps: int, vocab: int, tag: 
     return {"step_ms": round(statistics.median(ts), 3), "min_ms": round(min(ts), 3), "steps": steps}
 
 
-def slice_run(res: dict, tp: int, tmp: str, ttft: bool = True) -> None:
+def slice_run(res: dict, tp: int, tmp: str, ttft: bool = True, layers: int = 8) -> None:
+    """layers=48 (section fullN): the whole 80B architecture, its cache sized by
+    gpu_memory_utilization=0.9 (the plan's blocks and slots are the memory left for cache)."""
     import torch
 
     from benchmarks.gpu_model import DIMS
     from qwen3next import LLM, SamplingParams
 
-    path = _slice_dir(tmp)
+    path = _slice_dir(tmp, layers)
     before = _gpu_mem_mib()
     t0 = time.time()
     kw = dict(tensor_parallel_size=tp, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", device="cuda",
-              max_num_seqs=64, max_num_batched_tokens=8192, max_model_len=8192 + 64, kv_cache_memory_bytes=8 << 30)
+              max_num_seqs=64, max_num_batched_tokens=8192, max_model_len=8192 + 64,
+              kv_cache_memory_bytes=8 << 30 if layers == 8 else None)
     llm = None
     try:
         llm = LLM(model=path, **kw)
@@ -211,7 +219,12 @@ def slice_run(res: dict, tp: int, tmp: str, ttft: bool = True) -> None:
     res["weights_GiB_rank0"] = round(sum(p.numel() * p.element_size() for p in inner.parameters()) / 2**30, 2)
     res["gpu_mem_used_MiB"] = [a - b for a, b in zip(_gpu_mem_mib(), before)]
     res["rank0_max_allocated_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    res["cache_blocks"], res["state_slots"] = eng.cache.plan.num_blocks, eng.cache.plan.num_slots
+    plan = eng.cache.plan
+    res["cache_blocks"], res["state_slots"] = plan.num_blocks, plan.num_slots
+    # memory left for cache on rank 0: what the plan took + what is still free
+    res["cache_GiB_rank0"] = round((plan.num_blocks * plan.bytes_per_block + plan.num_slots * plan.bytes_per_slot)
+                                   / 2**30, 2)
+    res["free_after_init_GiB_rank0"] = round(torch.cuda.mem_get_info()[0] / 2**30, 2)
     res["graphs"] = eng.runner.graphs is not None
     print(f"slice TP={tp}: init {res['init_s']} s, weights/rank {res['weights_GiB_rank0']} GiB, "
           f"GPU mem {res['gpu_mem_used_MiB']} MiB, graphs {res['graphs']}", flush=True)
@@ -284,7 +297,8 @@ def kill(res: dict, tp: int, tmp: str) -> None:
     print(f"kill: {res}", flush=True)
 
 
-SECTIONS = {"correct": correct, "correct1": correct, "slice1": slice_run, "sliceN": slice_run, "kill": kill}
+SECTIONS = {"correct": correct, "correct1": correct, "slice1": slice_run, "sliceN": slice_run, "kill": kill,
+            "fullN": functools.partial(slice_run, layers=48)}
 
 
 def child(name: str, tp: int, tmp: str, out: str, ttft: list) -> None:
@@ -292,7 +306,7 @@ def child(name: str, tp: int, tmp: str, out: str, ttft: list) -> None:
     _PART[:] = [res, out]
     t0 = time.time()
     try:
-        kw = {"ttft": name in ttft} if name.startswith("slice") else {}
+        kw = {"ttft": name in ttft} if name.startswith(("slice", "full")) else {}
         SECTIONS[name](res, 1 if name.endswith("1") else tp, tmp, **kw)
     except Exception:
         res["error"] = traceback.format_exc()[-3000:]
