@@ -68,7 +68,9 @@ def _tiny_ckpt(tmp: str) -> str:
 
     path = os.path.join(tmp, "tiny")
     if not os.path.isdir(path):  # built aside, then renamed: sections side by side may both build it
-        mine = make_tiny_checkpoint(f"{path}.{os.getpid()}", with_tokenizer=False, with_mtp=False)
+        # 4 key heads (of 8 value heads): splits over up to 4 ranks
+        mine = make_tiny_checkpoint(f"{path}.{os.getpid()}", with_tokenizer=False, with_mtp=False,
+                                    linear_num_key_heads=4, linear_num_value_heads=8)
         try:
             os.rename(mine, path)
         except OSError:  # the other one's is there (same seed, same weights)

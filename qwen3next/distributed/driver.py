@@ -144,6 +144,8 @@ def stop_workers(workers: list, stopping: threading.Event | None = None, timeout
         # in a thread: a worker stuck in a collective (rank 0 failed mid-forward) never
         # receives, and killing it below is what ends the send
         threading.Thread(target=_send_stop, name="tp-stop", daemon=True).start()
+    else:  # no stop can reach them (the broadcast needs every rank): the rest are killed now
+        timeout_s = 0.0
     deadline = time.monotonic() + timeout_s
     for p in workers:
         p.join(max(deadline - time.monotonic(), 0))
