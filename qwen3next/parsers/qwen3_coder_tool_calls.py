@@ -19,7 +19,6 @@ import math
 import re
 
 from qwen3next.parsers.tool_calls import (
-    TOOL_START,
     ToolCallStream,
     ToolDelta,
     make_call,
@@ -193,6 +192,8 @@ class CoderToolCallStream(ToolCallStream):
     """The hermes stream's content and block handling (tool_calls.py), with this format's blocks:
     feed text deltas, get `ToolDelta`s; `finish()` at the end of output flushes what is held."""
 
+    FINISH_CUT_CALLS = False
+
     def __init__(self, tools=None, id_factory=new_call_id, stream_arguments: bool = True):
         super().__init__(id_factory, stream_arguments)
         self._schemas = tool_schemas(tools)
@@ -236,21 +237,5 @@ class CoderToolCallStream(ToolCallStream):
             self.calls[-1]["function"]["arguments"] += fragment
             out.tool_calls.append({"index": len(self.calls) - 1, "function": {"arguments": fragment}})
 
-    def _close_block(self, out: ToolDelta, closed: bool) -> None:
-        """The block's text is complete in _buf: finish the announced call, or decide it whole."""
-        if self._args_start >= 0:
-            self._stream_block(out, final=closed)
-            self._after_call = True
-        else:
-            parsed = parse_block(self._buf, self._schemas, closed)
-            if parsed is not None:
-                call = make_call(self._new_id(), *parsed)
-                self.calls.append(call)
-                out.tool_calls.append({"index": len(self.calls) - 1, **call})
-                self._after_call = True
-            else:
-                self._ws_hold = self._block_ws
-                raw = TOOL_START + self._buf + ("</tool_call>" if closed else "")
-                out.content += self._emit(raw, final=not closed)
-        self._in_block, self._block_ws, self._args_start, self._buf = False, "", -1, ""
-        self._reset_call()
+    def _parse_whole(self, body: str, closed: bool) -> tuple[str, str] | None:
+        return parse_block(body, self._schemas, closed)

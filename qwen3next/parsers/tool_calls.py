@@ -93,6 +93,10 @@ class ToolDelta:
 class ToolCallStream:
     """Feed text deltas; get `ToolDelta`s. `finish()` at the end of output flushes what is held."""
 
+    # a call cut by the end of output: hermes sends the rest of its raw JSON; a format that parses
+    # its arguments parameter by parameter (qwen3_coder) sends only the finished ones
+    FINISH_CUT_CALLS = True
+
     def __init__(self, id_factory=new_call_id, stream_arguments: bool = True):
         self._new_id = id_factory
         self._stream_args = stream_arguments
@@ -178,13 +182,20 @@ class ToolCallStream:
             self.calls[-1]["function"]["arguments"] += fragment
             out.tool_calls.append({"index": len(self.calls) - 1, "function": {"arguments": fragment}})
 
+    def _parse_whole(self, body: str, closed: bool) -> tuple[str, str] | None:
+        """A block that was never announced, decided whole: (name, arguments JSON) or None."""
+        return parse_call_body(body)
+
+    def _reset_call(self) -> None:
+        """Per-call state of a subclass's format, cleared when a block closes (hermes has none)."""
+
     def _close_block(self, out: ToolDelta, closed: bool) -> None:
         """The block's text is complete in _buf: finish the announced call, or decide it whole."""
         if self._args_start >= 0:
-            self._stream_block(out, final=True)
+            self._stream_block(out, final=closed or self.FINISH_CUT_CALLS)
             self._after_call = True
         else:
-            parsed = parse_call_body(self._buf)
+            parsed = self._parse_whole(self._buf, closed)
             if parsed is not None:
                 call = make_call(self._new_id(), *parsed)
                 self.calls.append(call)
@@ -195,3 +206,4 @@ class ToolCallStream:
                 raw = TOOL_START + self._buf + (TOOL_END if closed else "")
                 out.content += self._emit(raw, final=not closed)
         self._in_block, self._block_ws, self._args_start, self._buf = False, "", -1, ""
+        self._reset_call()
