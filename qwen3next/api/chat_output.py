@@ -41,15 +41,15 @@ class ChoiceParser:
 
     def stream_finish_reason(self, engine_reason: str | None) -> str | None:
         """"tool_calls" once a call was streamed, unless the output was cut inside that call (its
-        arguments are no JSON): then "length", as the whole-text parse says (the call stays content)."""
+        arguments are no JSON: max_tokens, a stop string, EOS): then the engine's reason, as the
+        whole-text parse says (the call stays content)."""
         if not self.called:
             return engine_reason
         last = self._ts.calls[-1 if self.parallel else 0]["function"]["arguments"]
-        if engine_reason == "length":
-            try:
-                json.loads(last)
-            except ValueError:
-                return "length"
+        try:
+            json.loads(last)
+        except ValueError:
+            return engine_reason
         return "tool_calls"
 
     def flush(self, include_reasoning: bool = True) -> DeltaMessage | None:

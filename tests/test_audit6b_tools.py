@@ -1,0 +1,70 @@
+"""Audit (session 6b): tool calls cut before they are complete, streamed.
+
+A stop string or EOS inside a call leaves it incomplete: the whole-text parse keeps it as content
+with finish_reason "stop", but the stream had announced it and then said "tool_calls" with
+arguments that are no JSON (an openai client / Qwen-Agent would run a call with arguments "").
+"""
+
+import json
+
+import pytest
+
+from qwen3next.api.chat_output import ChoiceParser
+from tests.test_qwen3_coder_tools import CODER_TEMPLATE_PATH, PARIS, TOOLS
+
+openai = pytest.importorskip("openai")
+HERMES = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("parser,call", [("qwen3_coder", PARIS), ("hermes", HERMES)])
+def test_a_call_cut_by_stop_or_eos_does_not_finish_tool_calls(parser, call):
+    cut = "Checking.\n" + call[: call.index("Paris") + 2]
+    for engine_reason in ("stop", "length"):
+        p = ChoiceParser(reasoning=False, tools=True, tool_parser=parser, tool_defs=TOOLS)
+        p.feed(cut)
+        p.flush()
+        assert p.called  # the stream announced the call
+        assert p.stream_finish_reason(engine_reason) == engine_reason
+        message, called = ChoiceParser(reasoning=False, tools=True, tool_parser=parser, tool_defs=TOOLS).final(cut)
+        assert not called and message.content == cut
+    p = ChoiceParser(reasoning=False, tools=True, tool_parser=parser, tool_defs=TOOLS)
+    p.feed(call)
+    p.flush()
+    assert p.stream_finish_reason("stop") == "tool_calls"
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_ckpt):
+    from tests.helpers.server_harness import ServerHarness
+
+    h = ServerHarness(tiny_ckpt, "--served-model-name", "tiny", "--max-num-seqs", "2",
+                      "--chat-template", CODER_TEMPLATE_PATH, "--hf-overrides", '{"max_position_embeddings": 4096}')
+    yield h
+    h.close()
+
+
+def test_server_stop_string_inside_a_coder_call(srv, client):
+    user = [{"role": "user", "content": "Weather?"}]
+    got = {}
+    for stream in (False, True):
+        srv.push(PARIS)
+        r = client.chat.completions.create(model="tiny", messages=user, tools=TOOLS, max_tokens=200,
+                                           stop=["Paris"], stream=stream)
+        if stream:
+            r = [ch for ch in r if ch.choices]
+            got[stream] = r[-1].choices[0].finish_reason
+        else:
+            got[stream] = r.choices[0].finish_reason
+            assert not r.choices[0].message.tool_calls
+    assert got == {False: "stop", True: "stop"}
+    # a complete call cut right after by a stop string is still a call, streamed or not
+    for stream in (False, True):
+        srv.push(PARIS, "\nMore.")
+        r = client.chat.completions.create(model="tiny", messages=user, tools=TOOLS, max_tokens=200,
+                                           stop=["More"], stream=stream)
+        if stream:
+            chunks = [ch for ch in r if ch.choices]
+            args = "".join(tc.function.arguments or "" for ch in chunks for tc in ch.choices[0].delta.tool_calls or [])
+            assert chunks[-1].choices[0].finish_reason == "tool_calls" and json.loads(args)["city"] == "Paris"
+        else:
+            assert r.choices[0].finish_reason == "tool_calls"
