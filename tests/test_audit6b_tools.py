@@ -68,3 +68,56 @@ def test_server_stop_string_inside_a_coder_call(srv, client):
             assert chunks[-1].choices[0].finish_reason == "tool_calls" and json.loads(args)["city"] == "Paris"
         else:
             assert r.choices[0].finish_reason == "tool_calls"
+
+
+# pydantic's schema of a tool with nested models: the parameters keep them in $defs, a property
+# points there with a local $ref (alone, under items, or in Optional's anyOf)
+NESTED = {"type": "function", "function": {"name": "plan", "parameters": {
+    "type": "object", "properties": {
+        "stops": {"type": "array", "items": {"$ref": "#/$defs/Stop"}},
+        "home": {"$ref": "#/$defs/Stop"},
+        "maybe": {"anyOf": [{"$ref": "#/$defs/Stop"}, {"type": "null"}]},
+        "days": {"$ref": "#/definitions/Days"}},
+    "required": ["stops", "home"],
+    "$defs": {"Stop": {"type": "object", "properties": {"city": {"type": "string"}, "n": {"type": "integer"}},
+                       "required": ["city"]}},
+    "definitions": {"Days": {"type": "integer"}}}}}  # fmt: skip
+
+
+def test_coder_values_follow_local_refs():
+    from qwen3next.parsers.qwen3_coder_tool_calls import extract_coder_tool_calls
+
+    call = ("<tool_call>\n<function=plan>\n<parameter=stops>\n[{\"city\": \"Rome\"}]\n</parameter>\n"
+            "<parameter=home>\n{\"city\": \"Oslo\", \"n\": 2}\n</parameter>\n<parameter=maybe>\n"
+            "{\"city\": \"Bern\"}\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
+    _, (got,) = extract_coder_tool_calls(call, [NESTED])
+    assert json.loads(got["function"]["arguments"]) == {
+        "stops": [{"city": "Rome"}], "home": {"city": "Oslo", "n": 2}, "maybe": {"city": "Bern"}, "days": 3}
+
+
+def test_coder_forced_call_grammar_resolves_local_refs():
+    llg = pytest.importorskip("llguidance")
+    from qwen3next.parsers.qwen3_coder_grammar import coder_call_grammar, coder_forced_call
+    from qwen3next.tokenizer import get_tokenizer
+    from tests.helpers.qwen_vocab import qwen_tokenizer_dir
+
+    assert coder_forced_call([NESTED], None, None) is not None  # was a 400: Pointer '/$defs/Stop' does not exist
+    path = qwen_tokenizer_dir()
+    if path is None:
+        pytest.skip("qwen-agent (qwen.tiktoken) not installed")
+    tok = get_tokenizer(path)
+    with open(f"{path}/tokenizer.json", encoding="utf-8") as f:
+        lt = llg.LLTokenizer(f.read())
+
+    def accepts(rest):
+        m = llg.LLMatcher(lt, llg.grammar_from("lark", coder_call_grammar([NESTED], "plan", tok.token_to_id("</tool_call>"))), log_level=0)
+        return all(m.consume_token(t) for t in tok.encode(rest)) and m.is_accepting()
+
+    head = '<parameter=stops>\n[{"city": "Rome"}]\n</parameter>\n'
+    assert accepts(head + '<parameter=home>\n{"city": "Oslo", "n": 2}\n</parameter>\n</function>\n</tool_call>')
+    assert accepts(head + '<parameter=home>\n{"city": "Oslo"}\n</parameter>\n<parameter=days>\n3\n</parameter>\n'
+                   "</function>\n</tool_call>")
+    assert not accepts(head + "<parameter=home>\nOslo\n</parameter>\n</function>\n</tool_call>")  # an object
+    assert not accepts(head + '<parameter=home>\n{"n": 2}\n</parameter>\n</function>\n</tool_call>')  # city
+    assert not accepts(head + '<parameter=home>\n{"city": "O"}\n</parameter>\n<parameter=days>\nx\n'
+                       "</parameter>\n</function>\n</tool_call>")  # fmt: skip

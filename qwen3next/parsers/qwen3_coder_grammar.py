@@ -16,7 +16,7 @@ from qwen3next.engine.structured_output import (
     grammar_of,
     no_extra_properties,
 )
-from qwen3next.parsers.qwen3_coder_tool_calls import schema_types
+from qwen3next.parsers.qwen3_coder_tool_calls import deref, schema_types
 from qwen3next.sampling_params import StructuredOutputsParams
 
 _TAIL = json.dumps("\n</parameter>\n")
@@ -27,17 +27,20 @@ _TEXT_RULES = [f"text[suffix={_TAIL}]: TEXT",
 _COMPACT = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 
 
-def _value(schema) -> str:
-    """The rule body of one parameter's value, its closing tag included."""
+def _value(schema, parameters: dict) -> str:
+    """The rule body of one parameter's value, its closing tag included. Local `$ref`s point into
+    the `parameters`' $defs / definitions: the value's schema takes them along."""
     if not isinstance(schema, dict):
         return "text"
+    schema = deref(schema, parameters)
+    defs = {k: parameters[k] for k in ("$defs", "definitions") if isinstance(parameters.get(k), dict)}
     types = schema_types(schema)
     choices = schema["enum"] if isinstance(schema.get("enum"), list) else (
         [schema["const"]] if "const" in schema else None)
     if choices and all(isinstance(c, str) for c in choices) and types in ([], ["string"]):
         return "(" + " | ".join(json.dumps(c) for c in choices) + ") " + _TAIL
     if types and "string" not in types:
-        return "%json " + json.dumps({**no_extra_properties(schema), "x-guidance": _COMPACT}) + " " + _TAIL
+        return "%json " + json.dumps({**no_extra_properties({**defs, **schema}), "x-guidance": _COMPACT}) + " " + _TAIL
     return "text"
 
 
@@ -49,7 +52,7 @@ def _params(i: int, parameters) -> tuple[str, list[str]]:
     required = parameters.get("required") if isinstance(parameters.get("required"), list) else []
     body, rules = [], []
     for j, (key, schema) in enumerate(props.items()):
-        rules.append(f"p{i}_{j}: " + json.dumps(f"<parameter={key}>\n") + " " + _value(schema))
+        rules.append(f"p{i}_{j}: " + json.dumps(f"<parameter={key}>\n") + " " + _value(schema, parameters))
         body.append(f"p{i}_{j}" + ("" if key in required else "?"))
     return " ".join(body), rules
 

@@ -46,8 +46,32 @@ def tool_schemas(tools) -> dict[str, dict]:
         if isinstance(fn, dict) and isinstance(fn.get("name"), str):
             params = fn.get("parameters")
             props = params.get("properties") if isinstance(params, dict) else None
-            out[fn["name"]] = props if isinstance(props, dict) else {}
+            out[fn["name"]] = {k: deref(v, params) for k, v in props.items()} if isinstance(props, dict) else {}
     return out
+
+
+_DEFS = ("$defs", "definitions")
+
+
+def deref(schema, root: dict, depth: int = 0):
+    """`schema` with a local `$ref` ("#/$defs/X" or "#/definitions/X" of the parameters `root`, as
+    pydantic writes nested models) replaced by its target, in its anyOf / oneOf members too, so that
+    the value's type can be read from it."""
+    if not isinstance(schema, dict) or depth > 16:
+        return schema
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        for key in _DEFS:
+            prefix = f"#/{key}/"
+            defs = root.get(key)
+            target = defs.get(ref[len(prefix):]) if ref.startswith(prefix) and isinstance(defs, dict) else None
+            if isinstance(target, dict):
+                rest = {k: v for k, v in schema.items() if k != "$ref"}
+                return deref({**target, **rest}, root, depth + 1)
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list):
+            schema = {**schema, key: [deref(sub, root, depth + 1) for sub in schema[key]]}
+    return schema
 
 
 def schema_types(schema) -> list[str]:
