@@ -23,6 +23,8 @@ DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_mode
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model dir or hub id (default: the packaged demo model)")
+    p.add_argument("--tokenizer", help="tokenizer dir or hub id (default: the model's; vLLM's flag), e.g. "
+                                       "for a dir holding config.json alone under --load-format dummy")
     # vLLM's spellings half / float name float16 / float32
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    type=lambda v: {"half": "float16", "float": "float32"}.get(v, v),
@@ -177,7 +179,7 @@ def _session(ns):
 
     resolve_model(ns)
     engine, model_dir = build_engine(ns)
-    return engine, get_tokenizer(model_dir), read_generation_config(model_dir)
+    return engine, get_tokenizer(engine.structured.tokenizer_dir), read_generation_config(model_dir)
 
 
 def _params(ns, gen: dict):

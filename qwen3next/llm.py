@@ -105,16 +105,12 @@ def _dtype_name(dtype):
 
 def _load_tokenizer(tokenizer: str | None, model: str):
     """-> (tokenizer, its dir: None when it is the model dir's)."""
+    from qwen3next.api.engine_setup import tokenizer_path
     from qwen3next.loader import resolve_model_dir
     from qwen3next.tokenizer import get_tokenizer
 
-    if tokenizer is None:
-        return get_tokenizer(resolve_model_dir(model)), None
-    try:
-        path = resolve_model_dir(tokenizer)
-    except ValueError as e:  # (not the hub client's repo-id error)
-        raise ValueError(f"tokenizer: {e}") from None
-    return get_tokenizer(path), path
+    path = tokenizer_path(tokenizer)
+    return get_tokenizer(path or resolve_model_dir(model)), path
 
 
 class LLM:
@@ -154,13 +150,9 @@ class LLM:
             self.tokenizer, tokenizer_dir = _load_tokenizer(tokenizer, model)
         self.llm_engine = LLMEngine.from_args(args)
         if tokenizer_dir is not None:
-            # the engine read the model dir's tokenizer.json (none beside a config.json alone, as
-            # load_format="dummy" allows): grammars and the sampled vocabulary follow this one
-            from qwen3next.engine.llm_engine import tokenizer_size
+            from qwen3next.api.engine_setup import use_tokenizer
 
-            self.llm_engine.structured.tokenizer_dir = tokenizer_dir
-            model_obj = self.llm_engine.model
-            getattr(model_obj, "inner", model_obj).sampled_vocab_size = tokenizer_size(tokenizer_dir)
+            use_tokenizer(self.llm_engine, tokenizer_dir)
         # "vllm": ignore the model's generation_config.json for sampling defaults
         self._gen = self.llm_engine.generation_config if generation_config == "auto" else {}
         self._ids = itertools.count()

@@ -21,7 +21,7 @@ from qwen3next.outputs import CompletionOutput, Logprob, RequestOutput
 log = logging.getLogger("qwen3next.engine_process")
 
 # the serve arguments the engine needs (build_engine's)
-ENGINE_OPTIONS = ("model", "speculative_config", *ENGINE_FIELDS)
+ENGINE_OPTIONS = ("model", "tokenizer", "speculative_config", *ENGINE_FIELDS)
 
 
 def main(conn, options: dict, log_level: int) -> None:
@@ -56,7 +56,9 @@ def main(conn, options: dict, log_level: int) -> None:
 
 def engine_info(engine, model_dir: str) -> dict:
     """What the API process needs to know about the engine (it never sees the engine object)."""
-    return {"model_dir": model_dir, "max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size,
+    structured = getattr(engine, "structured", None)  # (its tokenizer: the model's, or --tokenizer's)
+    return {"model_dir": model_dir, "tokenizer_dir": getattr(structured, "tokenizer_dir", None) or model_dir,
+            "max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size,
             "eos_token_ids": sorted(engine.eos_token_ids), "max_num_seqs": engine.args.max_num_seqs,
             "cache_tokens": engine.cache.plan.num_tokens,
             "speculative": engine.args.speculative_config is not None, "stats": engine.stats}

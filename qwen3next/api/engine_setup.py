@@ -29,8 +29,32 @@ def build_engine(ns):
             fields["speculative_config"] = spec  # the engine parses (and names errors in) the JSON
         else:
             log.warning("--speculative-config ignored: this engine has no speculative decoding option")
+    tokenizer_dir = tokenizer_path(getattr(ns, "tokenizer", None))  # a bad path fails before the load
     engine = LLMEngine.from_args(EngineArgs(model=ns.model, **fields))
+    if tokenizer_dir is not None:
+        use_tokenizer(engine, tokenizer_dir)
     return engine, engine.model_dir
+
+
+def tokenizer_path(tokenizer: str | None) -> str | None:
+    """The dir of a `--tokenizer` / `LLM(tokenizer=)` dir or hub id (None: the model's)."""
+    if tokenizer is None:
+        return None
+    from qwen3next.loader import resolve_model_dir
+
+    try:
+        return resolve_model_dir(tokenizer)
+    except ValueError as e:  # (not the hub client's repo-id error)
+        raise ValueError(f"tokenizer: {e}") from None
+
+
+def use_tokenizer(engine, tokenizer_dir: str) -> None:
+    """The engine read the model dir's tokenizer.json (none beside a config.json alone, as
+    load_format="dummy" allows): its grammars and sampled vocabulary follow this tokenizer instead."""
+    from qwen3next.engine.llm_engine import tokenizer_size
+
+    engine.structured.tokenizer_dir = tokenizer_dir
+    getattr(engine.model, "inner", engine.model).sampled_vocab_size = tokenizer_size(tokenizer_dir)
 
 
 def thinking_template(tokenizer) -> bool:

@@ -232,7 +232,7 @@ def build_state(ns, engine=None, model_dir: str | None = None) -> ServerState:
         info = engine_info(engine, model_dir or engine.model_dir)
     model_dir = info["model_dir"]
     try:
-        tokenizer = get_tokenizer(model_dir)
+        tokenizer = get_tokenizer(info.get("tokenizer_dir") or model_dir)
         if template is not None:
             tokenizer.chat_template = template  # this server's own tokenizer instance
     except BaseException:
