@@ -97,7 +97,10 @@ def test_coder_values_follow_local_refs():
 
 def test_coder_forced_call_grammar_resolves_local_refs():
     llg = pytest.importorskip("llguidance")
-    from qwen3next.parsers.qwen3_coder_grammar import coder_call_grammar, coder_forced_call
+    from qwen3next.parsers.qwen3_coder_grammar import (
+        coder_call_grammar,
+        coder_forced_call,
+    )
     from qwen3next.tokenizer import get_tokenizer
     from tests.helpers.qwen_vocab import qwen_tokenizer_dir
 
@@ -121,3 +124,20 @@ def test_coder_forced_call_grammar_resolves_local_refs():
     assert not accepts(head + '<parameter=home>\n{"n": 2}\n</parameter>\n</function>\n</tool_call>')  # city
     assert not accepts(head + '<parameter=home>\n{"city": "O"}\n</parameter>\n<parameter=days>\nx\n'
                        "</parameter>\n</function>\n</tool_call>")  # fmt: skip
+
+
+def test_responses_stream_marks_a_cut_call_incomplete(srv, client):
+    """/v1/responses streamed: a function_call item whose call EOS cut (arguments no JSON) was
+    'completed' with arguments '' (a client would run it); now 'incomplete'. A whole call: 'completed'."""
+    import httpx
+
+    rt = [{"type": "function", **t["function"]} for t in TOOLS]
+    for script, status in ((PARIS[: PARIS.index("Paris") + 2], "incomplete"), (PARIS, "completed")):
+        srv.push("Ok.\n", script)
+        r = httpx.post(srv.url + "/v1/responses", timeout=60, json={
+            "model": "tiny", "input": "Weather?", "tools": rt, "max_output_tokens": 200, "stream": True})
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        (call,) = [e["item"] for e in events if e["type"] == "response.output_item.done"
+                   and e["item"]["type"] == "function_call"]
+        assert call["status"] == status, call
+        assert events[-1]["response"]["output"][-1]["status"] == status

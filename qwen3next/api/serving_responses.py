@@ -26,6 +26,14 @@ _PARAMS = {"max_completion_tokens": "max_output_tokens", "messages": "input",
            "response_format": "text.format", "response_format.json_schema.schema": "text.format.schema"}
 
 
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
@@ -140,7 +148,9 @@ async def _stream(req: ResponsesRequest, rid: str, created: int, chunks: AsyncIt
                    ev("response.content_part.done", item_id=o["id"], output_index=index, content_index=0,
                       part=part)]
         else:
-            item = call_item(o["call_id"], o["name"], o["text"], "completed", o["id"])
+            # a call cut before its end (EOS, max_output_tokens) has arguments that are no JSON
+            item = call_item(o["call_id"], o["name"], o["text"], "completed" if _is_json(o["text"]) else "incomplete",
+                             o["id"])
             out = [ev("response.function_call_arguments.done", item_id=o["id"], output_index=index,
                       name=o["name"], arguments=o["text"])]
         output.append(item)
