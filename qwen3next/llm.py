@@ -36,7 +36,7 @@ def decode_logprobs(tokenizer, entries: list) -> None:
 class _Completion:
     """One sample being accumulated: token ids, logprobs, text, stop-string search."""
 
-    def __init__(self, index: int, params: SamplingParams, tokenizer):
+    def __init__(self, index: int, params: SamplingParams, tokenizer, eos_ids=()):
         self.out = CompletionOutput(index, "", [], None, [] if params.logprobs is not None else None)
         self.params = params
         self.tokenizer = tokenizer
@@ -44,6 +44,9 @@ class _Completion:
         self.stopped = False  # ended by a stop string: later reports change nothing
         # vLLM: a stop string counts only if it ends in the text after the first min_tokens tokens
         self.check_from = 0
+        # vLLM: the token that ended the output (EOS, a stop_token_id) is text only with
+        # include_stop_str_in_output
+        self.silent_ids = set() if params.include_stop_str_in_output else {*eos_ids, *params.stop_token_ids}
 
     def add(self, delta: CompletionOutput) -> str | None:
         """Take a step's delta; -> the stop string that ended the text, if one did. The search
@@ -57,6 +60,7 @@ class _Completion:
         if delta.logprobs is not None:
             decode_logprobs(self.tokenizer, delta.logprobs)
         toks = delta.token_ids
+        silent = delta.finish_reason == "stop" and bool(toks) and toks[-1] in self.silent_ids
         for j, t in enumerate(toks):
             out.token_ids.append(t)
             if delta.logprobs is not None:
@@ -64,7 +68,8 @@ class _Completion:
             if self.detok is None:
                 continue
             before = len(out.text)
-            out.text += self.detok.add(t)
+            if not (silent and j == len(toks) - 1):
+                out.text += self.detok.add(t)
             if j == len(toks) - 1 and delta.finish_reason is not None:
                 out.text += self.detok.flush()
             if len(out.token_ids) <= self.params.min_tokens:
@@ -256,7 +261,7 @@ class LLM:
                 engine.add_request(rid, ids, p)
                 order.append(rid)
                 results[rid] = RequestOutput(rid, text, ids)
-                comps[rid] = [_Completion(i, p, self.tokenizer) for i in range(p.n)]
+                comps[rid] = [_Completion(i, p, self.tokenizer, self.llm_engine.eos_token_ids) for i in range(p.n)]
             bar = None
             if use_tqdm:
                 from tqdm import tqdm

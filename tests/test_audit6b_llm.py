@@ -25,3 +25,22 @@ def test_structured_outputs_use_the_given_tokenizer(config_only, tiny_ckpt):
     assert out.outputs[0].text in ("yes", "no")  # was: "structured outputs need the model's tokenizer.json"
     inner = getattr(llm.llm_engine.model, "inner", llm.llm_engine.model)
     assert inner.sampled_vocab_size == len(llm.get_tokenizer())
+
+
+def test_stop_token_ids_text_only_with_include_stop_str(tiny_ckpt):
+    """As vLLM's detokenizer (and this server): the token that ended the output through
+    stop_token_ids (or EOS) is not detokenized unless include_stop_str_in_output. LLM kept its text."""
+    llm = LLM(model=tiny_ckpt, dtype="float32", device="cpu", max_model_len=128, max_num_seqs=2)
+    greedy = dict(temperature=0, ignore_eos=True)
+    (base,) = llm.generate(["hello there"], SamplingParams(max_tokens=12, **greedy))
+    ids = base.outputs[0].token_ids
+    tok = llm.get_tokenizer()
+    k = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i] and tok.decode([ids[i]]).strip())
+    want = {inc: llm.generate(["hello there"], SamplingParams(max_tokens=k + inc, **greedy))[0].outputs[0].text
+            for inc in (False, True)}  # fmt: skip
+    for inc in (False, True):
+        sp = SamplingParams(max_tokens=12, stop_token_ids=[ids[k]], include_stop_str_in_output=inc, **greedy)
+        (out,) = llm.generate(["hello there"], sp)
+        o = out.outputs[0]
+        assert (o.finish_reason, o.stop_reason, o.token_ids) == ("stop", ids[k], ids[: k + 1])
+        assert o.text == want[inc], (inc, o.text, want)
