@@ -31,7 +31,7 @@ def test_stop_token_ids_text_only_with_include_stop_str(tiny_ckpt):
     """As vLLM's detokenizer (and this server): the token that ended the output through
     stop_token_ids (or EOS) is not detokenized unless include_stop_str_in_output. LLM kept its text."""
     llm = LLM(model=tiny_ckpt, dtype="float32", device="cpu", max_model_len=128, max_num_seqs=2)
-    greedy = dict(temperature=0, ignore_eos=True)
+    greedy = {"temperature": 0, "ignore_eos": True}
     (base,) = llm.generate(["hello there"], SamplingParams(max_tokens=12, **greedy))
     ids = base.outputs[0].token_ids
     tok = llm.get_tokenizer()
