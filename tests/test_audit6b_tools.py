@@ -141,3 +141,17 @@ def test_responses_stream_marks_a_cut_call_incomplete(srv, client):
                    and e["item"]["type"] == "function_call"]
         assert call["status"] == status, call
         assert events[-1]["response"]["output"][-1]["status"] == status
+
+
+def test_history_call_with_empty_arguments(srv, client):
+    """vLLM reads a history call's empty (or null) arguments as {} (a no-parameter function); the
+    Coder template cannot iterate a string: it was a 400 'Can only get item pairs from a mapping'."""
+    for args in ("", None):
+        fn = {"name": "get_weather", **({"arguments": args} if args is not None else {})}
+        history = [{"role": "user", "content": "W?"},
+                   {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": fn}]},
+                   {"role": "tool", "tool_call_id": "call_1", "content": "18C"}]
+        srv.push("ok")
+        r = client.chat.completions.create(model="tiny", messages=history, tools=TOOLS, max_tokens=5)
+        assert r.choices[0].message.content == "ok"
+        assert "<function=get_weather>\n</function>" in srv.tok.decode(srv.sampler.seen_prompts[-1])

@@ -245,7 +245,9 @@ def _tool_call(tc: dict, where: str) -> dict:
     name = fn.get("name")
     if not isinstance(name, str):
         raise bad_request(f"{where}.function.name must be a string", f"{where}.function.name")
-    args = fn.get("arguments", {})
+    args = fn.get("arguments")
+    if args is None or (isinstance(args, str) and not args.strip()):
+        args = {}  # vLLM: a no-parameter call's empty / null arguments are {}
     if isinstance(args, str):
         try:
             args = json.loads(args)
