@@ -231,13 +231,16 @@ async def _full(state, req, rid, model, merged, samples, prompt_tokens) -> dict:
 
 async def _stream(req, rid, model, merged, samples, prompt_tokens) -> AsyncIterator[str]:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    # vLLM extra: every chunk carries the usage so far
+    continuous = include_usage and bool(req.stream_options.continuous_usage_stats)
     try:
         async for s, text in merged:
             logprobs = s.new_logprobs() if req.logprobs is not None else None
             if text or s.finish_reason is not None or (logprobs and logprobs.tokens):
                 choice = CompletionChoice(index=s.index, text=text, finish_reason=s.finish_reason,
                                           stop_reason=s.stop_reason, logprobs=logprobs)
-                yield sse(CompletionResponse(id=rid, model=model, choices=[choice]))
+                usage = _usage(samples, prompt_tokens) if continuous else None
+                yield sse(CompletionResponse(id=rid, model=model, choices=[choice], usage=usage))
         if include_usage:
             yield sse(CompletionResponse(id=rid, model=model, choices=[], usage=_usage(samples, prompt_tokens)))
     except APIError as e:
