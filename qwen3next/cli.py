@@ -174,12 +174,15 @@ def cmd_serve(ns) -> int:
 
 def _session(ns):
     """(engine, tokenizer, generation defaults) for generate/chat."""
-    from qwen3next.api.engine_setup import build_engine
+    from qwen3next.api.engine_setup import build_engine, tokenizer_path
+    from qwen3next.loader import resolve_model_dir
     from qwen3next.tokenizer import get_tokenizer, read_generation_config
 
     resolve_model(ns)
+    # a missing or bad tokenizer fails before the (80B: minutes-long) model load
+    tokenizer = get_tokenizer(tokenizer_path(ns.tokenizer) or resolve_model_dir(ns.model))
     engine, model_dir = build_engine(ns)
-    return engine, get_tokenizer(engine.structured.tokenizer_dir), read_generation_config(model_dir)
+    return engine, tokenizer, read_generation_config(model_dir)
 
 
 def _params(ns, gen: dict):

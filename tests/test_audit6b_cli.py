@@ -44,3 +44,21 @@ def test_serve_with_a_tokenizer_from_elsewhere(config_only, tiny_ckpt):
         assert r.status_code == 200, r.text
     finally:
         h.close()
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_missing_tokenizer_fails_before_the_model_loads(config_only, command, monkeypatch, capsys):
+    """A config.json-only dir without --tokenizer: the error came after the (dummy 80B: minutes-long)
+    model load; LLM(...) already checked first."""
+    from qwen3next.api import engine_client
+    from qwen3next.engine import llm_engine
+
+    def loaded(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(llm_engine.LLMEngine, "from_args", classmethod(loaded))
+    monkeypatch.setattr(engine_client.ProcessEngine, "__init__", loaded)
+    extra = ["--prompt", "x"] if command == "generate" else ["--port", "1"]
+    assert main([command, "--model", config_only, "--load-format", "dummy", "--device", "cpu", *extra]) == 1
+    err = capsys.readouterr().err
+    assert "no tokenizer.json" in err and "model was loaded" not in err

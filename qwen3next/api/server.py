@@ -218,6 +218,12 @@ def build_state(ns, engine=None, model_dir: str | None = None) -> ServerState:
     from qwen3next.tokenizer import get_tokenizer, read_generation_config
 
     template = load_chat_template(getattr(ns, "chat_template", None))  # before the model loads
+    tokenizer = None
+    if engine is None:  # a missing or bad tokenizer fails before the (80B: minutes-long) model load
+        from qwen3next.api.engine_setup import tokenizer_path
+        from qwen3next.loader import resolve_model_dir
+
+        tokenizer = get_tokenizer(tokenizer_path(getattr(ns, "tokenizer", None)) or resolve_model_dir(ns.model))
     if engine is None and getattr(ns, "max_num_batched_tokens", None) is None and serving_on_cpu(ns):
         ns.max_num_batched_tokens = CPU_SERVING_BATCHED_TOKENS
     if engine is None and use_engine_process(ns):
@@ -232,7 +238,8 @@ def build_state(ns, engine=None, model_dir: str | None = None) -> ServerState:
         info = engine_info(engine, model_dir or engine.model_dir)
     model_dir = info["model_dir"]
     try:
-        tokenizer = get_tokenizer(info.get("tokenizer_dir") or model_dir)
+        if tokenizer is None:
+            tokenizer = get_tokenizer(info.get("tokenizer_dir") or model_dir)
         if template is not None:
             tokenizer.chat_template = template  # this server's own tokenizer instance
     except BaseException:
