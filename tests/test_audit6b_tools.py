@@ -146,7 +146,7 @@ def test_responses_stream_marks_a_cut_call_incomplete(srv, client):
 def test_history_call_with_empty_arguments(srv, client):
     """vLLM reads a history call's empty (or null) arguments as {} (a no-parameter function); the
     Coder template cannot iterate a string: it was a 400 'Can only get item pairs from a mapping'."""
-    for args in ("", None):
+    for args in ("", None, "null", " "):
         fn = {"name": "get_weather", **({"arguments": args} if args is not None else {})}
         history = [{"role": "user", "content": "W?"},
                    {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": fn}]},

@@ -246,11 +246,11 @@ def _tool_call(tc: dict, where: str) -> dict:
     if not isinstance(name, str):
         raise bad_request(f"{where}.function.name must be a string", f"{where}.function.name")
     args = fn.get("arguments")
-    if args is None or (isinstance(args, str) and not args.strip()):
-        args = {}  # vLLM: a no-parameter call's empty / null arguments are {}
-    if isinstance(args, str):
+    if isinstance(args, str) and args.strip():
         try:
             args = json.loads(args)
         except json.JSONDecodeError:
             pass  # the template prints a string verbatim; better than a 500
+    if args is None or (isinstance(args, str) and not args.strip()):
+        args = {}  # vLLM: a no-parameter call's empty / null arguments (or "null") are {}
     return {"id": tc.get("id"), "type": "function", "function": {"name": name, "arguments": args}}
