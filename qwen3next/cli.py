@@ -59,8 +59,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mamba-ssm-cache-dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the DeltaNet recurrent states between steps (vLLM's flag; auto: float32); "
                         "bfloat16 halves their memory and the bytes each decode step moves")
-    p.add_argument("--load-format", choices=["auto", "dummy"],
-                   help="auto: the checkpoint's safetensors; dummy: config.json only, random weights (benchmarks)")
+    p.add_argument("--load-format", choices=["auto", "safetensors", "dummy"],
+                   help="auto / safetensors: the checkpoint's safetensors; dummy: config.json only, random weights "
+                        "(benchmarks)")
     p.add_argument("--quantization", "-q", choices=["auto", "fp8"],
                    help="fp8: block-FP8 weights on the GPU (quantises a bf16 checkpoint at load); "
                         "auto (default): FP8 checkpoints stay FP8 on one GPU, are dequantised on CPU")

@@ -143,6 +143,11 @@ class ModelConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{file} must hold a JSON object, not {type(data).__name__}")
         overrides = dict(overrides or {})
+        # fewer layers by override (vLLM's way to try a shallow model): the first N of the file's layer_types
+        n = overrides.get("num_hidden_layers")
+        types = data.get("layer_types")
+        if "layer_types" not in overrides and isinstance(n, int) and isinstance(types, list) and 0 < n < len(types):
+            overrides["layer_types"] = types[:n]
         if isinstance(overrides.get("rope_scaling"), dict) and isinstance(data.get("rope_parameters"), dict):
             overrides["rope_parameters"] = {**overrides["rope_scaling"], **overrides.get("rope_parameters", {})}
         return cls.from_hf(_merged(data, overrides))

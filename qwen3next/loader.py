@@ -261,8 +261,9 @@ def load_model(path_or_id: str, dtype: torch.dtype = torch.bfloat16, device: str
     config.json, with random weights (dummy_weights_; the MTP head kept when built)."""
     from .model import Qwen3NextForCausalLM
 
+    load_format = "auto" if load_format == "safetensors" else load_format  # vLLM's name for "auto"
     if load_format not in LOAD_FORMATS:
-        raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
+        raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}")
     dummy = load_format == "dummy"
     path = resolve_model_dir(path_or_id)
     cfg = ModelConfig.from_dir(path, hf_overrides)

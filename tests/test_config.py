@@ -94,3 +94,19 @@ def test_config_json_that_is_no_object_is_named(tmp_path, text):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(ConfigError, match=r"config\.json must hold a JSON object"):
         ModelConfig.from_dir(str(tmp_path))
+
+
+def test_fewer_layers_by_override_keep_the_first_layer_types(tmp_path):
+    """hf_overrides={"num_hidden_layers": N} on a config.json listing layer_types (transformers 5)
+    takes the first N of them, as vLLM runs the first N layers (was 'layer_types has 48 entries but
+    num_hidden_layers is 6'); more layers than listed, or an explicit mismatch, stay errors."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(NEW_80B))
+    six = ModelConfig.from_dir(str(tmp_path), {"num_hidden_layers": 6})
+    assert six.num_hidden_layers == 6 and six.layer_types == tuple(NEW_80B["layer_types"][:6])
+    assert six.full_layers == [3] and six.linear_layers == [0, 1, 2, 4, 5]
+    with pytest.raises(ConfigError, match="layer_types has 48 entries but num_hidden_layers is 50"):
+        ModelConfig.from_dir(str(tmp_path), {"num_hidden_layers": 50})
+    with pytest.raises(ConfigError, match="layer_types has 3 entries but num_hidden_layers is 6"):
+        ModelConfig.from_dir(str(tmp_path), {"num_hidden_layers": 6, "layer_types": [LINEAR] * 3})

@@ -44,9 +44,12 @@ def test_dummy_needs_only_config_json(config_only, tiny_ckpt):
 
 
 def test_bad_load_format_is_one_line(config_only):
-    with pytest.raises(ValueError, match="load_format must be 'auto' or 'dummy'"):
+    with pytest.raises(ValueError, match="load_format must be 'auto', 'safetensors' or 'dummy'"):
         load_model(config_only, load_format="pt")
     with pytest.raises(ValueError, match="load_format"):
+        LLM(model=config_only, **{**ENGINE, "load_format": "npcache"})
+    # vLLM's "safetensors" is what "auto" reads: a dir without weights says so, as "auto" does
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
         LLM(model=config_only, **{**ENGINE, "load_format": "safetensors"})
 
 

@@ -81,8 +81,10 @@ class EngineArgs:
         if self.mamba_ssm_cache_dtype not in _STATE_DTYPES:
             raise ValueError(f"mamba_ssm_cache_dtype must be 'auto', 'float32', 'bfloat16' or 'float16', "
                              f"got {self.mamba_ssm_cache_dtype!r}")
+        if self.load_format == "safetensors":  # vLLM's name for what "auto" reads here
+            self.load_format = "auto"
         if self.load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+            raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.device is not None:
