@@ -23,12 +23,12 @@ from qwen3next.parsers.tool_calls import (
     ToolDelta,
     make_call,
     new_call_id,
+    split_tool_calls,
 )
 
 FUNC_END = "</function>"
 PARAM_START = "<parameter="
 PARAM_END = "</parameter>"
-_BLOCK_RE = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
 _HEAD_RE = re.compile(r"\s*<function=([^<>\n]+)>")  # a name holds no tag and no newline
 _INT_RE = re.compile(r"-?\d+")
 _NUMBER_RE = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
@@ -193,23 +193,7 @@ def parse_block(body: str, schemas: dict[str, dict], closed: bool) -> tuple[str,
 def extract_coder_tool_calls(text: str, tools=None, id_factory=new_call_id) -> tuple[str | None, list[dict]]:
     """Whole-text parse: (content or None, [call, ...]); content as the hermes parser builds it."""
     schemas = tool_schemas(tools)
-    pieces: list[str | dict] = []  # text pieces and calls, in order
-    pos = 0
-    for m in _BLOCK_RE.finditer(text):
-        closed = m.group(1) is not None
-        parsed = parse_block(m.group(1) if closed else m.group(2), schemas, closed)
-        if parsed is None:
-            continue  # stays in the text between valid calls
-        pieces.append(text[pos : m.start()])
-        pieces.append(make_call(id_factory(), *parsed))
-        pos = m.end()
-    pieces.append(text[pos:])
-    texts = []
-    for i, p in enumerate(pieces):
-        if isinstance(p, str):
-            p = p.lstrip() if i > 0 else p
-            texts.append(p.rstrip() if i < len(pieces) - 1 else p)
-    return "\n".join(t for t in texts if t) or None, [p for p in pieces if isinstance(p, dict)]
+    return split_tool_calls(text, lambda body, closed: parse_block(body, schemas, closed), id_factory)
 
 
 class CoderToolCallStream(ToolCallStream):

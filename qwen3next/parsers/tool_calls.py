@@ -58,25 +58,32 @@ def make_call(call_id: str, name: str, arguments: str) -> dict:
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
-def extract_tool_calls(text: str, id_factory=new_call_id) -> tuple[str | None, list[dict]]:
-    """Whole-text parse: (content or None, [call, ...])."""
+def split_tool_calls(text: str, parse_block, id_factory=new_call_id) -> tuple[str | None, list[dict]]:
+    """Whole-text parse of `<tool_call>` blocks, the block format's `parse_block(body, closed)` ->
+    (name, arguments JSON) or None: (content or None, [call, ...]). A block that does not parse stays
+    in the content; the text around calls is joined by newlines, trimmed next to each call."""
     pieces: list[str | dict] = []  # text pieces and calls, in order
     pos = 0
     for m in _BLOCK_RE.finditer(text):
-        parsed = parse_call_body(m.group(1) if m.group(1) is not None else m.group(2))
+        closed = m.group(1) is not None
+        parsed = parse_block(m.group(1) if closed else m.group(2), closed)
         if parsed is None:
             continue  # stays in the text between valid calls
         pieces.append(text[pos : m.start()])
         pieces.append(make_call(id_factory(), *parsed))
         pos = m.end()
     pieces.append(text[pos:])
-    calls = [p for p in pieces if isinstance(p, dict)]
     texts = []
     for i, p in enumerate(pieces):
         if isinstance(p, str):
             p = p.lstrip() if i > 0 else p
             texts.append(p.rstrip() if i < len(pieces) - 1 else p)
-    return "\n".join(t for t in texts if t) or None, calls
+    return "\n".join(t for t in texts if t) or None, [p for p in pieces if isinstance(p, dict)]
+
+
+def extract_tool_calls(text: str, id_factory=new_call_id) -> tuple[str | None, list[dict]]:
+    """Whole-text parse of hermes calls: (content or None, [call, ...])."""
+    return split_tool_calls(text, lambda body, closed: parse_call_body(body), id_factory)
 
 
 @dataclass
