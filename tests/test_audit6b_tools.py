@@ -10,7 +10,7 @@ import json
 import pytest
 
 from qwen3next.api.chat_output import ChoiceParser
-from tests.test_qwen3_coder_tools import CODER_TEMPLATE_PATH, PARIS, TOOLS
+from tests.test_qwen3_coder_tools import PARIS, TOOLS, coder_server
 
 openai = pytest.importorskip("openai")
 HERMES = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -35,10 +35,7 @@ def test_a_call_cut_by_stop_or_eos_does_not_finish_tool_calls(parser, call):
 
 @pytest.fixture(scope="module")
 def srv(tiny_ckpt):
-    from tests.helpers.server_harness import ServerHarness
-
-    h = ServerHarness(tiny_ckpt, "--served-model-name", "tiny", "--max-num-seqs", "2",
-                      "--chat-template", CODER_TEMPLATE_PATH, "--hf-overrides", '{"max_position_embeddings": 4096}')
+    h = coder_server(tiny_ckpt)
     yield h
     h.close()
 

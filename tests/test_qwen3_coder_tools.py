@@ -223,13 +223,18 @@ openai = pytest.importorskip("openai")
 USER = [{"role": "user", "content": "Weather in Paris?"}]
 
 
-@pytest.fixture(scope="module")
-def srv(tiny_ckpt):
+def coder_server(tiny_ckpt):
+    """The tiny checkpoint served with the Coder template (tool parser `auto` -> qwen3_coder)."""
     from tests.helpers.server_harness import ServerHarness
 
     # the Coder template's tool prompt is ~1300 tiny-vocab tokens: room beyond the tiny model's 512
-    h = ServerHarness(tiny_ckpt, "--served-model-name", "tiny", "--max-num-seqs", "2",
-                      "--chat-template", CODER_TEMPLATE_PATH, "--hf-overrides", '{"max_position_embeddings": 4096}')
+    return ServerHarness(tiny_ckpt, "--served-model-name", "tiny", "--max-num-seqs", "2",
+                         "--chat-template", CODER_TEMPLATE_PATH, "--hf-overrides", '{"max_position_embeddings": 4096}')
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_ckpt):
+    h = coder_server(tiny_ckpt)
     yield h
     h.close()
 
