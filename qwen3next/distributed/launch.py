@@ -18,6 +18,11 @@ from qwen3next.config import ModelConfig
 from .sharding import check_divisible
 
 
+_WORKER_NAME = "qwen3next-tp"
+_MAIN_GUARD_HINT = ('; a script that starts tensor parallelism when it is imported needs its engine under '
+                    '`if __name__ == "__main__":` (the workers are spawned processes, which import it again)')
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -39,7 +44,8 @@ def _check_workers(procs: list, conns: list, ready: set) -> None:
                 ready.add(rank)
         if not p.is_alive():
             p.join()
-            raise RuntimeError(f"tensor-parallel rank {rank} exited during start-up (code {p.exitcode})")
+            hint = "; its error is above" + _MAIN_GUARD_HINT if p.exitcode == 1 else ""
+            raise RuntimeError(f"tensor-parallel rank {rank} exited during start-up (code {p.exitcode}){hint}")
 
 
 def _join_group(procs: list, conns: list, ready: set, size: int, init_method: str, device: torch.device,
@@ -86,6 +92,9 @@ def start(model_dir: str, size: int, dtype: torch.dtype, device: torch.device, w
     from .driver import DriverModel
     from .parallel_state import destroy_tp
 
+    if mp.current_process().name.startswith(_WORKER_NAME):
+        # a spawned worker imports the caller's main module before running: this start() is that import
+        raise RuntimeError("tensor parallelism started again inside its own worker" + _MAIN_GUARD_HINT)
     cfg = ModelConfig.from_dir(model_dir, hf_overrides)
     check_divisible(cfg, size)
     if device.type == "cuda":
@@ -103,7 +112,7 @@ def start(model_dir: str, size: int, dtype: torch.dtype, device: torch.device, w
     procs, conns = [], []
     for rank in range(1, size):
         parent_end, child_end = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_worker_entry, name=f"qwen3next-tp{rank}", daemon=True,
+        p = ctx.Process(target=_worker_entry, name=f"{_WORKER_NAME}{rank}", daemon=True,
                         args=(rank, size, init_method, model_dir, dtype, device.type, with_mtp, child_end,
                               os.getpid(), timeout_s, threads, hf_overrides, load_format))
         p.start()
