@@ -29,11 +29,9 @@ import time
 import torch
 import triton
 
-from benchmarks.gpu_model import DIMS, ROPE, randomize_
+from benchmarks.gpu_model import DIMS, ROPE, build_slice
 from benchmarks.results import Results
-from qwen3next.config import ModelConfig
 from qwen3next.engine import EngineArgs, LLMEngine
-from qwen3next.model import Qwen3NextForCausalLM
 from qwen3next.sampling_params import SamplingParams
 
 R = Results("gpu_long_context.json")
@@ -47,21 +45,6 @@ GIB = 1 << 30
 
 def left_s() -> float:
     return BUDGET[0] - (time.time() - T0)
-
-
-def build_slice(rope: dict, **dims) -> Qwen3NextForCausalLM:
-    """The 8-layer 80B-dims slice (dims: DIMS entries replaced) in bf16 on the GPU, random weights
-    (no transformers copy: meta build, then randomize_ in place)."""
-    cfg = ModelConfig.from_hf({"model_type": "qwen3_next", **DIMS, **dims, "rope_parameters": rope})
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("meta"):
-            model = Qwen3NextForCausalLM(cfg, with_mtp=False)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    model.to_empty(device="cuda")
-    randomize_(model)
-    return model.eval()
 
 
 def pin_paged_prefill() -> None:

@@ -126,6 +126,21 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
             p.normal_(0.0, p.shape[-1] ** -0.5, generator=g)
 
 
+def build_slice(rope: dict | None = None, **dims) -> Qwen3NextForCausalLM:
+    """The 8-layer 80B-dims slice (DIMS entries replaced by `dims`, ROPE by `rope`) in bf16 on the GPU,
+    random weights, no transformers copy: built on meta, then randomize_ in place."""
+    cfg = ModelConfig.from_hf({"model_type": "qwen3_next", **DIMS, **dims, "rope_parameters": dict(rope or ROPE)})
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model = Qwen3NextForCausalLM(cfg, with_mtp=False)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.to_empty(device="cuda")
+    randomize_(model)
+    return model.eval()
+
+
 def build_models(with_hf: bool):
     """-> (ours, hf or None): one set of bf16 weights on the GPU, shared (ours aliases HF's)."""
     from transformers import Qwen3NextConfig

@@ -34,9 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_model as gm  # noqa: E402  (the slice's dimensions, weights and helpers)
 
-from qwen3next.config import ModelConfig  # noqa: E402
 from qwen3next.forward_batch import ForwardBatch  # noqa: E402
-from qwen3next.model import Qwen3NextForCausalLM  # noqa: E402
 
 T = 8192
 RES: dict = {}
@@ -56,19 +54,6 @@ VARIANTS = {
     # "stream" with the DeltaNet's gated norm in the delta rule's output kernel (session 6)
     "gnorm": {_GROUPED: 1 << 40, _SPLIT: False, _STREAM: True, _GNORM: True},
 }
-
-
-def build() -> Qwen3NextForCausalLM:
-    cfg = ModelConfig.from_hf(dict(model_type="qwen3_next", rope_parameters=dict(gm.ROPE), **gm.DIMS))
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("meta"):
-            model = Qwen3NextForCausalLM(cfg, with_mtp=False)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    model = model.to_empty(device="cuda").eval()
-    gm.randomize_(model)
-    return model
 
 
 def make_step(model):
@@ -432,7 +417,7 @@ def main() -> None:
     RES["env"] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                   "commit": a.commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     t0 = time.time()
-    model = build()
+    model = gm.build_slice()
     step = make_step(model)
     RES["build_s"] = round(time.time() - t0, 1)
     if not a.no_conv:
